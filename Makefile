@@ -1,0 +1,42 @@
+# mergelab: `make demo` runs the main job on the embedded default store, `make test` runs the test suite.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 1
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DO_NOT_TRACK ?= true
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+
+.PHONY: setup test demo bench ui lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	-$(BIN)/pip uninstall -y -q torchvision
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/mergelab demo
+
+bench: setup
+	$(BIN)/python benchmarks/merge_vs_mergekit.py
+	$(BIN)/python benchmarks/optmerge_cost.py
+
+ui: setup
+	$(BIN)/mergelab ui
+
+lint: setup
+	$(BIN)/ruff check mergelab tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info
