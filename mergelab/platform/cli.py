@@ -24,6 +24,7 @@ def _attach() -> None:
         "mergelab.platform.cmd_bench",
         "mergelab.platform.cmd_eval",
         "mergelab.platform.cmd_tracking",
+        "mergelab.platform.cmd_demo",
     ):
         try:
             m = importlib.import_module(mod)
