@@ -1,0 +1,129 @@
+"""Per-layer OptMerge cost: mergelab's m x k form and exact SGD path against the official m x m formulation.
+
+Prints a table (not a test). For each weight shape (out x in) and variant it times mergelab's ``optmerge`` (batched
+thin SVDs, quadratic form; ``solver=auto`` = exact closed path for the SGD/LoRA variant, ``iterative`` = the
+``torch.optim`` loop) and the official formulation of ``model_merging.py`` (spec 1.3/1.4/1.8: per-task full SVDs,
+zero-padded m x n projector, one m x m product per task and step, autograd). The official loop is timed for
+``--official-steps`` steps and extrapolated to 300 (marked ``~``). Times include the SVDs; on CUDA they are
+synchronised and the peak allocated memory is reported.
+
+Usage::
+
+    python benchmarks/optmerge_cost.py --quick            # CPU-friendly shapes
+    python benchmarks/optmerge_cost.py --device cuda      # 896x4864, 4864x896, 3584x18944, 18944x3584
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from mergelab.methods import MergeContext
+from mergelab.methods.optmerge import OptMergeConfig, optmerge
+
+FULL_SHAPES = [(896, 4864), (4864, 896), (3584, 18944), (18944, 3584)]
+QUICK_SHAPES = [(896, 4864), (4864, 896)]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """Seconds and peak allocated GiB (CUDA only; 0 on CPU) of one call."""
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    return time.perf_counter() - t0, peak
+
+
+def official(d: Tensor, variant: str, steps: int, device: torch.device) -> tuple[float, float, float]:
+    """The official m x m formulation; returns (setup seconds, seconds per step, peak GiB)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    t0 = time.perf_counter()
+    t_, m, n = d.shape
+    k = min(m, n) // t_
+    mean = d.mean(0)
+    targets, lows, weights = [], [], []
+    for i in range(t_):
+        u, s, vh = torch.linalg.svd(d[i], full_matrices=True)
+        low = torch.zeros(m, n, device=d.device)
+        low[:k] = s[:k, None] * vh[:k]
+        if variant == "full":
+            uc, sc, vhc = torch.linalg.svd(d[i] - mean, full_matrices=False)
+            targets.append((uc[:, :k] * sc[:k]) @ vhc[:k] + mean)
+        else:
+            targets.append((u[:, :k] * s[:k]) @ vh[:k])
+        del u, s, vh
+        lows.append(low)
+        weights.append(1.0 / d[i].square().sum())
+    x = (d.sum(0) if variant == "full" else d.mean(0)).clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=1e-5) if variant == "full" else torch.optim.SGD([x], lr=1e-4, momentum=0.9)
+    sync(device)
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        loss = sum(((x - t) @ low.T).square().sum() * w for t, low, w in zip(targets, lows, weights))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    sync(device)
+    t2 = time.perf_counter()
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    return t1 - t0, (t2 - t1) / steps, peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help=f"only {QUICK_SHAPES}")
+    ap.add_argument("--device", default="auto", help="cpu, cuda or auto (cpu, plus cuda when present)")
+    ap.add_argument("--experts", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--official-steps", type=int, default=None, help="official steps actually run (default 3 cpu, 10 cuda)")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    if args.device != "auto":
+        devices = [torch.device(args.device)]
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    print(f"OptMerge per-layer cost, N={args.experts} experts, {args.steps} steps, float32, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads")
+    head = f"{'device':6} {'shape (out x in)':>17} {'variant':7} {'mergelab solver':16} {'mergelab s':>10} {'peak GiB':>8} {'official s':>11} {'peak GiB':>8} {'ratio':>7}"
+    print(head)
+    print("-" * len(head))
+    for device in devices:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        off_steps = args.official_steps or (10 if device.type == "cuda" else 3)
+        for m, n in shapes:
+            g = torch.Generator().manual_seed(0)
+            d = (1e-3 * torch.randn(args.experts, m, n, generator=g)).to(device)
+            optmerge(None, d[:, :64, :64], OptMergeConfig(steps=2), MergeContext())  # warm-up (kernels, cuSOLVER)
+            for variant in ("lora", "full"):
+                setup, per_step, off_peak = official(d, variant, off_steps, device)
+                off_total = setup + per_step * args.steps
+                mark = "~" if off_steps < args.steps else " "
+                solvers = ("auto (exact)", "iterative") if variant == "lora" else ("iterative (adam)",)
+                for solver in solvers:
+                    cfg = OptMergeConfig(variant=variant, steps=args.steps, solver=solver.split()[0])
+                    secs, peak = timed(lambda: optmerge(None, d, cfg, MergeContext()), device)
+                    print(f"{device.type:6} {f'{m}x{n}':>17} {variant:7} {solver:16} {secs:10.2f} {peak:8.2f} "
+                          f"{mark}{off_total:10.1f} {off_peak:8.2f} {off_total / secs:6.1f}x", flush=True)
+            del d
+        print(f"({device.type}: {name}; official = setup incl. full SVDs + {off_steps} timed steps extrapolated to "
+              f"{args.steps}, '~' marks extrapolation)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Shared pieces of the offline benchmark's procedural task generators: samples, randomness, drawing.
+
+The offline benchmark stands in for the five capabilities of OptMerge (arXiv:2505.19892, spec section 3: VQA,
+Geometry, Chart, OCR, Grounding). Every image is 112x112 RGB, drawn on a 4x4 grid of 28-pixel cells so that one
+cell is exactly one merged image token of a Qwen2-VL with 14-pixel patches and a 2x2 spatial merge.
+
+Determinism and disjoint splits: a task module proposes :class:`Draft` scenes from a ``random.Random`` stream
+seeded by ``(task, variant, split, seed)``; each draft carries a *split key* (the scene without pixel jitter, plus
+the question) whose SHA-256 assigns it to exactly one split, independent of the seed. A split keeps only the
+drafts whose key falls in its bucket, so no question + scene can appear in two splits, for any seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 112
+"""Side of every image in pixels (8x8 patches of 14 px, 16 tokens after Qwen2-VL's 2x2 merge)."""
+GRID = 4
+"""Cells per side of the layout grid."""
+CELL = IMAGE_SIZE // GRID
+"""Side of one grid cell in pixels (28: one merged Qwen2-VL image token)."""
+
+BACKGROUND: tuple[int, int, int] = (255, 255, 255)
+INK: tuple[int, int, int] = (0, 0, 0)
+"""The fixed drawing colour of geometry, chart and OCR images (colour carries meaning only in VQA/grounding)."""
+GRIDLINE: tuple[int, int, int] = (200, 200, 200)
+
+GENERIC_COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 230),
+    "yellow": (240, 210, 20),
+    "purple": (140, 50, 190),
+    "orange": (250, 130, 10),
+}
+SHIFTED_COLOURS: dict[str, tuple[int, int, int]] = {
+    "pink": (255, 120, 200),
+    "brown": (125, 70, 25),
+    "cyan": (20, 210, 220),
+    "gray": (128, 128, 128),
+}
+COLOURS: dict[str, tuple[int, int, int]] = {**GENERIC_COLOURS, **SHIFTED_COLOURS}
+COLOUR_SYNONYMS: dict[str, tuple[str, ...]] = {"gray": ("gray", "grey")}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+
+VARIANTS: tuple[str, ...] = ("generic", "shifted")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+SPLIT_FRACTIONS: dict[str, float] = {"train": 0.70, "val": 0.10, "test": 0.20}
+"""Share of the split-key space owned by each split (drafts outside a split's share are skipped)."""
+METRICS: tuple[str, ...] = ("exact_match", "relaxed_accuracy", "iou50")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One benchmark item.
+
+    Attributes:
+        id: Unique within its (task, variant) directory, e.g. ``"vqa-shifted-test-00042"``; also the PNG's stem.
+        task: One of ``TASKS``.
+        variant: ``"generic"`` (what the base model is trained on) or ``"shifted"`` (experts and benchmark).
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        image: The 112x112 RGB image.
+        question: The prompt text (without any image placeholder token).
+        answer: The exact target string a model is trained to output.
+        answers: Accepted references for scoring (``answer`` first).
+        metric: ``"exact_match"``, ``"relaxed_accuracy"`` or ``"iou50"``.
+        meta: JSON-safe facts: the full scene (the image is a pure function of it) and the structured query.
+    """
+
+    id: str
+    task: str
+    variant: str
+    split: str
+    image: Image.Image = field(compare=False, repr=False)
+    question: str
+    answer: str
+    answers: list[str]
+    metric: str
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A proposed scene before split assignment and rendering.
+
+    Attributes:
+        key: The split key: the scene without pixel jitter plus the question (JSON-serialisable).
+        question: Prompt text.
+        answer: Target string.
+        answers: Accepted references (``answer`` first).
+        meta: JSON-safe scene description; the task's ``render(meta)`` draws the image from it alone.
+    """
+
+    key: Any
+    question: str
+    answer: str
+    answers: tuple[str, ...]
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One registry entry: how to propose and draw a task's items."""
+
+    name: str
+    metric: str
+    draft: Callable[[random.Random, str], Draft]
+    render: Callable[[dict[str, Any]], Image.Image]
+    description: str = ""
+
+
+def stable_seed(*parts: object) -> int:
+    """A 64-bit seed from ``parts`` that is identical across processes and machines (unlike ``hash``)."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def canonical(obj: Any) -> str:
+    """Canonical JSON text of ``obj`` (sorted keys, no spaces): the basis of split keys and dedup."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def split_of(task: str, variant: str, key: Any) -> str:
+    """The split that owns a draft's key: a uniform bucket of SHA-256(task, variant, key), seed-independent."""
+    u = stable_seed("split", task, variant, canonical(key)) / 2.0**64
+    acc = 0.0
+    for name in SPLITS:
+        acc += SPLIT_FRACTIONS[name]
+        if u < acc:
+            return name
+    return SPLITS[-1]
+
+
+def weighted_choice(rng: random.Random, weights: dict[str, float]) -> str:
+    """Draw one key of ``weights`` with probability proportional to its value."""
+    names = list(weights)
+    return rng.choices(names, weights=[weights[n] for n in names], k=1)[0]
+
+
+def blank() -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    """A white 112x112 RGB canvas and its drawer."""
+    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    return img, ImageDraw.Draw(img)
+
+
+def cell_origin(cell: Sequence[int]) -> tuple[int, int]:
+    """Top-left pixel of grid cell ``(col, row)``."""
+    return cell[0] * CELL, cell[1] * CELL
+
+
+def shape_points(shape: str, box: Sequence[int]) -> list[tuple[int, int]]:
+    """Vertices of a polygonal shape inscribed in ``box = (x0, y0, x1, y1)`` (inclusive pixel bounds)."""
+    x0, y0, x1, y1 = box
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    if shape == "triangle":
+        return [(round(cx), y0), (x1, y1), (x0, y1)]
+    if shape == "diamond":
+        return [(round(cx), y0), (x1, round(cy)), (round(cx), y1), (x0, round(cy))]
+    raise ValueError(f"shape {shape!r} is not polygonal")
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: Sequence[int], fill: tuple[int, int, int]) -> None:
+    """Draw a filled ``shape`` (one of ``SHAPES``) whose bounding box is exactly ``box`` (inclusive)."""
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=fill)
+    elif shape == "square":
+        draw.rectangle((x0, y0, x1, y1), fill=fill)
+    elif shape in ("triangle", "diamond"):
+        draw.polygon(shape_points(shape, box), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
+
+
+def colour_answers(name: str) -> tuple[str, ...]:
+    """Accepted spellings of a colour word (the canonical one first)."""
+    return COLOUR_SYNONYMS.get(name, (name,))
+
+
+# A 5x7 bitmap font (digits and ten well-separated capitals), drawn with 3x3-pixel dots: 15x21-pixel glyphs that
+# stay crisp at 112x112 and render identically on every machine (no FreeType dependence).
+GLYPHS: dict[str, tuple[str, ...]] = {
+    "0": (".###.", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."),
+    "1": ("..#..", ".##..", "..#..", "..#..", "..#..", "..#..", ".###."),
+    "2": (".###.", "#...#", "....#", "...#.", "..#..", ".#...", "#####"),
+    "3": ("####.", "....#", "....#", ".###.", "....#", "....#", "####."),
+    "4": ("...#.", "..##.", ".#.#.", "#..#.", "#####", "...#.", "...#."),
+    "5": ("#####", "#....", "####.", "....#", "....#", "#...#", ".###."),
+    "6": ("..##.", ".#...", "#....", "####.", "#...#", "#...#", ".###."),
+    "7": ("#####", "....#", "...#.", "..#..", ".#...", ".#...", ".#..."),
+    "8": (".###.", "#...#", "#...#", ".###.", "#...#", "#...#", ".###."),
+    "9": (".###.", "#...#", "#...#", ".####", "....#", "...#.", ".##.."),
+    "A": (".###.", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"),
+    "C": (".###.", "#...#", "#....", "#....", "#....", "#...#", ".###."),
+    "E": ("#####", "#....", "#....", "####.", "#....", "#....", "#####"),
+    "H": ("#...#", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"),
+    "K": ("#...#", "#..#.", "#.#..", "##...", "#.#..", "#..#.", "#...#"),
+    "L": ("#....", "#....", "#....", "#....", "#....", "#....", "#####"),
+    "P": ("####.", "#...#", "#...#", "####.", "#....", "#....", "#...."),
+    "R": ("####.", "#...#", "#...#", "####.", "#.#..", "#..#.", "#...#"),
+    "T": ("#####", "..#..", "..#..", "..#..", "..#..", "..#..", "..#.."),
+    "X": ("#...#", "#...#", ".#.#.", "..#..", ".#.#.", "#...#", "#...#"),
+}
+GLYPH_DOT = 3
+GLYPH_W = 5 * GLYPH_DOT
+GLYPH_H = 7 * GLYPH_DOT
+
+
+def draw_glyph(draw: ImageDraw.ImageDraw, char: str, x: int, y: int, fill: tuple[int, int, int] = INK) -> None:
+    """Draw ``char`` from :data:`GLYPHS` with its top-left corner at pixel ``(x, y)``."""
+    rows = GLYPHS.get(char)
+    if rows is None:
+        raise ValueError(f"no glyph for character {char!r}; known: {''.join(GLYPHS)}")
+    for r, row in enumerate(rows):
+        for c, bit in enumerate(row):
+            if bit == "#":
+                px, py = x + c * GLYPH_DOT, y + r * GLYPH_DOT
+                draw.rectangle((px, py, px + GLYPH_DOT - 1, py + GLYPH_DOT - 1), fill=fill)
+
+
+def place_object(
+    rng: random.Random, shape: str, colour: str, cell: Sequence[int], size: int, offset: int = 0
+) -> dict[str, Any]:
+    """A JSON-safe object record: ``shape`` of side ``size`` px at a jittered spot inside grid cell ``cell``.
+
+    The object keeps a 2-pixel margin to the cell border, so objects in different cells never touch.
+
+    Args:
+        rng: Random stream (jitter).
+        shape: One of ``SHAPES``.
+        colour: A key of ``COLOURS``.
+        cell: ``(col, row)`` of the 28-pixel cell.
+        size: Side of the object in pixels, at most ``CELL - 4``.
+        offset: Pixels added to the cell's origin on both axes (14 puts cells on the half-shifted grid).
+
+    Returns:
+        ``{"shape", "colour", "cell": [col, row], "box": [x0, y0, x1, y1]}`` with inclusive pixel bounds.
+    """
+    if not 1 <= size <= CELL - 4:
+        raise ValueError(f"object size {size} does not fit a {CELL}-pixel cell with 2-pixel margins")
+    ox, oy = (v + offset for v in cell_origin(cell))
+    x0 = ox + 2 + rng.randint(0, CELL - 4 - size)
+    y0 = oy + 2 + rng.randint(0, CELL - 4 - size)
+    return {"shape": shape, "colour": colour, "cell": list(cell), "box": [x0, y0, x0 + size - 1, y0 + size - 1]}
+
+
+def draw_objects(objects: Sequence[dict[str, Any]]) -> Image.Image:
+    """Render object records (see :func:`place_object`) on a blank canvas."""
+    img, draw = blank()
+    for obj in objects:
+        draw_shape(draw, obj["shape"], obj["box"], COLOURS[obj["colour"]])
+    return img

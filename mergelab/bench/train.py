@@ -1,0 +1,279 @@
+"""Training loops for the offline benchmark's tiny Qwen2-VL: base, full fine-tuning and LoRA experts, mixture.
+
+Plain PyTorch loops over ``transformers``/``peft`` models: AdamW with linear warmup then cosine decay
+(``transformers.get_cosine_schedule_with_warmup``), the loss on answer tokens only (prompt and padding labelled
+-100), gradient clipping, deterministic given the seed (the batch order comes from a private ``torch.Generator``).
+CPU by default, CUDA when present (``device="auto"``).
+
+Expert settings follow the OptMerge paper (arXiv:2505.19892, section 5.1 and spec section 3.1):
+
+* full fine-tuning updates the language model's decoder layers; the vision tower, the token embeddings and the
+  LM head stay frozen, which are exactly the tensors the ``qwen2_vl`` merge preset resets to the base, so an
+  expert's skill lives in the tensors that merging combines;
+* LoRA (rank 8 by default) on the language model's linear layers only, saved as a real peft adapter.
+
+Small learning rates and short runs keep the drift small (spec section 7: small drift makes experts mergeable).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+
+from mergelab.bench.modeling import IMAGE_SIZE, image_tokens, to_rgb, training_ids
+from mergelab.hf import resolve_device
+
+LM_LINEAR_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+"""peft ``target_modules`` regex: every linear layer of the language model (LLaMA-Factory's ``lora_target: all``)."""
+
+DECODER_LAYERS = r"model\.language_model\.layers\..*"
+"""Parameters a full fine-tune updates: the language model's decoder layers (attention, MLP, their norms)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run.
+
+    Attributes:
+        steps: optimizer steps.
+        batch_size: examples per step.
+        lr: peak AdamW learning rate.
+        warmup_steps: linear warmup before the cosine decay to 0.
+        weight_decay: AdamW decoupled weight decay.
+        grad_clip: max global gradient norm (0 disables clipping).
+        seed: seeds the batch order (and LoRA's initialisation).
+        trainable: regex (``re.match``) of the parameter names to update; None trains everything.
+        lora_r: LoRA rank; 0 means full fine-tuning (with ``trainable``).
+        lora_alpha: LoRA alpha (scaling alpha / r).
+    """
+
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    trainable: str | None = None
+    lora_r: int = 0
+    lora_alpha: int = 16
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Encoded:
+    """A training set tokenized once: token ids with a single image placeholder, prompt lengths, uint8 images."""
+
+    ids: list[list[int]]
+    n_prompt: list[int]
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    weights: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # per-example sampling weight
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def encode(samples: Sequence[Any], processor: Any, weights: Sequence[float] | None = None) -> Encoded:
+    """Tokenize ``samples`` (objects with ``image``, ``question``, ``answer``) for :func:`train`.
+
+    Args:
+        samples: the examples; images are converted to 112x112 RGB.
+        processor: the benchmark's Qwen2-VL processor (chat template attached).
+        weights: optional per-example sampling weights (default uniform).
+    """
+    if not samples:
+        raise ValueError("encode: no training samples")
+    ids, n_prompt, images = [], [], []
+    for s in samples:
+        if not str(getattr(s, "answer", "")):
+            raise ValueError(f"sample {getattr(s, 'id', '?')!r}: empty answer")
+        i, n = training_ids(processor, s.question, s.answer)
+        ids.append(i)
+        n_prompt.append(n)
+        images.append(np.asarray(to_rgb(s.image), dtype=np.uint8))
+    w = torch.ones(len(ids)) if weights is None else torch.as_tensor(list(weights), dtype=torch.float64).float()
+    if w.numel() != len(ids) or bool((w < 0).any()) or float(w.sum()) <= 0:
+        raise ValueError(f"encode: weights must be {len(ids)} non-negative numbers with a positive sum")
+    return Encoded(ids, n_prompt, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), w)
+
+
+def concat(parts: Sequence[tuple[Encoded, float]]) -> Encoded:
+    """Join encoded sets; each part's examples share its weight (e.g. ``[(vqa, 2.0), (ocr, 1.0)]``)."""
+    ids, n_prompt, images, weights = [], [], [], []
+    for enc, w in parts:
+        ids += enc.ids
+        n_prompt += enc.n_prompt
+        images.append(enc.images)
+        weights.append(enc.weights / enc.weights.sum() * float(w) * len(enc))
+    return Encoded(ids, n_prompt, torch.cat(images), torch.cat(weights))
+
+
+def patchify(images: torch.Tensor, processor: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2-VL pixel patches of a uint8 batch, identical to ``processor.image_processor`` at 112x112.
+
+    Rescale, normalise, repeat over the temporal patch, and flatten patches in the (merge-window) order of
+    ``Qwen2VLImageProcessor``; ``tests/test_bench_model.py`` checks equality with the processor.
+
+    Returns:
+        ``(pixel_values (B*64, 1176), image_grid_thw (B, 3))``.
+    """
+    ip = processor.image_processor
+    p, m, t = ip.patch_size, ip.merge_size, ip.temporal_patch_size
+    b, c, h, w = images.shape
+    if (h, w) != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"patchify: images must be {IMAGE_SIZE}x{IMAGE_SIZE}, got {h}x{w}")
+    mean = torch.tensor(ip.image_mean, dtype=torch.float32).view(1, c, 1, 1)
+    std = torch.tensor(ip.image_std, dtype=torch.float32).view(1, c, 1, 1)
+    x = (images.float() * float(ip.rescale_factor) - mean) / std
+    gh, gw = h // p, w // p
+    x = x.unsqueeze(1).expand(b, t, c, h, w)
+    x = x.reshape(b, 1, t, c, gh // m, m, p, gw // m, m, p).permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
+    pixel_values = x.reshape(b * gh * gw, c * t * p * p)
+    grid = torch.tensor([[1, gh, gw]] * b, dtype=torch.long)
+    return pixel_values, grid
+
+
+def collate(enc: Encoded, idx: Sequence[int], processor: Any) -> dict[str, torch.Tensor]:
+    """A right-padded training batch: image placeholders expanded, labels -100 outside the answer."""
+    tok = processor.tokenizer
+    pad_id = tok.pad_token_id
+    image_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    n_img = image_tokens(processor)
+    seqs, labels = [], []
+    for i in idx:
+        ids, n = enc.ids[i], enc.n_prompt[i]
+        pos = ids.index(image_id)
+        seq = ids[:pos] + [image_id] * n_img + ids[pos + 1 :]
+        shift = n_img - 1
+        seqs.append(seq)
+        labels.append([-100] * (n + shift) + seq[n + shift :])
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    label_t = torch.full((len(seqs), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, (s, lab) in enumerate(zip(seqs, labels, strict=True)):
+        input_ids[r, : len(s)] = torch.tensor(s)
+        label_t[r, : len(s)] = torch.tensor(lab)
+        mask[r, : len(s)] = 1
+    pixel_values, grid = patchify(enc.images[list(idx)], processor)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
+            "mm_token_type_ids": (input_ids == image_id).long(), "pixel_values": pixel_values,
+            "image_grid_thw": grid}
+
+
+@dataclass
+class TrainResult:
+    """What a run returns: the trained model (a ``PeftModel`` for LoRA), seconds, the loss curve."""
+
+    model: Any
+    seconds: float
+    losses: list[float]
+    trainable_params: int
+
+
+def apply_lora(model: Any, r: int, alpha: int, seed: int) -> Any:
+    """Wrap ``model`` with a peft LoRA on the language model's linear layers (vision tower untouched)."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=LM_LINEAR_TARGETS, bias="none")
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return get_peft_model(model, cfg)
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def train(
+    model: Any,
+    processor: Any,
+    data: Encoded,
+    cfg: TrainConfig,
+    *,
+    device: str | torch.device | None = "auto",
+    progress: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``data`` and return it (wrapped by peft when ``cfg.lora_r > 0``) in eval mode.
+
+    Args:
+        model: a ``Qwen2VLForConditionalGeneration`` (modified in place for full fine-tuning).
+        processor: its processor (tokenizer and image processor settings).
+        data: from :func:`encode` / :func:`concat`; batches are drawn with replacement by weight.
+        cfg: hyper-parameters and seed.
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``.
+        progress: called as ``progress(step, loss)`` after each step.
+    """
+    dev = resolve_device(device)
+    if cfg.lora_r > 0:
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.seed)
+    elif cfg.trainable is not None:
+        pattern = re.compile(cfg.trainable)
+        for name, p in model.named_parameters():
+            p.requires_grad_(bool(pattern.match(name)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"train: no parameter matches trainable={cfg.trainable!r}")
+    model.to(dev).train()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    sched = transformers.get_cosine_schedule_with_warmup(opt, min(cfg.warmup_steps, cfg.steps), cfg.steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for step in range(cfg.steps):
+        idx = torch.multinomial(data.weights, cfg.batch_size, replacement=True, generator=gen).tolist()
+        batch = {k: v.to(dev) for k, v in collate(data, idx, processor).items()}
+        loss = model(**batch).loss
+        if not math.isfinite(float(loss)):
+            raise FloatingPointError(f"train: loss became {float(loss)} at step {step} (lr {cfg.lr})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        if progress is not None:
+            progress(step, losses[-1])
+    seconds = time.perf_counter() - t0
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return TrainResult(model.eval(), seconds, losses, sum(p.numel() for p in params))
+
+
+@torch.no_grad()
+def greedy_answers(model: Any, processor: Any, samples: Sequence[Any], *, batch_size: int = 64,
+                   max_new_tokens: int = 16) -> list[str]:
+    """Greedy answers to ``samples`` (training-time checks only; benchmark scores come from the evaluators)."""
+    from mergelab.bench.modeling import build_prompt
+
+    tok = processor.tokenizer
+    dev = next(model.parameters()).device
+    out: list[str] = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        prompts = [build_prompt(processor, s.question) for s in chunk]
+        inputs = processor(text=prompts, images=[to_rgb(s.image) for s in chunk], return_tensors="pt",
+                           padding=True, padding_side="left")
+        inputs = {k: v.to(dev) for k, v in inputs.items()}
+        gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        new = gen[:, inputs["input_ids"].shape[1] :]
+        out += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+    return out
+
+
+def _quick_accuracy(model: Any, processor: Any, samples: Sequence[Any]) -> float:
+    """Exact-match accuracy in percent (a private smoke check; the zoo scores with ``mergelab.evaluators``)."""
+    preds = greedy_answers(model, processor, samples)
+    hits = sum(p.lower() == str(s.answer).strip().lower() for p, s in zip(preds, samples, strict=True))
+    return 100.0 * hits / max(1, len(samples))

@@ -1,0 +1,635 @@
+"""The offline benchmark's model zoo: a base, five full fine-tuning and five LoRA experts, and a mixture model.
+
+Stands in for the OptMerge paper's checkpoints (arXiv:2505.19892, spec section 3.1: InternVL2.5-1B full-FT experts,
+Qwen2-VL-7B LoRA experts, a mixture-trained reference) with tiny Qwen2-VL models trained on the procedural tasks
+of :mod:`mergelab.bench.tasks`, following the design the pilots found to behave like the paper
+(spec/benchmark-pilot.md):
+
+* the **base** is trained from scratch on the ``generic`` variants of all five tasks (the stand-in for a pretrained
+  generalist MLLM);
+* each **expert** fine-tunes the base, briefly and at a small learning rate (spec section 7), on the ``shifted``
+  variant of one task (new answer words), once with full fine-tuning of the language model and once with LoRA on
+  its linear layers;
+* the **mixture** model fine-tunes the base on all five shifted training sets together with the experts' combined
+  step budget (the "mixture training" reference row).
+
+Layout under the zoo root (each model directory is a normal checkpoint that :func:`mergelab.hf.load_model` reads;
+a LoRA directory is a peft adapter whose ``base_model_name_or_path`` is ``../../base``)::
+
+    manifest.json
+    seed0/base/  seed0/full/<task>/  seed0/lora/<task>/  seed0/mixture/
+    seed1/...
+
+``manifest.json`` records the plan, and per model its kind, task, seed, training config, train seconds, the SHA-256
+of its weights file, a fingerprint of everything it was built from, and its per-task test scores on both variants
+(through :func:`mergelab.evaluators.evaluate`). :func:`build_zoo` is idempotent: a model whose directory, weights
+hash and fingerprint match the manifest is reused, anything else is (re)built; the manifest is rewritten atomically
+after every model, so an interrupted build resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergelab.bench import modeling
+from mergelab.bench.modeling import TinyQwen2VLConfig
+from mergelab.bench.train import DECODER_LAYERS, Encoded, TrainConfig, concat, encode, train
+from mergelab.hf import load_model, replace_dir, save_model
+
+TASKS: tuple[str, ...] = ("vqa", "geometry", "chart", "ocr", "grounding")
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+DEFAULT_ZOO = Path(__file__).resolve().parent / "zoo"
+"""Where the shipped zoo lives (inside the package, so the demo and the tests need no training)."""
+
+
+@dataclass(frozen=True)
+class ZooPlan:
+    """Everything a zoo build depends on (hashed into each model's fingerprint).
+
+    Attributes:
+        size: the Qwen2-VL architecture.
+        vocab_size: BPE vocabulary size for the tokenizer built from the task corpus.
+        seeds: one complete zoo (base, experts, mixture) per seed.
+        n_train: training samples generated per (task, variant).
+        n_eval: test items per task scored into the manifest (None: the whole test split).
+        base: the base's training run (from scratch, generic variants, all parameters).
+        base_task_weights: sampling weight of each task's generic data for the base.
+        full: a full fine-tuning expert's run (decoder layers only).
+        lora: a LoRA expert's run.
+        mixture_steps_factor: mixture steps = this x ``full.steps`` (the experts' combined budget).
+        data_seed: seed of the generated training data.
+    """
+
+    size: TinyQwen2VLConfig = field(default_factory=TinyQwen2VLConfig)
+    vocab_size: int = 768
+    seeds: tuple[int, ...] = (0, 1)
+    n_train: int = 2000
+    n_eval: int | None = None
+    base: TrainConfig = TrainConfig(steps=1200, batch_size=32, lr=1e-3, warmup_steps=60, weight_decay=0.01)
+    base_task_weights: tuple[tuple[str, float], ...] = (
+        ("vqa", 1.5), ("geometry", 1.0), ("chart", 1.0), ("ocr", 1.0), ("grounding", 1.5))
+    full: TrainConfig = TrainConfig(steps=200, batch_size=32, lr=3e-4, warmup_steps=20, trainable=DECODER_LAYERS)
+    lora: TrainConfig = TrainConfig(steps=200, batch_size=32, lr=2e-3, warmup_steps=20, lora_r=8, lora_alpha=16)
+    mixture_steps_factor: int = 5
+    data_seed: int = 0
+
+    @classmethod
+    def tiny(cls) -> ZooPlan:
+        """A zoo that builds in seconds, for the tests: one seed, a smaller model, few steps."""
+        return cls(
+            size=TinyQwen2VLConfig.tiny(),
+            vocab_size=512,
+            seeds=(0,),
+            n_train=48,
+            n_eval=24,
+            base=TrainConfig(steps=20, batch_size=8, lr=3e-3, warmup_steps=2),
+            full=TrainConfig(steps=4, batch_size=8, lr=1e-3, warmup_steps=1, trainable=DECODER_LAYERS),
+            lora=TrainConfig(steps=4, batch_size=8, lr=3e-3, warmup_steps=1, lora_r=4, lora_alpha=8),
+            mixture_steps_factor=1,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _weights_file(model_dir: Path) -> Path:
+    for name in ("adapter_model.safetensors", "model.safetensors"):
+        if (model_dir / name).is_file():
+            return model_dir / name
+    raise FileNotFoundError(f"{model_dir}: no model.safetensors or adapter_model.safetensors")
+
+
+def read_manifest(root: str | os.PathLike[str] = DEFAULT_ZOO) -> dict[str, Any]:
+    """The zoo's ``manifest.json``, with a one-line error naming the file when absent or unreadable."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no zoo manifest (run `mergelab bench build --zoo {Path(root)}`)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+
+
+def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    tmp = root / f".{MANIFEST}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, root / MANIFEST)
+
+
+def model_path(root: str | os.PathLike[str], name: str) -> Path:
+    """Directory of a zoo model by manifest name, e.g. ``model_path(zoo, "seed0/lora/ocr")``."""
+    return Path(root) / name
+
+
+def expert_names(seed: int, kind: str, tasks: Sequence[str] = TASKS) -> list[str]:
+    """Manifest names of one seed's experts of ``kind`` (``"full"`` or ``"lora"``), in task order."""
+    if kind not in ("full", "lora"):
+        raise ValueError(f"kind must be 'full' or 'lora', got {kind!r}")
+    return [f"seed{seed}/{kind}/{t}" for t in tasks]
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+
+def _samples(task: str, variant: str, split: str, n: int | None, seed: int) -> list[Any]:
+    from mergelab.bench.tasks import generate
+
+    return generate(task, variant, split, n=n, seed=seed)
+
+
+class _Data:
+    """Training sets generated and encoded once per build, shared by every model of every seed."""
+
+    def __init__(self, plan: ZooPlan, tasks: Sequence[str]) -> None:
+        self.plan, self.tasks = plan, tuple(tasks)
+        self.raw = {(t, v): _samples(t, v, "train", plan.n_train, plan.data_seed)
+                    for t in self.tasks for v in ("generic", "shifted")}
+        self._enc: dict[tuple[str, str], Encoded] = {}
+
+    def corpus(self) -> list[str]:
+        lines: list[str] = []
+        for key in sorted(self.raw):
+            lines += modeling.corpus_lines(self.raw[key])
+        return lines
+
+    def encoded(self, task: str, variant: str, processor: Any) -> Encoded:
+        if (task, variant) not in self._enc:
+            self._enc[(task, variant)] = encode(self.raw[(task, variant)], processor)
+        return self._enc[(task, variant)]
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+
+
+def score_model(model: Any, processor: Any, *, tasks: Sequence[str] = TASKS, variants: Iterable[str] = ("shifted",
+                "generic"), split: str = "test", limit: int | None = None, data_root: str | os.PathLike[str] |
+                None = None, batch_size: int = 64) -> dict[str, dict[str, float]]:
+    """Per-task scores (percent) of a model on each variant, through :func:`mergelab.evaluators.evaluate`.
+
+    Returns:
+        ``{variant: {task: score, ..., "average": mean}}``.
+    """
+    from mergelab.evaluators import evaluate
+
+    out: dict[str, dict[str, float]] = {}
+    for variant in variants:
+        res = evaluate(model, processor, tasks=[_task_id(t, variant) for t in tasks], split=split,
+                       data_root=data_root, limit=limit, batch_size=batch_size)
+        scores = {t: round(float(res.scores[_task_id(t, variant)]), 2) for t in tasks}
+        out[variant] = {**scores, "average": round(sum(scores.values()) / len(scores), 2)}
+    return out
+
+
+def _task_id(task: str, variant: str) -> str:
+    """The evaluator task name of a benchmark task variant (the shifted variant is the benchmark's own)."""
+    return task if variant == "shifted" else f"{task}_{variant}"
+
+
+# ------------------------------------------------------------------------------------------------- build
+
+
+@dataclass
+class _Ctx:
+    root: Path
+    plan: ZooPlan
+    manifest: dict[str, Any]
+    data: _Data
+    progress: bool
+    device: str
+    evaluate: bool
+    data_root: Path | None
+    log: Callable[[str], None]
+    built: list[str] = field(default_factory=list)
+
+
+def _valid(ctx: _Ctx, name: str, fingerprint: str) -> bool:
+    entry = ctx.manifest["models"].get(name)
+    d = ctx.root / name
+    if not entry or entry.get("fingerprint") != fingerprint or not d.is_dir():
+        return False
+    try:
+        wf = _weights_file(d)
+    except FileNotFoundError:
+        return False
+    return entry.get("weights", {}).get(wf.name) == sha256_file(wf)
+
+
+def _bar(ctx: _Ctx, name: str, steps: int) -> tuple[Callable[[int, float], None] | None, Any]:
+    if not ctx.progress:
+        return None, None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, desc=name, unit="step", leave=True, dynamic_ncols=True)
+
+    def cb(step: int, loss: float) -> None:
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+    return cb, bar
+
+
+def _record(ctx: _Ctx, name: str, entry: dict[str, Any], model: Any, processor: Any) -> None:
+    d = ctx.root / name
+    wf = _weights_file(d)
+    entry["weights"] = {wf.name: sha256_file(wf)}
+    entry["weights_bytes"] = wf.stat().st_size
+    if ctx.evaluate:
+        t0 = time.perf_counter()
+        entry["scores"] = score_model(model, processor, limit=ctx.plan.n_eval, data_root=ctx.data_root)
+        entry["eval_seconds"] = round(time.perf_counter() - t0, 1)
+        sh = entry["scores"]["shifted"]
+        ctx.log(f"{name}: shifted avg {sh['average']:.1f} " + " ".join(f"{t} {sh[t]:.1f}" for t in TASKS if t in sh))
+    ctx.manifest["models"][name] = entry
+    _write_manifest(ctx.root, ctx.manifest)
+    ctx.built.append(name)
+
+
+def _train_and_save(ctx: _Ctx, name: str, model: Any, processor: Any, data: Encoded, cfg: TrainConfig,
+                    entry: dict[str, Any], save: Callable[[Any, Path], None]) -> Any:
+    cb, bar = _bar(ctx, name, cfg.steps)
+    try:
+        res = train(model, processor, data, cfg, device=ctx.device, progress=cb)
+    finally:
+        if bar is not None:
+            bar.close()
+    model = res.model.to("cpu")
+    save(model, ctx.root / name)
+    entry.update(train=cfg.to_dict(), train_seconds=round(res.seconds, 1), trainable_params=res.trainable_params,
+                 final_loss=round(sum(res.losses[-10:]) / len(res.losses[-10:]), 4))
+    return model
+
+
+def _save_full(processor: Any) -> Callable[[Any, Path], None]:
+    def save(model: Any, path: Path) -> None:
+        save_model(model, processor, path, overwrite=True)
+
+    return save
+
+
+def _save_lora(model: Any, path: Path) -> None:
+    """Save a peft adapter atomically, pointing at the seed's base as ``../../base``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        model.peft_config["default"].base_model_name_or_path = "../../base"
+        model.save_pretrained(tmp, safe_serialization=True)
+        replace_dir(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build_seed(ctx: _Ctx, seed: int, processor: Any, tok_fp: str) -> None:
+    plan, tasks = ctx.plan, ctx.data.tasks
+    base_name = f"seed{seed}/base"
+    base_cfg = replace(plan.base, seed=seed)
+    weights = dict(plan.base_task_weights)
+    base_fp = _fingerprint("base", tok_fp, plan.size.to_dict(), base_cfg.to_dict(), weights, plan.n_train,
+                           plan.data_seed, tasks)
+    if _valid(ctx, base_name, base_fp):
+        ctx.log(f"{base_name}: reused")
+    else:
+        model = modeling.build_model(processor.tokenizer, plan.size, seed=seed)
+        data = concat([(ctx.data.encoded(t, "generic", processor), weights.get(t, 1.0)) for t in tasks])
+        entry = {"kind": "base", "task": None, "seed": seed, "variant": "generic", "fingerprint": base_fp}
+        model = _train_and_save(ctx, base_name, model, processor, data, base_cfg, entry, _save_full(processor))
+        _record(ctx, base_name, entry, model, processor)
+    base_sha = ctx.manifest["models"][base_name]["weights"]["model.safetensors"]
+
+    def fresh_base() -> Any:
+        return load_model(ctx.root / base_name, device="cpu")[0]
+
+    for kind, cfg0 in (("full", plan.full), ("lora", plan.lora)):
+        for task in tasks:
+            name = f"seed{seed}/{kind}/{task}"
+            cfg = replace(cfg0, seed=seed * 1000 + TASKS.index(task) if task in TASKS else seed)
+            fp = _fingerprint(kind, base_sha, cfg.to_dict(), task, plan.n_train, plan.data_seed)
+            if _valid(ctx, name, fp):
+                ctx.log(f"{name}: reused")
+                continue
+            entry = {"kind": kind, "task": task, "seed": seed, "variant": "shifted", "base": base_name,
+                     "fingerprint": fp}
+            save = _save_full(processor) if kind == "full" else _save_lora
+            model = _train_and_save(ctx, name, fresh_base(), processor, ctx.data.encoded(task, "shifted", processor),
+                                    cfg, entry, save)
+            if kind == "lora":
+                entry["lora_base"] = "../../base"
+                model = model.merge_and_unload()
+            _record(ctx, name, entry, model, processor)
+
+    name = f"seed{seed}/mixture"
+    cfg = replace(plan.full, seed=seed * 1000 + 999, steps=plan.full.steps * plan.mixture_steps_factor)
+    fp = _fingerprint("mixture", base_sha, cfg.to_dict(), tasks, plan.n_train, plan.data_seed)
+    if _valid(ctx, name, fp):
+        ctx.log(f"{name}: reused")
+        return
+    data = concat([(ctx.data.encoded(t, "shifted", processor), 1.0) for t in tasks])
+    entry = {"kind": "mixture", "task": None, "seed": seed, "variant": "shifted", "base": base_name,
+             "fingerprint": fp}
+    model = _train_and_save(ctx, name, fresh_base(), processor, data, cfg, entry, _save_full(processor))
+    _record(ctx, name, entry, model, processor)
+
+
+def build_zoo(
+    root: str | os.PathLike[str] = DEFAULT_ZOO,
+    rebuild: bool = False,
+    tiny: bool = False,
+    progress: bool = True,
+    *,
+    plan: ZooPlan | None = None,
+    tasks: Sequence[str] = TASKS,
+    seeds: Sequence[int] | None = None,
+    device: str = "auto",
+    evaluate: bool = True,
+    data_root: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Build (or complete) the model zoo under ``root`` and return its manifest.
+
+    Args:
+        root: the zoo directory (created if needed).
+        rebuild: retrain every model even when the manifest says it is up to date.
+        tiny: use :meth:`ZooPlan.tiny` (seconds; for tests) unless ``plan`` is given.
+        progress: show a tqdm bar per training run.
+        plan: an explicit plan (overrides ``tiny``).
+        tasks: the tasks to build experts for (default all five).
+        seeds: override the plan's seeds.
+        device: training device (``"auto"``: CUDA when present).
+        evaluate: score every model into the manifest (needs :mod:`mergelab.evaluators`).
+        data_root: where the evaluators find the benchmark data (their default when None).
+        log: a one-line logger (default: print when ``progress``).
+
+    Returns:
+        The manifest dictionary (also written to ``root/manifest.json``).
+    """
+    plan = plan or (ZooPlan.tiny() if tiny else ZooPlan())
+    if seeds is not None:
+        plan = replace(plan, seeds=tuple(seeds))
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; known: {TASKS}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    log = log or (print if progress else (lambda _msg: None))
+    try:
+        manifest = read_manifest(root)
+    except FileNotFoundError:
+        manifest = {}
+    plan_dict = plan.to_dict()
+    if rebuild or manifest.get("format") != FORMAT_VERSION:
+        manifest = {}
+    manifest.setdefault("format", FORMAT_VERSION)
+    manifest.setdefault("models", {})
+    manifest["tasks"] = list(tasks)
+    manifest["plan"] = plan_dict
+    manifest["image_size"] = modeling.IMAGE_SIZE
+    manifest["torch"] = torch.__version__
+
+    t_start = time.perf_counter()
+    data = _Data(plan, tasks)
+    tok_fp = _fingerprint("tokenizer", plan.vocab_size, data.corpus())
+    tok_dir = root / "tokenizer"
+    if not rebuild and manifest.get("tokenizer", {}).get("fingerprint") == tok_fp and tok_dir.is_dir():
+        import transformers
+
+        tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
+        tok.chat_template = tok.chat_template or modeling.QWEN2_VL_CHAT_TEMPLATE
+    else:
+        tok = modeling.build_tokenizer(data.corpus(), vocab_size=plan.vocab_size)
+        tmp = root / f".tokenizer.tmp-{uuid.uuid4().hex[:8]}"
+        tok.save_pretrained(tmp)
+        replace_dir(tmp, tok_dir)
+        manifest["models"] = {}  # a new tokenizer invalidates every model
+        manifest["tokenizer"] = {"fingerprint": tok_fp, "vocab_size": len(tok), "path": "tokenizer"}
+        _write_manifest(root, manifest)
+    processor = modeling.build_processor(tok)
+    ctx = _Ctx(root, plan, manifest, data, progress, device, evaluate, Path(data_root) if data_root else None, log)
+    torch_threads = torch.get_num_threads()
+    try:
+        for seed in plan.seeds:
+            _build_seed(ctx, seed, processor, tok_fp)
+    finally:
+        torch.set_num_threads(torch_threads)
+    manifest["build_seconds_last"] = round(time.perf_counter() - t_start, 1)
+    _write_manifest(root, manifest)
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------- benchmark
+
+LAM_GRID: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 1.0, 1.5)
+"""The paper's lambda grid "for all methods" (spec section 1.7), searched on the val split."""
+
+
+def _method_params(method: str, setting: str) -> dict[str, Any]:
+    """Each method's defaults, plus OptMerge's variant matching the expert setting (spec section 1.7)."""
+    return {"variant": setting} if method == "optmerge" else {}
+
+
+def _has_lam(method: str, setting: str) -> bool:
+    from mergelab.methods import REGISTRY
+
+    return hasattr(REGISTRY[method].make_config(_method_params(method, setting)), "lam")
+
+
+class _LamScan:
+    """``theta0 + lam * tau_m`` for any lambda from one merge at lam = 1 (the engine's contract, methods/base.py)."""
+
+    def __init__(self, base_dir: Path, merged_dir: Path) -> None:
+        self.model, self.processor = load_model(merged_dir, device="cpu")
+        base_model, _ = load_model(base_dir, device="cpu")
+        base_sd = base_model.state_dict()
+        self.base = {k: v.clone() for k, v in base_sd.items()}
+        self.delta = {k: v.float() - base_sd[k].float() for k, v in self.model.state_dict().items()}
+
+    def set(self, lam: float) -> Any:
+        with torch.no_grad():
+            for k, p in self.model.state_dict().items():
+                p.copy_((self.base[k].float() + lam * self.delta[k]).to(p.dtype))
+        return self.model
+
+
+def _expert_dirs(root: Path, seed: int, setting: str, tasks: Sequence[str]) -> list[Path]:
+    return [root / n for n in expert_names(seed, setting, tasks)]
+
+
+def _cached_scores(entry: dict[str, Any], variants: Sequence[str]) -> dict[str, dict[str, float]] | None:
+    scores = entry.get("scores")
+    if scores and all(v in scores for v in variants):
+        return {v: scores[v] for v in variants}
+    return None
+
+
+def benchmark(
+    root: str | os.PathLike[str] = DEFAULT_ZOO,
+    *,
+    settings: Sequence[str] = ("full", "lora"),
+    methods: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    lams: Sequence[float] = LAM_GRID,
+    val_limit: int | None = 100,
+    test_limit: int | None = None,
+    data_root: str | os.PathLike[str] | None = None,
+    work_dir: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Score base, experts, mixture and every merging method of the zoo on the test split, per seed and setting.
+
+    Each method runs with its defaults (OptMerge with the variant of the setting); its lambda is chosen from
+    ``lams`` by the average score on the **val** split (first ``val_limit`` items per task), then the chosen model
+    is scored on the test split of both variants (shifted = the benchmark, generic = forgetting).
+
+    Returns:
+        ``{"rows": {setting: {row: {seed: {variant: {task: score, "average": ...}}}}}, "lam": {...},
+        "timing": {...}}``.
+    """
+    import tempfile
+
+    from mergelab.methods import REGISTRY
+    from mergelab.methods.engine import merge
+
+    root = Path(root)
+    manifest = read_manifest(root)
+    tasks = list(manifest.get("tasks", TASKS))
+    seeds = list(seeds if seeds is not None else manifest["plan"]["seeds"])
+    methods = list(REGISTRY) if methods is None else list(methods)
+    variants = ("shifted", "generic")
+    out: dict[str, Any] = {"tasks": tasks, "seeds": seeds, "rows": {}, "lam": {}, "timing": {}}
+    work = Path(work_dir or tempfile.mkdtemp(prefix="mergelab-bench-"))
+
+    def score(model: Any, processor: Any, split: str, limit: int | None, vs: Sequence[str]) -> dict:
+        return score_model(model, processor, tasks=tasks, variants=vs, split=split, limit=limit, data_root=data_root)
+
+    for setting in settings:
+        rows: dict[str, dict[int, Any]] = {}
+        out["lam"][setting] = {}
+        for seed in seeds:
+            base_dir = root / f"seed{seed}" / "base"
+            fixed = [f"seed{seed}/base"] + expert_names(seed, setting, tasks) + [f"seed{seed}/mixture"]
+            for name in fixed:
+                entry = manifest["models"].get(name)
+                if entry is None:
+                    raise FileNotFoundError(f"{root / MANIFEST}: model {name!r} missing (run `mergelab bench build`)")
+                label = name.split("/", 1)[1].replace(f"{setting}/", "expert:")
+                cached = _cached_scores(entry, variants) if test_limit == manifest["plan"].get("n_eval") else None
+                if cached is None:
+                    m, p = load_model(root / name, device="cpu")
+                    cached = score(m, p, "test", test_limit, variants)
+                rows.setdefault(label, {})[seed] = cached
+            for method in methods:
+                t0 = time.perf_counter()
+                scan = _has_lam(method, setting)
+                params = {**_method_params(method, setting), **({"lam": 1.0} if scan else {})}
+                merged = work / f"{setting}-seed{seed}-{method}"
+                merge(base=base_dir, experts=[str(d) for d in _expert_dirs(root, seed, setting, tasks)],
+                      method=method, params=params, policy="qwen2_vl", out=merged, device="cpu", seed=seed,
+                      overwrite=True)
+                t_merge = time.perf_counter() - t0
+                lam_scan = _LamScan(base_dir, merged)
+                best_lam, best_val = 1.0, -1.0
+                for lam in (lams if scan else (1.0,)):
+                    v = score(lam_scan.set(lam), lam_scan.processor, "val", val_limit, ("shifted",))
+                    if v["shifted"]["average"] > best_val:
+                        best_lam, best_val = lam, v["shifted"]["average"]
+                t1 = time.perf_counter()
+                rows.setdefault(f"merge:{method}", {})[seed] = score(lam_scan.set(best_lam), lam_scan.processor,
+                                                                     "test", test_limit, variants)
+                t_eval = time.perf_counter() - t1
+                out["lam"][setting].setdefault(method, {})[seed] = best_lam
+                out["timing"].setdefault(setting, {}).setdefault(method, {})[seed] = {
+                    "merge_s": round(t_merge, 1), "test_eval_s": round(t_eval, 1),
+                    "total_s": round(time.perf_counter() - t0, 1)}
+                shutil.rmtree(merged, ignore_errors=True)
+                sh = rows[f"merge:{method}"][seed]["shifted"]
+                log(f"{setting} seed{seed} {method}: lam {best_lam} (val {best_val:.1f}) test avg {sh['average']:.1f}"
+                    f" [merge {t_merge:.1f}s]")
+        out["rows"][setting] = rows
+    return out
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return m, sd
+
+
+def aggregate(result: dict[str, Any], setting: str, variant: str = "shifted") -> dict[str, dict[str, tuple]]:
+    """``{row: {column: (mean, sd over seeds)}}`` for one setting and variant."""
+    cols = [*result["tasks"], "average"]
+    agg: dict[str, dict[str, tuple]] = {}
+    for row, per_seed in result["rows"][setting].items():
+        agg[row] = {c: _mean_sd([per_seed[s][variant][c] for s in per_seed]) for c in cols}
+    return agg
+
+
+def format_table(result: dict[str, Any], setting: str, variant: str = "shifted") -> str:
+    """A plain-text table: rows base / experts / mixture / merges, columns the tasks and the average."""
+    cols = [*result["tasks"], "average"]
+    agg = aggregate(result, setting, variant)
+    n = len(result["seeds"])
+    head = f"{'model':<26}" + "".join(f"{c:>15}" for c in cols)
+    lines = [f"[{setting} experts, {variant} variant, test split, mean +- sd over {n} seed(s)]", head,
+             "-" * len(head)]
+    for row, vals in agg.items():
+        lam = ""
+        if row.startswith("merge:"):
+            chosen = result["lam"][setting].get(row[6:], {})
+            lam = " (lam " + "/".join(f"{chosen[s]:g}" for s in sorted(chosen)) + ")"
+        lines.append(f"{(row + lam)[:26]:<26}" + "".join(f"{vals[c][0]:>9.1f} +-{vals[c][1]:>4.1f}" for c in cols))
+    return "\n".join(lines)
+
+
+def check_targets(result: dict[str, Any], setting: str) -> list[tuple[str, bool, str]]:
+    """The issue's design targets on the mean over seeds: ``[(target, passed, detail)]``."""
+    agg = aggregate(result, setting)
+    tasks = result["tasks"]
+    base = {c: v[0] for c, v in agg["base"].items()} if "base" in agg else None
+    if base is None:
+        return []
+    experts = {t: {c: v[0] for c, v in agg[f"expert:{t}"].items()} for t in tasks if f"expert:{t}" in agg}
+    merges = {r[6:]: {c: v[0] for c, v in vals.items()} for r, vals in agg.items() if r.startswith("merge:")}
+    out: list[tuple[str, bool, str]] = []
+    gains = {t: experts[t][t] - base[t] for t in experts}
+    out.append(("each expert beats the base on its own task by >= 10",
+                all(g >= 10 for g in gains.values()), " ".join(f"{t} {g:+.1f}" for t, g in gains.items())))
+    if merges:
+        best = max(merges, key=lambda m: merges[m]["average"])
+        b = merges[best]
+        best_expert = max(e["average"] for e in experts.values())
+        out.append(("best merge beats the base average by >= 3", b["average"] - base["average"] >= 3,
+                    f"{best} {b['average']:.1f} vs base {base['average']:.1f}"))
+        out.append(("best merge beats every single expert's average", b["average"] > best_expert,
+                    f"{best} {b['average']:.1f} vs best expert {best_expert:.1f}"))
+        kept = {t: (b[t] - base[t]) / gains[t] if gains[t] > 0 else 0.0 for t in gains}
+        out.append(("best merge keeps >= half of the own-task gain on >= 3 of 5 tasks",
+                    sum(k >= 0.5 for k in kept.values()) >= 3, " ".join(f"{t} {k:.0%}" for t, k in kept.items())))
+        avgs = [m["average"] for m in merges.values()]
+        out.append(("methods' averages spread over >= 5 points", max(avgs) - min(avgs) >= 5,
+                    f"{min(avgs):.1f} .. {max(avgs):.1f}"))
+    return out

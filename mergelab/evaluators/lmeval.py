@@ -1,0 +1,186 @@
+"""lm-eval adapter: run any lm-eval task list on an in-memory model, and the offline benchmark as lm-eval tasks.
+
+* Text LMs run through ``lm_eval.models.huggingface.HFLM``; VLMs through ``HFMultimodalLM`` (``hf-multimodal``,
+  generate-only for image requests), subclassed with the in-memory processor fix of spec/ecosystem.md section 4
+  (lm-eval 0.4.13 *returns* a processor passed as ``tokenizer=`` instead of storing it).
+* The offline benchmark's tasks ship as YAML under ``mergelab/evaluators/lmeval_tasks/`` (``mergelab_vqa`` ...
+  ``mergelab_grounding``, their ``*_generic`` twins, and the groups ``mergelab_offline`` /
+  ``mergelab_offline_generic``). They read ``<data_root>/<task>/<variant>/<split>.jsonl`` and score with the
+  native runner's own metric functions, so both paths agree to within generation noise.
+
+``import lm_eval`` takes seconds, so this module imports it only inside :func:`run_lmeval`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+LMEVAL_TASKS_DIR = Path(__file__).with_name("lmeval_tasks")
+"""Directory of the offline benchmark's lm-eval YAML tasks (pass to ``TaskManager(include_path=...)``)."""
+
+OFFLINE_LMEVAL_TASKS = {t: f"mergelab_{t}" for t in ("vqa", "geometry", "chart", "ocr", "grounding")}
+"""Native offline task name -> lm-eval task name (``*_generic`` map to ``mergelab_*_generic``)."""
+
+_QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def lmeval_task_name(native: str) -> str:
+    """The lm-eval name of a native offline task (``vqa`` -> ``mergelab_vqa``, ``vqa_generic`` -> ...)."""
+    base = native.removesuffix("_generic")
+    if base not in OFFLINE_LMEVAL_TASKS:
+        raise KeyError(f"{native!r} is not an offline benchmark task; known: {sorted(OFFLINE_LMEVAL_TASKS)}")
+    return f"mergelab_{native}"
+
+
+def sanitize_metric(name: str) -> str:
+    """An MLflow-safe metric name: lm-eval's ``"acc,none"`` -> ``"acc"``, ``"f1,strict"`` -> ``"f1_strict"``."""
+    name = name.replace(",none", "")
+    return re.sub(r"[^0-9A-Za-z_\-./ ]", "_", name)
+
+
+def _multimodal_lm_class() -> type:
+    import transformers
+    from lm_eval.models.hf_vlms import HFMultimodalLM
+
+    class InMemoryHFMultimodalLM(HFMultimodalLM):
+        """``HFMultimodalLM`` that keeps a processor object passed as ``tokenizer=`` (ecosystem.md section 4)."""
+
+        def _create_tokenizer(self, pretrained: Any, tokenizer: Any, **kw: Any) -> None:
+            if isinstance(tokenizer, transformers.ProcessorMixin):
+                self.processor, self.tokenizer = tokenizer, tokenizer.tokenizer
+            else:
+                super()._create_tokenizer(pretrained, tokenizer, **kw)
+
+    return InMemoryHFMultimodalLM
+
+
+def make_lm(model: Any, processor: Any, *, batch_size: int = 8, max_length: int | None = None) -> Any:
+    """Wrap an in-memory model for lm-eval: the multimodal class for VLMs, ``HFLM`` for text LMs.
+
+    Args:
+        model: A ``transformers`` model already on its device.
+        processor: Its processor (VLM: has an ``image_processor``) or tokenizer (text LM).
+        batch_size: lm-eval's batch size.
+        max_length: Context length; None lets lm-eval read it from the model config.
+    """
+    device = str(next(model.parameters()).device)
+    kw: dict[str, Any] = {"device": device, "batch_size": batch_size}
+    if max_length is not None:
+        kw["max_length"] = max_length
+    if getattr(processor, "image_processor", None) is not None:
+        model_type = str(getattr(model.config, "model_type", ""))
+        if model_type.startswith("qwen2"):
+            kw["image_string"] = _QWEN_IMAGE
+        return _multimodal_lm_class()(pretrained=model, tokenizer=processor, **kw)
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=processor, **kw)
+
+
+def _stop_token_ids(model: Any, processor: Any) -> list[int]:
+    from mergelab.evaluators.runner import _stop_ids, _tokenizer
+
+    return _stop_ids(model, _tokenizer(processor))
+
+
+def run_lmeval(
+    model: Any,
+    processor: Any,
+    tasks: Sequence[str | dict[str, Any]],
+    *,
+    include_path: str | Path | Sequence[str | Path] | None = None,
+    data_root: str | Path | None = None,
+    split: str = "val",
+    limit: int | None = None,
+    batch_size: int = 8,
+    num_fewshot: int | None = None,
+    apply_chat_template: bool | None = None,
+    max_length: int | None = None,
+    log_samples: bool = False,
+) -> dict[str, Any]:
+    """Run lm-eval tasks on an in-memory model; return MLflow-safe flat metrics and, optionally, the samples.
+
+    The offline benchmark's tasks (``mergelab_*``) are always available; ``data_root``, ``split`` and ``limit``
+    select their JSONL (``limit`` is applied when loading, so the first items match the native runner's).
+    The model's ``generation_config.eos_token_id`` is widened, for the duration of the call, to the same stop
+    tokens the native runner uses, then restored.
+
+    Args:
+        model: A ``transformers`` VLM or causal LM.
+        processor: Its processor or tokenizer.
+        tasks: lm-eval task or group names, or inline task config dicts.
+        include_path: Extra directories of YAML tasks.
+        data_root: The offline benchmark's root (default: :func:`mergelab.bench.data.default_data_root`).
+        split: The offline benchmark's split.
+        limit: The offline tasks' item limit (other tasks: lm-eval's ``limit``).
+        batch_size: lm-eval batch size.
+        num_fewshot: Few-shot examples (None: each task's default).
+        apply_chat_template: Render prompts with the chat template; None: when the processor has one.
+        max_length: Context length for lm-eval.
+        log_samples: Also return lm-eval's per-sample logs under ``"samples"``.
+
+    Returns:
+        ``{"metrics": {"<task>/<metric>": value}, "results": <lm-eval results>, "samples": ...}``; values are as
+        lm-eval reports them (fractions for accuracy-like metrics), stderr entries dropped when not a number.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from mergelab.evaluators.loaders import default_offline_root
+
+    paths = [str(LMEVAL_TASKS_DIR)]
+    if include_path is not None:
+        extra = [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
+        paths += [str(p) for p in extra]
+    root = Path(data_root).expanduser() if data_root is not None else default_offline_root()
+    metadata = {"data_root": str(root), "split": split, "limit": limit}
+    all_offline = all(isinstance(t, str) and t.startswith("mergelab_") for t in tasks)
+    # Indexing lm-eval's thousands of built-in YAMLs takes tens of seconds: skip it when only ours are asked for.
+    tm = TaskManager(include_path=paths, include_defaults=not all_offline or include_path is not None,
+                     metadata=metadata)  # fmt: skip
+    if apply_chat_template is None:
+        tmpl = getattr(processor, "chat_template", None) or getattr(
+            getattr(processor, "tokenizer", processor), "chat_template", None
+        )
+        apply_chat_template = bool(tmpl)
+    lm = make_lm(model, processor, batch_size=batch_size, max_length=max_length)
+    gen = getattr(model, "generation_config", None)
+    old_eos = getattr(gen, "eos_token_id", None)
+    if gen is not None:
+        gen.eos_token_id = _stop_token_ids(model, processor) or old_eos
+    try:
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            task_manager=tm,
+            num_fewshot=num_fewshot,
+            limit=None if all_offline else limit,
+            bootstrap_iters=0,
+            log_samples=log_samples,
+            apply_chat_template=apply_chat_template,
+            torch_random_seed=None,
+        )
+    finally:
+        if gen is not None:
+            gen.eos_token_id = old_eos
+    metrics: dict[str, float] = {}
+    for task, res in (out or {}).get("results", {}).items():
+        for k, v in res.items():
+            if k == "alias" or not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            if "stderr" in k and not math.isfinite(float(v)):
+                continue
+            metrics[f"{sanitize_metric(task)}/{sanitize_metric(k)}"] = float(v)
+    return {
+        "metrics": metrics,
+        "results": (out or {}).get("results", {}),
+        "samples": (out or {}).get("samples"),
+    }

@@ -1,0 +1,38 @@
+"""lm-eval hooks of the offline benchmark's tasks: load a local JSONL split, score with mergelab's own metrics.
+
+Scoring goes through :func:`mergelab.evaluators.tasks.offline_score`, the very function the native runner uses,
+so the two differ only in how they generate.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def load_split(**kw: Any) -> dict[str, Any]:
+    """``custom_dataset`` hook: ``{"test": Dataset}`` of ``<data_root>/<task>/<variant>/<split>.jsonl``."""
+    import datasets
+
+    from mergelab.evaluators.loaders import default_offline_root, load_offline
+
+    root = Path(kw.get("data_root") or default_offline_root())
+    limit = kw.get("limit")
+    samples = load_offline(root, task=kw["task"], variant=kw["variant"], split=kw.get("split", "val"),
+                           limit=None if limit is None else int(limit))  # fmt: skip
+    rows = [{"id": s.id, "question": s.question, "references": s.references, "metric": s.metric,
+             "meta": json.dumps(s.meta), "image": str(s.image)} for s in samples]  # fmt: skip
+    ds = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
+    return datasets.DatasetDict({"test": ds})
+
+
+def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
+    """``process_results`` hook: parse and score the generation exactly as the native runner does."""
+    from mergelab.evaluators.loaders import Sample
+    from mergelab.evaluators.tasks import get_task, offline_score
+
+    sample = Sample(id=str(doc["id"]), question=doc["question"], references=list(doc["references"]),
+                    image=None, meta=json.loads(doc["meta"] or "{}"), metric=doc["metric"])  # fmt: skip
+    prediction = get_task("vqa").parse(results[0])
+    return offline_score(prediction, sample)

@@ -1,0 +1,352 @@
+"""The generation runner: batched greedy decoding of Hugging Face VLMs and text LMs, then scoring per task.
+
+Prompts are built exactly as for the real model: one user turn holding the image then the question, rendered by
+``processor.apply_chat_template(messages, add_generation_prompt=True)`` (Qwen2-VL model card). A family-specific
+template is used only when neither the processor nor its tokenizer carries a chat template. Decoding is greedy
+(``do_sample=False``, one beam) with left padding, on the model's own device and dtype, under
+``torch.inference_mode``, so a run is deterministic for a given model, data and batch size. Generation stops at
+the tokenizer's EOS, the model's ``generation_config.eos_token_id`` and the chat end-of-turn tokens
+(``<|im_end|>``, ``<end_of_utterance>``) that the vocabulary holds; special tokens are skipped on decoding (box
+answers are still parsed: :func:`mergelab.evaluators.metrics.parse_box` accepts ``(x1,y1),(x2,y2)`` alone).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mergelab.evaluators.loaders import Sample, open_image
+from mergelab.evaluators.tasks import OFFLINE_TASKS, Task, get_task, metric_name
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<end_of_utterance>", "<|eot_id|>", "<|end|>")
+
+_FALLBACK_TEMPLATES = {
+    # Qwen2-VL-Instruct's chat format, with its default system turn.
+    "qwen2_vl": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{image}{text}"
+    "<|im_end|>\n<|im_start|>assistant\n",
+    "llava": "USER: {image}\n{text} ASSISTANT:",
+    "idefics3": "<|im_start|>User:{image}{text}<end_of_utterance>\nAssistant:",
+}
+_FALLBACK_IMAGE = {
+    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "llava": "<image>",
+    "idefics3": "<image>",
+}
+_FAMILY = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "llava": "llava", "idefics3": "idefics3",
+           "smolvlm": "idefics3"}  # fmt: skip
+
+
+def _tokenizer(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", None) or processor
+
+
+def _has_image_processor(processor: Any) -> bool:
+    return getattr(processor, "image_processor", None) is not None
+
+
+def _chat_template(processor: Any) -> str | None:
+    return getattr(processor, "chat_template", None) or getattr(_tokenizer(processor), "chat_template", None)
+
+
+def build_prompt(processor: Any, question: str, *, with_image: bool, model_type: str = "") -> str:
+    """Render one user turn (image first, then the question) with the processor's chat template.
+
+    Args:
+        processor: A multimodal processor, or a tokenizer for text LMs.
+        question: The user's text.
+        with_image: Whether the turn carries one image.
+        model_type: ``model.config.model_type``, which selects the fallback template when there is no chat
+            template (``qwen2_vl``, ``qwen2_5_vl``, ``llava``, ``idefics3``, ``smolvlm``; else plain text).
+
+    Returns:
+        The prompt string, ending with the assistant turn's opening.
+    """
+    if _chat_template(processor):
+        if with_image:
+            content: Any = [{"type": "image"}, {"type": "text", "text": question}]
+        elif _has_image_processor(processor):
+            content = [{"type": "text", "text": question}]
+        else:
+            content = question
+        messages = [{"role": "user", "content": content}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    family = _FAMILY.get(model_type)
+    image = ""
+    if with_image:
+        image = (
+            _FALLBACK_IMAGE.get(family or "", None) or getattr(processor, "image_token", None) or "<image>"
+        )
+    if family:
+        return _FALLBACK_TEMPLATES[family].format(image=image, text=question)
+    return f"{image}{question}\n"
+
+
+def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: list[int] = []
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    for v in [eos] if isinstance(eos, int) else list(eos or []):
+        ids.append(int(v))
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    ids.extend(int(vocab[t]) for t in END_OF_TURN_TOKENS if t in vocab)
+    return sorted(set(ids))
+
+
+def _model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+def generate(
+    model: Any,
+    processor: Any,
+    prompts: Sequence[str],
+    images: Sequence[Any] | None = None,
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 32,
+    progress: bool = False,
+    desc: str = "generate",
+) -> list[str]:
+    """Greedy-decode a continuation of every prompt, in batches, and return the decoded texts in order.
+
+    Args:
+        model: A ``transformers`` generative model (VLM or causal LM), already on its device.
+        processor: Its processor (multimodal) or tokenizer (text).
+        prompts: Full prompt strings (:func:`build_prompt`).
+        images: One PIL image (or None) per prompt, or None for text-only prompts.
+        batch_size: Prompts per ``generate`` call.
+        max_new_tokens: Generation budget per prompt.
+        progress: Show a tqdm progress bar.
+        desc: The progress bar's label.
+
+    Returns:
+        The generated texts, special tokens skipped, cut at the first stop token, stripped of nothing else.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    tok = _tokenizer(processor)
+    device, dtype = _model_device_dtype(model)
+    stop = _stop_ids(model, tok)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (stop[0] if stop else 0)
+    from transformers import GenerationConfig
+
+    gen_cfg = GenerationConfig(
+        max_new_tokens=int(max_new_tokens), do_sample=False, num_beams=1, eos_token_id=stop or None,
+        pad_token_id=pad_id,
+    )  # fmt: skip
+    nested = getattr(getattr(model, "config", None), "model_type", "") in ("idefics3", "smolvlm", "idefics2")
+    out_texts: list[str] = []
+    old_side, was_training = tok.padding_side, model.training
+    tok.padding_side = "left"
+    model.eval()
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
+    try:
+        for i in range(0, len(prompts), batch_size):
+            chunk = list(prompts[i : i + batch_size])
+            imgs = list(images[i : i + batch_size]) if images is not None else None
+            if imgs is not None and any(im is not None for im in imgs):
+                if any(im is None for im in imgs):
+                    raise ValueError("generate: a batch mixes prompts with and without images")
+                imgs = [[im] for im in imgs] if nested else imgs
+                enc = processor(text=chunk, images=imgs, return_tensors="pt", padding=True)
+            elif _has_image_processor(processor):
+                enc = processor(text=chunk, return_tensors="pt", padding=True)
+            else:
+                enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=True)
+            inputs = {
+                k: (v.to(device, dtype=dtype) if v.is_floating_point() else v.to(device))
+                for k, v in enc.items()
+                if isinstance(v, torch.Tensor)
+            }
+            with torch.inference_mode():
+                out = model.generate(**inputs, generation_config=gen_cfg)
+            new = out[:, inputs["input_ids"].shape[1] :].tolist()
+            for row in new:
+                cut = next((j for j, t in enumerate(row) if t in stop), len(row))
+                out_texts.append(tok.decode(row[:cut], skip_special_tokens=True))
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        tok.padding_side = old_side
+        model.train(was_training)
+    return out_texts
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate` returns.
+
+    Attributes:
+        scores: Primary metric per task, in percent (0-100).
+        average: Unweighted mean of ``scores`` (over tasks with a finite score).
+        metrics: Flat ``{"<task>/<metric>": percent, ..., "avg/score": average}``; MLflow-safe names.
+        records: Per-sample dicts: task, id, prompt, prediction, references, score (primary, in [0, 1]), values.
+        config: The evaluation settings (tasks, split, data roots, limit, batch size, budget, seconds).
+    """
+
+    scores: dict[str, float] = field(default_factory=dict)
+    average: float = math.nan
+    metrics: dict[str, float] = field(default_factory=dict)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready copy (NaN stays NaN; ``json.dumps`` writes it as ``NaN``)."""
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line per task plus the average, for terminals and logs."""
+        lines = [f"{t:<16} {v:6.2f}" for t, v in self.scores.items()]
+        lines.append(f"{'avg':<16} {self.average:6.2f}")
+        return "\n".join(lines)
+
+
+def run_task(
+    model: Any,
+    processor: Any,
+    task: Task,
+    samples: Sequence[Sample],
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Generate, parse and score one task's samples.
+
+    Returns:
+        ``(aggregated metrics in percent, per-sample records)``.
+    """
+    model_type = str(getattr(getattr(model, "config", None), "model_type", "") or "")
+    with_images = any(s.image is not None for s in samples)
+    if with_images and not _has_image_processor(processor):
+        raise ValueError(
+            f"task {task.name!r} has images but {type(processor).__name__} has no image processor"
+        )
+    prompts = [build_prompt(processor, task.prompt(s), with_image=s.image is not None, model_type=model_type)
+               for s in samples]  # fmt: skip
+    texts: list[str] = []
+    budget = int(max_new_tokens or task.max_new_tokens)
+    # Open images one batch at a time so that a large benchmark never sits in memory.
+    step = max(1, batch_size)
+    bar = tqdm(total=len(samples), desc=f"eval {task.name}", disable=not progress)
+    try:
+        for i in range(0, len(samples), step):
+            part = samples[i : i + step]
+            imgs = (
+                [open_image(s.image) if s.image is not None else None for s in part] if with_images else None
+            )
+            texts += generate(model, processor, prompts[i : i + step], imgs, batch_size=batch_size,
+                              max_new_tokens=budget)  # fmt: skip
+            bar.update(len(part))
+    finally:
+        bar.close()
+    values, records = [], []
+    for s, prompt, raw in zip(samples, prompts, texts, strict=True):
+        pred = task.parse(raw)
+        v = task.score(pred, s)
+        values.append(v)
+        records.append({"task": task.name, "id": s.id, "prompt": prompt, "prediction": pred, "raw": raw,
+                        "references": list(s.references), "score": float(v[task.primary]), "values": v})  # fmt: skip
+    return task.aggregate(values, list(samples)), records
+
+
+def evaluate(
+    model: Any,
+    processor: Any,
+    tasks: Sequence[str] = OFFLINE_TASKS,
+    split: str = "val",
+    data_root: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 32,
+    max_new_tokens: int | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Evaluate an in-memory model on a list of registered tasks.
+
+    Args:
+        model: A ``transformers`` VLM or causal LM (on any device).
+        processor: Its processor (VLM) or tokenizer (text LM).
+        tasks: Task names from :data:`mergelab.evaluators.tasks.TASKS` (default: the offline benchmark's five).
+        split: The offline benchmark's split (``train``/``val``/``test``); paper tasks use their fixed split.
+        data_root: Root of the data; None uses each task's default root (offline: ``$MERGELAB_DATA``,
+            paper: ``$MERGELAB_PAPER_DATA``).
+        limit: Evaluate the first ``limit`` samples of each task.
+        batch_size: Prompts per generation batch.
+        max_new_tokens: Generation budget for every task; None uses each task's default.
+        progress: Show progress bars.
+
+    Returns:
+        The :class:`EvalResult`.
+
+    Raises:
+        KeyError: an unknown task name.
+        FileNotFoundError: a data file is missing (named in the message).
+        ValueError: a task has no samples, or the data is malformed.
+    """
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    specs = [get_task(t) for t in tasks]
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"duplicate task names in {list(tasks)}")
+    t0 = time.perf_counter()
+    result = EvalResult()
+    roots: dict[str, str] = {}
+    for task in specs:
+        root = Path(data_root).expanduser() if data_root is not None else task.default_root()
+        roots[task.name] = str(root)
+        samples = task.load(root, split, limit)
+        if not samples:
+            raise ValueError(f"task {task.name!r}: no samples under {root} (split {split!r}, limit {limit})")
+        agg, records = run_task(model, processor, task, samples, batch_size=batch_size,
+                                max_new_tokens=max_new_tokens, progress=progress)  # fmt: skip
+        result.scores[task.name] = float(agg[task.primary])
+        result.metrics.update({metric_name(task.name, k): float(v) for k, v in agg.items()})
+        result.records.extend(records)
+    finite = [v for v in result.scores.values() if math.isfinite(v)]
+    result.average = float(sum(finite) / len(finite)) if finite else math.nan
+    result.metrics["avg/score"] = result.average
+    result.config = {"tasks": list(tasks), "split": split, "data_roots": roots, "limit": limit,
+                     "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                     "num_samples": {t.name: sum(r["task"] == t.name for r in result.records) for t in specs},
+                     "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+    return result
+
+
+def evaluate_path(
+    model_dir: str | Path,
+    tasks: Sequence[str] = OFFLINE_TASKS,
+    split: str = "val",
+    data_root: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 32,
+    max_new_tokens: int | None = None,
+    progress: bool = False,
+    *,
+    device: str = "auto",
+    dtype: str | None = None,
+) -> EvalResult:
+    """Load a checkpoint directory with :func:`mergelab.hf.load_model` and :func:`evaluate` it.
+
+    Args:
+        model_dir: A checkpoint (or LoRA adapter) directory.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:0"`` ...
+        dtype: None keeps the checkpoint's dtype; else e.g. ``"bfloat16"``.
+        Others: as :func:`evaluate`.
+    """
+    from mergelab.hf import load_model
+
+    model, processor = load_model(model_dir, device=device, dtype=dtype)
+    res = evaluate(model, processor, tasks=tasks, split=split, data_root=data_root, limit=limit,
+                   batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)  # fmt: skip
+    res.config["model_dir"] = str(model_dir)
+    return res

@@ -1,0 +1,338 @@
+"""The task registry: a task is a loader, a prompt, a parser, a per-sample metric, an aggregation and a primary metric.
+
+Two families share one table, :data:`TASKS`:
+
+* the offline benchmark's five tasks (``vqa``, ``geometry``, ``chart``, ``ocr``, ``grounding``: the ``shifted``
+  variant, i.e. the benchmark's test set) and their ``*_generic`` twins (the ``generic`` variant, for forgetting);
+* the paper's ten evaluation columns (spec section 3.3): ``vizwiz``, ``gqa``, ``mathvista_geo``,
+  ``mathvision_geo``, ``chartqa``, ``textvqa``, ``ocrvqa``, ``refcoco``, ``refcoco_plus``, ``refcocog``.
+
+Metric names are ``<task>/<metric>`` with ``<metric>`` from :attr:`Task.metric_names` (documented in
+``docs/evaluators.md``), all in percent; they contain no comma or bracket, so MLflow accepts them as is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+from mergelab.evaluators import metrics as M
+from mergelab.evaluators.loaders import (
+    GROUNDING_PROMPT,
+    Sample,
+    default_offline_root,
+    default_paper_root,
+    load_chartqa,
+    load_gqa,
+    load_mathvision_geo,
+    load_mathvista_geo,
+    load_ocrvqa,
+    load_offline,
+    load_refcoco,
+    load_textvqa,
+    load_vizwiz,
+)
+
+Loader = Callable[[Path, str, "int | None"], list[Sample]]
+Scorer = Callable[[str, Sample], dict[str, float]]
+Aggregator = Callable[[Sequence[Mapping[str, float]], Sequence[Sample]], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One registry entry.
+
+    Attributes:
+        name: Registry key, also the metric-name prefix.
+        family: ``"offline"`` or ``"paper"``.
+        load: ``(data_root, split, limit) -> samples``. Paper tasks have one fixed split and ignore ``split``.
+        prompt: The user-turn text for a sample (the image goes in the same chat message).
+        parse: Cleans a raw generation into the prediction that is scored.
+        score: ``(prediction, sample) -> {metric: value in [0, 1]}``; must hold :attr:`primary`.
+        aggregate: Per-sample values and samples -> ``{metric: percent}``; must hold :attr:`primary`.
+        primary: The metric reported in ``EvalResult.scores``.
+        metric_names: Every metric :attr:`aggregate` returns (documented, stable).
+        max_new_tokens: Default generation budget.
+        default_root: The data root used when none is given.
+    """
+
+    name: str
+    family: str
+    load: Loader
+    prompt: Callable[[Sample], str]
+    parse: Callable[[str], str]
+    score: Scorer
+    aggregate: Aggregator
+    primary: str
+    metric_names: tuple[str, ...]
+    max_new_tokens: int
+    default_root: Callable[[], Path]
+    description: str = ""
+
+
+def mean_aggregate(values: Sequence[Mapping[str, float]], samples: Sequence[Sample]) -> dict[str, float]:
+    """Mean of every per-sample metric, in percent (NaN for no samples)."""
+    keys = list(values[0]) if values else []
+    return {k: 100.0 * M.mean(v[k] for v in values) for k in keys}
+
+
+def _strip(text: str) -> str:
+    return str(text).strip()
+
+
+# --- offline benchmark -------------------------------------------------------------------------------------------
+
+_OFFLINE_TASKS = {"vqa": "accuracy", "geometry": "accuracy", "chart": "accuracy", "ocr": "accuracy",
+                  "grounding": "acc_iou50"}  # fmt: skip
+
+
+def offline_score(prediction: str, sample: Sample) -> dict[str, float]:
+    """Score one offline item with the metric its JSONL line names (``metric`` field).
+
+    ``exact_match`` -> ``accuracy`` (:func:`~mergelab.evaluators.metrics.exact_match`, the paper's modified
+    normaliser); ``relaxed_accuracy`` -> ``accuracy`` (ChartQA's relaxed correctness, max over answers);
+    ``iou50`` -> ``acc_iou50`` and ``mean_iou`` (boxes parsed from the answer strings on the 0-1000 grid, or
+    ``meta["target_box"]`` when given, normalised).
+    """
+    if sample.metric == "iou50":
+        return _grounding_score(prediction, sample)
+    if sample.metric == "relaxed_accuracy":
+        return {"accuracy": M.relaxed_accuracy_max(prediction=prediction, answers=sample.references)}
+    return {"accuracy": M.exact_match(prediction=prediction, answers=sample.references)}
+
+
+def _grounding_score(prediction: str, sample: Sample) -> dict[str, float]:
+    targets: list[Sequence[float]] = []
+    if sample.meta.get("target_box") is not None:
+        targets.append([float(v) for v in sample.meta["target_box"]])
+    else:
+        for ref in sample.references:
+            box = M.parse_box(text=ref, scale=1000.0)
+            if box is not None:
+                targets.append(box)
+    best = {"acc_iou50": 0.0, "iou": 0.0}
+    for t in targets:
+        s = M.grounding_scores(prediction=prediction, target_box=t, scale=1000.0)
+        if s["iou"] > best["iou"]:
+            best = s
+    return {"acc_iou50": best["acc_iou50"], "mean_iou": best["iou"]}
+
+
+def _offline_loader(task: str, variant: str) -> Loader:
+    def load(data_root: Path, split: str, limit: int | None) -> list[Sample]:
+        samples = load_offline(data_root, task=task, variant=variant, split=split, limit=limit)
+        want_box = task == "grounding"
+        for s in samples:
+            if (s.metric == "iou50") != want_box:
+                raise ValueError(
+                    f"{Path(data_root) / task / variant / (split + '.jsonl')}: sample {s.id!r} has metric "
+                    f"{s.metric!r}, which task {task!r} does not report"
+                )
+        return samples
+
+    return load
+
+
+def _offline_task(task: str, variant: str) -> Task:
+    name = task if variant == "shifted" else f"{task}_{variant}"
+    primary = _OFFLINE_TASKS[task]
+    names = ("acc_iou50", "mean_iou") if task == "grounding" else ("accuracy",)
+    return Task(
+        name=name,
+        family="offline",
+        load=_offline_loader(task, variant),
+        prompt=lambda s: s.question,
+        parse=_strip,
+        score=offline_score,
+        aggregate=mean_aggregate,
+        primary=primary,
+        metric_names=names,
+        max_new_tokens=24 if task == "grounding" else 12,
+        default_root=default_offline_root,
+        description=f"offline benchmark, {task} ({variant} variant)",
+    )
+
+
+# --- the paper's ten columns ---------------------------------------------------------------------------------------
+
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+VIZWIZ_HINT = "When the provided information is insufficient, respond with 'Unanswerable'."
+
+
+def _paper_loader(fn: Callable[..., list[Sample]], **kw: str) -> Loader:
+    def load(data_root: Path, split: str, limit: int | None) -> list[Sample]:
+        return fn(data_root, limit=limit, **kw)
+
+    return load
+
+
+def _vqa_score(prediction: str, sample: Sample) -> dict[str, float]:
+    return {"vqa_score": M.vqa_soft_accuracy(prediction=prediction, answers=sample.references)}
+
+
+def _em_score(prediction: str, sample: Sample) -> dict[str, float]:
+    return {"accuracy": M.exact_match(prediction=prediction, answers=sample.references)}
+
+
+def _relaxed_score(prediction: str, sample: Sample) -> dict[str, float]:
+    return {"relaxed_accuracy": M.relaxed_accuracy_max(prediction=prediction, answers=sample.references)}
+
+
+def _mathvista_score(prediction: str, sample: Sample) -> dict[str, float]:
+    m = sample.meta
+    return {
+        "accuracy": M.mathvista_score(
+            prediction=prediction,
+            answer=sample.references[0],
+            question_type=str(m.get("question_type", "free_form")),
+            answer_type=str(m.get("answer_type", "text")),
+            choices=m.get("choices") or None,
+            precision=None if m.get("precision") is None else int(m["precision"]),
+        )
+    }
+
+
+def _mathvision_score(prediction: str, sample: Sample) -> dict[str, float]:
+    return {
+        "accuracy": M.mathvision_score(
+            prediction=prediction, answer=sample.references[0], options=sample.meta.get("options") or None
+        )
+    }
+
+
+def _row_key(row: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in row).strip("_").replace("__", "_").replace("__", "_")
+
+
+def _subset_aggregate(rows: Sequence[str]) -> Aggregator:
+    def aggregate(values: Sequence[Mapping[str, float]], samples: Sequence[Sample]) -> dict[str, float]:
+        sub = M.subset_mean_accuracy(
+            scores=[v["accuracy"] for v in values],
+            categories=[s.meta.get("categories", []) for s in samples],
+            rows=rows,
+        )
+        out = {"accuracy": 100.0 * sub["subset"]}
+        out.update({_row_key(r): 100.0 * sub[r] for r in rows})
+        return out
+
+    return aggregate
+
+
+def _vqa_prompt(suffix: str) -> Callable[[Sample], str]:
+    return lambda s: f"{s.question}\n{suffix}"
+
+
+def _mathvision_prompt(s: Sample) -> str:
+    opts = s.meta.get("options") or []
+    if not opts:
+        return f"{s.question}\nAnswer the question with a number or a short expression."
+    listed = "\n".join(f"({M._LETTERS[i]}) {o}" for i, o in enumerate(opts))
+    return (
+        f"{s.question}\nChoices:\n{listed}\nAnswer with the option's letter from the given choices directly."
+    )
+
+
+def _paper_task(
+    name: str,
+    loader: Loader,
+    prompt: Callable[[Sample], str],
+    score: Scorer,
+    primary: str,
+    max_new_tokens: int,
+    description: str,
+    aggregate: Aggregator = mean_aggregate,
+    metric_names: tuple[str, ...] | None = None,
+) -> Task:
+    return Task(
+        name=name,
+        family="paper",
+        load=loader,
+        prompt=prompt,
+        parse=_strip,
+        score=score,
+        aggregate=aggregate,
+        primary=primary,
+        metric_names=metric_names or (primary,),
+        max_new_tokens=max_new_tokens,
+        default_root=default_paper_root,
+        description=description,
+    )
+
+
+def _refcoco_task(which: str, label: str) -> Task:
+    return _paper_task(
+        which,
+        _paper_loader(load_refcoco, which=which),
+        lambda s: GROUNDING_PROMPT.format(expr=s.question),
+        _grounding_score,
+        "acc_iou50",
+        48,
+        f"{label} val: accuracy at IoU >= 0.5 (and mean IoU)",
+        metric_names=("acc_iou50", "mean_iou"),
+    )
+
+
+_MV_ROWS = tuple(_row_key(r) for r in M.MATHVISTA_GEOMETRY_ROWS)
+_MVI_ROWS = tuple(_row_key(r) for r in M.MATHVISION_GEOMETRY_ROWS)
+
+PAPER_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("vizwiz", "VizWiz"),
+    ("gqa", "GQA"),
+    ("mathvista_geo", "MathVista"),
+    ("mathvision_geo", "MATH-V"),
+    ("chartqa", "ChartQA"),
+    ("textvqa", "TextVQA"),
+    ("ocrvqa", "OCRVQA"),
+    ("refcoco", "RefCOCO"),
+    ("refcoco_plus", "RefCOCO+"),
+    ("refcocog", "RefCOCOg"),
+)
+"""The paper's Tables 2 and 3 columns, in order: (task name, column header)."""
+
+_TASK_LIST: list[Task] = [
+    *(_offline_task(t, v) for v in ("shifted", "generic") for t in _OFFLINE_TASKS),
+    _paper_task("vizwiz", _paper_loader(load_vizwiz), _vqa_prompt(f"{VIZWIZ_HINT}\n{SHORT_ANSWER}"), _vqa_score,
+                "vqa_score", 32, "VizWiz val: VQA soft accuracy"),
+    _paper_task("gqa", _paper_loader(load_gqa), _vqa_prompt(SHORT_ANSWER), _em_score, "accuracy", 32,
+                "GQA test-dev balanced: exact match (modified normaliser)"),
+    _paper_task("mathvista_geo", _paper_loader(load_mathvista_geo), lambda s: s.question, _mathvista_score,
+                "accuracy", 512, "MathVista testmini, geometry subset (mean of 3 rows)",
+                aggregate=_subset_aggregate(M.MATHVISTA_GEOMETRY_ROWS), metric_names=("accuracy", *_MV_ROWS)),
+    _paper_task("mathvision_geo", _paper_loader(load_mathvision_geo), _mathvision_prompt, _mathvision_score,
+                "accuracy", 512, "MATH-Vision testmini, geometry subset (mean of 4 subjects)",
+                aggregate=_subset_aggregate(M.MATHVISION_GEOMETRY_ROWS), metric_names=("accuracy", *_MVI_ROWS)),
+    _paper_task("chartqa", _paper_loader(load_chartqa), _vqa_prompt(SHORT_ANSWER), _relaxed_score,
+                "relaxed_accuracy", 32, "ChartQA test: relaxed accuracy"),
+    _paper_task("textvqa", _paper_loader(load_textvqa), _vqa_prompt(SHORT_ANSWER), _vqa_score, "vqa_score", 32,
+                "TextVQA val: VQA soft accuracy"),
+    _paper_task("ocrvqa", _paper_loader(load_ocrvqa), _vqa_prompt(SHORT_ANSWER), _em_score, "accuracy", 32,
+                "OCR-VQA test: exact match (modified normaliser)"),
+    _refcoco_task("refcoco", "RefCOCO"),
+    _refcoco_task("refcoco_plus", "RefCOCO+"),
+    _refcoco_task("refcocog", "RefCOCOg"),
+]  # fmt: skip
+
+TASKS: Mapping[str, Task] = MappingProxyType({t.name: t for t in _TASK_LIST})
+"""Every task, by name (read-only)."""
+
+OFFLINE_TASKS: tuple[str, ...] = tuple(_OFFLINE_TASKS)
+"""The offline benchmark's five tasks (shifted variant), in the paper's expert order of capabilities."""
+
+
+def get_task(name: str) -> Task:
+    """The task called ``name``, or a ``KeyError`` listing the known names."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
+
+
+def metric_name(task: str, metric: str) -> str:
+    """The flat, MLflow-safe metric name ``<task>/<metric>``."""
+    return f"{task}/{metric}"
+
+
+__all__ = ["OFFLINE_TASKS", "PAPER_COLUMNS", "TASKS", "Task", "get_task", "mean_aggregate", "metric_name",
+           "offline_score"]  # fmt: skip

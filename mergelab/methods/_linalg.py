@@ -1,0 +1,256 @@
+"""Shared linear algebra and config validation for the merging methods.
+
+Everything here is pure: tensors in, tensors out, no device moves, no global state. SVDs run in float32 (or float64
+when asked) whatever the input dtype, because LAPACK/cuSOLVER have no half-precision SVD (STYLE.md 3.5).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+#: Squared Frobenius norms below this count as "no task vector" (the guard of the author's fusion_bench port of
+#: OptMerge, spec section 1.6: return the mean when ``max ||tau_i||^2 < 1e-12``).
+ZERO_NORM2 = 1e-12
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation: one-line ValueErrors naming the field and the bad value
+# ---------------------------------------------------------------------------------------------------------------
+def check_real(cls: str, field: str, value: object) -> float:
+    """Return ``value`` as a float, or raise naming ``cls.field`` when it is not a finite real number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise ValueError(f"{cls}.{field} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_range(
+    cls: str, field: str, value: object, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+) -> float:
+    """Check ``lo <= value <= hi`` (open ends when asked) and return it as a float."""
+    v = check_real(cls, field, value)
+    if (v < lo or (lo_open and v == lo)) or (v > hi or (hi_open and v == hi)):
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{cls}.{field} must be in {interval}, got {value!r}")
+    return v
+
+
+def check_positive_int(cls: str, field: str, value: object) -> int:
+    """Check that ``value`` is an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{cls}.{field} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def check_choice(cls: str, field: str, value: object, choices: Sequence[str]) -> str:
+    """Check that ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{cls}.{field} must be one of {list(choices)}, got {value!r}")
+    return str(value)
+
+
+def check_coefficients(cls: str, value: object) -> tuple[float, ...] | None:
+    """Validate per-expert coefficients: None or a non-empty sequence of finite floats."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) == 0:
+        raise ValueError(f"{cls}.coefficients must be None or a non-empty sequence of numbers, got {value!r}")
+    return tuple(check_real(cls, f"coefficients[{i}]", c) for i, c in enumerate(value))
+
+
+def coefficient_vector(coefficients: tuple[float, ...] | None, deltas: Tensor, name: str) -> Tensor:
+    """Per-expert coefficients as a ``(N, 1, ..., 1)`` tensor broadcastable against ``deltas``.
+
+    Raises:
+        ValueError: when the number of coefficients differs from the number of experts.
+    """
+    n = deltas.shape[0]
+    if coefficients is None:
+        c = torch.ones(n, dtype=deltas.dtype, device=deltas.device)
+    else:
+        if len(coefficients) != n:
+            raise ValueError(
+                f"coefficients has {len(coefficients)} entries but tensor {name or '?'} has {n} experts"
+            )
+        c = torch.tensor(coefficients, dtype=deltas.dtype, device=deltas.device)
+    return c.reshape((n,) + (1,) * (deltas.dim() - 1))
+
+
+def resolve_dtype(cls: str, field: str, value: str | None) -> torch.dtype | None:
+    """Map a dtype name (``"float32"``...) to a torch dtype; None stays None (use the context's)."""
+    if value is None:
+        return None
+    return _DTYPES[check_choice(cls, field, value, sorted(_DTYPES))]
+
+
+def check_matrix(deltas: Tensor, name: str, method: str) -> None:
+    """Raise unless ``deltas`` is a stack ``(N, m, n)`` of matrices."""
+    if deltas.dim() != 3 or deltas.shape[0] < 1:
+        raise ValueError(f"{method} needs 2-D weights: tensor {name or '?'} has task-vector stack {tuple(deltas.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# linear algebra
+# ---------------------------------------------------------------------------------------------------------------
+def svd_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype an SVD runs in: float64 stays float64, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def thin_svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Reduced SVD ``x = U diag(S) Vh`` of a matrix or a batch of matrices, in float32/float64.
+
+    Uses ``torch.linalg.svd(full_matrices=False)``: the official scripts' full SVD produces an m-by-m ``U`` that is
+    never used (spec section 5); the thin one gives the same leading factors.
+    """
+    return torch.linalg.svd(x.to(svd_dtype(x.dtype)), full_matrices=False)
+
+
+def polar(x: Tensor) -> Tensor:
+    """Orthogonal polar factor ``P Q^T`` of ``x = P diag(s) Q^T``: the nearest matrix with orthonormal columns/rows.
+
+    This is the orthogonalisation step of TSV-Merge (Gargiulo et al., arXiv:2412.00081) and Iso-CTS.
+    """
+    p, _, qh = thin_svd(x)
+    return p @ qh
+
+
+def squared_norms(deltas: Tensor) -> Tensor:
+    """Squared Frobenius norm of every expert's task vector, in float64 (exact enough for the zero guards)."""
+    return deltas.reshape(deltas.shape[0], -1).to(torch.float64).pow(2).sum(dim=1)
+
+
+def rank_k(min_dim: int, n_experts: int, rank_ratio: float | None) -> int:
+    """OptMerge/TSV truncation rank: ``min(m,n) // N`` by default, else ``floor(min(m,n) * rank_ratio)``; >= 1."""
+    if rank_ratio is None:
+        return max(1, min_dim // n_experts)
+    return max(1, min(min_dim, math.floor(min_dim * rank_ratio)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the quadratic loss of WUDI / OptMerge and its solvers
+# ---------------------------------------------------------------------------------------------------------------
+def quadratic_factors(
+    deltas: Tensor, k: int, *, centred_target: bool, centred_projector: bool, dtype: torch.dtype
+) -> tuple[Tensor, Tensor] | None:
+    """Factored form ``(F, H)`` of ``L(x) = sum_i w_i ||(x - t_i) P_i||_F^2 = ||x F - H||_F^2``.
+
+    Spec section 1.5: ``w_i = 1/||tau_i||_F^2`` (untruncated), ``P_i = V_{i,1:k} diag(s_{i,1:k})`` (n x k),
+    ``t_i = TruncSVD_k(tau_i - mean) + mean`` (centred target, full-FT variant) or ``TruncSVD_k(tau_i)``.
+    ``F = [sqrt(w_i) P_i]_i`` is n x (N'k) and ``H = [sqrt(w_i) t_i P_i]_i`` is m x (N'k), so the m x m products
+    of the official code (``(x - t_i) P_pad^T``, zero outside its first k columns) are never formed. With
+    ``k = min(m, n)`` and an uncentred target this is WUDI's Eq. 1 (``P_i P_i^T = tau_i^T tau_i``). Experts with
+    ``||tau_i||^2 < 1e-12`` are left out of the loss (never a ``1/0``).
+
+    Args:
+        deltas: ``(N, m, n)`` task vectors.
+        k: truncation rank, ``1 <= k <= min(m, n)``.
+        centred_target: take ``t_i`` from the SVD of ``tau_i - mean_j tau_j`` (plus the mean).
+        centred_projector: take ``P_i`` from that centred SVD too (paper Eq. 3) instead of the uncentred one (code).
+        dtype: dtype of the returned factors.
+
+    Returns:
+        ``(F, H)``, or None when every expert is (near) zero.
+    """
+    x = deltas.to(svd_dtype(deltas.dtype))
+    norms2 = squared_norms(x)
+    active = norms2 >= ZERO_NORM2
+    if not bool(active.any()):
+        return None
+    xa = x[active]
+    w_sqrt = norms2[active].rsqrt().to(x.dtype).reshape(-1, 1, 1)
+    need_plain = not (centred_target and centred_projector)
+    if need_plain:
+        u, s, vh = thin_svd(xa)
+        p = vh[:, :k].transpose(1, 2) * s[:, None, :k]  # (N', n, k) = V_k S_k
+    if centred_target or centred_projector:
+        mean = x.mean(dim=0)
+        uc, sc, vhc = thin_svd(xa - mean)
+        if centred_projector:
+            p = vhc[:, :k].transpose(1, 2) * sc[:, None, :k]
+    if centred_target:
+        tp = (uc[:, :, :k] * sc[:, None, :k]) @ (vhc[:, :k] @ p) + mean @ p  # t_i P_i, (N', m, k)
+    elif centred_projector:
+        tp = (u[:, :, :k] * s[:, None, :k]) @ (vh[:, :k] @ p)
+    else:
+        tp = u[:, :, :k] * s[:, None, :k].square()  # U_k S_k Vh_k V_k S_k = U_k S_k^2
+    f = (p * w_sqrt).permute(1, 0, 2).reshape(x.shape[2], -1)
+    h = (tp * w_sqrt).permute(1, 0, 2).reshape(x.shape[1], -1)
+    return f.to(dtype), h.to(dtype)
+
+
+def quadratic_loss(x: Tensor, f: Tensor, h: Tensor) -> Tensor:
+    """``||x F - H||_F^2``: the m x k form of the (WUDI/OptMerge) loss (summed over experts)."""
+    return (x @ f - h).square().sum()
+
+
+def _gradient_fn(f: Tensor, h: Tensor) -> Callable[[Tensor], Tensor]:
+    """``x -> 2 (x A - B)`` with ``A = F F^T``, ``B = H F^T``, in the cheaper of the dense and factored forms."""
+    n, r = f.shape
+    if 2 * r < n:  # factored: two m x n x r products per step
+        ft = f.T.contiguous()
+        return lambda x: 2.0 * ((x @ f - h) @ ft)
+    a, b = f @ f.T, h @ f.T  # dense: one m x n x n product per step
+    return lambda x: torch.addmm(b, x, a, beta=-2.0, alpha=2.0)
+
+
+def solve_iterative(
+    x0: Tensor, f: Tensor, h: Tensor, *, optimizer: str, lr: float, steps: int, momentum: float
+) -> Tensor:
+    """Run ``steps`` full-batch ``torch.optim`` steps (Adam with defaults, or SGD with momentum) on the loss.
+
+    The gradient ``2 (x A - B)`` is exactly the autograd gradient of the official loss (spec 1.5), so the optimiser
+    sees the same sequence of gradients up to float-summation order. This is the reference path.
+    """
+    grad = _gradient_fn(f, h)
+    x = x0.clone().requires_grad_(True)
+    opt = (
+        torch.optim.Adam([x], lr=lr)
+        if optimizer == "adam"
+        else torch.optim.SGD([x], lr=lr, momentum=momentum)
+    )
+    for _ in range(steps):
+        with torch.no_grad():
+            x.grad = grad(x)
+        opt.step()
+    return x.detach()
+
+
+def heavy_ball_response(a: Tensor, *, lr: float, momentum: float, steps: int) -> Tensor:
+    """Closed-form response ``phi(a)`` of ``steps`` heavy-ball SGD iterations on ``g(y) = 2 (a y + c)``.
+
+    torch's SGD with momentum ``mu`` (no dampening) is ``v <- mu v + g``, ``y <- y - lr v`` with ``v_0 = 0``; for
+    ``y_0 = 0`` the state ``(y, v, 1)`` evolves by a 3 x 3 matrix ``M(a)``, so ``y_T = (M^T)_{0,2} * c``.
+    Computed in float64 by repeated squaring (``matrix_power``); ``a = 0`` is exact (no division by ``a``).
+    """
+    a = a.to(torch.float64)
+    m = torch.zeros(a.shape + (3, 3), dtype=torch.float64, device=a.device)
+    m[..., 0, 0] = 1.0 - 2.0 * lr * a
+    m[..., 0, 1] = -lr * momentum
+    m[..., 0, 2] = -2.0 * lr
+    m[..., 1, 0] = 2.0 * a
+    m[..., 1, 1] = momentum
+    m[..., 1, 2] = 2.0
+    m[..., 2, 2] = 1.0
+    return torch.linalg.matrix_power(m, steps)[..., 0, 2]
+
+
+def solve_sgd_exact(x0: Tensor, f: Tensor, h: Tensor, *, lr: float, steps: int, momentum: float) -> Tensor:
+    """The exact result of ``steps`` SGD-with-momentum iterations, from one thin SVD of ``F``.
+
+    ``A = F F^T = Q diag(a) Q^T``; writing ``x = x0 + y Q^T``, the gradient is ``2 (c + y diag(a)) Q^T`` with
+    ``c = x0 Q diag(a) - B Q`` (and ``B Q = H W diag(sigma)`` from ``F = Q diag(sigma) W^T``), so every column of
+    ``y`` follows its own scalar linear recurrence (:func:`heavy_ball_response`). The component of ``x`` outside
+    ``span(Q)`` keeps its initial value (spec 1.5). Cost: one n x R SVD and three m x n x R products, for any
+    number of steps.
+    """
+    q, sigma, wh = torch.linalg.svd(f, full_matrices=False)
+    a = sigma.square()
+    c = (x0 @ q) * a - h @ (wh.T * sigma)
+    phi = heavy_ball_response(a, lr=lr, momentum=momentum, steps=steps).to(x0.dtype)
+    return x0 + (c * phi) @ q.T

@@ -1,0 +1,173 @@
+"""Sparsification and sign-consensus building blocks shared by TIES and DARE (cf. peft ``utils/merge_utils.py``).
+
+* :func:`dare_drop`: DARE (Yu et al. 2024, arXiv:2311.03099): drop each entry with probability ``p``, rescale the
+  survivors by ``1/(1-p)``.
+* :func:`magnitude_threshold` / :func:`trim_to_threshold`: TIES trimming (Yadav et al. 2023, arXiv:2306.01708) as in
+  the official scripts: with ``j = int(numel * (1 - density))``, the threshold is the j-th smallest ``|tau|`` and
+  entries with ``|tau| >= threshold`` are kept (ties at the threshold are kept; ``j = 0`` keeps everything).
+* :class:`GlobalMagnitudeThreshold`: the same threshold over *all* merged tensors of an expert (InternVL script),
+  computed exactly in two streaming passes over float32 bit patterns, never materialising the task vectors.
+* :func:`disjoint_merge`: sign election plus disjoint mean.
+
+All functions are pure; randomness only comes from an explicit ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+from torch import Tensor
+
+from mergelab.methods._linalg import check_range
+from mergelab.methods.base import MergeContext
+
+_HALF = 1 << 16  # buckets per 16-bit half of a float32 bit pattern
+
+
+def check_density(cls: str, value: object) -> float:
+    """TIES density (fraction of entries KEPT per task vector) must be in (0, 1]."""
+    return check_range(cls, "density", value, 0.0, 1.0, lo_open=True)
+
+
+def check_drop_rate(cls: str, value: object) -> float:
+    """DARE drop rate must be in [0, 1)."""
+    return check_range(cls, "drop_rate", value, 0.0, 1.0, hi_open=True)
+
+
+def name_generator(name: str, seed: int, device: torch.device) -> torch.Generator:
+    """A generator seeded from ``(seed, tensor name)``: reproducible per tensor whatever the streaming order."""
+    return torch.Generator(device=device).manual_seed((zlib.crc32(name.encode()) + 1_000_003 * seed) % (2**63))
+
+
+def dare_drop(deltas: Tensor, drop_rate: float, ctx: MergeContext, generator: torch.Generator | None = None) -> Tensor:
+    """DARE: per expert and per entry, drop with probability ``drop_rate`` and rescale survivors by ``1/(1-p)``.
+
+    Args:
+        deltas: stacked task vectors ``(N, *S)``.
+        drop_rate: ``p`` in [0, 1).
+        ctx: context; ``ctx.generator`` is used unless ``generator`` is given. Without either, a generator seeded
+            from the tensor name is used, so the result is still deterministic.
+        generator: explicit generator overriding ``ctx.generator``.
+
+    Returns:
+        The sparsified, rescaled stack (same shape and dtype). ``drop_rate == 0`` returns ``deltas`` unchanged.
+    """
+    if drop_rate == 0.0:
+        return deltas
+    gen = generator or ctx.generator or name_generator(ctx.name, 0, deltas.device)
+    u = torch.rand(deltas.shape, generator=gen, device=gen.device, dtype=torch.float32).to(deltas.device)
+    keep = u >= drop_rate
+    return torch.where(keep, deltas / (1.0 - drop_rate), torch.zeros((), dtype=deltas.dtype, device=deltas.device))
+
+
+def n_trimmed(numel: int, density: float) -> int:
+    """How many entries TIES zeroes: ``int(numel * (1 - density))`` (the scripts' ``mask_rate``-based count)."""
+    return int(numel * (1.0 - density))
+
+
+def magnitude_threshold(deltas: Tensor, density: float) -> Tensor:
+    """Per-expert TIES threshold over one tensor: the ``n_trimmed``-th smallest ``|tau_i|`` (float32, shape ``(N,)``)."""
+    flat = deltas.reshape(deltas.shape[0], -1).abs().to(torch.float32)
+    j = n_trimmed(flat.shape[1], density)
+    if j == 0:
+        return torch.zeros(flat.shape[0], dtype=torch.float32, device=flat.device)
+    return flat.kthvalue(j, dim=1).values
+
+
+def trim_to_threshold(deltas: Tensor, thresholds: Tensor) -> Tensor:
+    """Zero every entry of expert ``i`` whose magnitude is below ``thresholds[i]`` (ties kept)."""
+    shape = (deltas.shape[0],) + (1,) * (deltas.dim() - 1)
+    keep = deltas.abs().to(torch.float32) >= thresholds.reshape(shape).to(deltas.device)
+    return torch.where(keep, deltas, torch.zeros((), dtype=deltas.dtype, device=deltas.device))
+
+
+def disjoint_merge(trimmed: Tensor) -> Tensor:
+    """TIES sign election and disjoint mean over a stack of trimmed task vectors.
+
+    The elected sign is ``sign(sum_i tau_i)``; entries where it is 0 take the tensor's majority sign
+    ``sign(sum of elected signs)``. Each entry is then the mean of the experts' values that agree with the elected
+    sign (zeros excluded), or 0 when none does.
+    """
+    sign = torch.sign(trimmed.sum(dim=0))
+    sign = torch.where(sign == 0, torch.sign(sign.sum()), sign)
+    agree = ((trimmed > 0) & (sign > 0)) | ((trimmed < 0) & (sign < 0))
+    kept = torch.where(agree, trimmed, torch.zeros((), dtype=trimmed.dtype, device=trimmed.device))
+    return kept.sum(dim=0) / agree.sum(dim=0).clamp(min=1).to(trimmed.dtype)
+
+
+class GlobalMagnitudeThreshold:
+    """Exact per-expert global TIES threshold over every streamed tensor, in two passes (STYLE.md 3.4).
+
+    Non-negative float32 values order like their int32 bit patterns. Pass 1 histograms the high 16 bits of
+    ``|tau_i|`` per expert (32,768 buckets); that locates the bucket holding the j-th smallest magnitude and its rank
+    inside the bucket. Pass 2 histograms the low 16 bits of the entries in that bucket only, which pins the exact
+    bit pattern of the j-th smallest value. Memory is ``N * (2^15 + 2^16)`` counters, independent of the model.
+
+    Args:
+        density: fraction of entries kept per expert, in (0, 1].
+        n_experts: number of experts N.
+        drop_rate: DARE drop rate applied to each tensor before thresholding (0 = none).
+        seed: seed of DARE's per-tensor generators (masks must be identical in every pass).
+    """
+
+    def __init__(self, density: float, n_experts: int, drop_rate: float = 0.0, seed: int = 0) -> None:
+        self.density, self.n_experts, self.drop_rate, self.seed = density, n_experts, drop_rate, seed
+        self.pass_index = 0
+        self.numel = 0
+        self._hi: Tensor | None = None
+        self._lo: Tensor | None = None
+        self._bucket: Tensor | None = None
+        self._rank: Tensor | None = None
+        self.thresholds: Tensor | None = None
+
+    def prepare(self, name: str, deltas: Tensor) -> Tensor:
+        """The task vectors as the merge pass sees them (after DARE with the per-name generator)."""
+        if self.drop_rate == 0.0:
+            return deltas
+        return dare_drop(deltas, self.drop_rate, MergeContext(name=name), name_generator(name, self.seed, deltas.device))
+
+    def update(self, name: str, deltas: Tensor) -> None:
+        """Add one tensor's stacked task vectors ``(N, *S)`` to the current pass."""
+        if deltas.shape[0] != self.n_experts:
+            raise ValueError(f"tensor {name}: {deltas.shape[0]} experts, stats were made for {self.n_experts}")
+        if self.thresholds is not None:
+            raise RuntimeError("GlobalMagnitudeThreshold.update called after the last pass finished")
+        bits = self.prepare(name, deltas).reshape(self.n_experts, -1).abs().to(torch.float32).view(torch.int32)
+        n, dev = self.n_experts, bits.device
+        offsets = torch.arange(n, device=dev, dtype=torch.int64).unsqueeze(1)
+        hi = (bits >> 16).to(torch.int64)
+        if self.pass_index == 0:
+            self.numel += bits.shape[1]
+            counts = torch.bincount((hi + offsets * (_HALF // 2)).reshape(-1), minlength=n * _HALF // 2)
+            self._hi = counts.reshape(n, -1) if self._hi is None else self._hi + counts.to(self._hi.device).reshape(n, -1)
+        else:
+            assert self._bucket is not None
+            sel = hi == self._bucket.to(dev).unsqueeze(1)
+            lo = (bits & 0xFFFF).to(torch.int64) + offsets * _HALF
+            counts = torch.bincount(lo[sel], minlength=n * _HALF).reshape(n, -1)
+            self._lo = counts if self._lo is None else self._lo + counts.to(self._lo.device)
+
+    def finish_pass(self) -> bool:
+        """Close the current pass; True when another pass is needed."""
+        j = n_trimmed(self.numel, self.density)
+        if self.pass_index == 0:
+            if j == 0 or self._hi is None:
+                self.thresholds = torch.zeros(self.n_experts, dtype=torch.float32)
+                return False
+            cum = self._hi.cumsum(dim=1)
+            target = torch.full((self.n_experts, 1), j, dtype=cum.dtype, device=cum.device)
+            self._bucket = torch.searchsorted(cum, target).squeeze(1)
+            before = torch.where(self._bucket > 0, cum.gather(1, (self._bucket - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0)
+            self._rank = j - before
+            self.pass_index = 1
+            return True
+        assert self._bucket is not None and self._rank is not None
+        lo_counts = self._lo if self._lo is not None else torch.zeros(self.n_experts, _HALF, dtype=torch.int64)
+        cum = lo_counts.cumsum(dim=1)
+        low = torch.searchsorted(cum, self._rank.to(cum.device).unsqueeze(1)).squeeze(1)
+        bits = ((self._bucket.to(cum.device) << 16) | low).to(torch.int32)
+        self.thresholds = bits.view(torch.float32).cpu()
+        self._hi = self._lo = None
+        self.pass_index = 2
+        return False

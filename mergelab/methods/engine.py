@@ -1,0 +1,627 @@
+"""The streaming merge engine: base + N experts on disk -> merged checkpoint on disk, one tensor at a time.
+
+Shape (spec/peers.md section 10, STYLE.md section 3 points 3-5): the engine walks the base checkpoint's tensors,
+reads each one from memory-mapped safetensors (base and every expert; LoRA experts give ``scaling * B @ A``),
+forms the stacked task vectors ``(N, *S)`` in the compute dtype on the compute device, asks the merge policy what
+to do (keep the base, hand the tensor to the method, or average it; spec/paper.md section 1.6), and streams
+``theta_0 + lam * tau_m`` into bounded output shards. A background reader thread with a bounded queue reads and
+subtracts the next tensor while the current one is merged, so peak memory is about ``(N + 2) x`` the largest
+tensor, never the model. Global methods (TIES ``scope="global"``) get extra statistics passes first.
+
+Output goes to a temporary directory beside the target and is renamed into place only when complete; nothing is
+left behind on failure. Every bad input raises :class:`MergeError` (a ``ValueError``) with one line naming the
+culprit. Randomness is a ``torch.Generator`` per tensor seeded from ``(seed, tensor name)``, so results do not
+depend on processing order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergelab.methods.base import MergeContext, MethodSpec, scale_of
+from mergelab.methods.io import (
+    CheckpointReader,
+    LoraAdapter,
+    MergeError,
+    OutSpec,
+    ShardWriter,
+    copy_side_files,
+    is_lora_dir,
+)
+from mergelab.methods.policy import MergePolicy, resolve_policy
+from mergelab.methods.report import MergeReport, TensorRecord
+
+__all__ = ["ExpertSpec", "MergeError", "merge", "parse_dtype", "resolve_device"]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+}
+PROVENANCE_FILE = "mergelab_merge.json"
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """One expert: a full fine-tuned checkpoint directory or a PEFT LoRA adapter directory.
+
+    Attributes:
+        path: the directory.
+        coefficient: per-expert weight, passed to the method config's ``coefficients`` field (None = 1).
+        name: a display name (defaults to the directory name).
+    """
+
+    path: str | Path
+    coefficient: float | None = None
+    name: str | None = None
+
+
+def parse_dtype(value: str | torch.dtype | None, field: str = "dtype") -> torch.dtype | None:
+    """``"bf16"``/``"bfloat16"``/``torch.bfloat16`` -> ``torch.bfloat16``; None or ``"auto"`` -> None."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    v = str(value).lower().removeprefix("torch.")
+    if v in ("auto", "none", ""):
+        return None
+    if v not in _DTYPES:
+        raise MergeError(f"{field}: unknown dtype {value!r}; use one of {sorted(set(_DTYPES))}")
+    return _DTYPES[v]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` -> cuda when available else cpu; ``cuda`` without CUDA is an error."""
+    d = str(device)
+    if d == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(d)
+    except RuntimeError:
+        raise MergeError(f"device: unknown device {device!r}; use auto, cpu or cuda[:i]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MergeError(f"device: {device!r} requested but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise MergeError(f"device: unsupported device {device!r}; use auto, cpu or cuda[:i]")
+    return dev
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A 63-bit seed derived from ``(seed, tensor name)``: independent of processing order."""
+    h = hashlib.blake2b(f"{int(seed)}\x00{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Method and config
+
+
+def _resolve_method(method: str | MethodSpec) -> tuple[str, MethodSpec]:
+    if isinstance(method, MethodSpec):
+        return getattr(method.fn, "__name__", "custom"), method
+    try:
+        from mergelab.methods import REGISTRY  # type: ignore[attr-defined]
+    except ImportError:
+        REGISTRY = {}  # noqa: N806 - the registry is not written yet
+    if method not in REGISTRY:
+        raise MergeError(f"method: unknown method {method!r}; known: {sorted(REGISTRY)}")
+    return str(method), REGISTRY[method]
+
+
+def _make_config(name: str, spec: MethodSpec, params: Mapping[str, Any] | None, coefs: list[float | None]) -> Any:
+    params = dict(params or {})
+    if any(c is not None for c in coefs):
+        field_names = {f.name for f in fields(spec.config_cls)} if is_dataclass(spec.config_cls) else set()
+        if "coefficients" not in field_names:
+            raise MergeError(f"experts: per-expert coefficients given but method {name!r} has no 'coefficients'")
+        if params.get("coefficients") is not None:
+            raise MergeError("experts: coefficients given both per expert and in params.coefficients")
+        params["coefficients"] = tuple(1.0 if c is None else float(c) for c in coefs)
+    try:
+        return spec.make_config(params)
+    except (TypeError, ValueError) as e:
+        raise MergeError(f"params ({name}): {str(e).splitlines()[0]}") from None
+
+
+def _config_dict(cfg: Any) -> dict[str, Any]:
+    if is_dataclass(cfg):
+        d = asdict(cfg)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    return {}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Experts
+
+
+class _Expert:
+    """A full checkpoint or a LoRA adapter, giving task vectors per base tensor."""
+
+    def __init__(self, spec: ExpertSpec, base: CheckpointReader) -> None:
+        self.spec = spec
+        self.path = Path(spec.path)
+        self.name = spec.name or self.path.name
+        self.lora: LoraAdapter | None = None
+        self.full: CheckpointReader | None = None
+        if is_lora_dir(self.path):
+            self.lora = LoraAdapter(self.path, base.keys())
+        else:
+            self.full = CheckpointReader(self.path)
+
+    def keys(self) -> set[str]:
+        return set(self.full.infos) if self.full else set()
+
+    def delta(
+        self, name: str, base_c: torch.Tensor, base_dev: torch.Tensor, device: torch.device, cdtype: torch.dtype
+    ) -> tuple[torch.Tensor | None, int]:
+        """Task vector of ``name`` in the compute dtype (None = exactly zero) and the bytes read."""
+        if self.lora is not None:
+            return self.lora.delta(name, base_dev, device, cdtype)
+        assert self.full is not None
+        t = self.full.get(name)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise MergeError(f"{self.full.infos[name].file}: tensor {name} contains NaN or Inf (expert {self.name})")
+        n = t.numel() * t.element_size()
+        d = t.to(device=device, dtype=cdtype)
+        d -= base_c
+        return d, n
+
+
+def _check_keys(base: CheckpointReader, experts: Sequence[_Expert], carry_unique: bool) -> dict[str, int]:
+    """Compare key sets and shapes; return ``{tensor: owner index}`` for tensors carried from a single expert.
+
+    Raises:
+        MergeError: a tensor missing in an expert, an expert tensor absent from the base (unless carried), or a
+            shape mismatch (names the tensor and both shapes).
+    """
+    base_keys = set(base.infos)
+    carry: dict[str, int] = {}
+    owners: dict[str, list[int]] = {}
+    for i, e in enumerate(experts):
+        if e.full is None:
+            continue
+        keys = e.keys()
+        missing = sorted(base_keys - keys)
+        if missing:
+            raise MergeError(
+                f"expert {e.path}: tensor {missing[0]} is missing (present in base {base.path})"
+                + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+            )
+        for k in sorted(keys - base_keys):
+            owners.setdefault(k, []).append(i)
+        for k in sorted(keys & base_keys):
+            bs, es = base.infos[k].shape, e.full.infos[k].shape
+            if bs != es:
+                raise MergeError(f"tensor {k}: expert {e.full.infos[k].file} has shape {es}, base has shape {bs}")
+    for k, who in owners.items():
+        if not carry_unique:
+            raise MergeError(f"expert {experts[who[0]].path}: tensor {k} is not in base {base.path}")
+        if len(who) > 1:
+            raise MergeError(f"tensor {k}: owned by {len(who)} experts but not the base; cannot carry it over")
+        carry[k] = who[0]
+    return carry
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Memory sampling
+
+
+class _PeakMemory:
+    """Samples the process's anonymous RSS (``/proc/self/status`` RssAnon, psutil RSS elsewhere)."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, name="mergelab-rss", daemon=True)
+
+    @staticmethod
+    def current() -> int:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            import psutil
+
+            return int(psutil.Process().memory_info().rss)
+        except Exception:  # pragma: no cover - best effort only
+            return 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> _PeakMemory:
+        self.peak = self.current()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Plan and streaming
+
+
+@dataclass
+class _Item:
+    name: str
+    rule: str  # base | merge | average | carry
+    out_dtype: torch.dtype
+    shape: tuple[int, ...]
+    owner: int = -1  # carry: expert index
+
+
+@dataclass
+class _Loaded:
+    item: _Item
+    base: torch.Tensor  # on the device, original dtype (carry: the owner's tensor)
+    deltas: torch.Tensor | None  # (N, *S) compute dtype, None when not read or all zero
+    nbytes: int
+    zero: bool = False
+
+
+_DONE = object()
+
+
+class _Reader:
+    """Background thread reading and subtracting tensors ahead of the compute loop (bounded queue)."""
+
+    def __init__(self, items: Sequence[_Item], load: Any, depth: int = 2) -> None:
+        self._items = items
+        self._load = load
+        self._q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mergelab-reader", daemon=True)
+
+    def _put(self, obj: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(obj, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for it in self._items:
+                if self._stop.is_set() or not self._put(self._load(it)):
+                    return
+        except BaseException as e:  # forwarded to the consumer
+            self._put(e)
+            return
+        self._put(_DONE)
+
+    def __iter__(self) -> Iterator[_Loaded]:
+        self._thread.start()
+        try:
+            while True:
+                obj = self._q.get()
+                if obj is _DONE:
+                    return
+                if isinstance(obj, BaseException):
+                    raise obj
+                yield obj
+        finally:
+            self._stop.set()
+            self._thread.join()
+
+
+def merge(
+    *,
+    base: str | Path,
+    experts: Sequence[ExpertSpec | str | Path],
+    method: str | MethodSpec,
+    params: Mapping[str, Any] | None = None,
+    policy: str | MergePolicy | Mapping[str, Any] | Sequence[Any] = "auto",
+    out: str | Path,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = None,
+    compute_dtype: str | torch.dtype = "float32",
+    seed: int = 0,
+    overwrite: bool = False,
+    max_shard_bytes: int = 2_000_000_000,
+    progress: bool = False,
+    carry_unique: bool = False,
+) -> MergeReport:
+    """Merge N experts into a base checkpoint, streaming tensor by tensor.
+
+    Args:
+        base: base checkpoint directory (Hugging Face layout, safetensors, one file or shards + index).
+        experts: full fine-tuned checkpoint directories and/or PEFT LoRA adapter directories (``ExpertSpec`` or
+            plain paths). Per-expert coefficients go to the method config's ``coefficients`` field.
+        method: a registry name (``mergelab.methods.REGISTRY``) or a :class:`MethodSpec`.
+        params: method hyperparameters (validated by the method's config dataclass).
+        policy: ``"auto"``, a preset name (``qwen2_vl``, ``qwen2_5_vl``, ``internvl2_5``, ``llava``, ``llama``),
+            explicit rules, or a :class:`MergePolicy` (see :mod:`mergelab.methods.policy`).
+        out: output directory (written beside itself in a temporary directory, renamed when complete).
+        device: ``auto`` | ``cpu`` | ``cuda[:i]``.
+        dtype: output dtype; None keeps each tensor's base dtype.
+        compute_dtype: dtype of the task vectors and the math (float32 by default).
+        seed: merge seed; each tensor gets a generator seeded from ``(seed, name)``.
+        overwrite: replace an existing ``out``.
+        max_shard_bytes: bound on each output shard's data size.
+        progress: show a tqdm bar over tensors.
+        carry_unique: copy tensors that the base lacks and exactly one expert owns (modality merging: an encoder
+            only one expert has); by default such a tensor is an error.
+
+    Returns:
+        The :class:`MergeReport`.
+
+    Raises:
+        MergeError: any bad input (one line naming the culprit); ``out`` is left untouched.
+    """
+    t_start = time.perf_counter()
+    name, spec = _resolve_method(method)
+    out = Path(out).absolute()
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise MergeError(f"out: {out} already exists (pass overwrite=True / --overwrite to replace it)")
+    expert_specs = [e if isinstance(e, ExpertSpec) else ExpertSpec(e) for e in experts]
+    if not expert_specs:
+        raise MergeError("experts: at least one expert is required")
+    cfg = _make_config(name, spec, params, [e.coefficient for e in expert_specs])
+    lam = scale_of(cfg)
+    dev = resolve_device(device)
+    cdtype = parse_dtype(compute_dtype, "compute_dtype")
+    if cdtype is None or not cdtype.is_floating_point:
+        raise MergeError(f"compute_dtype: must be a floating dtype, got {compute_dtype!r}")
+    odtype = parse_dtype(dtype, "dtype")
+    for p in [Path(base), *(Path(e.path) for e in expert_specs)]:
+        rp = p.absolute()
+        if out == rp or out in rp.parents or rp in out.parents:
+            raise MergeError(f"out: {out} overlaps input {p}")
+
+    base_reader = CheckpointReader(base)
+    ex = [_Expert(e, base_reader) for e in expert_specs]
+    carry = _check_keys(base_reader, ex, carry_unique)
+    try:
+        pol = resolve_policy(policy, base_reader.config())
+    except ValueError as e:
+        raise MergeError(str(e)) from None
+
+    items = _plan(base_reader, ex, carry, pol, spec, odtype)
+    report = MergeReport(
+        out=str(out),
+        method=name,
+        params=_config_dict(cfg),
+        policy=pol.to_dict(),
+        experts=[
+            {"path": str(e.path), "name": e.name, "coefficient": e.spec.coefficient, "kind": "lora" if e.lora else "full"}
+            for e in ex
+        ],
+        device=str(dev),
+        dtype=str(odtype).removeprefix("torch.") if odtype else None,
+        compute_dtype=str(cdtype).removeprefix("torch."),
+        seed=int(seed),
+    )
+
+    def load(it: _Item, need_deltas: bool = True) -> _Loaded:
+        if it.rule == "carry":
+            e = ex[it.owner]
+            assert e.full is not None
+            t = e.full.get(it.name)
+            return _Loaded(it, t, None, t.numel() * t.element_size())
+        b = base_reader.get(it.name)
+        nbytes = b.numel() * b.element_size()
+        if it.rule == "base" or not need_deltas:
+            return _Loaded(it, b, None, nbytes)
+        b_dev = b.to(dev)
+        b_c = b_dev.to(cdtype)
+        deltas = torch.zeros((len(ex), *b.shape), dtype=cdtype, device=dev)
+        for i, e in enumerate(ex):
+            d, n = e.delta(it.name, b_c, b_dev, dev, cdtype)
+            nbytes += n
+            if d is not None:
+                deltas[i] = d
+        del b_c
+        zero = not bool(deltas.any())
+        return _Loaded(it, b_dev, None if zero else deltas, nbytes, zero)
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    writer = ShardWriter(tmp, [OutSpec(i.name, i.out_dtype, i.shape) for i in items], max_shard_bytes)
+    try:
+        with _PeakMemory() as mem:
+            stats = spec.make_stats(cfg, len(ex)) if spec.make_stats is not None else None
+            if stats is not None:
+                report.stats_passes, report.bytes_read = _stats_passes(stats, items, load, progress)
+            bar = _progress(progress, len(items), "merge")
+            for ld in _Reader(items, load):
+                t0 = time.perf_counter()
+                rec, value = _merge_one(ld, spec, cfg, lam, stats, seed, cdtype, dev, len(ex))
+                writer.write(ld.item.name, value)
+                rec.seconds = time.perf_counter() - t0
+                report.tensors.append(rec)
+                report.bytes_read += ld.nbytes
+                if bar is not None:
+                    bar.update(1)
+            if bar is not None:
+                bar.close()
+            writer.close()
+        report.shards = list(writer.names)
+        report.bytes_written = writer.bytes_written
+        report.peak_rss_bytes = mem.peak
+        if dev.type == "cuda":
+            report.peak_gpu_bytes = int(torch.cuda.max_memory_allocated(dev))
+        base_dir = base_reader.path if base_reader.path.is_dir() else base_reader.path.parent
+        report.copied_files = copy_side_files(base_dir, tmp)
+        if odtype is not None:
+            _set_config_dtype(tmp / "config.json", odtype)
+        report.wall_seconds = time.perf_counter() - t_start
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(_provenance(report), indent=2))
+        _move_into_place(tmp, out, overwrite)
+    except BaseException:
+        writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in created:  # parents this call created, deepest first
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
+    finally:
+        base_reader.close()
+    report.wall_seconds = time.perf_counter() - t_start
+    return report
+
+
+def _plan(
+    base: CheckpointReader,
+    ex: Sequence[_Expert],
+    carry: Mapping[str, int],
+    pol: MergePolicy,
+    spec: MethodSpec,
+    odtype: torch.dtype | None,
+) -> list[_Item]:
+    items = []
+    for k, info in base.infos.items():
+        act = pol.action(k)
+        if not info.dtype.is_floating_point:
+            act = "base"
+        elif act == "merge" and spec.matrix_only and not (len(info.shape) == 2 and "lm_head" not in k):
+            act = "average"
+        out_dtype = odtype if (odtype is not None and info.dtype.is_floating_point) else info.dtype
+        items.append(_Item(k, act, out_dtype, info.shape))
+    for k, owner in carry.items():
+        e = ex[owner]
+        assert e.full is not None
+        info = e.full.infos[k]
+        out_dtype = odtype if (odtype is not None and info.dtype.is_floating_point) else info.dtype
+        items.append(_Item(k, "carry", out_dtype, info.shape, owner))
+    return items
+
+
+def _stats_passes(stats: Any, items: Sequence[_Item], load: Any, progress: bool) -> tuple[int, int]:
+    passes, nbytes = 0, 0
+    targets = [it for it in items if it.rule == "merge"]
+    while True:
+        passes += 1
+        bar = _progress(progress, len(targets), f"statistics pass {passes}")
+        for ld in _Reader(targets, load):
+            nbytes += ld.nbytes
+            if ld.deltas is not None:
+                stats.update(ld.item.name, ld.deltas)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        if not stats.finish_pass():
+            return passes, nbytes
+
+
+def _merge_one(
+    ld: _Loaded,
+    spec: MethodSpec,
+    cfg: Any,
+    lam: float,
+    stats: Any,
+    seed: int,
+    cdtype: torch.dtype,
+    dev: torch.device,
+    n_experts: int,
+) -> tuple[TensorRecord, torch.Tensor]:
+    it = ld.item
+    rec = TensorRecord(it.name, it.rule, it.shape)
+    if it.rule in ("base", "carry") or ld.deltas is None:
+        if ld.zero:
+            rec.rule = "zero"
+            rec.expert_norms = [0.0] * n_experts
+        return rec, ld.base.to(it.out_dtype)
+    deltas = ld.deltas
+    rec.expert_norms = [float(x) for x in torch.linalg.vector_norm(deltas.reshape(deltas.shape[0], -1), dim=1)]
+    if it.rule == "merge":
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(tensor_seed(seed, it.name))
+        ctx = MergeContext(name=it.name, generator=gen, stats=stats, compute_dtype=cdtype)
+        tau = spec.fn(ld.base, deltas, cfg, ctx)
+        if tuple(tau.shape) != it.shape:
+            raise MergeError(f"method returned shape {tuple(tau.shape)} for tensor {it.name} of shape {it.shape}")
+    else:
+        tau = deltas.mean(dim=0)
+    upd = tau.to(cdtype) * lam
+    if not bool(torch.isfinite(upd).all()):
+        raise MergeError(f"tensor {it.name}: the merged task vector contains NaN or Inf (rule {it.rule})")
+    rec.merged_norm = float(torch.linalg.vector_norm(upd))
+    value = (ld.base.to(cdtype) + upd).to(it.out_dtype)
+    return rec, value
+
+
+def _progress(enabled: bool, total: int, desc: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", dynamic_ncols=True)
+
+
+def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
+    if not path.exists():
+        return
+    cfg = json.loads(path.read_text())
+    name = str(dtype).removeprefix("torch.")
+    for d in [cfg, *(v for v in cfg.values() if isinstance(v, dict))]:
+        for key in ("dtype", "torch_dtype"):
+            if key in d:
+                d[key] = name
+    path.write_text(json.dumps(cfg, indent=2))
+
+
+def _provenance(report: MergeReport) -> dict[str, Any]:
+    import mergelab
+
+    d = report.to_dict()
+    d.pop("tensors")
+    d["mergelab_version"] = mergelab.__version__
+    d["torch_version"] = torch.__version__
+    return d
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished temporary directory onto ``out`` (replacing it only when ``overwrite``)."""
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise MergeError(f"out: {out} already exists (pass overwrite=True / --overwrite to replace it)")
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old, out)
+            raise
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+        return
+    os.replace(tmp, out)

@@ -1,0 +1,87 @@
+"""Iso-C and Iso-CTS (Marczak et al., ICML 2025, arXiv:2502.04959). Granularity: per layer (2-D weights only).
+
+* Iso-C: ``Delta = sum_i tau_i = U S V^T`` (thin SVD); return ``mean(S) * U V^T``: the task-arithmetic subspace with
+  an isotropic (flattened) spectrum (spec section 2).
+* Iso-CTS: common *and* task-specific subspaces. The common subspace is the top ``k_c`` singular directions of
+  ``Delta`` (``k_c ~ common_space_fraction * min(m,n)``). The remaining ``min(m,n) - k_c`` directions are shared
+  equally among the tasks: each task contributes the top ``s`` singular triplets of its task vector with the common
+  left subspace projected out, ``tau_i - U_c U_c^T tau_i``. The stacked left and right bases are orthogonalised
+  (polar factors, as in TSV) and every direction gets the same scale, the mean of the stacked singular values.
+
+Experts whose task vector is exactly zero take no task-specific slot in Iso-CTS. SVDs in float32 (float64 for
+float64 input); deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mergelab.methods._linalg import check_matrix, check_range, check_real, polar, squared_norms, thin_svd
+from mergelab.methods.base import MergeContext
+
+
+@dataclass(frozen=True, kw_only=True)
+class IsoCConfig:
+    """Iso-C hyperparameters. Attributes: lam: scale of the merged task vector."""
+
+    lam: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lam", check_real(type(self).__name__, "lam", self.lam))
+
+
+@dataclass(frozen=True, kw_only=True)
+class IsoCtsConfig:
+    """Iso-CTS hyperparameters.
+
+    Attributes:
+        lam: scale of the merged task vector.
+        common_space_fraction: share of the min(m, n) directions given to the common subspace, in (0, 1]
+            (0.8 in the paper).
+    """
+
+    lam: float = 1.0
+    common_space_fraction: float = 0.8
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        object.__setattr__(self, "lam", check_real(name, "lam", self.lam))
+        object.__setattr__(
+            self,
+            "common_space_fraction",
+            check_range(name, "common_space_fraction", self.common_space_fraction, 0.0, 1.0, lo_open=True),
+        )
+
+
+def iso_c(base: Tensor, deltas: Tensor, cfg: IsoCConfig, ctx: MergeContext) -> Tensor:
+    """Merged Iso-C task vector ``mean(S) U V^T`` of ``sum_i tau_i`` (shape ``(m, n)``, deltas' dtype)."""
+    check_matrix(deltas, ctx.name, "iso_c")
+    u, s, vh = thin_svd(deltas.sum(dim=0))
+    return (s.mean() * (u @ vh)).to(deltas.dtype)
+
+
+def iso_cts(base: Tensor, deltas: Tensor, cfg: IsoCtsConfig, ctx: MergeContext) -> Tensor:
+    """Merged Iso-CTS task vector of one weight matrix (shape ``(m, n)``, deltas' dtype)."""
+    check_matrix(deltas, ctx.name, "iso_cts")
+    _, m, n = deltas.shape
+    p = min(m, n)
+    x = deltas[squared_norms(deltas) > 0]
+    if x.shape[0] == 0:
+        return torch.zeros_like(deltas[0])
+    t = x.shape[0]
+    per_task = (p - min(p, math.floor(p * cfg.common_space_fraction))) // t
+    k_c = p - per_task * t  # the common subspace absorbs the rounding remainder
+    u, s, vh = thin_svd(x.sum(dim=0))
+    u_c, s_c, vh_c = u[:, :k_c], s[:k_c], vh[:k_c]
+    if per_task > 0:
+        xs = x.to(u.dtype)
+        resid = xs - u_c @ (u_c.T @ xs)
+        ut, st, vht = thin_svd(resid)
+        u_c = torch.cat([u_c, ut[:, :, :per_task].permute(1, 0, 2).reshape(m, -1)], dim=1)
+        s_c = torch.cat([s_c, st[:, :per_task].reshape(-1)])
+        vh_c = torch.cat([vh_c, vht[:, :per_task, :].reshape(-1, n)], dim=0)
+    return (s_c.mean() * (polar(u_c) @ polar(vh_c))).to(deltas.dtype)

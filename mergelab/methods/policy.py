@@ -1,0 +1,181 @@
+"""Merge policies: which tensors are kept at the base, merged by the method, or averaged (spec/paper.md section 1.6).
+
+The official OptMerge scripts exclude parameters with anchored regexes (``re.match``) and then treat the rest in two
+classes: 2-D weights go to the method (WUDI, OptMerge, TSV, Iso-C), everything else is averaged. A
+:class:`MergePolicy` is that, as data: an ordered list of :class:`Rule` (first match wins) mapping a tensor name to
+an action:
+
+* ``base``    -- excluded: the output keeps the base model's value (the scripts' exclusion list);
+* ``merge``   -- handed to the method; for ``matrix_only`` methods only 2-D tensors without ``lm_head`` in the
+  name, the rest of them averaged (exactly the scripts' split);
+* ``average`` -- always ``lam * mean_i tau_i``, whatever the method.
+
+Unmatched names get ``default`` (``merge``). Presets reproduce the paper's lists and are written for **both**
+naming schemes of transformers 5 (legacy 4.x names on disk, new names in memory; spec/ecosystem.md section 5),
+so that the same preset works on a checkpoint saved by either version. ``auto`` picks a preset from the base
+config's ``model_type`` / ``architectures``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+ACTIONS = ("base", "merge", "average")
+
+# The LLM part shared by every preset (Qwen script lines 653-659 minus the vision tower): token embeddings,
+# lm_head, every norm and every bias stay at the base.
+_LLM_EXCLUDE = (r".*embed_tokens.*", r".*lm_head.*", r".*norm.*", r".*bias.*")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One policy rule: an anchored regex (``re.match``) and the action for names it matches."""
+
+    pattern: str
+    action: str
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise ValueError(f"policy rule {self.pattern!r}: action must be one of {ACTIONS}, got {self.action!r}")
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise ValueError(f"policy rule {self.pattern!r}: invalid regex ({e})") from None
+
+
+@dataclass(frozen=True)
+class MergePolicy:
+    """An ordered rule list; the first rule whose pattern ``re.match``-es the tensor name decides."""
+
+    name: str
+    rules: tuple[Rule, ...] = ()
+    default: str = "merge"
+    _compiled: tuple[tuple[re.Pattern[str], str], ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.default not in ACTIONS:
+            raise ValueError(f"policy {self.name!r}: default must be one of {ACTIONS}, got {self.default!r}")
+        object.__setattr__(self, "_compiled", tuple((re.compile(r.pattern), r.action) for r in self.rules))
+
+    def action(self, name: str) -> str:
+        """The action for tensor ``name``: ``base``, ``merge`` or ``average``."""
+        for pat, act in self._compiled:
+            if pat.match(name):
+                return act
+        return self.default
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "default": self.default, "rules": [[r.pattern, r.action] for r in self.rules]}
+
+
+def _preset(name: str, vision_exclude: Sequence[str], pre: Sequence[tuple[str, str]] = ()) -> MergePolicy:
+    rules = [Rule(p, a) for p, a in pre]
+    rules += [Rule(p, "base") for p in vision_exclude]
+    rules += [Rule(p, "base") for p in _LLM_EXCLUDE]
+    return MergePolicy(name, tuple(rules))
+
+
+PRESETS: Mapping[str, MergePolicy] = {
+    # Qwen2-VL / Qwen2.5-VL: the whole vision tower including the `merger` projector stays at the base.
+    # Disk (4.x): visual.*, model.layers.*; memory (5.x): model.visual.*, model.language_model.*.
+    "qwen2_vl": _preset("qwen2_vl", (r"visual\..*", r"model\.visual\..*")),
+    "qwen2_5_vl": _preset("qwen2_5_vl", (r"visual\..*", r"model\.visual\..*")),
+    # InternVL2.5: InternViT stays at the base; the MLP projector is merged (its Linear weights optimised, its
+    # LayerNorm averaged: `mlp1.0.weight` is not matched by `.*norm.*` in the original names, so the HF-native
+    # `multi_modal_projector.layer_norm.*` is explicitly averaged to keep the script's behaviour).
+    "internvl2_5": _preset(
+        "internvl2_5",
+        (r"vision_model\..*", r"vision_tower\..*", r"model\.vision_tower\..*"),
+        pre=((r"(model\.)?multi_modal_projector\.layer_norm\..*", "average"), (r"mlp1\.0\..*", "average")),
+    ),
+    # LLaVA (not in the paper's tables): the CLIP tower and the projector stay at the base, as Qwen2-VL's merger.
+    "llava": _preset(
+        "llava",
+        (r"vision_tower\..*", r"model\.vision_tower\..*", r"multi_modal_projector\..*", r"model\.multi_modal_projector\..*"),
+    ),
+    # Llama / Qwen2-style text LMs: the Qwen script's list without the vision tower.
+    "llama": _preset("llama", ()),
+}
+
+_MODEL_TYPES = {
+    "qwen2_vl": "qwen2_vl",
+    "qwen2_5_vl": "qwen2_5_vl",
+    "internvl": "internvl2_5",
+    "internvl_chat": "internvl2_5",
+    "llava": "llava",
+    "llava_next": "llava",
+    "llava_onevision": "llava",
+}
+_TEXT_LM_TYPES = {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3", "internlm2", "qwen2_moe", "olmo2"}
+
+
+def preset_for_config(config: Mapping[str, Any]) -> str:
+    """Pick a preset name from a Hugging Face ``config.json`` (``model_type`` first, then ``architectures``).
+
+    Raises:
+        ValueError: nothing matches (names the model type and the presets).
+    """
+    mt = str(config.get("model_type", ""))
+    if mt in _MODEL_TYPES:
+        return _MODEL_TYPES[mt]
+    if mt in _TEXT_LM_TYPES:
+        return "llama"
+    for arch in config.get("architectures") or []:
+        a = str(arch).lower()
+        for key, preset in (
+            ("qwen2_5_vl", "qwen2_5_vl"),
+            ("qwen2vl", "qwen2_vl"),
+            ("internvl", "internvl2_5"),
+            ("llava", "llava"),
+        ):
+            if key in a.replace("_", "") or key in a:
+                return preset
+        if a.endswith("forcausallm"):
+            return "llama"
+    raise ValueError(
+        f"policy 'auto': no preset for model_type {mt!r} / architectures {config.get('architectures')}; "
+        f"choose one of {sorted(PRESETS)} or give explicit rules"
+    )
+
+
+def resolve_policy(policy: str | MergePolicy | Mapping[str, Any] | Sequence[Any], config: Mapping[str, Any]) -> MergePolicy:
+    """Normalise a policy given as a preset name, ``"auto"``, a :class:`MergePolicy`, a rule list or a mapping.
+
+    Accepted forms: ``"qwen2_vl"``; ``"auto"``; ``[{"pattern": "visual\\..*", "action": "base"}, ...]`` or
+    ``[["visual\\..*", "base"], ...]``; ``{"preset": "llama", "rules": [...], "default": "merge"}`` (explicit
+    rules are tried before the preset's).
+
+    Raises:
+        ValueError: unknown preset or malformed rule (names the culprit).
+    """
+    if isinstance(policy, MergePolicy):
+        return policy
+    if isinstance(policy, str):
+        name = preset_for_config(config) if policy == "auto" else policy
+        if name not in PRESETS:
+            raise ValueError(f"policy: unknown preset {policy!r}; known: {['auto', *sorted(PRESETS)]}")
+        return PRESETS[name]
+    if isinstance(policy, Mapping):
+        extra = _rules(policy.get("rules") or [])
+        preset = policy.get("preset")
+        base = resolve_policy(preset, config) if preset else MergePolicy("rules")
+        name = f"{base.name}+rules" if preset else "rules"
+        return MergePolicy(name, extra + base.rules, policy.get("default", base.default))
+    return MergePolicy("rules", _rules(policy))
+
+
+def _rules(items: Sequence[Any]) -> tuple[Rule, ...]:
+    out = []
+    for i, it in enumerate(items):
+        if isinstance(it, Rule):
+            out.append(it)
+        elif isinstance(it, Mapping) and set(it) <= {"pattern", "action"} and "pattern" in it and "action" in it:
+            out.append(Rule(str(it["pattern"]), str(it["action"])))
+        elif isinstance(it, (list, tuple)) and len(it) == 2:
+            out.append(Rule(str(it[0]), str(it[1])))
+        else:
+            raise ValueError(f"policy rule #{i}: expected {{pattern, action}} or [pattern, action], got {it!r}")
+    return tuple(out)

@@ -1,0 +1,57 @@
+"""Task Arithmetic (Ilharco et al. 2023, arXiv:2212.04089). Granularity: per tensor (element-wise).
+
+``tau_m = sum_i c_i tau_i`` with optional per-expert coefficients ``c_i`` (default 1, the paper's plain sum); the
+engine writes ``theta_0 + lam * tau_m``. With ``drop_rate > 0`` each task vector is first DARE-sparsified
+(Yu et al. 2024, arXiv:2311.03099; see :mod:`mergelab.methods.dare`): that is the ``dare_task_arithmetic`` entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from mergelab.methods._linalg import check_coefficients, check_real, coefficient_vector
+from mergelab.methods._sparsify import check_drop_rate, dare_drop
+from mergelab.methods.base import MergeContext
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskArithmeticConfig:
+    """Task Arithmetic hyperparameters.
+
+    Attributes:
+        lam: scale of the merged task vector (paper grid {0.1, 0.3, 0.5, 0.7, 1.0, 1.5}).
+        coefficients: per-expert weights ``c_i`` (tuple of N floats) or None for all ones.
+        drop_rate: DARE drop probability ``p`` in [0, 1); 0 disables DARE.
+    """
+
+    lam: float = 1.0
+    coefficients: tuple[float, ...] | None = None
+    drop_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        object.__setattr__(self, "lam", check_real(name, "lam", self.lam))
+        object.__setattr__(self, "coefficients", check_coefficients(name, self.coefficients))
+        object.__setattr__(self, "drop_rate", check_drop_rate(name, self.drop_rate))
+
+
+def task_arithmetic(base: Tensor, deltas: Tensor, cfg: TaskArithmeticConfig, ctx: MergeContext) -> Tensor:
+    """Weighted sum of (optionally DARE-sparsified) task vectors.
+
+    Args:
+        base: base tensor (unused).
+        deltas: stacked task vectors ``(N, *S)`` in the compute dtype.
+        cfg: :class:`TaskArithmeticConfig` (or the DARE subclass).
+        ctx: merge context; ``ctx.generator`` drives DARE's Bernoulli masks.
+
+    Returns:
+        ``sum_i c_i * DARE(tau_i)`` with shape ``S``.
+
+    Raises:
+        ValueError: when ``cfg.coefficients`` does not have one entry per expert.
+    """
+    coef = coefficient_vector(cfg.coefficients, deltas, ctx.name)
+    d = dare_drop(deltas, cfg.drop_rate, ctx) if cfg.drop_rate > 0 else deltas
+    return (d * coef).sum(dim=0)

@@ -1,0 +1,95 @@
+"""TIES-Merging (Yadav et al. 2023, arXiv:2306.01708). Granularity: per tensor (default) or global.
+
+Trim each task vector to its largest-magnitude ``density`` fraction, elect a sign per entry, average the entries
+that agree with it (spec section 2). ``scope="tensor"`` trims per tensor as the official Qwen2-VL script does;
+``scope="global"`` trims against one threshold per expert over all merged tensors, as the InternVL script does,
+computed exactly in two streaming passes by :class:`~mergelab.methods._sparsify.GlobalMagnitudeThreshold`
+(``make_stats``). With ``drop_rate > 0`` each task vector is DARE-sparsified first (``dare_ties``). Sign-election
+ties fall back to the majority sign of the current tensor in both scopes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from mergelab.methods._linalg import check_choice, check_real
+from mergelab.methods._sparsify import (
+    GlobalMagnitudeThreshold,
+    check_density,
+    check_drop_rate,
+    dare_drop,
+    disjoint_merge,
+    magnitude_threshold,
+    name_generator,
+    trim_to_threshold,
+)
+from mergelab.methods.base import MergeContext
+
+
+@dataclass(frozen=True, kw_only=True)
+class TiesConfig:
+    """TIES hyperparameters.
+
+    Attributes:
+        lam: scale of the merged task vector.
+        density: fraction of entries KEPT per task vector, in (0, 1] (official scripts: mask rate 0.8 -> 0.2).
+        scope: ``"tensor"`` (Qwen script) or ``"global"`` (InternVL script; needs the engine's stats passes).
+        drop_rate: DARE drop probability applied before trimming, in [0, 1).
+        seed: with ``scope="global"`` and ``drop_rate > 0`` the DARE masks are drawn from a generator seeded by
+            ``(seed, tensor name)`` so that every streaming pass sees the same masks; otherwise unused.
+    """
+
+    lam: float = 1.0
+    density: float = 0.2
+    scope: str = "tensor"
+    drop_rate: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        object.__setattr__(self, "lam", check_real(name, "lam", self.lam))
+        object.__setattr__(self, "density", check_density(name, self.density))
+        check_choice(name, "scope", self.scope, ("tensor", "global"))
+        object.__setattr__(self, "drop_rate", check_drop_rate(name, self.drop_rate))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"{name}.seed must be a non-negative integer, got {self.seed!r}")
+
+
+def make_stats(cfg: TiesConfig, n_experts: int) -> GlobalMagnitudeThreshold | None:
+    """Global statistics for ``scope="global"`` (None for per-tensor TIES)."""
+    if cfg.scope != "global":
+        return None
+    return GlobalMagnitudeThreshold(cfg.density, n_experts, cfg.drop_rate, cfg.seed)
+
+
+def ties(base: Tensor, deltas: Tensor, cfg: TiesConfig, ctx: MergeContext) -> Tensor:
+    """Merged TIES task vector for one tensor.
+
+    Args:
+        base: base tensor (unused).
+        deltas: stacked task vectors ``(N, *S)``.
+        cfg: :class:`TiesConfig`.
+        ctx: context; ``ctx.generator`` drives DARE (tensor scope); ``ctx.stats`` holds the finished
+            :class:`GlobalMagnitudeThreshold` (global scope).
+
+    Returns:
+        The disjoint mean of the trimmed, sign-agreeing task vectors, shape ``S``.
+
+    Raises:
+        ValueError: global scope without finished statistics.
+    """
+    if cfg.scope == "global":
+        stats = ctx.stats
+        if not isinstance(stats, GlobalMagnitudeThreshold) or stats.thresholds is None:
+            raise ValueError(f"ties scope='global' needs finished make_stats() passes (tensor {ctx.name or '?'})")
+        d = stats.prepare(ctx.name, deltas)
+        thresholds = stats.thresholds
+    else:
+        d = dare_drop(deltas, cfg.drop_rate, ctx) if cfg.drop_rate > 0 else deltas
+        thresholds = magnitude_threshold(d, cfg.density)
+    return disjoint_merge(trim_to_threshold(d, thresholds))
+
+
+__all__ = ["TiesConfig", "make_stats", "name_generator", "ties"]

@@ -1,0 +1,607 @@
+"""Optuna campaigns over merges: one study, one MLflow parent run, one nested MLflow run per trial.
+
+Design (spec/ecosystem.md section 3 and pitfalls 6-8):
+
+* The study lives in Optuna's own RDB (``mlruns/optuna.db`` or ``MERGELAB_OPTUNA_STORAGE``), never in the MLflow
+  database, with a heartbeat and a grace period: a worker killed mid-trial is detected, its trial failed in Optuna
+  (``fail_stale_trials``) and its MLflow run marked FAILED by the stale-trial callback. ``load_if_exists`` makes
+  re-running the same campaign resume the study.
+* The budget ``n_trials`` is for the whole study, shared by every worker attached to it (``mergelab worker``); a
+  trial whose number is past the budget (two workers racing for the last slot) is skipped before any work.
+* Each trial is ``tracked_merge`` with ``parent_run_id`` set to the campaign's run (a tag, so nesting holds across
+  threads and processes; pitfall 7). A crashing trial is FAILED in Optuna and MLflow and the campaign goes on.
+* The sampler sees only val metrics (the objective is validated to be ``val/...``). Registered candidates are
+  evaluated on the test split too, and those numbers go to MLflow and the registry only.
+* Registration policy ``all | top_k | best``: a trial that would enter the campaign's top k is registered (zero-copy,
+  pointing at its run's ``merged`` directory); versions falling out are deleted with their weights; weights of
+  trials never registered are deleted unless ``keep_unregistered_weights``.
+* At the end the parent run gets the Optuna visualisations (optimisation history, parameter importances, parallel
+  coordinates; plotly HTML and matplotlib PNG), the best trial and a comparison table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from mergelab.platform import registry as reg
+from mergelab.platform.campaign_config import CampaignConfig, ExpertEntry, ZooRef
+from mergelab.platform.tracking import (
+    TAG_CAMPAIGN,
+    TAG_ROLE,
+    TAG_TRIAL,
+    TAG_WEIGHTS,
+    EvalSummary,
+    Evaluator,
+    HFEvaluator,
+    Store,
+    expert_name,
+    fail_run,
+    local_path,
+    log_eval,
+    log_metrics,
+    log_params,
+    tracked_merge,
+)
+
+log = logging.getLogger(__name__)
+
+PARENT_ATTR = "mlflow_parent_run_id"
+RUN_ATTR = "mlflow_run_id"
+SKIP_ATTR = "mergelab.skipped"
+
+
+class OverBudget(RuntimeError):
+    """A trial asked for after the study's trial budget was spent (another worker took the last slot)."""
+
+
+@dataclasses.dataclass
+class CampaignResult:
+    """What :func:`run_campaign` returns.
+
+    Attributes:
+        study_name: the Optuna study.
+        parent_run_id: the campaign's MLflow run.
+        n_complete, n_failed, n_pruned: trial counts in the study after this call.
+        best: the best trial's number, values, params and run id (first objective; ``None`` if none completed).
+        registered: ``[(version, trial number)]`` of this campaign in the registry, best first.
+    """
+
+    study_name: str
+    parent_run_id: str
+    n_complete: int
+    n_failed: int
+    n_pruned: int
+    best: dict[str, Any] | None
+    registered: list[tuple[str, str]]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Experts, samplers, pruners, search space
+# --------------------------------------------------------------------------------------------------------------
+
+
+def resolve_experts(cfg: CampaignConfig) -> tuple[str, list[ExpertEntry], dict[str, float]]:
+    """The base path, the experts and their own-task val scores (for ``val/normalized_average``).
+
+    A zoo reference reads ``<zoo>/manifest.json`` (written by ``mergelab.bench.zoo``): ``base`` (a path or a
+    ``{"path"}`` entry), and ``experts`` as a list of entries or a ``{kind: {task: entry}}`` mapping, each entry
+    with ``path``, ``task``/``name``, ``kind`` (``full``/``lora``) and per-task ``scores`` (``{"val": {...}}`` or
+    ``{task: score}``).
+
+    Raises:
+        ValueError: missing manifest or no experts of the requested kind, naming the file.
+    """
+    if not isinstance(cfg.experts, ZooRef):
+        assert cfg.base is not None
+        scores = {expert_name(e.model_dump()): e.score for e in cfg.experts if e.score is not None}
+        return cfg.base, list(cfg.experts), {k: float(v) for k, v in scores.items()}
+    zoo = Path(cfg.experts.zoo)
+    mf = zoo / "manifest.json"
+    try:
+        manifest = json.loads(mf.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{mf}: cannot read the zoo manifest ({e}); build it with `mergelab bench build`") from None
+
+    def path_of(entry: Any) -> str:
+        p = entry if isinstance(entry, str) else entry["path"]
+        return str(p if Path(p).is_absolute() else zoo / p)
+
+    base = cfg.base or path_of(manifest["base"])
+    raw = manifest.get("experts", [])
+    entries: list[dict[str, Any]] = []
+    if isinstance(raw, dict):
+        for kind, by_task in raw.items():
+            for task, e in by_task.items():
+                entries.append({"kind": kind, "task": task, **(e if isinstance(e, dict) else {"path": e})})
+    else:
+        entries = [dict(e) for e in raw]
+    kind = cfg.experts.kind
+    chosen = [e for e in entries if e.get("kind", "full") == kind]
+    wanted = cfg.experts.tasks or cfg.eval.tasks
+    chosen = [e for e in chosen if (e.get("task") or e.get("name")) in wanted] if wanted else chosen
+    if not chosen:
+        raise ValueError(f"{mf}: no {kind} experts for tasks {wanted}")
+    experts, ref = [], {}
+    for e in chosen:
+        task = str(e.get("task") or e.get("name"))
+        experts.append(ExpertEntry(path=path_of(e), name=task))
+        s = e.get("scores") or {}
+        s = s.get("val", s) if isinstance(s, dict) else {}
+        own = s.get(task) if isinstance(s, dict) else None
+        if isinstance(own, dict):  # {"vqa": {"score": ...}} style
+            own = own.get("score")
+        if isinstance(own, (int, float)):
+            ref[task] = float(own)
+    return base, experts, ref
+
+
+def make_sampler(cfg: CampaignConfig, expert_names: list[str], salt: int = 0) -> optuna.samplers.BaseSampler:
+    """The configured sampler; ``salt`` offsets the seed so concurrent workers do not propose identical trials."""
+    s = cfg.sampler
+    seed = None if s.seed is None else s.seed + salt
+    opts = dict(s.options)
+    if s.name == "tpe":
+        opts.setdefault("multivariate", True)
+        return optuna.samplers.TPESampler(seed=seed, **opts)
+    if s.name == "random":
+        return optuna.samplers.RandomSampler(seed=seed, **opts)
+    if s.name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, **opts)
+    if s.name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, **opts)
+    if s.name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, **opts)
+    if s.name == "grid":
+        grid = {k: d.grid() for k, d in cfg.search_space.items()}
+        if cfg.coefficients is not None:
+            grid.update({f"coef.{n}": cfg.coefficients.grid() for n in expert_names})
+        return optuna.samplers.GridSampler(grid, seed=seed)
+    raise ValueError(f"sampler.name: unknown sampler {s.name!r}")  # pragma: no cover - pydantic guards
+
+
+def make_pruner(cfg: CampaignConfig) -> optuna.pruners.BasePruner:
+    """The configured pruner (``NopPruner`` when pruning is off)."""
+    p = cfg.pruning
+    if p.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+    if p.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=len(cfg.eval.tasks))
+    if p.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
+    return optuna.pruners.NopPruner()
+
+
+def check_search_space(cfg: CampaignConfig) -> None:
+    """Refuse searched or fixed parameters that the method's config does not have (one line naming them)."""
+    from mergelab.methods import REGISTRY
+
+    if cfg.method not in REGISTRY:
+        raise ValueError(f"method: unknown merge method {cfg.method!r}; known: {sorted(REGISTRY)}")
+    fields = set(getattr(REGISTRY[cfg.method].config_cls, "__dataclass_fields__", {}))
+    unknown = sorted((set(cfg.search_space) | set(cfg.params)) - fields)
+    if unknown:
+        raise ValueError(f"search_space/params: {unknown} are not hyperparameters of {cfg.method!r}; "
+                         f"known: {sorted(fields)}")
+    if cfg.coefficients is not None and "coefficients" not in fields:
+        raise ValueError(f"coefficients: method {cfg.method!r} takes no per-expert coefficients")
+
+
+def suggest(trial: optuna.Trial, cfg: CampaignConfig, expert_names: list[str]) -> tuple[dict[str, Any],
+                                                                                          dict[str, float]]:
+    """Sample the method's hyperparameters and the per-expert coefficients (``coef.<expert>``)."""
+    params = dict(cfg.params)
+    for name, d in cfg.search_space.items():
+        if d.type == "float":
+            params[name] = trial.suggest_float(name, d.low, d.high, log=d.log, step=d.step)
+        elif d.type == "int":
+            params[name] = trial.suggest_int(name, d.low, d.high, step=d.step, log=d.log)
+        else:
+            params[name] = trial.suggest_categorical(name, d.choices)
+    coefs: dict[str, float] = {}
+    if cfg.coefficients is not None:
+        c = cfg.coefficients
+        for n in expert_names:
+            coefs[n] = trial.suggest_float(f"coef.{n}", c.low, c.high, log=c.log, step=c.step)
+    return params, coefs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Study and parent run
+# --------------------------------------------------------------------------------------------------------------
+
+
+def open_storage(cfg: CampaignConfig, store: Store) -> optuna.storages.RDBStorage:
+    """Optuna RDB storage with heartbeat; stale trials' MLflow runs are failed by the callback."""
+
+    def on_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        rid = trial.user_attrs.get(RUN_ATTR)
+        if not rid:
+            return
+        client = store.client()
+        fail_run(client, rid, f"worker lost: no heartbeat for trial {trial.number} within the grace period")
+        with contextlib.suppress(MlflowException):
+            tags = client.get_run(rid).data.tags
+            uri = tags.get("mergelab.merged_uri")
+            path = local_path(uri) if uri else None
+            if path is not None and path.exists() and "mergelab.registered_version" not in tags:
+                shutil.rmtree(path, ignore_errors=True)
+                client.set_tag(rid, TAG_WEIGHTS, "deleted")
+
+    kwargs: dict[str, Any] = {}
+    if store.optuna_storage.startswith("sqlite"):
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    t = cfg.tracking
+    return optuna.storages.RDBStorage(
+        store.optuna_storage, heartbeat_interval=t.heartbeat_interval,
+        grace_period=t.grace_period or 2 * t.heartbeat_interval, heartbeat_stale_trial_callback=on_stale, **kwargs)
+
+
+def open_study(cfg: CampaignConfig, storage: optuna.storages.BaseStorage, sampler: optuna.samplers.BaseSampler,
+               pruner: optuna.pruners.BasePruner) -> optuna.Study:
+    """Create or load (resume) the campaign's study; refuse a study created with other directions."""
+    directions = list(cfg.objective.directions or [])
+    study = optuna.create_study(study_name=cfg.study_name, storage=storage, load_if_exists=True,
+                                directions=directions, sampler=sampler, pruner=pruner)
+    have = [d.name.lower() for d in study.directions]
+    if have != directions:
+        raise ValueError(f"study {cfg.study_name!r} exists with directions {have}, the config asks {directions}: "
+                         "use another campaign name")
+    return study
+
+
+def ensure_parent_run(cfg: CampaignConfig, store: Store, client: MlflowClient, study: optuna.Study) -> str:
+    """The campaign's MLflow run: reused when it exists (resume), created once even when workers race."""
+    exp_id = store.experiment_id(cfg.tracking.experiment, client)
+    pid = study.user_attrs.get(PARENT_ATTR)
+    if pid:
+        try:
+            run = client.get_run(pid)
+            if run.info.lifecycle_stage == "active":
+                if run.info.status != "RUNNING":
+                    client.update_run(pid, status="RUNNING")
+                return pid
+        except MlflowException:
+            pass
+    filt = f"tags.`{TAG_ROLE}` = 'campaign' and tags.`{TAG_CAMPAIGN}` = '{cfg.name}'"
+
+    def existing() -> list[Any]:
+        runs = client.search_runs([exp_id], filter_string=filt, max_results=100)
+        return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+    runs = existing()
+    mine = None
+    if not runs:
+        mine = client.create_run(exp_id, run_name=cfg.name, tags={TAG_ROLE: "campaign", TAG_CAMPAIGN: cfg.name,
+                                                                  "optuna.study": cfg.study_name or cfg.name})
+        runs = existing()
+    pid = runs[0].info.run_id
+    if mine is not None and mine.info.run_id != pid:
+        client.delete_run(mine.info.run_id)  # another worker created the campaign run first
+    elif mine is not None:
+        log_params(client, pid, {
+            "method": cfg.method, "sampler": cfg.sampler.name, "sampler.seed": cfg.sampler.seed,
+            "budget.n_trials": cfg.budget.n_trials, "budget.timeout_s": cfg.budget.timeout_s,
+            "objective": cfg.objective.metrics, "directions": cfg.objective.directions,
+            "pruner": cfg.pruning.pruner, "eval.tasks": cfg.eval.tasks, "registry.name": cfg.registry.name,
+            "registry.register": cfg.registry.register_policy, "registry.top_k": cfg.registry.top_k,
+            "search_space": {k: v.model_dump() for k, v in cfg.search_space.items()},
+            "coefficients": cfg.coefficients.model_dump() if cfg.coefficients else None,
+            "params": cfg.params, "optuna.study": cfg.study_name})
+    else:
+        client.update_run(pid, status="RUNNING")
+    study.set_user_attr(PARENT_ATTR, pid)
+    client.log_dict(pid, json.loads(cfg.model_dump_json()), "config/campaign.yaml")
+    return pid
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The campaign loop
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run_campaign(
+    cfg: CampaignConfig,
+    *,
+    store: Store | None = None,
+    evaluator: Evaluator | None = None,
+    test_evaluator: Evaluator | None = None,
+    merge_fn: Callable[..., Any] | None = None,
+    n_trials: int | None = None,
+    summarize: bool = True,
+    worker: bool = False,
+) -> CampaignResult:
+    """Run (or resume, or join as a worker) a campaign until its budget is spent.
+
+    Args:
+        cfg: the validated campaign.
+        store: tracking/Optuna store (default: from ``cfg.tracking`` and the environment).
+        evaluator: val evaluator (default :class:`HFEvaluator` with ``cfg.eval``'s options).
+        test_evaluator: test evaluator for registered candidates (default: the same as ``evaluator``).
+        merge_fn: the merge function (default ``mergelab.methods.engine.merge``).
+        n_trials: stop this process after this many trials (the study's budget still applies).
+        summarize: log visualisations, the best trial and the comparison table to the parent run at the end.
+        worker: salt the sampler seed with the process id (several processes on one study).
+
+    Returns:
+        A :class:`CampaignResult`.
+    """
+    t = cfg.tracking
+    store = store or Store.resolve(t.root, tracking_uri=t.tracking_uri, artifact_root=t.artifact_root,
+                                   optuna_storage=t.optuna_storage)
+    check_search_space(cfg)
+    base, experts, reference = resolve_experts(cfg)
+    names = [expert_name(e.model_dump()) for e in experts]
+    if len(set(names)) != len(names):
+        raise ValueError(f"experts: names must be unique for per-expert coefficients, got {names}")
+    if evaluator is None:
+        evaluator = HFEvaluator(data_root=cfg.eval.data_root, batch_size=cfg.eval.batch_size,
+                                limit=cfg.eval.limit, device=cfg.device)
+    test_evaluator = test_evaluator or evaluator
+    client = store.client()
+    storage = open_storage(cfg, store)
+    salt = (os.getpid() % 100_000) if worker else 0
+    study = open_study(cfg, storage, make_sampler(cfg, names, salt), make_pruner(cfg))
+    optuna.storages.fail_stale_trials(study)
+    parent = ensure_parent_run(cfg, store, client, study)
+    budget = cfg.budget.n_trials
+    started = time.monotonic()
+    metric0 = cfg.objective.metrics[0]
+    direction0 = (cfg.objective.directions or ["maximize"])[0]
+    keep = {"all": None, "top_k": cfg.registry.top_k, "best": 1, "none": 0}[cfg.registry.register_policy]
+
+    try:
+        from mergelab.methods.engine import ExpertSpec
+    except ImportError:  # pragma: no cover - engine always present in an install
+        ExpertSpec = None  # type: ignore[assignment,misc]  # noqa: N806
+
+    def objective(trial: optuna.Trial) -> float | list[float]:
+        if budget is not None and trial.number >= budget:
+            trial.set_user_attr(SKIP_ATTR, "over budget")
+            trial.study.stop()
+            raise OverBudget(f"trial {trial.number}: study budget of {budget} trials is spent")
+        params, coefs = suggest(trial, cfg, names)
+        specs = []
+        for e, n in zip(experts, names, strict=True):
+            coef = coefs.get(n, e.coefficient)
+            specs.append(ExpertSpec(e.path, coef, n) if ExpertSpec else {"path": e.path, "coefficient": coef,
+                                                                        "name": n})
+        pruning = cfg.pruning.pruner != "none"
+
+        def on_task(task: str, partial: EvalSummary) -> None:
+            if pruning:
+                trial.report(partial.average, step=len(partial.scores))
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned after {len(partial.scores)} task(s): "
+                                             f"running average {partial.average:.2f}")
+
+        tm = tracked_merge(
+            base=base, experts=specs, method=cfg.method, params=params, policy=cfg.policy, device=cfg.device,
+            dtype=cfg.dtype, compute_dtype=cfg.compute_dtype, seed=cfg.seed, store=store,
+            experiment=t.experiment, run_name=f"{cfg.name}-trial-{trial.number}", parent_run_id=parent,
+            tags={TAG_ROLE: "trial", TAG_CAMPAIGN: cfg.name, TAG_TRIAL: str(trial.number),
+                  "optuna.study": cfg.study_name or cfg.name},
+            extra_params={f"optuna.{k}": v for k, v in trial.params.items()} | {"optuna.trial": trial.number},
+            tasks=cfg.eval.tasks, evaluator=evaluator, reference_scores=reference, on_task=on_task,
+            on_run=lambda rid: trial.set_user_attr(RUN_ATTR, rid), merge_fn=merge_fn, end_run=False)
+        try:
+            values = []
+            for m in cfg.objective.metrics:
+                if m not in tm.metrics or not math.isfinite(tm.metrics[m]):
+                    raise ValueError(f"objective metric {m!r} missing or not finite in trial {trial.number}; "
+                                     f"have {sorted(k for k in tm.metrics if k.startswith('val/'))}")
+                values.append(float(tm.metrics[m]))
+            assert tm.val is not None
+            trial.set_user_attr("val_scores", tm.val.scores)
+            _register_or_discard(cfg, store, client, trial.number, tm, values[0], direction0, keep,
+                                 test_evaluator, params, coefs)
+            client.set_terminated(tm.run_id, status="FINISHED")
+        except BaseException as e:
+            fail_run(client, tm.run_id, e)
+            raise
+        return values[0] if len(values) == 1 else values
+
+    done_here = 0
+    while True:
+        if n_trials is not None and done_here >= n_trials:
+            break
+        if budget is not None and len(study.get_trials(deepcopy=False)) >= budget:
+            break
+        if cfg.budget.timeout_s is not None and time.monotonic() - started >= cfg.budget.timeout_s:
+            break
+        sampler = study.sampler
+        if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study):
+            break
+        study.optimize(objective, n_trials=1, catch=(Exception,))
+        done_here += 1
+        last = study.get_trials(deepcopy=False)[-1]
+        if last.user_attrs.get(SKIP_ATTR):
+            break
+
+    if keep:
+        reg.prune_campaign(client, cfg.registry.name or cfg.name, cfg.name, keep)
+    if summarize:
+        summarize_campaign(cfg, store, study, parent, client)
+    return _result(cfg, study, parent, client)
+
+
+def _register_or_discard(cfg: CampaignConfig, store: Store, client: MlflowClient, number: int, tm: Any,
+                         score: float, direction: str, keep: int | None, test_evaluator: Evaluator,
+                         params: dict[str, Any], coefs: dict[str, float]) -> None:
+    name = cfg.registry.name or cfg.name
+    register = keep is None or (keep > 0 and reg.would_enter_top_k(client, name, cfg.name, score, direction, keep))
+    if not register:
+        if not cfg.registry.keep_unregistered_weights and tm.merged_path is not None and tm.merged_path.exists():
+            shutil.rmtree(tm.merged_path, ignore_errors=True)
+            client.set_tag(tm.run_id, TAG_WEIGHTS, "deleted")
+        return
+    tags: dict[str, Any] = {"method": cfg.method, "campaign": cfg.name, "trial": number,
+                            "eval.tasks": json.dumps(cfg.eval.tasks), "objective": cfg.objective.metrics[0]}
+    tags.update({f"hp.{k}": v for k, v in params.items()})
+    tags.update({f"coef.{k}": v for k, v in coefs.items()})
+    tags.update({k: f"{v:.4f}" for k, v in tm.metrics.items() if k.startswith("val/") and k.count("/") == 1})
+    if cfg.registry.evaluate_test and tm.merged_path is not None:
+        test = test_evaluator(tm.merged_path, cfg.eval.tasks, "test", None)
+        test_metrics = log_eval(client, tm.run_id, test)
+        tags.update({k: f"{v:.4f}" for k, v in test_metrics.items() if k.count("/") == 1})
+    mv = reg.register_run(client, name, tm.run_id, tm.merged_uri, tags=tags, score=score, direction=direction)
+    client.set_tag(tm.run_id, "mergelab.registered_version", f"{name}/{mv.version}")
+    if keep is not None:
+        reg.prune_campaign(client, name, cfg.name, keep)
+
+
+def _result(cfg: CampaignConfig, study: optuna.Study, parent: str, client: MlflowClient) -> CampaignResult:
+    trials = study.get_trials(deepcopy=False)
+    states = optuna.trial.TrialState
+    complete = [t for t in trials if t.state == states.COMPLETE]
+    best = None
+    if complete:
+        sign = -1.0 if (cfg.objective.directions or ["maximize"])[0] == "minimize" else 1.0
+        b = max(complete, key=lambda t: sign * t.values[0])
+        best = {"number": b.number, "values": list(b.values), "params": dict(b.params),
+                "run_id": b.user_attrs.get(RUN_ATTR)}
+    versions = reg.ranked(reg.campaign_versions(client, cfg.registry.name or cfg.name, cfg.name))
+    return CampaignResult(
+        study_name=study.study_name, parent_run_id=parent, n_complete=len(complete),
+        n_failed=sum(t.state == states.FAIL and not t.user_attrs.get(SKIP_ATTR) for t in trials),
+        n_pruned=sum(t.state == states.PRUNED for t in trials), best=best,
+        registered=[(str(v.version), v.tags.get("trial", "")) for v in versions])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Summary on the parent run
+# --------------------------------------------------------------------------------------------------------------
+
+
+def trials_table(study: optuna.Study) -> dict[str, list[Any]]:
+    """The comparison table: one row per trial (state, objective values, params, val scores, MLflow run)."""
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(SKIP_ATTR)]
+    pnames = sorted({k for t in trials for k in t.params})
+    tasks = sorted({k for t in trials for k in t.user_attrs.get("val_scores", {})})
+    n_obj = len(study.directions)
+    cols: dict[str, list[Any]] = {"trial": [], "state": []}
+    cols.update({f"objective_{i}": [] for i in range(n_obj)})
+    cols.update({f"param.{p}": [] for p in pnames})
+    cols.update({f"val/{k}": [] for k in tasks})
+    cols.update({"seconds": [], "mlflow_run_id": []})
+    for t in trials:
+        cols["trial"].append(t.number)
+        cols["state"].append(t.state.name)
+        for i in range(n_obj):
+            cols[f"objective_{i}"].append(t.values[i] if t.values else None)
+        for p in pnames:
+            cols[f"param.{p}"].append(t.params.get(p))
+        for k in tasks:
+            cols[f"val/{k}"].append(t.user_attrs.get("val_scores", {}).get(k))
+        dur = t.duration.total_seconds() if t.duration else None
+        cols["seconds"].append(dur)
+        cols["mlflow_run_id"].append(t.user_attrs.get(RUN_ATTR))
+    return cols
+
+
+def summarize_campaign(cfg: CampaignConfig, store: Store, study: optuna.Study, parent: str,
+                       client: MlflowClient | None = None) -> None:
+    """Log the best trial, the comparison table and the Optuna visualisations to the campaign's parent run.
+
+    The parent ends FINISHED unless a trial is still running in another worker (then it stays RUNNING and the
+    last worker to finish summarises again).
+    """
+    client = client or store.client()
+    trials = study.get_trials(deepcopy=False)
+    states = optuna.trial.TrialState
+    complete = [t for t in trials if t.state == states.COMPLETE]
+    metrics = {"campaign/n_trials": len([t for t in trials if not t.user_attrs.get(SKIP_ATTR)]),
+               "campaign/n_complete": len(complete),
+               "campaign/n_failed": sum(t.state == states.FAIL and not t.user_attrs.get(SKIP_ATTR) for t in trials),
+               "campaign/n_pruned": sum(t.state == states.PRUNED for t in trials)}
+    if complete:
+        sign = -1.0 if (cfg.objective.directions or ["maximize"])[0] == "minimize" else 1.0
+        best = max(complete, key=lambda t: sign * t.values[0])
+        metrics["best/trial"] = best.number
+        for m, v in zip(cfg.objective.metrics, best.values, strict=True):
+            metrics[f"best/{m}"] = v
+        for k, v in best.user_attrs.get("val_scores", {}).items():
+            metrics[f"best/val/{k}"] = v
+        client.set_tag(parent, "best_trial", str(best.number))
+        if best.user_attrs.get(RUN_ATTR):
+            client.set_tag(parent, "best_run_id", best.user_attrs[RUN_ATTR])
+        client.log_dict(parent, {"number": best.number, "values": best.values, "params": best.params,
+                                 "val_scores": best.user_attrs.get("val_scores"),
+                                 "mlflow_run_id": best.user_attrs.get(RUN_ATTR)}, "best_trial.json")
+    log_metrics(client, parent, metrics)
+    table = trials_table(study)
+    if table["trial"]:
+        client.log_table(parent, data=table, artifact_file="trials.json")
+    if len(complete) >= 1:
+        _log_plots(cfg, study, parent, client)
+    running = any(t.state == states.RUNNING for t in study.get_trials(deepcopy=False))
+    client.set_terminated(parent, status="RUNNING" if running else "FINISHED")
+
+
+def _log_plots(cfg: CampaignConfig, study: optuna.Study, parent: str, client: MlflowClient) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import optuna.visualization as pv
+    import optuna.visualization.matplotlib as pm
+
+    kw: dict[str, Any] = {}
+    if len(study.directions) > 1:
+        kw = {"target": lambda t: t.values[0], "target_name": cfg.objective.metrics[0]}
+    plots: list[tuple[str, Callable[..., Any], Callable[..., Any]]] = [
+        ("optimization_history", pv.plot_optimization_history, pm.plot_optimization_history),
+        ("parallel_coordinate", pv.plot_parallel_coordinate, pm.plot_parallel_coordinate),
+    ]
+    n_complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+    if n_complete >= 2 and study.best_trials and len(study.best_trials[0].params) >= 1:
+        plots.append(("param_importances", pv.plot_param_importances, pm.plot_param_importances))
+    if len(study.directions) > 1:
+        plots.append(("pareto_front", pv.plot_pareto_front, pm.plot_pareto_front))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, plotly_fn, mpl_fn in plots:
+            pkw = {} if name == "pareto_front" else kw
+            if name == "pareto_front":
+                pkw = {"target_names": cfg.objective.metrics}
+            try:
+                fig = plotly_fn(study, **pkw)
+                html = Path(tmp) / f"{name}.html"
+                fig.write_html(str(html), include_plotlyjs="cdn")
+                client.log_artifact(parent, str(html), "optuna")
+            except Exception as e:  # noqa: BLE001 - a plot must not fail the campaign
+                log.warning("optuna %s (plotly) not logged: %s", name, e)
+            try:
+                with _quiet():
+                    ax = mpl_fn(study, **pkw)
+                fig_m = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+                png = Path(tmp) / f"{name}.png"
+                fig_m.set_size_inches(8, 5)
+                fig_m.tight_layout()
+                fig_m.savefig(png, dpi=90)
+                plt.close(fig_m)
+                client.log_artifact(parent, str(png), "optuna")
+            except Exception as e:  # noqa: BLE001
+                log.warning("optuna %s (matplotlib) not logged: %s", name, e)
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

@@ -1,0 +1,307 @@
+"""Pydantic schema of a campaign YAML (``mergelab campaign CAMPAIGN.yaml`` / ``mergelab worker CAMPAIGN.yaml``).
+
+Example (OptMerge over a benchmark zoo, spec/paper.md section 1.7 for the defaults searched around)::
+
+    name: optmerge-lora-001
+    experts: {zoo: data/zoo, kind: lora}          # or: base: ckpt/base + experts: [{path: ..., name: vqa}, ...]
+    method: optmerge
+    params: {variant: lora}                         # fixed hyperparameters
+    search_space:
+      rank_ratio: {type: float, low: 0.05, high: 0.5}
+      steps: {type: int, low: 50, high: 400, step: 50}
+      lr: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}
+      lam: {type: float, low: 0.3, high: 1.5}
+    coefficients: {low: 0.5, high: 1.5}             # one searched coefficient per expert ("coef.<expert>")
+    sampler: {name: tpe, seed: 0}                   # tpe | cmaes | gp | random | grid | nsga2
+    budget: {n_trials: 30}                          # and/or timeout_s (per process, like Optuna's timeout)
+    pruning: {pruner: median}                       # none | median | hyperband | successive_halving
+    objective: {metrics: [val/average]}             # multi-objective: [val/average, val/worst_task]
+    eval: {tasks: [vqa, geometry, chart, ocr, grounding], batch_size: 32}
+    registry: {name: optmerge-lora, register: top_k, top_k: 3}
+
+The search sees only the val split: an objective on any other split is refused at validation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FloatDist(_Strict):
+    """``trial.suggest_float(name, low, high, log=log, step=step)``."""
+
+    type: Literal["float"] = "float"
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> FloatDist:
+        if not self.low <= self.high:
+            raise ValueError(f"low {self.low} > high {self.high}")
+        if self.log and (self.low <= 0 or self.step is not None):
+            raise ValueError("log=true needs low > 0 and no step")
+        return self
+
+    def grid(self) -> list[float]:
+        """Grid values (needs ``step``)."""
+        if self.step is None:
+            raise ValueError("a grid sampler needs `step` (or a categorical) for float parameters")
+        n = int(math.floor((self.high - self.low) / self.step + 1e-9)) + 1
+        return [round(self.low + i * self.step, 12) for i in range(n)]
+
+
+class IntDist(_Strict):
+    """``trial.suggest_int(name, low, high, step=step, log=log)``."""
+
+    type: Literal["int"] = "int"
+    low: int
+    high: int
+    step: int = 1
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> IntDist:
+        if not self.low <= self.high:
+            raise ValueError(f"low {self.low} > high {self.high}")
+        if self.log and (self.low <= 0 or self.step != 1):
+            raise ValueError("log=true needs low > 0 and step 1")
+        return self
+
+    def grid(self) -> list[int]:
+        """Grid values."""
+        return list(range(self.low, self.high + 1, self.step))
+
+
+class CategoricalDist(_Strict):
+    """``trial.suggest_categorical(name, choices)``."""
+
+    type: Literal["categorical"] = "categorical"
+    choices: list[Any] = Field(min_length=1)
+
+    def grid(self) -> list[Any]:
+        """Grid values."""
+        return list(self.choices)
+
+
+Distribution = Annotated[FloatDist | IntDist | CategoricalDist, Field(discriminator="type")]
+
+
+class ExpertEntry(_Strict):
+    """One expert checkpoint (full fine-tune directory or LoRA adapter directory)."""
+
+    path: str
+    name: str | None = None
+    coefficient: float | None = None
+    score: float | None = Field(default=None, description="own-task val score, for val/normalized_average")
+
+
+class ZooRef(_Strict):
+    """Experts taken from the offline benchmark's zoo (``<zoo>/manifest.json``)."""
+
+    zoo: str
+    kind: Literal["full", "lora"] = "full"
+    tasks: list[str] | None = None
+
+
+class SamplerConfig(_Strict):
+    """Optuna sampler: TPE by default (multivariate), CMA-ES, GP, random, grid, or NSGA-II (multi-objective)."""
+
+    name: Literal["tpe", "cmaes", "gp", "random", "grid", "nsga2"] = "tpe"
+    seed: int | None = 0
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class BudgetConfig(_Strict):
+    """Trials for the whole study (shared by all workers) and/or wall seconds per process."""
+
+    n_trials: int | None = Field(default=20, ge=1)
+    timeout_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _some(self) -> BudgetConfig:
+        if self.n_trials is None and self.timeout_s is None:
+            raise ValueError("give n_trials and/or timeout_s")
+        return self
+
+
+class PruningConfig(_Strict):
+    """Prune a trial after each evaluated task on its running val average (single objective only)."""
+
+    pruner: Literal["none", "median", "hyperband", "successive_halving"] = "none"
+    n_startup_trials: int = Field(default=3, ge=0)
+    n_warmup_steps: int = Field(default=1, ge=0)
+
+
+class ObjectiveConfig(_Strict):
+    """Metrics to optimise: ``val/average`` (default), ``val/worst_task``, ``val/normalized_average``,
+    ``val/<task>`` or any ``val/...`` metric name; the search sees only the val split."""
+
+    metrics: list[str] = Field(default_factory=lambda: ["val/average"], min_length=1)
+    directions: list[Literal["maximize", "minimize"]] | None = None
+
+    @field_validator("metrics")
+    @classmethod
+    def _val_only(cls, v: list[str]) -> list[str]:
+        for m in v:
+            if not m.startswith("val/"):
+                raise ValueError(
+                    f"objective metric {m!r} is not on the val split: the search sees only val "
+                    "(test metrics are computed for registered candidates and at promotion, never fed to the sampler)"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _dirs(self) -> ObjectiveConfig:
+        if self.directions is None:
+            self.directions = ["maximize"] * len(self.metrics)
+        if len(self.directions) != len(self.metrics):
+            raise ValueError(f"{len(self.metrics)} objective metrics but {len(self.directions)} directions")
+        return self
+
+
+class EvalConfig(_Strict):
+    """Evaluation tasks and evaluator options (val during the search; test for candidates/promotion)."""
+
+    tasks: list[str] = Field(default_factory=lambda: ["vqa", "geometry", "chart", "ocr", "grounding"], min_length=1)
+    split: Literal["val"] = "val"
+    data_root: str | None = None
+    batch_size: int = Field(default=32, ge=1)
+    limit: int | None = Field(default=None, ge=1)
+
+    @field_validator("split", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        if v != "val":
+            raise ValueError(f"eval split {v!r} refused: a campaign searches on val only")
+        return v
+
+
+class RegistryConfig(_Strict):
+    """Which trials become model versions: ``all``, the ``top_k`` by the first objective, or the ``best``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str | None = None
+    register_policy: Literal["all", "top_k", "best", "none"] = Field(default="top_k", alias="register")
+    top_k: int = Field(default=3, ge=1)
+    evaluate_test: bool = True
+    keep_unregistered_weights: bool = False
+
+
+class TrackingConfig(_Strict):
+    """Where to track (default: the embedded ``mlruns/`` store, or ``MLFLOW_TRACKING_URI`` /
+    ``MERGELAB_OPTUNA_STORAGE``)."""
+
+    root: str | None = None
+    tracking_uri: str | None = None
+    artifact_root: str | None = None
+    optuna_storage: str | None = None
+    experiment: str = "mergelab"
+    heartbeat_interval: int = Field(default=30, ge=1)
+    grace_period: int | None = Field(default=None, ge=1)
+
+
+class CampaignConfig(_Strict):
+    """A hyperparameter-search campaign over merges (one Optuna study, one MLflow parent run)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    base: str | None = None
+    experts: list[ExpertEntry] | ZooRef
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    search_space: dict[str, Distribution] = Field(default_factory=dict)
+    coefficients: FloatDist | None = None
+    policy: str | dict[str, Any] = "auto"
+    device: str = "auto"
+    dtype: str | None = None
+    compute_dtype: str = "float32"
+    seed: int = 0
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    pruning: PruningConfig = Field(default_factory=PruningConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    study_name: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> CampaignConfig:
+        if isinstance(self.experts, list):
+            if self.base is None:
+                raise ValueError("`base` is required when `experts` is a list of paths")
+            if not self.experts:
+                raise ValueError("`experts` is empty")
+        overlap = sorted(set(self.params) & set(self.search_space))
+        if overlap:
+            raise ValueError(f"parameter(s) {overlap} are both fixed in `params` and searched in `search_space`")
+        bad = [k for k in self.search_space if k.startswith("coef.")]
+        if bad:
+            raise ValueError(f"search_space keys {bad}: use `coefficients:` for per-expert coefficients")
+        if len(self.objective.metrics) > 1 and self.pruning.pruner != "none":
+            raise ValueError("pruning works with a single objective only (Optuna cannot prune multi-objective trials)")
+        if self.sampler.name == "nsga2" and len(self.objective.metrics) < 2:
+            raise ValueError("sampler nsga2 is for multi-objective campaigns; use tpe for one objective")
+        if self.sampler.name == "cmaes" and len(self.objective.metrics) > 1:
+            raise ValueError("sampler cmaes supports a single objective only")
+        if self.registry.name is None:
+            self.registry.name = self.name
+        if self.study_name is None:
+            self.study_name = self.name
+        return self
+
+    @property
+    def multi_objective(self) -> bool:
+        """True when more than one metric is optimised."""
+        return len(self.objective.metrics) > 1
+
+
+def load_campaign(path: str | os.PathLike[str]) -> CampaignConfig:
+    """Read and validate a campaign YAML; relative paths in it are resolved against the YAML's directory.
+
+    Raises:
+        ValueError: one line naming the file and the offending field.
+    """
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"{p}: cannot read campaign YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{p}: a campaign YAML must be a mapping")
+    try:
+        cfg = CampaignConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise ValueError(f"{p}: {loc}: {err['msg']}") from None
+    return _resolve_paths(cfg, p.parent)
+
+
+def _resolve_paths(cfg: CampaignConfig, here: Path) -> CampaignConfig:
+    def fix(s: str | None) -> str | None:
+        if s is None or "://" in s or Path(s).is_absolute():
+            return s
+        return str((here / s).resolve())
+
+    cfg.base = fix(cfg.base)
+    if isinstance(cfg.experts, ZooRef):
+        cfg.experts.zoo = fix(cfg.experts.zoo) or cfg.experts.zoo
+    else:
+        for e in cfg.experts:
+            e.path = fix(e.path) or e.path
+    cfg.eval.data_root = fix(cfg.eval.data_root)
+    cfg.tracking.root = fix(cfg.tracking.root)
+    return cfg

@@ -1,0 +1,67 @@
+"""``mergelab bench``: build the offline benchmark's model zoo and print its tables (mergelab.bench.zoo)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.group("bench")
+def bench() -> None:
+    """The offline MLLM-merging benchmark: a zoo of tiny Qwen2-VL experts and its tables."""
+
+
+@bench.command("build")
+@click.option("--zoo", "zoo_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Zoo directory (default: the zoo shipped inside the package).")
+@click.option("--rebuild", is_flag=True, help="Retrain every model, even those the manifest says are up to date.")
+@click.option("--tiny", is_flag=True, help="A seconds-long toy zoo (smaller model, few steps, one seed).")
+@click.option("--seeds", default=None, help="Comma-separated seeds overriding the plan's (e.g. 0,1).")
+@click.option("--device", default="auto", show_default=True, help="Training device: auto, cpu, cuda.")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Benchmark data for scoring (default: the evaluators' default root).")
+@click.option("--no-eval", is_flag=True, help="Skip scoring the models into the manifest.")
+def build(zoo_dir: Path | None, rebuild: bool, tiny: bool, seeds: str | None, device: str, data_root: Path | None,
+          no_eval: bool) -> None:
+    """Train (or complete) the zoo: base, 5 full-FT + 5 LoRA experts and a mixture model per seed."""
+    from mergelab.bench.zoo import DEFAULT_ZOO, build_zoo
+
+    seed_list = [int(s) for s in seeds.split(",")] if seeds else None
+    manifest = build_zoo(zoo_dir or DEFAULT_ZOO, rebuild=rebuild, tiny=tiny, progress=True, seeds=seed_list,
+                         device=device, evaluate=not no_eval, data_root=data_root)
+    click.echo(f"zoo: {len(manifest['models'])} models in {zoo_dir or DEFAULT_ZOO} "
+               f"({manifest.get('build_seconds_last', 0):.0f} s this run)")
+
+
+@bench.command("table")
+@click.option("--zoo", "zoo_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Zoo directory (default: the shipped zoo).")
+@click.option("--merges/--no-merges", default=True, show_default=True,
+              help="Also merge the experts with every method (lambda picked on val) and score the merges.")
+@click.option("--settings", default="full,lora", show_default=True, help="Expert settings: full, lora.")
+@click.option("--methods", default=None, help="Comma-separated methods (default: the whole registry).")
+@click.option("--val-limit", type=int, default=100, show_default=True, help="Val items per task for lambda.")
+@click.option("--test-limit", type=int, default=None, help="Test items per task (default: all).")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the raw results as JSON.")
+def table(zoo_dir: Path | None, merges: bool, settings: str, methods: str | None, val_limit: int,
+          test_limit: int | None, data_root: Path | None, json_out: Path | None) -> None:
+    """Print the benchmark tables (test split; shifted variant, then generic for forgetting)."""
+    from mergelab.bench.zoo import DEFAULT_ZOO, benchmark, check_targets, format_table
+
+    result = benchmark(zoo_dir or DEFAULT_ZOO, settings=settings.split(","),
+                       methods=(methods.split(",") if methods else ([] if not merges else None)),
+                       val_limit=val_limit, test_limit=test_limit, data_root=data_root, log=click.echo)
+    for setting in settings.split(","):
+        for variant in ("shifted", "generic"):
+            click.echo("\n" + format_table(result, setting, variant))
+        for name, ok, detail in check_targets(result, setting):
+            click.echo(f"  [{'PASS' if ok else 'FAIL'}] {name}: {detail}")
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=1, default=str))
+
+
+COMMANDS = [bench]

@@ -1,0 +1,43 @@
+"""`mergelab merge CONFIG.yaml --out DIR`: validate the recipe, stream the merge, print the summary.
+
+As thin as mergekit's ``run_yaml.py``: parse -> validate (:class:`MergeConfig`) -> call
+:func:`mergelab.methods.engine.merge` with a progress bar over tensors -> print :meth:`MergeReport.summary`.
+Bad input exits with status 2 and one line naming the culprit; nothing is written to ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command("merge")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="output directory")
+@click.option("--overwrite", is_flag=True, help="replace an existing output directory")
+@click.option("--device", default=None, help="override the config's device: auto | cpu | cuda[:i]")
+@click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="also write the full MergeReport (per tensor) as JSON here")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def merge(config: Path, out: Path, overwrite: bool, device: str | None, report_path: Path | None, quiet: bool) -> None:
+    """Merge the experts of CONFIG (YAML: base, experts, method, params, policy, device, dtype, seed) into OUT."""
+    from mergelab.methods.engine import merge as run_merge
+    from mergelab.methods.io import MergeError
+    from mergelab.platform.merge_config import MergeConfig
+
+    try:
+        cfg = MergeConfig.from_yaml(config)
+        kwargs = cfg.merge_kwargs()
+        if device is not None:
+            kwargs["device"] = device
+        report = run_merge(out=out, overwrite=overwrite, progress=not quiet, **kwargs)
+    except MergeError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(report.summary())
+    if report_path is not None:
+        report_path.write_text(json.dumps(report.to_dict(), indent=2))
+
+
+COMMANDS = [merge]

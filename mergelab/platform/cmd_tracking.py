@@ -1,0 +1,128 @@
+"""CLI commands of the platform: ``campaign``, ``worker``, ``promote``, ``registry``, ``ui`` (thin: parse, validate,
+call one library function)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+
+def _fail(e: Exception) -> None:
+    raise click.ClickException(str(e)) from None
+
+
+def _store(root: str | None):  # noqa: ANN202 - imported lazily to keep `mergelab --help` fast
+    from mergelab.platform.tracking import Store
+
+    return Store.resolve(root)
+
+
+@click.command("campaign")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--n-trials", type=int, default=None, help="Stop this process after N trials (the study budget holds).")
+def campaign_cmd(config: str, n_trials: int | None) -> None:
+    """Run (or resume) the Optuna campaign in CONFIG: one MLflow parent run, one nested run per trial."""
+    from mergelab.platform.campaign import run_campaign
+    from mergelab.platform.campaign_config import load_campaign
+
+    try:
+        cfg = load_campaign(config)
+        res = run_campaign(cfg, n_trials=n_trials)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        _fail(e)
+    click.echo(f"campaign {res.study_name}: {res.n_complete} complete, {res.n_failed} failed, "
+               f"{res.n_pruned} pruned; parent run {res.parent_run_id}")
+    if res.best:
+        click.echo(f"best trial {res.best['number']}: {res.best['values']} {res.best['params']}")
+    for version, trial in res.registered:
+        click.echo(f"registered {cfg.registry.name} v{version} (trial {trial})")
+
+
+@click.command("worker")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--n-trials", type=int, default=None, help="Stop this worker after N trials.")
+def worker_cmd(config: str, n_trials: int | None) -> None:
+    """Attach to CONFIG's shared study and work trials until its budget is spent."""
+    from mergelab.platform.worker import run_worker
+
+    try:
+        res = run_worker(config, n_trials=n_trials)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        _fail(e)
+    click.echo(f"worker {os.getpid()} done: study {res.study_name} has {res.n_complete} complete, "
+               f"{res.n_failed} failed, {res.n_pruned} pruned trials")
+
+
+@click.command("promote")
+@click.argument("name")
+@click.option("--version", "version", default=None, help="Candidate version (default: best of --campaign / newest).")
+@click.option("--campaign", default=None, help="Pick the candidate among this campaign's versions.")
+@click.option("--margin", type=float, default=0.5, show_default=True, help="Required test-average gain (points).")
+@click.option("--max-task-drop", type=float, default=2.0, show_default=True, help="Largest allowed task drop.")
+@click.option("--tasks", default=None, help="Comma-separated tasks (default: the version's eval.tasks tag).")
+@click.option("--data-root", default=None, help="Evaluators' data root.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--root", default=None, help="Embedded store directory (default ./mlruns or $MERGELAB_ROOT).")
+def promote_cmd(name: str, version: str | None, campaign: str | None, margin: float, max_task_drop: float,
+                tasks: str | None, data_root: str | None, batch_size: int, device: str, root: str | None) -> None:
+    """Evaluate a candidate of NAME on the test split; move `champion` only on a real win, else `challenger`."""
+    from mergelab.platform.registry import promote
+    from mergelab.platform.tracking import HFEvaluator
+
+    try:
+        d = promote(name, version=version, campaign=campaign, margin=margin, max_task_drop=max_task_drop,
+                    tasks=tasks.split(",") if tasks else None, store=_store(root),
+                    evaluator=HFEvaluator(data_root=data_root, batch_size=batch_size, device=device))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        _fail(e)
+    click.echo(f"{name} v{d.candidate}: {d.decision} ({d.reason})")
+    click.echo("test scores: " + json.dumps({t: round(s, 2) for t, s in d.candidate_scores.items()}))
+
+
+@click.command("registry")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON rows.")
+@click.option("--root", default=None, help="Embedded store directory (default ./mlruns or $MERGELAB_ROOT).")
+def registry_cmd(name: str | None, as_json: bool, root: str | None) -> None:
+    """List registered versions (of NAME, or all models) with their metrics and aliases."""
+    from mergelab.platform.registry import list_versions
+
+    rows = list_versions(_store(root), name)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        click.echo("no registered versions")
+        return
+    cols = ["name", "version", "aliases", "method", "campaign", "trial", "val/average", "test/average", "decision"]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    click.echo("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        click.echo("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+
+
+@click.command("ui")
+@click.option("--port", type=int, default=5000, show_default=True)
+@click.option("--root", default=None, help="Embedded store directory (default ./mlruns or $MERGELAB_ROOT).")
+def ui_cmd(port: int, root: str | None) -> None:
+    """Serve the MLflow UI on the embedded store, on 127.0.0.1 only."""
+    store = _store(root)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store.tracking_uri,
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    if store.artifact_root:
+        cmd += ["--default-artifact-root", store.artifact_root]
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
+    click.echo(f"MLflow UI on http://127.0.0.1:{port} (store {store.tracking_uri})")
+    try:
+        raise SystemExit(subprocess.call(cmd, env=env, cwd=str(Path.cwd())))
+    except KeyboardInterrupt:
+        pass
+
+
+COMMANDS = [campaign_cmd, worker_cmd, promote_cmd, registry_cmd, ui_cmd]

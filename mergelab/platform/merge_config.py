@@ -1,0 +1,271 @@
+"""The merge recipe YAML, validated with pydantic v2 at the boundary (STYLE.md section 3, point 6).
+
+Example::
+
+    base: ckpt/base
+    experts:
+      - path: ckpt/vqa
+      - {path: lora/ocr, coefficient: 0.7, name: ocr}
+    method: ties
+    params: {density: 0.2, lam: 1.0}
+    policy: qwen2_vl            # or auto, or {preset: llama, rules: [{pattern: "mlp1\\..*", action: average}]}
+    device: auto                # auto | cpu | cuda[:i]
+    dtype: null                 # output dtype; null keeps the base's
+    compute_dtype: float32
+    seed: 0
+    shard_size: 2GB
+
+Relative paths are resolved against the YAML file's directory. Method parameters are validated by the method's own
+config dataclass from the registry, so ``density: 1.5`` fails here, before any tensor is read. Every error is one
+line naming the field (``experts.1.path: ...``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from mergelab.methods.io import MergeError
+
+
+class MergeConfigError(MergeError):
+    """A merge recipe that does not validate; the message names the file and the field."""
+
+
+class ExpertConfig(BaseModel):
+    """One expert: a full checkpoint or a PEFT LoRA adapter directory."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    coefficient: float | None = None
+    name: str | None = None
+
+
+class RuleConfig(BaseModel):
+    """One policy rule: anchored regex and action."""
+
+    model_config = ConfigDict(extra="forbid")
+    pattern: str
+    action: Literal["base", "merge", "average"]
+
+    @field_validator("pattern")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"invalid regex {v!r} ({e})") from None
+        return v
+
+
+class PolicyConfig(BaseModel):
+    """A preset plus explicit rules tried before it (or rules alone)."""
+
+    model_config = ConfigDict(extra="forbid")
+    preset: str | None = None
+    rules: list[RuleConfig] = Field(default_factory=list)
+    default: Literal["base", "merge", "average"] = "merge"
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, v: str | None) -> str | None:
+        return _check_preset(v) if v is not None else v
+
+
+def _check_preset(v: str) -> str:
+    from mergelab.methods.policy import PRESETS
+
+    if v != "auto" and v not in PRESETS:
+        raise ValueError(f"unknown preset {v!r}; known: {['auto', *sorted(PRESETS)]}")
+    return v
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(v: int | str) -> int:
+    """``2000000000``, ``"2GB"``, ``"500MiB"`` -> bytes (decimal for KB/MB/GB, binary for KiB/MiB/GiB)."""
+    if isinstance(v, bool):
+        raise ValueError("expected a size, got a boolean")
+    if isinstance(v, int):
+        n = v
+    else:
+        m = _SIZE.match(str(v))
+        if not m:
+            raise ValueError(f"cannot parse size {v!r} (e.g. 2GB, 500MiB, 1000000)")
+        unit = (m.group(2) or "b").lower()
+        base = 1024 if "i" in unit else 1000
+        power = {"b": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit[0]]
+        n = int(float(m.group(1)) * base**power)
+    if n <= 0:
+        raise ValueError(f"size must be positive, got {v!r}")
+    return n
+
+
+def _policy_kind(v: Any) -> str:
+    if isinstance(v, dict) or isinstance(v, PolicyConfig):
+        return "<mapping>"
+    if isinstance(v, list):
+        return "<list>"
+    return "<str>"
+
+
+PolicyField = Annotated[
+    Annotated[str, Tag("<str>")] | Annotated[PolicyConfig, Tag("<mapping>")] | Annotated[list[RuleConfig], Tag("<list>")],
+    Discriminator(_policy_kind),
+]
+
+
+class MergeConfig(BaseModel):
+    """A validated merge recipe: the arguments of :func:`mergelab.methods.engine.merge`."""
+
+    model_config = ConfigDict(extra="forbid")
+    base: str
+    experts: list[ExpertConfig] = Field(min_length=1)
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    policy: PolicyField = "auto"
+    device: str = "auto"
+    dtype: str | None = None
+    compute_dtype: str = "float32"
+    seed: int = 0
+    shard_size: int | str = 2_000_000_000
+    carry_unique: bool = False
+
+    @field_validator("experts", mode="before")
+    @classmethod
+    def _plain_paths(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"path": e} if isinstance(e, str) else e for e in v]
+        return v
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        from mergelab.methods import REGISTRY
+
+        if v not in REGISTRY:
+            raise ValueError(f"unknown method {v!r}; known: {sorted(REGISTRY)}")
+        return v
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, v: Any) -> Any:
+        return _check_preset(v) if isinstance(v, str) else v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"unknown device {v!r}; use auto, cpu or cuda[:i]")
+        return v
+
+    @field_validator("dtype", "compute_dtype")
+    @classmethod
+    def _dtype(cls, v: str | None) -> str | None:
+        from mergelab.methods.engine import parse_dtype
+
+        if v is not None:
+            try:
+                parse_dtype(v)
+            except MergeError as e:
+                raise ValueError(str(e).split(": ", 1)[-1]) from None
+        return v
+
+    @field_validator("shard_size")
+    @classmethod
+    def _shard(cls, v: int | str) -> int:
+        return parse_size(v)
+
+    @model_validator(mode="after")
+    def _params(self) -> MergeConfig:
+        from mergelab.methods import REGISTRY
+        from mergelab.methods.engine import _make_config
+
+        try:
+            _make_config(self.method, REGISTRY[self.method], self.params, [e.coefficient for e in self.experts])
+        except MergeError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> MergeConfig:
+        """Load and validate a YAML recipe; relative paths are resolved against the file's directory.
+
+        Raises:
+            MergeConfigError: unreadable YAML or a field that does not validate (one line naming it).
+        """
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise MergeConfigError(f"{path}: file not found") from None
+        except yaml.YAMLError as e:
+            raise MergeConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise MergeConfigError(f"{path}: expected a mapping at the top level")
+        cfg = cls.from_dict(data, source=str(path))
+        root = path.parent.absolute()
+        cfg.base = str(_rel(root, cfg.base))
+        for e in cfg.experts:
+            e.path = str(_rel(root, e.path))
+        return cfg
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> MergeConfig:
+        """Validate a dict, turning pydantic's report into one line naming the first bad field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("<"))
+            msg = err["msg"].removeprefix("Value error, ")
+            more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
+            where = f"{loc}: " if loc else ""  # cross-field errors already start with their field name
+            raise MergeConfigError(f"{source}: {where}{msg}{more}") from None
+
+    def policy_arg(self) -> Any:
+        """The policy in the form :func:`mergelab.methods.policy.resolve_policy` accepts."""
+        if isinstance(self.policy, str):
+            return self.policy
+        if isinstance(self.policy, list):
+            return [r.model_dump() for r in self.policy]
+        return self.policy.model_dump()
+
+    def merge_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`mergelab.methods.engine.merge` (everything but ``out``)."""
+        from mergelab.methods.engine import ExpertSpec
+
+        return {
+            "base": self.base,
+            "experts": [ExpertSpec(e.path, e.coefficient, e.name) for e in self.experts],
+            "method": self.method,
+            "params": dict(self.params),
+            "policy": self.policy_arg(),
+            "device": self.device,
+            "dtype": self.dtype,
+            "compute_dtype": self.compute_dtype,
+            "seed": self.seed,
+            "max_shard_bytes": int(self.shard_size),
+            "carry_unique": self.carry_unique,
+        }
+
+
+def _rel(root: Path, p: str) -> Path:
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else root / q

@@ -1,0 +1,448 @@
+"""The MLflow model registry for merges: zero-copy registration, top-k pruning, promotion, loading back.
+
+A merged model's weights are written once, into its run's artifact directory (``<run artifacts>/merged``), and a
+model version is created that *points at them* with ``MlflowClient.create_model_version(source=..., run_id=...)``
+(spec/ecosystem.md section 2: no second copy; works in-process and through a tracking server whose artifact root is
+local). Consequently deleting a version also deletes its weights, and weights are deleted only together with their
+version, so no version ever points at nothing.
+
+Version tags: ``method``, ``hp.<name>`` (every hyperparameter), ``campaign``, ``trial``, ``run_id``, ``val/...``
+metrics, ``mergelab.score`` / ``mergelab.direction`` (the campaign's ranking objective), ``eval.tasks``, and after
+:func:`promote` ``promotion.*`` and ``test/...``. The description holds the lineage (base and experts with SHA-256).
+
+Promotion (``mergelab promote NAME``): the candidate is evaluated on the TEST split and compared with the version
+holding the alias ``champion`` on the same tasks; ``champion`` moves only if the candidate's average beats the
+champion's by at least ``margin`` points and no task drops by more than ``max_task_drop`` points. Otherwise the
+candidate gets the alias ``challenger``. The decision and the numbers are recorded as version tags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from mergelab.platform.tracking import (
+    TAG_WEIGHTS,
+    EvalSummary,
+    Evaluator,
+    HFEvaluator,
+    Store,
+    local_path,
+    log_eval,
+    metric_name,
+)
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+SCORE_TAG = "mergelab.score"
+DIRECTION_TAG = "mergelab.direction"
+
+
+def _is_missing(e: MlflowException) -> bool:
+    return "RESOURCE_DOES_NOT_EXIST" in str(getattr(e, "error_code", "")) or "not found" in str(e).lower()
+
+
+def ensure_registered_model(client: MlflowClient, name: str, description: str | None = None) -> None:
+    """Create the registered model ``name`` if it does not exist (safe when workers race)."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name, description=description)
+        except MlflowException as e:
+            if "RESOURCE_ALREADY_EXISTS" not in str(getattr(e, "error_code", "")) and "already exists" not in str(e):
+                raise
+
+
+def lineage(client: MlflowClient, run_id: str) -> str:
+    """A markdown description of a merged model's lineage from its run's params (base, experts, hashes, method)."""
+    p = client.get_run(run_id).data.params
+    lines = [f"Merged with `{p.get('method', '?')}` (run `{run_id}`, git `{p.get('git.commit', '?')}`).", "",
+             f"- base: `{p.get('base.path', '?')}` sha256 `{p.get('base.sha256', '?')}`"]
+    for i in range(int(p.get("n_experts", 0))):
+        lines.append(f"- expert `{p.get(f'expert.{i}.name')}`: `{p.get(f'expert.{i}.path')}` "
+                     f"sha256 `{p.get(f'expert.{i}.sha256')}` coefficient {p.get(f'expert.{i}.coefficient')}")
+    hps = {k[3:]: v for k, v in p.items() if k.startswith("hp.")}
+    if hps:
+        lines += ["", "hyperparameters: " + ", ".join(f"{k}={v}" for k, v in sorted(hps.items()))]
+    return "\n".join(lines)
+
+
+def register_run(
+    client: MlflowClient,
+    name: str,
+    run_id: str,
+    source: str,
+    *,
+    tags: Mapping[str, Any] | None = None,
+    score: float | None = None,
+    direction: str = "maximize",
+) -> ModelVersion:
+    """Register the merged weights at ``source`` (the run's ``.../merged`` artifact URI) as a new version, no copy.
+
+    Args:
+        client: registry client.
+        name: registered model name (created if missing).
+        run_id: the run that wrote the weights.
+        source: artifact URI of the weights directory.
+        tags: version tags (method, hyperparameters, campaign, trial, val metrics...).
+        score: the ranking value used by :func:`prune_campaign` (stored as ``mergelab.score``).
+        direction: ``maximize`` or ``minimize`` for ``score``.
+
+    Returns:
+        The created model version.
+    """
+    ensure_registered_model(client, name)
+    all_tags = {k: str(v) for k, v in (tags or {}).items()}
+    all_tags["run_id"] = run_id
+    if score is not None:
+        all_tags[SCORE_TAG] = repr(float(score))
+        all_tags[DIRECTION_TAG] = direction
+    return client.create_model_version(name, source=source, run_id=run_id, tags=all_tags,
+                                       description=lineage(client, run_id))
+
+
+def aliases_of(client: MlflowClient, name: str) -> dict[str, str]:
+    """``{alias: version}`` of a registered model (search results do not carry aliases)."""
+    try:
+        aliases = client.get_registered_model(name).aliases or {}
+    except MlflowException as e:
+        if _is_missing(e):
+            return {}
+        raise
+    return {str(k): str(v) for k, v in dict(aliases).items()}
+
+
+def campaign_versions(client: MlflowClient, name: str, campaign: str | None = None) -> list[ModelVersion]:
+    """All versions of ``name`` (of one campaign when given), newest first."""
+    filt = f"name='{name}'"
+    try:
+        versions = list(client.search_model_versions(filt, max_results=10000))
+    except MlflowException as e:
+        if _is_missing(e):
+            return []
+        raise
+    if campaign is not None:
+        versions = [v for v in versions if v.tags.get("campaign") == campaign]
+    return sorted(versions, key=lambda v: int(v.version), reverse=True)
+
+
+def _score(v: ModelVersion) -> float:
+    try:
+        s = float(v.tags.get(SCORE_TAG, "nan"))
+    except ValueError:
+        s = math.nan
+    if math.isnan(s):
+        return -math.inf
+    return -s if v.tags.get(DIRECTION_TAG) == "minimize" else s
+
+
+def ranked(versions: Sequence[ModelVersion]) -> list[ModelVersion]:
+    """Versions best first by ``mergelab.score`` (honouring its direction; ties: older version first)."""
+    return sorted(versions, key=lambda v: (-_score(v), int(v.version)))
+
+
+def delete_version(client: MlflowClient, name: str, version: str | int) -> None:
+    """Delete a version, then its weights (when local and no other version points at them); tag the run.
+
+    The version goes first, so at no moment does a version point at deleted weights.
+    """
+    try:
+        mv = client.get_model_version(name, str(version))
+    except MlflowException as e:
+        if _is_missing(e):
+            return
+        raise
+    try:
+        client.delete_model_version(name, str(version))
+    except MlflowException as e:
+        if not _is_missing(e):  # another worker deleted it first
+            raise
+    path = local_path(mv.source)
+    if path is None or not path.exists():
+        return
+    others = [v for v in campaign_versions(client, name) if v.source == mv.source]
+    if others:
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    if mv.run_id:
+        with contextlib.suppress(MlflowException):
+            client.set_tag(mv.run_id, TAG_WEIGHTS, "deleted")
+
+
+def prune_campaign(client: MlflowClient, name: str, campaign: str, keep: int) -> list[str]:
+    """Keep the best ``keep`` versions of a campaign; delete the others with their weights.
+
+    Versions holding an alias (``champion``, ``challenger``) are never deleted. Safe when several workers prune
+    concurrently (each prunes what it sees; every registration is followed by a prune).
+
+    Returns:
+        The deleted version numbers.
+    """
+    versions = ranked(campaign_versions(client, name, campaign))
+    aliased = set(aliases_of(client, name).values())
+    deleted = []
+    for v in versions[keep:]:
+        if str(v.version) in aliased:
+            continue
+        delete_version(client, name, v.version)
+        deleted.append(str(v.version))
+    return deleted
+
+
+def would_enter_top_k(client: MlflowClient, name: str, campaign: str, score: float, direction: str,
+                      keep: int) -> bool:
+    """Whether a new version with ``score`` would rank within the campaign's best ``keep`` versions."""
+    versions = ranked(campaign_versions(client, name, campaign))
+    if len(versions) < keep:
+        return True
+    s = -score if direction == "minimize" else score
+    return s > _score(versions[keep - 1])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Listing and loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def list_versions(store: Store, name: str | None = None) -> list[dict[str, Any]]:
+    """Rows describing registered versions (one model, or all): metrics, aliases, campaign, trial, source."""
+    client = store.client()
+    names = [name] if name else [m.name for m in client.search_registered_models(max_results=1000)]
+    rows = []
+    for n in names:
+        by_version: dict[str, list[str]] = {}
+        for alias, ver in aliases_of(client, n).items():
+            by_version.setdefault(ver, []).append(alias)
+        for v in campaign_versions(client, n):
+            t = v.tags
+            rows.append({
+                "name": n, "version": int(v.version), "aliases": ",".join(sorted(by_version.get(str(v.version), []))),
+                "method": t.get("method", ""), "campaign": t.get("campaign", ""), "trial": t.get("trial", ""),
+                "val/average": t.get("val/average", ""), "test/average": t.get("test/average", ""),
+                "decision": t.get("promotion.decision", ""), "run_id": v.run_id, "source": v.source,
+            })
+    return rows
+
+
+def resolve_model_dir(store: Store, uri_or_name: str) -> Path:
+    """The local directory of a registered model: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``NAME``.
+
+    For a local artifact store this is the run's own ``merged`` directory (no copy); otherwise the artifacts are
+    downloaded once to a temporary directory.
+
+    Raises:
+        ValueError: the URI does not resolve to a version, naming it.
+    """
+    client = store.client()
+    mv = get_version(client, uri_or_name)
+    path = local_path(mv.source)
+    if path is not None:
+        if not path.exists():
+            raise ValueError(f"{uri_or_name}: version {mv.version} points at missing weights {mv.source}")
+        return path
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, tracking_uri=store.tracking_uri))
+
+
+def get_version(client: MlflowClient, uri_or_name: str) -> ModelVersion:
+    """Parse ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` / ``NAME`` (latest) into a model version."""
+    ref = uri_or_name.removeprefix("models:/")
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        if "/" in ref:
+            name, version = ref.rsplit("/", 1)
+            return client.get_model_version(name, version)
+        versions = campaign_versions(client, ref)
+        if not versions:
+            raise ValueError(f"{uri_or_name}: registered model has no versions")
+        return versions[0]
+    except MlflowException as e:
+        raise ValueError(f"{uri_or_name}: no such registered model version ({e.message})") from None
+
+
+def load_registered(store: Store, uri: str) -> tuple[Any, Any]:
+    """Load ``models:/NAME@champion`` (or any version URI) into a working ``(model, processor)``.
+
+    Uses ``mergelab.hf.load_model`` (which handles the VLM processors that ``mlflow.transformers`` cannot log).
+    """
+    from mergelab.hf import load_model
+
+    return load_model(str(resolve_model_dir(store, uri)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Promotion
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PromotionDecision:
+    """The outcome of :func:`promote`.
+
+    Attributes:
+        name: registered model.
+        candidate: candidate version.
+        champion: previous champion version (``None`` if there was none).
+        decision: ``"champion"`` (alias moved), ``"challenger"``, or ``"already_champion"``.
+        candidate_scores, champion_scores: per-task TEST scores.
+        delta: candidate average minus champion average (points).
+        worst_drop: the largest per-task drop from champion to candidate (points), with ``worst_task``.
+        reason: one line explaining the decision.
+    """
+
+    name: str
+    candidate: str
+    champion: str | None
+    decision: str
+    candidate_scores: dict[str, float]
+    champion_scores: dict[str, float]
+    delta: float
+    worst_drop: float
+    worst_task: str | None
+    reason: str
+
+    @property
+    def promoted(self) -> bool:
+        """True when the candidate now holds ``champion``."""
+        return self.decision in ("champion", "already_champion")
+
+
+def _candidate(client: MlflowClient, name: str, version: str | int | None, campaign: str | None) -> ModelVersion:
+    if version is not None:
+        try:
+            return client.get_model_version(name, str(version))
+        except MlflowException as e:
+            raise ValueError(f"registered model {name!r} has no version {version}") from e
+    versions = campaign_versions(client, name, campaign)
+    if not versions:
+        raise ValueError(f"registered model {name!r} has no versions" + (f" from campaign {campaign!r}" if campaign
+                                                                       else ""))
+    if campaign is not None:
+        return ranked(versions)[0]
+    return versions[0]
+
+
+def _tasks_of(mv: ModelVersion) -> list[str] | None:
+    raw = mv.tags.get("eval.tasks")
+    return list(json.loads(raw)) if raw else None
+
+
+def _evaluate_version(store: Store, mv: ModelVersion, tasks: Sequence[str], evaluator: Evaluator) -> EvalSummary:
+    path = resolve_model_dir(store, f"models:/{mv.name}/{mv.version}")
+    return evaluator(path, list(tasks), "test", None)
+
+
+def promote(
+    name: str,
+    *,
+    version: str | int | None = None,
+    campaign: str | None = None,
+    margin: float = 0.5,
+    max_task_drop: float = 2.0,
+    tasks: Sequence[str] | None = None,
+    evaluator: Evaluator | None = None,
+    store: Store | None = None,
+) -> PromotionDecision:
+    """Evaluate a candidate version on the TEST split and move ``champion`` only on a real win.
+
+    Args:
+        name: registered model name.
+        version: the candidate version; default: the best version of ``campaign`` by its val objective, or the
+            newest version when no campaign is given.
+        campaign: pick the candidate among this campaign's versions.
+        margin: the candidate's test average must exceed the champion's by at least this many points.
+        max_task_drop: no task may drop by more than this many points versus the champion.
+        tasks: evaluation tasks (default: the candidate's ``eval.tasks`` tag).
+        evaluator: ``evaluator(model_dir, tasks, "test", None)`` (default :class:`HFEvaluator`).
+        store: the store.
+
+    Returns:
+        The :class:`PromotionDecision` (also recorded as ``promotion.*`` tags on the candidate version).
+
+    Raises:
+        ValueError: unknown model/version, or no tasks to evaluate on.
+    """
+    store = store or Store.resolve()
+    client = store.client()
+    evaluator = evaluator or HFEvaluator()
+    cand = _candidate(client, name, version, campaign)
+    tasks = list(tasks or _tasks_of(cand) or [])
+    if not tasks:
+        raise ValueError(f"{name} v{cand.version}: no evaluation tasks (pass tasks=... / --tasks)")
+    try:
+        champ: ModelVersion | None = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champ = None
+
+    cand_eval = _evaluate_version(store, cand, tasks, evaluator)
+    if cand.run_id:
+        with contextlib.suppress(MlflowException):
+            log_eval(client, cand.run_id, cand_eval)
+    champ_scores: dict[str, float] = {}
+    if champ is not None and champ.version == cand.version:
+        decision, reason = "already_champion", f"v{cand.version} already holds {CHAMPION}"
+        delta, worst_drop, worst_task = 0.0, 0.0, None
+        champ_scores = dict(cand_eval.scores)
+    elif champ is None:
+        decision, reason = "champion", f"no {CHAMPION} yet: v{cand.version} becomes {CHAMPION}"
+        delta, worst_drop, worst_task = math.nan, 0.0, None
+    else:
+        champ_eval = _evaluate_version(store, champ, tasks, evaluator)
+        champ_scores = dict(champ_eval.scores)
+        delta = cand_eval.average - champ_eval.average
+        drops = {t: champ_scores[t] - cand_eval.scores.get(t, -math.inf) for t in champ_scores}
+        worst_task = max(drops, key=lambda t: drops[t]) if drops else None
+        worst_drop = drops[worst_task] if worst_task else 0.0
+        if delta < margin or delta <= 0:
+            decision = "challenger"
+            reason = f"average {cand_eval.average:.2f} vs {champ_eval.average:.2f}: +{delta:.2f} < margin {margin}"
+        elif worst_drop > max_task_drop:
+            decision = "challenger"
+            reason = f"task {worst_task} drops {worst_drop:.2f} > max_task_drop {max_task_drop}"
+        else:
+            decision = "champion"
+            reason = f"average +{delta:.2f} >= margin {margin}; worst task drop {worst_drop:.2f} <= {max_task_drop}"
+
+    if decision == "champion":
+        client.set_registered_model_alias(name, CHAMPION, cand.version)
+        if aliases_of(client, name).get(CHALLENGER) == str(cand.version):
+            client.delete_registered_model_alias(name, CHALLENGER)
+        if champ is not None:
+            client.set_model_version_tag(name, champ.version, "promotion.replaced_by", str(cand.version))
+    elif decision == "challenger":
+        client.set_registered_model_alias(name, CHALLENGER, cand.version)
+
+    tags = {"promotion.decision": decision, "promotion.reason": reason, "promotion.time": str(int(time.time())),
+            "promotion.margin": str(margin), "promotion.max_task_drop": str(max_task_drop),
+            "promotion.champion_version": str(champ.version) if champ is not None else "",
+            "promotion.delta": f"{delta:.4f}", "promotion.worst_drop": f"{worst_drop:.4f}",
+            "promotion.worst_task": worst_task or "", "promotion.tasks": json.dumps(tasks),
+            "test/average": f"{cand_eval.average:.4f}",
+            "promotion.champion_test_average": (f"{sum(champ_scores.values()) / len(champ_scores):.4f}"
+                                                if champ_scores else "")}
+    tags.update({f"test/{metric_name(t)}": f"{s:.4f}" for t, s in cand_eval.scores.items()})
+    tags.update({f"promotion.champion_test/{metric_name(t)}": f"{s:.4f}" for t, s in champ_scores.items()})
+    for k, v in tags.items():
+        client.set_model_version_tag(name, cand.version, k, v)
+    return PromotionDecision(name=name, candidate=str(cand.version),
+                             champion=str(champ.version) if champ is not None else None, decision=decision,
+                             candidate_scores=dict(cand_eval.scores), champion_scores=champ_scores, delta=delta,
+                             worst_drop=worst_drop, worst_task=worst_task, reason=reason)

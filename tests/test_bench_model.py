@@ -1,0 +1,119 @@
+"""The offline benchmark's tiny Qwen2-VL: chat-template prompts, training batches, training, the tiny zoo."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from mergelab import hf
+from mergelab.bench import modeling, train, zoo
+from mergelab.bench.tasks import generate
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def vqa() -> dict[str, list]:
+    return {"train": generate("vqa", "shifted", "train", n=160), "test": generate("vqa", "shifted", "test", n=60)}
+
+
+@pytest.fixture(scope="module")
+def processor(vqa) -> transformers.ProcessorMixin:
+    tok = modeling.build_tokenizer(modeling.corpus_lines(vqa["train"]), vocab_size=400)
+    return modeling.build_processor(tok)
+
+
+def test_chat_template_prompt_is_what_the_runner_uses(processor) -> None:
+    from mergelab.evaluators.runner import build_prompt as runner_prompt
+
+    q = "what color is the circle?"
+    prompt = modeling.build_prompt(processor, q)
+    assert prompt == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|image_pad|><|vision_end|>what color is the circle?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert runner_prompt(processor, q, with_image=True, model_type="qwen2_vl") == prompt
+    ids, n = modeling.training_ids(processor, q, "pink")
+    tok = processor.tokenizer
+    assert ids[:n] == tok(prompt, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids[n:]) == "pink<|im_end|>" and ids[-1] == tok.eos_token_id
+    assert tok.convert_ids_to_tokens(ids).count("<|image_pad|>") == 1
+
+
+def test_collate_masks_prompt_and_matches_processor(processor, vqa) -> None:
+    enc = train.encode(vqa["train"][:4], processor)
+    batch = train.collate(enc, [0, 1, 2, 3], processor)
+    ref = processor(text=[modeling.build_prompt(processor, s.question) for s in vqa["train"][:4]],
+                    images=[s.image for s in vqa["train"][:4]], return_tensors="pt", padding=True)
+    torch.testing.assert_close(batch["pixel_values"], ref["pixel_values"], rtol=0, atol=0)
+    assert torch.equal(batch["image_grid_thw"], ref["image_grid_thw"])
+    tok = processor.tokenizer
+    for r, s in enumerate(vqa["train"][:4]):
+        width = int(ref["attention_mask"][r].sum())
+        assert torch.equal(batch["input_ids"][r, :width], ref["input_ids"][r][ref["attention_mask"][r].bool()])
+        assert int((batch["input_ids"][r] == tok.convert_tokens_to_ids("<|image_pad|>")).sum()) == 16
+        target = batch["labels"][r][batch["labels"][r] != -100]
+        assert tok.decode(target) == s.answer + "<|im_end|>"
+    assert torch.equal(batch["mm_token_type_ids"][:, : ref["mm_token_type_ids"].shape[1]].bool().sum(),
+                       ref["mm_token_type_ids"].bool().sum())
+
+
+def test_trained_expert_beats_untrained_base(processor, vqa) -> None:
+    model = modeling.build_model(processor.tokenizer, modeling.TinyQwen2VLConfig.tiny(), seed=0)
+    before = train._quick_accuracy(model, processor, vqa["test"])
+    cfg = train.TrainConfig(steps=40, batch_size=16, lr=3e-3, warmup_steps=4, seed=0)
+    res = train.train(model, processor, train.encode(vqa["train"], processor), cfg, device="cpu")
+    after = train._quick_accuracy(res.model, processor, vqa["test"])
+    assert res.losses[-1] < 0.6 * res.losses[0]
+    assert after >= before + 15, (before, after)
+
+
+def test_training_is_deterministic_and_lora_touches_only_the_language_model(processor, vqa) -> None:
+    enc = train.encode(vqa["train"][:32], processor)
+    runs = []
+    for _ in range(2):
+        model = modeling.build_model(processor.tokenizer, modeling.TinyQwen2VLConfig.tiny(), seed=1)
+        cfg = train.TrainConfig(steps=3, batch_size=8, lr=1e-3, warmup_steps=1, lora_r=4, lora_alpha=8, seed=5)
+        runs.append(train.train(model, processor, enc, cfg, device="cpu"))
+    assert runs[0].losses == runs[1].losses
+    names = [n for n, _ in runs[0].model.named_parameters() if "lora_" in n]
+    assert names and all(".language_model.layers." in n for n in names)
+    assert runs[0].trainable_params == sum(p.numel() for n, p in runs[0].model.named_parameters() if "lora_" in n)
+
+
+def test_tiny_zoo_builds_in_seconds_reuses_and_reloads(tmp_path: Path) -> None:
+    t0 = time.perf_counter()
+    manifest = zoo.build_zoo(tmp_path / "zoo", tiny=True, progress=False, evaluate=False)
+    first = time.perf_counter() - t0
+    names = {"seed0/base", "seed0/mixture", *zoo.expert_names(0, "full"), *zoo.expert_names(0, "lora")}
+    assert set(manifest["models"]) == names
+    for name, entry in manifest["models"].items():
+        d = tmp_path / "zoo" / name
+        (wname, sha), = entry["weights"].items()
+        assert zoo.sha256_file(d / wname) == sha
+        assert entry["train_seconds"] >= 0 and entry["fingerprint"]
+    assert json.loads((tmp_path / "zoo" / "manifest.json").read_text())["models"].keys() == names
+
+    logs: list[str] = []
+    t0 = time.perf_counter()
+    again = zoo.build_zoo(tmp_path / "zoo", tiny=True, progress=False, evaluate=False, log=logs.append)
+    assert time.perf_counter() - t0 < first / 2
+    assert sorted(logs) == sorted(f"{n}: reused" for n in names)
+    assert again["models"] == manifest["models"]
+
+    lora_dir = tmp_path / "zoo" / "seed0" / "lora" / "ocr"
+    assert (lora_dir / "adapter_model.safetensors").is_file() and not (lora_dir / "config.json").exists()
+    model, proc = hf.load_model(lora_dir)
+    base, _ = hf.load_model(tmp_path / "zoo" / "seed0" / "base")
+    diff = {k for k, v in model.state_dict().items() if not torch.equal(v, base.state_dict()[k])}
+    assert diff and all(".language_model.layers." in k for k in diff)
+    full, _ = hf.load_model(tmp_path / "zoo" / "seed0" / "full" / "vqa")
+    diff = {k for k, v in full.state_dict().items() if not torch.equal(v, base.state_dict()[k])}
+    assert diff and all(k.startswith("model.language_model.layers.") for k in diff)  # vision, embeddings frozen
+    answers = train.greedy_answers(model, proc, generate("ocr", "shifted", "test", n=4), max_new_tokens=3)
+    assert len(answers) == 4 and all(isinstance(a, str) for a in answers)

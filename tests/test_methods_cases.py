@@ -1,0 +1,197 @@
+"""Hand-computed cases per method (STYLE.md 12), TIES global top-k, DARE statistics, hyperparameter validation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from mergelab.methods import REGISTRY, MergeContext
+from mergelab.methods._sparsify import GlobalMagnitudeThreshold, disjoint_merge, trim_to_threshold
+from mergelab.methods.iso import IsoCConfig, IsoCtsConfig, iso_c, iso_cts
+from mergelab.methods.task_arithmetic import TaskArithmeticConfig, task_arithmetic
+from mergelab.methods.ties import TiesConfig, ties
+from mergelab.methods.tsv import TsvConfig, tsv
+
+CTX = MergeContext(name="w")
+
+
+def test_weight_average_and_task_arithmetic_by_hand() -> None:
+    d = torch.tensor([[[1.0, -2.0]], [[3.0, 5.0]]])
+    wa = REGISTRY["weight_average"]
+    torch.testing.assert_close(wa.fn(torch.zeros(1, 2), d, wa.make_config(), CTX), torch.tensor([[2.0, 1.5]]))
+    torch.testing.assert_close(task_arithmetic(None, d, TaskArithmeticConfig(), CTX), torch.tensor([[4.0, 3.0]]))
+    cfg = TaskArithmeticConfig(coefficients=(0.5, 2.0))
+    torch.testing.assert_close(task_arithmetic(None, d, cfg, CTX), torch.tensor([[6.5, 9.0]]))
+
+
+def test_task_arithmetic_coefficients_must_match_experts() -> None:
+    with pytest.raises(ValueError, match=r"coefficients has 3 entries but tensor w has 2 experts"):
+        task_arithmetic(None, torch.ones(2, 4), TaskArithmeticConfig(coefficients=(1.0, 1.0, 1.0)), CTX)
+
+
+def test_ties_by_hand() -> None:
+    """density 0.4 of 5 entries: j = int(5 * 0.6) = 3; the 3rd smallest |tau_i| is the threshold and, as in the
+    official code (``abs >= kthvalue``), entries equal to it are kept.
+
+    thresholds 1, 3, 2 give e1 = [4, -3, 1, 0, 0], e2 = [-4.5, 0, -5, 0, 3], e3 = [2, 0, 0, -6, -3]; summed signs
+    [+, -, -, -, 0]; the 0 takes the majority sign (-2 -> -). Disjoint means: (4 + 2) / 2 = 3, -3, -5 (the +1
+    disagrees), -6, -3.
+    """
+    d = torch.tensor([[4.0, -3.0, 1.0, 0.5, -0.2], [-4.5, 2.0, -5.0, 0.1, 3.0], [2.0, 1.0, 0.3, -6.0, -3.0]])
+    out = ties(None, d, TiesConfig(density=0.4), CTX)
+    torch.testing.assert_close(out, torch.tensor([3.0, -3.0, -5.0, -6.0, -3.0]))
+
+
+def test_ties_density_one_identical_experts_is_the_expert() -> None:
+    d = torch.randn(6, 4)
+    torch.testing.assert_close(ties(None, torch.stack([d, d, d]), TiesConfig(density=1.0), CTX), d)
+
+
+def test_ties_global_equals_brute_force_top_k() -> None:
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a": torch.randn(3, 40, 30, generator=g),
+        "b": 3.0 * torch.randn(3, 77, generator=g),
+        "c": torch.round(torch.randn(3, 16, 16, generator=g) * 4) / 4,  # many exact ties at the threshold
+    }
+    for density in (0.3, 0.05, 1.0):
+        cfg = TiesConfig(density=density, scope="global")
+        stats = REGISTRY["ties"].make_stats(cfg, 3)
+        passes = 0
+        while True:
+            for k, v in tensors.items():
+                stats.update(k, v)
+            passes += 1
+            if not stats.finish_pass():
+                break
+        assert passes == (1 if density == 1.0 else 2)
+        flat = torch.cat([v.reshape(3, -1) for v in tensors.values()], dim=1).abs()
+        j = int(flat.shape[1] * (1 - density))
+        expected_thr = flat.kthvalue(j, dim=1).values if j else torch.zeros(3)
+        assert torch.equal(stats.thresholds, expected_thr)
+        for k, v in tensors.items():
+            out = ties(None, v, cfg, MergeContext(name=k, stats=stats))
+            keep = v.abs() >= expected_thr.reshape((3,) + (1,) * (v.dim() - 1))
+            torch.testing.assert_close(out, disjoint_merge(v * keep))
+
+
+def test_ties_global_without_stats_is_an_error() -> None:
+    with pytest.raises(ValueError, match="make_stats"):
+        ties(None, torch.randn(2, 5), TiesConfig(scope="global"), CTX)
+
+
+def test_dare_ties_global_replays_the_same_masks_in_every_pass() -> None:
+    v = torch.randn(3, 50, 20)
+    cfg = REGISTRY["dare_ties"].make_config({"scope": "global", "density": 0.5, "seed": 7})
+    stats = REGISTRY["dare_ties"].make_stats(cfg, 3)
+    stats.update("w", v)
+    while stats.finish_pass():
+        stats.update("w", v)
+    dropped = stats.prepare("w", v)
+    assert 0.7 < (dropped != 0).float().mean() < 0.9  # p = 0.2
+    flat = dropped.reshape(3, -1).abs()
+    assert torch.equal(stats.thresholds, flat.kthvalue(int(flat.shape[1] * 0.5), dim=1).values)
+    out = ties(None, v, cfg, MergeContext(name="w", stats=stats))
+    torch.testing.assert_close(out, disjoint_merge(trim_to_threshold(dropped, stats.thresholds)))
+
+
+def test_dare_drop_rescale_and_mean_over_seeds() -> None:
+    spec = REGISTRY["dare_task_arithmetic"]
+    cfg = spec.make_config({})
+    assert cfg.drop_rate == 0.2 and REGISTRY["dare_ties"].make_config({}).drop_rate == 0.2
+    d = torch.randn(1, 64)
+    outs = torch.stack(
+        [spec.fn(None, d, cfg, MergeContext(generator=torch.Generator().manual_seed(s))) for s in range(400)]
+    )
+    kept = outs != 0
+    assert abs(kept.float().mean().item() - 0.8) < 0.01
+    torch.testing.assert_close(outs[kept], (d[0] / 0.8).expand_as(outs)[kept])
+    # E[DARE(tau)] = tau; the std of the mean over 400 seeds is |tau| * sqrt(p / (1 - p) / 400) = |tau| / 40
+    assert ((outs.mean(0) - d[0]).abs() <= 4 * d[0].abs() / 40 + 1e-6).all()
+    assert not torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(spec.fn(None, d, spec.make_config({"drop_rate": 0.0}), CTX), d[0])
+
+
+def test_tsv_orthogonal_tasks_sum() -> None:
+    """Tasks with mutually orthogonal singular subspaces, each of rank <= r = min(m,n)/N: U_hat and V_hat already
+    have orthonormal columns/rows, so their polar factors are themselves and TSV returns sum_i tau_i exactly."""
+    g = torch.Generator().manual_seed(4)
+    u = torch.linalg.qr(torch.randn(12, 12, generator=g)).Q
+    v = torch.linalg.qr(torch.randn(9, 9, generator=g)).Q
+    s = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.25, 0.1])
+    deltas = torch.stack([(u[:, 3 * i : 3 * i + 3] * s[3 * i : 3 * i + 3]) @ v[:, 3 * i : 3 * i + 3].T for i in range(2)])
+    out = tsv(None, deltas, TsvConfig(), CTX)  # r = 9 // 2 = 4 >= rank 3
+    torch.testing.assert_close(out, deltas.sum(0), rtol=1e-4, atol=1e-5)
+    # overlapping tasks: the output has the concatenated spectrum (orthogonalisation only rotates the bases)
+    deltas = 0.1 * torch.randn(3, 12, 9, generator=g)
+    out = tsv(None, deltas, TsvConfig(), CTX)
+    s_hat = torch.linalg.svdvals(deltas)[:, :3].reshape(-1).sort(descending=True).values
+    torch.testing.assert_close(torch.linalg.svdvals(out), s_hat, rtol=1e-4, atol=1e-5)
+
+
+def test_iso_c_by_hand() -> None:
+    """tau_1 = diag(3, 0), tau_2 = diag(0, 1): the sum diag(3, 1) has spectrum (3, 1); its mean 2 gives diag(2, 2)."""
+    d = torch.stack([torch.diag(torch.tensor([3.0, 0.0])), torch.diag(torch.tensor([0.0, 1.0]))])
+    torch.testing.assert_close(iso_c(None, d, IsoCConfig(), CTX), 2.0 * torch.eye(2))
+
+
+def test_iso_cts_structure() -> None:
+    """common_space_fraction 1 is Iso-C; otherwise the result is isotropic (one distinct singular value) and differs
+    from Iso-C when tasks have their own low-rank directions."""
+    g = torch.Generator().manual_seed(5)
+    d = torch.stack([torch.randn(16, 2, generator=g) @ torch.randn(2, 12, generator=g) for _ in range(3)])
+    d = d + 0.01 * torch.randn(3, 16, 12, generator=g)
+    torch.testing.assert_close(iso_cts(None, d, IsoCtsConfig(common_space_fraction=1.0), CTX), iso_c(None, d, IsoCConfig(), CTX))
+    out = iso_cts(None, d, IsoCtsConfig(common_space_fraction=0.5), CTX)
+    sv = torch.linalg.svdvals(out)
+    torch.testing.assert_close(sv, sv.mean().expand_as(sv), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(out, iso_c(None, d, IsoCConfig(), CTX), atol=1e-3)
+    # scale: the mean of the stacked spectrum (6 common directions of the sum, then 2 per task)
+    u, s, _ = torch.linalg.svd(d.sum(0), full_matrices=False)
+    resid = d - u[:, :6] @ (u[:, :6].T @ d)
+    stacked = torch.cat([s[:6], torch.linalg.svdvals(resid)[:, :2].reshape(-1)])
+    torch.testing.assert_close(sv.mean(), stacked.mean(), rtol=1e-4, atol=1e-6)
+
+
+BAD: list[tuple[str, dict[str, Any], str]] = [
+    ("task_arithmetic", {"lam": float("nan")}, "lam"),
+    ("task_arithmetic", {"coefficients": (1.0, "x")}, "coefficients"),
+    ("task_arithmetic", {"coefficients": 3.0}, "coefficients"),
+    ("dare_task_arithmetic", {"drop_rate": 1.0}, "drop_rate"),
+    ("dare_task_arithmetic", {"drop_rate": -0.1}, "drop_rate"),
+    ("ties", {"density": 0.0}, "density"),
+    ("ties", {"density": 1.5}, "density"),
+    ("ties", {"scope": "model"}, "scope"),
+    ("ties", {"seed": -1}, "seed"),
+    ("dare_ties", {"drop_rate": 2}, "drop_rate"),
+    ("tsv", {"rank_ratio": 0.0}, "rank_ratio"),
+    ("tsv", {"lam": "big"}, "lam"),
+    ("iso_c", {"lam": math.inf}, "lam"),
+    ("iso_cts", {"common_space_fraction": 1.2}, "common_space_fraction"),
+    ("wudi", {"steps": 0}, "steps"),
+    ("wudi", {"lr": -1e-5}, "lr"),
+    ("wudi", {"optimizer": "rmsprop"}, "optimizer"),
+    ("optmerge", {"variant": "half"}, "variant"),
+    ("optmerge", {"rank_ratio": 1.5}, "rank_ratio"),
+    ("optmerge", {"steps": 2.5}, "steps"),
+    ("optmerge", {"momentum": 1.0}, "momentum"),
+    ("optmerge", {"init": "zeros"}, "init"),
+    ("optmerge", {"projector": "both"}, "projector"),
+    ("optmerge", {"compute_dtype": "int8"}, "compute_dtype"),
+    ("optmerge", {"solver": "closed"}, "solver"),
+    ("optmerge", {"solver": "exact", "optimizer": "adam"}, "solver"),
+]
+
+
+@pytest.mark.parametrize(("name", "params", "field"), BAD)
+def test_out_of_range_hyperparameters_are_named(name: str, params: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValueError, match=field) as info:
+        REGISTRY[name].make_config(params)
+    assert "\n" not in str(info.value)
+
+
+def test_every_method_validates_something() -> None:
+    assert {name for name, _, _ in BAD} == set(REGISTRY) - {"weight_average"}

@@ -1,0 +1,104 @@
+"""Conformance suite over every registered merging method (STYLE.md 11): a new registry line is tested at once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+from mergelab.methods import REGISTRY, MergeContext, scale_of
+
+NAMES = sorted(REGISTRY)
+
+#: Parameters under which one expert with lam 1 must come back unchanged, or None where the method does not define
+#: it so (Iso-C/Iso-CTS flatten the spectrum: they are checked on an isotropic task vector instead).
+SINGLE_EXPERT: dict[str, dict[str, Any] | None] = {
+    "weight_average": {},
+    "task_arithmetic": {"lam": 1.0},
+    "ties": {"density": 1.0},
+    "dare_task_arithmetic": {"drop_rate": 0.0},
+    "dare_ties": {"drop_rate": 0.0, "density": 1.0},
+    "tsv": {},
+    "iso_c": None,
+    "iso_cts": None,
+    "wudi": {"optimizer": "sgd", "lr": 1e-3},
+    "optmerge": {"variant": "lora", "lam": 1.0},
+}
+
+
+def run(name: str, base: Tensor, deltas: Tensor, params: dict[str, Any] | None = None, seed: int = 0) -> Tensor:
+    """Call a method the way the engine does, including the stats passes of global methods."""
+    spec = REGISTRY[name]
+    cfg = spec.make_config(params or {})
+    stats = spec.make_stats(cfg, deltas.shape[0]) if spec.make_stats else None
+    if stats is not None:
+        stats.update("w", deltas)
+        while stats.finish_pass():
+            stats.update("w", deltas)
+    gen = torch.Generator(device=deltas.device).manual_seed(seed)
+    return spec.fn(base, deltas, cfg, MergeContext(name="w", generator=gen, stats=stats, compute_dtype=deltas.dtype))
+
+
+def test_single_expert_table_covers_registry() -> None:
+    assert sorted(SINGLE_EXPERT) == NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_zero_deltas_return_base(name: str, base_dtype: torch.dtype, device: torch.device) -> None:
+    base = torch.randn(12, 8, device=device).to(base_dtype)
+    tau = run(name, base, torch.zeros(3, 12, 8, device=device))
+    assert tau.shape == base.shape and tau.dtype == torch.float32 and tau.device == base.device
+    assert torch.isfinite(tau).all() and not tau.any()
+    merged = (base.float() + scale_of(REGISTRY[name].make_config({})) * tau).to(base_dtype)
+    assert torch.equal(merged, base)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.float64])
+def test_shape_dtype_device_and_determinism(name: str, compute_dtype: torch.dtype, device: torch.device) -> None:
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(10, 7, generator=g).to(device=device, dtype=torch.bfloat16)
+    deltas = (0.01 * torch.randn(3, 10, 7, generator=g)).to(device=device, dtype=compute_dtype)
+    a, b = run(name, base, deltas, seed=5), run(name, base, deltas, seed=5)
+    assert a.shape == base.shape and a.dtype == compute_dtype and a.device == base.device
+    assert torch.isfinite(a).all() and a.any()
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_single_expert_gives_that_expert(name: str) -> None:
+    g = torch.Generator().manual_seed(2)
+    params = SINGLE_EXPERT[name]
+    if params is None:  # isotropic task vector: 0.3 * (orthonormal columns) has a flat spectrum already
+        tau = 0.3 * torch.linalg.qr(torch.randn(9, 6, generator=g)).Q
+        params = {}
+    else:
+        tau = 0.05 * torch.randn(9, 6, generator=g)
+    out = run(name, torch.zeros(9, 6), tau.unsqueeze(0), params)
+    torch.testing.assert_close(out, tau, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_zero_expert_among_others(name: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    deltas = 0.02 * torch.randn(3, 8, 6, generator=g)
+    deltas[1] = 0.0
+    out = run(name, torch.zeros(8, 6), deltas)
+    assert torch.isfinite(out).all() and out.any()
+    if name in ("task_arithmetic", "wudi"):  # sum / sum-init with the zero expert left out of the loss
+        torch.testing.assert_close(out, run(name, torch.zeros(8, 6), deltas[[0, 2]]), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if REGISTRY[n].matrix_only])
+def test_matrix_only_methods_reject_vectors(name: str) -> None:
+    with pytest.raises(ValueError, match="2-D"):
+        run(name, torch.zeros(5), torch.randn(2, 5))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unknown_parameter_is_named(name: str) -> None:
+    with pytest.raises(ValueError, match="bogus"):
+        REGISTRY[name].make_config({"bogus": 1})

@@ -1,0 +1,151 @@
+"""Campaigns: a real Optuna RDB study on its own SQLite file, trials as nested MLflow runs, crash-in-trial failed and
+the campaign goes on, top-k registration without dangling versions, resume, heartbeat, val-only objective."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from conftest_platform import WeightEvaluator, make_expert_family
+from mergelab.platform import registry as reg
+from mergelab.platform.campaign import RUN_ATTR, run_campaign
+from mergelab.platform.campaign_config import CampaignConfig, load_campaign
+from mergelab.platform.tracking import Store, local_path
+
+TASKS = ["vqa", "geometry", "ocr"]
+
+
+def _campaign(tmp_path: Path, **over: object) -> tuple[CampaignConfig, WeightEvaluator]:
+    base, experts = make_expert_family(tmp_path / "zoo", n=3)
+    raw = {
+        "name": "camp", "base": str(base), "method": "task_arithmetic", "policy": "llama", "device": "cpu",
+        "experts": [{"path": str(p), "name": t, "score": 100.0} for p, t in zip(experts, TASKS, strict=True)],
+        "search_space": {"lam": {"type": "float", "low": 0.1, "high": 1.2}},
+        "coefficients": {"low": 0.5, "high": 1.5},
+        "sampler": {"name": "tpe", "seed": 0}, "budget": {"n_trials": 5},
+        "eval": {"tasks": TASKS}, "registry": {"name": "camp-model", "register": "top_k", "top_k": 2},
+    }
+    raw.update(over)
+    return CampaignConfig.model_validate(raw), WeightEvaluator(base, dict(zip(TASKS, experts, strict=True)))
+
+
+def _crash_on_call(n: int):  # noqa: ANN202
+    from mergelab.methods.engine import merge
+
+    calls = {"n": 0}
+
+    def merge_fn(**kw):  # noqa: ANN003, ANN202
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError("GPU fell off the bus")
+        return merge(**kw)
+
+    return merge_fn
+
+
+def test_campaign_nests_trials_survives_crash_registers_top_k_and_resumes(platform_store: Store,
+                                                                          tmp_path: Path) -> None:
+    cfg, ev = _campaign(tmp_path)
+    res = run_campaign(cfg, store=platform_store, evaluator=ev, merge_fn=_crash_on_call(3))
+    client = platform_store.client()
+    study = optuna.load_study(study_name="camp", storage=platform_store.optuna_storage)
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert (res.n_complete, res.n_failed) == (4, 1)
+    # every trial is a child run of the campaign run; the crashed one is FAILED in MLflow too
+    exp = platform_store.experiment_id("mergelab", client)
+    children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{res.parent_run_id}'")
+    assert len(children) == 5
+    by_trial = {int(r.data.tags["mergelab.trial"]): r for r in children}
+    assert by_trial[2].info.status == "FAILED" and "GPU fell off" in by_trial[2].data.tags["mergelab.error"]
+    assert all(by_trial[i].info.status == "FINISHED" for i in (0, 1, 3, 4))
+    assert {t.user_attrs[RUN_ATTR] for t in study.trials} == {r.info.run_id for r in children}
+    # the sampler saw val only; params of the trial are logged
+    assert all("optuna.lam" in by_trial[i].data.params and "optuna.coef.vqa" in by_trial[i].data.params
+               for i in (0, 1, 3, 4))
+    # top-2 registered by val/average, zero-copy into the run's artifact dir; the rest's weights deleted
+    versions = reg.campaign_versions(client, "camp-model", "camp")
+    assert len(versions) == 2
+    best2 = sorted((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: -t.values[0])[:2]
+    assert {int(v.tags["trial"]) for v in versions} == {t.number for t in best2}
+    for v in versions:
+        src = local_path(v.source)
+        assert src.exists() and src == local_path(client.get_run(v.run_id).info.artifact_uri) / "merged"
+        assert float(v.tags["val/average"]) == pytest.approx(by_trial[int(v.tags["trial"])].data.metrics[
+            "val/average"], abs=1e-3)
+        assert "test/average" in v.tags and "hp.lam" in v.tags and "sha256" in v.description
+        assert v.tags["mergelab.score"] and json.loads(v.tags["eval.tasks"]) == TASKS
+    registered_runs = {v.run_id for v in versions}
+    for r in children:
+        merged = local_path(r.info.artifact_uri) / "merged"
+        assert merged.exists() == (r.info.run_id in registered_runs), r.data.tags["mergelab.trial"]
+    # test metrics only for registered candidates; val only for the sampler
+    assert all(("test/average" in r.data.metrics) == ("mergelab.registered_version" in r.data.tags)
+               for r in children)
+    assert registered_runs <= {r.info.run_id for r in children if "test/average" in r.data.metrics}
+    # the parent got the summary
+    parent = client.get_run(res.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["campaign/n_complete"] == 4
+    assert parent.data.tags["best_trial"] == str(best2[0].number)
+    files = {f.path for f in client.list_artifacts(res.parent_run_id, "optuna")}
+    assert {"optuna/optimization_history.png", "optuna/optimization_history.html",
+            "optuna/param_importances.png", "optuna/parallel_coordinate.html"} <= files
+    table = json.loads((local_path(parent.info.artifact_uri) / "trials.json").read_text())
+    assert len(table["data"]) == 5
+
+    # resume: same study, same parent run, budget raised to 7 -> exactly 2 more trials
+    cfg7 = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"n_trials": 7})})
+    res2 = run_campaign(cfg7, store=platform_store, evaluator=ev)
+    assert res2.parent_run_id == res.parent_run_id
+    study = optuna.load_study(study_name="camp", storage=platform_store.optuna_storage)
+    assert len(study.trials) == 7 and res2.n_complete == 6
+    versions = reg.campaign_versions(client, "camp-model", "camp")
+    assert len(versions) == 2 and all(local_path(v.source).exists() for v in versions)
+    # a third run with the budget spent does nothing
+    res3 = run_campaign(cfg7, store=platform_store, evaluator=ev, summarize=False)
+    assert len(optuna.load_study(study_name="camp", storage=platform_store.optuna_storage).trials) == 7
+    assert res3.n_complete == 6
+
+
+def test_test_split_objective_is_refused(tmp_path: Path) -> None:
+    y = tmp_path / "c.yaml"
+    y.write_text("name: c\nbase: b\nexperts: [{path: e}]\nmethod: ties\nobjective: {metrics: [test/average]}\n")
+    with pytest.raises(ValueError, match=r"c.yaml: objective.metrics: .*not on the val split"):
+        load_campaign(y)
+    y.write_text("name: c\nbase: b\nexperts: [{path: e}]\nmethod: ties\neval: {split: test}\n")
+    with pytest.raises(ValueError, match=r"eval.split: .*refused"):
+        load_campaign(y)
+    y.write_text("name: c\nbase: b\nexperts: [{path: e}]\nmethod: ties\n"
+                 "search_space: {lam: {type: float, low: 2, high: 1}}\n")
+    with pytest.raises(ValueError, match=r"search_space.lam"):
+        load_campaign(y)
+    y.write_text("name: c\nbase: b\nexperts: [{path: e}]\nmethod: ties\nsearch_space: {nope: {type: int, low: 1,"
+                 " high: 2}}\n")
+    cfg = load_campaign(y)
+    assert cfg.base == str(tmp_path / "b") and cfg.registry.name == "c" and cfg.registry.top_k == 3
+    with pytest.raises(ValueError, match=r"\['nope'\] are not hyperparameters of 'ties'"):
+        run_campaign(cfg, store=Store.resolve(tmp_path / "mlruns"))
+
+
+def test_killed_worker_trial_is_failed_by_heartbeat(platform_store: Store, tmp_path: Path) -> None:
+    cfg, ev = _campaign(tmp_path, budget={"n_trials": 2}, tracking={"heartbeat_interval": 1, "grace_period": 1},
+                        registry={"register": "none"})
+    client = platform_store.client()
+    # a worker that started trial 0, opened its MLflow run, and died without a word
+    storage = optuna.storages.RDBStorage(platform_store.optuna_storage, heartbeat_interval=1, grace_period=1)
+    study = optuna.create_study(study_name="camp", storage=storage, direction="maximize")
+    dead = study.ask()
+    run = client.create_run(platform_store.experiment_id("mergelab", client), tags={"mergelab.trial": "0"})
+    dead.set_user_attr(RUN_ATTR, run.info.run_id)
+    storage.record_heartbeat(dead._trial_id)
+    time.sleep(2.5)
+    res = run_campaign(cfg, store=platform_store, evaluator=ev)
+    study = optuna.load_study(study_name="camp", storage=platform_store.optuna_storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+    assert client.get_run(run.info.run_id).info.status == "FAILED"
+    assert "no heartbeat" in client.get_run(run.info.run_id).data.tags["mergelab.error"]
+    assert res.n_complete == 1 and reg.campaign_versions(client, "camp-model", "camp") == []

@@ -1,0 +1,122 @@
+"""Registry: zero-copy versions, top-k pruning with no dangling version, promotion rules, `models:/NAME@champion`
+loading into a working model, the `registry` CLI, and the import rule's counterpart (platform owns mlflow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest_platform import TableEvaluator
+from mergelab.platform import registry as reg
+from mergelab.platform.tracking import TAG_WEIGHTS, Store, local_path
+
+
+def _run_with_weights(store: Store, payload: bytes = b"w") -> tuple[str, str, Path]:
+    client = store.client()
+    run = client.create_run(store.experiment_id("reg", client), tags={"mergelab.role": "trial"})
+    uri = f"{run.info.artifact_uri}/merged"
+    path = local_path(uri)
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(payload)
+    client.log_param(run.info.run_id, "method", "ties")
+    return run.info.run_id, uri, path
+
+
+def test_top_k_pruning_deletes_weights_with_versions_and_leaves_none_dangling(platform_store: Store) -> None:
+    client = platform_store.client()
+    made = []
+    for score in (3.0, 1.0, 4.0, 1.5, 5.0):
+        rid, uri, path = _run_with_weights(platform_store)
+        mv = reg.register_run(client, "m", rid, uri, tags={"campaign": "c", "method": "ties"}, score=score)
+        assert mv.source == uri  # zero-copy: the version points at the run's own directory
+        made.append((str(mv.version), rid, path, score))
+    client.set_registered_model_alias("m", "challenger", made[1][0])  # an aliased version is never pruned
+    assert reg.would_enter_top_k(client, "m", "c", 4.5, "maximize", 2)
+    assert not reg.would_enter_top_k(client, "m", "c", 3.5, "maximize", 2)
+    deleted = reg.prune_campaign(client, "m", "c", keep=2)
+    assert sorted(deleted) == sorted([made[0][0], made[3][0]])
+    left = {str(v.version): v for v in reg.campaign_versions(client, "m", "c")}
+    assert set(left) == {made[1][0], made[2][0], made[4][0]}
+    for v in left.values():
+        assert local_path(v.source).is_dir() and (local_path(v.source) / "model.safetensors").exists()
+    for version, rid, path, _ in (made[0], made[3]):
+        assert not path.exists() and client.get_run(rid).data.tags[TAG_WEIGHTS] == "deleted"
+        with pytest.raises(ValueError, match="no such registered model version"):
+            reg.get_version(client, f"models:/m/{version}")
+    assert [str(v.version) for v in reg.ranked(list(left.values()))] == [made[4][0], made[2][0], made[1][0]]
+
+
+def test_promotion_moves_champion_only_on_a_real_win(platform_store: Store) -> None:
+    client = platform_store.client()
+    table: dict[str, dict[str, float]] = {}
+    versions = []
+    for scores in ({"vqa": 50.0, "ocr": 50.0}, {"vqa": 50.3, "ocr": 50.1}, {"vqa": 60.0, "ocr": 45.0},
+                   {"vqa": 53.0, "ocr": 49.0}):
+        rid, uri, _ = _run_with_weights(platform_store)
+        table[rid] = scores
+        versions.append(str(reg.register_run(client, "p", rid, uri, tags={"eval.tasks": '["vqa", "ocr"]'}).version))
+    ev = TableEvaluator(table)
+    kw = dict(margin=0.5, max_task_drop=2.0, evaluator=ev, store=platform_store)
+
+    d1 = reg.promote("p", version=versions[0], **kw)
+    assert d1.decision == "champion" and d1.champion is None
+    d2 = reg.promote("p", version=versions[1], **kw)  # +0.2 on average: below the margin
+    assert d2.decision == "challenger" and d2.delta == pytest.approx(0.2) and "margin" in d2.reason
+    d3 = reg.promote("p", version=versions[2], **kw)  # +2.5 on average but OCR drops 5 points
+    assert d3.decision == "challenger" and d3.worst_task == "ocr" and d3.worst_drop == pytest.approx(5.0)
+    assert str(client.get_model_version_by_alias("p", "champion").version) == versions[0]
+    assert str(client.get_model_version_by_alias("p", "challenger").version) == versions[2]
+    d4 = reg.promote("p", version=versions[3], **kw)  # +1.0, worst drop 1.0: a real win
+    assert d4.decision == "champion" and d4.promoted and d4.champion == versions[0]
+    assert str(client.get_model_version_by_alias("p", "champion").version) == versions[3]
+    tags = client.get_model_version("p", versions[3]).tags
+    assert tags["promotion.decision"] == "champion" and float(tags["promotion.delta"]) == pytest.approx(1.0)
+    assert float(tags["test/vqa"]) == 53.0 and tags["promotion.champion_version"] == versions[0]
+    assert client.get_model_version("p", versions[0]).tags["promotion.replaced_by"] == versions[3]
+    assert client.get_model_version("p", versions[1]).tags["promotion.decision"] == "challenger"
+    assert {split for _, split in ev.calls} == {"test"}  # promotion evaluates on TEST only
+    assert reg.promote("p", version=versions[3], **kw).decision == "already_champion"
+    with pytest.raises(ValueError, match="has no version 99"):
+        reg.promote("p", version=99, **kw)
+
+
+def test_models_champion_loads_into_a_working_model(platform_store: Store) -> None:
+    from mergelab.bench.modeling import build_model, build_processor, build_tokenizer
+    from mergelab.hf import save_model
+
+    tok = build_tokenizer(["what colour is the square", "red", "blue", "green"], vocab_size=300)
+    model = build_model(tok, seed=0)
+    client = platform_store.client()
+    run = client.create_run(platform_store.experiment_id("reg", client))
+    uri = f"{run.info.artifact_uri}/merged"
+    save_model(model, build_processor(tok), local_path(uri))
+    client.log_param(run.info.run_id, "method", "optmerge")
+    mv = reg.register_run(client, "vlm", run.info.run_id, uri)
+    client.set_registered_model_alias("vlm", "champion", mv.version)
+    assert reg.resolve_model_dir(platform_store, "models:/vlm@champion") == local_path(uri)  # no copy
+    loaded, processor = reg.load_registered(platform_store, "models:/vlm@champion")
+    ref = dict(model.named_parameters())
+    for k, v in loaded.named_parameters():
+        assert torch.equal(v, ref[k]), k
+    ids = processor.tokenizer("what colour", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert loaded(input_ids=ids).logits.shape[-1] == model.config.text_config.vocab_size
+
+
+def test_registry_cli_lists_versions_with_aliases(platform_store: Store) -> None:
+    from click.testing import CliRunner
+
+    from mergelab.platform.cli import main
+
+    client = platform_store.client()
+    rid, uri, _ = _run_with_weights(platform_store)
+    mv = reg.register_run(client, "cli-model", rid, uri, tags={"method": "ties", "val/average": "42.0000",
+                                                                "campaign": "c", "trial": "3"})
+    client.set_registered_model_alias("cli-model", "champion", mv.version)
+    out = CliRunner().invoke(main, ["registry", "cli-model", "--root", str(local_path(
+        platform_store.artifact_root).parent)])
+    assert out.exit_code == 0, out.output
+    line = out.output.splitlines()[1]
+    assert "cli-model" in line and "champion" in line and "42.0000" in line and "ties" in line

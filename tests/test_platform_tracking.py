@@ -1,0 +1,89 @@
+"""Tracking: the embedded store, a tracked merge as one MLflow run (params, metrics, artifacts, weights written once
+into the run's artifact directory), failure marking, and `mergelab merge` as a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest_platform import WeightEvaluator, make_expert_family
+from mergelab.platform.tracking import Store, content_hash, local_path, tracked_merge
+
+
+def test_store_defaults_env_and_separate_optuna_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("MLFLOW_TRACKING_URI", "MERGELAB_OPTUNA_STORAGE", "MERGELAB_ARTIFACT_ROOT", "MERGELAB_ROOT"):
+        monkeypatch.delenv(var, raising=False)
+    s = Store.resolve(tmp_path / "mlruns")
+    assert s.tracking_uri == f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    assert s.optuna_storage == f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
+    assert s.artifact_root == (tmp_path / "mlruns" / "artifacts").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5055")
+    monkeypatch.setenv("MERGELAB_OPTUNA_STORAGE", "postgresql+psycopg2://u:p@127.0.0.1/optuna")
+    s = Store.resolve(tmp_path / "mlruns")
+    assert s.tracking_uri == "http://127.0.0.1:5055" and s.artifact_root is None
+    assert s.optuna_storage.startswith("postgresql")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("MERGELAB_OPTUNA_STORAGE", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    with pytest.raises(ValueError, match="Optuna storage .* is the MLflow database"):
+        Store.resolve(tmp_path / "mlruns")
+
+
+def test_tracked_merge_logs_everything_and_writes_weights_once(platform_store: Store, tmp_path: Path) -> None:
+    base, experts = make_expert_family(tmp_path / "zoo", n=2)
+    ev = WeightEvaluator(base, {"vqa": experts[0], "ocr": experts[1]})
+    client = platform_store.client()
+    exp = platform_store.experiment_id("unit", client)
+    parent = client.create_run(exp, run_name="parent").info.run_id
+    res = tracked_merge(base=base, experts=[{"path": str(experts[0]), "name": "vqa", "coefficient": 0.8},
+                                            {"path": str(experts[1]), "name": "ocr"}],
+                        method="task_arithmetic", params={"lam": 0.5}, policy="llama", device="cpu",
+                        store=platform_store, experiment="unit", parent_run_id=parent, tasks=["vqa", "ocr"],
+                        evaluator=ev, reference_scores={"vqa": 100.0, "ocr": 50.0})
+    run = client.get_run(res.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    p = run.data.params
+    assert p["method"] == "task_arithmetic" and p["hp.lam"] == "0.5" and p["policy"] == "llama"
+    assert p["expert.0.sha256"] == content_hash(experts[0]) and p["base.sha256"] == content_hash(base)
+    assert p["expert.0.coefficient"] == "0.8" and p["expert.1.coefficient"] == "default"
+    assert "version.torch" in p and "git.commit" in p and p["seed"] == "0"
+    m = run.data.metrics
+    assert m["val/average"] == pytest.approx((m["val/vqa"] + m["val/ocr"]) / 2)
+    assert m["val/normalized_average"] == pytest.approx((m["val/vqa"] / 100 + m["val/ocr"] / 50) * 100 / 2)
+    assert m["val/worst_task"] == min(m["val/vqa"], m["val/ocr"]) and "val/vqa/accuracy" in m
+    assert m["merge/seconds"] > 0 and m["merge/report/bytes_written"] > 0 and "merge/peak_host_mb" in m
+    # the weights live in the run's artifact directory, written once (the evaluator read them there)
+    art = local_path(run.info.artifact_uri)
+    assert res.merged_path == art / "merged" and list((art / "merged").glob("*.safetensors"))
+    assert art.is_relative_to(local_path(platform_store.artifact_root) / "unit")
+    assert ev.calls == [(str(art / "merged"), "val")]
+    files = {f.path for f in client.list_artifacts(res.run_id)}
+    assert {"config", "merge_report.json", "predictions", "charts", "merged"} <= files
+    cfg_text = (art / "config" / "merge.yaml").read_text()
+    assert "task_arithmetic" in cfg_text and str(experts[0]) in cfg_text
+    table = json.loads((art / "predictions" / "val.json").read_text())
+    assert len(table["data"]) == 6 and "prediction" in table["columns"]
+    assert (art / "charts" / "val_scores.png").stat().st_size > 1000
+    assert json.loads((art / "merge_report.json").read_text())["method"] == "task_arithmetic"
+
+
+def test_failed_merge_marks_run_failed_and_leaves_no_weights(platform_store: Store, tmp_path: Path) -> None:
+    base, experts = make_expert_family(tmp_path / "zoo", n=1)
+    client = platform_store.client()
+
+    def broken_eval(model_dir, tasks, split, on_task):  # noqa: ANN001, ANN202
+        raise RuntimeError("evaluator exploded")
+
+    with pytest.raises(RuntimeError, match="evaluator exploded"):
+        tracked_merge(base=base, experts=[str(experts[0])], method="task_arithmetic", device="cpu",
+                      store=platform_store, experiment="unit", tasks=["vqa"], evaluator=broken_eval)
+    (run,) = client.search_runs([platform_store.experiment_id("unit", client)])
+    assert run.info.status == "FAILED" and "evaluator exploded" in run.data.tags["mergelab.error"]
+    assert not (local_path(run.info.artifact_uri) / "merged").exists()
+    with pytest.raises(ValueError, match="lam"):  # bad hyperparameter: one line naming it, run FAILED
+        tracked_merge(base=base, experts=[str(experts[0])], method="task_arithmetic", params={"lam": "x"},
+                      device="cpu", store=platform_store, experiment="unit")
+    statuses = sorted(r.info.status for r in client.search_runs([platform_store.experiment_id("unit", client)]))
+    assert statuses == ["FAILED", "FAILED"]
