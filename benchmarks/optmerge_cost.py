@@ -26,7 +26,7 @@ from mergelab.methods import MergeContext
 from mergelab.methods.optmerge import OptMergeConfig, optmerge
 
 FULL_SHAPES = [(896, 4864), (4864, 896), (3584, 18944), (18944, 3584)]
-QUICK_SHAPES = [(896, 4864), (4864, 896)]
+QUICK_SHAPES = [(448, 2432), (2432, 448)]  # half the InternVL2.5-1B (Qwen2.5-0.5B) MLP shapes
 
 
 def sync(device: torch.device) -> None:

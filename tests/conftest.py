@@ -162,4 +162,4 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tup
 
     return get
 
-from conftest_platform import mlflow_template, platform_store  # noqa: E402,F401  (platform fixtures: MLflow template DB)
+from conftest_platform import _isolated_mlruns, mlflow_template, platform_store  # noqa: E402,F401  (platform fixtures)

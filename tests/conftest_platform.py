@@ -44,6 +44,7 @@ def platform_store(mlflow_template: Path, tmp_path: Path, monkeypatch: pytest.Mo
     root.mkdir()
     shutil.copy(mlflow_template, root / "mlflow.db")
     monkeypatch.setenv("MERGELAB_ROOT", str(root))
+    monkeypatch.setenv("MERGELAB_TRACK", "0")
     return Store.resolve(root)
 
 
@@ -118,3 +119,20 @@ class TableEvaluator:
         scores = self.table[Path(model_dir).parent.parent.name if Path(model_dir).name == "merged"
                             else Path(model_dir).name]
         return EvalSummary(split=split, scores={t: scores[t] for t in tasks})
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlruns(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never write to the user's ``./mlruns``: tracking goes to a session store in tmp (copied from the
+    template when that already exists), and ``mergelab merge`` is untracked (``MERGELAB_TRACK=0``) unless a test
+    asks for ``--track`` (a fresh MLflow DB costs ~7 s of migrations)."""
+    root = tmp_path_factory.getbasetemp() / "mlruns-session"
+    if not root.exists():
+        root.mkdir(parents=True)
+        template = tmp_path_factory.getbasetemp() / "mlflow-template" / TEMPLATE_NAME
+        if template.exists():
+            shutil.copy(template, root / "mlflow.db")
+    for var in ("MLFLOW_TRACKING_URI", "MERGELAB_OPTUNA_STORAGE", "MERGELAB_ARTIFACT_ROOT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MERGELAB_ROOT", str(root))
+    monkeypatch.setenv("MERGELAB_TRACK", "0")

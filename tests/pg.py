@@ -172,10 +172,10 @@ class PostgresServer:
             return "(no server log)"
 
     def stop(self) -> None:
-        """Stop the server (fast shutdown) and delete its directory."""
+        """Stop the server (immediate shutdown: the data is thrown away) and delete its directory."""
         if (self.datadir / "postmaster.pid").exists():
             _pg(
-                self, ["pg_ctl", "-D", str(self.datadir), "-m", "fast", "-w", "-t", "30", "stop"], check=False
+                self, ["pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "-t", "30", "stop"], check=False
             )
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -345,14 +345,14 @@ class MlflowServer:
             return "(no server log)"
 
     def stop(self) -> None:
-        """SIGTERM the server's process group (uvicorn workers included), SIGKILL after 15 s."""
+        """SIGTERM the server's process group (uvicorn workers included), SIGKILL after 5 s."""
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 return
             try:
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)

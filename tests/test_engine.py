@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_state, write_sharded
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_state, write_sharded
 from mergelab.methods.base import MergeContext, MethodSpec
 from mergelab.methods.engine import ExpertSpec, merge, tensor_seed
-from mergelab.methods.io import CheckpointReader, NameResolver, ShardWriter, OutSpec, canonical_name
+from mergelab.methods.io import CheckpointReader, NameResolver, OutSpec, ShardWriter, canonical_name
 from mergelab.methods.policy import PRESETS, MergePolicy, Rule, preset_for_config, resolve_policy
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_state, write_sharded
+
 from mergelab.methods.engine import ExpertSpec, MergeError, merge
 
 

@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import build_tiny_model
 from mergelab.methods.engine import ExpertSpec, merge
 from mergelab.methods.io import CheckpointReader, LoraAdapter
 
@@ -105,8 +104,9 @@ def test_lora_experts_for_a_vlm_map_in_memory_names_to_legacy_disk_names(tiny_mo
 
 
 def test_adapter_key_without_base_counterpart_is_named(tiny_models: Any, tmp_path: Path) -> None:
-    from safetensors.torch import save_file
     import json
+
+    from safetensors.torch import save_file
 
     base_dir, _ = tiny_models("llama")
     ad = tmp_path / "bad"

@@ -99,7 +99,9 @@ def test_evaluate_offline_end_to_end(vlm: tuple[Any, Any], offline_root: Path) -
     assert {"task", "id", "prompt", "prediction", "references", "score"} <= set(r)
     assert r["id"] == "vqa-shifted-val-00000" and r["references"] == ["red"]
     assert "<|image_pad|>" in r["prompt"]
-    json.dumps(res.to_dict())
+    saved = json.loads(res.save(offline_root.parent / "out" / "eval.json").read_text())
+    assert saved["scores"] == res.scores and len(saved["records"]) == 20
+    assert not [p for p in (offline_root.parent / "out").iterdir() if p.name != "eval.json"]  # no temp left
     assert res.config["num_samples"]["vqa"] == 4
     assert "vqa" in res.summary()
 
@@ -160,6 +162,8 @@ def test_paper_suite_end_to_end(vlm: tuple[Any, Any], tmp_path: Path) -> None:
     suite = get_suite("paper")
     res = evaluate(model, proc, tasks=suite.tasks, data_root=root, max_new_tokens=4, batch_size=4)
     assert list(res.scores) == list(suite.tasks)
+    by_name = evaluate(model, proc, tasks="paper", data_root=root, max_new_tokens=4, batch_size=4)
+    assert by_name.scores == res.scores  # a suite name expands to its tasks; same outputs again
     assert "mathvista_geo/geometry_reasoning" in res.metrics and "refcocog/mean_iou" in res.metrics
     assert "mathvision_geo/solid_geometry" in res.metrics and "chartqa/relaxed_accuracy" in res.metrics
     row = paper_table_row(res.scores)

@@ -77,3 +77,40 @@ def test_native_and_lmeval_agree_within_one_point(tmp_path: Path, monkeypatch: p
     assert lm_preds == {r["id"]: r["prediction"] for r in native.records if r["task"] == "vqa"}
     assert model.generation_config.eos_token_id == proc.tokenizer.eos_token_id  # restored after the run
     assert all("," not in k and "[" not in k for k in m)
+
+
+def test_text_lm_inline_task_through_hflm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A text LM runs through HFLM on an inline lm-eval task; references = its own outputs on even items."""
+    import json
+
+    import torch
+    import transformers
+
+    from mergelab.bench import modeling as bm
+    from mergelab.evaluators import generate
+    from mergelab.evaluators.lmeval import run_lmeval
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    questions = ["what is two plus two", "name a colour", "which way is left", "count to three"]
+    tok = bm.build_tokenizer(questions, vocab_size=300)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=128, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    own = generate(model, tok, questions, max_new_tokens=4)
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": own[i] if i % 2 == 0 else "nope"}) + "\n"
+                            for i, q in enumerate(questions)))  # fmt: skip
+    task = {
+        "task": "toy_gen", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test", "output_type": "generate_until", "doc_to_text": "{{question}}",
+        "doc_to_target": "{{answer}}", "target_delimiter": "",
+        "generation_kwargs": {"until": [], "max_gen_toks": 4, "do_sample": False},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }  # fmt: skip
+    out = run_lmeval(model, tok, [task], apply_chat_template=False, batch_size=2, max_length=128)
+    assert out["metrics"]["toy_gen/exact_match"] == pytest.approx(0.5)

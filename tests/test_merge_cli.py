@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-
 from conftest import tiny_state, write_sharded
+
 from mergelab.methods.io import CheckpointReader
 from mergelab.platform.cli import main
 from mergelab.platform.merge_config import MergeConfig, MergeConfigError, parse_size

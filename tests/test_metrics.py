@@ -131,6 +131,7 @@ def test_anls_golden() -> None:
         ("[[100, 200, 300, 400]]", (0.1, 0.2, 0.3, 0.4)),  # InternVL
         ("The box is [0.1, 0.2, 0.3, 0.4].", (0.1, 0.2, 0.3, 0.4)),  # plain list, already normalised
         ("100, 200, 300, 400", (0.1, 0.2, 0.3, 0.4)),
+        ("[.1, .2, .3, .4]", (0.1, 0.2, 0.3, 0.4)),
         ("[[300, 400, 100, 200]]", (0.1, 0.2, 0.3, 0.4)),  # swapped corners are put in order
         ("[[-50, 200, 1200, 400]]", (0.0, 0.2, 1.0, 0.4)),  # out of range: clipped to the image
         ("[[1, 1, 500, 500]]", (0.001, 0.001, 0.5, 0.5)),  # one coordinate above 1 puts the box on the grid
@@ -175,6 +176,8 @@ def test_grounding_scores() -> None:
         ("C.", 2),
         ("The answer is (B).", 1),
         ("Answer: D", 3),
+        ("Option A is wrong, so the correct option is C", 2),
+        ("The answer is C. Final answer: D", 3),
         ("A triangle has three sides, so the answer is C", 2),  # "A" is the article
         ("60°", 1),  # the option's text itself
         ("I think it is 60° because ...", 1),

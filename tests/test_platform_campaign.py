@@ -9,8 +9,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-
 from conftest_platform import WeightEvaluator, make_expert_family
+
 from mergelab.platform import registry as reg
 from mergelab.platform.campaign import RUN_ATTR, run_campaign
 from mergelab.platform.campaign_config import CampaignConfig, load_campaign
@@ -149,3 +149,61 @@ def test_killed_worker_trial_is_failed_by_heartbeat(platform_store: Store, tmp_p
     assert client.get_run(run.info.run_id).info.status == "FAILED"
     assert "no heartbeat" in client.get_run(run.info.run_id).data.tags["mergelab.error"]
     assert res.n_complete == 1 and reg.campaign_versions(client, "camp-model", "camp") == []
+
+
+def test_zoo_reference_resolves_base_experts_and_reference_scores(tmp_path: Path) -> None:
+    from mergelab.platform.campaign import resolve_experts
+
+    models = {"seed0/base": {"kind": "base"}, "seed0/lora/vqa": {"kind": "lora", "task": "vqa",
+                                                                 "scores": {"shifted": {"vqa": 66.6}}},
+              "seed0/lora/ocr": {"kind": "lora", "task": "ocr"}, "seed0/full/vqa": {"kind": "full", "task": "vqa"}}
+    (tmp_path / "manifest.json").write_text(json.dumps({"models": models}))
+    cfg = CampaignConfig.model_validate({"name": "z", "method": "ties", "experts": {"zoo": str(tmp_path),
+                                         "kind": "lora"}, "eval": {"tasks": ["vqa", "ocr", "chart"]}})
+    base, experts, ref = resolve_experts(cfg)
+    assert base == str(tmp_path / "seed0/base")
+    assert [(e.name, e.path) for e in experts] == [("vqa", str(tmp_path / "seed0/lora/vqa")),
+                                                   ("ocr", str(tmp_path / "seed0/lora/ocr"))]
+    assert ref == {"vqa": 66.6}
+    bad = cfg.model_copy(update={"experts": cfg.experts.model_copy(update={"seed": 3})})
+    with pytest.raises(ValueError, match=r"manifest.json: no seed3/base"):
+        resolve_experts(bad)
+
+
+@pytest.mark.slow
+def test_campaign_end_to_end_on_the_tiny_zoo_then_promote_and_load_champion(platform_store: Store,
+                                                                             tmp_path: Path) -> None:
+    """Real pieces only: the tiny benchmark zoo (LoRA experts), the streaming engine, the evaluators on written
+    val/test data, a real study; then `promote` on the test split and `models:/NAME@champion` loads."""
+    import torch
+
+    from mergelab.bench import zoo
+    from mergelab.bench.data import write_split
+    from mergelab.bench.tasks import generate
+
+    torch.set_num_threads(1)
+    tasks = ["vqa", "ocr"]
+    zoo.build_zoo(tmp_path / "zoo", tiny=True, progress=False, evaluate=False, tasks=tasks)
+    for t in tasks:
+        for split in ("val", "test"):
+            write_split(generate(t, "shifted", split, n=6), tmp_path / "data")
+    cfg = CampaignConfig.model_validate({
+        "name": "e2e", "experts": {"zoo": str(tmp_path / "zoo"), "kind": "lora"}, "method": "task_arithmetic",
+        "device": "cpu", "search_space": {"lam": {"type": "float", "low": 0.2, "high": 1.0}},
+        "sampler": {"name": "random"}, "budget": {"n_trials": 2},
+        "eval": {"tasks": tasks, "data_root": str(tmp_path / "data"), "limit": 6, "batch_size": 6},
+        "registry": {"register": "best"}})
+    res = run_campaign(cfg, store=platform_store)
+    assert res.n_complete == 2 and len(res.registered) == 1
+    client = platform_store.client()
+    run = client.get_run(res.best["run_id"])
+    assert {"val/vqa/accuracy", "val/ocr/accuracy", "val/average", "test/average"} <= set(run.data.metrics)
+    table = json.loads((local_path(run.info.artifact_uri) / "predictions" / "val.json").read_text())
+    assert len(table["data"]) == 12
+    from mergelab.platform.tracking import HFEvaluator
+
+    d = reg.promote("e2e", campaign="e2e", store=platform_store,
+                    evaluator=HFEvaluator(data_root=str(tmp_path / "data"), limit=6, batch_size=6, device="cpu"))
+    assert d.decision == "champion" and set(d.candidate_scores) == set(tasks)
+    model, processor = reg.load_registered(platform_store, "models:/e2e@champion")
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration" and processor is not None

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest_platform import TableEvaluator
+
 from mergelab.platform import registry as reg
 from mergelab.platform.tracking import TAG_WEIGHTS, Store, local_path
 

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest_platform import WeightEvaluator, make_expert_family
+
 from mergelab.platform.tracking import Store, content_hash, local_path, tracked_merge
 
 
@@ -87,3 +87,23 @@ def test_failed_merge_marks_run_failed_and_leaves_no_weights(platform_store: Sto
                       device="cpu", store=platform_store, experiment="unit")
     statuses = sorted(r.info.status for r in client.search_runs([platform_store.experiment_id("unit", client)]))
     assert statuses == ["FAILED", "FAILED"]
+
+
+def test_mergelab_merge_cli_is_an_mlflow_run(platform_store: Store, tmp_path: Path) -> None:
+    import yaml
+    from click.testing import CliRunner
+
+    from mergelab.platform.cli import main
+
+    base, experts = make_expert_family(tmp_path / "zoo", n=2)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"base": str(base), "experts": [str(e) for e in experts],
+                                      "method": "ties", "params": {"density": 0.5}, "policy": "llama"}))
+    res = CliRunner().invoke(main, ["merge", str(recipe), "--out", str(tmp_path / "m"), "--quiet", "--track"])
+    assert res.exit_code == 0, res.output
+    run_id = next(line.split()[-1] for line in res.output.splitlines() if line.startswith("MLflow run"))
+    run = platform_store.client().get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "recipe"
+    assert run.data.params["method"] == "ties" and run.data.params["hp.density"] == "0.5"
+    assert run.data.tags["mergelab.merged_uri"] == (tmp_path / "m").resolve().as_uri()
+    assert run.data.metrics["merge/report/bytes_written"] > 0 and list((tmp_path / "m").glob("*.safetensors"))

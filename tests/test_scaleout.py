@@ -44,10 +44,10 @@ def test_compose_topology() -> None:
     """postgres + mlflow server + GPU worker replicas, healthchecks, shared artifact volume, worker command."""
     doc = _compose()
     services = doc["services"]
-    assert set(services) == {"postgres", "mlflow", "worker"}
+    assert set(services) == {"postgres", "mlflow", "optuna-init", "worker"}
     for name, svc in services.items():
         hc = svc.get("healthcheck")
-        assert hc and hc.get("test"), f"service {name} has no healthcheck"
+        assert name == "optuna-init" or (hc and hc.get("test")), f"service {name} has no healthcheck"
     assert "/docker-entrypoint-initdb.d" in " ".join(services["postgres"]["volumes"])
     mlflow_cmd = " ".join(services["mlflow"]["command"])
     assert (
@@ -65,8 +65,11 @@ def test_compose_topology() -> None:
     assert worker["environment"]["MERGELAB_OPTUNA_STORAGE"].endswith("/${OPTUNA_DB:-optuna}")
     assert {d: c["condition"] for d, c in worker["depends_on"].items()} == {
         "postgres": "service_healthy",
+        "optuna-init": "service_completed_successfully",
         "mlflow": "service_healthy",
     }
+    init = services["optuna-init"]
+    assert init["environment"]["MERGELAB_OPTUNA_STORAGE"] == worker["environment"]["MERGELAB_OPTUNA_STORAGE"]
     assert "replicas" in worker["deploy"]
     (gpu,) = worker["deploy"]["resources"]["reservations"]["devices"]
     assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"]
@@ -252,3 +255,193 @@ def test_mlflow_server_registers_from_run_artifact_dir_only(
     outside.mkdir()
     with pytest.raises(MlflowException, match="artifact directory of the run"):
         client.create_model_version("scaleout-check", source=outside.as_uri(), run_id=run.info.run_id)
+
+
+# --------------------------------------------------------------------------------------------- two workers
+TASKS = ("vqa", "chart")
+N_TRIALS = 4
+TOP_K = 2
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Benchmark data (val/test of two tasks) and a tiny zoo (base + two full fine-tuned experts), built here."""
+    import torch
+
+    from mergelab.bench.data import ensure_data
+    from mergelab.bench.zoo import build_zoo
+
+    root = tmp_path_factory.mktemp("bench")
+    data = ensure_data(root / "data", tasks=TASKS, splits=("val", "test"), sizes={"val": 8, "test": 8})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build_zoo(root / "zoo", tiny=True, progress=False, tasks=TASKS, device="cpu", evaluate=False)
+    finally:
+        torch.set_num_threads(threads)
+    return data, root / "zoo"
+
+
+def _compose_optuna_init(env: dict[str, str]) -> None:
+    """Run the compose file's `optuna-init` command (creates Optuna's schema once, before the workers)."""
+    import sys
+
+    argv = _compose()["services"]["optuna-init"]["command"]
+    assert argv[0] == "python"
+    proc = subprocess.run([sys.executable, *argv[1:]], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "optuna schema ready" in proc.stdout, proc.stderr[-2000:]
+
+
+def _worker_argv(campaign: Path) -> list[str]:
+    import sys
+
+    exe = Path(sys.executable).parent / "mergelab"
+    return (
+        [str(exe), "worker", str(campaign)]
+        if exe.exists()
+        else [sys.executable, "-m", "mergelab.platform.cli", "worker", str(campaign)]
+    )
+
+
+def test_two_workers_share_one_campaign(
+    postgres: PostgresServer, mlflow_server: MlflowServer, tiny_bench: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Two `mergelab worker` processes on one campaign, Optuna on PostgreSQL, MLflow through the server's HTTP URI.
+
+    Checks: every trial ran exactly once (one Optuna trial, one MLflow run, one worker per number, both workers
+    busy), every run is nested under the campaign's single parent run, and the registry is consistent (every
+    version's source exists, the versions are the campaign's top-k, unregistered weights are gone, aliases point
+    at existing versions, `models:/NAME@champion` resolves to the weights).
+    """
+    import uuid
+
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from mergelab.platform import registry as reg
+    from mergelab.platform.cli import main as cli_main
+    from mergelab.platform.tracking import HFEvaluator, Store, local_path
+
+    if "worker" not in cli_main.commands:
+        pytest.skip("`mergelab worker` is not registered in mergelab/platform/cli.py yet")
+    data, zoo = tiny_bench
+    name = f"scaleout-{uuid.uuid4().hex[:8]}"
+    optuna_db = f"optuna_{uuid.uuid4().hex[:8]}"  # fresh, as in a new compose deployment
+    optuna_url = postgres.create_database(optuna_db)
+    campaign = tmp_path / "campaign.yaml"
+    campaign.write_text(
+        yaml.safe_dump(
+            {
+                "name": name,
+                "base": str(zoo / "seed0" / "base"),
+                "experts": [{"path": str(zoo / "seed0" / "full" / t), "name": t} for t in TASKS],
+                "method": "task_arithmetic",
+                "search_space": {"lam": {"type": "float", "low": 0.2, "high": 1.2}},
+                "sampler": {"name": "random", "seed": 0},
+                "budget": {"n_trials": N_TRIALS},
+                "eval": {"tasks": list(TASKS), "data_root": str(data), "limit": 8, "batch_size": 8},
+                "registry": {"name": name, "register": "top_k", "top_k": TOP_K, "evaluate_test": True},
+                "tracking": {"experiment": "scaleout", "heartbeat_interval": 5},
+                "device": "cpu",
+            }
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MERGELAB_"))}
+    env.update(
+        MLFLOW_TRACKING_URI=mlflow_server.uri,
+        MERGELAB_OPTUNA_STORAGE=optuna_url,
+        MLFLOW_DISABLE_TELEMETRY="true",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        MERGELAB_DATA=str(data),
+        PYTHONUNBUFFERED="1",
+    )
+    _compose_optuna_init(env)
+
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    procs = []
+    for log in logs:
+        with open(log, "wb") as fh:
+            procs.append(
+                subprocess.Popen(
+                    _worker_argv(campaign),
+                    env=env,
+                    cwd=tmp_path,
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+            )
+    try:
+        rcs = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    texts = [log.read_text(errors="replace") for log in logs]
+    for i, (rc, text) in enumerate(zip(rcs, texts, strict=True)):
+        assert rc == 0, f"worker {i} exited {rc}:\n{text[-4000:]}"
+
+    # Every trial ran exactly once, and both workers worked.
+    study = optuna.load_study(study_name=name, storage=optuna_url)
+    worked = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("mergelab.skipped")]
+    assert sorted(t.number for t in worked) == list(range(N_TRIALS))
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in worked), [
+        (t.number, t.state) for t in worked
+    ]
+    finished = [set(map(int, re.findall(r"Trial (\d+) finished", text))) for text in texts]
+    assert not finished[0] & finished[1], f"trials finished by both workers: {finished[0] & finished[1]}"
+    assert finished[0] | finished[1] == set(range(N_TRIALS)), finished
+    assert finished[0] and finished[1], f"one worker did every trial: {finished}"
+
+    # One MLflow run per trial, all nested under the campaign's single parent run.
+    client = MlflowClient(tracking_uri=mlflow_server.uri, registry_uri=mlflow_server.uri)
+    exp = client.get_experiment_by_name("scaleout")
+    runs = client.search_runs([exp.experiment_id], f"tags.`mergelab.campaign` = '{name}'", max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("mergelab.role") == "campaign"]
+    assert len(parents) == 1, f"{len(parents)} campaign runs"
+    parent_id = parents[0].info.run_id
+    trial_runs = [r for r in runs if r.data.tags.get("mergelab.role") == "trial"]
+    by_trial: dict[int, list] = {}
+    for r in trial_runs:
+        by_trial.setdefault(int(r.data.tags["mergelab.trial"]), []).append(r)
+    assert {n: len(rs) for n, rs in by_trial.items()} == dict.fromkeys(range(N_TRIALS), 1)
+    for t in worked:
+        (r,) = by_trial[t.number]
+        assert r.info.run_id == t.user_attrs["mlflow_run_id"]
+        assert r.data.tags.get("mlflow.parentRunId") == parent_id, f"trial {t.number} not nested"
+        assert r.info.status == "FINISHED"
+        assert r.data.metrics["val/average"] == pytest.approx(t.value)
+    assert study.user_attrs.get("mlflow_parent_run_id") == parent_id
+
+    # Registry: the campaign's top-k, every source present and inside its run's artifact directory.
+    versions = client.search_model_versions(f"name='{name}'")
+    top = sorted(worked, key=lambda t: t.value, reverse=True)[:TOP_K]
+    assert sorted(float(v.tags["mergelab.score"]) for v in versions) == sorted(t.value for t in top)
+    registered_runs = set()
+    for v in versions:
+        src = local_path(v.source)
+        run = client.get_run(v.run_id)
+        assert src is not None and src.is_dir() and any(src.glob("*.safetensors")), (
+            f"v{v.version}: {v.source}"
+        )
+        assert v.source.startswith(run.info.artifact_uri), f"v{v.version} source outside its run's artifacts"
+        registered_runs.add(v.run_id)
+    for r in trial_runs:
+        if r.info.run_id not in registered_runs:
+            merged = local_path(r.data.tags["mergelab.merged_uri"])
+            assert merged is not None and not merged.exists(), f"unregistered weights left at {merged}"
+
+    # Promote the campaign's best, then every alias must point at an existing version with its weights.
+    store = Store.resolve(tmp_path / "unused", tracking_uri=mlflow_server.uri, optuna_storage=optuna_url)
+    evaluator = HFEvaluator(data_root=str(data), batch_size=8, limit=8, device="cpu")
+    decision = reg.promote(name, campaign=name, evaluator=evaluator, store=store)
+    assert decision.decision == "champion"
+    model = client.get_registered_model(name)
+    assert set(model.aliases) >= {"champion"}
+    live = {v.version for v in client.search_model_versions(f"name='{name}'")}
+    for alias, version in model.aliases.items():
+        assert str(version) in live, f"alias {alias} -> missing version {version}"
+    champion_dir = reg.resolve_model_dir(store, f"models:/{name}@champion")
+    assert champion_dir == local_path(client.get_model_version_by_alias(name, "champion").source)

@@ -233,15 +233,16 @@ def train(
         idx = torch.multinomial(data.weights, cfg.batch_size, replacement=True, generator=gen).tolist()
         batch = {k: v.to(dev) for k, v in collate(data, idx, processor).items()}
         loss = model(**batch).loss
-        if not math.isfinite(float(loss)):
-            raise FloatingPointError(f"train: loss became {float(loss)} at step {step} (lr {cfg.lr})")
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"train: loss became {value} at step {step} (lr {cfg.lr})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(value)
         if progress is not None:
             progress(step, losses[-1])
     seconds = time.perf_counter() - t0
@@ -253,7 +254,7 @@ def train(
 @torch.no_grad()
 def greedy_answers(model: Any, processor: Any, samples: Sequence[Any], *, batch_size: int = 64,
                    max_new_tokens: int = 16) -> list[str]:
-    """Greedy answers to ``samples`` (training-time checks only; benchmark scores come from the evaluators)."""
+    """Greedy answers to ``samples`` for quick looks; scores always come from :func:`mergelab.evaluators.evaluate`."""
     from mergelab.bench.modeling import build_prompt
 
     tok = processor.tokenizer
@@ -271,9 +272,3 @@ def greedy_answers(model: Any, processor: Any, samples: Sequence[Any], *, batch_
         out += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
     return out
 
-
-def _quick_accuracy(model: Any, processor: Any, samples: Sequence[Any]) -> float:
-    """Exact-match accuracy in percent (a private smoke check; the zoo scores with ``mergelab.evaluators``)."""
-    preds = greedy_answers(model, processor, samples)
-    hits = sum(p.lower() == str(s.answer).strip().lower() for p, s in zip(preds, samples, strict=True))
-    return 100.0 * hits / max(1, len(samples))

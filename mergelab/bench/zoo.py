@@ -429,6 +429,10 @@ def build_zoo(
         manifest["tokenizer"] = {"fingerprint": tok_fp, "vocab_size": len(tok), "path": "tokenizer"}
         _write_manifest(root, manifest)
     processor = modeling.build_processor(tok)
+    if evaluate:
+        from mergelab.bench.data import ensure_data
+
+        data_root = ensure_data(data_root, tasks=tasks, splits=("val", "test"), seed=plan.data_seed)
     ctx = _Ctx(root, plan, manifest, data, progress, device, evaluate, Path(data_root) if data_root else None, log)
     torch_threads = torch.get_num_threads()
     try:
@@ -511,11 +515,14 @@ def benchmark(
     """
     import tempfile
 
+    from mergelab.bench.data import ensure_data
     from mergelab.methods import REGISTRY
     from mergelab.methods.engine import merge
 
     root = Path(root)
     manifest = read_manifest(root)
+    data_root = ensure_data(data_root, tasks=manifest.get("tasks", TASKS), splits=("val", "test"),
+                            seed=manifest["plan"].get("data_seed", 0))
     tasks = list(manifest.get("tasks", TASKS))
     seeds = list(seeds if seeds is not None else manifest["plan"]["seeds"])
     methods = list(REGISTRY) if methods is None else list(methods)
@@ -593,7 +600,7 @@ def format_table(result: dict[str, Any], setting: str, variant: str = "shifted")
     cols = [*result["tasks"], "average"]
     agg = aggregate(result, setting, variant)
     n = len(result["seeds"])
-    head = f"{'model':<26}" + "".join(f"{c:>15}" for c in cols)
+    head = f"{'model':<36}" + "".join(f"{c:>15}" for c in cols)
     lines = [f"[{setting} experts, {variant} variant, test split, mean +- sd over {n} seed(s)]", head,
              "-" * len(head)]
     for row, vals in agg.items():
@@ -601,7 +608,7 @@ def format_table(result: dict[str, Any], setting: str, variant: str = "shifted")
         if row.startswith("merge:"):
             chosen = result["lam"][setting].get(row[6:], {})
             lam = " (lam " + "/".join(f"{chosen[s]:g}" for s in sorted(chosen)) + ")"
-        lines.append(f"{(row + lam)[:26]:<26}" + "".join(f"{vals[c][0]:>9.1f} +-{vals[c][1]:>4.1f}" for c in cols))
+        lines.append(f"{(row + lam)[:36]:<36}" + "".join(f"{vals[c][0]:>9.1f} +-{vals[c][1]:>4.1f}" for c in cols))
     return "\n".join(lines)
 
 

@@ -102,6 +102,7 @@ def run_lmeval(
     apply_chat_template: bool | None = None,
     max_length: int | None = None,
     log_samples: bool = False,
+    include_defaults: bool | None = None,
 ) -> dict[str, Any]:
     """Run lm-eval tasks on an in-memory model; return MLflow-safe flat metrics and, optionally, the samples.
 
@@ -123,6 +124,8 @@ def run_lmeval(
         apply_chat_template: Render prompts with the chat template; None: when the processor has one.
         max_length: Context length for lm-eval.
         log_samples: Also return lm-eval's per-sample logs under ``"samples"``.
+        include_defaults: Index lm-eval's built-in tasks; None: only when a task is named that is neither a
+            ``mergelab_*`` task nor an inline config dict (the index takes tens of seconds to build).
 
     Returns:
         ``{"metrics": {"<task>/<metric>": value}, "results": <lm-eval results>, "samples": ...}``; values are as
@@ -143,9 +146,9 @@ def run_lmeval(
     root = Path(data_root).expanduser() if data_root is not None else default_offline_root()
     metadata = {"data_root": str(root), "split": split, "limit": limit}
     all_offline = all(isinstance(t, str) and t.startswith("mergelab_") for t in tasks)
-    # Indexing lm-eval's thousands of built-in YAMLs takes tens of seconds: skip it when only ours are asked for.
-    tm = TaskManager(include_path=paths, include_defaults=not all_offline or include_path is not None,
-                     metadata=metadata)  # fmt: skip
+    if include_defaults is None:
+        include_defaults = any(isinstance(t, str) and not t.startswith("mergelab_") for t in tasks)
+    tm = TaskManager(include_path=paths, include_defaults=include_defaults, metadata=metadata)
     if apply_chat_template is None:
         tmpl = getattr(processor, "chat_template", None) or getattr(
             getattr(processor, "tokenizer", processor), "chat_template", None

@@ -44,6 +44,7 @@ __all__ = [
     "subset_mean_accuracy",
     "mean",
     "MATHVISTA_GEOMETRY_ROWS",
+    "OPTION_LETTERS",
     "MATHVISION_GEOMETRY_ROWS",
 ]
 
@@ -305,7 +306,7 @@ def anls(*, prediction: str, answers: Sequence[str], threshold: float = 0.5) -> 
 # Grounding (RefCOCO / RefCOCO+ / RefCOCOg)
 # ---------------------------------------------------------------------------------------------------------------
 
-_NUM = r"(-?\d+(?:\.\d+)?)"
+_NUM = r"(-?(?:\d+(?:\.\d+)?|\.\d+))"
 _SEP = r"\s*,\s*"
 _BOX_PATTERNS = (
     # Qwen2-VL: <|box_start|>(x1,y1),(x2,y2)<|box_end|>  (the special tokens may have been skipped on decoding)
@@ -412,13 +413,14 @@ def grounding_scores(
 # MathVista / MATH-Vision: rule-based answer extraction and the geometry-subset aggregation
 # ---------------------------------------------------------------------------------------------------------------
 
-_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+"""Option letters of multiple-choice questions, in order."""
 _WORD_NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?|-?\.\d+")
 # "A" followed by a lower-case word is the article, unless the word joins options ("A or B", "A is ...").
 _ARTICLE_A = re.compile(r"(?<![A-Za-z])A (?!(?:or|and|is|was|seems|looks)\b)[a-z]")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _ANSWER_IS = re.compile(
-    r"(?i:final answer|answer|correct option|option|choice)\s*(?i:is)?\s*[:：]?\s*\(?([A-Z])\)?(?![A-Za-z])"
+    r"(?i:answer|correct option|correct choice)\s*(?i:is|should be|would be)?\s*[:：]?\s*\(?([A-Z])\)?(?![A-Za-z])"
 )
 
 
@@ -440,7 +442,7 @@ def extract_choice(*, prediction: str, choices: Sequence[str]) -> int | None:
     n = len(choices)
     if not pred or n == 0:
         return None
-    letters = _LETTERS[:n]
+    letters = OPTION_LETTERS[:n]
     norm = normalize_modified
     np_ = norm(text=pred)
     for i, c in enumerate(choices):
@@ -451,9 +453,9 @@ def extract_choice(*, prediction: str, choices: Sequence[str]) -> int | None:
         inner = boxed.group(1).strip().strip("()")
         if len(inner) == 1 and inner.upper() in letters:
             return letters.index(inner.upper())
-    m = _ANSWER_IS.search(pred)
-    if m and m.group(1) in letters:
-        return letters.index(m.group(1))
+    stated = [x for x in _ANSWER_IS.findall(pred) if x in letters]
+    if stated:
+        return letters.index(stated[-1])  # the last explicit statement wins
     found = {x for x in re.findall(r"(?<![A-Za-z])\(?([A-Z])\)?(?![A-Za-z])", pred) if x in letters}
     if len(found) > 1 and _ARTICLE_A.search(pred):
         found.discard("A")  # a capital "A" before a lower-case word is the article, as VLMEvalKit notes
@@ -571,7 +573,7 @@ def mathvision_score(*, prediction: str, answer: str, options: Sequence[str] | N
     """
     if options:
         idx = extract_choice(prediction=prediction, choices=options)
-        return float(idx is not None and _LETTERS[idx] == str(answer).strip().upper())
+        return float(idx is not None and OPTION_LETTERS[idx] == str(answer).strip().upper())
     ref = _to_number(str(answer))
     if ref is not None:
         got = extract_number(prediction=prediction)

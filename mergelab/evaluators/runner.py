@@ -146,8 +146,10 @@ def generate(
     )  # fmt: skip
     nested = getattr(getattr(model, "config", None), "model_type", "") in ("idefics3", "smolvlm", "idefics2")
     out_texts: list[str] = []
-    old_side, was_training = tok.padding_side, model.training
+    old_side, old_pad, was_training = tok.padding_side, tok.pad_token, model.training
     tok.padding_side = "left"
+    if tok.pad_token is None:  # e.g. Llama tokenizers: pad with EOS for the duration of the call
+        tok.pad_token = tok.eos_token
     model.eval()
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
     try:
@@ -162,7 +164,10 @@ def generate(
             elif _has_image_processor(processor):
                 enc = processor(text=chunk, return_tensors="pt", padding=True)
             else:
-                enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=True)
+                # a chat template usually writes BOS itself: do not add a second one
+                bos = tok.bos_token
+                add = not (bos and all(p.startswith(bos) for p in chunk))
+                enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=add)
             inputs = {
                 k: (v.to(device, dtype=dtype) if v.is_floating_point() else v.to(device))
                 for k, v in enc.items()
@@ -178,6 +183,8 @@ def generate(
     finally:
         bar.close()
         tok.padding_side = old_side
+        if old_pad is None:
+            tok.pad_token = None
         model.train(was_training)
     return out_texts
 
@@ -203,6 +210,31 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready copy (NaN stays NaN; ``json.dumps`` writes it as ``NaN``)."""
         return asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` as JSON to ``path`` atomically (a temporary file in the same directory, renamed).
+
+        Args:
+            path: The destination file; its directory is created if needed.
+
+        Returns:
+            The written path.
+        """
+        import json
+        import os
+        import tempfile
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.to_dict(), f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
 
     def summary(self) -> str:
         """One line per task plus the average, for terminals and logs."""
@@ -276,7 +308,8 @@ def evaluate(
     Args:
         model: A ``transformers`` VLM or causal LM (on any device).
         processor: Its processor (VLM) or tokenizer (text LM).
-        tasks: Task names from :data:`mergelab.evaluators.tasks.TASKS` (default: the offline benchmark's five).
+        tasks: Task names from :data:`mergelab.evaluators.tasks.TASKS` (default: the offline benchmark's five),
+            or one task or suite name as a string (``"paper"``, ``"offline"``, ``"offline_generic"``).
         split: The offline benchmark's split (``train``/``val``/``test``); paper tasks use their fixed split.
         data_root: Root of the data; None uses each task's default root (offline: ``$MERGELAB_DATA``,
             paper: ``$MERGELAB_PAPER_DATA``).
@@ -293,8 +326,10 @@ def evaluate(
         FileNotFoundError: a data file is missing (named in the message).
         ValueError: a task has no samples, or the data is malformed.
     """
-    if isinstance(tasks, str):
-        tasks = [tasks]
+    if isinstance(tasks, str):  # one task, or a suite name ("paper", "offline", "offline_generic")
+        from mergelab.evaluators.suites import SUITES
+
+        tasks = list(SUITES[tasks].tasks) if tasks in SUITES else [tasks]
     specs = [get_task(t) for t in tasks]
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"duplicate task names in {list(tasks)}")

@@ -78,7 +78,8 @@ def mean_aggregate(values: Sequence[Mapping[str, float]], samples: Sequence[Samp
     return {k: 100.0 * M.mean(v[k] for v in values) for k in keys}
 
 
-def _strip(text: str) -> str:
+def strip_prediction(text: str) -> str:
+    """The default parser: the generation without surrounding whitespace (VLMEvalKit strips predictions too)."""
     return str(text).strip()
 
 
@@ -144,7 +145,7 @@ def _offline_task(task: str, variant: str) -> Task:
         family="offline",
         load=_offline_loader(task, variant),
         prompt=lambda s: s.question,
-        parse=_strip,
+        parse=strip_prediction,
         score=offline_score,
         aggregate=mean_aggregate,
         primary=primary,
@@ -228,7 +229,7 @@ def _mathvision_prompt(s: Sample) -> str:
     opts = s.meta.get("options") or []
     if not opts:
         return f"{s.question}\nAnswer the question with a number or a short expression."
-    listed = "\n".join(f"({M._LETTERS[i]}) {o}" for i, o in enumerate(opts))
+    listed = "\n".join(f"({M.OPTION_LETTERS[i]}) {o}" for i, o in enumerate(opts))
     return (
         f"{s.question}\nChoices:\n{listed}\nAnswer with the option's letter from the given choices directly."
     )
@@ -250,7 +251,7 @@ def _paper_task(
         family="paper",
         load=loader,
         prompt=prompt,
-        parse=_strip,
+        parse=strip_prediction,
         score=score,
         aggregate=aggregate,
         primary=primary,
@@ -334,5 +335,14 @@ def metric_name(task: str, metric: str) -> str:
     return f"{task}/{metric}"
 
 
-__all__ = ["OFFLINE_TASKS", "PAPER_COLUMNS", "TASKS", "Task", "get_task", "mean_aggregate", "metric_name",
-           "offline_score"]  # fmt: skip
+__all__ = [
+    "OFFLINE_TASKS",
+    "PAPER_COLUMNS",
+    "TASKS",
+    "Task",
+    "get_task",
+    "mean_aggregate",
+    "metric_name",
+    "offline_score",
+    "strip_prediction",
+]

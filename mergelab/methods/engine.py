@@ -169,20 +169,39 @@ class _Expert:
     def keys(self) -> set[str]:
         return set(self.full.infos) if self.full else set()
 
-    def delta(
-        self, name: str, base_c: torch.Tensor, base_dev: torch.Tensor, device: torch.device, cdtype: torch.dtype
-    ) -> tuple[torch.Tensor | None, int]:
-        """Task vector of ``name`` in the compute dtype (None = exactly zero) and the bytes read."""
+    def delta_into(
+        self,
+        name: str,
+        slot: torch.Tensor,
+        base_c: torch.Tensor,
+        base_dev: torch.Tensor,
+        device: torch.device,
+        cdtype: torch.dtype,
+    ) -> int:
+        """Write the task vector of ``name`` into ``slot`` (compute dtype, on the device); return the bytes read."""
         if self.lora is not None:
-            return self.lora.delta(name, base_dev, device, cdtype)
+            d, n = self.lora.delta(name, base_dev, device, cdtype)
+            if d is None:
+                slot.zero_()
+            else:
+                slot.copy_(d)
+            return n
         assert self.full is not None
         t = self.full.get(name)
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if has_nonfinite(t):
             raise MergeError(f"{self.full.infos[name].file}: tensor {name} contains NaN or Inf (expert {self.name})")
-        n = t.numel() * t.element_size()
-        d = t.to(device=device, dtype=cdtype)
-        d -= base_c
-        return d, n
+        slot.copy_(t)
+        slot.sub_(base_c)
+        return t.numel() * t.element_size()
+
+
+def has_nonfinite(t: torch.Tensor) -> bool:
+    """True when a floating tensor holds NaN or Inf (one reduction; the exact check only if the sum overflows)."""
+    if not t.is_floating_point():
+        return False
+    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
+        return False
+    return not bool(torch.isfinite(t).all())
 
 
 def _check_keys(base: CheckpointReader, experts: Sequence[_Expert], carry_unique: bool) -> dict[str, int]:
@@ -434,12 +453,9 @@ def merge(
             return _Loaded(it, b, None, nbytes)
         b_dev = b.to(dev)
         b_c = b_dev.to(cdtype)
-        deltas = torch.zeros((len(ex), *b.shape), dtype=cdtype, device=dev)
+        deltas = torch.empty((len(ex), *b.shape), dtype=cdtype, device=dev)
         for i, e in enumerate(ex):
-            d, n = e.delta(it.name, b_c, b_dev, dev, cdtype)
-            nbytes += n
-            if d is not None:
-                deltas[i] = d
+            nbytes += e.delta_into(it.name, deltas[i], b_c, b_dev, dev, cdtype)
         del b_c
         zero = not bool(deltas.any())
         return _Loaded(it, b_dev, None if zero else deltas, nbytes, zero)
@@ -569,8 +585,9 @@ def _merge_one(
             raise MergeError(f"method returned shape {tuple(tau.shape)} for tensor {it.name} of shape {it.shape}")
     else:
         tau = deltas.mean(dim=0)
-    upd = tau.to(cdtype) * lam
-    if not bool(torch.isfinite(upd).all()):
+    tau = tau.to(cdtype)
+    upd = tau if lam == 1.0 else tau * lam
+    if has_nonfinite(upd):
         raise MergeError(f"tensor {it.name}: the merged task vector contains NaN or Inf (rule {it.rule})")
     rec.merged_norm = float(torch.linalg.vector_norm(upd))
     value = (ld.base.to(cdtype) + upd).to(it.out_dtype)

@@ -347,11 +347,9 @@ class LoraAdapter:
             else:  # modules_to_save / trainable tokens saved as full tensors
                 name = k.removeprefix(prefix).replace(".modules_to_save.default.", ".").replace(".base_layer.", ".")
                 self.full[self._map(name, k)] = k
-        for base_key, mod in list(self.modules.items()):
+        for mod in self.modules.values():
             if mod.bias_key is not None:
-                bias_base = self._map(mod.module + ".bias", mod.bias_key)
-                self.full.pop(bias_base, None)
-                self._bias_of[bias_base] = mod
+                self._bias_of[self._map(mod.module + ".bias", mod.bias_key)] = mod
         if not self.modules and not self.full:
             raise MergeError(f"{self.path}: adapter holds no LoRA tensors")
 
@@ -393,7 +391,7 @@ class LoraAdapter:
         for k in self.factor_keys(base_key):
             t = self.reader.get(k)
             nbytes += t.numel() * t.element_size()
-            if t.is_floating_point() and not torch.isfinite(t).all():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise MergeError(f"{self.reader.infos[k].file}: tensor {k} contains NaN or Inf")
             read[k] = t.to(device=device, dtype=dtype)
         if not read:

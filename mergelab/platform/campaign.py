@@ -96,57 +96,45 @@ class CampaignResult:
 
 
 def resolve_experts(cfg: CampaignConfig) -> tuple[str, list[ExpertEntry], dict[str, float]]:
-    """The base path, the experts and their own-task val scores (for ``val/normalized_average``).
+    """The base path, the experts and their own-task reference scores (for ``val/normalized_average``).
 
-    A zoo reference reads ``<zoo>/manifest.json`` (written by ``mergelab.bench.zoo``): ``base`` (a path or a
-    ``{"path"}`` entry), and ``experts`` as a list of entries or a ``{kind: {task: entry}}`` mapping, each entry
-    with ``path``, ``task``/``name``, ``kind`` (``full``/``lora``) and per-task ``scores`` (``{"val": {...}}`` or
-    ``{task: score}``).
+    A zoo reference reads ``<zoo>/manifest.json`` written by :func:`mergelab.bench.zoo.build_zoo`: models are
+    ``manifest["models"]["seed<S>/<kind>/<task>"]`` with ``kind``, ``task``, ``seed`` and ``scores`` (``{"shifted":
+    {task: score}}``, the benchmark's own variant); the base is ``seed<S>/base``. The reference scores are the
+    zoo's recorded own-task scores: a fixed normaliser for display, never tuned on.
 
     Raises:
-        ValueError: missing manifest or no experts of the requested kind, naming the file.
+        ValueError: missing manifest or no experts of the requested kind/seed/tasks, naming the file.
     """
     if not isinstance(cfg.experts, ZooRef):
         assert cfg.base is not None
         scores = {expert_name(e.model_dump()): e.score for e in cfg.experts if e.score is not None}
         return cfg.base, list(cfg.experts), {k: float(v) for k, v in scores.items()}
-    zoo = Path(cfg.experts.zoo)
+    z = cfg.experts
+    zoo = Path(z.zoo)
     mf = zoo / "manifest.json"
     try:
         manifest = json.loads(mf.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{mf}: cannot read the zoo manifest ({e}); build it with `mergelab bench build`") from None
-
-    def path_of(entry: Any) -> str:
-        p = entry if isinstance(entry, str) else entry["path"]
-        return str(p if Path(p).is_absolute() else zoo / p)
-
-    base = cfg.base or path_of(manifest["base"])
-    raw = manifest.get("experts", [])
-    entries: list[dict[str, Any]] = []
-    if isinstance(raw, dict):
-        for kind, by_task in raw.items():
-            for task, e in by_task.items():
-                entries.append({"kind": kind, "task": task, **(e if isinstance(e, dict) else {"path": e})})
-    else:
-        entries = [dict(e) for e in raw]
-    kind = cfg.experts.kind
-    chosen = [e for e in entries if e.get("kind", "full") == kind]
-    wanted = cfg.experts.tasks or cfg.eval.tasks
-    chosen = [e for e in chosen if (e.get("task") or e.get("name")) in wanted] if wanted else chosen
-    if not chosen:
-        raise ValueError(f"{mf}: no {kind} experts for tasks {wanted}")
+    models = manifest.get("models") or {}
+    base_name = f"seed{z.seed}/base"
+    if cfg.base is None and base_name not in models:
+        raise ValueError(f"{mf}: no {base_name} in the zoo")
+    base = cfg.base or str(zoo / base_name)
+    wanted = list(z.tasks or cfg.eval.tasks)
     experts, ref = [], {}
-    for e in chosen:
-        task = str(e.get("task") or e.get("name"))
-        experts.append(ExpertEntry(path=path_of(e), name=task))
-        s = e.get("scores") or {}
-        s = s.get("val", s) if isinstance(s, dict) else {}
-        own = s.get(task) if isinstance(s, dict) else None
-        if isinstance(own, dict):  # {"vqa": {"score": ...}} style
-            own = own.get("score")
+    for task in wanted:
+        name = f"seed{z.seed}/{z.kind}/{task}"
+        entry = models.get(name)
+        if entry is None:
+            continue
+        experts.append(ExpertEntry(path=str(zoo / name), name=task))
+        own = ((entry.get("scores") or {}).get("shifted") or {}).get(task)
         if isinstance(own, (int, float)):
             ref[task] = float(own)
+    if not experts:
+        raise ValueError(f"{mf}: no seed{z.seed} {z.kind} experts for tasks {wanted}")
     return base, experts, ref
 
 
@@ -246,9 +234,11 @@ def open_storage(cfg: CampaignConfig, store: Store) -> optuna.storages.RDBStorag
     if store.optuna_storage.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     t = cfg.tracking
-    return optuna.storages.RDBStorage(
-        store.optuna_storage, heartbeat_interval=t.heartbeat_interval,
-        grace_period=t.grace_period or 2 * t.heartbeat_interval, heartbeat_stale_trial_callback=on_stale, **kwargs)
+    with _quiet():  # heartbeat is "experimental" in Optuna since 2.9; it is what detects killed workers
+        return optuna.storages.RDBStorage(
+            store.optuna_storage, heartbeat_interval=t.heartbeat_interval,
+            grace_period=t.grace_period or 2 * t.heartbeat_interval, heartbeat_stale_trial_callback=on_stale,
+            **kwargs)
 
 
 def open_study(cfg: CampaignConfig, storage: optuna.storages.BaseStorage, sampler: optuna.samplers.BaseSampler,
@@ -356,11 +346,11 @@ def run_campaign(
     storage = open_storage(cfg, store)
     salt = (os.getpid() % 100_000) if worker else 0
     study = open_study(cfg, storage, make_sampler(cfg, names, salt), make_pruner(cfg))
-    optuna.storages.fail_stale_trials(study)
+    with _quiet():
+        optuna.storages.fail_stale_trials(study)
     parent = ensure_parent_run(cfg, store, client, study)
     budget = cfg.budget.n_trials
     started = time.monotonic()
-    metric0 = cfg.objective.metrics[0]
     direction0 = (cfg.objective.directions or ["maximize"])[0]
     keep = {"all": None, "top_k": cfg.registry.top_k, "best": 1, "none": 0}[cfg.registry.register_policy]
 

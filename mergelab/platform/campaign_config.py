@@ -112,6 +112,7 @@ class ZooRef(_Strict):
 
     zoo: str
     kind: Literal["full", "lora"] = "full"
+    seed: int = 0
     tasks: list[str] | None = None
 
 

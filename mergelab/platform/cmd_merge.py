@@ -21,7 +21,10 @@ import click
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="also write the full MergeReport (per tensor) as JSON here")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def merge(config: Path, out: Path, overwrite: bool, device: str | None, report_path: Path | None, quiet: bool) -> None:
+@click.option("--track/--no-track", default=True, show_default=True, envvar="MERGELAB_TRACK",
+              help="record the merge as an MLflow run (store: ./mlruns or $MLFLOW_TRACKING_URI; env MERGELAB_TRACK)")
+def merge(config: Path, out: Path, overwrite: bool, device: str | None, report_path: Path | None, quiet: bool,
+          track: bool) -> None:
     """Merge the experts of CONFIG (YAML: base, experts, method, params, policy, device, dtype, seed) into OUT."""
     from mergelab.methods.engine import merge as run_merge
     from mergelab.methods.io import MergeError
@@ -32,7 +35,15 @@ def merge(config: Path, out: Path, overwrite: bool, device: str | None, report_p
         kwargs = cfg.merge_kwargs()
         if device is not None:
             kwargs["device"] = device
-        report = run_merge(out=out, overwrite=overwrite, progress=not quiet, **kwargs)
+        if track:  # the same engine call, as an MLflow run (mergelab.platform.tracking)
+            from mergelab.platform.tracking import track_merge_config
+
+            tracked = track_merge_config(cfg, out=out, overwrite=overwrite, progress=not quiet, device=device,
+                                         run_name=config.stem)
+            report = tracked.report
+            click.echo(f"MLflow run {tracked.run_id}")
+        else:
+            report = run_merge(out=out, overwrite=overwrite, progress=not quiet, **kwargs)
     except MergeError as e:
         raise click.ClickException(str(e)) from None
     click.echo(report.summary())

@@ -389,7 +389,10 @@ class HFEvaluator:
         for task in tasks:
             res = evaluate(model, processor, tasks=[task], split=split, data_root=self.data_root,
                            limit=self.limit, batch_size=self.batch_size)
-            total.update(EvalSummary.from_result(res, split))
+            part = EvalSummary.from_result(res, split)
+            # keep per-task metrics only (an across-task aggregate of a one-task call would be wrong here)
+            part.metrics = {k: v for k, v in part.metrics.items() if k.split("/", 1)[0] == task}
+            total.update(part)
             if on_task is not None:
                 on_task(task, total)
         return total
@@ -593,6 +596,7 @@ def tracked_merge(
     on_run: Callable[[str], None] | None = None,
     merge_fn: Callable[..., Any] | None = None,
     overwrite: bool = False,
+    engine_kwargs: Mapping[str, Any] | None = None,
     end_run: bool = True,
 ) -> TrackedMerge:
     """Merge experts into the base as one MLflow run, then evaluate the result on the val split.
@@ -624,6 +628,7 @@ def tracked_merge(
         on_run: called with the run id as soon as the run exists.
         merge_fn: the merge function (default ``mergelab.methods.engine.merge``).
         overwrite: let the engine replace an existing ``out``.
+        engine_kwargs: further engine arguments (``max_shard_bytes``, ``carry_unique``, ``progress``).
         end_run: set the run FINISHED on success (a campaign keeps it open to add registry tags).
 
     Returns:
@@ -687,7 +692,7 @@ def tracked_merge(
         t0 = time.perf_counter()
         report = merge_fn(base=str(base), experts=_expert_specs(experts), method=method, params=dict(params or {}),
                           policy=policy, out=str(target), device=device, dtype=dtype,
-                          compute_dtype=compute_dtype, seed=seed, overwrite=overwrite)
+                          compute_dtype=compute_dtype, seed=seed, overwrite=overwrite, **dict(engine_kwargs or {}))
         seconds = time.perf_counter() - t0
         metrics = {"merge/seconds": seconds, "merge/peak_host_mb": _peak_host_mb(),
                    "merge/peak_gpu_mb": _cuda_peak_mb() if gpu else 0.0}
@@ -730,6 +735,39 @@ def tracked_merge(
             with contextlib.suppress(Exception):
                 client.set_tag(run_id, TAG_WEIGHTS, "deleted")
         raise
+
+
+def track_merge_config(
+    cfg: Any,
+    *,
+    out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    device: str | None = None,
+    store: Store | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    run_name: str | None = None,
+    tasks: Sequence[str] = (),
+    evaluator: Evaluator | None = None,
+) -> TrackedMerge:
+    """``mergelab merge CONFIG`` as an MLflow run: :func:`tracked_merge` with a validated ``MergeConfig``.
+
+    Args:
+        cfg: a :class:`mergelab.platform.merge_config.MergeConfig`.
+        out: output directory; ``None`` writes into the run's artifact directory (registrable without a copy).
+        overwrite, progress: passed to the engine.
+        device: overrides the config's device.
+        store, experiment, run_name: where to track.
+        tasks, evaluator: optional val evaluation of the merged model.
+    """
+    kw = cfg.merge_kwargs()
+    if device is not None:
+        kw["device"] = device
+    engine_extra = {k: kw.pop(k) for k in ("max_shard_bytes", "carry_unique") if k in kw}
+    engine_extra["progress"] = progress
+    return tracked_merge(**kw, store=store, experiment=experiment, run_name=run_name,
+                         config=json.loads(cfg.model_dump_json()), out=out, overwrite=overwrite,
+                         engine_kwargs=engine_extra, tasks=tasks, evaluator=evaluator)
 
 
 def _expert_specs(experts: Sequence[Any]) -> list[Any]:

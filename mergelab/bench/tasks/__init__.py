@@ -63,9 +63,9 @@ def _check(task: str, variant: str, split: str) -> TaskSpec:
 def iter_drafts(task: str, variant: str, split: str, seed: int = 0) -> Iterator[Draft]:
     """Endless stream of the split's drafts (not rendered), without duplicates.
 
-    Drafts come from one ``random.Random`` seeded by ``(task, variant, split, seed)``; only those whose split key
-    belongs to ``split`` (see :func:`~mergelab.bench.tasks.common.split_of`) are kept, so the first ``n`` items
-    are a prefix of the first ``n + 1``.
+    Drafts come from one ``random.Random`` seeded by ``(task, variant, split, seed)``; only those whose
+    ``(meta, question)`` hashes into ``split`` (see :func:`~mergelab.bench.tasks.common.split_of`) are kept, so
+    splits are disjoint for any seeds and the first ``n`` items are a prefix of the first ``n + 1``.
 
     Raises:
         RuntimeError: The split's key space is exhausted (too many samples asked of a tiny task space).
@@ -77,7 +77,7 @@ def iter_drafts(task: str, variant: str, split: str, seed: int = 0) -> Iterator[
     while True:
         d = spec.draft(rng, variant)
         full = canonical([d.meta, d.question])
-        if split_of(task, variant, d.key) != split or full in seen:
+        if split_of(task, variant, full) != split or full in seen:
             misses += 1
             if misses > _MAX_TRIES_PER_SAMPLE:
                 raise RuntimeError(
@@ -92,9 +92,8 @@ def iter_drafts(task: str, variant: str, split: str, seed: int = 0) -> Iterator[
 
 def iter_samples(task: str, variant: str, split: str, seed: int = 0) -> Iterator[Sample]:
     """Endless stream of rendered samples of one split (see :func:`iter_drafts`); ids count from 0."""
-    spec = REGISTRY.get(task)
+    spec = _check(task, variant, split)
     for i, d in enumerate(iter_drafts(task, variant, split, seed)):
-        assert spec is not None
         yield Sample(
             id=f"{task}-{variant}-{split}-{i:05d}",
             task=task,

@@ -45,6 +45,8 @@ def top_y(value_units: int) -> int:
 def draft(rng: random.Random, variant: str) -> Draft:
     """Propose one chart item of ``variant`` (see the module docstring)."""
     units = [rng.randint(1, 9) for _ in range(N_POINTS)]
+    while len(set(units)) == 1:  # a comparison needs two different values
+        units = [rng.randint(1, 9) for _ in range(N_POINTS)]
     scale = SCALE[variant]
     noun = "bar" if variant == "generic" else "point"
     qtype = weighted_choice(rng, QUESTION_WEIGHTS)
@@ -71,7 +73,7 @@ def draft(rng: random.Random, variant: str) -> Draft:
         "values": [u * scale for u in units],
         "query": query,
     }
-    return Draft(key=[meta["kind"], units, question], question=question, answer=answer, answers=(answer,), meta=meta)
+    return Draft(question=question, answer=answer, answers=(answer,), meta=meta)
 
 
 def render(meta: dict[str, Any]) -> Image.Image:

@@ -4,10 +4,11 @@ The offline benchmark stands in for the five capabilities of OptMerge (arXiv:250
 Geometry, Chart, OCR, Grounding). Every image is 112x112 RGB, drawn on a 4x4 grid of 28-pixel cells so that one
 cell is exactly one merged image token of a Qwen2-VL with 14-pixel patches and a 2x2 spatial merge.
 
-Determinism and disjoint splits: a task module proposes :class:`Draft` scenes from a ``random.Random`` stream
-seeded by ``(task, variant, split, seed)``; each draft carries a *split key* (the scene without pixel jitter, plus
-the question) whose SHA-256 assigns it to exactly one split, independent of the seed. A split keeps only the
-drafts whose key falls in its bucket, so no question + scene can appear in two splits, for any seeds.
+Determinism and disjoint splits: a task module proposes :class:`Draft` items from a ``random.Random`` stream
+seeded by ``(task, variant, split, seed)``. A draft's ``meta`` is its complete, canonically ordered scene (the
+image is a pure function of it), and the SHA-256 of ``(meta, question)`` assigns the draft to exactly one split,
+independently of the seed. A split keeps only the drafts that fall in its bucket, so no question + image can
+appear in two splits, for any seeds.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 VARIANTS: tuple[str, ...] = ("generic", "shifted")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 SPLIT_FRACTIONS: dict[str, float] = {"train": 0.70, "val": 0.10, "test": 0.20}
-"""Share of the split-key space owned by each split (drafts outside a split's share are skipped)."""
+"""Share of the (meta, question) hash space owned by each split (drafts outside a split's share are skipped)."""
 METRICS: tuple[str, ...] = ("exact_match", "relaxed_accuracy", "iou50")
 
 
@@ -92,14 +93,12 @@ class Draft:
     """A proposed scene before split assignment and rendering.
 
     Attributes:
-        key: The split key: the scene without pixel jitter plus the question (JSON-serialisable).
         question: Prompt text.
         answer: Target string.
         answers: Accepted references (``answer`` first).
         meta: JSON-safe scene description; the task's ``render(meta)`` draws the image from it alone.
     """
 
-    key: Any
     question: str
     answer: str
     answers: tuple[str, ...]
@@ -124,13 +123,13 @@ def stable_seed(*parts: object) -> int:
 
 
 def canonical(obj: Any) -> str:
-    """Canonical JSON text of ``obj`` (sorted keys, no spaces): the basis of split keys and dedup."""
+    """Canonical JSON text of ``obj`` (sorted keys, no spaces): the basis of split assignment and dedup."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
-def split_of(task: str, variant: str, key: Any) -> str:
-    """The split that owns a draft's key: a uniform bucket of SHA-256(task, variant, key), seed-independent."""
-    u = stable_seed("split", task, variant, canonical(key)) / 2.0**64
+def split_of(task: str, variant: str, key: str) -> str:
+    """The split that owns ``key`` (a draft's canonical ``[meta, question]``): a seed-independent hash bucket."""
+    u = stable_seed("split", task, variant, key) / 2.0**64
     acc = 0.0
     for name in SPLITS:
         acc += SPLIT_FRACTIONS[name]
@@ -214,7 +213,9 @@ GLYPH_W = 5 * GLYPH_DOT
 GLYPH_H = 7 * GLYPH_DOT
 
 
-def draw_glyph(draw: ImageDraw.ImageDraw, char: str, x: int, y: int, fill: tuple[int, int, int] = INK) -> None:
+def draw_glyph(
+    draw: ImageDraw.ImageDraw, char: str, x: int, y: int, fill: tuple[int, int, int] = INK
+) -> None:
     """Draw ``char`` from :data:`GLYPHS` with its top-left corner at pixel ``(x, y)``."""
     rows = GLYPHS.get(char)
     if rows is None:
@@ -249,7 +250,12 @@ def place_object(
     ox, oy = (v + offset for v in cell_origin(cell))
     x0 = ox + 2 + rng.randint(0, CELL - 4 - size)
     y0 = oy + 2 + rng.randint(0, CELL - 4 - size)
-    return {"shape": shape, "colour": colour, "cell": list(cell), "box": [x0, y0, x0 + size - 1, y0 + size - 1]}
+    return {
+        "shape": shape,
+        "colour": colour,
+        "cell": list(cell),
+        "box": [x0, y0, x0 + size - 1, y0 + size - 1],
+    }
 
 
 def draw_objects(objects: Sequence[dict[str, Any]]) -> Image.Image:

@@ -89,13 +89,11 @@ def draft(rng: random.Random, variant: str) -> Draft:
             question, answer = "what kind of polygon is this?", POLYGON_NAMES[meta["sides"]]
         else:
             question, answer = "how many sides does the shape have?", str(meta["sides"])
-        key = [meta["points"], question]
     elif family == "lengths":
         meta = _segments(rng, "vertical" if shifted else "horizontal")
         first, second = ("left", "right") if shifted else ("top", "bottom")
         question = f"which line is longer, the {first} one or the {second} one?"
         answer = first if meta["lengths"][0] > meta["lengths"][1] else second
-        key = [meta["segments"], question]
     else:
         meta = _angle(rng)
         acute = meta["degrees"] < 90
@@ -104,8 +102,7 @@ def draft(rng: random.Random, variant: str) -> Draft:
             answer = "smaller" if acute else "larger"
         else:
             question, answer = "is the angle acute or obtuse?", "acute" if acute else "obtuse"
-        key = [meta["vertex"], meta["rays"], question]
-    return Draft(key=key, question=question, answer=answer, answers=(answer,), meta=meta)
+    return Draft(question=question, answer=answer, answers=(answer,), meta=meta)
 
 
 def render(meta: dict[str, Any]) -> Image.Image:

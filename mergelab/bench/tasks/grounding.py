@@ -7,8 +7,8 @@ section 3: LLaMA-Factory's conversion), scored at IoU >= 0.5.
 
 Learnability: objects sit on a coarse grid and the target box is the box of the object's *cell*, so a box uses a
 handful of distinct coordinates (single tokens for a trained tokenizer). Objects are 22-24 px in a 28-px cell, so
-the cell box's IoU with the object's exact box (``meta["box"]``, normalised to 0-1) is at least 0.61, while the
-box of any other cell scores below 0.2.
+the cell box's IoU with the object's exact box (``meta["target_box"]``, normalised to 0-1: what the evaluator
+scores against) is at least 0.61, while the box of any other cell scores below 0.2.
 
 Variants: ``generic`` uses the 4x4 grid of 28-px cells (coordinates 0, 250, 500, 750, 1000); ``shifted`` puts the
 objects on the 3x3 grid shifted by half a cell (14 px: coordinates 125, 375, 625, 875, new answer words), so the
@@ -63,12 +63,14 @@ def draft(rng: random.Random, variant: str) -> Draft:
         p = (rng.choice(SHAPES), rng.choice(list(GENERIC_COLOURS)))
         if p not in pairs:
             pairs.append(p)
-    cells = rng.sample(range(side * side), n)
-    objects = [
-        place_object(rng, s, c, (cell % side, cell // side), rng.choice(SIZES), offset)
-        for (s, c), cell in zip(pairs, cells)
-    ]
     target = rng.randrange(n)
+    cells = rng.sample(range(side * side), n)
+    order = sorted(range(n), key=lambda k: cells[k])  # objects listed in reading order: a canonical meta
+    objects = [
+        place_object(rng, *pairs[k], (cells[k] % side, cells[k] // side), rng.choice(SIZES), offset)
+        for k in order
+    ]
+    target = order.index(target)
     obj = objects[target]
     expression = f"the {obj['colour']} {obj['shape']}"
     question = PROMPT + expression
@@ -81,13 +83,12 @@ def draft(rng: random.Random, variant: str) -> Draft:
         "expression": expression,
         "grid_offset": offset,
         "answer_box": answer_box,
-        "box": [x0 / IMAGE_SIZE, y0 / IMAGE_SIZE, (x1 + 1) / IMAGE_SIZE, (y1 + 1) / IMAGE_SIZE],
+        "target_box": [x0 / IMAGE_SIZE, y0 / IMAGE_SIZE, (x1 + 1) / IMAGE_SIZE, (y1 + 1) / IMAGE_SIZE],
         "box_format": "xyxy",
         "box_scale": SCALE,
         "image_size": [IMAGE_SIZE, IMAGE_SIZE],
     }
-    key = [sorted([o["shape"], o["colour"], o["cell"]] for o in objects), question]
-    return Draft(key=key, question=question, answer=answer, answers=(answer,), meta=meta)
+    return Draft(question=question, answer=answer, answers=(answer,), meta=meta)
 
 
 def render(meta: dict[str, Any]) -> Image.Image:

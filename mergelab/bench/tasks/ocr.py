@@ -54,7 +54,7 @@ def draft(rng: random.Random, variant: str) -> Draft:
     col = rng.randint(0, GRID - length)
     jitter = [rng.randint(-JITTER, JITTER), rng.randint(-JITTER, JITTER)]
     meta = {"text": text, "row": row, "col": col, "jitter": jitter}
-    return Draft(key=[text, row, col, QUESTION], question=QUESTION, answer=text, answers=(text,), meta=meta)
+    return Draft(question=QUESTION, answer=text, answers=(text,), meta=meta)
 
 
 def render(meta: dict[str, Any]) -> Image.Image:

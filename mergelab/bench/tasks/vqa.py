@@ -76,20 +76,20 @@ def draft(rng: random.Random, variant: str) -> Draft:
             p = (rng.choice(SHAPES), rng.choice(others))
             if present or p != (shape, colour):
                 pairs.append(p)
-        question, answers = f"is there a {colour} {shape}?", ("yes" if present else "no",)
+        article = "an" if colour[0] in "aeiou" else "a"
+        question, answers = f"is there {article} {colour} {shape}?", ("yes" if present else "no",)
     cells = rng.sample(range(GRID * GRID), len(pairs))
     objects = [
         place_object(rng, s, c, (cell % GRID, cell // GRID), rng.choice(SIZES))
-        for (s, c), cell in zip(pairs, cells)
+        for (s, c), cell in zip(pairs, sorted(cells), strict=True)
     ]
     query: dict[str, Any] = {"type": qtype, "shape": shape, "colour": colour}
     if qtype == "colour":
         del query["colour"]
     elif qtype == "shape":
         del query["shape"]
-    key = [sorted([o["shape"], o["colour"], o["cell"]] for o in objects), question]
     meta = {"objects": objects, "query": query}
-    return Draft(key=key, question=question, answer=answers[0], answers=tuple(answers), meta=meta)
+    return Draft(question=question, answer=answers[0], answers=tuple(answers), meta=meta)
 
 
 def render(meta: dict[str, Any]) -> Image.Image:

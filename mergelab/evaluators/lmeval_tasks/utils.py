@@ -30,9 +30,9 @@ def load_split(**kw: Any) -> dict[str, Any]:
 def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
     """``process_results`` hook: parse and score the generation exactly as the native runner does."""
     from mergelab.evaluators.loaders import Sample
-    from mergelab.evaluators.tasks import get_task, offline_score
+    from mergelab.evaluators.tasks import offline_score, strip_prediction
 
     sample = Sample(id=str(doc["id"]), question=doc["question"], references=list(doc["references"]),
                     image=None, meta=json.loads(doc["meta"] or "{}"), metric=doc["metric"])  # fmt: skip
-    prediction = get_task("vqa").parse(results[0])
+    prediction = strip_prediction(results[0])  # the offline tasks' parser
     return offline_score(prediction, sample)
