@@ -73,7 +73,9 @@ def official(d: Tensor, variant: str, steps: int, device: torch.device) -> tuple
     sync(device)
     t1 = time.perf_counter()
     for _ in range(steps):
-        loss = sum(((x - t) @ low.T).square().sum() * w for t, low, w in zip(targets, lows, weights))
+        loss = sum(
+            ((x - t) @ low.T).square().sum() * w for t, low, w in zip(targets, lows, weights, strict=True)
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -89,7 +91,12 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto (cpu, plus cuda when present)")
     ap.add_argument("--experts", type=int, default=5)
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--official-steps", type=int, default=None, help="official steps actually run (default 3 cpu, 10 cuda)")
+    ap.add_argument(
+        "--official-steps",
+        type=int,
+        default=None,
+        help="official steps actually run (default 3 cpu, 10 cuda)",
+    )
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -98,8 +105,10 @@ def main() -> None:
     if args.device != "auto":
         devices = [torch.device(args.device)]
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
-    print(f"OptMerge per-layer cost, N={args.experts} experts, {args.steps} steps, float32, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads")
+    print(
+        f"OptMerge per-layer cost, N={args.experts} experts, {args.steps} steps, float32, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads"
+    )
     head = f"{'device':6} {'shape (out x in)':>17} {'variant':7} {'mergelab solver':16} {'mergelab s':>10} {'peak GiB':>8} {'official s':>11} {'peak GiB':>8} {'ratio':>7}"
     print(head)
     print("-" * len(head))
@@ -109,7 +118,9 @@ def main() -> None:
         for m, n in shapes:
             g = torch.Generator().manual_seed(0)
             d = (1e-3 * torch.randn(args.experts, m, n, generator=g)).to(device)
-            optmerge(None, d[:, :64, :64], OptMergeConfig(steps=2), MergeContext())  # warm-up (kernels, cuSOLVER)
+            optmerge(
+                None, d[:, :64, :64], OptMergeConfig(steps=2), MergeContext()
+            )  # warm-up (kernels, cuSOLVER)
             for variant in ("lora", "full"):
                 setup, per_step, off_peak = official(d, variant, off_steps, device)
                 off_total = setup + per_step * args.steps
@@ -117,12 +128,17 @@ def main() -> None:
                 solvers = ("auto (exact)", "iterative") if variant == "lora" else ("iterative (adam)",)
                 for solver in solvers:
                     cfg = OptMergeConfig(variant=variant, steps=args.steps, solver=solver.split()[0])
-                    secs, peak = timed(lambda: optmerge(None, d, cfg, MergeContext()), device)
-                    print(f"{device.type:6} {f'{m}x{n}':>17} {variant:7} {solver:16} {secs:10.2f} {peak:8.2f} "
-                          f"{mark}{off_total:10.1f} {off_peak:8.2f} {off_total / secs:6.1f}x", flush=True)
+                    secs, peak = timed(lambda d=d, cfg=cfg: optmerge(None, d, cfg, MergeContext()), device)
+                    print(
+                        f"{device.type:6} {f'{m}x{n}':>17} {variant:7} {solver:16} {secs:10.2f} {peak:8.2f} "
+                        f"{mark}{off_total:10.1f} {off_peak:8.2f} {off_total / secs:6.1f}x",
+                        flush=True,
+                    )
             del d
-        print(f"({device.type}: {name}; official = setup incl. full SVDs + {off_steps} timed steps extrapolated to "
-              f"{args.steps}, '~' marks extrapolation)")
+        print(
+            f"({device.type}: {name}; official = setup incl. full SVDs + {off_steps} timed steps extrapolated to "
+            f"{args.steps}, '~' marks extrapolation)"
+        )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mergelab.methods import REGISTRY, MergeContext
-from mergelab.methods._sparsify import GlobalMagnitudeThreshold, disjoint_merge, trim_to_threshold
+from mergelab.methods._sparsify import disjoint_merge, trim_to_threshold
 from mergelab.methods.iso import IsoCConfig, IsoCtsConfig, iso_c, iso_cts
 from mergelab.methods.task_arithmetic import TaskArithmeticConfig, task_arithmetic
 from mergelab.methods.ties import TiesConfig, ties
@@ -22,7 +22,9 @@ def test_weight_average_and_task_arithmetic_by_hand() -> None:
     d = torch.tensor([[[1.0, -2.0]], [[3.0, 5.0]]])
     wa = REGISTRY["weight_average"]
     torch.testing.assert_close(wa.fn(torch.zeros(1, 2), d, wa.make_config(), CTX), torch.tensor([[2.0, 1.5]]))
-    torch.testing.assert_close(task_arithmetic(None, d, TaskArithmeticConfig(), CTX), torch.tensor([[4.0, 3.0]]))
+    torch.testing.assert_close(
+        task_arithmetic(None, d, TaskArithmeticConfig(), CTX), torch.tensor([[4.0, 3.0]])
+    )
     cfg = TaskArithmeticConfig(coefficients=(0.5, 2.0))
     torch.testing.assert_close(task_arithmetic(None, d, cfg, CTX), torch.tensor([[6.5, 9.0]]))
 
@@ -122,7 +124,9 @@ def test_tsv_orthogonal_tasks_sum() -> None:
     u = torch.linalg.qr(torch.randn(12, 12, generator=g)).Q
     v = torch.linalg.qr(torch.randn(9, 9, generator=g)).Q
     s = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.25, 0.1])
-    deltas = torch.stack([(u[:, 3 * i : 3 * i + 3] * s[3 * i : 3 * i + 3]) @ v[:, 3 * i : 3 * i + 3].T for i in range(2)])
+    deltas = torch.stack(
+        [(u[:, 3 * i : 3 * i + 3] * s[3 * i : 3 * i + 3]) @ v[:, 3 * i : 3 * i + 3].T for i in range(2)]
+    )
     out = tsv(None, deltas, TsvConfig(), CTX)  # r = 9 // 2 = 4 >= rank 3
     torch.testing.assert_close(out, deltas.sum(0), rtol=1e-4, atol=1e-5)
     # overlapping tasks: the output has the concatenated spectrum (orthogonalisation only rotates the bases)
@@ -144,7 +148,9 @@ def test_iso_cts_structure() -> None:
     g = torch.Generator().manual_seed(5)
     d = torch.stack([torch.randn(16, 2, generator=g) @ torch.randn(2, 12, generator=g) for _ in range(3)])
     d = d + 0.01 * torch.randn(3, 16, 12, generator=g)
-    torch.testing.assert_close(iso_cts(None, d, IsoCtsConfig(common_space_fraction=1.0), CTX), iso_c(None, d, IsoCConfig(), CTX))
+    torch.testing.assert_close(
+        iso_cts(None, d, IsoCtsConfig(common_space_fraction=1.0), CTX), iso_c(None, d, IsoCConfig(), CTX)
+    )
     out = iso_cts(None, d, IsoCtsConfig(common_space_fraction=0.5), CTX)
     sv = torch.linalg.svdvals(out)
     torch.testing.assert_close(sv, sv.mean().expand_as(sv), rtol=1e-4, atol=1e-5)

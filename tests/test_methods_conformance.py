@@ -28,7 +28,9 @@ SINGLE_EXPERT: dict[str, dict[str, Any] | None] = {
 }
 
 
-def run(name: str, base: Tensor, deltas: Tensor, params: dict[str, Any] | None = None, seed: int = 0) -> Tensor:
+def run(
+    name: str, base: Tensor, deltas: Tensor, params: dict[str, Any] | None = None, seed: int = 0
+) -> Tensor:
     """Call a method the way the engine does, including the stats passes of global methods."""
     spec = REGISTRY[name]
     cfg = spec.make_config(params or {})
@@ -38,7 +40,9 @@ def run(name: str, base: Tensor, deltas: Tensor, params: dict[str, Any] | None =
         while stats.finish_pass():
             stats.update("w", deltas)
     gen = torch.Generator(device=deltas.device).manual_seed(seed)
-    return spec.fn(base, deltas, cfg, MergeContext(name="w", generator=gen, stats=stats, compute_dtype=deltas.dtype))
+    return spec.fn(
+        base, deltas, cfg, MergeContext(name="w", generator=gen, stats=stats, compute_dtype=deltas.dtype)
+    )
 
 
 def test_single_expert_table_covers_registry() -> None:
@@ -58,7 +62,9 @@ def test_zero_deltas_return_base(name: str, base_dtype: torch.dtype, device: tor
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.float64])
-def test_shape_dtype_device_and_determinism(name: str, compute_dtype: torch.dtype, device: torch.device) -> None:
+def test_shape_dtype_device_and_determinism(
+    name: str, compute_dtype: torch.dtype, device: torch.device
+) -> None:
     g = torch.Generator().manual_seed(1)
     base = torch.randn(10, 7, generator=g).to(device=device, dtype=torch.bfloat16)
     deltas = (0.01 * torch.randn(3, 10, 7, generator=g)).to(device=device, dtype=compute_dtype)

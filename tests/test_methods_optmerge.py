@@ -16,7 +16,15 @@ CTX = MergeContext(name="w")
 
 
 def official(
-    d: Tensor, *, target: str, projector: str, init: str, optimizer: str, lr: float, steps: int, k: int | None = None
+    d: Tensor,
+    *,
+    target: str,
+    projector: str,
+    init: str,
+    optimizer: str,
+    lr: float,
+    steps: int,
+    k: int | None = None,
 ) -> tuple[Tensor, list[float]]:
     """The official code's formulation (spec 1.3/1.4/1.8): full SVDs, a zero-padded m x n low-rank projector and an
     m x m product per task and step, autograd, ``torch.optim``. ``target``: "centred", "uncentred" or "raw" (WUDI:
@@ -47,7 +55,7 @@ def official(
     opt = torch.optim.Adam([x], lr=lr) if optimizer == "adam" else torch.optim.SGD([x], lr=lr, momentum=0.9)
     losses = []
     for _ in range(steps):
-        loss = sum(((x - t) @ low.T).square().sum() * w for t, low, w in zip(targets, lows, weights))
+        loss = sum(((x - t) @ low.T).square().sum() * w for t, low, w in zip(targets, lows, weights, strict=True))
         losses.append(loss.item())
         opt.zero_grad()
         loss.backward()
@@ -61,16 +69,25 @@ def test_m_by_k_equals_official_m_by_m(variant: str, optimizer: str) -> None:
     g = torch.Generator().manual_seed(0)
     d = 0.01 * torch.randn(3, 24, 18, generator=g, dtype=torch.float64)
     lr = 1e-5 if optimizer == "adam" else 0.05
-    kwargs = {"target": "centred" if variant == "full" else "uncentred", "projector": "uncentred",
-              "init": "sum" if variant == "full" else "mean", "optimizer": optimizer, "lr": lr}
+    kwargs = {
+        "target": "centred" if variant == "full" else "uncentred",
+        "projector": "uncentred",
+        "init": "sum" if variant == "full" else "mean",
+        "optimizer": optimizer,
+        "lr": lr,
+    }
     ref_x, ref_losses = official(d, steps=100, **kwargs)
     cfg = OptMergeConfig(variant=variant, optimizer=optimizer, lr=lr, steps=100, solver="iterative")
     f, h = optmerge_factors(d, cfg)
     x0 = d.sum(0) if cfg.init == "sum" else d.mean(0)
     assert quadratic_loss(x0, f, h).item() == pytest.approx(ref_losses[0], rel=1e-10)
     for steps in (1, 10, 50):  # trajectory: iterates and losses along the way
-        x = optmerge(None, d, OptMergeConfig(variant=variant, optimizer=optimizer, lr=lr, steps=steps,
-                                             solver="iterative"), CTX)
+        x = optmerge(
+            None,
+            d,
+            OptMergeConfig(variant=variant, optimizer=optimizer, lr=lr, steps=steps, solver="iterative"),
+            CTX,
+        )
         ref_t, ref_l = official(d, steps=steps + 1, **kwargs)
         assert quadratic_loss(x, f, h).item() == pytest.approx(ref_l[-1], rel=1e-8)
     x = optmerge(None, d, cfg, CTX)
@@ -82,7 +99,9 @@ def test_m_by_k_equals_official_m_by_m(variant: str, optimizer: str) -> None:
 def test_centred_projector_matches_paper_eq3() -> None:
     d = 0.01 * torch.randn(3, 16, 20, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     cfg = OptMergeConfig(variant="full", projector="centred", steps=30, solver="iterative")
-    ref, _ = official(d, target="centred", projector="centred", init="sum", optimizer="adam", lr=1e-5, steps=30)
+    ref, _ = official(
+        d, target="centred", projector="centred", init="sum", optimizer="adam", lr=1e-5, steps=30
+    )
     torch.testing.assert_close(optmerge(None, d, cfg, CTX), ref, rtol=1e-9, atol=1e-12)
 
 
@@ -90,13 +109,17 @@ def test_centred_projector_matches_paper_eq3() -> None:
 def test_wudi_equals_official_loss(optimizer: str) -> None:
     d = 0.01 * torch.randn(3, 14, 10, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     lr = 1e-5 if optimizer == "adam" else 0.02
-    ref, losses = official(d, target="raw", projector="raw", init="sum", optimizer=optimizer, lr=lr, steps=100)
+    ref, losses = official(
+        d, target="raw", projector="raw", init="sum", optimizer=optimizer, lr=lr, steps=100
+    )
     out = wudi(None, d, WudiConfig(optimizer=optimizer, lr=lr, steps=100, solver="iterative"), CTX)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-12)
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize(("shape", "lr"), [((20, 30), 1e-4), ((30, 20), 1e-4), ((12, 40), 0.05), ((40, 12), 0.3)])
+@pytest.mark.parametrize(
+    ("shape", "lr"), [((20, 30), 1e-4), ((30, 20), 1e-4), ((12, 40), 0.05), ((40, 12), 0.3)]
+)
 def test_exact_sgd_path_equals_iterative_300_steps(shape: tuple[int, int], lr: float) -> None:
     """Both gradient forms (factored when 2Nk < n, dense otherwise) and slow to strongly moving regimes."""
     g = torch.Generator().manual_seed(3)
@@ -140,7 +163,9 @@ def test_identical_experts_spec_1_9() -> None:
     g = torch.Generator().manual_seed(6)
     tau = 0.1 * torch.randn(12, 2, generator=g) @ torch.randn(2, 10, generator=g)  # rank 2 <= k = 10 // 3
     d = torch.stack([tau, tau, tau])
-    torch.testing.assert_close(optmerge(None, d, OptMergeConfig(variant="lora"), CTX), tau, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        optmerge(None, d, OptMergeConfig(variant="lora"), CTX), tau, rtol=1e-5, atol=1e-6
+    )
     # full variant: target tau, init 3 tau; Adam moves each entry by at most ~lr per step toward tau
     out = optmerge(None, d, OptMergeConfig(variant="full"), CTX)
     assert (out - 3 * tau).abs().max() <= 300 * 1e-5 * 1.01

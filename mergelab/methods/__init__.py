@@ -7,6 +7,7 @@ from types import MappingProxyType
 from mergelab.methods import dare, iso, optmerge, task_arithmetic, ties, tsv, weight_average, wudi
 from mergelab.methods.base import MergeContext, MethodSpec, scale_of
 
+# fmt: off
 REGISTRY: MappingProxyType[str, MethodSpec] = MappingProxyType({
     "weight_average": MethodSpec(weight_average.weight_average, weight_average.WeightAverageConfig, description="mean of the experts (model soup)"),
     "task_arithmetic": MethodSpec(task_arithmetic.task_arithmetic, task_arithmetic.TaskArithmeticConfig, description="sum_i c_i tau_i, arXiv:2212.04089"),
@@ -19,5 +20,6 @@ REGISTRY: MappingProxyType[str, MethodSpec] = MappingProxyType({
     "wudi": MethodSpec(wudi.wudi, wudi.WudiConfig, matrix_only=True, description="data-free interference loss, Adam; arXiv:2503.08099"),
     "optmerge": MethodSpec(optmerge.optmerge, optmerge.OptMergeConfig, matrix_only=True, description="OptMerge (full / lora variants); arXiv:2505.19892"),
 })
+# fmt: on
 
 __all__ = ["REGISTRY", "MergeContext", "MethodSpec", "scale_of"]

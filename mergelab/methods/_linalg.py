@@ -16,7 +16,12 @@ from torch import Tensor
 #: OptMerge, spec section 1.6: return the mean when ``max ||tau_i||^2 < 1e-12``).
 ZERO_NORM2 = 1e-12
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -91,7 +96,9 @@ def resolve_dtype(cls: str, field: str, value: str | None) -> torch.dtype | None
 def check_matrix(deltas: Tensor, name: str, method: str) -> None:
     """Raise unless ``deltas`` is a stack ``(N, m, n)`` of matrices."""
     if deltas.dim() != 3 or deltas.shape[0] < 1:
-        raise ValueError(f"{method} needs 2-D weights: tensor {name or '?'} has task-vector stack {tuple(deltas.shape)}")
+        raise ValueError(
+            f"{method} needs 2-D weights: tensor {name or '?'} has task-vector stack {tuple(deltas.shape)}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,16 +248,21 @@ def heavy_ball_response(a: Tensor, *, lr: float, momentum: float, steps: int) ->
 
 
 def solve_sgd_exact(x0: Tensor, f: Tensor, h: Tensor, *, lr: float, steps: int, momentum: float) -> Tensor:
-    """The exact result of ``steps`` SGD-with-momentum iterations, from one thin SVD of ``F``.
+    """The exact result of ``steps`` SGD-with-momentum iterations, from one small symmetric eigendecomposition.
 
-    ``A = F F^T = Q diag(a) Q^T``; writing ``x = x0 + y Q^T``, the gradient is ``2 (c + y diag(a)) Q^T`` with
-    ``c = x0 Q diag(a) - B Q`` (and ``B Q = H W diag(sigma)`` from ``F = Q diag(sigma) W^T``), so every column of
-    ``y`` follows its own scalar linear recurrence (:func:`heavy_ball_response`). The component of ``x`` outside
-    ``span(Q)`` keeps its initial value (spec 1.5). Cost: one n x R SVD and three m x n x R products, for any
-    number of steps.
+    With ``A = F F^T = Q diag(a) Q^T`` and ``x = x0 + y Q^T``, the gradient is ``2 (c + y diag(a)) Q^T`` with
+    ``c = (x0 A - B) Q``, so every column of ``y`` follows its own scalar linear recurrence
+    (:func:`heavy_ball_response`) and ``x_T = x0 + (x0 A - B) Q diag(phi(a)) Q^T``. The component of ``x`` outside
+    ``span(A)`` keeps its initial value (spec 1.5). When ``F`` has fewer columns R than rows n, the same result is
+    ``x0 + (x0 F - H) W diag(phi) W^T F^T`` with ``F^T F = W diag(a) W^T`` (R x R): no n x n matrix, no division
+    by singular values. Cost: one min(n, R)-sized ``eigh`` plus three m x n x R products, for any number of steps.
     """
-    q, sigma, wh = torch.linalg.svd(f, full_matrices=False)
-    a = sigma.square()
-    c = (x0 @ q) * a - h @ (wh.T * sigma)
-    phi = heavy_ball_response(a, lr=lr, momentum=momentum, steps=steps).to(x0.dtype)
-    return x0 + (c * phi) @ q.T
+    n, r = f.shape
+    resid = x0 @ f - h  # x0 F - H, m x R
+    if r <= n:
+        a, w = torch.linalg.eigh(f.T @ f)
+        phi = heavy_ball_response(a.clamp(min=0), lr=lr, momentum=momentum, steps=steps).to(x0.dtype)
+        return x0 + (((resid @ w) * phi) @ w.T) @ f.T
+    a, q = torch.linalg.eigh(f @ f.T)
+    phi = heavy_ball_response(a.clamp(min=0), lr=lr, momentum=momentum, steps=steps).to(x0.dtype)
+    return x0 + (((resid @ f.T) @ q) * phi) @ q.T

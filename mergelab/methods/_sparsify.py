@@ -37,10 +37,14 @@ def check_drop_rate(cls: str, value: object) -> float:
 
 def name_generator(name: str, seed: int, device: torch.device) -> torch.Generator:
     """A generator seeded from ``(seed, tensor name)``: reproducible per tensor whatever the streaming order."""
-    return torch.Generator(device=device).manual_seed((zlib.crc32(name.encode()) + 1_000_003 * seed) % (2**63))
+    return torch.Generator(device=device).manual_seed(
+        (zlib.crc32(name.encode()) + 1_000_003 * seed) % (2**63)
+    )
 
 
-def dare_drop(deltas: Tensor, drop_rate: float, ctx: MergeContext, generator: torch.Generator | None = None) -> Tensor:
+def dare_drop(
+    deltas: Tensor, drop_rate: float, ctx: MergeContext, generator: torch.Generator | None = None
+) -> Tensor:
     """DARE: per expert and per entry, drop with probability ``drop_rate`` and rescale survivors by ``1/(1-p)``.
 
     Args:
@@ -58,7 +62,9 @@ def dare_drop(deltas: Tensor, drop_rate: float, ctx: MergeContext, generator: to
     gen = generator or ctx.generator or name_generator(ctx.name, 0, deltas.device)
     u = torch.rand(deltas.shape, generator=gen, device=gen.device, dtype=torch.float32).to(deltas.device)
     keep = u >= drop_rate
-    return torch.where(keep, deltas / (1.0 - drop_rate), torch.zeros((), dtype=deltas.dtype, device=deltas.device))
+    return torch.where(
+        keep, deltas / (1.0 - drop_rate), torch.zeros((), dtype=deltas.dtype, device=deltas.device)
+    )
 
 
 def n_trimmed(numel: int, density: float) -> int:
@@ -125,22 +131,32 @@ class GlobalMagnitudeThreshold:
         """The task vectors as the merge pass sees them (after DARE with the per-name generator)."""
         if self.drop_rate == 0.0:
             return deltas
-        return dare_drop(deltas, self.drop_rate, MergeContext(name=name), name_generator(name, self.seed, deltas.device))
+        return dare_drop(
+            deltas, self.drop_rate, MergeContext(name=name), name_generator(name, self.seed, deltas.device)
+        )
 
     def update(self, name: str, deltas: Tensor) -> None:
         """Add one tensor's stacked task vectors ``(N, *S)`` to the current pass."""
         if deltas.shape[0] != self.n_experts:
-            raise ValueError(f"tensor {name}: {deltas.shape[0]} experts, stats were made for {self.n_experts}")
+            raise ValueError(
+                f"tensor {name}: {deltas.shape[0]} experts, stats were made for {self.n_experts}"
+            )
         if self.thresholds is not None:
             raise RuntimeError("GlobalMagnitudeThreshold.update called after the last pass finished")
-        bits = self.prepare(name, deltas).reshape(self.n_experts, -1).abs().to(torch.float32).view(torch.int32)
+        bits = (
+            self.prepare(name, deltas).reshape(self.n_experts, -1).abs().to(torch.float32).view(torch.int32)
+        )
         n, dev = self.n_experts, bits.device
         offsets = torch.arange(n, device=dev, dtype=torch.int64).unsqueeze(1)
         hi = (bits >> 16).to(torch.int64)
         if self.pass_index == 0:
             self.numel += bits.shape[1]
             counts = torch.bincount((hi + offsets * (_HALF // 2)).reshape(-1), minlength=n * _HALF // 2)
-            self._hi = counts.reshape(n, -1) if self._hi is None else self._hi + counts.to(self._hi.device).reshape(n, -1)
+            self._hi = (
+                counts.reshape(n, -1)
+                if self._hi is None
+                else self._hi + counts.to(self._hi.device).reshape(n, -1)
+            )
         else:
             assert self._bucket is not None
             sel = hi == self._bucket.to(dev).unsqueeze(1)
@@ -158,12 +174,16 @@ class GlobalMagnitudeThreshold:
             cum = self._hi.cumsum(dim=1)
             target = torch.full((self.n_experts, 1), j, dtype=cum.dtype, device=cum.device)
             self._bucket = torch.searchsorted(cum, target).squeeze(1)
-            before = torch.where(self._bucket > 0, cum.gather(1, (self._bucket - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0)
+            before = torch.where(
+                self._bucket > 0, cum.gather(1, (self._bucket - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0
+            )
             self._rank = j - before
             self.pass_index = 1
             return True
         assert self._bucket is not None and self._rank is not None
-        lo_counts = self._lo if self._lo is not None else torch.zeros(self.n_experts, _HALF, dtype=torch.int64)
+        lo_counts = (
+            self._lo if self._lo is not None else torch.zeros(self.n_experts, _HALF, dtype=torch.int64)
+        )
         cum = lo_counts.cumsum(dim=1)
         low = torch.searchsorted(cum, self._rank.to(cum.device).unsqueeze(1)).squeeze(1)
         bits = ((self._bucket.to(cum.device) << 16) | low).to(torch.int32)

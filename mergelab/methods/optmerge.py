@@ -125,7 +125,9 @@ def minimise(deltas: Tensor, factors: tuple[Tensor, Tensor] | None, cfg: Any) ->
     if exact:
         x = solve_sgd_exact(x0, f, h, lr=cfg.lr, steps=cfg.steps, momentum=cfg.momentum)
     else:
-        x = solve_iterative(x0, f, h, optimizer=cfg.optimizer, lr=cfg.lr, steps=cfg.steps, momentum=cfg.momentum)
+        x = solve_iterative(
+            x0, f, h, optimizer=cfg.optimizer, lr=cfg.lr, steps=cfg.steps, momentum=cfg.momentum
+        )
     return x.to(deltas.dtype)
 
 

@@ -83,7 +83,9 @@ def ties(base: Tensor, deltas: Tensor, cfg: TiesConfig, ctx: MergeContext) -> Te
     if cfg.scope == "global":
         stats = ctx.stats
         if not isinstance(stats, GlobalMagnitudeThreshold) or stats.thresholds is None:
-            raise ValueError(f"ties scope='global' needs finished make_stats() passes (tensor {ctx.name or '?'})")
+            raise ValueError(
+                f"ties scope='global' needs finished make_stats() passes (tensor {ctx.name or '?'})"
+            )
         d = stats.prepare(ctx.name, deltas)
         thresholds = stats.thresholds
     else:

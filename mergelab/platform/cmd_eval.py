@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -34,9 +33,7 @@ def eval_cmd(model_dir: Path, tasks: str, split: str, data_root: Path | None, li
         raise click.ClickException(str(e).strip("'\"")) from None
     click.echo(res.summary())
     if json_out is not None:
-        tmp = json_out.with_name(json_out.name + ".tmp")
-        tmp.write_text(json.dumps(res.to_dict(), indent=1, default=str))
-        tmp.replace(json_out)
+        res.save(json_out)
 
 
 COMMANDS = [eval_cmd]
