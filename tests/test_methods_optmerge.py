@@ -134,14 +134,16 @@ def test_exact_sgd_path_equals_iterative_300_steps(shape: tuple[int, int], lr: f
 
 
 def test_exact_path_in_float64_matches_loop_tightly() -> None:
+    """Both closed forms: the R x R one (F has fewer columns than rows) and the n x n one (more columns)."""
     g = torch.Generator().manual_seed(4)
-    f = torch.randn(30, 12, generator=g, dtype=torch.float64) * 0.3
-    h = torch.randn(8, 12, generator=g, dtype=torch.float64)
-    x0 = torch.randn(8, 30, generator=g, dtype=torch.float64)
-    for momentum in (0.0, 0.9):
-        loop = solve_iterative(x0, f, h, optimizer="sgd", lr=0.01, steps=300, momentum=momentum)
-        exact = solve_sgd_exact(x0, f, h, lr=0.01, steps=300, momentum=momentum)
-        torch.testing.assert_close(exact, loop, rtol=1e-10, atol=1e-10)
+    for n, r in ((30, 12), (12, 30)):
+        f = torch.randn(n, r, generator=g, dtype=torch.float64) * 0.2
+        h = torch.randn(8, r, generator=g, dtype=torch.float64)
+        x0 = torch.randn(8, n, generator=g, dtype=torch.float64)
+        for momentum in (0.0, 0.9):
+            loop = solve_iterative(x0, f, h, optimizer="sgd", lr=0.01, steps=300, momentum=momentum)
+            exact = solve_sgd_exact(x0, f, h, lr=0.01, steps=300, momentum=momentum)
+            torch.testing.assert_close(exact, loop, rtol=1e-10, atol=1e-10)
 
 
 def test_sgd_keeps_null_space_component_and_adam_does_not() -> None:

@@ -105,6 +105,9 @@ def test_campaign_nests_trials_survives_crash_registers_top_k_and_resumes(platfo
     assert len(study.trials) == 7 and res2.n_complete == 6
     versions = reg.campaign_versions(client, "camp-model", "camp")
     assert len(versions) == 2 and all(local_path(v.source).exists() for v in versions)
+    # the comparison table is replaced, not appended to, when the campaign is summarised again
+    table = json.loads((local_path(parent.info.artifact_uri) / "trials.json").read_text())
+    assert [row[0] for row in table["data"]] == list(range(7))
     # a third run with the budget spent does nothing
     res3 = run_campaign(cfg7, store=platform_store, evaluator=ev, summarize=False)
     assert len(optuna.load_study(study_name="camp", storage=platform_store.optuna_storage).trials) == 7
@@ -170,6 +173,23 @@ def test_zoo_reference_resolves_base_experts_and_reference_scores(tmp_path: Path
         resolve_experts(bad)
 
 
+def test_multi_objective_campaign_registers_all_and_logs_pareto_front(platform_store: Store, tmp_path: Path) -> None:
+    cfg, ev = _campaign(tmp_path, objective={"metrics": ["val/average", "val/worst_task"]}, sampler={"name": "nsga2"},
+                        budget={"n_trials": 3}, coefficients=None, registry={"register": "all"})
+    res = run_campaign(cfg, store=platform_store, evaluator=ev)
+    study = optuna.load_study(study_name="camp", storage=platform_store.optuna_storage)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MAXIMIZE"] and res.n_complete == 3
+    for t in study.trials:
+        assert t.values[1] == pytest.approx(min(t.user_attrs["val_scores"].values()), abs=1e-9)
+    client = platform_store.client()
+    assert len(reg.campaign_versions(client, "camp-model", "camp")) == 3
+    files = {f.path for f in client.list_artifacts(res.parent_run_id, "optuna")}
+    assert "optuna/pareto_front.html" in files and "optuna/optimization_history.png" in files
+    with pytest.raises(ValueError, match="directions"):  # the same study cannot be re-opened single-objective
+        run_campaign(cfg.model_copy(update={"objective": cfg.objective.model_copy(
+            update={"metrics": ["val/average"], "directions": ["maximize"]})}), store=platform_store, evaluator=ev)
+
+
 @pytest.mark.slow
 def test_campaign_end_to_end_on_the_tiny_zoo_then_promote_and_load_champion(platform_store: Store,
                                                                              tmp_path: Path) -> None:
@@ -205,5 +225,7 @@ def test_campaign_end_to_end_on_the_tiny_zoo_then_promote_and_load_champion(plat
     d = reg.promote("e2e", campaign="e2e", store=platform_store,
                     evaluator=HFEvaluator(data_root=str(tmp_path / "data"), limit=6, batch_size=6, device="cpu"))
     assert d.decision == "champion" and set(d.candidate_scores) == set(tasks)
+    test_table = json.loads((local_path(run.info.artifact_uri) / "predictions" / "test.json").read_text())
+    assert len(test_table["data"]) == 12  # re-evaluated at promotion: replaced, not appended
     model, processor = reg.load_registered(platform_store, "models:/e2e@champion")
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration" and processor is not None

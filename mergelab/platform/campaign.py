@@ -55,6 +55,7 @@ from mergelab.platform.tracking import (
     log_eval,
     log_metrics,
     log_params,
+    log_table,
     tracked_merge,
 )
 
@@ -535,7 +536,7 @@ def summarize_campaign(cfg: CampaignConfig, store: Store, study: optuna.Study, p
     log_metrics(client, parent, metrics)
     table = trials_table(study)
     if table["trial"]:
-        client.log_table(parent, data=table, artifact_file="trials.json")
+        log_table(client, parent, table, "trials.json")
     if len(complete) >= 1:
         _log_plots(cfg, study, parent, client)
     running = any(t.state == states.RUNNING for t in study.get_trials(deepcopy=False))

@@ -534,6 +534,26 @@ def _records_table(records: Iterable[Mapping[str, Any]]) -> dict[str, list[Any]]
     return table
 
 
+def log_table(client: MlflowClient, run_id: str, data: Mapping[str, list[Any]], artifact_file: str) -> None:
+    """Log (or replace) an MLflow table artifact.
+
+    ``MlflowClient.log_table`` *appends* to an existing table; a re-logged table (a campaign summarised again by
+    another worker, a promotion re-evaluating on test) must replace it, so later writes overwrite the JSON file in
+    the same ``orient="split"`` format, keeping the UI's table view (registered by the first ``log_table``).
+    """
+    import pandas as pd
+
+    folder = os.path.dirname(artifact_file)
+    existing = {f.path for f in client.list_artifacts(run_id, folder or None)}
+    if artifact_file not in existing:
+        client.log_table(run_id, data=dict(data), artifact_file=artifact_file)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / os.path.basename(artifact_file)
+        path.write_text(pd.DataFrame(dict(data)).to_json(orient="split", index=False, date_format="iso"))
+        client.log_artifact(run_id, str(path), folder or None)
+
+
 def log_eval(client: MlflowClient, run_id: str, summary: EvalSummary,
              reference: Mapping[str, float] | None = None, *, chart: bool = True) -> dict[str, float]:
     """Log an evaluation to a run: metrics, per-sample predictions (an MLflow table) and a per-task chart.
@@ -544,8 +564,7 @@ def log_eval(client: MlflowClient, run_id: str, summary: EvalSummary,
     metrics = summary.flat_metrics(reference)
     log_metrics(client, run_id, metrics)
     if summary.records:
-        client.log_table(run_id, data=_records_table(summary.records),
-                         artifact_file=f"predictions/{summary.split}.json")
+        log_table(client, run_id, _records_table(summary.records), f"predictions/{summary.split}.json")
     if chart and summary.scores:
         with tempfile.TemporaryDirectory() as tmp:
             png = score_chart(Path(tmp) / f"{summary.split}_scores.png", summary.scores, reference,
