@@ -175,7 +175,9 @@ class PostgresServer:
         """Stop the server (immediate shutdown: the data is thrown away) and delete its directory."""
         if (self.datadir / "postmaster.pid").exists():
             _pg(
-                self, ["pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "-t", "30", "stop"], check=False
+                self,
+                ["pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "-t", "30", "stop"],
+                check=False,
             )
         shutil.rmtree(self.root, ignore_errors=True)
 

@@ -116,20 +116,25 @@ def _derive_vqa(s: Sample) -> str:
 def _check_objects(s: Sample, offset: int = 0) -> None:
     """Each object's colour at its centre, objects inside their cells, every other cell blank."""
     img = s.image
+    canvas = Image.new("RGB", img.size, WHITE)
+    if s.meta.get("background") == "gradient":  # (255 - 48 x / 111, 255 - 48 y / 111, 255)
+        canvas.putdata([(255 - 48 * x // 111, 255 - 48 * y // 111, 255) for y in range(112) for x in range(112)])
     occupied = set()
     for o in s.meta["objects"]:
         x0, y0, x1, y1 = o["box"]
         cx, cy = o["cell"][0] * 28 + offset, o["cell"][1] * 28 + offset
         assert cx + 1 < x0 and x1 < cx + 27 and cy + 1 < y0 and y1 < cy + 27, (s.id, o)
         assert img.getpixel(((x0 + x1) // 2, (y0 + y1) // 2 + 2)) == COLOURS[o["colour"]], (s.id, o)
-        assert img.crop((x0, y0, x1 + 1, y1 + 1)).getcolors(4) is not None
+        ring = [(x, y) for x in range(x0 - 1, x1 + 2) for y in (y0 - 1, y1 + 1)]
+        ring += [(x, y) for y in range(y0, y1 + 1) for x in (x0 - 1, x1 + 1)]
+        assert all(img.getpixel(p) == canvas.getpixel(p) for p in ring), (s.id, o)  # drawn inside its box
         occupied.add(tuple(o["cell"]))
     side = 4 if offset == 0 else 3
     for c in range(side):
         for r in range(side):
             if (c, r) not in occupied:
                 box = (c * 28 + offset, r * 28 + offset, c * 28 + offset + 28, r * 28 + offset + 28)
-                assert img.crop(box).getcolors(1) == [(784, WHITE)], (s.id, c, r)
+                assert img.crop(box).tobytes() == canvas.crop(box).tobytes(), (s.id, c, r)
 
 
 def _iou(a: list[float], b: list[float]) -> float:
@@ -181,7 +186,7 @@ def test_grounding_answers_and_pixels(variant: str) -> None:
             if o is not target:
                 ox0, oy0, ox1, oy1 = o["box"]
                 assert _iou(box, [ox0 / 112, oy0 / 112, (ox1 + 1) / 112, (oy1 + 1) / 112]) < 0.5
-        assert s.metric == "iou50" and s.meta["image_size"] == [112, 112]
+        assert s.metric == "iou50" and s.meta["image_size"] == [112, 112] and s.meta["background"] == "gradient"
         _check_objects(s, offset)
 
 

@@ -229,3 +229,36 @@ def test_safetensors_written_by_engine_load_with_safe_open(tiny_checkpoint: Path
           max_shard_bytes=1)
     idx = json.loads((tmp_path / "o" / "model.safetensors.index.json").read_text())
     assert len(set(idx["weight_map"].values())) == 11  # one tensor per shard when the bound is below every tensor
+
+
+def test_reader_views_are_zero_copy_and_headers_are_validated(tmp_path: Path) -> None:
+    sd = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(4).to(torch.bfloat16),
+          "s": torch.tensor(2.5)}
+    save_file(sd, str(tmp_path / "x.safetensors"))
+    r = CheckpointReader(tmp_path / "x.safetensors")
+    for k, v in sd.items():
+        assert torch.equal(r.view(k), v) and torch.equal(r.get(k), v) and r.view(k).dtype == v.dtype
+    raw = bytearray((tmp_path / "x.safetensors").read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    header["a"]["shape"] = [3, 6]  # claims more data than its byte span
+    hb = json.dumps(header).encode().ljust(n)
+    (tmp_path / "y.safetensors").write_bytes(bytes(raw[:8]) + hb + bytes(raw[8 + n :]))
+    with pytest.raises(ValueError, match=r"y\.safetensors: tensor a spans 60 bytes, its shape and dtype need 72"):
+        CheckpointReader(tmp_path / "y.safetensors")
+
+
+def test_peak_memory_follows_the_largest_tensor_not_the_model(tmp_path: Path) -> None:
+    from mergelab.methods.engine import _PeakMemory
+
+    big = 2**21  # 8 MiB per fp32 tensor; 16 of them = 128 MiB per model, 512 MiB for base + 3 experts
+    g = torch.Generator().manual_seed(0)
+    base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(big // 512, 512, generator=g) for i in range(16)}
+    bdir = write_sharded(tmp_path / "base", base, n_shards=2)
+    experts = [write_sharded(tmp_path / f"e{j}", {k: v + 0.01 for k, v in base.items()}, n_shards=1) for j in range(3)]
+    del base
+    before = _PeakMemory.current()
+    rep = merge(base=bdir, experts=experts, method="weight_average", policy=[], out=tmp_path / "o", device="cpu")
+    grown = rep.peak_rss_bytes - before
+    # N task vectors + mean + one tensor read ahead, plus slack; holding the model would need > 384 MiB
+    assert grown < (3 + 3) * big * 4 + 48 * 2**20, grown / 2**20

@@ -204,3 +204,12 @@ def test_half_precision_loop_runs_iteratively() -> None:
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert not torch.equal(out, ref)  # really ran in float16 ...
     assert (out - ref).abs().max() < 0.1 * ref.abs().max()  # ... and stayed close to the float32 result
+
+
+def test_runs_under_inference_mode() -> None:
+    """The engine may call methods under ``torch.inference_mode()``; the optimiser loop must still run."""
+    d = 0.01 * torch.randn(3, 8, 6, generator=torch.Generator().manual_seed(9))
+    ref = optmerge(None, d, OptMergeConfig(steps=20), CTX)
+    with torch.inference_mode():
+        out = optmerge(None, d.clone(), OptMergeConfig(steps=20), CTX)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)

@@ -175,7 +175,8 @@ def test_zoo_reference_resolves_base_experts_and_reference_scores(tmp_path: Path
 
 def test_multi_objective_campaign_registers_all_and_logs_pareto_front(platform_store: Store, tmp_path: Path) -> None:
     cfg, ev = _campaign(tmp_path, objective={"metrics": ["val/average", "val/worst_task"]}, sampler={"name": "nsga2"},
-                        budget={"n_trials": 3}, coefficients=None, registry={"register": "all"})
+                        budget={"n_trials": 3}, coefficients=None,
+                        registry={"name": "camp-model", "register": "all"})
     res = run_campaign(cfg, store=platform_store, evaluator=ev)
     study = optuna.load_study(study_name="camp", storage=platform_store.optuna_storage)
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MAXIMIZE"] and res.n_complete == 3
@@ -229,3 +230,100 @@ def test_campaign_end_to_end_on_the_tiny_zoo_then_promote_and_load_champion(plat
     assert len(test_table["data"]) == 12  # re-evaluated at promotion: replaced, not appended
     model, processor = reg.load_registered(platform_store, "models:/e2e@champion")
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration" and processor is not None
+
+
+def test_workers_in_threads_share_the_study_and_run_each_trial_once(platform_store: Store, tmp_path: Path) -> None:
+    """`mergelab worker` attaches to the campaign's study: two workers (threads here; processes on PostgreSQL in
+    test_scaleout) finish the budget, each trial once, every run nested under the one campaign run."""
+    import threading
+
+    import yaml
+
+    from mergelab.platform.worker import run_worker
+
+    cfg, ev = _campaign(tmp_path, budget={"n_trials": 4},
+                        registry={"name": "camp-model", "top_k": 2, "evaluate_test": False})
+    first = run_campaign(cfg, store=platform_store, evaluator=ev, n_trials=1)
+    y = tmp_path / "camp.yaml"
+    y.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json(by_alias=True))))
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            run_worker(y, store=platform_store, evaluator=ev)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    study = optuna.load_study(study_name="camp", storage=platform_store.optuna_storage)
+    assert sorted(t.number for t in study.trials) == list(range(4))
+    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    client = platform_store.client()
+    exp = platform_store.experiment_id("mergelab", client)
+    runs = client.search_runs([exp])
+    assert [r.info.run_id for r in runs if r.data.tags.get("mergelab.role") == "campaign"] == [first.parent_run_id]
+    trials = [r for r in runs if r.data.tags.get("mergelab.role") == "trial"]
+    assert sorted(int(r.data.tags["mergelab.trial"]) for r in trials) == list(range(4))
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {first.parent_run_id}
+    versions = reg.campaign_versions(client, "camp-model", "camp")
+    assert len(versions) == 2 and all(local_path(v.source).exists() for v in versions)
+
+
+@pytest.mark.parametrize("name,cls", [("tpe", "TPESampler"), ("random", "RandomSampler"), ("cmaes", "CmaEsSampler"),
+                                      ("gp", "GPSampler"), ("grid", "GridSampler")])
+def test_samplers_are_built_from_the_config(name: str, cls: str, tmp_path: Path) -> None:
+    from mergelab.platform.campaign import make_pruner, make_sampler
+
+    cfg = CampaignConfig.model_validate({
+        "name": "s", "base": "b", "experts": [{"path": "e", "name": "vqa"}], "method": "task_arithmetic",
+        "search_space": {"lam": {"type": "float", "low": 0.2, "high": 1.0, "step": 0.4}},
+        "coefficients": {"low": 0.5, "high": 1.0, "step": 0.5}, "sampler": {"name": name, "seed": 1},
+        "pruning": {"pruner": "median"}})
+    sampler = make_sampler(cfg, ["vqa"])
+    assert type(sampler).__name__ == cls
+    assert type(make_pruner(cfg)).__name__ == "MedianPruner"
+    if name == "grid":  # 3 lam values x 2 coefficient values
+        study = optuna.create_study(sampler=sampler, direction="maximize")
+        study.optimize(lambda t: t.suggest_float("lam", 0.2, 1.0, step=0.4) + t.suggest_float("coef.vqa", 0.5, 1.0,
+                                                                                               step=0.5), n_trials=10)
+        assert len(study.trials) == 6 and sampler.is_exhausted(study)
+
+
+def test_grid_campaign_stops_when_the_grid_is_exhausted(platform_store: Store, tmp_path: Path) -> None:
+    cfg, ev = _campaign(tmp_path, search_space={"lam": {"type": "categorical", "choices": [0.3, 0.6]}},
+                        coefficients=None, sampler={"name": "grid"}, budget={"n_trials": 10},
+                        registry={"name": "camp-model", "register": "none"})
+    res = run_campaign(cfg, store=platform_store, evaluator=ev)
+    study = optuna.load_study(study_name="camp", storage=platform_store.optuna_storage)
+    assert sorted(t.params["lam"] for t in study.trials) == [0.3, 0.6] and res.n_complete == 2
+    assert res.registered == []
+    # no version registered: every trial's weights were removed
+    client = platform_store.client()
+    for t in study.trials:
+        run = client.get_run(t.user_attrs[RUN_ATTR])
+        assert run.data.tags["mergelab.weights"] == "deleted"
+        assert not (local_path(run.info.artifact_uri) / "merged").exists()
+
+
+def test_pruned_trials_end_killed_without_weights(platform_store: Store, tmp_path: Path) -> None:
+    cfg, ev = _campaign(tmp_path, coefficients=None, sampler={"name": "random", "seed": 3}, budget={"n_trials": 5},
+                        pruning={"pruner": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+                        search_space={"lam": {"type": "float", "low": 0.02, "high": 0.6}},
+                        registry={"name": "camp-model", "register": "best", "evaluate_test": False})
+    res = run_campaign(cfg, store=platform_store, evaluator=ev)
+    study = optuna.load_study(study_name="camp", storage=platform_store.optuna_storage)
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    assert pruned, [(t.number, t.state.name, t.params, t.intermediate_values) for t in study.trials]
+    assert res.n_pruned == len(pruned) and res.n_complete + res.n_pruned == 5
+    client = platform_store.client()
+    for t in pruned:
+        run = client.get_run(t.user_attrs[RUN_ATTR])
+        assert run.info.status == "KILLED" and run.data.tags["mergelab.pruned"] == "true"
+        assert not (local_path(run.info.artifact_uri) / "merged").exists()
+        assert len(t.intermediate_values) < len(TASKS)  # stopped before evaluating every task
+    assert len(res.registered) == 1

@@ -105,19 +105,42 @@ def test_compose_credentials_come_from_env_file() -> None:
 
 
 def test_docker_compose_config_parses(tmp_path: Path) -> None:
-    """`docker compose config` (needs no engine) accepts the file with .env.example's values, when available."""
+    """A compose client validates the file against the Compose schema with .env.example's values (no engine).
+
+    `docker compose` (v2) when present; else Debian's `docker-compose` 1.29 (installed by .ci/run), which knows
+    every key used here except the top-level `name`, so that one line is dropped for it.
+    """
+    work = tmp_path / "repo"
+    (work / "docker").mkdir(parents=True)
+    shutil.copytree(ROOT / "docker" / "postgres-init", work / "docker" / "postgres-init")
+    shutil.copy(ROOT / "docker" / "Dockerfile", work / "docker" / "Dockerfile")
+    shutil.copy(ENV_EXAMPLE, work / ".env")
     docker = shutil.which("docker")
-    if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
-        pytest.skip("no `docker compose` client here; the structure is checked by test_compose_topology")
-    env_file = tmp_path / ".env"
-    shutil.copy(ENV_EXAMPLE, env_file)
-    proc = subprocess.run(
-        [docker, "compose", "-f", str(COMPOSE), "--env-file", str(env_file), "config", "--quiet"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        shutil.copy(COMPOSE, work / "docker-compose.yml")
+        argv = [docker, "compose", "config"]
+    elif shutil.which("docker-compose"):
+        text = COMPOSE.read_text()
+        assert re.search(r"^name: mergelab$", text, re.M)
+        (work / "docker-compose.yml").write_text(re.sub(r"^name: mergelab\n", "", text, flags=re.M))
+        argv = [shutil.which("docker-compose"), "config"]
+    else:
+        pytest.skip(
+            "no compose client (`docker compose` or `docker-compose`); test_compose_topology checks the file"
+        )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "MLFLOW_", "DOCKER_"))}
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=work, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
+    resolved = yaml.safe_load(proc.stdout)
+    worker = resolved["services"]["worker"]
+    assert (
+        worker["environment"]["MERGELAB_OPTUNA_STORAGE"]
+        == "postgresql+psycopg2://mergelab:change-me@postgres:5432/optuna"
+    )
+    assert int(worker["deploy"]["replicas"]) == 2
+    assert resolved["services"]["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"].endswith(
+        "@postgres:5432/mlflow"
+    )
 
 
 def test_ci_run_is_an_executable_noninteractive_entry_point() -> None:
@@ -259,13 +282,13 @@ def test_mlflow_server_registers_from_run_artifact_dir_only(
 
 # --------------------------------------------------------------------------------------------- two workers
 TASKS = ("vqa", "chart")
-N_TRIALS = 4
+N_TRIALS = 5  # one is killed mid-trial, four complete
 TOP_K = 2
 
 
 @pytest.fixture(scope="module")
 def tiny_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Benchmark data (val/test of two tasks) and a tiny zoo (base + two full fine-tuned experts), built here."""
+    """Benchmark data (val/test of two tasks) and a tiny zoo (base, full and LoRA experts of the two tasks)."""
     import torch
 
     from mergelab.bench.data import ensure_data
@@ -292,6 +315,44 @@ def _compose_optuna_init(env: dict[str, str]) -> None:
     assert proc.returncode == 0 and "optuna schema ready" in proc.stdout, proc.stderr[-2000:]
 
 
+def _start_worker(campaign: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as fh:
+        return subprocess.Popen(
+            _worker_argv(campaign),
+            env=env,
+            cwd=log.parent,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+
+def _wait_for_running_trial(
+    url: str, study: str, proc: subprocess.Popen, log: Path, timeout: float = 240
+) -> int:
+    """The number of the first RUNNING trial that already has its MLflow run (polled in the Optuna database)."""
+    import time
+
+    import optuna
+
+    storage = optuna.storages.RDBStorage(url)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"worker exited early ({proc.returncode}):\n{log.read_text()[-3000:]}"
+            try:
+                trials = storage.get_all_trials(storage.get_study_id_from_name(study), deepcopy=False)
+            except KeyError:  # the study does not exist yet
+                trials = []
+            for t in trials:
+                if t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get("mlflow_run_id"):
+                    return t.number
+            time.sleep(0.2)
+    finally:
+        storage.engine.dispose()
+    raise AssertionError(f"no running trial within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
 def _worker_argv(campaign: Path) -> list[str]:
     import sys
 
@@ -308,6 +369,7 @@ def test_two_workers_share_one_campaign(
 ) -> None:
     """Two `mergelab worker` processes on one campaign, Optuna on PostgreSQL, MLflow through the server's HTTP URI.
 
+    A first worker is SIGKILLed mid-trial; its trial must be failed by the heartbeat (Optuna and MLflow), not lost.
     Checks: every trial ran exactly once (one Optuna trial, one MLflow run, one worker per number, both workers
     busy), every run is nested under the campaign's single parent run, and the registry is consistent (every
     version's source exists, the versions are the campaign's top-k, unregistered weights are gone, aliases point
@@ -333,15 +395,14 @@ def test_two_workers_share_one_campaign(
         yaml.safe_dump(
             {
                 "name": name,
-                "base": str(zoo / "seed0" / "base"),
-                "experts": [{"path": str(zoo / "seed0" / "full" / t), "name": t} for t in TASKS],
+                "experts": {"zoo": str(zoo), "kind": "lora"},  # the zoo's base and LoRA experts
                 "method": "task_arithmetic",
                 "search_space": {"lam": {"type": "float", "low": 0.2, "high": 1.2}},
                 "sampler": {"name": "random", "seed": 0},
                 "budget": {"n_trials": N_TRIALS},
                 "eval": {"tasks": list(TASKS), "data_root": str(data), "limit": 8, "batch_size": 8},
                 "registry": {"name": name, "register": "top_k", "top_k": TOP_K, "evaluate_test": True},
-                "tracking": {"experiment": "scaleout", "heartbeat_interval": 5},
+                "tracking": {"experiment": "scaleout", "heartbeat_interval": 1, "grace_period": 2},
                 "device": "cpu",
             }
         )
@@ -358,20 +419,15 @@ def test_two_workers_share_one_campaign(
     )
     _compose_optuna_init(env)
 
+    # A first worker is killed (SIGKILL) in the middle of its first trial; then two workers share the campaign.
+    doomed = _start_worker(campaign, env, tmp_path / "worker-killed.log")
+    try:
+        killed = _wait_for_running_trial(optuna_url, name, doomed, tmp_path / "worker-killed.log")
+    finally:
+        doomed.kill()
+        doomed.wait()
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
-    procs = []
-    for log in logs:
-        with open(log, "wb") as fh:
-            procs.append(
-                subprocess.Popen(
-                    _worker_argv(campaign),
-                    env=env,
-                    cwd=tmp_path,
-                    stdout=fh,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                )
-            )
+    procs = [_start_worker(campaign, env, log) for log in logs]
     try:
         rcs = [p.wait(timeout=300) for p in procs]
     finally:
@@ -383,16 +439,16 @@ def test_two_workers_share_one_campaign(
     for i, (rc, text) in enumerate(zip(rcs, texts, strict=True)):
         assert rc == 0, f"worker {i} exited {rc}:\n{text[-4000:]}"
 
-    # Every trial ran exactly once, and both workers worked.
+    # Every trial ran exactly once, the killed one was failed by the heartbeat (not lost), both workers worked.
     study = optuna.load_study(study_name=name, storage=optuna_url)
     worked = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("mergelab.skipped")]
     assert sorted(t.number for t in worked) == list(range(N_TRIALS))
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in worked), [
-        (t.number, t.state) for t in worked
-    ]
+    states = {t.number: t.state.name for t in worked}
+    assert states == {n: "FAIL" if n == killed else "COMPLETE" for n in range(N_TRIALS)}, states
+    complete = [t for t in worked if t.number != killed]
     finished = [set(map(int, re.findall(r"Trial (\d+) finished", text))) for text in texts]
     assert not finished[0] & finished[1], f"trials finished by both workers: {finished[0] & finished[1]}"
-    assert finished[0] | finished[1] == set(range(N_TRIALS)), finished
+    assert finished[0] | finished[1] == {t.number for t in complete}, finished
     assert finished[0] and finished[1], f"one worker did every trial: {finished}"
 
     # One MLflow run per trial, all nested under the campaign's single parent run.
@@ -411,13 +467,16 @@ def test_two_workers_share_one_campaign(
         (r,) = by_trial[t.number]
         assert r.info.run_id == t.user_attrs["mlflow_run_id"]
         assert r.data.tags.get("mlflow.parentRunId") == parent_id, f"trial {t.number} not nested"
+        if t.number == killed:
+            assert r.info.status == "FAILED" and "no heartbeat" in r.data.tags.get("mergelab.error", "")
+            continue
         assert r.info.status == "FINISHED"
         assert r.data.metrics["val/average"] == pytest.approx(t.value)
     assert study.user_attrs.get("mlflow_parent_run_id") == parent_id
 
     # Registry: the campaign's top-k, every source present and inside its run's artifact directory.
     versions = client.search_model_versions(f"name='{name}'")
-    top = sorted(worked, key=lambda t: t.value, reverse=True)[:TOP_K]
+    top = sorted(complete, key=lambda t: t.value, reverse=True)[:TOP_K]
     assert sorted(float(v.tags["mergelab.score"]) for v in versions) == sorted(t.value for t in top)
     registered_runs = set()
     for v in versions:
@@ -430,7 +489,7 @@ def test_two_workers_share_one_campaign(
         registered_runs.add(v.run_id)
     for r in trial_runs:
         if r.info.run_id not in registered_runs:
-            merged = local_path(r.data.tags["mergelab.merged_uri"])
+            merged = local_path(f"{r.info.artifact_uri}/merged")
             assert merged is not None and not merged.exists(), f"unregistered weights left at {merged}"
 
     # Promote the campaign's best, then every alias must point at an existing version with its weights.

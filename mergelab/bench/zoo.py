@@ -63,7 +63,8 @@ class ZooPlan:
         vocab_size: BPE vocabulary size for the tokenizer built from the task corpus.
         seeds: one complete zoo (base, experts, mixture) per seed.
         n_train: training samples generated per (task, variant).
-        n_eval: test items per task scored into the manifest (None: the whole test split).
+        n_eval: test items per task scored into the manifest (None: the whole test split; 300 keeps the build
+            short, the benchmark table re-scores on the whole split).
         base: the base's training run (from scratch, generic variants, all parameters).
         base_task_weights: sampling weight of each task's generic data for the base.
         full: a full fine-tuning expert's run (decoder layers only).
@@ -76,7 +77,7 @@ class ZooPlan:
     vocab_size: int = 768
     seeds: tuple[int, ...] = (0, 1)
     n_train: int = 2000
-    n_eval: int | None = None
+    n_eval: int | None = 300
     base: TrainConfig = TrainConfig(steps=1200, batch_size=32, lr=1e-3, warmup_steps=60, weight_decay=0.01)
     base_task_weights: tuple[tuple[str, float], ...] = (
         ("vqa", 1.5), ("geometry", 1.0), ("chart", 1.0), ("ocr", 1.0), ("grounding", 1.5))
@@ -228,6 +229,7 @@ class _Ctx:
 
 
 def _valid(ctx: _Ctx, name: str, fingerprint: str) -> bool:
+    """Whether ``name`` is up to date (directory, weights hash, fingerprint); if so, score it when unscored."""
     entry = ctx.manifest["models"].get(name)
     d = ctx.root / name
     if not entry or entry.get("fingerprint") != fingerprint or not d.is_dir():
@@ -236,7 +238,23 @@ def _valid(ctx: _Ctx, name: str, fingerprint: str) -> bool:
         wf = _weights_file(d)
     except FileNotFoundError:
         return False
-    return entry.get("weights", {}).get(wf.name) == sha256_file(wf)
+    if entry.get("weights", {}).get(wf.name) != sha256_file(wf):
+        return False
+    ctx.log(f"{name}: reused")
+    if ctx.evaluate and (not entry.get("scores") or entry.get("scores_limit") != ctx.plan.n_eval):
+        model, processor = load_model(d, device="cpu")
+        _score_into(ctx, name, entry, model, processor)
+        _write_manifest(ctx.root, ctx.manifest)
+    return True
+
+
+def _score_into(ctx: _Ctx, name: str, entry: dict[str, Any], model: Any, processor: Any) -> None:
+    t0 = time.perf_counter()
+    entry["scores"] = score_model(model, processor, limit=ctx.plan.n_eval, data_root=ctx.data_root)
+    entry["scores_limit"] = ctx.plan.n_eval
+    entry["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    sh = entry["scores"]["shifted"]
+    ctx.log(f"{name}: shifted avg {sh['average']:.1f} " + " ".join(f"{t} {sh[t]:.1f}" for t in TASKS if t in sh))
 
 
 def _bar(ctx: _Ctx, name: str, steps: int) -> tuple[Callable[[int, float], None] | None, Any]:
@@ -260,11 +278,7 @@ def _record(ctx: _Ctx, name: str, entry: dict[str, Any], model: Any, processor: 
     entry["weights"] = {wf.name: sha256_file(wf)}
     entry["weights_bytes"] = wf.stat().st_size
     if ctx.evaluate:
-        t0 = time.perf_counter()
-        entry["scores"] = score_model(model, processor, limit=ctx.plan.n_eval, data_root=ctx.data_root)
-        entry["eval_seconds"] = round(time.perf_counter() - t0, 1)
-        sh = entry["scores"]["shifted"]
-        ctx.log(f"{name}: shifted avg {sh['average']:.1f} " + " ".join(f"{t} {sh[t]:.1f}" for t in TASKS if t in sh))
+        _score_into(ctx, name, entry, model, processor)
     ctx.manifest["models"][name] = entry
     _write_manifest(ctx.root, ctx.manifest)
     ctx.built.append(name)
@@ -312,9 +326,7 @@ def _build_seed(ctx: _Ctx, seed: int, processor: Any, tok_fp: str) -> None:
     weights = dict(plan.base_task_weights)
     base_fp = _fingerprint("base", tok_fp, plan.size.to_dict(), base_cfg.to_dict(), weights, plan.n_train,
                            plan.data_seed, tasks)
-    if _valid(ctx, base_name, base_fp):
-        ctx.log(f"{base_name}: reused")
-    else:
+    if not _valid(ctx, base_name, base_fp):
         model = modeling.build_model(processor.tokenizer, plan.size, seed=seed)
         data = concat([(ctx.data.encoded(t, "generic", processor), weights.get(t, 1.0)) for t in tasks])
         entry = {"kind": "base", "task": None, "seed": seed, "variant": "generic", "fingerprint": base_fp}
@@ -331,7 +343,6 @@ def _build_seed(ctx: _Ctx, seed: int, processor: Any, tok_fp: str) -> None:
             cfg = replace(cfg0, seed=seed * 1000 + TASKS.index(task) if task in TASKS else seed)
             fp = _fingerprint(kind, base_sha, cfg.to_dict(), task, plan.n_train, plan.data_seed)
             if _valid(ctx, name, fp):
-                ctx.log(f"{name}: reused")
                 continue
             entry = {"kind": kind, "task": task, "seed": seed, "variant": "shifted", "base": base_name,
                      "fingerprint": fp}
@@ -347,7 +358,6 @@ def _build_seed(ctx: _Ctx, seed: int, processor: Any, tok_fp: str) -> None:
     cfg = replace(plan.full, seed=seed * 1000 + 999, steps=plan.full.steps * plan.mixture_steps_factor)
     fp = _fingerprint("mixture", base_sha, cfg.to_dict(), tasks, plan.n_train, plan.data_seed)
     if _valid(ctx, name, fp):
-        ctx.log(f"{name}: reused")
         return
     data = concat([(ctx.data.encoded(t, "shifted", processor), 1.0) for t in tasks])
     entry = {"kind": "mixture", "task": None, "seed": seed, "variant": "shifted", "base": base_name,
@@ -409,7 +419,7 @@ def build_zoo(
     manifest["tasks"] = list(tasks)
     manifest["plan"] = plan_dict
     manifest["image_size"] = modeling.IMAGE_SIZE
-    manifest["torch"] = torch.__version__
+    manifest["build_env"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device}
 
     t_start = time.perf_counter()
     data = _Data(plan, tasks)
@@ -544,7 +554,7 @@ def benchmark(
                 if entry is None:
                     raise FileNotFoundError(f"{root / MANIFEST}: model {name!r} missing (run `mergelab bench build`)")
                 label = name.split("/", 1)[1].replace(f"{setting}/", "expert:")
-                cached = _cached_scores(entry, variants) if test_limit == manifest["plan"].get("n_eval") else None
+                cached = _cached_scores(entry, variants) if test_limit == entry.get("scores_limit", -1) else None
                 if cached is None:
                     m, p = load_model(root / name, device="cpu")
                     cached = score(m, p, "test", test_limit, variants)

@@ -169,7 +169,7 @@ def quadratic_factors(
     active = norms2 >= ZERO_NORM2
     if not bool(active.any()):
         return None
-    xa = x[active]
+    xa = x if bool(active.all()) else x[active]
     w_sqrt = norms2[active].rsqrt().to(x.dtype).reshape(-1, 1, 1)
     need_plain = not (centred_target and centred_projector)
     if need_plain:

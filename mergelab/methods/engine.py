@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import queue
 import shutil
@@ -59,6 +60,7 @@ _DTYPES = {
     "fp64": torch.float64,
 }
 PROVENANCE_FILE = "mergelab_merge.json"
+_PREFETCH_BYTES = 256 * 2**20  # read-ahead budget (raised to the largest tensor's footprint)
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,7 @@ class _Expert:
                 slot.copy_(d)
             return n
         assert self.full is not None
-        t = self.full.get(name)
+        t = self.full.view(name)
         if has_nonfinite(t):
             raise MergeError(f"{self.full.infos[name].file}: tensor {name} contains NaN or Inf (expert {self.name})")
         slot.copy_(t)
@@ -310,11 +312,22 @@ _DONE = object()
 
 
 class _Reader:
-    """Background thread reading and subtracting tensors ahead of the compute loop (bounded queue)."""
+    """Background thread reading and subtracting tensors ahead of the compute loop.
 
-    def __init__(self, items: Sequence[_Item], load: Any, depth: int = 2) -> None:
+    Read-ahead is bounded by bytes, not only by count: the reader starts loading the next tensor only while the
+    tensors loaded but not yet consumed (queued or being merged and written) plus the next one fit in ``budget``
+    bytes, or when nothing is in flight. Small and medium tensors (every layer of a transformer) are therefore read
+    while the previous one is merged, whereas the largest ones (embeddings, ``lm_head``) are never held two at a
+    time, so peak memory stays at about one tensor's ``(N + 1)`` copies plus the method's temporaries.
+    """
+
+    def __init__(self, items: Sequence[_Item], load: Any, cost: Any, budget: int, depth: int = 2) -> None:
         self._items = items
         self._load = load
+        self._cost = cost
+        self._budget = budget
+        self._inflight = 0
+        self._cond = threading.Condition()
         self._q: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mergelab-reader", daemon=True)
@@ -328,10 +341,24 @@ class _Reader:
                 continue
         return False
 
+    def _reserve(self, c: int) -> bool:
+        with self._cond:
+            while self._inflight > 0 and self._inflight + c > self._budget:
+                if self._stop.is_set():
+                    return False
+                self._cond.wait(0.1)
+            self._inflight += c
+        return not self._stop.is_set()
+
+    def _release(self, c: int) -> None:
+        with self._cond:
+            self._inflight -= c
+            self._cond.notify_all()
+
     def _run(self) -> None:
         try:
             for it in self._items:
-                if self._stop.is_set() or not self._put(self._load(it)):
+                if not self._reserve(self._cost(it)) or not self._put(self._load(it)):
                     return
         except BaseException as e:  # forwarded to the consumer
             self._put(e)
@@ -348,8 +375,12 @@ class _Reader:
                 if isinstance(obj, BaseException):
                     raise obj
                 yield obj
+                obj.base = obj.deltas = None  # type: ignore[assignment]  # consumed: drop before the next load
+                self._release(self._cost(obj.item))
         finally:
             self._stop.set()
+            with self._cond:
+                self._cond.notify_all()
             self._thread.join()
 
 
@@ -445,9 +476,9 @@ def merge(
         if it.rule == "carry":
             e = ex[it.owner]
             assert e.full is not None
-            t = e.full.get(it.name)
+            t = e.full.view(it.name)
             return _Loaded(it, t, None, t.numel() * t.element_size())
-        b = base_reader.get(it.name)
+        b = base_reader.view(it.name)
         nbytes = b.numel() * b.element_size()
         if it.rule == "base" or not need_deltas:
             return _Loaded(it, b, None, nbytes)
@@ -460,6 +491,13 @@ def merge(
         zero = not bool(deltas.any())
         return _Loaded(it, b_dev, None if zero else deltas, nbytes, zero)
 
+    def cost(it: _Item) -> int:  # bytes a loaded item holds: base (+ N task vectors in the compute dtype)
+        n = math.prod(it.shape)
+        if it.rule in ("base", "carry"):
+            return n * it.out_dtype.itemsize
+        return n * cdtype.itemsize * (len(ex) + 1)
+
+    budget = max(_PREFETCH_BYTES, max((cost(it) for it in items), default=0))
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -471,9 +509,9 @@ def merge(
         with _PeakMemory() as mem:
             stats = spec.make_stats(cfg, len(ex)) if spec.make_stats is not None else None
             if stats is not None:
-                report.stats_passes, report.bytes_read = _stats_passes(stats, items, load, progress)
+                report.stats_passes, report.bytes_read = _stats_passes(stats, items, load, cost, budget, progress)
             bar = _progress(progress, len(items), "merge")
-            for ld in _Reader(items, load):
+            for ld in _Reader(items, load, cost, budget):
                 t0 = time.perf_counter()
                 rec, value = _merge_one(ld, spec, cfg, lam, stats, seed, cdtype, dev, len(ex))
                 writer.write(ld.item.name, value)
@@ -538,13 +576,15 @@ def _plan(
     return items
 
 
-def _stats_passes(stats: Any, items: Sequence[_Item], load: Any, progress: bool) -> tuple[int, int]:
+def _stats_passes(
+    stats: Any, items: Sequence[_Item], load: Any, cost: Any, budget: int, progress: bool
+) -> tuple[int, int]:
     passes, nbytes = 0, 0
     targets = [it for it in items if it.rule == "merge"]
     while True:
         passes += 1
         bar = _progress(progress, len(targets), f"statistics pass {passes}")
-        for ld in _Reader(targets, load):
+        for ld in _Reader(targets, load, cost, budget):
             nbytes += ld.nbytes
             if ld.deltas is not None:
                 stats.update(ld.item.name, ld.deltas)
@@ -585,12 +625,20 @@ def _merge_one(
             raise MergeError(f"method returned shape {tuple(tau.shape)} for tensor {it.name} of shape {it.shape}")
     else:
         tau = deltas.mean(dim=0)
-    tau = tau.to(cdtype)
-    upd = tau if lam == 1.0 else tau * lam
+    # The engine owns the returned tensor and finishes it in place (theta_0 + lam * tau_m) to save a copy.
+    upd = tau.to(cdtype)
+    if (
+        not upd.is_contiguous()
+        or 0 in upd.stride()
+        or upd.untyped_storage().data_ptr() == ld.base.untyped_storage().data_ptr()
+    ):
+        upd = upd.clone()
+    if lam != 1.0:
+        upd.mul_(lam)
     if has_nonfinite(upd):
         raise MergeError(f"tensor {it.name}: the merged task vector contains NaN or Inf (rule {it.rule})")
     rec.merged_norm = float(torch.linalg.vector_norm(upd))
-    value = (ld.base.to(cdtype) + upd).to(it.out_dtype)
+    value = upd.add_(ld.base).to(it.out_dtype)
     return rec, value
 
 

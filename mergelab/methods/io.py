@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import re
 import shutil
 import struct
@@ -64,6 +65,7 @@ class TensorInfo:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int = -1  # absolute byte offset of the data in ``file``
 
     @property
     def nbytes(self) -> int:
@@ -86,6 +88,15 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     Raises:
         MergeError: the file is missing, truncated or not a safetensors file (message names the file).
     """
+    return _parse_header(path)[0]
+
+
+def _parse_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The header and the byte offset where tensor data starts.
+
+    Raises:
+        MergeError: the file is missing, truncated or not a safetensors file (message names the file).
+    """
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -104,7 +115,7 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
     if 8 + n + end > size:
         raise MergeError(f"{path}: truncated safetensors file (needs {8 + n + end} bytes, has {size})")
-    return header
+    return header, 8 + n
 
 
 class CheckpointReader:
@@ -123,12 +134,18 @@ class CheckpointReader:
         self.infos: dict[str, TensorInfo] = {}
         self._handles: dict[Path, Any] = {}
         files = self._shard_files()
+        self._maps: dict[Path, mmap.mmap] = {}
         for file in files:
-            for name, meta in read_safetensors_header(file).items():
+            header, start = _parse_header(file)
+            for name, meta in header.items():
                 dtype = ST_DTYPES.get(meta["dtype"])
                 if dtype is None:
                     raise MergeError(f"{file}: tensor {name} has unsupported dtype {meta['dtype']}")
-                self.infos[name] = TensorInfo(name, file, dtype, tuple(int(s) for s in meta["shape"]))
+                info = TensorInfo(name, file, dtype, tuple(int(s) for s in meta["shape"]), start + meta["data_offsets"][0])
+                b, e = meta["data_offsets"]
+                if e - b != info.nbytes:
+                    raise MergeError(f"{file}: tensor {name} spans {e - b} bytes, its shape and dtype need {info.nbytes}")
+                self.infos[name] = info
         if not self.infos:
             raise MergeError(f"{self.path}: checkpoint holds no tensors")
 
@@ -164,8 +181,25 @@ class CheckpointReader:
     def keys(self) -> list[str]:
         return list(self.infos)
 
+    def view(self, name: str) -> torch.Tensor:
+        """One tensor as a zero-copy CPU view of the memory-mapped file (private copy-on-write mapping).
+
+        Its pages are file-backed page cache, not anonymous memory, so streaming through a checkpoint does not grow
+        the process's heap. Falls back to :meth:`get` (a copy) for data not aligned to its dtype.
+        """
+        info = self.infos[name]
+        item = _itemsize(info.dtype)
+        if info.offset < 0 or info.offset % item or info.nbytes == 0:
+            return self.get(name)
+        m = self._maps.get(info.file)
+        if m is None:
+            with open(info.file, "rb") as f:
+                m = self._maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        t = torch.frombuffer(m, dtype=info.dtype, count=info.nbytes // item, offset=info.offset)
+        return t.view(info.shape)
+
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (memory-mapped file, copied out on the CPU)."""
+        """Read one tensor through ``safetensors.safe_open`` (memory-mapped file, copied out on the CPU)."""
         info = self.infos[name]
         h = self._handles.get(info.file)
         if h is None:
@@ -186,7 +220,9 @@ class CheckpointReader:
             raise MergeError(f"{cfg}: invalid JSON ({e})") from None
 
     def close(self) -> None:
+        """Drop the open handles (mappings stay alive while a tensor view still uses them)."""
         self._handles.clear()
+        self._maps.clear()
 
 
 # --------------------------------------------------------------------------------------------------------------

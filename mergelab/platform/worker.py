@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from mergelab.platform.campaign import CampaignResult, run_campaign
 from mergelab.platform.campaign_config import load_campaign
@@ -19,7 +20,7 @@ from mergelab.platform.tracking import Store
 
 
 def run_worker(config: str | os.PathLike[str], *, n_trials: int | None = None, summarize: bool = True,
-               store: Store | None = None) -> CampaignResult:
+               store: Store | None = None, **campaign_kwargs: Any) -> CampaignResult:
     """Work trials of the campaign in ``config`` until the study's budget (or ``n_trials`` here) is spent.
 
     Args:
@@ -28,9 +29,10 @@ def run_worker(config: str | os.PathLike[str], *, n_trials: int | None = None, s
         summarize: refresh the parent run's summary (table, plots, best trial) when this worker stops; the parent is
             set FINISHED only when no trial is still running elsewhere.
         store: override the store (default: the YAML's ``tracking`` section and the environment).
+        **campaign_kwargs: passed to :func:`~mergelab.platform.campaign.run_campaign` (``evaluator``, ``merge_fn``).
 
     Returns:
         The :class:`~mergelab.platform.campaign.CampaignResult` as seen by this worker when it stops.
     """
     cfg = load_campaign(Path(config))
-    return run_campaign(cfg, store=store, n_trials=n_trials, summarize=summarize, worker=True)
+    return run_campaign(cfg, store=store, n_trials=n_trials, summarize=summarize, worker=True, **campaign_kwargs)

@@ -13,6 +13,7 @@ appear in two splits, for any seeds.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -150,6 +151,39 @@ def blank() -> tuple[Image.Image, ImageDraw.ImageDraw]:
     return img, ImageDraw.Draw(img)
 
 
+GRADIENT_DEPTH = 48
+"""How much the coordinate canvas darkens red (left to right) and green (top to bottom), in 0-255 levels."""
+
+
+@functools.lru_cache(maxsize=1)
+def _coordinate_canvas() -> Image.Image:
+    last = IMAGE_SIZE - 1
+    data = bytearray()
+    for y in range(IMAGE_SIZE):
+        g = 255 - GRADIENT_DEPTH * y // last
+        for x in range(IMAGE_SIZE):
+            data += bytes((255 - GRADIENT_DEPTH * x // last, g, 255))
+    return Image.frombytes("RGB", (IMAGE_SIZE, IMAGE_SIZE), bytes(data))
+
+
+def coordinate_canvas() -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    """A canvas whose pale background encodes each pixel's position: ``(255 - 48 x/111, 255 - 48 y/111, 255)``.
+
+    Qwen2-VL's vision tower has rotary (relative) positions only, so the features of an image token say little
+    about *where* it is; a tiny model trained for minutes does not learn absolute positions from rotary phases
+    (the pilots' grounding stayed at chance). The gradient puts absolute coordinates into the pixels, as a
+    coordinate-coloured canvas, so grounding is learnable by content alone.
+    """
+    img = _coordinate_canvas().copy()
+    return img, ImageDraw.Draw(img)
+
+
+def background_at(x: int, y: int) -> tuple[int, int, int]:
+    """The coordinate canvas's colour at pixel ``(x, y)``."""
+    last = IMAGE_SIZE - 1
+    return (255 - GRADIENT_DEPTH * x // last, 255 - GRADIENT_DEPTH * y // last, 255)
+
+
 def cell_origin(cell: Sequence[int]) -> tuple[int, int]:
     """Top-left pixel of grid cell ``(col, row)``."""
     return cell[0] * CELL, cell[1] * CELL
@@ -258,9 +292,11 @@ def place_object(
     }
 
 
-def draw_objects(objects: Sequence[dict[str, Any]]) -> Image.Image:
-    """Render object records (see :func:`place_object`) on a blank canvas."""
-    img, draw = blank()
+def draw_objects(objects: Sequence[dict[str, Any]], background: str = "white") -> Image.Image:
+    """Render object records (see :func:`place_object`) on a ``"white"`` or ``"gradient"`` canvas."""
+    if background not in ("white", "gradient"):
+        raise ValueError(f"unknown background {background!r}; known: ('white', 'gradient')")
+    img, draw = blank() if background == "white" else coordinate_canvas()
     for obj in objects:
         draw_shape(draw, obj["shape"], obj["box"], COLOURS[obj["colour"]])
     return img

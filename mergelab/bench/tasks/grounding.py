@@ -82,6 +82,7 @@ def draft(rng: random.Random, variant: str) -> Draft:
         "target": target,
         "expression": expression,
         "grid_offset": offset,
+        "background": "gradient",
         "answer_box": answer_box,
         "target_box": [x0 / IMAGE_SIZE, y0 / IMAGE_SIZE, (x1 + 1) / IMAGE_SIZE, (y1 + 1) / IMAGE_SIZE],
         "box_format": "xyxy",
@@ -93,7 +94,7 @@ def draft(rng: random.Random, variant: str) -> Draft:
 
 def render(meta: dict[str, Any]) -> Image.Image:
     """Draw a grounding scene from its ``meta``."""
-    return draw_objects(meta["objects"])
+    return draw_objects(meta["objects"], meta.get("background", "white"))
 
 
 SPEC = TaskSpec(
