@@ -98,6 +98,7 @@ def main() -> None:
         help="official steps actually run (default 3 cpu, 10 cuda)",
     )
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--shapes", default=None, help="comma-separated OUTxIN list, e.g. 896x4864,3584x18944")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,6 +106,8 @@ def main() -> None:
     if args.device != "auto":
         devices = [torch.device(args.device)]
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     print(
         f"OptMerge per-layer cost, N={args.experts} experts, {args.steps} steps, float32, torch {torch.__version__}, "
         f"{torch.get_num_threads()} CPU threads"

@@ -347,14 +347,14 @@ class MlflowServer:
             return "(no server log)"
 
     def stop(self) -> None:
-        """SIGTERM the server's process group (uvicorn workers included), SIGKILL after 5 s."""
+        """SIGTERM the server's process group (uvicorn workers included), SIGKILL after 3 s."""
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 return
             try:
-                self.proc.wait(timeout=5)
+                self.proc.wait(timeout=3)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)

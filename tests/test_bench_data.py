@@ -118,7 +118,9 @@ def _check_objects(s: Sample, offset: int = 0) -> None:
     img = s.image
     canvas = Image.new("RGB", img.size, WHITE)
     if s.meta.get("background") == "gradient":  # (255 - 48 x / 111, 255 - 48 y / 111, 255)
-        canvas.putdata([(255 - 48 * x // 111, 255 - 48 * y // 111, 255) for y in range(112) for x in range(112)])
+        canvas.putdata(
+            [(255 - 48 * x // 111, 255 - 48 * y // 111, 255) for y in range(112) for x in range(112)]
+        )
     occupied = set()
     for o in s.meta["objects"]:
         x0, y0, x1, y1 = o["box"]
@@ -186,7 +188,9 @@ def test_grounding_answers_and_pixels(variant: str) -> None:
             if o is not target:
                 ox0, oy0, ox1, oy1 = o["box"]
                 assert _iou(box, [ox0 / 112, oy0 / 112, (ox1 + 1) / 112, (oy1 + 1) / 112]) < 0.5
-        assert s.metric == "iou50" and s.meta["image_size"] == [112, 112] and s.meta["background"] == "gradient"
+        assert (
+            s.metric == "iou50" and s.meta["image_size"] == [112, 112] and s.meta["background"] == "gradient"
+        )
         _check_objects(s, offset)
 
 

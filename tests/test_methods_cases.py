@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mergelab.methods import REGISTRY, MergeContext
-from mergelab.methods._sparsify import disjoint_merge, trim_to_threshold
+from mergelab.methods._sparsify import GlobalMagnitudeThreshold, disjoint_merge, trim_to_threshold
 from mergelab.methods.iso import IsoCConfig, IsoCtsConfig, iso_c, iso_cts
 from mergelab.methods.task_arithmetic import TaskArithmeticConfig, task_arithmetic
 from mergelab.methods.ties import TiesConfig, ties
@@ -78,6 +78,25 @@ def test_ties_global_equals_brute_force_top_k() -> None:
             out = ties(None, v, cfg, MergeContext(name=k, stats=stats))
             keep = v.abs() >= expected_thr.reshape((3,) + (1,) * (v.dim() - 1))
             torch.testing.assert_close(out, disjoint_merge(v * keep))
+
+
+def test_ties_global_counts_unstreamed_zero_tensors() -> None:
+    """``add_zeros`` gives the same threshold as streaming an all-zero tensor (as the official flatten does)."""
+    v = torch.randn(2, 30, 20, generator=torch.Generator().manual_seed(11))
+    for density in (0.2, 0.9):  # threshold inside the non-zero values, and inside the zeros (threshold 0)
+        a = GlobalMagnitudeThreshold(density, 2)
+        b = GlobalMagnitudeThreshold(density, 2)
+        while True:
+            a.update("v", v)
+            a.update("z", torch.zeros(2, 700))
+            b.update("v", v)
+            b.add_zeros(700)
+            more_a, more_b = a.finish_pass(), b.finish_pass()
+            assert more_a == more_b
+            if not more_a:
+                break
+        assert torch.equal(a.thresholds, b.thresholds)
+    assert a.thresholds.eq(0).all()
 
 
 def test_ties_global_without_stats_is_an_error() -> None:

@@ -55,7 +55,9 @@ def official(
     opt = torch.optim.Adam([x], lr=lr) if optimizer == "adam" else torch.optim.SGD([x], lr=lr, momentum=0.9)
     losses = []
     for _ in range(steps):
-        loss = sum(((x - t) @ low.T).square().sum() * w for t, low, w in zip(targets, lows, weights, strict=True))
+        loss = sum(
+            ((x - t) @ low.T).square().sum() * w for t, low, w in zip(targets, lows, weights, strict=True)
+        )
         losses.append(loss.item())
         opt.zero_grad()
         loss.backward()

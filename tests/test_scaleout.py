@@ -13,6 +13,9 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -171,6 +174,7 @@ def test_missing_postgres_skips_unless_required(monkeypatch: pytest.MonkeyPatch,
         pg._unavailable("no initdb")
 
 
+@pytest.mark.postgres
 def test_postgres_fixture_serves_optuna_and_mlflow(postgres: PostgresServer, tmp_path: Path) -> None:
     """Both databases exist on loopback with password auth; Optuna RDBStorage and MLflow's SQL store work on them."""
     import optuna
@@ -204,6 +208,7 @@ def test_postgres_fixture_serves_optuna_and_mlflow(postgres: PostgresServer, tmp
     assert client.get_run(run.info.run_id).data.metrics["val/average"] == 42.0
 
 
+@pytest.mark.postgres
 def test_compose_init_script_creates_both_databases(postgres: PostgresServer) -> None:
     """docker/postgres-init/10-create-databases.sh, run as the postgres image runs it, is idempotent."""
     env = dict(
@@ -253,6 +258,7 @@ def mlflow_server(
         server.stop()
 
 
+@pytest.mark.postgres
 def test_mlflow_server_registers_from_run_artifact_dir_only(
     mlflow_server: MlflowServer, tmp_path: Path
 ) -> None:
@@ -307,8 +313,6 @@ def tiny_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _compose_optuna_init(env: dict[str, str]) -> None:
     """Run the compose file's `optuna-init` command (creates Optuna's schema once, before the workers)."""
-    import sys
-
     argv = _compose()["services"]["optuna-init"]["command"]
     assert argv[0] == "python"
     proc = subprocess.run([sys.executable, *argv[1:]], env=env, capture_output=True, text=True, timeout=120)
@@ -331,8 +335,6 @@ def _wait_for_running_trial(
     url: str, study: str, proc: subprocess.Popen, log: Path, timeout: float = 240
 ) -> int:
     """The number of the first RUNNING trial that already has its MLflow run (polled in the Optuna database)."""
-    import time
-
     import optuna
 
     storage = optuna.storages.RDBStorage(url)
@@ -354,8 +356,6 @@ def _wait_for_running_trial(
 
 
 def _worker_argv(campaign: Path) -> list[str]:
-    import sys
-
     exe = Path(sys.executable).parent / "mergelab"
     return (
         [str(exe), "worker", str(campaign)]
@@ -364,6 +364,8 @@ def _worker_argv(campaign: Path) -> list[str]:
     )
 
 
+@pytest.mark.postgres
+@pytest.mark.slow
 def test_two_workers_share_one_campaign(
     postgres: PostgresServer, mlflow_server: MlflowServer, tiny_bench: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -375,17 +377,12 @@ def test_two_workers_share_one_campaign(
     version's source exists, the versions are the campaign's top-k, unregistered weights are gone, aliases point
     at existing versions, `models:/NAME@champion` resolves to the weights).
     """
-    import uuid
-
     import optuna
     from mlflow.tracking import MlflowClient
 
     from mergelab.platform import registry as reg
-    from mergelab.platform.cli import main as cli_main
     from mergelab.platform.tracking import HFEvaluator, Store, local_path
 
-    if "worker" not in cli_main.commands:
-        pytest.skip("`mergelab worker` is not registered in mergelab/platform/cli.py yet")
     data, zoo = tiny_bench
     name = f"scaleout-{uuid.uuid4().hex[:8]}"
     optuna_db = f"optuna_{uuid.uuid4().hex[:8]}"  # fresh, as in a new compose deployment

@@ -48,6 +48,8 @@ from mergelab.bench.train import DECODER_LAYERS, Encoded, TrainConfig, concat, e
 from mergelab.hf import load_model, replace_dir, save_model
 
 TASKS: tuple[str, ...] = ("vqa", "geometry", "chart", "ocr", "grounding")
+KINDS: tuple[str, ...] = ("full", "lora", "mixture")
+"""What a seed holds besides its base: full fine-tuning experts, LoRA experts, the mixture model."""
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 DEFAULT_ZOO = Path(__file__).resolve().parent / "zoo"
@@ -225,6 +227,8 @@ class _Ctx:
     evaluate: bool
     data_root: Path | None
     log: Callable[[str], None]
+    kinds: tuple[str, ...] = KINDS
+    only: frozenset[str] | None = None
     built: list[str] = field(default_factory=list)
 
 
@@ -338,8 +342,12 @@ def _build_seed(ctx: _Ctx, seed: int, processor: Any, tok_fp: str) -> None:
         return load_model(ctx.root / base_name, device="cpu")[0]
 
     for kind, cfg0 in (("full", plan.full), ("lora", plan.lora)):
+        if kind not in ctx.kinds:
+            continue
         for task in tasks:
             name = f"seed{seed}/{kind}/{task}"
+            if ctx.only is not None and name not in ctx.only:
+                continue
             cfg = replace(cfg0, seed=seed * 1000 + TASKS.index(task) if task in TASKS else seed)
             fp = _fingerprint(kind, base_sha, cfg.to_dict(), task, plan.n_train, plan.data_seed)
             if _valid(ctx, name, fp):
@@ -355,6 +363,8 @@ def _build_seed(ctx: _Ctx, seed: int, processor: Any, tok_fp: str) -> None:
             _record(ctx, name, entry, model, processor)
 
     name = f"seed{seed}/mixture"
+    if "mixture" not in ctx.kinds or (ctx.only is not None and name not in ctx.only):
+        return
     cfg = replace(plan.full, seed=seed * 1000 + 999, steps=plan.full.steps * plan.mixture_steps_factor)
     fp = _fingerprint("mixture", base_sha, cfg.to_dict(), tasks, plan.n_train, plan.data_seed)
     if _valid(ctx, name, fp):
@@ -375,6 +385,8 @@ def build_zoo(
     plan: ZooPlan | None = None,
     tasks: Sequence[str] = TASKS,
     seeds: Sequence[int] | None = None,
+    kinds: Sequence[str] = KINDS,
+    only: Sequence[str] | None = None,
     device: str = "auto",
     evaluate: bool = True,
     data_root: str | os.PathLike[str] | None = None,
@@ -390,6 +402,10 @@ def build_zoo(
         plan: an explicit plan (overrides ``tiny``).
         tasks: the tasks to build experts for (default all five).
         seeds: override the plan's seeds.
+        kinds: which models to build besides each seed's base (subset of ``KINDS``); lets several processes
+            build one zoo's parts in parallel (each in its own root, then :func:`combine_zoos`).
+        only: build only these models (manifest names such as ``"seed0/full/ocr"``; the seed's base is always
+            built or reused), for the same purpose.
         device: training device (``"auto"``: CUDA when present).
         evaluate: score every model into the manifest (needs :mod:`mergelab.evaluators`).
         data_root: where the evaluators find the benchmark data (their default when None).
@@ -443,7 +459,11 @@ def build_zoo(
         from mergelab.bench.data import ensure_data
 
         data_root = ensure_data(data_root, tasks=tasks, splits=("val", "test"), seed=plan.data_seed)
-    ctx = _Ctx(root, plan, manifest, data, progress, device, evaluate, Path(data_root) if data_root else None, log)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ValueError(f"unknown kind(s) {bad}; known: {KINDS}")
+    ctx = _Ctx(root, plan, manifest, data, progress, device, evaluate, Path(data_root) if data_root else None, log,
+               tuple(kinds), frozenset(only) if only is not None else None)
     torch_threads = torch.get_num_threads()
     try:
         for seed in plan.seeds:
@@ -452,6 +472,35 @@ def build_zoo(
         torch.set_num_threads(torch_threads)
     manifest["build_seconds_last"] = round(time.perf_counter() - t_start, 1)
     _write_manifest(root, manifest)
+    return manifest
+
+
+def combine_zoos(dest: str | os.PathLike[str], sources: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
+    """Move the models of zoos built in parallel (same plan and tokenizer) into ``dest`` and merge their manifests.
+
+    Raises:
+        ValueError: a source has another tokenizer or plan than ``dest`` (named in the message).
+    """
+    dest = Path(dest)
+    manifest = read_manifest(dest)
+    for src in map(Path, sources):
+        other = read_manifest(src)
+        for key in ("tokenizer", "plan"):
+            if {k: v for k, v in other[key].items() if k != "seeds"} != \
+                    {k: v for k, v in manifest[key].items() if k != "seeds"}:
+                raise ValueError(f"{src / MANIFEST}: {key} differs from {dest / MANIFEST}; cannot combine")
+        for name, entry in other["models"].items():
+            if name in manifest["models"] and manifest["models"][name]["weights"] == entry["weights"]:
+                continue
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+            shutil.copytree(src / name, tmp)
+            replace_dir(tmp, target)
+            manifest["models"][name] = entry
+        manifest["plan"]["seeds"] = sorted({*manifest["plan"]["seeds"], *other["plan"]["seeds"]})
+    manifest["models"] = dict(sorted(manifest["models"].items()))
+    _write_manifest(dest, manifest)
     return manifest
 
 
@@ -551,6 +600,9 @@ def benchmark(
             fixed = [f"seed{seed}/base"] + expert_names(seed, setting, tasks) + [f"seed{seed}/mixture"]
             for name in fixed:
                 entry = manifest["models"].get(name)
+                if entry is None and name.endswith("/mixture"):
+                    log(f"{root / MANIFEST}: no {name}; the mixture row is left out")
+                    continue
                 if entry is None:
                     raise FileNotFoundError(f"{root / MANIFEST}: model {name!r} missing (run `mergelab bench build`)")
                 label = name.split("/", 1)[1].replace(f"{setting}/", "expert:")

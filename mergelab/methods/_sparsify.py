@@ -164,6 +164,22 @@ class GlobalMagnitudeThreshold:
             counts = torch.bincount(lo[sel], minlength=n * _HALF).reshape(n, -1)
             self._lo = counts if self._lo is None else self._lo + counts.to(self._lo.device)
 
+    def add_zeros(self, numel: int) -> None:
+        """Count ``numel`` all-zero entries per expert (an all-zero tensor the engine does not stream).
+
+        The official InternVL script flattens every merged parameter, zeros included, so they shift the
+        ``int(numel * (1 - density))`` rank; call this in every pass for such tensors to reproduce that.
+        """
+        if self.pass_index == 0:
+            self.numel += numel
+            if self._hi is None:
+                self._hi = torch.zeros(self.n_experts, _HALF // 2, dtype=torch.int64)
+            self._hi[:, 0] += numel
+        elif self._bucket is not None:
+            if self._lo is None:
+                self._lo = torch.zeros(self.n_experts, _HALF, dtype=torch.int64, device=self._bucket.device)
+            self._lo[:, 0] += numel * (self._bucket.to(self._lo.device) == 0)
+
     def finish_pass(self) -> bool:
         """Close the current pass; True when another pass is needed."""
         j = n_trimmed(self.numel, self.density)

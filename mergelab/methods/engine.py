@@ -190,11 +190,17 @@ class _Expert:
             return n
         assert self.full is not None
         t = self.full.view(name)
-        if has_nonfinite(t):
-            raise MergeError(f"{self.full.infos[name].file}: tensor {name} contains NaN or Inf (expert {self.name})")
-        slot.copy_(t)
-        slot.sub_(base_c)
+        if slot.device == t.device:
+            torch.sub(t, base_c, out=slot)  # one fused pass: read, convert, subtract
+        else:
+            slot.copy_(t)
+            slot.sub_(base_c)
         return t.numel() * t.element_size()
+
+    def check_finite(self, name: str) -> None:
+        """Raise when the expert's stored ``name`` holds NaN or Inf (names the file, tensor and expert)."""
+        if self.full is not None and has_nonfinite(self.full.view(name)):
+            raise MergeError(f"{self.full.infos[name].file}: tensor {name} contains NaN or Inf (expert {self.name})")
 
 
 def has_nonfinite(t: torch.Tensor) -> bool:
@@ -306,6 +312,7 @@ class _Loaded:
     deltas: torch.Tensor | None  # (N, *S) compute dtype, None when not read or all zero
     nbytes: int
     zero: bool = False
+    norms: list[float] | None = None  # per-expert Frobenius norms of the task vectors
 
 
 _DONE = object()
@@ -472,7 +479,7 @@ def merge(
         seed=int(seed),
     )
 
-    def load(it: _Item, need_deltas: bool = True) -> _Loaded:
+    def load(it: _Item) -> _Loaded:
         if it.rule == "carry":
             e = ex[it.owner]
             assert e.full is not None
@@ -480,7 +487,7 @@ def merge(
             return _Loaded(it, t, None, t.numel() * t.element_size())
         b = base_reader.view(it.name)
         nbytes = b.numel() * b.element_size()
-        if it.rule == "base" or not need_deltas:
+        if it.rule == "base":
             return _Loaded(it, b, None, nbytes)
         b_dev = b.to(dev)
         b_c = b_dev.to(cdtype)
@@ -488,8 +495,14 @@ def merge(
         for i, e in enumerate(ex):
             nbytes += e.delta_into(it.name, deltas[i], b_c, b_dev, dev, cdtype)
         del b_c
-        zero = not bool(deltas.any())
-        return _Loaded(it, b_dev, None if zero else deltas, nbytes, zero)
+        # one pass gives the report's norms, the NaN/Inf check (a non-finite entry makes the norm non-finite) and
+        # the all-zero test; the exact checks run only when a norm says so
+        norms = torch.linalg.vector_norm(deltas.reshape(len(ex), -1), dim=1).tolist()
+        for i, nrm in enumerate(norms):
+            if not math.isfinite(nrm):
+                ex[i].check_finite(it.name)
+        zero = all(nrm == 0.0 for nrm in norms) and not bool(deltas.any())
+        return _Loaded(it, b_dev, None if zero else deltas, nbytes, zero, norms)
 
     def cost(it: _Item) -> int:  # bytes a loaded item holds: base (+ N task vectors in the compute dtype)
         n = math.prod(it.shape)
@@ -546,6 +559,8 @@ def merge(
         raise
     finally:
         base_reader.close()
+        for e in ex:
+            (e.full or (e.lora.reader if e.lora else base_reader)).close()
     report.wall_seconds = time.perf_counter() - t_start
     return report
 
@@ -615,7 +630,7 @@ def _merge_one(
             rec.expert_norms = [0.0] * n_experts
         return rec, ld.base.to(it.out_dtype)
     deltas = ld.deltas
-    rec.expert_norms = [float(x) for x in torch.linalg.vector_norm(deltas.reshape(deltas.shape[0], -1), dim=1)]
+    rec.expert_norms = list(ld.norms or [])
     if it.rule == "merge":
         gen = torch.Generator(device=dev)
         gen.manual_seed(tensor_seed(seed, it.name))

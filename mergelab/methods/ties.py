@@ -22,7 +22,6 @@ from mergelab.methods._sparsify import (
     dare_drop,
     disjoint_merge,
     magnitude_threshold,
-    name_generator,
     trim_to_threshold,
 )
 from mergelab.methods.base import MergeContext
@@ -94,4 +93,4 @@ def ties(base: Tensor, deltas: Tensor, cfg: TiesConfig, ctx: MergeContext) -> Te
     return disjoint_merge(trim_to_threshold(d, thresholds))
 
 
-__all__ = ["TiesConfig", "make_stats", "name_generator", "ties"]
+__all__ = ["TiesConfig", "make_stats", "ties"]

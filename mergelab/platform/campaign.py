@@ -539,8 +539,8 @@ def summarize_campaign(cfg: CampaignConfig, store: Store, study: optuna.Study, p
         log_table(client, parent, table, "trials.json")
     if len(complete) >= 1:
         _log_plots(cfg, study, parent, client)
-    running = any(t.state == states.RUNNING for t in study.get_trials(deepcopy=False))
-    client.set_terminated(parent, status="RUNNING" if running else "FINISHED")
+    if not any(t.state == states.RUNNING for t in study.get_trials(deepcopy=False)):
+        client.set_terminated(parent, status="FINISHED")
 
 
 def _log_plots(cfg: CampaignConfig, study: optuna.Study, parent: str, client: MlflowClient) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import click
 
@@ -119,10 +117,8 @@ def ui_cmd(port: int, root: str | None) -> None:
         cmd += ["--default-artifact-root", store.artifact_root]
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
     click.echo(f"MLflow UI on http://127.0.0.1:{port} (store {store.tracking_uri})")
-    try:
-        raise SystemExit(subprocess.call(cmd, env=env, cwd=str(Path.cwd())))
-    except KeyboardInterrupt:
-        pass
+    sys.stdout.flush()
+    os.execvpe(cmd[0], cmd, env)  # the server replaces this process: Ctrl-C / SIGTERM reach it directly
 
 
 COMMANDS = [campaign_cmd, worker_cmd, promote_cmd, registry_cmd, ui_cmd]

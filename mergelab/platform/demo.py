@@ -82,7 +82,7 @@ def format_rows(rows: Sequence[dict[str, Any]], tasks: Sequence[str] = TASKS) ->
     out = [head, "-" * len(head)]
     for r in rows:
         lam = r.get("lam")
-        lam_s = "" if lam is None else f"{lam:g}"
+        lam_s = "" if lam is None else f"{lam:.2f}"
         cells = "".join(f"{r['scores'].get(t, math.nan):>10.1f}" for t in tasks)
         out.append(f"{r['name'][:34]:<34}{lam_s:>5} {cells}{r['average']:>8.1f}")
     return "\n".join(out)
@@ -141,13 +141,14 @@ def run_demo(
                     eval={"tasks": list(TASKS), "data_root": str(data_dir), "limit": limit},
                     tracking={"experiment": EXPERIMENT})  # fmt: skip
     probe = CampaignConfig.model_validate(base_cfg)
-    base, experts, reference = resolve_experts(probe)
+    base, entries, reference = resolve_experts(probe)
+    experts = [{"path": e.path, "name": e.name, "coefficient": e.coefficient} for e in entries]
     evaluator = HFEvaluator(data_root=str(data_dir), limit=limit, device=device)
     result = DemoResult(setting=setting)
 
     # ---- reference rows: base and experts on val (evaluated here, same evaluator as the merges)
     log(f"[2/5] comparing {len(methods)} methods on val ({setting} experts, lambda grid {list(lam_grid)})")
-    for label, path in [("base", base)] + [(f"expert {e.name}", e.path) for e in experts]:
+    for label, path in [("base", base)] + [(f"expert {e['name']}", e["path"]) for e in experts]:
         summary = evaluator(Path(path), TASKS, "val")  # a LoRA adapter loads onto its base (mergelab.hf)
         result.rows.append({"name": label, "lam": None, "scores": dict(summary.scores),
                             "average": summary.average, "run_id": None})  # fmt: skip
@@ -215,9 +216,12 @@ def run_demo(
         result.campaign = {"study": camp.study_name, "run_id": camp.parent_run_id, "complete": camp.n_complete,
                            "failed": camp.n_failed, "best": camp.best, "registered": camp.registered}  # fmt: skip
         if camp.best is not None:
-            result.rows.append({"name": f"optmerge (campaign best, trial {camp.best['number']})",
-                                "lam": camp.best["params"].get("lam"), "scores": {}, "average": camp.best["values"][0],
-                                "run_id": camp.best.get("run_id")})  # fmt: skip
+            run_id = camp.best.get("run_id")
+            metrics = client.get_run(run_id).data.metrics if run_id else {}
+            result.rows.append({"name": f"optmerge (campaign trial {camp.best['number']})",
+                                "lam": camp.best["params"].get("lam"),
+                                "scores": {t: metrics.get(f"val/{t}", math.nan) for t in TASKS},
+                                "average": camp.best["values"][0], "run_id": run_id})  # fmt: skip
         if camp.registered:
             log("[5/5] promotion: campaign best vs champion on the test split")
             dec = promote(name, campaign=cfg.name, tasks=TASKS, evaluator=_test_evaluator(evaluator), store=store)

@@ -10,6 +10,9 @@ handful of distinct coordinates (single tokens for a trained tokenizer). Objects
 the cell box's IoU with the object's exact box (``meta["target_box"]``, normalised to 0-1: what the evaluator
 scores against) is at least 0.61, while the box of any other cell scores below 0.2.
 
+Every scene is drawn on the coordinate canvas (:func:`~mergelab.bench.tasks.common.coordinate_canvas`): a pale
+gradient that gives each image token its absolute position, which Qwen2-VL's rotary-only vision tower lacks.
+
 Variants: ``generic`` uses the 4x4 grid of 28-px cells (coordinates 0, 250, 500, 750, 1000); ``shifted`` puts the
 objects on the 3x3 grid shifted by half a cell (14 px: coordinates 125, 375, 625, 875, new answer words), so the
 base's localisation skill is reused with new coordinates.
