@@ -11,6 +11,7 @@ Usage::
 
     python benchmarks/optmerge_cost.py --quick            # CPU-friendly shapes
     python benchmarks/optmerge_cost.py --device cuda      # 896x4864, 4864x896, 3584x18944, 18944x3584
+    python benchmarks/optmerge_cost.py --device cuda --svd gram   # compare the SVD routes on a GPU
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ def main() -> None:
         help="official steps actually run (default 3 cpu, 10 cuda)",
     )
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--svd", default="auto", choices=["auto", "lapack", "gram"], help="OptMergeConfig.svd")
     ap.add_argument("--shapes", default=None, help="comma-separated OUTxIN list, e.g. 896x4864,3584x18944")
     args = ap.parse_args()
     if args.threads:
@@ -130,7 +132,9 @@ def main() -> None:
                 mark = "~" if off_steps < args.steps else " "
                 solvers = ("auto (exact)", "iterative") if variant == "lora" else ("iterative (adam)",)
                 for solver in solvers:
-                    cfg = OptMergeConfig(variant=variant, steps=args.steps, solver=solver.split()[0])
+                    cfg = OptMergeConfig(
+                        variant=variant, steps=args.steps, solver=solver.split()[0], svd=args.svd
+                    )
                     secs, peak = timed(lambda d=d, cfg=cfg: optmerge(None, d, cfg, MergeContext()), device)
                     print(
                         f"{device.type:6} {f'{m}x{n}':>17} {variant:7} {solver:16} {secs:10.2f} {peak:8.2f} "

@@ -162,4 +162,19 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tup
 
     return get
 
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The offline benchmark's tiny zoo (base, 5 full + 5 LoRA experts, mixture; seconds), built once per session.
+
+    Read-only for the tests that use it: merges write to their own run directories.
+    """
+    from mergelab.bench.zoo import build_zoo
+
+    root = tmp_path_factory.mktemp("tiny-zoo") / "zoo"
+    build_zoo(root, tiny=True, progress=False, evaluate=False, device="cpu")
+    return root
+
+
 from conftest_platform import _isolated_mlruns, mlflow_template, platform_store  # noqa: E402,F401  (platform fixtures)

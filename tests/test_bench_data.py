@@ -166,6 +166,10 @@ def test_vqa_answers_and_pixels(variant: str) -> None:
             assert s.answer in palette
         _check_objects(s)
     assert {s.answer for s in samples} >= ({"yes", "no"} | set(palette))
+    # the asked-about object sits anywhere in reading order (no "first object" shortcut)
+    firsts = [s.answer == s.meta["objects"][0]["colour"] for s in samples if s.question.startswith("what color")]
+    multi = [len(s.meta["objects"]) > 1 for s in samples if s.question.startswith("what color")]
+    assert not all(f for f, m in zip(firsts, multi, strict=True) if m)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -395,6 +399,15 @@ def test_ensure_data_layout_manifest_idempotent(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match=MANIFEST):
         ensure_data(tmp_path, seed=1, **kw)
+    # data of another generator version is rebuilt
+    man = read_manifest(root)
+    (root / MANIFEST).write_text(json.dumps({**man, "generator_version": "0"}))
+    before = victim.stat().st_mtime_ns
+    ensure_data(tmp_path, **kw)
+    assert (
+        victim.stat().st_mtime_ns != before
+        and read_manifest(root)["generator_version"] == man["generator_version"]
+    )
     with pytest.raises(ValueError, match="'nope'"):
         ensure_data(tmp_path, tasks=("nope",))
     assert not [p for p in root.rglob(".tmp-*")] and not [p for p in root.rglob(".old-*")]

@@ -11,7 +11,7 @@ pytest.importorskip("mlflow")
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_on_tiny_zoo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_end_to_end_on_tiny_zoo(tmp_path: Path, tiny_zoo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
     from mlflow import MlflowClient
 
@@ -22,8 +22,9 @@ def test_demo_end_to_end_on_tiny_zoo(tmp_path: Path, monkeypatch: pytest.MonkeyP
     for var in ("MLFLOW_TRACKING_URI", "MERGELAB_OPTUNA_STORAGE", "MERGELAB_ROOT", "MERGELAB_ARTIFACT_ROOT"):
         monkeypatch.delenv(var, raising=False)
     logs: list[str] = []
-    res = run_demo(tiny=True, root=tmp_path / "mlruns", methods=("weight_average", "task_arithmetic", "optmerge"),
-                   lam_grid=(0.5, 1.0), trials=2, limit=4, device="cpu", log=logs.append)  # fmt: skip
+    res = run_demo(tiny=True, zoo=tiny_zoo, root=tmp_path / "mlruns",
+                   methods=("weight_average", "task_arithmetic", "optmerge"), lam_grid=(0.5, 1.0), trials=2, limit=4,
+                   device="cpu", data_sizes={"val": 4, "test": 4}, log=logs.append)  # fmt: skip
 
     names = [r["name"] for r in res.rows]
     assert names[:6] == ["base", "expert vqa", "expert geometry", "expert chart", "expert ocr", "expert grounding"]

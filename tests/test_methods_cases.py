@@ -208,6 +208,7 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("optmerge", {"compute_dtype": "int8"}, "compute_dtype"),
     ("optmerge", {"solver": "closed"}, "solver"),
     ("optmerge", {"solver": "exact", "optimizer": "adam"}, "solver"),
+    ("optmerge", {"svd": "randomized"}, "svd"),
 ]
 
 

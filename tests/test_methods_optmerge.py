@@ -8,7 +8,13 @@ import torch
 from torch import Tensor
 
 from mergelab.methods import MergeContext
-from mergelab.methods._linalg import quadratic_loss, rank_k, solve_iterative, solve_sgd_exact
+from mergelab.methods._linalg import (
+    quadratic_factors,
+    quadratic_loss,
+    rank_k,
+    solve_iterative,
+    solve_sgd_exact,
+)
 from mergelab.methods.optmerge import OptMergeConfig, optmerge, optmerge_factors
 from mergelab.methods.wudi import WudiConfig, wudi
 
@@ -65,9 +71,10 @@ def official(
     return x.detach(), losses
 
 
+@pytest.mark.parametrize("svd", ["lapack", "gram"])
 @pytest.mark.parametrize("variant", ["full", "lora"])
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-def test_m_by_k_equals_official_m_by_m(variant: str, optimizer: str) -> None:
+def test_m_by_k_equals_official_m_by_m(variant: str, optimizer: str, svd: str) -> None:
     g = torch.Generator().manual_seed(0)
     d = 0.01 * torch.randn(3, 24, 18, generator=g, dtype=torch.float64)
     lr = 1e-5 if optimizer == "adam" else 0.05
@@ -79,7 +86,7 @@ def test_m_by_k_equals_official_m_by_m(variant: str, optimizer: str) -> None:
         "lr": lr,
     }
     ref_x, ref_losses = official(d, steps=100, **kwargs)
-    cfg = OptMergeConfig(variant=variant, optimizer=optimizer, lr=lr, steps=100, solver="iterative")
+    cfg = OptMergeConfig(variant=variant, optimizer=optimizer, lr=lr, steps=100, solver="iterative", svd=svd)
     f, h = optmerge_factors(d, cfg)
     x0 = d.sum(0) if cfg.init == "sum" else d.mean(0)
     assert quadratic_loss(x0, f, h).item() == pytest.approx(ref_losses[0], rel=1e-10)
@@ -87,7 +94,9 @@ def test_m_by_k_equals_official_m_by_m(variant: str, optimizer: str) -> None:
         x = optmerge(
             None,
             d,
-            OptMergeConfig(variant=variant, optimizer=optimizer, lr=lr, steps=steps, solver="iterative"),
+            OptMergeConfig(
+                variant=variant, optimizer=optimizer, lr=lr, steps=steps, solver="iterative", svd=svd
+            ),
             CTX,
         )
         ref_t, ref_l = official(d, steps=steps + 1, **kwargs)
@@ -96,6 +105,26 @@ def test_m_by_k_equals_official_m_by_m(variant: str, optimizer: str) -> None:
     torch.testing.assert_close(x, ref_x, rtol=1e-9, atol=1e-12)
     assert not torch.allclose(x, x0, atol=1e-5)  # it did move
     assert ref_losses[-1] < ref_losses[0]
+
+
+@pytest.mark.parametrize("shape", [(14, 22), (22, 14)])
+def test_gram_and_lapack_spectra_give_the_same_loss(shape: tuple[int, int]) -> None:
+    """Both SVD routes give the same A = F F^T, B = H F^T and loss constant, in both orientations, for every
+    target/projector combination, including a k above the rank (LoRA-like rank-3 task vectors)."""
+    g = torch.Generator().manual_seed(10)
+    dense = 0.01 * torch.randn(3, *shape, generator=g)
+    lowrank = torch.stack(
+        [torch.randn(shape[0], 3, generator=g) @ torch.randn(3, shape[1], generator=g) for _ in range(3)]
+    )
+    for d in (dense, 0.01 * lowrank):
+        for k in (4, 9):
+            for ct, cp in ((True, False), (False, False), (True, True), (False, True)):
+                kw = {"centred_target": ct, "centred_projector": cp, "dtype": torch.float64}
+                f1, h1 = quadratic_factors(d, k, svd="lapack", **kw)
+                f2, h2 = quadratic_factors(d, k, svd="gram", **kw)
+                torch.testing.assert_close(f1 @ f1.T, f2 @ f2.T, rtol=1e-4, atol=1e-6)
+                torch.testing.assert_close(h1 @ f1.T, h2 @ f2.T, rtol=1e-4, atol=1e-6)
+                torch.testing.assert_close(h1.square().sum(), h2.square().sum(), rtol=1e-4, atol=1e-7)
 
 
 def test_centred_projector_matches_paper_eq3() -> None:

@@ -193,23 +193,21 @@ def test_multi_objective_campaign_registers_all_and_logs_pareto_front(platform_s
 
 @pytest.mark.slow
 def test_campaign_end_to_end_on_the_tiny_zoo_then_promote_and_load_champion(platform_store: Store,
-                                                                             tmp_path: Path) -> None:
+                                                                             tmp_path: Path, tiny_zoo: Path) -> None:
     """Real pieces only: the tiny benchmark zoo (LoRA experts), the streaming engine, the evaluators on written
     val/test data, a real study; then `promote` on the test split and `models:/NAME@champion` loads."""
     import torch
 
-    from mergelab.bench import zoo
     from mergelab.bench.data import write_split
     from mergelab.bench.tasks import generate
 
     torch.set_num_threads(1)
     tasks = ["vqa", "ocr"]
-    zoo.build_zoo(tmp_path / "zoo", tiny=True, progress=False, evaluate=False, tasks=tasks)
     for t in tasks:
         for split in ("val", "test"):
             write_split(generate(t, "shifted", split, n=6), tmp_path / "data")
     cfg = CampaignConfig.model_validate({
-        "name": "e2e", "experts": {"zoo": str(tmp_path / "zoo"), "kind": "lora"}, "method": "task_arithmetic",
+        "name": "e2e", "experts": {"zoo": str(tiny_zoo), "kind": "lora", "tasks": tasks}, "method": "task_arithmetic",
         "device": "cpu", "search_space": {"lam": {"type": "float", "low": 0.2, "high": 1.0}},
         "sampler": {"name": "random"}, "budget": {"n_trials": 2},
         "eval": {"tasks": tasks, "data_root": str(tmp_path / "data"), "limit": 6, "batch_size": 6},

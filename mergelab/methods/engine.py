@@ -528,6 +528,7 @@ def merge(
                 t0 = time.perf_counter()
                 rec, value = _merge_one(ld, spec, cfg, lam, stats, seed, cdtype, dev, len(ex))
                 writer.write(ld.item.name, value)
+                del value  # before the reader, released by the next step, allocates the next tensor
                 rec.seconds = time.perf_counter() - t0
                 report.tensors.append(rec)
                 report.bytes_read += ld.nbytes

@@ -9,13 +9,15 @@ Per weight matrix, minimise ``L(tau_m) = sum_i w_i ||(tau_m - t_i) P_i||_F^2`` (
 * ``variant="lora"`` (Qwen2-VL script): ``TruncSVD_k(tau_i)``; SGD lr 1e-4 momentum 0.9, mean init, lambda 1.0.
 
 Every default is overridable. The loss is evaluated in its m x k form ``||x F - H||_F^2`` (never the code's m x m
-products) with batched thin SVDs; its gradient ``2 (x A - B)`` uses precomputed ``A``/``B`` or their factors,
-whichever is cheaper. SGD with momentum is a linear recurrence, so ``solver="auto"`` computes its result exactly
-from one small SVD (:func:`~mergelab.methods._linalg.solve_sgd_exact`); Adam (and ``solver="iterative"``) runs the
-``torch.optim`` loop. The returned value is the ``steps``-th iterate, not the closed-form minimiser (spec 1.5).
-Experts with ``||tau_i||^2 < 1e-12`` are left out of the loss; if all are, the mean task vector is returned.
-Dtype: SVDs in float32 (float64 if asked); the loop in ``compute_dtype`` (default: the deltas' dtype; the Qwen
-script ran it in float16). Deterministic given the inputs.
+products) from batched thin SVDs (``svd="lapack"``) or, the default on CPU, float64 eigendecompositions of each
+smaller Gram matrix (``svd="gram"``: same subspaces, about 4x faster than LAPACK's SVD at 896 x 4864). Its
+gradient ``2 (x A - B)`` uses precomputed ``A``/``B`` or their factors, whichever is cheaper. SGD with momentum is
+a linear recurrence, so ``solver="auto"`` computes its result exactly from one small eigendecomposition
+(:func:`~mergelab.methods._linalg.solve_sgd_exact`); Adam (and ``solver="iterative"``) runs the ``torch.optim``
+loop. The returned value is the ``steps``-th iterate, not the closed-form minimiser (spec 1.5). Experts with
+``||tau_i||^2 < 1e-12`` are left out of the loss; if all are, the mean task vector is returned. Dtype: spectra in
+float32 (float64 on the Gram route or for float64 input); the loop in ``compute_dtype`` (default: the deltas'
+dtype; the Qwen script ran it in float16). Deterministic given the inputs.
 """
 
 from __future__ import annotations
@@ -59,6 +61,14 @@ def validate_solver_fields(cfg: Any) -> None:
     if cfg.solver == "exact" and cfg.optimizer != "sgd":
         raise ValueError(f"{name}.solver='exact' needs optimizer='sgd', got optimizer={cfg.optimizer!r}")
     resolve_dtype(name, "compute_dtype", cfg.compute_dtype)
+    check_choice(name, "svd", cfg.svd, ("auto", "lapack", "gram"))
+
+
+def svd_method(cfg: Any, deltas: Tensor) -> str:
+    """``cfg.svd`` with ``"auto"`` resolved: the Gram path on CPU (measured ~4x faster), LAPACK/cuSOLVER elsewhere."""
+    if cfg.svd != "auto":
+        return str(cfg.svd)
+    return "gram" if deltas.device.type == "cpu" else "lapack"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +88,8 @@ class OptMergeConfig:
         compute_dtype: dtype of the optimisation loop (``"float32"``, ``"float64"``, ``"float16"``,
             ``"bfloat16"``) or None for the deltas' dtype.
         solver: ``"auto"`` (exact path for SGD, loop for Adam), ``"exact"`` (SGD only) or ``"iterative"``.
+        svd: how the per-expert top-k spectra are computed: ``"lapack"`` (``torch.linalg.svd``, thin),
+            ``"gram"`` (float64 eigendecomposition of the smaller Gram matrix) or ``"auto"`` (gram on CPU).
     """
 
     variant: str = "full"
@@ -91,6 +103,7 @@ class OptMergeConfig:
     projector: str = "uncentred"
     compute_dtype: str | None = None
     solver: str = "auto"
+    svd: str = "auto"
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -141,6 +154,7 @@ def optmerge_factors(deltas: Tensor, cfg: OptMergeConfig) -> tuple[Tensor, Tenso
         centred_target=cfg.variant == "full",
         centred_projector=cfg.projector == "centred",
         dtype=torch.float64 if deltas.dtype == torch.float64 else torch.float32,
+        svd=svd_method(cfg, deltas),
     )
 
 

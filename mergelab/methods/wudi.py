@@ -16,7 +16,7 @@ from torch import Tensor
 
 from mergelab.methods._linalg import check_matrix, quadratic_factors
 from mergelab.methods.base import MergeContext
-from mergelab.methods.optmerge import minimise, validate_solver_fields
+from mergelab.methods.optmerge import minimise, svd_method, validate_solver_fields
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,6 +31,7 @@ class WudiConfig:
     init: str = "sum"
     compute_dtype: str | None = None
     solver: str = "auto"
+    svd: str = "auto"
 
     def __post_init__(self) -> None:
         validate_solver_fields(self)
@@ -45,5 +46,12 @@ def wudi(base: Tensor, deltas: Tensor, cfg: WudiConfig, ctx: MergeContext) -> Te
     check_matrix(deltas, ctx.name, "wudi")
     _, m, n = deltas.shape
     dtype = torch.float64 if deltas.dtype == torch.float64 else torch.float32
-    factors = quadratic_factors(deltas, min(m, n), centred_target=False, centred_projector=False, dtype=dtype)
+    factors = quadratic_factors(
+        deltas,
+        min(m, n),
+        centred_target=False,
+        centred_projector=False,
+        dtype=dtype,
+        svd=svd_method(cfg, deltas),
+    )
     return minimise(deltas, factors, cfg)

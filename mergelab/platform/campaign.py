@@ -235,11 +235,24 @@ def open_storage(cfg: CampaignConfig, store: Store) -> optuna.storages.RDBStorag
     if store.optuna_storage.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     t = cfg.tracking
-    with _quiet():  # heartbeat is "experimental" in Optuna since 2.9; it is what detects killed workers
-        return optuna.storages.RDBStorage(
-            store.optuna_storage, heartbeat_interval=t.heartbeat_interval,
-            grace_period=t.grace_period or 2 * t.heartbeat_interval, heartbeat_stale_trial_callback=on_stale,
-            **kwargs)
+    import random
+
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    # Workers starting together on a fresh database race to create Optuna's tables (a unique violation on
+    # alembic_version in PostgreSQL): the loser retries once the winner's schema is in place.
+    for attempt in range(6):
+        try:
+            with _quiet():  # heartbeat is "experimental" in Optuna since 2.9; it is what detects killed workers
+                return optuna.storages.RDBStorage(
+                    store.optuna_storage, heartbeat_interval=t.heartbeat_interval,
+                    grace_period=t.grace_period or 2 * t.heartbeat_interval,
+                    heartbeat_stale_trial_callback=on_stale, **kwargs)
+        except (IntegrityError, ProgrammingError, OperationalError, optuna.exceptions.StorageInternalError):
+            if attempt == 5:
+                raise
+            time.sleep(0.2 + random.random() * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def open_study(cfg: CampaignConfig, storage: optuna.storages.BaseStorage, sampler: optuna.samplers.BaseSampler,

@@ -102,6 +102,7 @@ def run_demo(
     data_root: str | Path | None = None,
     registry_name: str | None = None,
     device: str = "auto",
+    data_sizes: dict[str, int] | None = None,
     log: Callable[[str], None] = print,
 ) -> DemoResult:
     """Run the demo (see the module docstring) and return its numbers.
@@ -119,6 +120,7 @@ def run_demo(
         data_root: the benchmark data's root (default ``$MERGELAB_DATA`` or ``~/.cache/mergelab/data``).
         registry_name: registered model name (default ``mergelab-demo-<setting>``).
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        data_sizes: samples per split to generate (default: the benchmark's sizes; smaller for smoke tests).
         log: one-line logger.
     """
     from mergelab.bench.data import ensure_data
@@ -132,7 +134,7 @@ def run_demo(
                                                  "zoo-tiny" if tiny else DEFAULT_ZOO)  # fmt: skip
     name = registry_name or f"mergelab-demo-{setting}{'-tiny' if tiny else ''}"
     log(f"[1/5] data and zoo ({zoo_dir})")
-    data_dir = ensure_data(data_root, tasks=TASKS, splits=("val", "test"))
+    data_dir = ensure_data(data_root, tasks=TASKS, splits=("val", "test"), sizes=data_sizes)
     _ensure_zoo(zoo_dir, tiny, seed, setting, log)
 
     base_cfg = dict(name=f"demo-optmerge-{setting}-s{seed}{'-tiny' if tiny else ''}",

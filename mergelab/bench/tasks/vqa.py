@@ -78,11 +78,12 @@ def draft(rng: random.Random, variant: str) -> Draft:
                 pairs.append(p)
         article = "an" if colour[0] in "aeiou" else "a"
         question, answers = f"is there {article} {colour} {shape}?", ("yes" if present else "no",)
-    cells = rng.sample(range(GRID * GRID), len(pairs))
+    cells = rng.sample(range(GRID * GRID), len(pairs))  # a random cell per object, the target's included
     objects = [
         place_object(rng, s, c, (cell % GRID, cell // GRID), rng.choice(SIZES))
-        for (s, c), cell in zip(pairs, sorted(cells), strict=True)
+        for (s, c), cell in zip(pairs, cells, strict=True)
     ]
+    objects.sort(key=lambda o: (o["cell"][1], o["cell"][0]))  # reading order: a canonical meta
     query: dict[str, Any] = {"type": qtype, "shape": shape, "colour": colour}
     if qtype == "colour":
         del query["colour"]
