@@ -151,7 +151,7 @@ def main() -> None:
             ml = run([sys.executable, "-c",
                       f"import torch; torch.set_num_threads({args.threads}); "
                       "from mergelab.platform.cli import main; main()",
-                      "merge", str(recipe), "--out", str(out_ml), "--overwrite", "--quiet"], env)
+                      "merge", str(recipe), "--out", str(out_ml), "--overwrite", "--quiet", "--no-track"], env)
             mk_params = {"weight": 1.0} if method == "task_arithmetic" else {"weight": 1.0, "density": 0.2}
             mk_cfg = {"merge_method": method, "base_model": str(base), "dtype": "float32",
                       "models": [{"model": str(e), "parameters": mk_params} for e in experts]}

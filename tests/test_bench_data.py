@@ -167,7 +167,9 @@ def test_vqa_answers_and_pixels(variant: str) -> None:
         _check_objects(s)
     assert {s.answer for s in samples} >= ({"yes", "no"} | set(palette))
     # the asked-about object sits anywhere in reading order (no "first object" shortcut)
-    firsts = [s.answer == s.meta["objects"][0]["colour"] for s in samples if s.question.startswith("what color")]
+    firsts = [
+        s.answer == s.meta["objects"][0]["colour"] for s in samples if s.question.startswith("what color")
+    ]
     multi = [len(s.meta["objects"]) > 1 for s in samples if s.question.startswith("what color")]
     assert not all(f for f, m in zip(firsts, multi, strict=True) if m)
 

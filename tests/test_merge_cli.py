@@ -30,7 +30,8 @@ def _recipe(tmp_path: Path, **over: Any) -> Path:
 def test_cli_merge_end_to_end(tiny_checkpoint: Path, tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, shard_size="1KB")
     runner = CliRunner()
-    res = runner.invoke(main, ["merge", str(recipe), "--out", str(tmp_path / "m"), "--report", str(tmp_path / "r.json")])
+    res = runner.invoke(main, ["merge", str(recipe), "--out", str(tmp_path / "m"), "--report", str(tmp_path / "r.json"),
+                              "--no-track"])
     assert res.exit_code == 0, res.output
     assert "method task_arithmetic" in res.output and "tensors: base 7, merge 4" in res.output
     r = CheckpointReader(tmp_path / "m")
@@ -40,9 +41,10 @@ def test_cli_merge_end_to_end(tiny_checkpoint: Path, tmp_path: Path) -> None:
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["params"]["coefficients"] == [1.0, 0.5] and len(rep["tensors"]) == 11 and len(rep["shards"]) > 1
     # existing output: refused, then replaced with --overwrite
-    res = runner.invoke(main, ["merge", str(recipe), "--out", str(tmp_path / "m"), "--quiet"])
+    res = runner.invoke(main, ["merge", str(recipe), "--out", str(tmp_path / "m"), "--quiet", "--no-track"])
     assert res.exit_code != 0 and "already exists" in res.output and "--overwrite" in res.output
-    res = runner.invoke(main, ["merge", str(recipe), "--out", str(tmp_path / "m"), "--overwrite", "--device", "cpu"])
+    res = runner.invoke(main, ["merge", str(recipe), "--out", str(tmp_path / "m"), "--overwrite", "--device", "cpu",
+                               "--no-track"])
     assert res.exit_code == 0, res.output
 
 
@@ -63,7 +65,7 @@ def test_config_errors_name_the_field(over: dict[str, Any], pattern: str, tiny_c
     recipe = _recipe(tmp_path, **over)
     with pytest.raises(MergeConfigError, match=pattern):
         MergeConfig.from_yaml(recipe)
-    res = CliRunner().invoke(main, ["merge", str(recipe), "--out", str(tmp_path / "m")])
+    res = CliRunner().invoke(main, ["merge", str(recipe), "--out", str(tmp_path / "m"), "--no-track"])
     assert res.exit_code != 0 and "Error:" in res.output and not (tmp_path / "m").exists()
     assert "Traceback" not in res.output
 
