@@ -37,8 +37,7 @@ def test_demo_end_to_end_on_tiny_zoo(tmp_path: Path, tiny_zoo: Path, monkeypatch
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("mergelab-demo")
     runs = client.search_runs([exp.experiment_id], max_results=200)
-    comparison = [r for r in runs if r.data.tags.get("mergelab.kind") == "comparison" and
-                  "mlflow.parentRunId" not in r.data.tags]  # fmt: skip
+    comparison = [r for r in runs if r.data.tags.get("mergelab.role") == "comparison"]
     assert len(comparison) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == comparison[0].info.run_id]
     # weight_average has no lambda: 1 run; the others one run per lambda

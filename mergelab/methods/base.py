@@ -10,7 +10,9 @@ Call convention (per tensor key)::
 
 * ``base``   -- the base model's tensor (original dtype, on the compute device), shape ``S``.
 * ``deltas`` -- stacked task vectors ``theta_i - theta_0``, shape ``(N, *S)``, in ``ctx.compute_dtype`` on the
-  same device. For LoRA experts these are ``scaling * B @ A`` (zeros for untouched tensors).
+  same device. For LoRA experts these are ``scaling * B @ A`` (zeros for untouched tensors). The buffer belongs
+  to the method for the duration of the call: it may be modified in place (the engine never reuses it), which
+  saves a full-size copy in trimming/dropping methods.
 * ``cfg``    -- the method's config dataclass instance.
 * ``ctx``    -- :class:`MergeContext`: tensor name, seeded generator, global statistics, compute dtype.
 * returns the merged task vector ``tau_m`` (shape ``S``, compute dtype), **not** scaled by ``lam``.

@@ -34,7 +34,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
-_WEIGHT_INDEXES = (INDEX_NAME, "pytorch_model.bin.index.json", "model.safetensors.index")
+_WEIGHT_INDEXES = (INDEX_NAME, "pytorch_model.bin.index.json")
 
 ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -360,6 +360,8 @@ class LoraAdapter:
                 if b_key not in self.reader.infos:
                     raise MergeError(f"{self.path}: tensor {k} has no matching {b_key}")
                 module = mod_full.removeprefix(prefix)
+                if len(self.reader.infos[k].shape) != 2:
+                    raise MergeError(f"{self.path}: tensor {k} is not a 2-D LoRA factor (conv LoRA is not supported)")
                 r = self.reader.infos[k].shape[0]
                 expected_r = self._rank(module)
                 if r != expected_r:

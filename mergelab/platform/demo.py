@@ -25,7 +25,7 @@ from typing import Any
 from mergelab.platform.campaign import resolve_experts, run_campaign
 from mergelab.platform.campaign_config import CampaignConfig
 from mergelab.platform.registry import promote, register_run
-from mergelab.platform.tracking import HFEvaluator, Store, tracked_merge
+from mergelab.platform.tracking import TAG_CAMPAIGN, TAG_ROLE, HFEvaluator, Store, tracked_merge
 
 PAPER_METHODS: tuple[str, ...] = (
     "weight_average", "task_arithmetic", "ties", "dare_task_arithmetic", "dare_ties",
@@ -158,7 +158,8 @@ def run_demo(
     client = store.client()
     exp_id = store.experiment_id(EXPERIMENT, client)
     parent = client.create_run(exp_id, run_name=f"demo-comparison-{setting}-s{seed}",
-                               tags={"mergelab.kind": "comparison", "mergelab.setting": setting})  # fmt: skip
+                               tags={TAG_ROLE: "comparison", TAG_CAMPAIGN: "demo-comparison",
+                                     "mergelab.setting": setting})  # fmt: skip
     pid = parent.info.run_id
     best: tuple[float, str, dict[str, Any], Any] | None = None
     try:
@@ -171,7 +172,7 @@ def run_demo(
                 tm = tracked_merge(base=base, experts=experts, method=method, params=p, policy="qwen2_vl",
                                    device=device, seed=seed, store=store, experiment=EXPERIMENT,
                                    run_name=f"{method}" + ("" if lam is None else f"-lam{lam:g}"),
-                                   parent_run_id=pid, tags={"mergelab.kind": "comparison"}, tasks=TASKS,
+                                   parent_run_id=pid, tags={TAG_CAMPAIGN: "demo-comparison"}, tasks=TASKS,
                                    evaluator=evaluator, reference_scores=reference)  # fmt: skip
                 avg = tm.val.average
                 row = {"name": method, "lam": lam, "scores": dict(tm.val.scores), "average": avg,
@@ -194,7 +195,7 @@ def run_demo(
     log(f"[3/5] registering the comparison's best merge ({method}, val avg {avg:.2f}) as '{name}'")
     mv = register_run(client, name, tm.run_id, tm.merged_uri,
                       tags={"method": method, "eval.tasks": ",".join(TASKS), "campaign": "demo-comparison",
-                            **{f"hp.{k}": v for k, v in params.items()}, "val.average": f"{avg:.4f}"},
+                            **{f"hp.{k}": v for k, v in params.items()}, "val/average": f"{avg:.4f}"},
                       score=avg)  # fmt: skip
     first = promote(name, version=mv.version, tasks=TASKS, evaluator=_test_evaluator(evaluator), store=store)
     result.champion = {"version": mv.version, "method": method, "decision": first.decision, "reason": first.reason}

@@ -41,6 +41,8 @@ PROMPT = "Please provide the bounding box coordinate of the region this sentence
 SCALE = 1000
 SIZES = (22, 24)
 N_OBJECTS = (2, 3, 4)
+BACKGROUND = "gradient"
+"""Canvas of every scene: ``"gradient"`` (the coordinate canvas) or ``"white"``; changing it changes the data."""
 LAYOUTS = {"generic": (GRID, 0), "shifted": (GRID - 1, CELL // 2)}
 """Per variant: (cells per side, pixel offset of the grid)."""
 
@@ -85,7 +87,7 @@ def draft(rng: random.Random, variant: str) -> Draft:
         "target": target,
         "expression": expression,
         "grid_offset": offset,
-        "background": "gradient",
+        "background": BACKGROUND,
         "answer_box": answer_box,
         "target_box": [x0 / IMAGE_SIZE, y0 / IMAGE_SIZE, (x1 + 1) / IMAGE_SIZE, (y1 + 1) / IMAGE_SIZE],
         "box_format": "xyxy",
