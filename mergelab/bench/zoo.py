@@ -560,13 +560,16 @@ def benchmark(
     test_limit: int | None = None,
     data_root: str | os.PathLike[str] | None = None,
     work_dir: str | os.PathLike[str] | None = None,
+    fixed_rows: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Score base, experts, mixture and every merging method of the zoo on the test split, per seed and setting.
 
     Each method runs with its defaults (OptMerge with the variant of the setting); its lambda is chosen from
     ``lams`` by the average score on the **val** split (first ``val_limit`` items per task), then the chosen model
-    is scored on the test split of both variants (shifted = the benchmark, generic = forgetting).
+    is scored on the test split of both variants (shifted = the benchmark, generic = forgetting). Base, expert
+    and mixture rows reuse the manifest's scores when they were taken with the same ``test_limit``
+    (``fixed_rows=False`` leaves them out, to run methods in parallel processes).
 
     Returns:
         ``{"rows": {setting: {row: {seed: {variant: {task: score, "average": ...}}}}}, "lam": {...},
@@ -598,7 +601,7 @@ def benchmark(
         for seed in seeds:
             base_dir = root / f"seed{seed}" / "base"
             fixed = [f"seed{seed}/base"] + expert_names(seed, setting, tasks) + [f"seed{seed}/mixture"]
-            for name in fixed:
+            for name in fixed if fixed_rows else ():
                 entry = manifest["models"].get(name)
                 if entry is None and name.endswith("/mixture"):
                     log(f"{root / MANIFEST}: no {name}; the mixture row is left out")

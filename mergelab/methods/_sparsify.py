@@ -23,6 +23,72 @@ from mergelab.methods._linalg import check_range
 from mergelab.methods.base import MergeContext
 
 _HALF = 1 << 16  # buckets per 16-bit half of a float32 bit pattern
+_CHUNK = 1 << 16  # columns per chunk on CPU: a chunk's temporaries stay in the L2 cache
+_RADIX_MIN = 1 << 14  # below this many entries per expert kthvalue is cheaper than two radix passes
+_FLUSH = 1 << 20  # pending bucket candidates before they are folded into the low-half histogram
+
+
+def chunk_size(n_rows: int, device: torch.device) -> int:
+    """Columns per chunk of the chunked kernels: cache-sized on CPU, effectively unchunked on GPUs."""
+    if device.type != "cpu":
+        return 1 << 26
+    return max(256, (_CHUNK // max(1, n_rows // 2)) // 256 * 256)
+
+
+def _abs_bits(x: Tensor) -> Tensor:
+    """Bit patterns (int32) of ``|x|`` in float32; non-negative floats order like these integers."""
+    a = x.abs() if x.dtype == torch.float32 else x.to(torch.float32).abs_()
+    return a.contiguous().view(torch.int32)
+
+
+def kth_smallest_abs(rows: Tensor, k: int) -> Tensor:
+    """Exact ``rows.abs().float().kthvalue(k, dim=1).values`` by a two-pass radix select on float32 bits.
+
+    Pass 1 histograms the high 16 bits of each row's ``|x|`` (chunk by chunk, so no full-size temporary); that gives
+    the bucket of the k-th smallest value and its rank inside the bucket. Pass 2 histograms the low 16 bits of the
+    entries in that bucket only. The result is the exact bit pattern of the k-th order statistic, ties and zeros
+    included (O(n), against kthvalue's selection with its full-size copy).
+
+    Args:
+        rows: ``(N, M)`` floating tensor (any float dtype; compared in float32 as :func:`magnitude_threshold` does).
+        k: rank, ``1 <= k <= M``.
+
+    Returns:
+        float32 ``(N,)`` on ``rows.device``.
+    """
+    n, m = rows.shape
+    if not 1 <= k <= m:
+        raise ValueError(f"k must be in [1, {m}], got {k}")
+    if m < _RADIX_MIN:
+        return rows.abs().to(torch.float32).kthvalue(k, dim=1).values
+    dev = rows.device
+    c = chunk_size(1, dev)
+    out = torch.empty(n, dtype=torch.int32, device=dev)
+    for r in range(n):
+        row = rows[r]
+        hist = torch.zeros(_HALF // 2, dtype=torch.int64, device=dev)
+        for i in range(0, m, c):
+            hist += torch.bincount(_abs_bits(row[i : i + c]).bitwise_right_shift_(16), minlength=_HALF // 2)
+        cum = hist.cumsum(0)
+        bucket = int(torch.searchsorted(cum, torch.tensor([k], device=dev)).item())
+        rank = k - (int(cum[bucket - 1].item()) if bucket > 0 else 0)
+        lo_hist = torch.zeros(_HALF, dtype=torch.int64, device=dev)
+        pending: list[Tensor] = []
+        n_pending = 0
+        for i in range(0, m, c):
+            bits = _abs_bits(row[i : i + c])
+            cand = bits[(bits >> 16) == bucket]
+            if cand.numel():
+                pending.append(cand)
+                n_pending += cand.numel()
+                if n_pending >= _FLUSH:
+                    lo_hist += torch.bincount(torch.cat(pending) & 0xFFFF, minlength=_HALF)
+                    pending, n_pending = [], 0
+        if pending:
+            lo_hist += torch.bincount(torch.cat(pending) & 0xFFFF, minlength=_HALF)
+        low = int(torch.searchsorted(lo_hist.cumsum(0), torch.tensor([rank], device=dev)).item())
+        out[r] = (bucket << 16) | low
+    return out.view(torch.float32)
 
 
 def check_density(cls: str, value: object) -> float:
@@ -48,23 +114,23 @@ def dare_drop(
     """DARE: per expert and per entry, drop with probability ``drop_rate`` and rescale survivors by ``1/(1-p)``.
 
     Args:
-        deltas: stacked task vectors ``(N, *S)``.
+        deltas: stacked task vectors ``(N, *S)`` (not modified).
         drop_rate: ``p`` in [0, 1).
         ctx: context; ``ctx.generator`` is used unless ``generator`` is given. Without either, a generator seeded
             from the tensor name is used, so the result is still deterministic.
         generator: explicit generator overriding ``ctx.generator``.
 
     Returns:
-        The sparsified, rescaled stack (same shape and dtype). ``drop_rate == 0`` returns ``deltas`` unchanged.
+        A new sparsified, rescaled stack (same shape and dtype) that the caller owns. ``drop_rate == 0`` returns
+        ``deltas`` itself.
     """
     if drop_rate == 0.0:
         return deltas
     gen = generator or ctx.generator or name_generator(ctx.name, 0, deltas.device)
     u = torch.rand(deltas.shape, generator=gen, device=gen.device, dtype=torch.float32).to(deltas.device)
-    keep = u >= drop_rate
-    return torch.where(
-        keep, deltas / (1.0 - drop_rate), torch.zeros((), dtype=deltas.dtype, device=deltas.device)
-    )
+    drop = u < drop_rate
+    del u
+    return torch.div(deltas, 1.0 - drop_rate).masked_fill_(drop, 0.0)
 
 
 def n_trimmed(numel: int, density: float) -> int:
@@ -73,33 +139,86 @@ def n_trimmed(numel: int, density: float) -> int:
 
 
 def magnitude_threshold(deltas: Tensor, density: float) -> Tensor:
-    """Per-expert TIES threshold over one tensor: the ``n_trimmed``-th smallest ``|tau_i|`` (float32, shape ``(N,)``)."""
-    flat = deltas.reshape(deltas.shape[0], -1).abs().to(torch.float32)
+    """Per-expert TIES threshold over one tensor: the ``n_trimmed``-th smallest ``|tau_i|`` (float32, shape ``(N,)``).
+
+    Exactly ``|tau_i|.float().kthvalue(j)``, computed by :func:`kth_smallest_abs` (radix select, no full-size copy).
+    """
+    flat = deltas.reshape(deltas.shape[0], -1)
     j = n_trimmed(flat.shape[1], density)
     if j == 0:
         return torch.zeros(flat.shape[0], dtype=torch.float32, device=flat.device)
-    return flat.kthvalue(j, dim=1).values
+    return kth_smallest_abs(flat, j)
+
+
+def _below(x: Tensor, th: Tensor) -> Tensor:
+    """``|x| < th`` with ``|x|`` compared in float32 (th: float32 ``(N, 1)``)."""
+    a = x.abs()
+    if a.dtype != torch.float32:
+        a = a.to(torch.float32)
+    return a < th
 
 
 def trim_to_threshold(deltas: Tensor, thresholds: Tensor) -> Tensor:
-    """Zero every entry of expert ``i`` whose magnitude is below ``thresholds[i]`` (ties kept)."""
+    """Zero every entry of expert ``i`` whose magnitude is below ``thresholds[i]`` (ties kept); a new tensor."""
     shape = (deltas.shape[0],) + (1,) * (deltas.dim() - 1)
-    keep = deltas.abs().to(torch.float32) >= thresholds.reshape(shape).to(deltas.device)
-    return torch.where(keep, deltas, torch.zeros((), dtype=deltas.dtype, device=deltas.device))
+    return deltas.masked_fill(_below(deltas, thresholds.reshape(shape).to(deltas.device, torch.float32)), 0.0)
 
 
 def disjoint_merge(trimmed: Tensor) -> Tensor:
-    """TIES sign election and disjoint mean over a stack of trimmed task vectors.
+    """TIES sign election and disjoint mean over a stack of trimmed task vectors (``trimmed`` is not modified).
 
     The elected sign is ``sign(sum_i tau_i)``; entries where it is 0 take the tensor's majority sign
     ``sign(sum of elected signs)``. Each entry is then the mean of the experts' values that agree with the elected
     sign (zeros excluded), or 0 when none does.
     """
-    sign = torch.sign(trimmed.sum(dim=0))
-    sign = torch.where(sign == 0, torch.sign(sign.sum()), sign)
-    agree = ((trimmed > 0) & (sign > 0)) | ((trimmed < 0) & (sign < 0))
-    kept = torch.where(agree, trimmed, torch.zeros((), dtype=trimmed.dtype, device=trimmed.device))
-    return kept.sum(dim=0) / agree.sum(dim=0).clamp(min=1).to(trimmed.dtype)
+    return _trim_and_merge(trimmed, None)
+
+
+def trim_and_merge_(deltas: Tensor, thresholds: Tensor) -> Tensor:
+    """``disjoint_merge(trim_to_threshold(deltas, thresholds))``, trimming ``deltas`` in place (bit-identical).
+
+    Works chunk by chunk over the columns so that every temporary is cache-sized: no full-size copy of the stack.
+    """
+    return _trim_and_merge(deltas, thresholds)
+
+
+def _trim_and_merge(deltas: Tensor, thresholds: Tensor | None) -> Tensor:
+    """Chunked TIES core. Masks are float 0/1 tensors (bool masks cost twice as much on CPU) and every sum runs
+    over the experts in the same order as ``sum(dim=0)`` on the whole stack, so the result is bit-identical to
+    ``disjoint_merge(trim_to_threshold(...))`` written with full-size temporaries. Chunks are multiples of 256
+    columns, which keeps torch's vectorised and tail reductions on the same columns as an unchunked sum."""
+    n = deltas.shape[0]
+    shape = tuple(deltas.shape[1:])
+    flat = deltas.reshape(n, -1)  # a view of the caller's buffer when it is contiguous
+    m = flat.shape[1]
+    dev, dtype = flat.device, flat.dtype
+    out = torch.empty(m, dtype=dtype, device=dev)
+    c = chunk_size(n, dev)
+    th = None if thresholds is None else thresholds.to(dev, torch.float32).reshape(n, 1)
+    # pass 1: trim in place (x *= |x| >= th, ties kept), per-entry sums; their signs give the majority sign
+    balance = torch.zeros((), dtype=torch.float64, device=dev)
+    for i in range(0, m, c):
+        x = flat[:, i : i + c]
+        if th is not None:
+            a = x.abs()
+            keep = (a if a.dtype == torch.float32 else a.to(torch.float32)).ge_(th)
+            x.mul_(keep)  # dropped entries become +-0, which no sum or sign below can tell apart
+        s = torch.sum(x, dim=0, out=out[i : i + c])
+        balance += torch.sign(s).sum()  # exact: at most 2^24 signs per chunk
+    majority = float(torch.sign(balance).item())
+    # pass 2: elected sign (the majority where the sum is 0), then the mean of the agreeing entries. With
+    # r = relu(x * sign) (|x| where x agrees, else 0), sum_i r_i * sign is exactly the sum of the agreeing x_i.
+    for i in range(0, m, c):
+        x = flat[:, i : i + c]
+        o = out[i : i + c]
+        sign = torch.sign(o)
+        if majority != 0.0:
+            sign.add_(sign.abs().sub_(1.0), alpha=-majority)  # 0 -> majority, +-1 unchanged
+        r = torch.mul(x, sign).clamp_min_(0.0)
+        torch.sum(r, dim=0, out=o)
+        cnt = r.sign_().sum(dim=0).clamp_min_(1.0)
+        o.div_(cnt).mul_(sign).add_(0.0)  # add 0: -0 -> +0 where nothing agrees, as the where-based rule gives
+    return out.reshape(shape)
 
 
 class GlobalMagnitudeThreshold:

@@ -128,10 +128,16 @@ def _resolve_method(method: str | MethodSpec) -> tuple[str, MethodSpec]:
     return str(method), REGISTRY[method]
 
 
-def _make_config(name: str, spec: MethodSpec, params: Mapping[str, Any] | None, coefs: list[float | None]) -> Any:
+def _make_config(
+    name: str, spec: MethodSpec, params: Mapping[str, Any] | None, coefs: list[float | None], seed: int = 0
+) -> Any:
+    """Build the method config; the merge ``seed`` fills a ``seed`` field the user left unset (DARE-TIES global
+    draws its masks from ``(cfg.seed, tensor name)``, as stats passes get no per-tensor generator)."""
     params = dict(params or {})
+    field_names = {f.name for f in fields(spec.config_cls)} if is_dataclass(spec.config_cls) else set()
+    if "seed" in field_names and "seed" not in params:
+        params["seed"] = int(seed) % 2**63  # configs take non-negative seeds
     if any(c is not None for c in coefs):
-        field_names = {f.name for f in fields(spec.config_cls)} if is_dataclass(spec.config_cls) else set()
         if "coefficients" not in field_names:
             raise MergeError(f"experts: per-expert coefficients given but method {name!r} has no 'coefficients'")
         if params.get("coefficients") is not None:
@@ -443,7 +449,7 @@ def merge(
     expert_specs = [e if isinstance(e, ExpertSpec) else ExpertSpec(e) for e in experts]
     if not expert_specs:
         raise MergeError("experts: at least one expert is required")
-    cfg = _make_config(name, spec, params, [e.coefficient for e in expert_specs])
+    cfg = _make_config(name, spec, params, [e.coefficient for e in expert_specs], seed)
     lam = scale_of(cfg)
     dev = resolve_device(device)
     cdtype = parse_dtype(compute_dtype, "compute_dtype")
@@ -597,6 +603,7 @@ def _stats_passes(
 ) -> tuple[int, int]:
     passes, nbytes = 0, 0
     targets = [it for it in items if it.rule == "merge"]
+    add_zeros = getattr(stats, "add_zeros", None)
     while True:
         passes += 1
         bar = _progress(progress, len(targets), f"statistics pass {passes}")
@@ -604,6 +611,10 @@ def _stats_passes(
             nbytes += ld.nbytes
             if ld.deltas is not None:
                 stats.update(ld.item.name, ld.deltas)
+            elif ld.zero and add_zeros is not None:
+                # all-zero task vectors skip the method but their zeros count toward the global rank, as the
+                # official InternVL script flattens every merged parameter
+                add_zeros(math.prod(ld.item.shape))
             if bar is not None:
                 bar.update(1)
         if bar is not None:

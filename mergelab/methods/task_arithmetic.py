@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from mergelab.methods._linalg import check_coefficients, check_real, coefficient_vector
-from mergelab.methods._sparsify import check_drop_rate, dare_drop
+from mergelab.methods._sparsify import chunk_size, check_drop_rate, dare_drop
 from mergelab.methods.base import MergeContext
 
 
@@ -54,4 +55,22 @@ def task_arithmetic(base: Tensor, deltas: Tensor, cfg: TaskArithmeticConfig, ctx
     """
     coef = coefficient_vector(cfg.coefficients, deltas, ctx.name)
     d = dare_drop(deltas, cfg.drop_rate, ctx) if cfg.drop_rate > 0 else deltas
-    return (d * coef).sum(dim=0)
+    if cfg.coefficients is None:
+        return d.sum(dim=0)  # == (d * 1).sum(0) bit for bit, without the full-size product
+    return weighted_sum(d, coef.reshape(-1))
+
+
+def weighted_sum(deltas: Tensor, coef: Tensor) -> Tensor:
+    """``(deltas * coef[:, None, ...]).sum(0)`` bit for bit, with cache-sized chunks instead of a full-size product.
+
+    Chunks are multiples of 256 columns, so every column is reduced by the same torch kernel path (vectorised body or
+    tail) as in the unchunked expression.
+    """
+    n = deltas.shape[0]
+    flat = deltas.reshape(n, -1)
+    col = coef.reshape(n, 1).to(flat.dtype)
+    out = torch.empty(flat.shape[1], dtype=flat.dtype, device=flat.device)
+    c = chunk_size(n, flat.device)
+    for i in range(0, flat.shape[1], c):
+        torch.sum(flat[:, i : i + c] * col, dim=0, out=out[i : i + c])
+    return out.reshape(deltas.shape[1:])

@@ -20,9 +20,8 @@ from mergelab.methods._sparsify import (
     check_density,
     check_drop_rate,
     dare_drop,
-    disjoint_merge,
     magnitude_threshold,
-    trim_to_threshold,
+    trim_and_merge_,
 )
 from mergelab.methods.base import MergeContext
 
@@ -90,7 +89,7 @@ def ties(base: Tensor, deltas: Tensor, cfg: TiesConfig, ctx: MergeContext) -> Te
     else:
         d = dare_drop(deltas, cfg.drop_rate, ctx) if cfg.drop_rate > 0 else deltas
         thresholds = magnitude_threshold(d, cfg.density)
-    return disjoint_merge(trim_to_threshold(d, thresholds))
+    return trim_and_merge_(d, thresholds)  # d is ours (the contract lets a method modify deltas in place)
 
 
 __all__ = ["TiesConfig", "make_stats", "ties"]
