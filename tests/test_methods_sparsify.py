@@ -147,3 +147,25 @@ def test_dare_ties_repeated_calls_on_one_buffer_agree() -> None:
     a = spec.fn(None, x, cfg, MergeContext(name="w", generator=torch.Generator().manual_seed(1)))
     b = spec.fn(None, x, cfg, MergeContext(name="w", generator=torch.Generator().manual_seed(1)))
     assert torch.equal(a, b)
+
+
+def test_huge_tie_buckets_and_global_stats_over_many_chunks() -> None:
+    """A bucket holding more than the pending-candidate bound (mostly zeros) and the two-pass global statistics on
+    tensors spanning many chunks both give kthvalue's exact answer."""
+    from mergelab.methods._sparsify import _FLUSH, GlobalMagnitudeThreshold
+
+    g = torch.Generator().manual_seed(4)
+    m = _FLUSH + 300_000
+    x = torch.randn(2, m, generator=g) * (torch.rand(2, m, generator=g) < 0.1)
+    for k in (1, int(m * 0.5), int(m * 0.95), m):
+        assert torch.equal(kth_smallest_abs(x, k), x.abs().kthvalue(k, dim=1).values)
+    parts = {"a": x[:, :200_000].reshape(2, 400, 500), "b": torch.randn(2, 150_001, generator=g), "c": x[:, -5:]}
+    for density in (0.2, 0.97):
+        stats = GlobalMagnitudeThreshold(density, 2)
+        while True:
+            for k, v in parts.items():
+                stats.update(k, v)
+            if not stats.finish_pass():
+                break
+        flat = torch.cat([v.reshape(2, -1) for v in parts.values()], dim=1).abs()
+        assert torch.equal(stats.thresholds, flat.kthvalue(int(flat.shape[1] * (1 - density)), dim=1).values)

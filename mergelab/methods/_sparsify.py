@@ -25,6 +25,7 @@ from mergelab.methods.base import MergeContext
 _HALF = 1 << 16  # buckets per 16-bit half of a float32 bit pattern
 _CHUNK = 1 << 16  # columns per chunk on CPU: a chunk's temporaries stay in the L2 cache
 _RADIX_MIN = 1 << 14  # below this many entries per expert kthvalue is cheaper than two radix passes
+_SELECT_CHUNK = 1 << 18  # entries per chunk of the radix-select passes on CPU
 _FLUSH = 1 << 20  # pending bucket candidates before they are folded into the low-half histogram
 
 
@@ -39,6 +40,45 @@ def _abs_bits(x: Tensor) -> Tensor:
     """Bit patterns (int32) of ``|x|`` in float32; non-negative floats order like these integers."""
     a = x.abs() if x.dtype == torch.float32 else x.to(torch.float32).abs_()
     return a.contiguous().view(torch.int32)
+
+
+def _select_chunk(device: torch.device) -> int:
+    """Entries per chunk of the radix-select passes (one row at a time: larger than the merge's chunks)."""
+    return _SELECT_CHUNK if device.type == "cpu" else 1 << 26
+
+
+def _high_counts(row: Tensor) -> Tensor:
+    """Histogram (int64, 2^15 buckets) of the high 16 bits of ``|row|``'s float32 bit patterns, chunk by chunk."""
+    c = _select_chunk(row.device)
+    hist = torch.zeros(_HALF // 2, dtype=torch.int64, device=row.device)
+    for i in range(0, row.shape[0], c):
+        hist += torch.bincount(_abs_bits(row[i : i + c]).bitwise_right_shift_(16), minlength=_HALF // 2)
+    return hist
+
+
+def _low_counts(row: Tensor, bucket: int) -> Tensor:
+    """Histogram (int64, 2^16 buckets) of the low 16 bits of the entries of ``|row|`` whose high half is ``bucket``."""
+    c = _select_chunk(row.device)
+    size = min(c, row.shape[0])
+    hi_buf = torch.empty(size, dtype=torch.int32, device=row.device)  # reused: no allocation per chunk
+    sel_buf = torch.empty(size, dtype=torch.bool, device=row.device)
+    hist = torch.zeros(_HALF, dtype=torch.int64, device=row.device)
+    pending: list[Tensor] = []
+    n_pending = 0
+    for i in range(0, row.shape[0], c):
+        bits = _abs_bits(row[i : i + c])
+        k = bits.shape[0]
+        hi = torch.bitwise_right_shift(bits, 16, out=hi_buf[:k])
+        cand = bits[torch.eq(hi, bucket, out=sel_buf[:k])]
+        if cand.numel():
+            pending.append(cand)
+            n_pending += cand.numel()
+            if n_pending >= _FLUSH:  # fold into the histogram: memory stays bounded when the bucket is huge
+                hist += torch.bincount(torch.cat(pending) & 0xFFFF, minlength=_HALF)
+                pending, n_pending = [], 0
+    if pending:
+        hist += torch.bincount(torch.cat(pending) & 0xFFFF, minlength=_HALF)
+    return hist
 
 
 def kth_smallest_abs(rows: Tensor, k: int) -> Tensor:
@@ -62,31 +102,13 @@ def kth_smallest_abs(rows: Tensor, k: int) -> Tensor:
     if m < _RADIX_MIN:
         return rows.abs().to(torch.float32).kthvalue(k, dim=1).values
     dev = rows.device
-    c = chunk_size(1, dev)
     out = torch.empty(n, dtype=torch.int32, device=dev)
     for r in range(n):
-        row = rows[r]
-        hist = torch.zeros(_HALF // 2, dtype=torch.int64, device=dev)
-        for i in range(0, m, c):
-            hist += torch.bincount(_abs_bits(row[i : i + c]).bitwise_right_shift_(16), minlength=_HALF // 2)
-        cum = hist.cumsum(0)
+        cum = _high_counts(rows[r]).cumsum(0)
         bucket = int(torch.searchsorted(cum, torch.tensor([k], device=dev)).item())
         rank = k - (int(cum[bucket - 1].item()) if bucket > 0 else 0)
-        lo_hist = torch.zeros(_HALF, dtype=torch.int64, device=dev)
-        pending: list[Tensor] = []
-        n_pending = 0
-        for i in range(0, m, c):
-            bits = _abs_bits(row[i : i + c])
-            cand = bits[(bits >> 16) == bucket]
-            if cand.numel():
-                pending.append(cand)
-                n_pending += cand.numel()
-                if n_pending >= _FLUSH:
-                    lo_hist += torch.bincount(torch.cat(pending) & 0xFFFF, minlength=_HALF)
-                    pending, n_pending = [], 0
-        if pending:
-            lo_hist += torch.bincount(torch.cat(pending) & 0xFFFF, minlength=_HALF)
-        low = int(torch.searchsorted(lo_hist.cumsum(0), torch.tensor([rank], device=dev)).item())
+        low_cum = _low_counts(rows[r], bucket).cumsum(0)
+        low = int(torch.searchsorted(low_cum, torch.tensor([rank], device=dev)).item())
         out[r] = (bucket << 16) | low
     return out.view(torch.float32)
 
@@ -227,7 +249,8 @@ class GlobalMagnitudeThreshold:
     Non-negative float32 values order like their int32 bit patterns. Pass 1 histograms the high 16 bits of
     ``|tau_i|`` per expert (32,768 buckets); that locates the bucket holding the j-th smallest magnitude and its rank
     inside the bucket. Pass 2 histograms the low 16 bits of the entries in that bucket only, which pins the exact
-    bit pattern of the j-th smallest value. Memory is ``N * (2^15 + 2^16)`` counters, independent of the model.
+    bit pattern of the j-th smallest value. Memory is ``N * (2^15 + 2^16)`` counters, independent of the model, and
+    each tensor is histogrammed in cache-sized chunks (no full-size temporary beyond DARE's copy).
 
     Args:
         density: fraction of entries kept per expert, in (0, 1].
@@ -262,25 +285,15 @@ class GlobalMagnitudeThreshold:
             )
         if self.thresholds is not None:
             raise RuntimeError("GlobalMagnitudeThreshold.update called after the last pass finished")
-        bits = (
-            self.prepare(name, deltas).reshape(self.n_experts, -1).abs().to(torch.float32).view(torch.int32)
-        )
-        n, dev = self.n_experts, bits.device
-        offsets = torch.arange(n, device=dev, dtype=torch.int64).unsqueeze(1)
-        hi = (bits >> 16).to(torch.int64)
+        rows = self.prepare(name, deltas).reshape(self.n_experts, -1)
         if self.pass_index == 0:
-            self.numel += bits.shape[1]
-            counts = torch.bincount((hi + offsets * (_HALF // 2)).reshape(-1), minlength=n * _HALF // 2)
-            self._hi = (
-                counts.reshape(n, -1)
-                if self._hi is None
-                else self._hi + counts.to(self._hi.device).reshape(n, -1)
-            )
+            self.numel += rows.shape[1]
+            counts = torch.stack([_high_counts(rows[r]) for r in range(self.n_experts)])
+            self._hi = counts if self._hi is None else self._hi + counts.to(self._hi.device)
         else:
             assert self._bucket is not None
-            sel = hi == self._bucket.to(dev).unsqueeze(1)
-            lo = (bits & 0xFFFF).to(torch.int64) + offsets * _HALF
-            counts = torch.bincount(lo[sel], minlength=n * _HALF).reshape(n, -1)
+            buckets = self._bucket.tolist()
+            counts = torch.stack([_low_counts(rows[r], int(buckets[r])) for r in range(self.n_experts)])
             self._lo = counts if self._lo is None else self._lo + counts.to(self._lo.device)
 
     def add_zeros(self, numel: int) -> None:
