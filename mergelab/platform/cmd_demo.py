@@ -12,8 +12,9 @@ import click
               help="Which experts to merge: LoRA adapters (the paper's Qwen2-VL setting) or full fine-tunes.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Zoo seed whose base and experts are merged.")
 @click.option("--trials", type=int, default=6, show_default=True, help="Optuna trials over OptMerge (0: skip).")
-@click.option("--limit", type=int, default=None, help="Evaluate at most N samples per task (default: all).")
-@click.option("--quick", is_flag=True, help="Smoke run: lambda grid {0.3, 1.0}, 100 val samples per task, 3 trials.")
+@click.option("--limit", type=int, default=100, show_default=True,
+              help="Val samples per task for the comparison and the campaign (0: all); promotion uses all of test.")
+@click.option("--quick", is_flag=True, help="Smoke run: lambda grid {0.3, 1.0}, 50 val samples per task, 3 trials.")
 @click.option("--tiny", is_flag=True, help="Use a tiny zoo that builds in seconds (numbers are meaningless).")
 @click.option("--zoo", type=click.Path(path_type=Path), default=None, help="Model zoo directory.")
 @click.option("--root", type=click.Path(path_type=Path), default=None, help="Embedded store (default ./mlruns).")
@@ -24,8 +25,9 @@ def demo(setting: str, seed: int, trials: int, limit: int | None, quick: bool, t
     from mergelab.platform.demo import LAM_GRID, format_rows, run_demo
 
     lam_grid = LAM_GRID
+    limit = limit or None
     if quick:
-        lam_grid, limit, trials = (0.3, 1.0), limit or 100, min(trials, 3)
+        lam_grid, limit, trials = (0.3, 1.0), min(limit or 50, 50), min(trials, 3)
     res = run_demo(zoo=zoo, setting=setting, seed=seed, tiny=tiny, lam_grid=lam_grid, trials=trials, limit=limit,
                    root=root, device=device, log=click.echo)  # fmt: skip
     click.echo("")

@@ -73,7 +73,7 @@ def _ensure_zoo(zoo: Path, tiny: bool, seed: int, setting: str, log: Callable[[s
     if all(n in models and (zoo / n).is_dir() for n in needed):
         return
     log(f"building the model zoo under {zoo} ({'tiny, seconds' if tiny else 'about 20 minutes on 2 CPU cores'})")
-    build_zoo(zoo, tiny=tiny, progress=True)
+    build_zoo(zoo, tiny=tiny, progress=True, seeds=[seed])
 
 
 def format_rows(rows: Sequence[dict[str, Any]], tasks: Sequence[str] = TASKS) -> str:
@@ -97,7 +97,7 @@ def run_demo(
     methods: Sequence[str] = PAPER_METHODS,
     lam_grid: Sequence[float] = LAM_GRID,
     trials: int = 6,
-    limit: int | None = None,
+    limit: int | None = 100,
     root: str | Path | None = None,
     data_root: str | Path | None = None,
     registry_name: str | None = None,
@@ -115,7 +115,8 @@ def run_demo(
         methods: merging methods to compare.
         lam_grid: lambda values swept on val for methods that have a lambda.
         trials: Optuna trials of the OptMerge campaign (0 skips the campaign).
-        limit: evaluate at most this many samples per task (None: the whole split).
+        limit: val samples per task for the comparison and the campaign (None: the whole split); promotion
+            always evaluates the whole test split.
         root: the embedded store's directory (default ``./mlruns`` or ``$MERGELAB_ROOT``).
         data_root: the benchmark data's root (default ``$MERGELAB_DATA`` or ``~/.cache/mergelab/data``).
         registry_name: registered model name (default ``mergelab-demo-<setting>``).
