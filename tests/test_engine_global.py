@@ -25,7 +25,10 @@ def experts_with_a_zero_tensor(root: Path, n: int = 3) -> tuple[list[Path], list
     paths, states = [], []
     for i in range(n):
         g = torch.Generator().manual_seed(20 + i)
-        sd = {k: (v.clone() if k == ZERO else v + 0.1 * torch.randn(v.shape, generator=g)) for k, v in base.items()}
+        sd = {
+            k: (v.clone() if k == ZERO else v + 0.1 * torch.randn(v.shape, generator=g))
+            for k, v in base.items()
+        }
         paths.append(write_sharded(root / f"e{i}", sd, n_shards=1))
         states.append(sd)
     return paths, states
@@ -35,8 +38,15 @@ def test_global_ties_counts_all_zero_tensors_in_the_rank(tiny_checkpoint: Path, 
     paths, states = experts_with_a_zero_tensor(tmp_path)
     base = tiny_state(0)
     density = 0.3
-    rep = merge(base=tiny_checkpoint, experts=paths, method="ties", params={"scope": "global", "density": density},
-                policy=[], out=tmp_path / "o", device="cpu")
+    rep = merge(
+        base=tiny_checkpoint,
+        experts=paths,
+        method="ties",
+        params={"scope": "global", "density": density},
+        policy=[],
+        out=tmp_path / "o",
+        device="cpu",
+    )
     assert rep.stats_passes == 2 and rep.counts.get("zero") == 1
     got = load_dir(tmp_path / "o")
     deltas = {k: torch.stack([s[k] - v for s in states]) for k, v in base.items()}

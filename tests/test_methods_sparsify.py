@@ -159,7 +159,11 @@ def test_huge_tie_buckets_and_global_stats_over_many_chunks() -> None:
     x = torch.randn(2, m, generator=g) * (torch.rand(2, m, generator=g) < 0.1)
     for k in (1, int(m * 0.5), int(m * 0.95), m):
         assert torch.equal(kth_smallest_abs(x, k), x.abs().kthvalue(k, dim=1).values)
-    parts = {"a": x[:, :200_000].reshape(2, 400, 500), "b": torch.randn(2, 150_001, generator=g), "c": x[:, -5:]}
+    parts = {
+        "a": x[:, :200_000].reshape(2, 400, 500),
+        "b": torch.randn(2, 150_001, generator=g),
+        "c": x[:, -5:],
+    }
     for density in (0.2, 0.97):
         stats = GlobalMagnitudeThreshold(density, 2)
         while True:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from mergelab.methods._linalg import check_coefficients, check_real, coefficient_vector
-from mergelab.methods._sparsify import chunk_size, check_drop_rate, dare_drop
+from mergelab.methods._sparsify import check_drop_rate, chunk_size, dare_drop
 from mergelab.methods.base import MergeContext
 
 
