@@ -1,0 +1,30 @@
+"""The shipped example recipes validate (and point at the shipped zoo when it is there)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mergelab.platform.merge_config import MergeConfig
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("merge-*.yaml")))
+def test_merge_examples_validate(name: str) -> None:
+    cfg = MergeConfig.from_yaml(EXAMPLES / name)
+    kwargs = cfg.merge_kwargs()
+    assert kwargs["method"] in {"optmerge", "ties"}
+    assert len(kwargs["experts"]) == 5
+    if Path(kwargs["base"]).is_dir():  # the zoo ships with the package; paths resolve against the YAML
+        assert all(Path(getattr(e, "path", e)).is_dir() for e in kwargs["experts"])
+
+
+def test_campaign_example_validates() -> None:
+    pytest.importorskip("optuna")
+    from mergelab.platform.campaign_config import load_campaign
+
+    cfg = load_campaign(EXAMPLES / "campaign-optmerge-lora.yaml")
+    assert cfg.method == "optmerge" and cfg.objective.metrics == ["val/average"]
+    assert set(cfg.search_space) == {"rank_ratio", "steps", "lr", "lam"}
