@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from mergelab.bench import modeling
+from mergelab.bench.data import sha256_file
 from mergelab.bench.modeling import TinyQwen2VLConfig
 from mergelab.bench.train import DECODER_LAYERS, Encoded, TrainConfig, concat, encode, train
 from mergelab.hf import load_model, replace_dir, save_model
@@ -105,15 +106,6 @@ class ZooPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -510,15 +502,15 @@ LAM_GRID: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 1.0, 1.5)
 """The paper's lambda grid "for all methods" (spec section 1.7), searched on the val split."""
 
 
-def _method_params(method: str, setting: str) -> dict[str, Any]:
+def method_params(method: str, setting: str) -> dict[str, Any]:
     """Each method's defaults, plus OptMerge's variant matching the expert setting (spec section 1.7)."""
     return {"variant": setting} if method == "optmerge" else {}
 
 
-def _has_lam(method: str, setting: str) -> bool:
+def has_lam(method: str, setting: str) -> bool:
     from mergelab.methods import REGISTRY
 
-    return hasattr(REGISTRY[method].make_config(_method_params(method, setting)), "lam")
+    return hasattr(REGISTRY[method].make_config(method_params(method, setting)), "lam")
 
 
 class _LamScan:
@@ -616,8 +608,8 @@ def benchmark(
                 rows.setdefault(label, {})[seed] = cached
             for method in methods:
                 t0 = time.perf_counter()
-                scan = _has_lam(method, setting)
-                params = {**_method_params(method, setting), **({"lam": 1.0} if scan else {})}
+                scan = has_lam(method, setting)
+                params = {**method_params(method, setting), **({"lam": 1.0} if scan else {})}
                 merged = work / f"{setting}-seed{seed}-{method}"
                 merge(base=base_dir, experts=[str(d) for d in _expert_dirs(root, seed, setting, tasks)],
                       method=method, params=params, policy="qwen2_vl", out=merged, device="cpu", seed=seed,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergelab.bench.zoo import LAM_GRID, TASKS, has_lam, method_params
 from mergelab.platform.campaign import resolve_experts, run_campaign
 from mergelab.platform.campaign_config import CampaignConfig
 from mergelab.platform.registry import promote, register_run
@@ -33,10 +34,6 @@ PAPER_METHODS: tuple[str, ...] = (
 )  # fmt: skip
 """The nine merging rows of the paper's Tables 2 and 3, in its order."""
 
-LAM_GRID: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 1.0, 1.5)
-"""The paper's lambda grid, searched on val for every method (spec section 1.7)."""
-
-TASKS: tuple[str, ...] = ("vqa", "geometry", "chart", "ocr", "grounding")
 EXPERIMENT = "mergelab-demo"
 
 
@@ -50,16 +47,6 @@ class DemoResult:
     campaign: dict[str, Any] | None = None
     promotion: dict[str, Any] | None = None
     seconds: float = 0.0
-
-
-def _has_lam(method: str, params: dict[str, Any]) -> bool:
-    from mergelab.methods import REGISTRY
-
-    return hasattr(REGISTRY[method].make_config(params), "lam")
-
-
-def _method_params(method: str, setting: str) -> dict[str, Any]:
-    return {"variant": setting} if method == "optmerge" else {}
 
 
 def _ensure_zoo(zoo: Path, tiny: bool, seed: int, setting: str, log: Callable[[str], None]) -> None:
@@ -165,8 +152,8 @@ def run_demo(
     best: tuple[float, str, dict[str, Any], Any] | None = None
     try:
         for method in methods:
-            params = _method_params(method, setting)
-            lams = list(lam_grid) if _has_lam(method, params) else [None]
+            params = method_params(method, setting)
+            lams = list(lam_grid) if has_lam(method, setting) else [None]
             method_best: dict[str, Any] | None = None
             for lam in lams:
                 p = dict(params) if lam is None else {**params, "lam": lam}
