@@ -413,13 +413,13 @@ def promote(
         worst_drop = drops[worst_task] if worst_task else 0.0
         if delta < margin or delta <= 0:
             decision = "challenger"
-            reason = f"average {cand_eval.average:.2f} vs {champ_eval.average:.2f}: +{delta:.2f} < margin {margin}"
+            reason = f"average {cand_eval.average:.2f} vs {champ_eval.average:.2f}: {delta:+.2f} < margin {margin}"
         elif worst_drop > max_task_drop:
             decision = "challenger"
             reason = f"task {worst_task} drops {worst_drop:.2f} > max_task_drop {max_task_drop}"
         else:
             decision = "champion"
-            reason = f"average +{delta:.2f} >= margin {margin}; worst task drop {worst_drop:.2f} <= {max_task_drop}"
+            reason = f"average {delta:+.2f} >= margin {margin}; worst task drop {worst_drop:.2f} <= {max_task_drop}"
 
     if decision == "champion":
         client.set_registered_model_alias(name, CHAMPION, cand.version)
