@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import transformers
 
+from mergelab._files import read_json
+
 # model_type -> (image processor class path, processor class) for processors whose video part needs torchvision.
 _NO_VIDEO: dict[str, tuple[str, str]] = {
     "qwen2_vl": ("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.Qwen2VLImageProcessorPil",
@@ -89,10 +91,7 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file}: no config.json (not a transformers checkpoint directory)")
-    try:
-        return json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_file}: invalid JSON ({e})") from None
+    return read_json(cfg_file, "config.json")
 
 
 def _import(dotted: str) -> Any:

@@ -27,6 +27,7 @@ from typing import Any
 
 from PIL import Image
 
+from mergelab._files import iter_jsonl
 from mergelab.bench.tasks import DEFAULT_SIZES, GENERATOR_VERSION, TASKS, generate
 from mergelab.bench.tasks.common import IMAGE_SIZE, METRICS, SPLITS, VARIANTS, Sample
 
@@ -135,18 +136,11 @@ def iter_records(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such split; build it with mergelab.bench.data.ensure_data()")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            missing = [k for k in FIELDS if k not in rec] if isinstance(rec, dict) else list(FIELDS)
-            if missing:
-                raise ValueError(f"{path}:{n}: missing field(s) {missing}")
-            yield rec
+    for n, rec in iter_jsonl(path, "benchmark split"):
+        missing = [k for k in FIELDS if k not in rec]
+        if missing:
+            raise ValueError(f"{path}:{n}: missing field(s) {missing}")
+        yield rec
 
 
 def read_split(

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from mergelab._files import read_json
 from mergelab.bench import modeling
 from mergelab.bench.data import sha256_file
 from mergelab.bench.modeling import TinyQwen2VLConfig
@@ -124,10 +125,7 @@ def read_manifest(root: str | os.PathLike[str] = DEFAULT_ZOO) -> dict[str, Any]:
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no zoo manifest (run `mergelab bench build --zoo {Path(root)}`)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
+    return read_json(path, "zoo manifest")
 
 
 def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
