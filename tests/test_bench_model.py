@@ -94,6 +94,20 @@ def test_training_is_deterministic_and_lora_touches_only_the_language_model(proc
     assert runs[0].trainable_params == sum(p.numel() for n, p in runs[0].model.named_parameters() if "lora_" in n)
 
 
+def test_lr_scale_slows_the_matching_parameters_only(processor, vqa) -> None:
+    """A parameter matched by ``lr_scale`` with factor 0 never moves; the others train at the full lr."""
+    enc = train.encode(vqa["train"][:16], processor)
+    model = modeling.build_model(processor.tokenizer, modeling.TinyQwen2VLConfig.tiny(), seed=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = train.TrainConfig(steps=2, batch_size=8, lr=1e-3, warmup_steps=1, lr_scale=((r"model\.visual\.", 0.0),))
+    trained = train.train(model, processor, enc, cfg, device="cpu").model
+    moved = {n for n, p in trained.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and not any(n.startswith("model.visual.") for n in moved)
+    assert any(n.startswith("model.language_model.layers.") for n in moved)
+    assert "lr_scale" not in train.TrainConfig().to_dict()  # zoo fingerprints of older configs are unchanged
+    assert cfg.to_dict()["lr_scale"] == [[r"model\.visual\.", 0.0]]
+
+
 def test_tiny_zoo_builds_in_seconds_reuses_and_reloads(tmp_path: Path) -> None:
     t0 = time.perf_counter()
     manifest = zoo.build_zoo(tmp_path / "zoo", tiny=True, progress=False, evaluate=False)
@@ -125,3 +139,30 @@ def test_tiny_zoo_builds_in_seconds_reuses_and_reloads(tmp_path: Path) -> None:
     assert diff and all(k.startswith("model.language_model.layers.") for k in diff)  # vision, embeddings frozen
     answers = train.greedy_answers(model, proc, generate("ocr", "shifted", "test", n=4), max_new_tokens=3)
     assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
+
+
+def test_shipped_zoo_is_complete_and_up_to_date(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zoo in the package holds every model of the default plan, hashes as its manifest says, and a default
+    ``mergelab bench build`` reuses all of it (a plan or code change without a rebuild fails here, not in the demo)."""
+    import shutil
+
+    manifest = zoo.read_manifest(zoo.DEFAULT_ZOO)
+    plan = zoo.ZooPlan()
+    assert manifest["plan"] == plan.to_dict()
+    for seed in plan.seeds:
+        names = [f"seed{seed}/base", f"seed{seed}/mixture"] + [
+            n for kind in ("full", "lora") for n in zoo.expert_names(seed, kind)]
+        for name in names:
+            entry = manifest["models"][name]
+            wf = zoo._weights_file(zoo.DEFAULT_ZOO / name)
+            assert entry["weights"][wf.name] == zoo.sha256_file(wf), name
+            assert entry["scores_limit"] == plan.n_eval and set(entry["scores"]) == {"shifted", "generic"}, name
+    copy = tmp_path / "zoo"
+    shutil.copytree(zoo.DEFAULT_ZOO, copy)
+
+    def no_training(*_a, **_k):
+        raise AssertionError("the shipped zoo is stale: `mergelab bench build` would retrain a model")
+
+    monkeypatch.setattr(zoo, "train", no_training)
+    built = zoo.build_zoo(copy, progress=False, evaluate=False)
+    assert sorted(built["models"]) == sorted(manifest["models"])

@@ -53,6 +53,8 @@ class TrainConfig:
         trainable: regex (``re.match``) of the parameter names to update; None trains everything.
         lora_r: LoRA rank; 0 means full fine-tuning (with ``trainable``).
         lora_alpha: LoRA alpha (scaling alpha / r).
+        lr_scale: ``(regex, factor)`` pairs: parameters whose name matches (``re.match``, first pair wins) train
+            at ``factor * lr``, e.g. ``(("model\\.visual\\.", 0.1),)`` for a slower vision tower.
     """
 
     steps: int = 300
@@ -65,9 +67,15 @@ class TrainConfig:
     trainable: str | None = None
     lora_r: int = 0
     lora_alpha: int = 16
+    lr_scale: tuple[tuple[str, float], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not d["lr_scale"]:
+            del d["lr_scale"]  # keeps the zoo fingerprints of configs without it unchanged
+        else:
+            d["lr_scale"] = [list(p) for p in d["lr_scale"]]
+        return d
 
 
 @dataclass
@@ -220,11 +228,18 @@ def train(
         pattern = re.compile(cfg.trainable)
         for name, p in model.named_parameters():
             p.requires_grad_(bool(pattern.match(name)))
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not params:
         raise ValueError(f"train: no parameter matches trainable={cfg.trainable!r}")
     model.to(dev).train()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    scales = [(re.compile(rx), float(f)) for rx, f in cfg.lr_scale]
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for n, p in named:
+        f = next((f for rx, f in scales if rx.match(n)), 1.0)
+        groups.setdefault(f, []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "lr": cfg.lr * f} for f, ps in groups.items()], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = transformers.get_cosine_schedule_with_warmup(opt, min(cfg.warmup_steps, cfg.steps), cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     losses: list[float] = []

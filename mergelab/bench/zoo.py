@@ -85,8 +85,8 @@ class ZooPlan:
     base: TrainConfig = TrainConfig(steps=1200, batch_size=32, lr=1e-3, warmup_steps=60, weight_decay=0.01)
     base_task_weights: tuple[tuple[str, float], ...] = (
         ("vqa", 1.5), ("geometry", 1.0), ("chart", 1.0), ("ocr", 1.0), ("grounding", 1.5))
-    full: TrainConfig = TrainConfig(steps=200, batch_size=32, lr=5e-4, warmup_steps=20, trainable=DECODER_LAYERS)
-    lora: TrainConfig = TrainConfig(steps=200, batch_size=32, lr=3e-3, warmup_steps=20, lora_r=8, lora_alpha=16)
+    full: TrainConfig = TrainConfig(steps=300, batch_size=32, lr=1e-3, warmup_steps=20, trainable=DECODER_LAYERS)
+    lora: TrainConfig = TrainConfig(steps=300, batch_size=32, lr=2e-3, warmup_steps=20, lora_r=8, lora_alpha=16)
     mixture_steps_factor: int = 5
     data_seed: int = 0
 
