@@ -14,7 +14,8 @@ Probes (items are drawn on 112x112 white images, one per 28-px cell of the 4x4 g
 * ``colour``: "what color is the square?", one 24-px square of 6 colours anywhere in the image;
 * ``shape``: "what shape is it?", one 22-24-px black filled circle / square / triangle / diamond in a random cell;
 * ``digit``: "what is written in the image?", one digit of the benchmark's bitmap font (15x21 px) in a random cell;
-* ``digit-fixed``: the same digit always in the top-left cell (jitter of 2 px).
+* ``digit-fixed``: the same digit always in the top-left cell (jitter of 2 px);
+* ``digit-large``: one digit drawn at 8 px per font dot (40x56 px) in the middle of the image (jitter of 4 px).
 
 ``--train all`` updates every parameter (vision tower included); ``--train lm`` only the language model and the LM
 head (the vision tower keeps its random initialisation, like a frozen encoder).
@@ -34,7 +35,7 @@ from mergelab.bench import modeling
 from mergelab.bench.tasks import common
 from mergelab.bench.train import TrainConfig, encode, greedy_answers, train
 
-PROBES = ("colour", "shape", "digit", "digit-fixed")
+PROBES = ("colour", "shape", "digit", "digit-fixed", "digit-large")
 TRAINABLE = {"all": None, "lm": r"model\.language_model\..*|lm_head\..*"}
 
 
@@ -56,6 +57,15 @@ def make_items(probe: str, n: int, rng: random.Random) -> list[SimpleNamespace]:
             x, y = cx * 28 + (28 - size) // 2, cy * 28 + (28 - size) // 2
             common.draw_shape(draw, shape, (x, y, x + size, y + size), (0, 0, 0))
             q, a = "what shape is it?", shape
+        elif probe == "digit-large":
+            digit, dot = rng.choice("0123456789"), 8
+            x0, y0 = (112 - 5 * dot) // 2 + rng.randint(-4, 4), (112 - 7 * dot) // 2 + rng.randint(-4, 4)
+            for r, row in enumerate(common.GLYPHS[digit]):
+                for c, bit in enumerate(row):
+                    if bit == "#":
+                        draw.rectangle((x0 + c * dot, y0 + r * dot, x0 + (c + 1) * dot - 1, y0 + (r + 1) * dot - 1),
+                                       fill=(0, 0, 0))
+            q, a = "what is written in the image?", digit
         else:
             digit = rng.choice("0123456789")
             cx, cy = (0, 0) if probe == "digit-fixed" else (rng.randrange(4), rng.randrange(4))
