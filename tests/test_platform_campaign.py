@@ -325,3 +325,27 @@ def test_pruned_trials_end_killed_without_weights(platform_store: Store, tmp_pat
         assert not (local_path(run.info.artifact_uri) / "merged").exists()
         assert len(t.intermediate_values) < len(TASKS)  # stopped before evaluating every task
     assert len(res.registered) == 1
+
+
+def test_retry_on_conflict_retries_unique_key_races_only() -> None:
+    """Two workers summarising one campaign at once: the loser's duplicate-key INSERT is retried (then an UPDATE)."""
+    from mlflow.exceptions import MlflowException
+
+    from mergelab.platform.campaign import retry_on_conflict
+
+    calls = []
+
+    def flaky(key: str, value: str) -> str:
+        calls.append((key, value))
+        if len(calls) == 1:
+            raise MlflowException('BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key value violates '
+                                  'unique constraint "tag_pk"')
+        return value
+
+    assert retry_on_conflict(flaky, "best_trial", "1") == "1" and len(calls) == 2
+
+    def broken() -> None:
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: run not found")
+
+    with pytest.raises(MlflowException, match="not found"):
+        retry_on_conflict(broken)

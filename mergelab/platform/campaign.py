@@ -517,6 +517,24 @@ def trials_table(study: optuna.Study) -> dict[str, list[Any]]:
     return cols
 
 
+def retry_on_conflict(fn: Callable[..., Any], *args: Any, attempts: int = 4, **kwargs: Any) -> Any:
+    """Call ``fn``, retrying when the tracking database reports a unique-key conflict.
+
+    Workers that finish at the same moment summarise the same parent run: MLflow writes a new tag with an INSERT,
+    so the second of two concurrent ``set_tag`` calls fails with a duplicate key (PostgreSQL ``UniqueViolation``,
+    SQLite ``UNIQUE constraint failed``); on retry the key exists and MLflow updates it.
+    """
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except MlflowException as exc:
+            text = str(exc)
+            if attempt == attempts - 1 or not ("duplicate key" in text or "UNIQUE constraint" in text):
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    return None
+
+
 def summarize_campaign(cfg: CampaignConfig, store: Store, study: optuna.Study, parent: str,
                        client: MlflowClient | None = None) -> None:
     """Log the best trial, the comparison table and the Optuna visualisations to the campaign's parent run.
@@ -540,13 +558,13 @@ def summarize_campaign(cfg: CampaignConfig, store: Store, study: optuna.Study, p
             metrics[f"best/{m}"] = v
         for k, v in best.user_attrs.get("val_scores", {}).items():
             metrics[f"best/val/{k}"] = v
-        client.set_tag(parent, "best_trial", str(best.number))
+        retry_on_conflict(client.set_tag, parent, "best_trial", str(best.number))
         if best.user_attrs.get(RUN_ATTR):
-            client.set_tag(parent, "best_run_id", best.user_attrs[RUN_ATTR])
+            retry_on_conflict(client.set_tag, parent, "best_run_id", best.user_attrs[RUN_ATTR])
         client.log_dict(parent, {"number": best.number, "values": best.values, "params": best.params,
                                  "val_scores": best.user_attrs.get("val_scores"),
                                  "mlflow_run_id": best.user_attrs.get(RUN_ATTR)}, "best_trial.json")
-    log_metrics(client, parent, metrics)
+    retry_on_conflict(log_metrics, client, parent, metrics)
     table = trials_table(study)
     if table["trial"]:
         log_table(client, parent, table, "trials.json")
