@@ -60,11 +60,7 @@ def make_items(probe: str, n: int, rng: random.Random) -> list[SimpleNamespace]:
         elif probe == "digit-large":
             digit, dot = rng.choice("0123456789"), 8
             x0, y0 = (112 - 5 * dot) // 2 + rng.randint(-4, 4), (112 - 7 * dot) // 2 + rng.randint(-4, 4)
-            for r, row in enumerate(common.GLYPHS[digit]):
-                for c, bit in enumerate(row):
-                    if bit == "#":
-                        draw.rectangle((x0 + c * dot, y0 + r * dot, x0 + (c + 1) * dot - 1, y0 + (r + 1) * dot - 1),
-                                       fill=(0, 0, 0))
+            common.draw_glyph(draw, digit, x0, y0, dot=dot)
             q, a = "what is written in the image?", digit
         else:
             digit = rng.choice("0123456789")

@@ -524,15 +524,14 @@ def retry_on_conflict(fn: Callable[..., Any], *args: Any, attempts: int = 4, **k
     so the second of two concurrent ``set_tag`` calls fails with a duplicate key (PostgreSQL ``UniqueViolation``,
     SQLite ``UNIQUE constraint failed``); on retry the key exists and MLflow updates it.
     """
-    for attempt in range(attempts):
+    for attempt in range(attempts - 1):
         try:
             return fn(*args, **kwargs)
         except MlflowException as exc:
-            text = str(exc)
-            if attempt == attempts - 1 or not ("duplicate key" in text or "UNIQUE constraint" in text):
+            if "duplicate key" not in str(exc) and "UNIQUE constraint" not in str(exc):
                 raise
             time.sleep(0.05 * (attempt + 1))
-    return None
+    return fn(*args, **kwargs)
 
 
 def summarize_campaign(cfg: CampaignConfig, store: Store, study: optuna.Study, parent: str,

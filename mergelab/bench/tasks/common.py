@@ -248,17 +248,17 @@ GLYPH_H = 7 * GLYPH_DOT
 
 
 def draw_glyph(
-    draw: ImageDraw.ImageDraw, char: str, x: int, y: int, fill: tuple[int, int, int] = INK
+    draw: ImageDraw.ImageDraw, char: str, x: int, y: int, fill: tuple[int, int, int] = INK, dot: int = GLYPH_DOT
 ) -> None:
-    """Draw ``char`` from :data:`GLYPHS` with its top-left corner at pixel ``(x, y)``."""
+    """Draw ``char`` from :data:`GLYPHS` with its top-left corner at pixel ``(x, y)``, ``dot`` pixels per font dot."""
     rows = GLYPHS.get(char)
     if rows is None:
         raise ValueError(f"no glyph for character {char!r}; known: {''.join(GLYPHS)}")
     for r, row in enumerate(rows):
         for c, bit in enumerate(row):
             if bit == "#":
-                px, py = x + c * GLYPH_DOT, y + r * GLYPH_DOT
-                draw.rectangle((px, py, px + GLYPH_DOT - 1, py + GLYPH_DOT - 1), fill=fill)
+                px, py = x + c * dot, y + r * dot
+                draw.rectangle((px, py, px + dot - 1, py + dot - 1), fill=fill)
 
 
 def place_object(
