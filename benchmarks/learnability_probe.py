@@ -15,7 +15,12 @@ Probes (items are drawn on 112x112 white images, one per 28-px cell of the 4x4 g
 * ``shape``: "what shape is it?", one 22-24-px black filled circle / square / triangle / diamond in a random cell;
 * ``digit``: "what is written in the image?", one digit of the benchmark's bitmap font (15x21 px) in a random cell;
 * ``digit-fixed``: the same digit always in the top-left cell (jitter of 2 px);
-* ``digit-large``: one digit drawn at 8 px per font dot (40x56 px) in the middle of the image (jitter of 4 px).
+* ``digit-large``: one digit drawn at 8 px per font dot (40x56 px) in the middle of the image (jitter of 4 px);
+* ``letter-large``: the same with the ten capitals of the shifted OCR variant;
+* ``vqa-small`` / ``vqa-large``: one shape (24-40 px / 40-56 px) anywhere, in 6 colours, with VQA's three
+  questions ("what color is the {shape}?", "what shape is the {colour} object?", "is there a {colour} {shape}?");
+* ``ground-1`` / ``ground-3``: grounding's prompt and cell-box answer for one object / 2-4 objects (the target
+  named by colour and shape) on the coordinate canvas.
 
 ``--train all`` updates every parameter (vision tower included); ``--train lm`` only the language model and the LM
 head (the vision tower keeps its random initialisation, like a frozen encoder).
@@ -35,7 +40,8 @@ from mergelab.bench import modeling
 from mergelab.bench.tasks import common
 from mergelab.bench.train import TrainConfig, encode, greedy_answers, train
 
-PROBES = ("colour", "shape", "digit", "digit-fixed", "digit-large")
+PROBES = ("colour", "shape", "digit", "digit-fixed", "digit-large", "letter-large", "vqa-small", "vqa-large",
+          "ground-1", "ground-3")
 TRAINABLE = {"all": None, "lm": r"model\.language_model\..*|lm_head\..*"}
 
 
@@ -57,8 +63,38 @@ def make_items(probe: str, n: int, rng: random.Random) -> list[SimpleNamespace]:
             x, y = cx * 28 + (28 - size) // 2, cy * 28 + (28 - size) // 2
             common.draw_shape(draw, shape, (x, y, x + size, y + size), (0, 0, 0))
             q, a = "what shape is it?", shape
-        elif probe == "digit-large":
-            digit, dot = rng.choice("0123456789"), 8
+        elif probe in ("vqa-small", "vqa-large"):
+            shape, c = rng.choice(common.SHAPES), rng.choice(colours)
+            size = rng.choice((24, 32, 40) if probe == "vqa-small" else (40, 48, 56))
+            x, y = rng.randrange(0, 112 - size), rng.randrange(0, 112 - size)
+            common.draw_shape(draw, shape, (x, y, x + size - 1, y + size - 1), common.COLOURS[c])
+            kind = rng.choice(("colour", "shape", "exists"))
+            if kind == "colour":
+                q, a = f"what color is the {shape}?", c
+            elif kind == "shape":
+                q, a = f"what shape is the {c} object?", shape
+            elif rng.random() < 0.5:
+                q, a = f"is there a {c} {shape}?", "yes"
+            else:
+                other = rng.choice([z for z in common.SHAPES if z != shape])
+                q, a = f"is there a {c} {other}?", "no"
+        elif probe in ("ground-1", "ground-3"):
+            k = 1 if probe == "ground-1" else rng.choice((2, 3, 4))
+            pairs: list[tuple[str, str]] = []
+            while len(pairs) < k:
+                p = (rng.choice(common.SHAPES), rng.choice(colours))
+                if p not in pairs:
+                    pairs.append(p)
+            cells = rng.sample(range(16), k)
+            objs = [common.place_object(rng, sh, co, (cl % 4, cl // 4), rng.choice((22, 24)))
+                    for (sh, co), cl in zip(pairs, cells, strict=True)]
+            img = common.draw_objects(objs, "gradient")
+            col, row = objs[0]["cell"]
+            q = ("Please provide the bounding box coordinate of the region this sentence describes: "
+                 f"the {objs[0]['colour']} {objs[0]['shape']}")
+            a = f"({col * 250},{row * 250}),({col * 250 + 250},{row * 250 + 250})"  # the cell box, box tokens omitted
+        elif probe in ("digit-large", "letter-large"):
+            digit, dot = rng.choice("0123456789" if probe == "digit-large" else "ACEHKLPRTX"), 8
             x0, y0 = (112 - 5 * dot) // 2 + rng.randint(-4, 4), (112 - 7 * dot) // 2 + rng.randint(-4, 4)
             common.draw_glyph(draw, digit, x0, y0, dot=dot)
             q, a = "what is written in the image?", digit
@@ -95,12 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--vocab-size", type=int, default=400)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    corpus = [it.question for p in PROBES for it in make_items(p, 40, random.Random(1))]
-    corpus += list(common.GENERIC_COLOURS) + list(common.SHAPES) + list("0123456789")
+    corpus = [t for p in PROBES for it in make_items(p, 40, random.Random(1)) for t in (it.question, it.answer)]
+    corpus += list(common.GENERIC_COLOURS) + list(common.SHAPES) + list("0123456789ACEHKLPRTX") + ["yes", "no"]
     processor = modeling.build_processor(modeling.build_tokenizer(modeling.corpus_lines(
-        [SimpleNamespace(question=q, answer="") for q in corpus]), vocab_size=400))
+        [SimpleNamespace(question=q, answer="") for q in corpus]), vocab_size=args.vocab_size))
     print("| probe | trained | steps | lr | held-out acc % | final loss | seconds |\n|---|---|---|---|---|---|---|")
     for probe in args.probe.split(","):
         for trainable in args.train.split(","):

@@ -10,6 +10,10 @@ reported.
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/offline_benchmark.py                 # shipped zoo, everything
     .venv/bin/python benchmarks/offline_benchmark.py --zoo /tmp/zoo --settings full --methods ties,optmerge
     .venv/bin/python benchmarks/offline_benchmark.py --build                           # build the zoo first
+    .venv/bin/python benchmarks/offline_benchmark.py --combine s0full.json s0lora.json s1full.json s1lora.json
+
+``--combine`` joins the ``--json-out`` files of runs split by seed and setting (one process per core) and prints
+the tables and the targets over all of them.
 """
 
 from __future__ import annotations
@@ -21,7 +25,21 @@ from pathlib import Path
 
 import torch
 
-from mergelab.bench.zoo import DEFAULT_ZOO, benchmark, build_zoo, check_targets, format_table
+from mergelab.bench.zoo import DEFAULT_ZOO, benchmark, build_zoo, check_targets, combine_results, format_table
+
+
+def report(result: dict, settings: list[str]) -> None:
+    """Print both tables per setting, the targets and the slowest merge + evaluation."""
+    for setting in settings:
+        for variant in ("shifted", "generic"):
+            print("\n" + format_table(result, setting, variant))
+        print()
+        for name, ok, detail in check_targets(result, setting):
+            print(f"  [{'PASS' if ok else 'FAIL'}] {name}: {detail}")
+        timing = result["timing"].get(setting, {})
+        if timing:
+            worst = max((t["merge_s"] + t["test_eval_s"], m) for m, per in timing.items() for t in per.values())
+            print(f"  slowest merge + test evaluation (5 tasks, shifted + generic): {worst[0]:.1f} s ({worst[1]})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,8 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-root", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json-out", type=Path, default=None)
+    ap.add_argument("--combine", type=Path, nargs="+", default=None,
+                    help="print the tables of these --json-out files joined (no merging or scoring)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.combine:
+        result = combine_results([json.loads(p.read_text()) for p in args.combine])
+        report(result, [s for s in ("full", "lora") if s in result["rows"]])
+        if args.json_out:
+            args.json_out.write_text(json.dumps(result, indent=1, default=str))
+        return 0
 
     if args.build:
         t0 = time.perf_counter()
@@ -53,16 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         test_limit=args.test_limit,
         data_root=args.data_root,
     )
-    for setting in settings:
-        for variant in ("shifted", "generic"):
-            print("\n" + format_table(result, setting, variant))
-        print()
-        for name, ok, detail in check_targets(result, setting):
-            print(f"  [{'PASS' if ok else 'FAIL'}] {name}: {detail}")
-        timing = result["timing"].get(setting, {})
-        if timing:
-            worst = max((t["merge_s"] + t["test_eval_s"], m) for m, per in timing.items() for t in per.values())
-            print(f"  slowest merge + test evaluation (5 tasks, shifted + generic): {worst[0]:.1f} s ({worst[1]})")
+    report(result, settings)
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=1, default=str))
     return 0

@@ -166,3 +166,37 @@ def test_shipped_zoo_is_complete_and_up_to_date(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(zoo, "train", no_training)
     built = zoo.build_zoo(copy, progress=False, evaluate=False)
     assert sorted(built["models"]) == sorted(manifest["models"])
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_cached_image_features_train_like_the_pixel_path(processor, vqa, lora: bool) -> None:
+    """A run with a frozen vision tower encodes each image once; its losses equal re-encoding every step."""
+    enc = train.encode(vqa["train"][:24], processor)
+    cfg = train.TrainConfig(steps=4, batch_size=8, lr=2e-3, warmup_steps=1, seed=3,
+                            lora_r=4 if lora else 0, lora_alpha=8, trainable=None if lora else train.LANGUAGE_MODEL)
+    runs = {}
+    for cached in (True, False):
+        model = modeling.build_model(processor.tokenizer, modeling.TinyQwen2VLConfig.tiny(), seed=4)
+        runs[cached] = train.train(model, processor, enc, cfg, device="cpu", cache_images=cached)
+    assert train.vision_is_frozen(runs[True].model)
+    torch.testing.assert_close(runs[True].losses, runs[False].losses, rtol=1e-5, atol=1e-6)
+    feats = train.image_features(runs[True].model, processor, enc.images[:3])
+    assert feats.shape == (3, 16, 64)
+
+
+def test_combine_results_joins_runs_split_by_seed_and_setting() -> None:
+    def run(seed: int, setting: str, avg: float) -> dict:
+        scores = {"shifted": {"vqa": avg, "average": avg}, "generic": {"vqa": avg, "average": avg}}
+        return {"tasks": ["vqa"], "seeds": [seed],
+                "rows": {setting: {"base": {str(seed): scores}, "merge:ties": {str(seed): scores}}},
+                "lam": {setting: {"ties": {str(seed): 0.5}}}, "timing": {}}
+
+    joined = zoo.combine_results([run(0, "full", 10.0), run(1, "full", 20.0), run(0, "lora", 30.0)])
+    assert joined["seeds"] == [0, 1] and sorted(joined["rows"]) == ["full", "lora"]
+    assert zoo.aggregate(joined, "full")["base"]["average"][0] == pytest.approx(15.0)
+    assert joined["lam"]["full"]["ties"] == {"0": 0.5, "1": 0.5}
+    assert "mean +- sd over 2 seed(s)" in zoo.format_table(joined, "full")
+    with pytest.raises(ValueError, match="full/base seed 0 appears twice"):
+        zoo.combine_results([run(0, "full", 1.0), run(0, "full", 2.0)])
+    with pytest.raises(ValueError, match="tasks"):
+        zoo.combine_results([run(0, "full", 1.0), {**run(1, "full", 1.0), "tasks": ["ocr"]}])

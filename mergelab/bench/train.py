@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mergelab.bench.modeling import IMAGE_SIZE, image_tokens, to_rgb, training_ids
 from mergelab.hf import resolve_device
@@ -36,6 +37,11 @@ LM_LINEAR_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|
 
 DECODER_LAYERS = r"model\.language_model\.layers\..*"
 """Parameters a full fine-tune updates: the language model's decoder layers (attention, MLP, their norms)."""
+
+LANGUAGE_MODEL = r"model\.language_model\..*|lm_head\..*"
+"""Parameters the base trains: the whole language model (embeddings, decoder layers, final norm) and the LM head;
+the vision tower keeps its initialisation, like the frozen pretrained encoder of a real MLLM (docs/benchmark-zoo.md:
+training it from scratch with the language model collapses its features)."""
 
 
 @dataclass(frozen=True)
@@ -151,8 +157,10 @@ def patchify(images: torch.Tensor, processor: Any) -> tuple[torch.Tensor, torch.
     return pixel_values, grid
 
 
-def collate(enc: Encoded, idx: Sequence[int], processor: Any) -> dict[str, torch.Tensor]:
-    """A right-padded training batch: image placeholders expanded, labels -100 outside the answer."""
+def collate(enc: Encoded, idx: Sequence[int], processor: Any, *, pixels: bool = True) -> dict[str, torch.Tensor]:
+    """A right-padded training batch: image placeholders expanded, labels -100 outside the answer.
+
+    ``pixels=False`` leaves out ``pixel_values`` (for a run that feeds precomputed image features instead)."""
     tok = processor.tokenizer
     pad_id = tok.pad_token_id
     image_id = tok.convert_tokens_to_ids("<|image_pad|>")
@@ -173,10 +181,38 @@ def collate(enc: Encoded, idx: Sequence[int], processor: Any) -> dict[str, torch
         input_ids[r, : len(s)] = torch.tensor(s)
         label_t[r, : len(s)] = torch.tensor(lab)
         mask[r, : len(s)] = 1
-    pixel_values, grid = patchify(enc.images[list(idx)], processor)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
-            "mm_token_type_ids": (input_ids == image_id).long(), "pixel_values": pixel_values,
-            "image_grid_thw": grid}
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
+             "mm_token_type_ids": (input_ids == image_id).long()}
+    if pixels:
+        batch["pixel_values"], batch["image_grid_thw"] = patchify(enc.images[list(idx)], processor)
+    else:
+        ip = processor.image_processor
+        g = IMAGE_SIZE // ip.patch_size
+        batch["image_grid_thw"] = torch.tensor([[1, g, g]] * len(idx), dtype=torch.long)
+    return batch
+
+
+def vision_is_frozen(model: Any) -> bool:
+    """Whether no parameter of the vision tower (``...visual...``) will be updated."""
+    return not any(p.requires_grad for n, p in model.named_parameters() if "visual." in n)
+
+
+@torch.no_grad()
+def image_features(model: Any, processor: Any, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
+    """The vision tower's output (merged image tokens) for a uint8 image batch: ``(N, tokens, hidden)``.
+
+    What ``Qwen2VLModel.get_image_features`` computes inside a forward pass; a run whose vision tower is frozen
+    computes it once per training image and passes it as ``mm_encoder_outputs`` (transformers' own hook for
+    precomputed encoder outputs) instead of re-encoding every image at every step.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    dev = next(inner.parameters()).device
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        pv, grid = patchify(images[start : start + batch_size], processor)
+        feats = inner.model.get_image_features(pv.to(dev), grid.to(dev), return_dict=True).pooler_output
+        out.append(torch.stack(list(feats)))
+    return torch.cat(out)
 
 
 @dataclass
@@ -210,6 +246,7 @@ def train(
     *,
     device: str | torch.device | None = "auto",
     progress: Callable[[int, float], None] | None = None,
+    cache_images: bool = True,
 ) -> TrainResult:
     """Train ``model`` on ``data`` and return it (wrapped by peft when ``cfg.lora_r > 0``) in eval mode.
 
@@ -220,6 +257,8 @@ def train(
         cfg: hyper-parameters and seed.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``.
         progress: called as ``progress(step, loss)`` after each step.
+        cache_images: when the vision tower is frozen, encode each training image once up front and feed the
+            features (the same numbers a forward pass computes; tested) instead of re-encoding every step.
     """
     dev = resolve_device(device)
     if cfg.lora_r > 0:
@@ -244,9 +283,12 @@ def train(
     gen = torch.Generator().manual_seed(cfg.seed)
     losses: list[float] = []
     t0 = time.perf_counter()
+    feats = image_features(model, processor, data.images) if cache_images and vision_is_frozen(model) else None
     for step in range(cfg.steps):
         idx = torch.multinomial(data.weights, cfg.batch_size, replacement=True, generator=gen).tolist()
-        batch = {k: v.to(dev) for k, v in collate(data, idx, processor).items()}
+        batch = {k: v.to(dev) for k, v in collate(data, idx, processor, pixels=feats is None).items()}
+        if feats is not None:
+            batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats[idx]))}
         loss = model(**batch).loss
         value = float(loss.detach())
         if not math.isfinite(value):

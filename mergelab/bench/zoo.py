@@ -46,7 +46,7 @@ from mergelab._files import read_json
 from mergelab.bench import modeling
 from mergelab.bench.data import sha256_file
 from mergelab.bench.modeling import TinyQwen2VLConfig
-from mergelab.bench.train import DECODER_LAYERS, Encoded, TrainConfig, concat, encode, train
+from mergelab.bench.train import DECODER_LAYERS, LANGUAGE_MODEL, Encoded, TrainConfig, concat, encode, train
 from mergelab.hf import load_model, replace_dir, save_model
 
 TASKS: tuple[str, ...] = ("vqa", "geometry", "chart", "ocr", "grounding")
@@ -69,7 +69,8 @@ class ZooPlan:
         n_train: training samples generated per (task, variant).
         n_eval: test items per task scored into the manifest (None: the whole test split; 300 keeps the build
             short, the benchmark table re-scores on the whole split).
-        base: the base's training run (from scratch, generic variants, all parameters).
+        base: the base's training run (from scratch, generic variants; the language model and LM head train, the
+            vision tower keeps its random initialisation as a frozen encoder).
         base_task_weights: sampling weight of each task's generic data for the base.
         full: a full fine-tuning expert's run (decoder layers only).
         lora: a LoRA expert's run.
@@ -81,12 +82,13 @@ class ZooPlan:
     vocab_size: int = 768
     seeds: tuple[int, ...] = (0, 1)
     n_train: int = 2000
-    n_eval: int | None = 300
-    base: TrainConfig = TrainConfig(steps=1200, batch_size=32, lr=1e-3, warmup_steps=60, weight_decay=0.01)
+    n_eval: int | None = 200
+    base: TrainConfig = TrainConfig(steps=900, batch_size=32, lr=1e-3, warmup_steps=50, weight_decay=0.01,
+                                    trainable=LANGUAGE_MODEL)
     base_task_weights: tuple[tuple[str, float], ...] = (
-        ("vqa", 1.5), ("geometry", 1.0), ("chart", 1.0), ("ocr", 1.0), ("grounding", 1.5))
-    full: TrainConfig = TrainConfig(steps=300, batch_size=32, lr=1e-3, warmup_steps=20, trainable=DECODER_LAYERS)
-    lora: TrainConfig = TrainConfig(steps=300, batch_size=32, lr=2e-3, warmup_steps=20, lora_r=8, lora_alpha=16)
+        ("vqa", 2.0), ("geometry", 1.0), ("chart", 1.0), ("ocr", 1.0), ("grounding", 1.5))
+    full: TrainConfig = TrainConfig(steps=150, batch_size=32, lr=1e-3, warmup_steps=15, trainable=DECODER_LAYERS)
+    lora: TrainConfig = TrainConfig(steps=150, batch_size=32, lr=4e-3, warmup_steps=15, lora_r=8, lora_alpha=16)
     mixture_steps_factor: int = 5
     data_seed: int = 0
 
@@ -632,6 +634,32 @@ def benchmark(
                 log(f"{setting} seed{seed} {method}: lam {best_lam} (val {best_val:.1f}) test avg {sh['average']:.1f}"
                     f" [merge {t_merge:.1f}s]")
         out["rows"][setting] = rows
+    return out
+
+
+def combine_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Join :func:`benchmark` results of disjoint (seed, setting) runs (e.g. one process each) into one result.
+
+    Raises:
+        ValueError: the runs disagree on the tasks, or two runs scored the same row of the same seed and setting.
+    """
+    if not results:
+        raise ValueError("combine_results: no results")
+    tasks = results[0]["tasks"]
+    out: dict[str, Any] = {"tasks": tasks, "seeds": [], "rows": {}, "lam": {}, "timing": {}}
+    for k, res in enumerate(results):
+        if res["tasks"] != tasks:
+            raise ValueError(f"result {k}: tasks {res['tasks']} differ from {tasks}")
+        out["seeds"] = sorted({*out["seeds"], *(int(x) for x in res["seeds"])})
+        for key in ("rows", "lam", "timing"):
+            for setting, per_row in res.get(key, {}).items():
+                dest = out[key].setdefault(setting, {})
+                for row, per_seed in per_row.items():
+                    cell = dest.setdefault(row, {})
+                    for seed, value in per_seed.items():
+                        if str(seed) in cell:
+                            raise ValueError(f"result {k}: {key} {setting}/{row} seed {seed} appears twice")
+                        cell[str(seed)] = value
     return out
 
 

@@ -1,12 +1,16 @@
-"""OCR: reading short rendered strings (the stand-in for OptMerge's TextVQA / OCR-VQA capability, s3).
+"""OCR: reading a rendered character (the stand-in for OptMerge's TextVQA / OCR-VQA capability, s3).
 
-A string of 1-3 characters is drawn in black with the package's 5x7 bitmap font (15x21-px glyphs), one character
-per 28-px grid cell along one row of the 4x4 grid (one character per merged Qwen2-VL image token). The question is
-``"what is written in the image?"`` and the answer is the string itself (exact match).
+One large character of the package's 5x7 bitmap font is drawn near the middle of the image, 6-8 pixels per font
+dot (30x42 to 40x56-px glyphs), in one of four dark inks, jittered by up to 6 pixels. The question is
+``"what is written in the image?"`` and the answer is the character (exact match).
 
-Variants: ``generic`` strings are digits only; ``shifted`` strings mix digits with ten capital letters
-(A C E H K L P R T X) and always hold at least one letter, so the base's reading skill is reused for the digits
-and the letters bring new glyphs and answer tokens.
+Variants: ``generic`` draws a digit; ``shifted`` one of ten capital letters (A C E H K L P R T X): new glyphs and
+new answer tokens on the same reading skill.
+
+Why one large centred glyph: the tiny Qwen2-VL learns anything that changes its *pooled* image features within a
+few hundred steps, but not to select one of 16 image tokens and read fine detail from it (docs/benchmark-zoo.md:
+a 15x21-px digit in a random cell stays at chance after 700 steps; a 40x56-px digit in the middle is read at 95%
+after 200). Strings of several small glyphs would leave the OCR expert nothing to learn in a CPU budget.
 """
 
 from __future__ import annotations
@@ -16,53 +20,42 @@ from typing import Any
 
 from PIL import Image
 
-from mergelab.bench.tasks.common import (
-    CELL,
-    GLYPH_H,
-    GLYPH_W,
-    GRID,
-    Draft,
-    TaskSpec,
-    blank,
-    cell_origin,
-    draw_glyph,
-    weighted_choice,
-)
+from mergelab.bench.tasks.common import IMAGE_SIZE, Draft, TaskSpec, blank, draw_glyph
 
 DIGITS = "0123456789"
 LETTERS = "ACEHKLPRTX"
-LENGTH_WEIGHTS = {"1": 0.2, "2": 0.4, "3": 0.4}
+ALPHABETS = {"generic": DIGITS, "shifted": LETTERS}
 QUESTION = "what is written in the image?"
-JITTER = 2
+DOTS = (6, 7, 8)
+"""Pixels per font dot: glyphs of 30x42, 35x49 or 40x56 pixels."""
+JITTER = 6
+"""Largest offset of the glyph from the image centre, per axis, in pixels."""
+INKS: tuple[tuple[int, int, int], ...] = ((0, 0, 0), (40, 40, 40), (20, 20, 70), (70, 20, 20))
+"""Dark inks (black, charcoal, navy, maroon): variety that keeps the glyph the darkest thing in the image."""
 
 
-def glyph_origin(cell: tuple[int, int], jitter: tuple[int, int]) -> tuple[int, int]:
-    """Top-left pixel of the glyph drawn in ``cell`` with the string's ``jitter``."""
-    ox, oy = cell_origin(cell)
-    return ox + (CELL - GLYPH_W) // 2 + jitter[0], oy + (CELL - GLYPH_H) // 2 + jitter[1]
+def glyph_origin(dot: int, jitter: tuple[int, int]) -> tuple[int, int]:
+    """Top-left pixel of a glyph of ``dot`` pixels per font dot, centred and offset by ``jitter``."""
+    return (IMAGE_SIZE - 5 * dot) // 2 + jitter[0], (IMAGE_SIZE - 7 * dot) // 2 + jitter[1]
 
 
 def draft(rng: random.Random, variant: str) -> Draft:
     """Propose one OCR item of ``variant`` (see the module docstring)."""
-    length = int(weighted_choice(rng, LENGTH_WEIGHTS))
-    alphabet = DIGITS if variant == "generic" else DIGITS + LETTERS
-    while True:
-        text = "".join(rng.choice(alphabet) for _ in range(length))
-        if variant == "generic" or any(c in LETTERS for c in text):
-            break
-    row = rng.randrange(GRID)
-    col = rng.randint(0, GRID - length)
-    jitter = [rng.randint(-JITTER, JITTER), rng.randint(-JITTER, JITTER)]
-    meta = {"text": text, "row": row, "col": col, "jitter": jitter}
+    text = rng.choice(ALPHABETS[variant])
+    meta = {
+        "text": text,
+        "dot": rng.choice(DOTS),
+        "jitter": [rng.randint(-JITTER, JITTER), rng.randint(-JITTER, JITTER)],
+        "ink": rng.randrange(len(INKS)),
+    }
     return Draft(question=QUESTION, answer=text, answers=(text,), meta=meta)
 
 
 def render(meta: dict[str, Any]) -> Image.Image:
-    """Draw an OCR string from its ``meta``."""
+    """Draw an OCR item from its ``meta``."""
     img, draw = blank()
-    for k, char in enumerate(meta["text"]):
-        x, y = glyph_origin((meta["col"] + k, meta["row"]), tuple(meta["jitter"]))
-        draw_glyph(draw, char, x, y)
+    x, y = glyph_origin(meta["dot"], tuple(meta["jitter"]))
+    draw_glyph(draw, meta["text"], x, y, fill=INKS[meta["ink"]], dot=meta["dot"])
     return img
 
 
@@ -71,5 +64,5 @@ SPEC = TaskSpec(
     metric="exact_match",
     draft=draft,
     render=render,
-    description="read 1-3 bitmap-font characters; shifted: capitals mixed with digits",
+    description="read one large bitmap-font character; generic: digits, shifted: capital letters",
 )
