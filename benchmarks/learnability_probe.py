@@ -37,7 +37,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from mergelab.bench import modeling
-from mergelab.bench.tasks import common
+from mergelab.bench.tasks import common, grounding
 from mergelab.bench.train import TrainConfig, encode, greedy_answers, train
 
 PROBES = ("colour", "shape", "digit", "digit-fixed", "digit-large", "letter-large", "vqa-small", "vqa-large",
@@ -89,10 +89,10 @@ def make_items(probe: str, n: int, rng: random.Random) -> list[SimpleNamespace]:
             objs = [common.place_object(rng, sh, co, (cl % 4, cl // 4), rng.choice((22, 24)))
                     for (sh, co), cl in zip(pairs, cells, strict=True)]
             img = common.draw_objects(objs, "gradient")
-            col, row = objs[0]["cell"]
-            q = ("Please provide the bounding box coordinate of the region this sentence describes: "
-                 f"the {objs[0]['colour']} {objs[0]['shape']}")
-            a = f"({col * 250},{row * 250}),({col * 250 + 250},{row * 250 + 250})"  # the cell box, box tokens omitted
+            q = grounding.PROMPT + f"the {objs[0]['colour']} {objs[0]['shape']}"
+            # the cell box without the special box tokens (the greedy decode skips special tokens)
+            a = grounding.format_box(grounding.cell_box(objs[0]["cell"], 0))
+            a = a.removeprefix("<|box_start|>").removesuffix("<|box_end|>")
         elif probe in ("digit-large", "letter-large"):
             digit, dot = rng.choice("0123456789" if probe == "digit-large" else "ACEHKLPRTX"), 8
             x0, y0 = (112 - 5 * dot) // 2 + rng.randint(-4, 4), (112 - 7 * dot) // 2 + rng.randint(-4, 4)

@@ -153,8 +153,13 @@ def patchify(images: torch.Tensor, processor: Any) -> tuple[torch.Tensor, torch.
     x = x.unsqueeze(1).expand(b, t, c, h, w)
     x = x.reshape(b, 1, t, c, gh // m, m, p, gw // m, m, p).permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
     pixel_values = x.reshape(b * gh * gw, c * t * p * p)
-    grid = torch.tensor([[1, gh, gw]] * b, dtype=torch.long)
-    return pixel_values, grid
+    return pixel_values, image_grid(b, processor)
+
+
+def image_grid(n: int, processor: Any) -> torch.Tensor:
+    """``image_grid_thw`` of ``n`` benchmark images: ``(n, 3)`` rows of ``[1, patches high, patches wide]``."""
+    side = IMAGE_SIZE // processor.image_processor.patch_size
+    return torch.tensor([[1, side, side]] * n, dtype=torch.long)
 
 
 def collate(enc: Encoded, idx: Sequence[int], processor: Any, *, pixels: bool = True) -> dict[str, torch.Tensor]:
@@ -186,9 +191,7 @@ def collate(enc: Encoded, idx: Sequence[int], processor: Any, *, pixels: bool = 
     if pixels:
         batch["pixel_values"], batch["image_grid_thw"] = patchify(enc.images[list(idx)], processor)
     else:
-        ip = processor.image_processor
-        g = IMAGE_SIZE // ip.patch_size
-        batch["image_grid_thw"] = torch.tensor([[1, g, g]] * len(idx), dtype=torch.long)
+        batch["image_grid_thw"] = image_grid(len(idx), processor)
     return batch
 
 
