@@ -63,6 +63,22 @@ def test_collate_masks_prompt_and_matches_processor(processor, vqa) -> None:
                        ref["mm_token_type_ids"].bool().sum())
 
 
+def test_collate_positions_are_get_rope_index_and_change_no_loss(processor, vqa) -> None:
+    """The batch's precomputed M-RoPE positions are exactly Qwen2-VL's own (padding included), so the loss with
+    them equals the loss the model computes when it derives them itself."""
+    enc = train.encode(vqa["train"][:6], processor)
+    batch = train.collate(enc, [0, 3, 1, 5, 2, 4], processor)
+    model = modeling.build_model(processor.tokenizer, modeling.TinyQwen2VLConfig.tiny(), seed=0).eval()
+    ref, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"],
+                                        attention_mask=batch["attention_mask"])
+    assert batch["attention_mask"].sum(1).unique().numel() > 1  # padding is exercised
+    assert torch.equal(batch["position_ids"], ref)
+    with torch.no_grad():
+        own = model(**{k: v for k, v in batch.items() if k != "position_ids"}).loss
+        given = model(**batch).loss
+    assert torch.equal(own, given)
+
+
 def test_trained_expert_beats_untrained_base(processor, vqa, tmp_path: Path) -> None:
     from mergelab.bench.data import ensure_data
     from mergelab.evaluators import evaluate
@@ -89,6 +105,7 @@ def test_training_is_deterministic_and_lora_touches_only_the_language_model(proc
         cfg = train.TrainConfig(steps=3, batch_size=8, lr=1e-3, warmup_steps=1, lora_r=4, lora_alpha=8, seed=5)
         runs.append(train.train(model, processor, enc, cfg, device="cpu"))
     assert runs[0].losses == runs[1].losses
+    assert float(torch.tensor([1e-39]) * 0.5) > 0  # training flushed denormals to zero and switched it back off
     names = [n for n, _ in runs[0].model.named_parameters() if "lora_" in n]
     assert names and all(".language_model.layers." in n for n in names)
     assert runs[0].trainable_params == sum(p.numel() for n, p in runs[0].model.named_parameters() if "lora_" in n)
