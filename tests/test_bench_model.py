@@ -158,6 +158,43 @@ def test_tiny_zoo_builds_in_seconds_reuses_and_reloads(tmp_path: Path) -> None:
     assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
 
 
+def test_zoo_built_by_two_worker_processes_is_the_same_zoo(tmp_path: Path) -> None:
+    """``jobs=2`` trains the experts and the mixture in spawned workers: same weights, same manifest entries."""
+    one = zoo.build_zoo(tmp_path / "one", tiny=True, progress=False, evaluate=False)
+    logs: list[str] = []
+    two = zoo.build_zoo(tmp_path / "two", tiny=True, progress=False, evaluate=False, jobs=2, log=logs.append)
+    assert any("in 2 processes" in line for line in logs)
+    assert sorted(two["models"]) == sorted(one["models"])
+    for name, entry in one["models"].items():
+        assert two["models"][name]["weights"] == entry["weights"], name
+        assert two["models"][name]["fingerprint"] == entry["fingerprint"], name
+    again = zoo.build_zoo(tmp_path / "two", tiny=True, progress=False, evaluate=False, jobs=2)
+    assert again["models"] == two["models"]  # reused, nothing retrained
+    with pytest.raises(ValueError, match="jobs"):
+        zoo.build_zoo(tmp_path / "two", tiny=True, progress=False, evaluate=False, jobs=0)
+
+
+def test_combine_zoos_joins_parts_built_apart(tmp_path: Path) -> None:
+    """Zoos built in parallel roots (split by kind) combine into one; an entry rescored in a source replaces the
+    destination's even when the weights are the same."""
+    a = zoo.build_zoo(tmp_path / "a", tiny=True, progress=False, evaluate=False, kinds=("full",))
+    b = zoo.build_zoo(tmp_path / "b", tiny=True, progress=False, evaluate=False, kinds=("lora", "mixture"))
+    assert a["models"]["seed0/base"]["weights"] == b["models"]["seed0/base"]["weights"]
+    b["models"]["seed0/base"]["scores"] = {"shifted": {"average": 1.0}}
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(b))
+    combined = zoo.combine_zoos(tmp_path / "a", [tmp_path / "b"])
+    assert set(combined["models"]) == set(a["models"]) | set(b["models"])
+    assert combined["models"]["seed0/base"]["scores"] == {"shifted": {"average": 1.0}}
+    for name, entry in combined["models"].items():
+        (wname, sha), = entry["weights"].items()
+        assert zoo.sha256_file(tmp_path / "a" / name / wname) == sha, name
+    with pytest.raises(ValueError, match="plan differs"):
+        other = json.loads((tmp_path / "b" / "manifest.json").read_text())
+        other["plan"]["n_train"] += 1
+        (tmp_path / "b" / "manifest.json").write_text(json.dumps(other))
+        zoo.combine_zoos(tmp_path / "a", [tmp_path / "b"])
+
+
 def test_shipped_zoo_is_complete_and_up_to_date(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The zoo in the package holds every model of the default plan, hashes as its manifest says, and a default
     ``mergelab bench build`` reuses all of it (a plan or code change without a rebuild fails here, not in the demo)."""

@@ -23,14 +23,17 @@ def bench() -> None:
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Benchmark data for scoring (default: the evaluators' default root).")
 @click.option("--no-eval", is_flag=True, help="Skip scoring the models into the manifest.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train each seed's experts and mixture in this many processes (the torch threads are split "
+                   "among them; 2 on a 2-core machine).")
 def build(zoo_dir: Path | None, rebuild: bool, tiny: bool, seeds: str | None, device: str, data_root: Path | None,
-          no_eval: bool) -> None:
+          no_eval: bool, jobs: int) -> None:
     """Train (or complete) the zoo: base, 5 full-FT + 5 LoRA experts and a mixture model per seed."""
     from mergelab.bench.zoo import DEFAULT_ZOO, build_zoo
 
     seed_list = [int(s) for s in seeds.split(",")] if seeds else None
     manifest = build_zoo(zoo_dir or DEFAULT_ZOO, rebuild=rebuild, tiny=tiny, progress=True, seeds=seed_list,
-                         device=device, evaluate=not no_eval, data_root=data_root)
+                         device=device, evaluate=not no_eval, data_root=data_root, jobs=jobs)
     click.echo(f"zoo: {len(manifest['models'])} models in {zoo_dir or DEFAULT_ZOO} "
                f"({manifest.get('build_seconds_last', 0):.0f} s this run)")
 
