@@ -188,6 +188,12 @@ def test_combine_zoos_joins_parts_built_apart(tmp_path: Path) -> None:
     for name, entry in combined["models"].items():
         (wname, sha), = entry["weights"].items()
         assert zoo.sha256_file(tmp_path / "a" / name / wname) == sha, name
+    # a source made by copying a zoo and building another seed in it leaves the copied seed's models alone
+    stale = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    stale["plan"]["seeds"] = [1]
+    stale["models"]["seed0/base"]["scores"] = {"stale": True}
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(stale))
+    assert zoo.combine_zoos(tmp_path / "a", [tmp_path / "b"])["models"] == combined["models"]
     with pytest.raises(ValueError, match="plan differs"):
         other = json.loads((tmp_path / "b" / "manifest.json").read_text())
         other["plan"]["n_train"] += 1

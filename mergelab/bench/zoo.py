@@ -564,6 +564,9 @@ def build_zoo(
 def combine_zoos(dest: str | os.PathLike[str], sources: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
     """Move the models of zoos built in parallel (same plan and tokenizer) into ``dest`` and merge their manifests.
 
+    A source contributes the models of the seeds its last build was for (its manifest's ``plan.seeds``): a source
+    made by copying a zoo and building one seed in it carries stale copies of the other seeds, which stay out.
+
     Raises:
         ValueError: a source has another tokenizer or plan than ``dest`` (named in the message).
     """
@@ -575,7 +578,10 @@ def combine_zoos(dest: str | os.PathLike[str], sources: Sequence[str | os.PathLi
             if {k: v for k, v in other[key].items() if k != "seeds"} != \
                     {k: v for k, v in manifest[key].items() if k != "seeds"}:
                 raise ValueError(f"{src / MANIFEST}: {key} differs from {dest / MANIFEST}; cannot combine")
+        built_for = {int(x) for x in other["plan"]["seeds"]}
         for name, entry in other["models"].items():
+            if int(entry["seed"]) not in built_for:
+                continue
             if name in manifest["models"] and manifest["models"][name]["weights"] == entry["weights"]:
                 manifest["models"][name] = entry  # same weights; the source may have rescored them
                 continue
