@@ -439,7 +439,7 @@ def _run_parallel(ctx: _Ctx, todo: Sequence[_Job]) -> None:
     Each worker trains from the saved base and writes its own model directory; this process alone writes the
     manifest, as each job completes (an interrupted build keeps what finished)."""
     import multiprocessing as mp
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     threads = max(1, torch.get_num_threads() // ctx.jobs)
     order = sorted(todo, key=lambda j: -j.cost)
@@ -449,7 +449,7 @@ def _run_parallel(ctx: _Ctx, todo: Sequence[_Job]) -> None:
         pending = {pool.submit(_worker_job, str(ctx.root), ctx.plan, ctx.data.tasks, job, ctx.device, ctx.evaluate,
                                str(ctx.data_root) if ctx.data_root else None, threads): job for job in order}
         while pending:
-            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 job = pending.pop(fut)
                 entry = fut.result()  # a failed job raises here; the finally below cancels the rest
