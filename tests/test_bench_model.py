@@ -260,3 +260,17 @@ def test_combine_results_joins_runs_split_by_seed_and_setting() -> None:
         zoo.combine_results([run(0, "full", 1.0), run(0, "full", 2.0)])
     with pytest.raises(ValueError, match="tasks"):
         zoo.combine_results([run(0, "full", 1.0), {**run(1, "full", 1.0), "tasks": ["ocr"]}])
+
+
+def test_bench_build_cli_takes_jobs(tmp_path: Path) -> None:
+    """``mergelab bench build --jobs 2`` builds the whole tiny zoo in worker processes; ``--jobs 0`` is refused."""
+    from click.testing import CliRunner
+
+    from mergelab.platform.cli import main
+
+    runner = CliRunner()
+    res = runner.invoke(main, ["bench", "build", "--zoo", str(tmp_path / "z"), "--tiny", "--no-eval", "--jobs", "2"])
+    assert res.exit_code == 0, res.output
+    assert "in 2 processes" in res.output and "zoo: 12 models" in res.output
+    bad = runner.invoke(main, ["bench", "build", "--zoo", str(tmp_path / "z"), "--tiny", "--jobs", "0"])
+    assert bad.exit_code == 2 and "--jobs" in bad.output
