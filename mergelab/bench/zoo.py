@@ -507,6 +507,11 @@ def build_zoo(
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; known: {TASKS}")
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ValueError(f"unknown kind(s) {bad}; known: {KINDS}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     log = log or (print if progress else (lambda _msg: None))
@@ -539,15 +544,10 @@ def build_zoo(
         manifest["tokenizer"] = {"fingerprint": tok_fp, "vocab_size": len(tok), "path": "tokenizer"}
         _write_manifest(root, manifest)
         processor = modeling.build_processor(tok)
-    if jobs < 1:
-        raise ValueError(f"jobs must be >= 1, got {jobs}")
     if evaluate:
         from mergelab.bench.data import ensure_data
 
         data_root = ensure_data(data_root, tasks=tasks, splits=("val", "test"), seed=plan.data_seed)
-    bad = [k for k in kinds if k not in KINDS]
-    if bad:
-        raise ValueError(f"unknown kind(s) {bad}; known: {KINDS}")
     ctx = _Ctx(root, plan, manifest, data, progress, device, evaluate, Path(data_root) if data_root else None, log,
                tuple(kinds), frozenset(only) if only is not None else None, jobs)
     torch_threads = torch.get_num_threads()
