@@ -201,6 +201,40 @@ def test_combine_zoos_joins_parts_built_apart(tmp_path: Path) -> None:
         zoo.combine_zoos(tmp_path / "a", [tmp_path / "b"])
 
 
+def test_replay_mixes_the_base_data_into_an_experts_training_set(processor) -> None:
+    """``ZooPlan.lora_replay`` draws that share of a LoRA expert's samples from every task's generic data (equal
+    parts); it is left out of the plan and the fingerprints when off, so zoos built before it stay valid."""
+    from dataclasses import replace
+
+    plan = replace(zoo.ZooPlan.tiny(), n_train=30, lora_replay=0.2)
+    data = zoo._Data(plan, ("vqa", "ocr"))
+    assert zoo.expert_data(data, "vqa", 0.0, processor) is data.encoded("vqa", "shifted", processor)
+    mixed = zoo.expert_data(data, "vqa", plan.replay("lora"), processor)
+    assert len(mixed) == 90
+    w = mixed.weights / mixed.weights.sum()
+    own, generic_vqa, generic_ocr = w[:30].sum(), w[30:60].sum(), w[60:].sum()
+    assert own == pytest.approx(0.8) and generic_vqa == pytest.approx(0.1) and generic_ocr == pytest.approx(0.1)
+    assert mixed.ids[30:60] == data.encoded("vqa", "generic", processor).ids
+    assert plan.replay("full") == 0.0 and "full_replay" not in plan.to_dict()
+    assert plan.to_dict()["lora_replay"] == 0.2 and "lora_replay" not in zoo.ZooPlan().to_dict()
+    with pytest.raises(ValueError, match="lora_replay"):
+        zoo.ZooPlan(lora_replay=1.0)
+
+
+def test_replay_retrains_only_the_experts_it_changes(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    kw = dict(progress=False, evaluate=False, kinds=("full", "lora"))
+    before = zoo.build_zoo(tmp_path / "zoo", plan=zoo.ZooPlan.tiny(), **kw)
+    logs: list[str] = []
+    after = zoo.build_zoo(tmp_path / "zoo", plan=replace(zoo.ZooPlan.tiny(), lora_replay=0.5), log=logs.append,
+                          **kw)
+    reused = {line.split(":")[0] for line in logs if line.endswith(": reused")}
+    assert reused == {"seed0/base", *zoo.expert_names(0, "full")}
+    for name in zoo.expert_names(0, "lora"):
+        assert after["models"][name]["weights"] != before["models"][name]["weights"], name
+
+
 def test_shipped_zoo_is_complete_and_up_to_date(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The zoo in the package holds every model of the default plan, hashes as its manifest says, and a default
     ``mergelab bench build`` reuses all of it (a plan or code change without a rebuild fails here, not in the demo)."""

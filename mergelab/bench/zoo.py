@@ -76,6 +76,12 @@ class ZooPlan:
         lora: a LoRA expert's run.
         mixture_steps_factor: mixture steps = this x ``full.steps`` (the experts' combined budget).
         data_seed: seed of the generated training data.
+        full_replay: share of a full expert's training samples drawn from the base's own generic data of every
+            task (equal parts); the rest is the expert's shifted task.
+        lora_replay: the same for a LoRA expert. Replay keeps an expert's weight change conditional on its own
+            task: trained on one task alone, an expert also learns to give that task's answers to every prompt
+            (a chart expert answering "90" to "what color is the square?"), and that prior is what a merge
+            carries over into the other experts' tasks.
     """
 
     size: TinyQwen2VLConfig = field(default_factory=TinyQwen2VLConfig)
@@ -91,6 +97,8 @@ class ZooPlan:
     lora: TrainConfig = TrainConfig(steps=300, batch_size=32, lr=2e-3, warmup_steps=30, lora_r=8, lora_alpha=16)
     mixture_steps_factor: int = 5
     data_seed: int = 0
+    full_replay: float = 0.0
+    lora_replay: float = 0.0
 
     @classmethod
     def tiny(cls) -> ZooPlan:
@@ -107,8 +115,21 @@ class ZooPlan:
             mixture_steps_factor=1,
         )
 
+    def __post_init__(self) -> None:
+        for name in ("full_replay", "lora_replay"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"ZooPlan.{name} must be in [0, 1), got {getattr(self, name)!r}")
+
+    def replay(self, kind: str) -> float:
+        """The replay share of an expert of ``kind`` (``"full"`` or ``"lora"``)."""
+        return float(getattr(self, f"{kind}_replay"))
+
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))
+        d = json.loads(json.dumps(asdict(self)))
+        for name in ("full_replay", "lora_replay"):
+            if not d[name]:
+                del d[name]  # keeps the plans (and combine_zoos checks) of zoos built before replay unchanged
+        return d
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -180,6 +201,16 @@ class _Data:
         if (task, variant) not in self._enc:
             self._enc[(task, variant)] = encode(self.raw(task, variant), processor)
         return self._enc[(task, variant)]
+
+
+def expert_data(data: _Data, task: str, replay: float, processor: Any) -> Encoded:
+    """An expert's training set: its task's shifted variant, plus ``replay`` of the samples drawn (in equal parts)
+    from every task's generic variant, the data the base was trained on."""
+    own = data.encoded(task, "shifted", processor)
+    if not replay:
+        return own
+    share = replay / len(data.tasks)
+    return concat([(own, 1.0 - replay)] + [(data.encoded(t, "generic", processor), share) for t in data.tasks])
 
 
 # ----------------------------------------------------------------------------------------------- scoring
@@ -360,8 +391,10 @@ def _seed_jobs(ctx: _Ctx, seed: int, base_sha: str) -> list[_Job]:
             continue
         for task in tasks:
             cfg = replace(cfg0, seed=seed * 1000 + TASKS.index(task) if task in TASKS else seed)
-            fp = _fingerprint(kind, base_sha, cfg.to_dict(), task, plan.n_train, plan.data_seed)
-            jobs.append(_Job(f"seed{seed}/{kind}/{task}", kind, task, seed, cfg, fp))
+            parts: tuple[Any, ...] = (kind, base_sha, cfg.to_dict(), task, plan.n_train, plan.data_seed)
+            if plan.replay(kind):  # omitted when off, so the fingerprints of zoos built before replay hold
+                parts += ({"replay": plan.replay(kind), "tasks": list(tasks)},)
+            jobs.append(_Job(f"seed{seed}/{kind}/{task}", kind, task, seed, cfg, _fingerprint(*parts)))
     if "mixture" in ctx.kinds:
         cfg = replace(plan.full, seed=seed * 1000 + 999, steps=plan.full.steps * plan.mixture_steps_factor)
         fp = _fingerprint("mixture", base_sha, cfg.to_dict(), tasks, plan.n_train, plan.data_seed)
@@ -377,7 +410,7 @@ def _run_job(ctx: _Ctx, job: _Job, processor: Any) -> dict[str, Any]:
     if job.task is None:
         data = concat([(ctx.data.encoded(t, "shifted", processor), 1.0) for t in ctx.data.tasks])
     else:
-        data = ctx.data.encoded(job.task, "shifted", processor)
+        data = expert_data(ctx.data, job.task, ctx.plan.replay(job.kind), processor)
     base = load_model(ctx.root / base_name, device="cpu")[0]
     save = _save_lora if job.kind == "lora" else _save_full(processor)
     model = _train_and_save(ctx, job.name, base, processor, data, job.cfg, entry, save)
