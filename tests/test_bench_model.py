@@ -194,6 +194,21 @@ def test_combine_zoos_joins_parts_built_apart(tmp_path: Path) -> None:
     stale["models"]["seed0/base"]["scores"] = {"stale": True}
     (tmp_path / "b" / "manifest.json").write_text(json.dumps(stale))
     assert zoo.combine_zoos(tmp_path / "a", [tmp_path / "b"])["models"] == combined["models"]
+    # nor does a stale copy of a model that the destination retrained since (older trained_at)
+    import shutil
+
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    stale = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    mine = combined["models"]["seed0/full/vqa"]
+    assert mine["trained_at"]
+    stale["models"]["seed0/full/vqa"].update(weights={"model.safetensors": "0" * 64},
+                                             trained_at="2000-01-01T00:00:00Z")
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(stale))
+    assert zoo.combine_zoos(tmp_path / "a", [tmp_path / "c"])["models"]["seed0/full/vqa"] == mine
+    stale["models"]["seed0/full/vqa"]["trained_at"] = "2999-01-01T00:00:00Z"  # newer: it replaces the entry
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(stale))
+    newer = zoo.combine_zoos(tmp_path / "a", [tmp_path / "c"])["models"]["seed0/full/vqa"]
+    assert newer["trained_at"] == "2999-01-01T00:00:00Z"
     with pytest.raises(ValueError, match="plan differs"):
         other = json.loads((tmp_path / "b" / "manifest.json").read_text())
         other["plan"]["n_train"] += 1

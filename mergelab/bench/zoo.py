@@ -341,7 +341,8 @@ def _train_and_save(ctx: _Ctx, name: str, model: Any, processor: Any, data: Enco
     model = res.model.to("cpu")
     save(model, ctx.root / name)
     entry.update(train=cfg.to_dict(), train_seconds=round(res.seconds, 1), trainable_params=res.trainable_params,
-                 final_loss=round(sum(res.losses[-10:]) / len(res.losses[-10:]), 4))
+                 final_loss=round(sum(res.losses[-10:]) / len(res.losses[-10:]), 4),
+                 trained_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     return model
 
 
@@ -598,7 +599,9 @@ def combine_zoos(dest: str | os.PathLike[str], sources: Sequence[str | os.PathLi
     """Move the models of zoos built in parallel (same plan and tokenizer) into ``dest`` and merge their manifests.
 
     A source contributes the models of the seeds its last build was for (its manifest's ``plan.seeds``): a source
-    made by copying a zoo and building one seed in it carries stale copies of the other seeds, which stay out.
+    made by copying a zoo and building one seed in it carries stale copies of the other seeds, which stay out. Of
+    two different models under one name, the one trained last (``trained_at``; entries without it count as
+    oldest) is kept, so a stale copy of a model that ``dest`` retrained does not overwrite it either.
 
     Raises:
         ValueError: a source has another tokenizer or plan than ``dest`` (named in the message).
@@ -615,9 +618,12 @@ def combine_zoos(dest: str | os.PathLike[str], sources: Sequence[str | os.PathLi
         for name, entry in other["models"].items():
             if int(entry["seed"]) not in built_for:
                 continue
-            if name in manifest["models"] and manifest["models"][name]["weights"] == entry["weights"]:
+            mine = manifest["models"].get(name)
+            if mine is not None and mine["weights"] == entry["weights"]:
                 manifest["models"][name] = entry  # same weights; the source may have rescored them
                 continue
+            if mine is not None and entry.get("trained_at", "") < mine.get("trained_at", ""):
+                continue  # dest's model is newer: the source holds a stale copy
             target = dest / name
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
