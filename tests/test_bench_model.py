@@ -323,3 +323,31 @@ def test_bench_build_cli_takes_jobs(tmp_path: Path) -> None:
     assert "in 2 processes" in res.output and "zoo: 12 models" in res.output
     bad = runner.invoke(main, ["bench", "build", "--zoo", str(tmp_path / "z"), "--tiny", "--jobs", "0"])
     assert bad.exit_code == 2 and "--jobs" in bad.output
+
+
+def test_check_targets_counts_a_target_met_exactly() -> None:
+    """Means over three seeds of half-point scores: a merge keeping exactly half of a gain (91 of 182 points) passes,
+    half a point less fails (the plain float comparison put 0.49999999999999994 below 0.5)."""
+    tasks = list(zoo.TASKS)
+
+    def row(per_seed: list[dict[str, float]]) -> dict[str, dict]:
+        out = {}
+        for seed, vals in enumerate(per_seed):
+            cells = {t: float(vals.get(t, 0.0)) for t in tasks}
+            out[str(seed)] = {"shifted": {**cells, "average": sum(cells.values()) / len(cells)}}
+        return out
+
+    rows = {"base": row([{"vqa": 16.5}, {"vqa": 16.5}, {"vqa": 17.5}]),
+            "expert:vqa": row([{"vqa": 78}, {"vqa": 78}, {"vqa": 76.5}]),
+            **{f"expert:{t}": row([{t: 40}] * 3) for t in tasks[1:]},
+            "merge:a": row([{"vqa": 65, "geometry": 20, "chart": 20}, {"vqa": 26, "geometry": 20, "chart": 20},
+                            {"vqa": 50.5, "geometry": 20, "chart": 20}]),
+            "merge:b": row([{}] * 3)}
+    result = {"tasks": tasks, "seeds": [0, 1, 2], "rows": {"lora": rows}, "lam": {"lora": {}}}
+    checks = {name: (ok, detail) for name, ok, detail in zoo.check_targets(result, "lora")}
+    keep = checks["best merge keeps >= half of the own-task gain on >= 3 of 5 tasks"]
+    assert keep == (True, "vqa 50% geometry 50% chart 50% ocr 0% grounding 0%")
+    assert all(ok for ok, _ in checks.values()), checks
+    rows["merge:a"]["0"]["shifted"]["vqa"] -= 0.5
+    checks = {name: ok for name, ok, _ in zoo.check_targets(result, "lora")}
+    assert not checks["best merge keeps >= half of the own-task gain on >= 3 of 5 tasks"]

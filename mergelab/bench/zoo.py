@@ -86,7 +86,7 @@ class ZooPlan:
 
     size: TinyQwen2VLConfig = field(default_factory=TinyQwen2VLConfig)
     vocab_size: int = 768
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (0, 1, 2)
     n_train: int = 2000
     n_eval: int | None = 100
     base: TrainConfig = TrainConfig(steps=900, batch_size=32, lr=1e-3, warmup_steps=50, weight_decay=0.01,
@@ -836,7 +836,12 @@ def format_table(result: dict[str, Any], setting: str, variant: str = "shifted")
 
 
 def check_targets(result: dict[str, Any], setting: str) -> list[tuple[str, bool, str]]:
-    """The issue's design targets on the mean over seeds: ``[(target, passed, detail)]``."""
+    """The issue's design targets on the mean over seeds: ``[(target, passed, detail)]``.
+
+    Scores are multiples of 0.5 points averaged over seeds, so a target met exactly (a merge keeping 91 of 182
+    points of a gain) lands a rounding error either side of its threshold; the comparisons allow for that.
+    """
+    eps = 1e-9
     agg = aggregate(result, setting)
     tasks = result["tasks"]
     base = {c: v[0] for c, v in agg["base"].items()} if "base" in agg else None
@@ -847,19 +852,19 @@ def check_targets(result: dict[str, Any], setting: str) -> list[tuple[str, bool,
     out: list[tuple[str, bool, str]] = []
     gains = {t: experts[t][t] - base[t] for t in experts}
     out.append(("each expert beats the base on its own task by >= 10",
-                all(g >= 10 for g in gains.values()), " ".join(f"{t} {g:+.1f}" for t, g in gains.items())))
+                all(g >= 10 - eps for g in gains.values()), " ".join(f"{t} {g:+.1f}" for t, g in gains.items())))
     if merges:
         best = max(merges, key=lambda m: merges[m]["average"])
         b = merges[best]
         best_expert = max(e["average"] for e in experts.values())
-        out.append(("best merge beats the base average by >= 3", b["average"] - base["average"] >= 3,
+        out.append(("best merge beats the base average by >= 3", b["average"] - base["average"] >= 3 - eps,
                     f"{best} {b['average']:.1f} vs base {base['average']:.1f}"))
-        out.append(("best merge beats every single expert's average", b["average"] > best_expert,
+        out.append(("best merge beats every single expert's average", b["average"] > best_expert + eps,
                     f"{best} {b['average']:.1f} vs best expert {best_expert:.1f}"))
         kept = {t: (b[t] - base[t]) / gains[t] if gains[t] > 0 else 0.0 for t in gains}
         out.append(("best merge keeps >= half of the own-task gain on >= 3 of 5 tasks",
-                    sum(k >= 0.5 for k in kept.values()) >= 3, " ".join(f"{t} {k:.0%}" for t, k in kept.items())))
+                    sum(k >= 0.5 - eps for k in kept.values()) >= 3, " ".join(f"{t} {k:.0%}" for t, k in kept.items())))
         avgs = [m["average"] for m in merges.values()]
-        out.append(("methods' averages spread over >= 5 points", max(avgs) - min(avgs) >= 5,
+        out.append(("methods' averages spread over >= 5 points", max(avgs) - min(avgs) >= 5 - eps,
                     f"{min(avgs):.1f} .. {max(avgs):.1f}"))
     return out
