@@ -351,3 +351,30 @@ def test_check_targets_counts_a_target_met_exactly() -> None:
     rows["merge:a"]["0"]["shifted"]["vqa"] -= 0.5
     checks = {name: ok for name, ok, _ in zoo.check_targets(result, "lora")}
     assert not checks["best merge keeps >= half of the own-task gain on >= 3 of 5 tasks"]
+
+
+def test_benchmark_scores_every_row_of_the_tiny_zoo(tiny_zoo: Path, tmp_path: Path) -> None:
+    """``benchmark`` (what `mergelab bench table` and benchmarks/offline_benchmark.py print): base, experts, mixture
+    and each method at the val-chosen lambda, both variants, per seed; then the table, the targets and a join."""
+    logs: list[str] = []
+    res = zoo.benchmark(tiny_zoo, settings=("lora",), methods=("task_arithmetic", "ties"), lams=(0.5, 1.0),
+                        val_limit=4, test_limit=6, data_root=tmp_path / "data", data_sizes={"val": 6, "test": 6},
+                        work_dir=tmp_path / "work", log=logs.append)
+    rows = res["rows"]["lora"]
+    experts = [f"expert:{t}" for t in zoo.TASKS]
+    assert set(rows) == {"base", "mixture", *experts, "merge:task_arithmetic", "merge:ties"}
+    for row, per_seed in rows.items():
+        assert set(per_seed) == {0}, row
+        for variant in ("shifted", "generic"):
+            cells = per_seed[0][variant]
+            assert set(cells) == {*zoo.TASKS, "average"} and all(0 <= v <= 100 for v in cells.values()), row
+            assert cells["average"] == pytest.approx(sum(cells[t] for t in zoo.TASKS) / 5, abs=0.01)
+    assert {m: lam[0] in (0.5, 1.0) for m, lam in res["lam"]["lora"].items()} == {"task_arithmetic": True,
+                                                                                "ties": True}
+    assert len(logs) == 2 and all("lora seed0" in line for line in logs)
+    assert not any((tmp_path / "work").iterdir())  # merged checkpoints are removed once scored
+    table = zoo.format_table(res, "lora")
+    assert "merge:ties (lam" in table and "mean +- sd over 1 seed(s)" in table
+    assert [name for name, _, _ in zoo.check_targets(res, "lora")][0].startswith("each expert beats the base")
+    joined = zoo.combine_results([json.loads(json.dumps(res))])
+    assert joined["rows"]["lora"]["base"]["0"] == rows["base"][0]

@@ -691,6 +691,7 @@ def benchmark(
     val_limit: int | None = 100,
     test_limit: int | None = None,
     data_root: str | os.PathLike[str] | None = None,
+    data_sizes: dict[str, int] | None = None,
     work_dir: str | os.PathLike[str] | None = None,
     fixed_rows: bool = True,
     log: Callable[[str], None] = print,
@@ -701,7 +702,8 @@ def benchmark(
     ``lams`` by the average score on the **val** split (first ``val_limit`` items per task), then the chosen model
     is scored on the test split of both variants (shifted = the benchmark, generic = forgetting). Base, expert
     and mixture rows reuse the manifest's scores when they were taken with the same ``test_limit``
-    (``fixed_rows=False`` leaves them out, to run methods in parallel processes).
+    (``fixed_rows=False`` leaves them out, to run methods in parallel processes). ``data_sizes`` (items per split,
+    e.g. ``{"val": 8, "test": 8}``) generates smaller evaluation data, for smoke tests.
 
     Returns:
         ``{"rows": {setting: {row: {seed: {variant: {task: score, "average": ...}}}}}, "lam": {...},
@@ -716,7 +718,7 @@ def benchmark(
     root = Path(root)
     manifest = read_manifest(root)
     data_root = ensure_data(data_root, tasks=manifest.get("tasks", TASKS), splits=("val", "test"),
-                            seed=manifest["plan"].get("data_seed", 0))
+                            seed=manifest["plan"].get("data_seed", 0), sizes=data_sizes)
     tasks = list(manifest.get("tasks", TASKS))
     seeds = list(seeds if seeds is not None else manifest["plan"]["seeds"])
     methods = list(REGISTRY) if methods is None else list(methods)
