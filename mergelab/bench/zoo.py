@@ -100,6 +100,8 @@ class ZooPlan:
     full_replay: float = 0.0
     lora_replay: float = 0.0
 
+    _REPLAY_FIELDS = ("full_replay", "lora_replay")  # class constant (no annotation: not a field)
+
     @classmethod
     def tiny(cls) -> ZooPlan:
         """A zoo that builds in seconds, for the tests: one seed, a smaller model, few steps."""
@@ -116,7 +118,7 @@ class ZooPlan:
         )
 
     def __post_init__(self) -> None:
-        for name in ("full_replay", "lora_replay"):
+        for name in self._REPLAY_FIELDS:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ZooPlan.{name} must be in [0, 1), got {getattr(self, name)!r}")
 
@@ -126,7 +128,7 @@ class ZooPlan:
 
     def to_dict(self) -> dict[str, Any]:
         d = json.loads(json.dumps(asdict(self)))
-        for name in ("full_replay", "lora_replay"):
+        for name in self._REPLAY_FIELDS:
             if not d[name]:
                 del d[name]  # keeps the plans (and combine_zoos checks) of zoos built before replay unchanged
         return d
@@ -393,8 +395,9 @@ def _seed_jobs(ctx: _Ctx, seed: int, base_sha: str) -> list[_Job]:
         for task in tasks:
             cfg = replace(cfg0, seed=seed * 1000 + TASKS.index(task) if task in TASKS else seed)
             parts: tuple[Any, ...] = (kind, base_sha, cfg.to_dict(), task, plan.n_train, plan.data_seed)
-            if plan.replay(kind):  # omitted when off, so the fingerprints of zoos built before replay hold
-                parts += ({"replay": plan.replay(kind), "tasks": list(tasks)},)
+            replay = plan.replay(kind)
+            if replay:  # omitted when off, so the fingerprints of zoos built before replay hold
+                parts += ({"replay": replay, "tasks": list(tasks)},)
             jobs.append(_Job(f"seed{seed}/{kind}/{task}", kind, task, seed, cfg, _fingerprint(*parts)))
     if "mixture" in ctx.kinds:
         cfg = replace(plan.full, seed=seed * 1000 + 999, steps=plan.full.steps * plan.mixture_steps_factor)
@@ -865,7 +868,8 @@ def check_targets(result: dict[str, Any], setting: str) -> list[tuple[str, bool,
                     f"{best} {b['average']:.1f} vs best expert {best_expert:.1f}"))
         kept = {t: (b[t] - base[t]) / gains[t] if gains[t] > 0 else 0.0 for t in gains}
         out.append(("best merge keeps >= half of the own-task gain on >= 3 of 5 tasks",
-                    sum(k >= 0.5 - eps for k in kept.values()) >= 3, " ".join(f"{t} {k:.0%}" for t, k in kept.items())))
+                    sum(k >= 0.5 - eps for k in kept.values()) >= 3,
+                    " ".join(f"{t} {k:.0%}" for t, k in kept.items())))
         avgs = [m["average"] for m in merges.values()]
         out.append(("methods' averages spread over >= 5 points", max(avgs) - min(avgs) >= 5 - eps,
                     f"{min(avgs):.1f} .. {max(avgs):.1f}"))
