@@ -138,12 +138,15 @@ def test_tiny_zoo_builds_in_seconds_reuses_and_reloads(tmp_path: Path) -> None:
         assert entry["train_seconds"] >= 0 and entry["fingerprint"]
     assert json.loads((tmp_path / "zoo" / "manifest.json").read_text())["models"].keys() == names
 
+    assert manifest["build_env"]["device"] == "cpu"  # the resolved device, not "auto"
+    written = (tmp_path / "zoo" / "manifest.json").read_bytes()
     logs: list[str] = []
     t0 = time.perf_counter()
     again = zoo.build_zoo(tmp_path / "zoo", tiny=True, progress=False, evaluate=False, log=logs.append)
     assert time.perf_counter() - t0 < first / 2
     assert sorted(logs) == sorted(f"{n}: reused" for n in names)
     assert again["models"] == manifest["models"]
+    assert (tmp_path / "zoo" / "manifest.json").read_bytes() == written  # reusing everything rewrites nothing
 
     lora_dir = tmp_path / "zoo" / "seed0" / "lora" / "ocr"
     assert (lora_dir / "adapter_model.safetensors").is_file() and not (lora_dir / "config.json").exists()

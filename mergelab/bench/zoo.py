@@ -47,7 +47,7 @@ from mergelab.bench import modeling
 from mergelab.bench.data import sha256_file
 from mergelab.bench.modeling import TinyQwen2VLConfig
 from mergelab.bench.train import DECODER_LAYERS, LANGUAGE_MODEL, Encoded, TrainConfig, concat, encode, train
-from mergelab.hf import load_model, replace_dir, save_model
+from mergelab.hf import load_model, replace_dir, resolve_device, save_model
 
 TASKS: tuple[str, ...] = ("vqa", "geometry", "chart", "ocr", "grounding")
 KINDS: tuple[str, ...] = ("full", "lora", "mixture")
@@ -564,7 +564,7 @@ def build_zoo(
     manifest["tasks"] = list(tasks)
     manifest["plan"] = plan_dict
     manifest["image_size"] = modeling.IMAGE_SIZE
-    manifest["build_env"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device}
+    build_env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(resolve_device(device))}
 
     t_start = time.perf_counter()
     data = _Data(plan, tasks)
@@ -593,7 +593,9 @@ def build_zoo(
             _build_seed(ctx, seed, processor, tok_fp)
     finally:
         torch.set_num_threads(torch_threads)
-    manifest["build_seconds_last"] = round(time.perf_counter() - t_start, 1)
+    if ctx.built or "build_env" not in manifest:  # a run that reused everything leaves the build record alone
+        manifest["build_env"] = build_env
+        manifest["build_seconds_last"] = round(time.perf_counter() - t_start, 1)
     _write_manifest(root, manifest)
     return manifest
 
