@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import transformers
 
+from mergelab._device import resolve_device
 from mergelab._files import read_json
 
 # model_type -> (image processor class path, processor class) for processors whose video part needs torchvision.
@@ -65,13 +66,6 @@ def no_video(proc_cls: type) -> type:
 
 
 _NO_VIDEO_CLASSES: dict[type, type] = {}
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/None -> CUDA when present else CPU; anything else as given."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:

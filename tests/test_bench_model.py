@@ -175,6 +175,9 @@ def test_zoo_built_by_two_worker_processes_is_the_same_zoo(tmp_path: Path) -> No
     assert again["models"] == two["models"]  # reused, nothing retrained
     with pytest.raises(ValueError, match="jobs"):
         zoo.build_zoo(tmp_path / "two", tiny=True, progress=False, evaluate=False, jobs=0)
+    with pytest.raises(ValueError, match="device: unknown device 'tpu0'"):  # checked before anything is written
+        zoo.build_zoo(tmp_path / "three", tiny=True, progress=False, evaluate=False, device="tpu0")
+    assert not (tmp_path / "three").exists()
 
 
 def test_combine_zoos_joins_parts_built_apart(tmp_path: Path) -> None:

@@ -70,6 +70,11 @@ def test_load_model_dtype_and_errors(tiny_vlm, tmp_path: Path) -> None:
         hf.load_model(tmp_path / "m", dtype="float99")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         hf.load_model(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="device: unknown device 'gpu'"):
+        hf.load_model(tmp_path / "m", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device: 'cuda' requested but CUDA is not available"):
+            hf.load_model(tmp_path / "m", device="cuda")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
         hf.load_model(tmp_path / "empty")

@@ -549,6 +549,7 @@ def build_zoo(
         raise ValueError(f"unknown kind(s) {bad}; known: {KINDS}")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    resolved = resolve_device(device)  # fails here, before anything is written, on a bad or missing device
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     log = log or (print if progress else (lambda _msg: None))
@@ -564,7 +565,7 @@ def build_zoo(
     manifest["tasks"] = list(tasks)
     manifest["plan"] = plan_dict
     manifest["image_size"] = modeling.IMAGE_SIZE
-    build_env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(resolve_device(device))}
+    build_env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(resolved)}
 
     t_start = time.perf_counter()
     data = _Data(plan, tasks)

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from mergelab._device import resolve_device as _resolve_device
 from mergelab.methods.base import MergeContext, MethodSpec, scale_of
 from mergelab.methods.io import (
     CheckpointReader,
@@ -91,19 +92,11 @@ def parse_dtype(value: str | torch.dtype | None, field: str = "dtype") -> torch.
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` -> cuda when available else cpu; ``cuda`` without CUDA is an error."""
-    d = str(device)
-    if d == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``auto`` -> cuda when available else cpu; ``cuda`` without CUDA is an error (:class:`MergeError`)."""
     try:
-        dev = torch.device(d)
-    except RuntimeError:
-        raise MergeError(f"device: unknown device {device!r}; use auto, cpu or cuda[:i]") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MergeError(f"device: {device!r} requested but CUDA is not available")
-    if dev.type not in ("cpu", "cuda"):
-        raise MergeError(f"device: unsupported device {device!r}; use auto, cpu or cuda[:i]")
-    return dev
+        return _resolve_device(device)
+    except ValueError as e:
+        raise MergeError(str(e)) from None
 
 
 def tensor_seed(seed: int, name: str) -> int:
