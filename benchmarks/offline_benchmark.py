@@ -25,7 +25,15 @@ from pathlib import Path
 
 import torch
 
-from mergelab.bench.zoo import DEFAULT_ZOO, benchmark, build_zoo, check_targets, combine_results, format_table
+from mergelab.bench.zoo import (
+    DEFAULT_ZOO,
+    benchmark,
+    build_zoo,
+    check_targets,
+    combine_results,
+    format_table,
+    slowest_merge,
+)
 
 
 def report(result: dict, settings: list[str]) -> None:
@@ -36,10 +44,9 @@ def report(result: dict, settings: list[str]) -> None:
         print()
         for name, ok, detail in check_targets(result, setting):
             print(f"  [{'PASS' if ok else 'FAIL'}] {name}: {detail}")
-        timing = result["timing"].get(setting, {})
-        if timing:
-            worst = max((t["merge_s"] + t["test_eval_s"], m) for m, per in timing.items() for t in per.values())
-            print(f"  slowest merge + test evaluation (5 tasks, shifted + generic): {worst[0]:.1f} s ({worst[1]})")
+        line = slowest_merge(result, setting)
+        if line:
+            print(f"  {line}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -384,3 +384,9 @@ def test_benchmark_scores_every_row_of_the_tiny_zoo(tiny_zoo: Path, tmp_path: Pa
     assert [name for name, _, _ in zoo.check_targets(res, "lora")][0].startswith("each expert beats the base")
     joined = zoo.combine_results([json.loads(json.dumps(res))])
     assert joined["rows"]["lora"]["base"]["0"] == rows["base"][0]
+    assert joined["limits"] == {"val": 4, "test": 6}
+    timing = res["timing"]["lora"]["ties"][0]
+    assert timing["eval_s"] > 0 and timing["generic_eval_s"] > 0  # the five tasks and the forgetting part, apart
+    assert "of the five tasks (6 items each)" in zoo.slowest_merge(res, "lora")
+    with pytest.raises(ValueError, match="limits"):
+        zoo.combine_results([res, {**res, "limits": {"val": 4, "test": None}}])

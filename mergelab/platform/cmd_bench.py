@@ -55,7 +55,7 @@ def build(zoo_dir: Path | None, rebuild: bool, tiny: bool, seeds: str | None, de
 def table(zoo_dir: Path | None, merges: bool, settings: str, methods: str | None, val_limit: int,
           test_limit: int | None, data_root: Path | None, json_out: Path | None) -> None:
     """Print the benchmark tables (test split; shifted variant, then generic for forgetting)."""
-    from mergelab.bench.zoo import DEFAULT_ZOO, benchmark, check_targets, format_table
+    from mergelab.bench.zoo import DEFAULT_ZOO, benchmark, check_targets, format_table, slowest_merge
 
     result = benchmark(zoo_dir or DEFAULT_ZOO, settings=settings.split(","),
                        methods=(methods.split(",") if methods else ([] if not merges else None)),
@@ -65,6 +65,9 @@ def table(zoo_dir: Path | None, merges: bool, settings: str, methods: str | None
             click.echo("\n" + format_table(result, setting, variant))
         for name, ok, detail in check_targets(result, setting):
             click.echo(f"  [{'PASS' if ok else 'FAIL'}] {name}: {detail}")
+        line = slowest_merge(result, setting)
+        if line:
+            click.echo(f"  {line}")
     if json_out:
         json_out.write_text(json.dumps(result, indent=1, default=str))
 
