@@ -388,5 +388,9 @@ def test_benchmark_scores_every_row_of_the_tiny_zoo(tiny_zoo: Path, tmp_path: Pa
     timing = res["timing"]["lora"]["ties"][0]
     assert timing["eval_s"] > 0 and timing["generic_eval_s"] > 0  # the five tasks and the forgetting part, apart
     assert "of the five tasks (6 items each)" in zoo.slowest_merge(res, "lora")
+    # a seed written before the two parts were timed apart counts in the combined time only
+    mixed = {**res, "timing": {"lora": {"ties": {0: timing, 1: {"merge_s": 1.0, "test_eval_s": 1e3}}}}}
+    line = zoo.slowest_merge(mixed, "lora")
+    assert "of the 1 of 2 runs timed apart" in line and line.endswith("forgetting table: 1001.0 s (ties)")
     with pytest.raises(ValueError, match="limits"):
         zoo.combine_results([res, {**res, "limits": {"val": 4, "test": None}}])
