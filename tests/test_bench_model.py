@@ -242,6 +242,42 @@ def test_replay_mixes_the_base_data_into_an_experts_training_set(processor) -> N
         zoo.ZooPlan(lora_replay=1.0)
 
 
+def test_replay_with_base_targets_trains_the_replayed_prompts_on_the_bases_own_answers() -> None:
+    """``replay_targets="base"`` (self-distillation) labels the first ``replay_items`` generic prompts per task with
+    the base's greedy answers, special tokens such as the box markers kept; it enters the plan and the fingerprints
+    only when replay is on and the targets are not the data's. Uses the shipped zoo's seed-0 base: a trained
+    generalist that answers (a seconds-trained tiny base mostly answers nothing)."""
+    from dataclasses import replace
+
+    if not (zoo.DEFAULT_ZOO / "seed0" / "base").is_dir():
+        pytest.skip("the shipped zoo is not in this checkout")
+    base, proc = hf.load_model(zoo.DEFAULT_ZOO / "seed0" / "base")
+    plan = replace(zoo.ZooPlan.tiny(), n_train=30, lora_replay=0.2, replay_targets="base", replay_items=6)
+    data = zoo._Data(plan, ("vqa", "grounding"))
+    with pytest.raises(ValueError, match="needs the base model"):
+        zoo.expert_data(data, "vqa", 0.2, proc)
+    mixed = zoo.expert_data(data, "vqa", 0.2, proc, base=base)
+    prompts = data.raw("grounding", "generic")[:6]
+    answers = train.greedy_answers(base, proc, prompts, max_new_tokens=24, keep_special=True)
+    labelled = [replace(s, answer=a) for s, a in zip(prompts, answers, strict=True) if a]
+    assert labelled and mixed.ids[-len(labelled):] == train.encode(labelled, proc).ids
+    assert len(mixed) == 30 + sum(1 for a in train.greedy_answers(base, proc, data.raw("vqa", "generic")[:6],
+                                                                  max_new_tokens=24, keep_special=True) if a) + len(labelled)
+    w = mixed.weights / mixed.weights.sum()
+    assert float(w[:30].sum()) == pytest.approx(0.8)
+    assert sum("<|box_start|>" in s.answer for s in labelled) >= len(labelled) // 2  # the box format is trained, kept
+    plain = train.greedy_answers(base, proc, prompts, max_new_tokens=24)
+    assert [a.replace("<|box_start|>", "").replace("<|box_end|>", "").strip() for a in answers] == plain
+    assert plan.to_dict()["replay_targets"] == "base" and "replay_targets" not in zoo.ZooPlan().to_dict()
+    assert "replay_targets" not in replace(plan, lora_replay=0.0).to_dict()
+    with pytest.raises(ValueError, match="replay_targets"):
+        zoo.ZooPlan(replay_targets="teacher")
+    ctx = type("Ctx", (), {"plan": plan, "data": data, "kinds": ("lora",), "only": None})()
+    fps = {j.name: j.fingerprint for j in zoo._seed_jobs(ctx, 0, "sha")}
+    ctx.plan = replace(plan, replay_targets="data")
+    assert all(j.fingerprint != fps[j.name] for j in zoo._seed_jobs(ctx, 0, "sha"))
+
+
 def test_replay_retrains_only_the_experts_it_changes(tmp_path: Path) -> None:
     from dataclasses import replace
 

@@ -349,8 +349,10 @@ def _flush_denormals(dev: torch.device) -> Iterator[None]:
 
 @torch.no_grad()
 def greedy_answers(model: Any, processor: Any, samples: Sequence[Any], *, batch_size: int = 64,
-                   max_new_tokens: int = 16) -> list[str]:
-    """Greedy answers to ``samples`` for quick looks; scores always come from :func:`mergelab.evaluators.evaluate`."""
+                   max_new_tokens: int = 16, keep_special: bool = False) -> list[str]:
+    """Greedy answers to ``samples`` (for quick looks, and as training targets with ``keep_special``, which keeps
+    tokens such as ``<|box_start|>`` and cuts at the end of the turn); scores always come from
+    :func:`mergelab.evaluators.evaluate`."""
     from mergelab.bench.modeling import build_prompt
 
     tok = processor.tokenizer
@@ -365,6 +367,12 @@ def greedy_answers(model: Any, processor: Any, samples: Sequence[Any], *, batch_
         gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         new = gen[:, inputs["input_ids"].shape[1] :]
-        out += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+        if not keep_special:
+            out += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+            continue
+        stop = {tok.eos_token_id, tok.pad_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
+        for row in new.tolist():
+            cut = next((i for i, t in enumerate(row) if t in stop), len(row))
+            out.append(tok.decode(row[:cut], skip_special_tokens=False).strip())
     return out
 

@@ -82,6 +82,12 @@ class ZooPlan:
             task: trained on one task alone, an expert also learns to give that task's answers to every prompt
             (a chart expert answering "90" to "what color is the square?"), and that prior is what a merge
             carries over into the other experts' tasks.
+        replay_targets: what the replayed samples are trained to answer: ``"data"``, the generic data's own
+            answers (the base's training targets), or ``"base"``, the seed's base's greedy answers to those prompts
+            (self-distillation, as in Learning without Forgetting: the replayed part then only asks the expert to
+            keep the base's behaviour outside its task, with no "learn the generic variants better" direction that
+            every expert would share and a task-arithmetic sum would multiply).
+        replay_items: generic prompts per task labelled by the base when ``replay_targets == "base"``.
     """
 
     size: TinyQwen2VLConfig = field(default_factory=TinyQwen2VLConfig)
@@ -99,8 +105,11 @@ class ZooPlan:
     data_seed: int = 0
     full_replay: float = 0.0
     lora_replay: float = 0.0
+    replay_targets: str = "data"
+    replay_items: int = 400
 
     _REPLAY_FIELDS = ("full_replay", "lora_replay")  # class constant (no annotation: not a field)
+    _REPLAY_TARGETS = ("data", "base")
 
     @classmethod
     def tiny(cls) -> ZooPlan:
@@ -121,6 +130,10 @@ class ZooPlan:
         for name in self._REPLAY_FIELDS:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ZooPlan.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.replay_targets not in self._REPLAY_TARGETS:
+            raise ValueError(f"ZooPlan.replay_targets must be one of {self._REPLAY_TARGETS}, got {self.replay_targets!r}")
+        if self.replay_items < 1:
+            raise ValueError(f"ZooPlan.replay_items must be >= 1, got {self.replay_items!r}")
 
     def replay(self, kind: str) -> float:
         """The replay share of an expert of ``kind`` (``"full"`` or ``"lora"``)."""
@@ -131,6 +144,8 @@ class ZooPlan:
         for name in self._REPLAY_FIELDS:
             if not d[name]:
                 del d[name]  # keeps the plans (and combine_zoos checks) of zoos built before replay unchanged
+        if not any(d.get(name) for name in self._REPLAY_FIELDS) or d["replay_targets"] == "data":
+            del d["replay_targets"], d["replay_items"]  # the same for zoos built before replay targets
         return d
 
 
@@ -205,14 +220,31 @@ class _Data:
         return self._enc[(task, variant)]
 
 
-def expert_data(data: _Data, task: str, replay: float, processor: Any) -> Encoded:
+def expert_data(data: _Data, task: str, replay: float, processor: Any, base: Any = None) -> Encoded:
     """An expert's training set: its task's shifted variant, plus ``replay`` of the samples drawn (in equal parts)
-    from every task's generic variant, the data the base was trained on."""
+    from every task's generic variant, the data the base was trained on.
+
+    With ``plan.replay_targets == "base"`` the replayed part is the first ``plan.replay_items`` generic prompts per
+    task answered by ``base`` (greedy; prompts it leaves unanswered are dropped) instead of the data's answers.
+    """
     own = data.encoded(task, "shifted", processor)
     if not replay:
         return own
     share = replay / len(data.tasks)
-    return concat([(own, 1.0 - replay)] + [(data.encoded(t, "generic", processor), share) for t in data.tasks])
+    if data.plan.replay_targets == "data":
+        return concat([(own, 1.0 - replay)] + [(data.encoded(t, "generic", processor), share) for t in data.tasks])
+    if base is None:
+        raise ValueError("expert_data: replay_targets 'base' needs the base model")
+    from mergelab.bench.train import greedy_answers
+
+    parts = [(own, 1.0 - replay)]
+    for t in data.tasks:
+        prompts = data.raw(t, "generic")[: data.plan.replay_items]
+        answers = greedy_answers(base, processor, prompts, max_new_tokens=24, keep_special=True)
+        labelled = [replace(s, answer=a, answers=[a]) for s, a in zip(prompts, answers, strict=True) if a]
+        if labelled:  # concat's weight is per example: scale it so the part's total is ``share`` of ``own``'s
+            parts.append((encode(labelled, processor), share * len(own) / len(labelled)))
+    return concat(parts)
 
 
 # ----------------------------------------------------------------------------------------------- scoring
@@ -398,6 +430,8 @@ def _seed_jobs(ctx: _Ctx, seed: int, base_sha: str) -> list[_Job]:
             replay = plan.replay(kind)
             if replay:  # omitted when off, so the fingerprints of zoos built before replay hold
                 parts += ({"replay": replay, "tasks": list(tasks)},)
+                if plan.replay_targets != "data":
+                    parts += ({"replay_targets": plan.replay_targets, "replay_items": plan.replay_items},)
             jobs.append(_Job(f"seed{seed}/{kind}/{task}", kind, task, seed, cfg, _fingerprint(*parts)))
     if "mixture" in ctx.kinds:
         cfg = replace(plan.full, seed=seed * 1000 + 999, steps=plan.full.steps * plan.mixture_steps_factor)
@@ -414,8 +448,10 @@ def _run_job(ctx: _Ctx, job: _Job, processor: Any) -> dict[str, Any]:
     if job.task is None:
         data = concat([(ctx.data.encoded(t, "shifted", processor), 1.0) for t in ctx.data.tasks])
     else:
-        data = expert_data(ctx.data, job.task, ctx.plan.replay(job.kind), processor)
+        data = None
     base = load_model(ctx.root / base_name, device="cpu")[0]
+    if job.task is not None:
+        data = expert_data(ctx.data, job.task, ctx.plan.replay(job.kind), processor, base=base)
     save = _save_lora if job.kind == "lora" else _save_full(processor)
     model = _train_and_save(ctx, job.name, base, processor, data, job.cfg, entry, save)
     if job.kind == "lora":
