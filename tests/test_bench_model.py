@@ -180,6 +180,49 @@ def test_zoo_built_by_two_worker_processes_is_the_same_zoo(tmp_path: Path) -> No
     assert not (tmp_path / "three").exists()
 
 
+def test_build_workers_end_when_the_building_process_is_killed(tmp_path: Path) -> None:
+    """A killed ``build_zoo(jobs=2)`` (SIGKILL: no cleanup runs) leaves no worker behind: each worker watches its
+    parent and exits when it is gone, instead of training on and then waiting on the pool's queue forever."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+    code = ("import sys, torch; torch.set_num_threads(2); from mergelab.bench import zoo; "
+            "zoo.build_zoo(sys.argv[1], tiny=True, progress=False, evaluate=False, jobs=2, "
+            "log=lambda m: print(m, flush=True))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "zoo")], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    children: list = []
+    try:
+        for line in proc.stdout:  # the base trains in the parent first, then the workers start
+            if "in 2 processes" in line:
+                break
+        else:
+            pytest.fail(f"the build ended before starting its workers (rc {proc.wait()})")
+        parent = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            workers = [c for c in parent.children(recursive=True) if "spawn_main" in " ".join(c.cmdline())]
+            if len(workers) == 2:
+                break
+            time.sleep(0.2)
+        assert len(workers) == 2, "the build did not start two workers"
+        children = parent.children(recursive=True)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        gone, alive = psutil.wait_procs(children, timeout=20)
+        assert not alive, f"workers outlived the killed build: {[c.pid for c in alive]}"
+    finally:  # a failing run must not leave its orphans training on the test machine
+        if proc.poll() is None:
+            proc.kill()
+        for c in children:
+            with contextlib.suppress(psutil.Error):
+                c.kill()
+
+
 def test_combine_zoos_joins_parts_built_apart(tmp_path: Path) -> None:
     """Zoos built in parallel roots (split by kind) combine into one; an entry rescored in a source replaces the
     destination's even when the weights are the same."""

@@ -506,6 +506,23 @@ def _worker_job(root: str, plan: ZooPlan, tasks: tuple[str, ...], job: _Job, dev
     return _run_job(ctx, job, _WORKER["processor"])
 
 
+def _exit_with_parent(parent: int, interval: float = 0.5) -> None:
+    """Pool initializer: end this worker when the building process is gone.
+
+    A worker blocks on the pool's queue, whose pipe it holds both ends of, so it never sees the parent die: a
+    ``kill`` of ``mergelab bench build`` (SIGTERM, which runs no cleanup) otherwise leaves the workers training
+    and then waiting forever. A daemon thread polls the parent pid and exits the worker when it changes (the
+    worker's own outputs go through a temporary directory, so nothing half-written is left in place)."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _run_parallel(ctx: _Ctx, todo: Sequence[_Job]) -> None:
     """Train ``todo`` in ``ctx.jobs`` spawned worker processes, longest first, sharing the CPU threads.
 
@@ -517,7 +534,8 @@ def _run_parallel(ctx: _Ctx, todo: Sequence[_Job]) -> None:
     threads = max(1, torch.get_num_threads() // ctx.jobs)
     order = sorted(todo, key=lambda j: -j.cost)
     ctx.log(f"training {len(order)} models in {min(ctx.jobs, len(order))} processes x {threads} thread(s)")
-    pool = ProcessPoolExecutor(max_workers=min(ctx.jobs, len(order)), mp_context=mp.get_context("spawn"))
+    pool = ProcessPoolExecutor(max_workers=min(ctx.jobs, len(order)), mp_context=mp.get_context("spawn"),
+                               initializer=_exit_with_parent, initargs=(os.getpid(),))
     try:
         pending = {pool.submit(_worker_job, str(ctx.root), ctx.plan, ctx.data.tasks, job, ctx.device, ctx.evaluate,
                                str(ctx.data_root) if ctx.data_root else None, threads): job for job in order}
