@@ -180,9 +180,29 @@ def test_zoo_built_by_two_worker_processes_is_the_same_zoo(tmp_path: Path) -> No
     assert not (tmp_path / "three").exists()
 
 
-def test_build_workers_end_when_the_building_process_is_killed(tmp_path: Path) -> None:
-    """A killed ``build_zoo(jobs=2)`` (SIGKILL: no cleanup runs) leaves no worker behind: each worker watches its
-    parent and exits when it is gone, instead of training on and then waiting on the pool's queue forever."""
+_LONG_BUILD = """
+import sys
+from dataclasses import replace
+
+import torch
+
+torch.set_num_threads(2)
+from mergelab.bench import zoo
+from mergelab.platform.cli import raise_on_sigterm
+
+raise_on_sigterm()  # what every `mergelab` command does
+plan = zoo.ZooPlan.tiny()
+plan = replace(plan, full=replace(plan.full, steps=10**6), lora=replace(plan.lora, steps=10**6))
+zoo.build_zoo(sys.argv[1], plan=plan, progress=False, evaluate=False, jobs=2, log=lambda m: print(m, flush=True))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_a_killed_build_leaves_no_worker_behind(tmp_path: Path, sig: str) -> None:
+    """``build_zoo(jobs=2)`` stopped while its workers train jobs that would run for hours: after SIGKILL (no
+    cleanup runs in the parent) each worker sees its parent gone and exits, instead of training on and then
+    waiting on the pool's queue forever; after SIGTERM (raised as an interrupt by the CLI's handler) the parent
+    terminates its workers and exits at once, its manifest intact."""
     import contextlib
     import os
     import signal
@@ -190,31 +210,34 @@ def test_build_workers_end_when_the_building_process_is_killed(tmp_path: Path) -
     import sys
 
     import psutil
-    code = ("import sys, torch; torch.set_num_threads(2); from mergelab.bench import zoo; "
-            "zoo.build_zoo(sys.argv[1], tiny=True, progress=False, evaluate=False, jobs=2, "
-            "log=lambda m: print(m, flush=True))")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "zoo")], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    root = tmp_path / "zoo"
+    proc = subprocess.Popen([sys.executable, "-c", _LONG_BUILD, str(root)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     children: list = []
     try:
         for line in proc.stdout:  # the base trains in the parent first, then the workers start
             if "in 2 processes" in line:
                 break
         else:
-            pytest.fail(f"the build ended before starting its workers (rc {proc.wait()})")
+            pytest.fail(f"the build ended before starting its workers (rc {proc.wait()}): {proc.stderr.read()}")
         parent = psutil.Process(proc.pid)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            workers = [c for c in parent.children(recursive=True) if "spawn_main" in " ".join(c.cmdline())]
-            if len(workers) == 2:
+            children = parent.children(recursive=True)
+            if sum("spawn_main" in " ".join(c.cmdline()) for c in children) == 2:
                 break
             time.sleep(0.2)
-        assert len(workers) == 2, "the build did not start two workers"
-        children = parent.children(recursive=True)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        assert sum("spawn_main" in " ".join(c.cmdline()) for c in children) == 2, "no two workers started"
+        time.sleep(2)  # let them get into their jobs
+        proc.send_signal(getattr(signal, sig))
+        rc = proc.wait(timeout=60)
         gone, alive = psutil.wait_procs(children, timeout=20)
-        assert not alive, f"workers outlived the killed build: {[c.pid for c in alive]}"
+        assert not alive, f"processes outlived the stopped build: {[c.pid for c in alive]}"
+        assert rc != 0
+        if sig == "SIGTERM":
+            assert "Terminated: signal SIGTERM" in proc.stderr.read()
+            assert list(zoo.read_manifest(root)["models"]) == ["seed0/base"]  # what finished, intact
     finally:  # a failing run must not leave its orphans training on the test machine
         if proc.poll() is None:
             proc.kill()

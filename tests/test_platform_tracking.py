@@ -107,3 +107,50 @@ def test_mergelab_merge_cli_is_an_mlflow_run(platform_store: Store, tmp_path: Pa
     assert run.data.params["method"] == "ties" and run.data.params["hp.density"] == "0.5"
     assert run.data.tags["mergelab.merged_uri"] == (tmp_path / "m").resolve().as_uri()
     assert run.data.metrics["merge/report/bytes_written"] > 0 and list((tmp_path / "m").glob("*.safetensors"))
+
+
+_SIGTERM_MID_MERGE = """
+import os, signal, sys, time
+
+from mergelab.platform.cli import raise_on_sigterm
+from mergelab.platform.tracking import tracked_merge
+
+assert raise_on_sigterm()  # what every `mergelab` command does
+
+
+def merge_fn(**kw):  # a merge that is stopped (docker stop, a scheduler's preemption) while it writes
+    os.makedirs(kw["out"], exist_ok=True)
+    open(os.path.join(kw["out"], "model-00001-of-00002.safetensors"), "wb").write(b"partial")
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+
+
+tracked_merge(base=sys.argv[1], experts=[sys.argv[2]], method="task_arithmetic", device="cpu", experiment="unit",
+              merge_fn=merge_fn)
+"""
+
+
+def test_sigterm_ends_a_tracked_merge_killed_and_removes_its_partial_weights(platform_store: Store,
+                                                                            tmp_path: Path) -> None:
+    """Under the CLI, SIGTERM is raised as an interrupt: the run ends KILLED (not left RUNNING, as a default
+    SIGTERM, which runs no cleanup, would leave it) and its partial weights are removed."""
+    import subprocess
+    import sys
+
+    base, experts = make_expert_family(tmp_path / "zoo", n=1)
+    proc = subprocess.run([sys.executable, "-c", _SIGTERM_MID_MERGE, str(base), str(experts[0])],
+                          capture_output=True, text=True, timeout=50)  # the store comes from MERGELAB_ROOT
+    assert proc.returncode != 0 and "Terminated: signal SIGTERM" in proc.stderr
+    client = platform_store.client()
+    (run,) = client.search_runs([platform_store.experiment_id("unit", client)])
+    assert run.info.status == "KILLED" and "SIGTERM" in run.data.tags["mergelab.error"]
+    assert run.data.tags.get("mergelab.weights") == "deleted"
+    assert not (local_path(run.info.artifact_uri) / "merged").exists()
+
+
+def test_interrupts_end_runs_killed_and_errors_failed() -> None:
+    from mergelab.platform.cli import Terminated
+    from mergelab.platform.tracking import end_status
+
+    assert end_status(Terminated("signal SIGTERM")) == "KILLED" and end_status(KeyboardInterrupt()) == "KILLED"
+    assert end_status(RuntimeError("x")) == "FAILED" and end_status("worker lost") == "FAILED"

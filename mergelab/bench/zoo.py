@@ -543,11 +543,27 @@ def _run_parallel(ctx: _Ctx, todo: Sequence[_Job]) -> None:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 job = pending.pop(fut)
-                entry = fut.result()  # a failed job raises here; the finally below cancels the rest
+                entry = fut.result()  # a failed job raises here; the rest are cancelled below
                 _insert(ctx, job.name, entry)
                 ctx.log(f"{_score_line(job.name, entry)} (trained in {entry['train_seconds']:.0f} s)")
+    except BaseException:
+        # A failed job, Ctrl-C or SIGTERM (raised by the CLI): stop the workers now rather than wait minutes for
+        # the jobs they are training (their outputs go through temporary directories; the manifest keeps what
+        # finished).
+        _terminate_workers(pool)
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _terminate_workers(pool: Any) -> None:
+    """Terminate a ProcessPoolExecutor's workers (``terminate_workers`` from Python 3.14; before, its processes)."""
+    if hasattr(pool, "terminate_workers"):
+        pool.terminate_workers()
+        return
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        if proc.is_alive():
+            proc.terminate()
 
 
 def build_zoo(

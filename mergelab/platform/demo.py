@@ -26,7 +26,7 @@ from mergelab.bench.zoo import LAM_GRID, TASKS, has_lam, method_params
 from mergelab.platform.campaign import resolve_experts, run_campaign
 from mergelab.platform.campaign_config import CampaignConfig
 from mergelab.platform.registry import promote, register_run
-from mergelab.platform.tracking import TAG_CAMPAIGN, TAG_ROLE, HFEvaluator, Store, tracked_merge
+from mergelab.platform.tracking import TAG_CAMPAIGN, TAG_ROLE, HFEvaluator, Store, end_status, tracked_merge
 
 PAPER_METHODS: tuple[str, ...] = (
     "weight_average", "task_arithmetic", "ties", "dare_task_arithmetic", "dare_ties",
@@ -173,8 +173,8 @@ def run_demo(
             result.rows.append(method_best)
             log(f"      {method:<22} best lam {method_best['lam']}: val avg {method_best['average']:.2f}")
         client.set_terminated(pid, "FINISHED")
-    except BaseException:
-        client.set_terminated(pid, "FAILED")
+    except BaseException as e:
+        client.set_terminated(pid, end_status(e))
         raise
 
     # ---- the comparison's winner becomes the first champion (if the registry has none yet)

@@ -580,13 +580,21 @@ def run_artifact_path(client: MlflowClient, run_id: str, sub: str = "") -> tuple
     return full, local_path(full)
 
 
+def end_status(error: BaseException | str) -> str:
+    """The MLflow status of a run ended by ``error``: KILLED for an interrupt (Ctrl-C, or SIGTERM raised as one by
+    the CLI), FAILED otherwise."""
+    return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+
+
 def fail_run(client: MlflowClient, run_id: str, error: BaseException | str) -> None:
-    """Mark a run FAILED and record the error (best effort: never masks the original exception)."""
+    """Mark a run FAILED (KILLED when interrupted) and record the error (best effort: never masks the original
+    exception)."""
+    status = end_status(error)
     try:
         client.set_tag(run_id, TAG_ERROR, (repr(error) if isinstance(error, BaseException) else error)[:5000])
-        client.set_terminated(run_id, status="FAILED")
+        client.set_terminated(run_id, status=status)
     except Exception as e:  # noqa: BLE001 - the store itself may be what failed
-        log.warning("could not mark run %s FAILED: %s", run_id, e)
+        log.warning("could not mark run %s %s: %s", run_id, status, e)
 
 
 def tracked_merge(
@@ -654,8 +662,8 @@ def tracked_merge(
         A :class:`TrackedMerge`.
 
     Raises:
-        Any exception of the engine or the evaluator, after the run has been marked FAILED and partial weights
-        removed.
+        Any exception of the engine or the evaluator, after the run has been marked FAILED (KILLED for an
+        interrupt: Ctrl-C, or SIGTERM under the CLI) and partial weights removed.
     """
     store = store or Store.resolve()
     client = store.client()
