@@ -47,6 +47,42 @@ def _crash_on_call(n: int):  # noqa: ANN202
     return merge_fn
 
 
+def test_sigterm_in_a_trial_ends_its_run_killed_and_its_trial_failed(platform_store: Store, tmp_path: Path) -> None:
+    """A worker stopped by SIGTERM (``docker compose stop``), as every ``mergelab`` command handles it: the trial in
+    flight is FAIL in Optuna and KILLED in MLflow, with no partial weights, before the interrupt ends the campaign
+    (no heartbeat grace period needed)."""
+    import os
+    import signal
+
+    from mergelab.methods.engine import merge
+    from mergelab.platform.cli import raise_on_sigterm
+
+    cfg, ev = _campaign(tmp_path)
+    calls = {"n": 0}
+
+    def merge_fn(**kw):  # noqa: ANN003, ANN202
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+        return merge(**kw)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        assert raise_on_sigterm()
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            run_campaign(cfg, store=platform_store, evaluator=ev, merge_fn=merge_fn)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    study = optuna.load_study(study_name="camp", storage=platform_store.optuna_storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
+    client = platform_store.client()
+    run = client.get_run(study.trials[1].user_attrs[RUN_ATTR])
+    assert run.info.status == "KILLED" and "SIGTERM" in run.data.tags["mergelab.error"]
+    assert not (local_path(run.info.artifact_uri) / "merged").exists()
+
+
 def test_campaign_nests_trials_survives_crash_registers_top_k_and_resumes(platform_store: Store,
                                                                           tmp_path: Path) -> None:
     cfg, ev = _campaign(tmp_path)
