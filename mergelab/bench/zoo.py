@@ -86,7 +86,8 @@ class ZooPlan:
             answers (the base's training targets), or ``"base"``, the seed's base's greedy answers to those prompts
             (self-distillation, as in Learning without Forgetting: the replayed part then only asks the expert to
             keep the base's behaviour outside its task, with no "learn the generic variants better" direction that
-            every expert would share and a task-arithmetic sum would multiply).
+            every expert would share and a task-arithmetic sum would multiply). Measured on the shipped zoo's
+            LoRA experts, it makes better experts but worse merges (``docs/benchmark-zoo.md``).
         replay_items: generic prompts per task labelled by the base when ``replay_targets == "base"``.
     """
 
@@ -510,8 +511,8 @@ def _exit_with_parent(parent: int, interval: float = 0.5) -> None:
     """Pool initializer: end this worker when the building process is gone.
 
     A worker blocks on the pool's queue, whose pipe it holds both ends of, so it never sees the parent die: a
-    ``kill`` of ``mergelab bench build`` (SIGTERM, which runs no cleanup) otherwise leaves the workers training
-    and then waiting forever. A daemon thread polls the parent pid and exits the worker when it changes (the
+    building process killed without cleanup (SIGKILL, the OOM killer; or SIGTERM outside the ``mergelab`` CLI,
+    which raises it as an interrupt) otherwise leaves the workers training and then waiting forever. A daemon thread polls the parent pid and exits the worker when it changes (the
     worker's own outputs go through a temporary directory, so nothing half-written is left in place)."""
     import threading
 
