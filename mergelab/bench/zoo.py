@@ -203,6 +203,7 @@ class _Data:
         self.plan, self.tasks = plan, tuple(tasks)
         self._raw: dict[tuple[str, str], list[Any]] = {}
         self._enc: dict[tuple[str, str], Encoded] = {}
+        self._labelled: dict[tuple[str, str], Encoded | None] = {}
 
     def raw(self, task: str, variant: str) -> list[Any]:
         if (task, variant) not in self._raw:
@@ -220,6 +221,20 @@ class _Data:
             self._enc[(task, variant)] = encode(self.raw(task, variant), processor)
         return self._enc[(task, variant)]
 
+    def base_labelled(self, task: str, base: Any, processor: Any) -> Encoded | None:
+        """The first ``plan.replay_items`` generic prompts of ``task`` answered by ``base`` (greedy, special tokens
+        kept; prompts it leaves unanswered dropped), or None when it answers none. Cached per task and base
+        checkpoint (its ``name_or_path``), so the five experts of a seed label them once per process."""
+        from mergelab.bench.train import greedy_answers
+
+        key = (task, getattr(base, "name_or_path", ""))
+        if not key[1] or key not in self._labelled:  # a model with no checkpoint path is labelled every time
+            prompts = self.raw(task, "generic")[: self.plan.replay_items]
+            answers = greedy_answers(base, processor, prompts, max_new_tokens=24, keep_special=True)
+            labelled = [replace(s, answer=a, answers=[a]) for s, a in zip(prompts, answers, strict=True) if a]
+            self._labelled[key] = encode(labelled, processor) if labelled else None
+        return self._labelled[key]
+
 
 def expert_data(data: _Data, task: str, replay: float, processor: Any, base: Any = None) -> Encoded:
     """An expert's training set: its task's shifted variant, plus ``replay`` of the samples drawn (in equal parts)
@@ -236,15 +251,11 @@ def expert_data(data: _Data, task: str, replay: float, processor: Any, base: Any
         return concat([(own, 1.0 - replay)] + [(data.encoded(t, "generic", processor), share) for t in data.tasks])
     if base is None:
         raise ValueError("expert_data: replay_targets 'base' needs the base model")
-    from mergelab.bench.train import greedy_answers
-
     parts = [(own, 1.0 - replay)]
     for t in data.tasks:
-        prompts = data.raw(t, "generic")[: data.plan.replay_items]
-        answers = greedy_answers(base, processor, prompts, max_new_tokens=24, keep_special=True)
-        labelled = [replace(s, answer=a, answers=[a]) for s, a in zip(prompts, answers, strict=True) if a]
-        if labelled:  # concat's weight is per example: scale it so the part's total is ``share`` of ``own``'s
-            parts.append((encode(labelled, processor), share * len(own) / len(labelled)))
+        labelled = data.base_labelled(t, base, processor)
+        if labelled is not None:  # concat's weight is per example: scale it so the part's total is ``share`` of own's
+            parts.append((labelled, share * len(own) / len(labelled)))
     return concat(parts)
 
 
@@ -446,12 +457,10 @@ def _run_job(ctx: _Ctx, job: _Job, processor: Any) -> dict[str, Any]:
     base_name = f"seed{job.seed}/base"
     entry = {"kind": job.kind, "task": job.task, "seed": job.seed, "variant": "shifted", "base": base_name,
              "fingerprint": job.fingerprint}
+    base = load_model(ctx.root / base_name, device="cpu")[0]
     if job.task is None:
         data = concat([(ctx.data.encoded(t, "shifted", processor), 1.0) for t in ctx.data.tasks])
-    else:
-        data = None
-    base = load_model(ctx.root / base_name, device="cpu")[0]
-    if job.task is not None:
+    else:  # after loading the base: with replay_targets "base" it labels the replayed prompts
         data = expert_data(ctx.data, job.task, ctx.plan.replay(job.kind), processor, base=base)
     save = _save_lora if job.kind == "lora" else _save_full(processor)
     model = _train_and_save(ctx, job.name, base, processor, data, job.cfg, entry, save)
@@ -512,8 +521,9 @@ def _exit_with_parent(parent: int, interval: float = 0.5) -> None:
 
     A worker blocks on the pool's queue, whose pipe it holds both ends of, so it never sees the parent die: a
     building process killed without cleanup (SIGKILL, the OOM killer; or SIGTERM outside the ``mergelab`` CLI,
-    which raises it as an interrupt) otherwise leaves the workers training and then waiting forever. A daemon thread polls the parent pid and exits the worker when it changes (the
-    worker's own outputs go through a temporary directory, so nothing half-written is left in place)."""
+    which raises it as an interrupt) otherwise leaves the workers training and then waiting forever. A daemon
+    thread polls the parent pid and exits the worker when it changes (the worker's own outputs go through a
+    temporary directory, so nothing half-written is left in place)."""
     import threading
 
     def watch() -> None:
