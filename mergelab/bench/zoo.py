@@ -89,6 +89,10 @@ class ZooPlan:
             every expert would share and a task-arithmetic sum would multiply). Measured on the shipped zoo's
             LoRA experts, it makes better experts but worse merges (``docs/benchmark-zoo.md``).
         replay_items: generic prompts per task labelled by the base when ``replay_targets == "base"``.
+        base_lexicon: sampling weight (like ``base_task_weights``) of text-only lexicon items in the base's training
+            set: "say pink." -> "pink" for every answer word of every variant, the stand-in for a real language
+            model's pretraining (:mod:`mergelab.bench.lexicon`). 0 (off) leaves it out of the plan and the
+            fingerprints.
     """
 
     size: TinyQwen2VLConfig = field(default_factory=TinyQwen2VLConfig)
@@ -108,6 +112,7 @@ class ZooPlan:
     lora_replay: float = 0.0
     replay_targets: str = "data"
     replay_items: int = 400
+    base_lexicon: float = 0.0
 
     _REPLAY_FIELDS = ("full_replay", "lora_replay")  # class constant (no annotation: not a field)
     _REPLAY_TARGETS = ("data", "base")
@@ -135,6 +140,8 @@ class ZooPlan:
             raise ValueError(f"ZooPlan.replay_targets must be one of {self._REPLAY_TARGETS}, got {self.replay_targets!r}")
         if self.replay_items < 1:
             raise ValueError(f"ZooPlan.replay_items must be >= 1, got {self.replay_items!r}")
+        if not 0.0 <= self.base_lexicon < 100.0:
+            raise ValueError(f"ZooPlan.base_lexicon must be in [0, 100), got {self.base_lexicon!r}")
 
     def replay(self, kind: str) -> float:
         """The replay share of an expert of ``kind`` (``"full"`` or ``"lora"``)."""
@@ -147,6 +154,8 @@ class ZooPlan:
                 del d[name]  # keeps the plans (and combine_zoos checks) of zoos built before replay unchanged
         if not any(d.get(name) for name in self._REPLAY_FIELDS) or d["replay_targets"] == "data":
             del d["replay_targets"], d["replay_items"]  # the same for zoos built before replay targets
+        if not d["base_lexicon"]:
+            del d["base_lexicon"]  # the same for zoos built before the lexicon
         return d
 
 
@@ -220,6 +229,16 @@ class _Data:
         if (task, variant) not in self._enc:
             self._enc[(task, variant)] = encode(self.raw(task, variant), processor)
         return self._enc[(task, variant)]
+
+    def lexicon(self, processor: Any) -> Encoded:
+        """``plan.n_train`` lexicon items over the answers of every task's generic and shifted training data."""
+        from mergelab.bench.lexicon import answer_words, lexicon_items
+
+        if ("lexicon", "") not in self._enc:
+            words = answer_words(s for t in self.tasks for v in ("generic", "shifted") for s in self.raw(t, v))
+            self._enc[("lexicon", "")] = encode(lexicon_items(words, self.plan.n_train, self.plan.data_seed),
+                                                processor)
+        return self._enc[("lexicon", "")]
 
     def base_labelled(self, task: str, base: Any, processor: Any) -> Encoded | None:
         """The first ``plan.replay_items`` generic prompts of ``task`` answered by ``base`` (greedy, special tokens
@@ -475,11 +494,19 @@ def _build_seed(ctx: _Ctx, seed: int, processor: Any, tok_fp: str) -> None:
     base_name = f"seed{seed}/base"
     base_cfg = replace(plan.base, seed=seed)
     weights = dict(plan.base_task_weights)
-    base_fp = _fingerprint("base", tok_fp, plan.size.to_dict(), base_cfg.to_dict(), weights, plan.n_train,
-                           plan.data_seed, tasks)
+    fp_parts: tuple[Any, ...] = ("base", tok_fp, plan.size.to_dict(), base_cfg.to_dict(), weights, plan.n_train,
+                                 plan.data_seed, tasks)
+    if plan.base_lexicon:  # omitted when off, so the fingerprints of zoos built before the lexicon hold
+        from mergelab.bench.lexicon import LEXICON_VERSION
+
+        fp_parts += ({"lexicon": plan.base_lexicon, "version": LEXICON_VERSION},)
+    base_fp = _fingerprint(*fp_parts)
     if not _valid(ctx, base_name, base_fp):
         model = modeling.build_model(processor.tokenizer, plan.size, seed=seed)
-        data = concat([(ctx.data.encoded(t, "generic", processor), weights.get(t, 1.0)) for t in tasks])
+        parts = [(ctx.data.encoded(t, "generic", processor), weights.get(t, 1.0)) for t in tasks]
+        if plan.base_lexicon:
+            parts.append((ctx.data.lexicon(processor), plan.base_lexicon))
+        data = concat(parts)
         entry = {"kind": "base", "task": None, "seed": seed, "variant": "generic", "fingerprint": base_fp}
         model = _train_and_save(ctx, base_name, model, processor, data, base_cfg, entry, _save_full(processor))
         _record(ctx, base_name, entry, model, processor)
