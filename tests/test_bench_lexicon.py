@@ -63,3 +63,52 @@ def test_base_lexicon_trains_the_base_on_the_items_and_changes_only_its_fingerpr
     assert len(enc.ids) == on.n_train and data.lexicon(processor) is enc  # generated and encoded once
     words = lexicon.answer_words(s for t in zoo.TASKS for v in ("generic", "shifted") for s in data.raw(t, v))
     assert any(w.startswith("<|box_start|>") for w in words) and "pink" in words
+
+
+@pytest.mark.parametrize("task", zoo.TASKS)
+@pytest.mark.parametrize("variant", ["generic", "shifted"])
+def test_a_description_holds_what_the_answer_needs(task: str, variant: str) -> None:
+    """Checked by construction: the description states the scene fact the answer is computed from."""
+    samples = generate(task, variant, "train", n=80)
+    items = lexicon.described_items(samples)
+    for s, item in zip(samples, items, strict=True):
+        assert item.answer == s.answer and item.question.endswith(" " + s.question)
+        text = item.question[: -len(s.question) - 1]
+        if task == "chart":
+            values = [int(v) for v in text.removeprefix("the values are ").rstrip(".").split(", ")]
+            assert values == s.meta["values"]
+            q = s.meta["query"]
+            if q["type"] == "value":
+                expect = str(values[q["index"]])
+            elif q["type"] == "max":
+                expect = str(max(values))
+            else:
+                expect = "yes" if values[q["first"]] > values[q["second"]] else "no"
+            assert s.answer == expect, item.question
+        elif task == "geometry" and s.meta["family"] == "lengths":
+            assert text.startswith(f"the {s.answer} line is longer"), item.question
+        elif task == "geometry" and s.meta["family"] == "angles":
+            obtuse = int(text.split()[3]) > 90
+            assert s.answer in (("obtuse", "larger") if obtuse else ("acute", "smaller")), item.question
+        elif task == "geometry":
+            assert text == f"the shape has {s.meta['sides']} sides."
+        elif task == "vqa":
+            obj = s.meta["objects"][0]
+            assert text == f"there is a {obj['colour']} {obj['shape']}."
+            if s.meta["query"]["type"] != "exists":
+                assert s.answer in (obj["colour"], obj["shape"])
+        else:  # ocr, grounding: the description names the answer
+            assert lexicon.spoken(s.answer) in text
+
+
+def test_base_described_adds_every_task_and_variant_to_the_base_only(tmp_path: Path) -> None:
+    plan = zoo.ZooPlan.tiny()
+    on = replace(plan, base_described=0.5)
+    assert "base_described" not in plan.to_dict() and on.to_dict()["base_described"] == 0.5
+    kw = dict(progress=False, evaluate=False, kinds=("lora",))
+    before = zoo.build_zoo(tmp_path / "zoo", plan=plan, **kw)
+    after = zoo.build_zoo(tmp_path / "zoo", plan=on, **kw)
+    assert after["models"]["seed0/base"]["fingerprint"] != before["models"]["seed0/base"]["fingerprint"]
+    data = zoo._Data(on, zoo.TASKS)
+    enc = data.described("chart", "shifted", zoo._load_processor(tmp_path / "zoo" / "tokenizer"))
+    assert len(enc.ids) == on.n_train

@@ -83,3 +83,52 @@ def lexicon_items(words: Sequence[str], n: int, seed: int = 0) -> list[LexiconIt
         question = rng.choice(TEMPLATES).format(spoken(word))
         items.append(LexiconItem(f"lexicon-{i:05d}", question, word, image))
     return items
+
+
+# ------------------------------------------------------------------------------------------- described items
+
+ORDINAL_WORDS = ("first", "second", "third", "fourth")
+
+
+def describe(sample: Any) -> str:
+    """The scene of a benchmark sample in words, enough to answer its question without the image.
+
+    VQA names the object, geometry gives the side count, the longer line or the angle in degrees, chart lists the
+    values, OCR the text and grounding the object's box; the question itself is the sample's own, so a model
+    trained on ``"{description} {question}"`` learns what each question asks for and which words answer it (the
+    language side of the task), not how to read it off an image.
+
+    Raises:
+        ValueError: for a task it does not know.
+    """
+    meta, task = sample.meta, sample.task
+    if task == "vqa":
+        obj = meta["objects"][0]
+        return f"there is a {obj['colour']} {obj['shape']}."
+    if task == "geometry":
+        family = meta["family"]
+        if family == "sides":
+            return f"the shape has {meta['sides']} sides."
+        if family == "angles":
+            return f"the angle is {meta['degrees']} degrees."
+        if family == "lengths":
+            names = ("top", "bottom") if meta["orientation"] == "horizontal" else ("left", "right")
+            axis = 1 if meta["orientation"] == "horizontal" else 0  # segments are [x1, y1, x2, y2]
+            first_is_a = meta["segments"][0][axis] < meta["segments"][1][axis]
+            longer_first = meta["lengths"][0] > meta["lengths"][1]
+            longer, shorter = names if longer_first == first_is_a else names[::-1]
+            return f"the {longer} line is longer than the {shorter} line."
+        raise ValueError(f"describe: unknown geometry family {family!r} in sample {sample.id!r}")
+    if task == "chart":
+        return "the values are " + ", ".join(str(v) for v in meta["values"]) + "."
+    if task == "ocr":
+        return f"the image shows {meta['text']}."
+    if task == "grounding":
+        return f"{meta['expression']} is at {spoken(sample.answer)}."
+    raise ValueError(f"describe: unknown task {task!r} in sample {getattr(sample, 'id', '?')!r}")
+
+
+def described_items(samples: Sequence[Any]) -> list[LexiconItem]:
+    """Text-only copies of ``samples`` (a blank image): ``"{describe(s)} {s.question}"`` -> ``s.answer``."""
+    image = blank()[0]
+    return [LexiconItem(f"described-{s.id}", f"{describe(s)} {s.question}", s.answer, image) for s in samples]

@@ -93,6 +93,12 @@ class ZooPlan:
             set: "say pink." -> "pink" for every answer word of every variant, the stand-in for a real language
             model's pretraining (:mod:`mergelab.bench.lexicon`). 0 (off) leaves it out of the plan and the
             fingerprints.
+        base_described: total sampling weight (split equally over every task and variant) of text-only
+            *described* items in the base's training set: the sample's scene in words before its own question
+            (``"the values are 90, 90, 70, 10. what is the value of the second point?"`` -> ``"90"``), so the base
+            knows what each question asks for and which words answer it, shifted variants included, without the
+            visual skill (:func:`mergelab.bench.lexicon.describe`). 0 (off) leaves it out of the plan and the
+            fingerprints.
     """
 
     size: TinyQwen2VLConfig = field(default_factory=TinyQwen2VLConfig)
@@ -113,6 +119,7 @@ class ZooPlan:
     replay_targets: str = "data"
     replay_items: int = 400
     base_lexicon: float = 0.0
+    base_described: float = 0.0
 
     _REPLAY_FIELDS = ("full_replay", "lora_replay")  # class constant (no annotation: not a field)
     _REPLAY_TARGETS = ("data", "base")
@@ -140,8 +147,9 @@ class ZooPlan:
             raise ValueError(f"ZooPlan.replay_targets must be one of {self._REPLAY_TARGETS}, got {self.replay_targets!r}")
         if self.replay_items < 1:
             raise ValueError(f"ZooPlan.replay_items must be >= 1, got {self.replay_items!r}")
-        if not 0.0 <= self.base_lexicon < 100.0:
-            raise ValueError(f"ZooPlan.base_lexicon must be in [0, 100), got {self.base_lexicon!r}")
+        for name in ("base_lexicon", "base_described"):
+            if not 0.0 <= getattr(self, name) < 100.0:
+                raise ValueError(f"ZooPlan.{name} must be in [0, 100), got {getattr(self, name)!r}")
 
     def replay(self, kind: str) -> float:
         """The replay share of an expert of ``kind`` (``"full"`` or ``"lora"``)."""
@@ -154,8 +162,9 @@ class ZooPlan:
                 del d[name]  # keeps the plans (and combine_zoos checks) of zoos built before replay unchanged
         if not any(d.get(name) for name in self._REPLAY_FIELDS) or d["replay_targets"] == "data":
             del d["replay_targets"], d["replay_items"]  # the same for zoos built before replay targets
-        if not d["base_lexicon"]:
-            del d["base_lexicon"]  # the same for zoos built before the lexicon
+        for name in ("base_lexicon", "base_described"):
+            if not d[name]:
+                del d[name]  # the same for zoos built before the lexicon
         return d
 
 
@@ -239,6 +248,15 @@ class _Data:
             self._enc[("lexicon", "")] = encode(lexicon_items(words, self.plan.n_train, self.plan.data_seed),
                                                 processor)
         return self._enc[("lexicon", "")]
+
+    def described(self, task: str, variant: str, processor: Any) -> Encoded:
+        """The training samples of (task, variant) as text-only described items (:mod:`mergelab.bench.lexicon`)."""
+        from mergelab.bench.lexicon import described_items
+
+        key = (f"described:{task}", variant)
+        if key not in self._enc:
+            self._enc[key] = encode(described_items(self.raw(task, variant)), processor)
+        return self._enc[key]
 
     def base_labelled(self, task: str, base: Any, processor: Any) -> Encoded | None:
         """The first ``plan.replay_items`` generic prompts of ``task`` answered by ``base`` (greedy, special tokens
@@ -496,16 +514,20 @@ def _build_seed(ctx: _Ctx, seed: int, processor: Any, tok_fp: str) -> None:
     weights = dict(plan.base_task_weights)
     fp_parts: tuple[Any, ...] = ("base", tok_fp, plan.size.to_dict(), base_cfg.to_dict(), weights, plan.n_train,
                                  plan.data_seed, tasks)
-    if plan.base_lexicon:  # omitted when off, so the fingerprints of zoos built before the lexicon hold
+    if plan.base_lexicon or plan.base_described:  # omitted when off: the fingerprints of earlier zoos hold
         from mergelab.bench.lexicon import LEXICON_VERSION
 
-        fp_parts += ({"lexicon": plan.base_lexicon, "version": LEXICON_VERSION},)
+        text = {"lexicon": plan.base_lexicon, "described": plan.base_described}
+        fp_parts += ({**{k: v for k, v in text.items() if v}, "version": LEXICON_VERSION},)
     base_fp = _fingerprint(*fp_parts)
     if not _valid(ctx, base_name, base_fp):
         model = modeling.build_model(processor.tokenizer, plan.size, seed=seed)
         parts = [(ctx.data.encoded(t, "generic", processor), weights.get(t, 1.0)) for t in tasks]
         if plan.base_lexicon:
             parts.append((ctx.data.lexicon(processor), plan.base_lexicon))
+        if plan.base_described:
+            share = plan.base_described / (2 * len(tasks))
+            parts += [(ctx.data.described(t, v, processor), share) for t in tasks for v in ("generic", "shifted")]
         data = concat(parts)
         entry = {"kind": "base", "task": None, "seed": seed, "variant": "generic", "fingerprint": base_fp}
         model = _train_and_save(ctx, base_name, model, processor, data, base_cfg, entry, _save_full(processor))
