@@ -27,7 +27,7 @@ from PIL import Image
 
 from mergelab.bench.tasks.common import blank
 
-LEXICON_VERSION = 1
+LEXICON_VERSION = 2
 """Bumped whenever the items change (part of the base's fingerprint when the lexicon is on)."""
 
 TEMPLATES = ("say {}.", "repeat: {}", "write {}")
@@ -93,8 +93,9 @@ ORDINAL_WORDS = ("first", "second", "third", "fourth")
 def describe(sample: Any) -> str:
     """The scene of a benchmark sample in words, enough to answer its question without the image.
 
-    VQA names the object, geometry gives the side count, the longer line or the angle in degrees, chart lists the
-    values, OCR the text and grounding the object's box; the question itself is the sample's own, so a model
+    VQA names the object, geometry gives the side count (shifted: the polygon's name), the longer line or the
+    angle in degrees (shifted: smaller or larger than a right angle), chart lists the values, OCR the text and
+    grounding the object's box; the question itself is the sample's own, so a model
     trained on ``"{description} {question}"`` learns what each question asks for and which words answer it (the
     language side of the task), not how to read it off an image.
 
@@ -107,9 +108,16 @@ def describe(sample: Any) -> str:
         return f"there is a {obj['colour']} {obj['shape']}."
     if task == "geometry":
         family = meta["family"]
+        # A shifted item states its answer's fact directly: the base counts sides and tells acute from obtuse in
+        # images (generic), so "5 sides" -> "pentagon" or "126 degrees" -> "larger" in text would let it answer
+        # the shifted questions by transfer, leaving the expert nothing to add (measured: base 46 on shifted
+        # geometry with those bridges; docs/benchmark-zoo.md).
+        shifted = sample.variant == "shifted"
         if family == "sides":
-            return f"the shape has {meta['sides']} sides."
+            return f"the shape is a {sample.answer}." if shifted else f"the shape has {meta['sides']} sides."
         if family == "angles":
+            if shifted:
+                return f"the angle is {'larger' if meta['degrees'] > 90 else 'smaller'} than a right angle."
             return f"the angle is {meta['degrees']} degrees."
         if family == "lengths":
             names = ("top", "bottom") if meta["orientation"] == "horizontal" else ("left", "right")
