@@ -87,9 +87,6 @@ def lexicon_items(words: Sequence[str], n: int, seed: int = 0) -> list[LexiconIt
 
 # ------------------------------------------------------------------------------------------- described items
 
-ORDINAL_WORDS = ("first", "second", "third", "fourth")
-
-
 def describe(sample: Any) -> str:
     """The scene of a benchmark sample in words, enough to answer its question without the image.
 
