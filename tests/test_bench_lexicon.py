@@ -106,13 +106,15 @@ def test_a_description_holds_what_the_answer_needs(task: str, variant: str) -> N
 
 
 def test_base_described_adds_every_task_and_variant_to_the_base_only(tmp_path: Path) -> None:
-    plan = zoo.ZooPlan.tiny()
-    on = replace(plan, base_described=0.5)
-    assert "base_described" not in plan.to_dict() and on.to_dict()["base_described"] == 0.5
+    on = zoo.ZooPlan.tiny()
+    assert zoo.ZooPlan().base_described == on.base_described == 0.5  # the default since the v2 zoo
+    off = replace(on, base_described=0.0)
+    assert "base_described" not in off.to_dict() and on.to_dict()["base_described"] == 0.5
     kw = dict(progress=False, evaluate=False, kinds=("lora",))
-    before = zoo.build_zoo(tmp_path / "zoo", plan=plan, **kw)
+    before = zoo.build_zoo(tmp_path / "zoo", plan=off, **kw)
     after = zoo.build_zoo(tmp_path / "zoo", plan=on, **kw)
     assert after["models"]["seed0/base"]["fingerprint"] != before["models"]["seed0/base"]["fingerprint"]
+    assert after["models"]["seed0/lora/vqa"]["fingerprint"] != before["models"]["seed0/lora/vqa"]["fingerprint"]
     data = zoo._Data(on, zoo.TASKS)
     enc = data.described("chart", "shifted", zoo._load_processor(tmp_path / "zoo" / "tokenizer"))
     assert len(enc.ids) == on.n_train

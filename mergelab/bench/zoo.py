@@ -97,8 +97,10 @@ class ZooPlan:
             *described* items in the base's training set: the sample's scene in words before its own question
             (``"the values are 90, 90, 70, 10. what is the value of the second point?"`` -> ``"90"``), so the base
             knows what each question asks for and which words answer it, shifted variants included, without the
-            visual skill (:func:`mergelab.bench.lexicon.describe`). 0 (off) leaves it out of the plan and the
-            fingerprints.
+            visual skill (:func:`mergelab.bench.lexicon.describe`). 0.5 by default: without it the LoRA experts
+            learn their answer words as a prior that ignores the prompt and their merges answer every task with
+            one expert's words (``docs/benchmark-zoo.md``). 0 (off) leaves it out of the plan and the
+            fingerprints, as in zoos built before it.
     """
 
     size: TinyQwen2VLConfig = field(default_factory=TinyQwen2VLConfig)
@@ -119,7 +121,7 @@ class ZooPlan:
     replay_targets: str = "data"
     replay_items: int = 400
     base_lexicon: float = 0.0
-    base_described: float = 0.0
+    base_described: float = 0.5
 
     _REPLAY_FIELDS = ("full_replay", "lora_replay")  # class constant (no annotation: not a field)
     _REPLAY_TARGETS = ("data", "base")
