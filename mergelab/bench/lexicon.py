@@ -13,7 +13,12 @@ other task.
 benchmark, every variant's answers included: "say pink." -> "pink", "repeat: (375,125),(625,375)" ->
 ``<|box_start|>(375,125),(625,375)<|box_end|>``. They teach the language model to produce each word when asked to,
 and nothing about the images: the shifted questions are never asked, so the base still scores near zero on them
-(the experts' gains stay the benchmark's). ``ZooPlan.base_lexicon`` mixes them into the base's training set.
+(the experts' gains stay the benchmark's). ``ZooPlan.base_lexicon`` mixes them into the base's training set (off
+by default: alone they do not stop the leaks).
+
+``described_items`` go further and are what the zoo's base trains on (``ZooPlan.base_described``, 0.5 by default):
+each training sample's scene in words before its own question, so the base knows what every question, shifted
+ones included, asks for and which words answer it, without the visual skill.
 """
 
 from __future__ import annotations
