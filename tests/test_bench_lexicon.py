@@ -107,7 +107,7 @@ def test_a_description_holds_what_the_answer_needs(task: str, variant: str) -> N
 
 def test_base_described_adds_every_task_and_variant_to_the_base_only(tmp_path: Path) -> None:
     on = zoo.ZooPlan.tiny()
-    assert zoo.ZooPlan().base_described == on.base_described == 0.5  # the default since the v2 zoo
+    assert zoo.ZooPlan().base_described == on.base_described == 0.5  # the default: the shipped zoo trains its bases on them
     off = replace(on, base_described=0.0)
     assert "base_described" not in off.to_dict() and on.to_dict()["base_described"] == 0.5
     kw = dict(progress=False, evaluate=False, kinds=("lora",))
