@@ -401,6 +401,32 @@ def test_cached_image_features_train_like_the_pixel_path(processor, vqa, lora: b
     assert feats.shape == (3, 16, 64)
 
 
+def test_examples_sharing_an_image_store_and_encode_it_once(processor, vqa) -> None:
+    """Text-only items share one blank image object: ``encode`` keeps one row for it, ``concat`` offsets the rows,
+    and training on the shared rows (cached features or pixels) is training on one image per example."""
+    from mergelab.bench import lexicon
+
+    described = lexicon.described_items(vqa["train"][:20])
+    shared = train.encode(described, processor)
+    assert shared.images.shape[0] == 1 and shared.index().tolist() == [0] * 20
+    plain = train.encode(vqa["train"][:12], processor)
+    assert plain.image_index.numel() == 0 and plain.index().tolist() == list(range(12))
+    both = train.concat([(plain, 1.0), (shared, 1.0)])
+    assert both.images.shape[0] == 13 and both.index().tolist() == list(range(12)) + [12] * 20
+    one_each = train.concat([(plain, 1.0), (plain, 1.0)])
+    assert one_each.image_index.numel() == 0 and one_each.images.shape[0] == 24
+    copies = train.Encoded(both.ids, both.n_prompt, both.images[both.index()], both.weights)  # one image each
+    idx = [0, 11, 12, 31, 5, 20]
+    torch.testing.assert_close(train.collate(both, idx, processor), train.collate(copies, idx, processor), rtol=0, atol=0)
+    cfg = train.TrainConfig(steps=3, batch_size=8, lr=2e-3, warmup_steps=1, seed=5, trainable=train.LANGUAGE_MODEL)
+    losses = {}
+    for name, enc, cached in (("shared", both, True), ("copies", copies, True), ("pixels", both, False)):
+        model = modeling.build_model(processor.tokenizer, modeling.TinyQwen2VLConfig.tiny(), seed=4)
+        losses[name] = train.train(model, processor, enc, cfg, device="cpu", cache_images=cached).losses
+    torch.testing.assert_close(losses["shared"], losses["copies"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses["shared"], losses["pixels"], rtol=1e-5, atol=1e-6)
+
+
 def test_combine_results_joins_runs_split_by_seed_and_setting() -> None:
     def run(seed: int, setting: str, avg: float) -> dict:
         scores = {"shifted": {"vqa": avg, "average": avg}, "generic": {"vqa": avg, "average": avg}}

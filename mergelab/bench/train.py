@@ -87,15 +87,28 @@ class TrainConfig:
 
 @dataclass
 class Encoded:
-    """A training set tokenized once: token ids with a single image placeholder, prompt lengths, uint8 images."""
+    """A training set tokenized once: token ids with a single image placeholder, prompt lengths, uint8 images.
+
+    ``images`` holds each distinct image once and ``image_index`` maps every example to its row (examples that
+    share one image object, such as the blank image of text-only items, store and encode it once); empty means
+    one image per example, in order."""
 
     ids: list[list[int]]
     n_prompt: list[int]
-    images: torch.Tensor  # (N, 3, H, W) uint8
+    images: torch.Tensor  # (distinct images, 3, H, W) uint8
     weights: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # per-example sampling weight
+    image_index: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def rows(self, idx: Sequence[int]) -> torch.Tensor:
+        """The ``images`` rows of examples ``idx``."""
+        return self.image_index[list(idx)] if self.image_index.numel() else torch.as_tensor(list(idx))
+
+    def index(self) -> torch.Tensor:
+        """``image_index`` in full: every example's row of ``images``."""
+        return self.image_index if self.image_index.numel() else torch.arange(len(self))
 
 
 def encode(samples: Sequence[Any], processor: Any, weights: Sequence[float] | None = None) -> Encoded:
@@ -108,29 +121,40 @@ def encode(samples: Sequence[Any], processor: Any, weights: Sequence[float] | No
     """
     if not samples:
         raise ValueError("encode: no training samples")
-    ids, n_prompt, images = [], [], []
+    ids, n_prompt, images, rows = [], [], [], []
+    seen: dict[int, tuple[int, Any]] = {}  # id() of an image object -> (its row, the object, kept alive)
     for s in samples:
         if not str(getattr(s, "answer", "")):
             raise ValueError(f"sample {getattr(s, 'id', '?')!r}: empty answer")
         i, n = training_ids(processor, s.question, s.answer)
         ids.append(i)
         n_prompt.append(n)
-        images.append(np.asarray(to_rgb(s.image), dtype=np.uint8))
+        image = s.image
+        if id(image) not in seen:
+            seen[id(image)] = (len(images), image)
+            images.append(np.asarray(to_rgb(image), dtype=np.uint8))
+        rows.append(seen[id(image)][0])
     w = torch.ones(len(ids)) if weights is None else torch.as_tensor(list(weights), dtype=torch.float64).float()
     if w.numel() != len(ids) or bool((w < 0).any()) or float(w.sum()) <= 0:
         raise ValueError(f"encode: weights must be {len(ids)} non-negative numbers with a positive sum")
-    return Encoded(ids, n_prompt, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), w)
+    index = torch.tensor(rows) if len(images) < len(ids) else torch.empty(0, dtype=torch.long)
+    return Encoded(ids, n_prompt, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), w, index)
 
 
 def concat(parts: Sequence[tuple[Encoded, float]]) -> Encoded:
     """Join encoded sets; each part's examples share its weight (e.g. ``[(vqa, 2.0), (ocr, 1.0)]``)."""
-    ids, n_prompt, images, weights = [], [], [], []
+    ids, n_prompt, images, weights, index = [], [], [], [], []
+    offset = 0
     for enc, w in parts:
         ids += enc.ids
         n_prompt += enc.n_prompt
         images.append(enc.images)
         weights.append(enc.weights / enc.weights.sum() * float(w) * len(enc))
-    return Encoded(ids, n_prompt, torch.cat(images), torch.cat(weights))
+        index.append(enc.index() + offset)
+        offset += enc.images.shape[0]
+    shared = offset < len(ids)
+    return Encoded(ids, n_prompt, torch.cat(images), torch.cat(weights),
+                   torch.cat(index) if shared else torch.empty(0, dtype=torch.long))
 
 
 def patchify(images: torch.Tensor, processor: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,7 +235,7 @@ def collate(enc: Encoded, idx: Sequence[int], processor: Any, *, pixels: bool = 
     batch = {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
              "mm_token_type_ids": (input_ids == image_id).long(), "position_ids": position_ids}
     if pixels:
-        batch["pixel_values"], batch["image_grid_thw"] = patchify(enc.images[list(idx)], processor)
+        batch["pixel_values"], batch["image_grid_thw"] = patchify(enc.images[enc.rows(idx)], processor)
     else:
         batch["image_grid_thw"] = image_grid(len(idx), processor)
     return batch
@@ -315,7 +339,8 @@ def train(
             idx = torch.multinomial(data.weights, cfg.batch_size, replacement=True, generator=gen).tolist()
             batch = {k: v.to(dev) for k, v in collate(data, idx, processor, pixels=feats is None).items()}
             if feats is not None:
-                batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats[idx]))}
+                rows = data.rows(idx)
+                batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats[rows]))}
             loss = model(**batch).loss
             value = float(loss.detach())
             if not math.isfinite(value):
