@@ -102,13 +102,13 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def rows(self, idx: Sequence[int]) -> torch.Tensor:
-        """The ``images`` rows of examples ``idx``."""
-        return self.image_index[list(idx)] if self.image_index.numel() else torch.as_tensor(list(idx))
-
     def index(self) -> torch.Tensor:
         """``image_index`` in full: every example's row of ``images``."""
         return self.image_index if self.image_index.numel() else torch.arange(len(self))
+
+    def rows(self, idx: Sequence[int]) -> torch.Tensor:
+        """The ``images`` rows of examples ``idx``."""
+        return self.index()[list(idx)]
 
 
 def encode(samples: Sequence[Any], processor: Any, weights: Sequence[float] | None = None) -> Encoded:
