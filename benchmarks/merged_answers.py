@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mergelab.bench.zoo import DEFAULT_ZOO, TASKS, _LamScan, expert_names, method_params
+from mergelab.bench.zoo import DEFAULT_ZOO, TASKS, LamScan, expert_names, method_params
 from mergelab.evaluators import evaluate
 from mergelab.methods.engine import merge
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         merge(base=base, experts=experts, method=args.method,
               params={**method_params(args.method, args.setting), "lam": 1.0}, policy="qwen2_vl", out=out,
               device="cpu", seed=args.seed)
-        scan = _LamScan(base, out)
+        scan = LamScan(base, out)
         model = scan.set(args.lam)
         print(f"{args.setting} seed {args.seed} {args.method} lam {args.lam}, first {args.limit} test items per task")
         for task in args.tasks.split(","):

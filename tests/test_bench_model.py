@@ -150,6 +150,8 @@ def test_tiny_zoo_builds_in_seconds_reuses_and_reloads(tmp_path: Path) -> None:
 
     lora_dir = tmp_path / "zoo" / "seed0" / "lora" / "ocr"
     assert (lora_dir / "adapter_model.safetensors").is_file() and not (lora_dir / "config.json").exists()
+    assert json.loads((lora_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == "../../base"
+    assert "base_model: ../../base\n" in (lora_dir / "README.md").read_text()  # no build path in the card
     model, proc = hf.load_model(lora_dir)
     base, _ = hf.load_model(tmp_path / "zoo" / "seed0" / "base")
     diff = {k for k, v in model.state_dict().items() if not torch.equal(v, base.state_dict()[k])}

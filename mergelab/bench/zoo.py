@@ -444,6 +444,7 @@ def _save_lora(model: Any, path: Path) -> None:
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         model.peft_config["default"].base_model_name_or_path = "../../base"
+        model.get_base_model().config._name_or_path = "../../base"  # peft's model card reads it
         model.save_pretrained(tmp, safe_serialization=True)
         replace_dir(tmp, path)
     finally:
@@ -791,7 +792,7 @@ def has_lam(method: str, setting: str) -> bool:
     return hasattr(REGISTRY[method].make_config(method_params(method, setting)), "lam")
 
 
-class _LamScan:
+class LamScan:
     """``theta0 + lam * tau_m`` for any lambda from one merge at lam = 1 (the engine's contract, methods/base.py)."""
 
     def __init__(self, base_dir: Path, merged_dir: Path) -> None:
@@ -896,7 +897,7 @@ def benchmark(
                       method=method, params=params, policy="qwen2_vl", out=merged, device="cpu", seed=seed,
                       overwrite=True)
                 t_merge = time.perf_counter() - t0
-                lam_scan = _LamScan(base_dir, merged)
+                lam_scan = LamScan(base_dir, merged)
                 best_lam, best_val = 1.0, -1.0
                 for lam in (lams if scan else (1.0,)):
                     v = score(lam_scan.set(lam), lam_scan.processor, "val", val_limit, ("shifted",))

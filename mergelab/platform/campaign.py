@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -137,6 +138,11 @@ def resolve_experts(cfg: CampaignConfig) -> tuple[str, list[ExpertEntry], dict[s
     if not experts:
         raise ValueError(f"{mf}: no seed{z.seed} {z.kind} experts for tasks {wanted}")
     return base, experts, ref
+
+
+def worker_salt() -> int:
+    """A seed offset distinct for every worker: its process and thread (threads of one process share a pid)."""
+    return (os.getpid() * 7919 + threading.get_native_id()) % 100_000
 
 
 def make_sampler(cfg: CampaignConfig, expert_names: list[str], salt: int = 0) -> optuna.samplers.BaseSampler:
@@ -358,7 +364,7 @@ def run_campaign(
     test_evaluator = test_evaluator or evaluator
     client = store.client()
     storage = open_storage(cfg, store)
-    salt = (os.getpid() % 100_000) if worker else 0
+    salt = worker_salt() if worker else 0
     study = open_study(cfg, storage, make_sampler(cfg, names, salt), make_pruner(cfg))
     with _quiet():
         optuna.storages.fail_stale_trials(study)
