@@ -137,8 +137,13 @@ def encode(samples: Sequence[Any], processor: Any, weights: Sequence[float] | No
     w = torch.ones(len(ids)) if weights is None else torch.as_tensor(list(weights), dtype=torch.float64).float()
     if w.numel() != len(ids) or bool((w < 0).any()) or float(w.sum()) <= 0:
         raise ValueError(f"encode: weights must be {len(ids)} non-negative numbers with a positive sum")
-    index = torch.tensor(rows) if len(images) < len(ids) else torch.empty(0, dtype=torch.long)
-    return Encoded(ids, n_prompt, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), w, index)
+    return Encoded(ids, n_prompt, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), w,
+                   _image_index(torch.tensor(rows), len(images)))
+
+
+def _image_index(rows: torch.Tensor, n_images: int) -> torch.Tensor:
+    """``Encoded.image_index`` for examples' image ``rows`` (assigned in order): empty when no image is shared."""
+    return rows if n_images < rows.numel() else torch.empty(0, dtype=torch.long)
 
 
 def concat(parts: Sequence[tuple[Encoded, float]]) -> Encoded:
@@ -152,9 +157,7 @@ def concat(parts: Sequence[tuple[Encoded, float]]) -> Encoded:
         weights.append(enc.weights / enc.weights.sum() * float(w) * len(enc))
         index.append(enc.index() + offset)
         offset += enc.images.shape[0]
-    shared = offset < len(ids)
-    return Encoded(ids, n_prompt, torch.cat(images), torch.cat(weights),
-                   torch.cat(index) if shared else torch.empty(0, dtype=torch.long))
+    return Encoded(ids, n_prompt, torch.cat(images), torch.cat(weights), _image_index(torch.cat(index), offset))
 
 
 def patchify(images: torch.Tensor, processor: Any) -> tuple[torch.Tensor, torch.Tensor]:
