@@ -106,7 +106,7 @@ def test_relaxed_accuracy_max_strips_and_takes_best() -> None:
     assert M.relaxed_accuracy(prediction="110", target="100", tol=0.1) == 1.0
 
 
-# --- ANLS (VLMEvalKit anls_compute + hit_calculate) ----------------------------------------------------------------
+# --- ANLS (lmms-eval anls; VLMEvalKit anls_compute + hit_calculate) ------------------------------------------------
 
 
 def test_anls_golden() -> None:
@@ -118,6 +118,26 @@ def test_anls_golden() -> None:
     assert M.anls(prediction="", answers=[""]) == 1.0
     assert M.anls(prediction="", answers=["abc"]) == 0.0
     assert M.anls(prediction="x", answers=[]) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answer", "expected"),
+    [
+        # the distance is taken on the normalised strings, the length on the strings as given (lmms-eval)
+        ("helo world  ", "hello world", 1 - 1 / 12),  # trailing spaces lengthen the divisor: 0.9167, not 0.9091
+        ("hello world", "  helo world", 1 - 1 / 12),  # on the ground truth's side too
+        ("helo  world", "hello world", 1 - 1 / 11),  # an inner double space: normalised away, counted in length
+        ("HELO WORLD", "hello world", 1 - 1 / 11),  # case: no distance, same length
+        ("Helo World\n", "hello world", 1 - 1 / 11),  # a newline is whitespace: 11 characters as given
+        ("  hello world  ", "hello world", 1.0),  # no distance left after normalising
+        ("   ", "", 1.0),  # both empty once stripped: distance 0 over 3
+        ("abcd  ", "abef", 1 - 2 / 6),  # 0.667: the padding lifts a 0.5 case, still above the cut-off
+        ("abcde    ", "aefgh", 1 - 4 / 9),  # 0.556 > 0.5 (0.2 without padding -> 0)
+        ("abcde", "aefgh", 0.0),  # 1 - 4/5 = 0.2 < 0.5 -> 0
+    ],
+)
+def test_anls_divides_by_the_given_lengths(prediction: str, answer: str, expected: float) -> None:
+    assert M.anls(prediction=prediction, answers=[answer]) == pytest.approx(expected)
 
 
 # --- grounding (lmms-eval utils_rec / InternVL evaluate_grounding) -------------------------------------------------

@@ -12,7 +12,8 @@ References:
     * Exact match with the paper's modified normaliser: the OptMerge repository's modified ``accuracy`` method
       in VLMEvalKit ``vqa_eval.py`` (spec section 3.3 and 6.16).
     * Relaxed accuracy: pix2struct ``metrics.py::relaxed_correctness`` (also used by VLMEvalKit and lmms-eval).
-    * ANLS: VLMEvalKit ``anls_compute`` + ``hit_calculate`` (DocVQA / InfographicVQA).
+    * ANLS: lmms-eval ``api/metrics.py::anls`` and VLMEvalKit ``anls_compute`` + ``hit_calculate`` (DocVQA /
+      InfographicVQA); both divide by the lengths of the strings as given.
     * Grounding: lmms-eval ``tasks/refcoco/utils_rec.py`` (IoU, ACC@0.5) and InternVL
       ``eval/refcoco/evaluate_grounding.py`` (Precision@1 at IoU >= 0.5).
     * MathVista / MATH-Vision: rule-based answer extraction in the spirit of MathVista's ``quick_extract`` and
@@ -276,10 +277,12 @@ def _levenshtein(a: str, b: str) -> int:
 
 
 def anls(*, prediction: str, answers: Sequence[str], threshold: float = 0.5) -> float:
-    """Average Normalised Levenshtein Similarity of one sample, as VLMEvalKit ``anls_compute`` + ``hit_calculate``.
+    """Average Normalised Levenshtein Similarity of one sample, as lmms-eval ``anls`` (and VLMEvalKit).
 
-    Strings are stripped, lower-cased and whitespace-collapsed; the normalised distance to each ground truth is
-    ``lev / max(len_gt, len_pred)`` (0 when both are empty); the best ground truth is kept; a similarity below
+    The edit distance is taken between the stripped, lower-cased and whitespace-collapsed strings, but it is
+    divided by the longer of the two strings *as given* (their upper-cased lengths, before any stripping), as
+    both references do: ``'helo world  '`` against ``'hello world'`` is ``1 - 1/12``, not ``1 - 1/11``. The
+    distance is 0 when both given strings are empty; the best ground truth is kept; a similarity below
     ``threshold`` becomes 0 (exactly ``threshold`` is kept).
 
     Args:
@@ -292,11 +295,13 @@ def anls(*, prediction: str, answers: Sequence[str], threshold: float = 0.5) -> 
     """
     if not answers:
         return 0.0
-    pred = " ".join(str(prediction).strip().lower().split())
+    raw_pred = str(prediction)
+    pred = " ".join(raw_pred.strip().lower().split())
     best = math.inf
     for a in answers:
-        gt = " ".join(str(a).strip().lower().split())
-        length = max(len(gt), len(pred))
+        raw_gt = str(a)
+        gt = " ".join(raw_gt.strip().lower().split())
+        length = max(len(raw_gt.upper()), len(raw_pred.upper()))
         best = min(best, 0.0 if length == 0 else _levenshtein(gt, pred) / length)
     sim = 1.0 - best
     return 0.0 if sim < threshold else float(sim)
