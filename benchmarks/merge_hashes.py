@@ -39,8 +39,8 @@ def run_all(seed: int, methods: list[str] | None) -> dict[str, str]:
     try:  # the engine's home moved in the restructure; keep the script usable on both sides of it
         from mergelab.engine import merge
     except ImportError:  # pragma: no cover - before the move
-        from mergelab.methods.engine import merge  # type: ignore[no-redef]
-    table = getattr(M, "METHODS", None) or getattr(M, "REGISTRY")
+        from mergelab.engine import merge  # type: ignore[no-redef]
+    table = getattr(M, "METHODS", None) or M.REGISTRY
     names = methods or sorted(table)
     root = ZOO / f"seed{seed}"
     result: dict[str, str] = {}

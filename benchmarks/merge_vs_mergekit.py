@@ -109,7 +109,7 @@ def run(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
 
 
 def max_diff(a: Path, b: Path) -> float:
-    from mergelab.methods.io import CheckpointReader
+    from mergelab.engine import CheckpointReader
 
     ra, rb = CheckpointReader(a), CheckpointReader(b)
     assert set(ra.keys()) == set(rb.keys()), "the two outputs hold different tensors"
@@ -136,7 +136,7 @@ def main() -> None:
     try:
         t = time.perf_counter()
         base, *experts = build_models(root, args.layers, args.hidden, args.intermediate, args.vocab, args.experts)
-        from mergelab.methods.io import CheckpointReader
+        from mergelab.engine import CheckpointReader
 
         n_params = sum(i.nbytes // 4 for i in CheckpointReader(base).infos.values())
         print(f"built base + {len(experts)} experts: {n_params / 1e6:.1f}M params, fp32 "

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from mergelab.bench.zoo import DEFAULT_ZOO, TASKS, LamScan, expert_names, method_params
+from mergelab.engine import merge
 from mergelab.evaluators import evaluate
-from mergelab.methods.engine import merge
 
 
 def wrong_answers(model, processor, task: str, limit: int, top: int) -> tuple[float, list[tuple[str, int]]]:

@@ -68,7 +68,7 @@ def make_expert_family(root: Path, n: int = 3, scale: float = 0.1) -> tuple[Path
 
 
 def _load(d: Path) -> dict[str, torch.Tensor]:
-    from mergelab.methods.io import CheckpointReader
+    from mergelab.engine import CheckpointReader
 
     r = CheckpointReader(d)
     return {k: r.get(k).float() for k in r.keys()}

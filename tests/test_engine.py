@@ -11,10 +11,11 @@ from conftest import tiny_state, write_sharded
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from mergelab.engine import CheckpointReader, ExpertSpec, merge, tensor_seed
+from mergelab.engine.io import NameResolver, canonical_name
+from mergelab.engine.policy import PRESETS, MergePolicy, Rule, preset_for_config, resolve_policy
+from mergelab.engine.writer import OutSpec, ShardWriter
 from mergelab.methods.base import MergeContext, MethodSpec
-from mergelab.methods.engine import ExpertSpec, merge, tensor_seed
-from mergelab.methods.io import CheckpointReader, NameResolver, OutSpec, ShardWriter, canonical_name
-from mergelab.methods.policy import PRESETS, MergePolicy, Rule, preset_for_config, resolve_policy
 
 
 def load_dir(d: Path) -> dict[str, torch.Tensor]:
@@ -250,8 +251,8 @@ def test_reader_views_are_zero_copy_and_headers_are_validated(tmp_path: Path) ->
 
 
 def test_peak_memory_follows_the_largest_tensor_not_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mergelab.methods import engine
-    from mergelab.methods.engine import _PeakMemory
+    from mergelab.engine.stream import PeakMemory
+    from mergelab.engine import loop as engine
 
     monkeypatch.setattr(engine, "_PREFETCH_BYTES", 0)  # read-ahead budget = the largest tensor's footprint
 
@@ -261,7 +262,7 @@ def test_peak_memory_follows_the_largest_tensor_not_the_model(tmp_path: Path, mo
     bdir = write_sharded(tmp_path / "base", base, n_shards=2)
     experts = [write_sharded(tmp_path / f"e{j}", {k: v + 0.01 for k, v in base.items()}, n_shards=1) for j in range(3)]
     del base
-    before = _PeakMemory.current()
+    before = PeakMemory.current()
     rep = merge(base=bdir, experts=experts, method="weight_average", policy=[], out=tmp_path / "o", device="cpu")
     grown = rep.peak_rss_bytes - before
     # N task vectors + their mean (+ one small read-ahead), plus slack; holding the task vectors needs 384 MiB

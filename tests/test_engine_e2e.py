@@ -8,8 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from mergelab.methods.engine import merge
-from mergelab.methods.io import CheckpointReader
+from mergelab.engine import CheckpointReader, merge
 
 VISION = {"llama": (), "qwen2_vl": ("visual.",), "llava": ("vision_tower.", "multi_modal_projector.")}
 

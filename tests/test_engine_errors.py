@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_state, write_sharded
 
-from mergelab.methods.engine import ExpertSpec, MergeError, merge
+from mergelab.engine import ExpertSpec, MergeError, merge
 
 
 def _expert(root: Path, edit: Callable[[dict[str, torch.Tensor]], None], name: str = "bad") -> Path:

@@ -8,9 +8,8 @@ from pathlib import Path
 import torch
 from conftest import tiny_state, write_sharded
 
+from mergelab.engine import CheckpointReader, merge
 from mergelab.methods._sparsify import disjoint_merge, trim_to_threshold
-from mergelab.methods.engine import merge
-from mergelab.methods.io import CheckpointReader
 
 ZERO = "model.layers.0.mlp.up_proj.weight"  # identical in base and every expert: an all-zero task vector
 

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from mergelab.methods.engine import ExpertSpec, merge
-from mergelab.methods.io import CheckpointReader, LoraAdapter
+from mergelab.engine import CheckpointReader, ExpertSpec, merge
+from mergelab.engine.adapters import LoraAdapter
 
 
 def save_adapter(model_kind: str, base_dir: Path, out: Path, seed: int, **lora_kw: Any) -> dict[str, torch.Tensor]:

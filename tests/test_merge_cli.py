@@ -12,7 +12,7 @@ import yaml
 from click.testing import CliRunner
 from conftest import tiny_state, write_sharded
 
-from mergelab.methods.io import CheckpointReader
+from mergelab.engine import CheckpointReader
 from mergelab.platform.cli import main
 from mergelab.platform.merge_config import MergeConfig, MergeConfigError, parse_size
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from mergelab.methods import REGISTRY, MergeContext
+from mergelab.methods import METHODS, MergeContext
 from mergelab.methods._sparsify import GlobalMagnitudeThreshold, disjoint_merge, trim_to_threshold
 from mergelab.methods.iso import IsoCConfig, IsoCtsConfig, iso_c, iso_cts
 from mergelab.methods.task_arithmetic import TaskArithmeticConfig, task_arithmetic
@@ -20,7 +20,7 @@ CTX = MergeContext(name="w")
 
 def test_weight_average_and_task_arithmetic_by_hand() -> None:
     d = torch.tensor([[[1.0, -2.0]], [[3.0, 5.0]]])
-    wa = REGISTRY["weight_average"]
+    wa = METHODS["weight_average"]
     torch.testing.assert_close(wa.fn(torch.zeros(1, 2), d, wa.make_config(), CTX), torch.tensor([[2.0, 1.5]]))
     torch.testing.assert_close(
         task_arithmetic(None, d, TaskArithmeticConfig(), CTX), torch.tensor([[4.0, 3.0]])
@@ -61,7 +61,7 @@ def test_ties_global_equals_brute_force_top_k() -> None:
     }
     for density in (0.3, 0.05, 1.0):
         cfg = TiesConfig(density=density, scope="global")
-        stats = REGISTRY["ties"].make_stats(cfg, 3)
+        stats = METHODS["ties"].make_stats(cfg, 3)
         passes = 0
         while True:
             for k, v in tensors.items():
@@ -106,8 +106,8 @@ def test_ties_global_without_stats_is_an_error() -> None:
 
 def test_dare_ties_global_replays_the_same_masks_in_every_pass() -> None:
     v = torch.randn(3, 50, 20)
-    cfg = REGISTRY["dare_ties"].make_config({"scope": "global", "density": 0.5, "seed": 7})
-    stats = REGISTRY["dare_ties"].make_stats(cfg, 3)
+    cfg = METHODS["dare_ties"].make_config({"scope": "global", "density": 0.5, "seed": 7})
+    stats = METHODS["dare_ties"].make_stats(cfg, 3)
     stats.update("w", v)
     while stats.finish_pass():
         stats.update("w", v)
@@ -120,9 +120,9 @@ def test_dare_ties_global_replays_the_same_masks_in_every_pass() -> None:
 
 
 def test_dare_drop_rescale_and_mean_over_seeds() -> None:
-    spec = REGISTRY["dare_task_arithmetic"]
+    spec = METHODS["dare_task_arithmetic"]
     cfg = spec.make_config({})
-    assert cfg.drop_rate == 0.2 and REGISTRY["dare_ties"].make_config({}).drop_rate == 0.2
+    assert cfg.drop_rate == 0.2 and METHODS["dare_ties"].make_config({}).drop_rate == 0.2
     d = torch.randn(1, 64)
     outs = torch.stack(
         [spec.fn(None, d, cfg, MergeContext(generator=torch.Generator().manual_seed(s))) for s in range(400)]
@@ -215,9 +215,9 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
 @pytest.mark.parametrize(("name", "params", "field"), BAD)
 def test_out_of_range_hyperparameters_are_named(name: str, params: dict[str, Any], field: str) -> None:
     with pytest.raises(ValueError, match=field) as info:
-        REGISTRY[name].make_config(params)
+        METHODS[name].make_config(params)
     assert "\n" not in str(info.value)
 
 
 def test_every_method_validates_something() -> None:
-    assert {name for name, _, _ in BAD} == set(REGISTRY) - {"weight_average"}
+    assert {name for name, _, _ in BAD} == set(METHODS) - {"weight_average"}

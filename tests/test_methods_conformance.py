@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from mergelab.methods import REGISTRY, MergeContext, scale_of
+from mergelab.methods import METHODS, MergeContext, scale_of
 
-NAMES = sorted(REGISTRY)
+NAMES = sorted(METHODS)
 
 #: Parameters under which one expert with lam 1 must come back unchanged, or None where the method does not define
 #: it so (Iso-C/Iso-CTS flatten the spectrum: they are checked on an isotropic task vector instead).
@@ -32,7 +32,7 @@ def run(
     name: str, base: Tensor, deltas: Tensor, params: dict[str, Any] | None = None, seed: int = 0
 ) -> Tensor:
     """Call a method the way the engine does, including the stats passes of global methods."""
-    spec = REGISTRY[name]
+    spec = METHODS[name]
     cfg = spec.make_config(params or {})
     stats = spec.make_stats(cfg, deltas.shape[0]) if spec.make_stats else None
     if stats is not None:
@@ -56,7 +56,7 @@ def test_zero_deltas_return_base(name: str, base_dtype: torch.dtype, device: tor
     tau = run(name, base, torch.zeros(3, 12, 8, device=device))
     assert tau.shape == base.shape and tau.dtype == torch.float32 and tau.device == base.device
     assert torch.isfinite(tau).all() and not tau.any()
-    merged = (base.float() + scale_of(REGISTRY[name].make_config({})) * tau).to(base_dtype)
+    merged = (base.float() + scale_of(METHODS[name].make_config({})) * tau).to(base_dtype)
     assert torch.equal(merged, base)
 
 
@@ -98,7 +98,7 @@ def test_one_zero_expert_among_others(name: str) -> None:
         torch.testing.assert_close(out, run(name, torch.zeros(8, 6), deltas[[0, 2]]), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if REGISTRY[n].matrix_only])
+@pytest.mark.parametrize("name", [n for n in NAMES if METHODS[n].matrix_only])
 def test_matrix_only_methods_reject_vectors(name: str) -> None:
     with pytest.raises(ValueError, match="2-D"):
         run(name, torch.zeros(5), torch.randn(2, 5))
@@ -107,4 +107,4 @@ def test_matrix_only_methods_reject_vectors(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_unknown_parameter_is_named(name: str) -> None:
     with pytest.raises(ValueError, match="bogus"):
-        REGISTRY[name].make_config({"bogus": 1})
+        METHODS[name].make_config({"bogus": 1})

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from mergelab.methods import REGISTRY, MergeContext
+from mergelab.methods import METHODS, MergeContext
 from mergelab.methods._sparsify import (
     dare_drop,
     disjoint_merge,
@@ -142,7 +142,7 @@ def test_weighted_sum_and_task_arithmetic_without_full_size_product() -> None:
 
 def test_dare_ties_repeated_calls_on_one_buffer_agree() -> None:
     x = torch.randn(3, 80, 90)
-    spec = REGISTRY["dare_ties"]
+    spec = METHODS["dare_ties"]
     cfg = spec.make_config({"density": 0.3})
     a = spec.fn(None, x, cfg, MergeContext(name="w", generator=torch.Generator().manual_seed(1)))
     b = spec.fn(None, x, cfg, MergeContext(name="w", generator=torch.Generator().manual_seed(1)))

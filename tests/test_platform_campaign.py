@@ -34,7 +34,7 @@ def _campaign(tmp_path: Path, **over: object) -> tuple[CampaignConfig, WeightEva
 
 
 def _crash_on_call(n: int):  # noqa: ANN202
-    from mergelab.methods.engine import merge
+    from mergelab.engine import merge
 
     calls = {"n": 0}
 
@@ -54,7 +54,7 @@ def test_sigterm_in_a_trial_ends_its_run_killed_and_its_trial_failed(platform_st
     import os
     import signal
 
-    from mergelab.methods.engine import merge
+    from mergelab.engine import merge
     from mergelab.platform.cli import raise_on_sigterm
 
     cfg, ev = _campaign(tmp_path)

@@ -787,9 +787,9 @@ def method_params(method: str, setting: str) -> dict[str, Any]:
 
 
 def has_lam(method: str, setting: str) -> bool:
-    from mergelab.methods import REGISTRY
+    from mergelab.methods import METHODS
 
-    return hasattr(REGISTRY[method].make_config(method_params(method, setting)), "lam")
+    return hasattr(METHODS[method].make_config(method_params(method, setting)), "lam")
 
 
 class LamScan:
@@ -851,8 +851,8 @@ def benchmark(
     import tempfile
 
     from mergelab.bench.data import ensure_data
-    from mergelab.methods import REGISTRY
-    from mergelab.methods.engine import merge
+    from mergelab.engine import merge
+    from mergelab.methods import METHODS
 
     root = Path(root)
     manifest = read_manifest(root)
@@ -860,7 +860,7 @@ def benchmark(
                             seed=manifest["plan"].get("data_seed", 0), sizes=data_sizes)
     tasks = list(manifest.get("tasks", TASKS))
     seeds = list(seeds if seeds is not None else manifest["plan"]["seeds"])
-    methods = list(REGISTRY) if methods is None else list(methods)
+    methods = list(METHODS) if methods is None else list(methods)
     variants = ("shifted", "generic")
     out: dict[str, Any] = {"tasks": tasks, "seeds": seeds, "limits": {"val": val_limit, "test": test_limit},
                            "rows": {}, "lam": {}, "timing": {}}

@@ -8,7 +8,7 @@ from mergelab.methods import dare, iso, optmerge, task_arithmetic, ties, tsv, we
 from mergelab.methods.base import MergeContext, MethodSpec, scale_of
 
 # fmt: off
-REGISTRY: MappingProxyType[str, MethodSpec] = MappingProxyType({
+METHODS: MappingProxyType[str, MethodSpec] = MappingProxyType({
     "weight_average": MethodSpec(weight_average.weight_average, weight_average.WeightAverageConfig, description="mean of the experts (model soup)"),
     "task_arithmetic": MethodSpec(task_arithmetic.task_arithmetic, task_arithmetic.TaskArithmeticConfig, description="sum_i c_i tau_i, arXiv:2212.04089"),
     "ties": MethodSpec(ties.ties, ties.TiesConfig, make_stats=ties.make_stats, description="trim, elect sign, disjoint mean; arXiv:2306.01708"),
@@ -22,4 +22,4 @@ REGISTRY: MappingProxyType[str, MethodSpec] = MappingProxyType({
 })
 # fmt: on
 
-__all__ = ["REGISTRY", "MergeContext", "MethodSpec", "scale_of"]
+__all__ = ["METHODS", "MergeContext", "MethodSpec", "scale_of"]

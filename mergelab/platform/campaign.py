@@ -183,11 +183,11 @@ def make_pruner(cfg: CampaignConfig) -> optuna.pruners.BasePruner:
 
 def check_search_space(cfg: CampaignConfig) -> None:
     """Refuse searched or fixed parameters that the method's config does not have (one line naming them)."""
-    from mergelab.methods import REGISTRY
+    from mergelab.methods import METHODS
 
-    if cfg.method not in REGISTRY:
-        raise ValueError(f"method: unknown merge method {cfg.method!r}; known: {sorted(REGISTRY)}")
-    fields = set(getattr(REGISTRY[cfg.method].config_cls, "__dataclass_fields__", {}))
+    if cfg.method not in METHODS:
+        raise ValueError(f"method: unknown merge method {cfg.method!r}; known: {sorted(METHODS)}")
+    fields = set(getattr(METHODS[cfg.method].config_cls, "__dataclass_fields__", {}))
     unknown = sorted((set(cfg.search_space) | set(cfg.params)) - fields)
     if unknown:
         raise ValueError(f"search_space/params: {unknown} are not hyperparameters of {cfg.method!r}; "
@@ -342,7 +342,7 @@ def run_campaign(
         store: tracking/Optuna store (default: from ``cfg.tracking`` and the environment).
         evaluator: val evaluator (default :class:`HFEvaluator` with ``cfg.eval``'s options).
         test_evaluator: test evaluator for registered candidates (default: the same as ``evaluator``).
-        merge_fn: the merge function (default ``mergelab.methods.engine.merge``).
+        merge_fn: the merge function (default ``mergelab.engine.loop.merge``).
         n_trials: stop this process after this many trials (the study's budget still applies).
         summarize: log visualisations, the best trial and the comparison table to the parent run at the end.
         worker: salt the sampler seed with the process id (several processes on one study).
@@ -375,7 +375,7 @@ def run_campaign(
     keep = {"all": None, "top_k": cfg.registry.top_k, "best": 1, "none": 0}[cfg.registry.register_policy]
 
     try:
-        from mergelab.methods.engine import ExpertSpec
+        from mergelab.engine import ExpertSpec
     except ImportError:  # pragma: no cover - engine always present in an install
         ExpertSpec = None  # type: ignore[assignment,misc]  # noqa: N806
 

@@ -1,7 +1,7 @@
 """`mergelab merge CONFIG.yaml --out DIR`: validate the recipe, stream the merge, print the summary.
 
 As thin as mergekit's ``run_yaml.py``: parse -> validate (:class:`MergeConfig`) -> call
-:func:`mergelab.methods.engine.merge` with a progress bar over tensors -> print :meth:`MergeReport.summary`.
+:func:`mergelab.engine.loop.merge` with a progress bar over tensors -> print :meth:`MergeReport.summary`.
 Bad input exits with status 2 and one line naming the culprit; nothing is written to ``--out``.
 """
 
@@ -26,8 +26,8 @@ import click
 def merge(config: Path, out: Path, overwrite: bool, device: str | None, report_path: Path | None, quiet: bool,
           track: bool) -> None:
     """Merge the experts of CONFIG (YAML: base, experts, method, params, policy, device, dtype, seed) into OUT."""
-    from mergelab.methods.engine import merge as run_merge
-    from mergelab.methods.io import MergeError
+    from mergelab.engine import MergeError
+    from mergelab.engine import merge as run_merge
     from mergelab.platform.merge_config import MergeConfig
 
     try:

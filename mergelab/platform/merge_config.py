@@ -38,7 +38,7 @@ from pydantic import (
     model_validator,
 )
 
-from mergelab.methods.io import MergeError
+from mergelab.engine import MergeError
 
 
 class MergeConfigError(MergeError):
@@ -86,7 +86,7 @@ class PolicyConfig(BaseModel):
 
 
 def _check_preset(v: str) -> str:
-    from mergelab.methods.policy import PRESETS
+    from mergelab.engine.policy import PRESETS
 
     if v != "auto" and v not in PRESETS:
         raise ValueError(f"unknown preset {v!r}; known: {['auto', *sorted(PRESETS)]}")
@@ -130,7 +130,7 @@ PolicyField = Annotated[
 
 
 class MergeConfig(BaseModel):
-    """A validated merge recipe: the arguments of :func:`mergelab.methods.engine.merge`."""
+    """A validated merge recipe: the arguments of :func:`mergelab.engine.loop.merge`."""
 
     model_config = ConfigDict(extra="forbid")
     base: str
@@ -155,10 +155,10 @@ class MergeConfig(BaseModel):
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
-        from mergelab.methods import REGISTRY
+        from mergelab.methods import METHODS
 
-        if v not in REGISTRY:
-            raise ValueError(f"unknown method {v!r}; known: {sorted(REGISTRY)}")
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; known: {sorted(METHODS)}")
         return v
 
     @field_validator("policy")
@@ -176,7 +176,7 @@ class MergeConfig(BaseModel):
     @field_validator("dtype", "compute_dtype")
     @classmethod
     def _dtype(cls, v: str | None) -> str | None:
-        from mergelab.methods.engine import parse_dtype
+        from mergelab.engine import parse_dtype
 
         if v is not None:
             try:
@@ -192,11 +192,11 @@ class MergeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _params(self) -> MergeConfig:
-        from mergelab.methods import REGISTRY
-        from mergelab.methods.engine import _make_config
+        from mergelab.engine.loop import _make_config
+        from mergelab.methods import METHODS
 
         try:
-            _make_config(self.method, REGISTRY[self.method], self.params, [e.coefficient for e in self.experts])
+            _make_config(self.method, METHODS[self.method], self.params, [e.coefficient for e in self.experts])
         except MergeError as e:
             raise ValueError(str(e)) from None
         return self
@@ -240,7 +240,7 @@ class MergeConfig(BaseModel):
             raise MergeConfigError(f"{source}: {where}{msg}{more}") from None
 
     def policy_arg(self) -> Any:
-        """The policy in the form :func:`mergelab.methods.policy.resolve_policy` accepts."""
+        """The policy in the form :func:`mergelab.engine.policy.resolve_policy` accepts."""
         if isinstance(self.policy, str):
             return self.policy
         if isinstance(self.policy, list):
@@ -248,8 +248,8 @@ class MergeConfig(BaseModel):
         return self.policy.model_dump()
 
     def merge_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`mergelab.methods.engine.merge` (everything but ``out``)."""
-        from mergelab.methods.engine import ExpertSpec
+        """Keyword arguments for :func:`mergelab.engine.loop.merge` (everything but ``out``)."""
+        from mergelab.engine import ExpertSpec
 
         return {
             "base": self.base,

@@ -445,11 +445,11 @@ def method_hyperparameters(method: str, params: Mapping[str, Any] | None) -> dic
         KeyError: unknown method (naming it and the known ones).
         ValueError: unknown or invalid parameter (raised by the method's config).
     """
-    from mergelab.methods import REGISTRY
+    from mergelab.methods import METHODS
 
-    if method not in REGISTRY:
-        raise KeyError(f"unknown merge method {method!r}; known: {sorted(REGISTRY)}")
-    cfg = REGISTRY[method].make_config(dict(params or {}))
+    if method not in METHODS:
+        raise KeyError(f"unknown merge method {method!r}; known: {sorted(METHODS)}")
+    cfg = METHODS[method].make_config(dict(params or {}))
     return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(params or {})
 
 
@@ -635,7 +635,7 @@ def tracked_merge(
     Args:
         base: the base checkpoint directory.
         experts: ``ExpertSpec``s, ``{"path", "coefficient", "name"}`` dicts or paths.
-        method: a key of ``mergelab.methods.REGISTRY``.
+        method: a key of ``mergelab.methods.METHODS``.
         params: the method's hyperparameters (missing ones take the config's defaults; all are logged).
         policy: the engine's tensor policy.
         device, dtype, compute_dtype, seed: passed to the engine.
@@ -653,7 +653,7 @@ def tracked_merge(
         on_task: forwarded to the evaluator (pruning); an exception raised there fails the run unless it is
             ``optuna.TrialPruned``-like (its class name contains ``Pruned``), which ends the run KILLED.
         on_run: called with the run id as soon as the run exists.
-        merge_fn: the merge function (default ``mergelab.methods.engine.merge``).
+        merge_fn: the merge function (default ``mergelab.engine.loop.merge``).
         overwrite: let the engine replace an existing ``out``.
         engine_kwargs: further engine arguments (``max_shard_bytes``, ``carry_unique``, ``progress``).
         end_run: set the run FINISHED on success (a campaign keeps it open to add registry tags).
@@ -679,7 +679,7 @@ def tracked_merge(
     tmp_out: Path | None = None
     try:
         if merge_fn is None:
-            from mergelab.methods.engine import merge as merge_fn  # type: ignore[no-redef]
+            from mergelab.engine import merge as merge_fn  # type: ignore[no-redef]
         try:
             hp = method_hyperparameters(method, params)
         except ImportError:  # registry not importable in a stripped install: log what was given
@@ -799,7 +799,7 @@ def track_merge_config(
 
 def _expert_specs(experts: Sequence[Any]) -> list[Any]:
     """Dict entries become the engine's ``ExpertSpec``; specs and plain paths pass through."""
-    from mergelab.methods.engine import ExpertSpec
+    from mergelab.engine import ExpertSpec
 
     return [ExpertSpec(e["path"], e.get("coefficient"), e.get("name")) if isinstance(e, Mapping) else e
             for e in experts]

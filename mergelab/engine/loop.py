@@ -20,31 +20,26 @@ import hashlib
 import json
 import math
 import os
-import queue
 import shutil
-import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+import mergelab
 from mergelab._device import resolve_device as _resolve_device
+from mergelab.engine.io import CheckpointReader, MergeError
+from mergelab.engine.plan import Expert, ExpertSpec, PlanItem, check_keys, has_nonfinite, make_plan
+from mergelab.engine.policy import MergePolicy, resolve_policy
+from mergelab.engine.report import MergeReport, TensorRecord
+from mergelab.engine.stream import Loaded, PeakMemory, TensorStream
+from mergelab.engine.writer import OutSpec, ShardWriter, copy_side_files
+from mergelab.methods import METHODS
 from mergelab.methods.base import MergeContext, MethodSpec, scale_of
-from mergelab.methods.io import (
-    CheckpointReader,
-    LoraAdapter,
-    MergeError,
-    OutSpec,
-    ShardWriter,
-    copy_side_files,
-    is_lora_dir,
-)
-from mergelab.methods.policy import MergePolicy, resolve_policy
-from mergelab.methods.report import MergeReport, TensorRecord
 
 __all__ = ["ExpertSpec", "MergeError", "merge", "parse_dtype", "resolve_device"]
 
@@ -64,19 +59,6 @@ PROVENANCE_FILE = "mergelab_merge.json"
 _PREFETCH_BYTES = 256 * 2**20  # read-ahead budget (raised to the largest tensor's footprint)
 
 
-@dataclass(frozen=True)
-class ExpertSpec:
-    """One expert: a full fine-tuned checkpoint directory or a PEFT LoRA adapter directory.
-
-    Attributes:
-        path: the directory.
-        coefficient: per-expert weight, passed to the method config's ``coefficients`` field (None = 1).
-        name: a display name (defaults to the directory name).
-    """
-
-    path: str | Path
-    coefficient: float | None = None
-    name: str | None = None
 
 
 def parse_dtype(value: str | torch.dtype | None, field: str = "dtype") -> torch.dtype | None:
@@ -112,13 +94,9 @@ def tensor_seed(seed: int, name: str) -> int:
 def _resolve_method(method: str | MethodSpec) -> tuple[str, MethodSpec]:
     if isinstance(method, MethodSpec):
         return getattr(method.fn, "__name__", "custom"), method
-    try:
-        from mergelab.methods import REGISTRY  # type: ignore[attr-defined]
-    except ImportError:
-        REGISTRY = {}  # noqa: N806 - the registry is not written yet
-    if method not in REGISTRY:
-        raise MergeError(f"method: unknown method {method!r}; known: {sorted(REGISTRY)}")
-    return str(method), REGISTRY[method]
+    if method not in METHODS:
+        raise MergeError(f"method: unknown method {method!r}; known: {sorted(METHODS)}")
+    return str(method), METHODS[method]
 
 
 def _make_config(
@@ -153,241 +131,28 @@ def _config_dict(cfg: Any) -> dict[str, Any]:
 # Experts
 
 
-class _Expert:
-    """A full checkpoint or a LoRA adapter, giving task vectors per base tensor."""
-
-    def __init__(self, spec: ExpertSpec, base: CheckpointReader) -> None:
-        self.spec = spec
-        self.path = Path(spec.path)
-        self.name = spec.name or self.path.name
-        self.lora: LoraAdapter | None = None
-        self.full: CheckpointReader | None = None
-        if is_lora_dir(self.path):
-            self.lora = LoraAdapter(self.path, base.keys())
-        else:
-            self.full = CheckpointReader(self.path)
-
-    def keys(self) -> set[str]:
-        return set(self.full.infos) if self.full else set()
-
-    def delta_into(
-        self,
-        name: str,
-        slot: torch.Tensor,
-        base_c: torch.Tensor,
-        base_dev: torch.Tensor,
-        device: torch.device,
-        cdtype: torch.dtype,
-    ) -> int:
-        """Write the task vector of ``name`` into ``slot`` (compute dtype, on the device); return the bytes read."""
-        if self.lora is not None:
-            d, n = self.lora.delta(name, base_dev, device, cdtype)
-            if d is None:
-                slot.zero_()
-            else:
-                slot.copy_(d)
-            return n
-        assert self.full is not None
-        t = self.full.view(name)
-        if slot.device == t.device:
-            torch.sub(t, base_c, out=slot)  # one fused pass: read, convert, subtract
-        else:
-            slot.copy_(t)
-            slot.sub_(base_c)
-        return t.numel() * t.element_size()
-
-    def check_finite(self, name: str) -> None:
-        """Raise when the expert's stored ``name`` holds NaN or Inf (names the file, tensor and expert)."""
-        if self.full is not None and has_nonfinite(self.full.view(name)):
-            raise MergeError(f"{self.full.infos[name].file}: tensor {name} contains NaN or Inf (expert {self.name})")
 
 
-def has_nonfinite(t: torch.Tensor) -> bool:
-    """True when a floating tensor holds NaN or Inf (one reduction; the exact check only if the sum overflows)."""
-    if not t.is_floating_point():
-        return False
-    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
-        return False
-    return not bool(torch.isfinite(t).all())
 
 
-def _check_keys(base: CheckpointReader, experts: Sequence[_Expert], carry_unique: bool) -> dict[str, int]:
-    """Compare key sets and shapes; return ``{tensor: owner index}`` for tensors carried from a single expert.
-
-    Raises:
-        MergeError: a tensor missing in an expert, an expert tensor absent from the base (unless carried), or a
-            shape mismatch (names the tensor and both shapes).
-    """
-    base_keys = set(base.infos)
-    carry: dict[str, int] = {}
-    owners: dict[str, list[int]] = {}
-    for i, e in enumerate(experts):
-        if e.full is None:
-            continue
-        keys = e.keys()
-        missing = sorted(base_keys - keys)
-        if missing:
-            raise MergeError(
-                f"expert {e.path}: tensor {missing[0]} is missing (present in base {base.path})"
-                + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-            )
-        for k in sorted(keys - base_keys):
-            owners.setdefault(k, []).append(i)
-        for k in sorted(keys & base_keys):
-            bs, es = base.infos[k].shape, e.full.infos[k].shape
-            if bs != es:
-                raise MergeError(f"tensor {k}: expert {e.full.infos[k].file} has shape {es}, base has shape {bs}")
-    for k, who in owners.items():
-        if not carry_unique:
-            raise MergeError(f"expert {experts[who[0]].path}: tensor {k} is not in base {base.path}")
-        if len(who) > 1:
-            raise MergeError(f"tensor {k}: owned by {len(who)} experts but not the base; cannot carry it over")
-        carry[k] = who[0]
-    return carry
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Memory sampling
 
 
-class _PeakMemory:
-    """Samples the process's anonymous RSS (``/proc/self/status`` RssAnon, psutil RSS elsewhere)."""
-
-    def __init__(self, interval: float = 0.02) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._interval = interval
-        self._thread = threading.Thread(target=self._run, name="mergelab-rss", daemon=True)
-
-    @staticmethod
-    def current() -> int:
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("RssAnon:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        try:
-            import psutil
-
-            return int(psutil.Process().memory_info().rss)
-        except Exception:  # pragma: no cover - best effort only
-            return 0
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.current())
-            self._stop.wait(self._interval)
-
-    def __enter__(self) -> _PeakMemory:
-        self.peak = self.current()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.current())
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Plan and streaming
 
 
-@dataclass
-class _Item:
-    name: str
-    rule: str  # base | merge | average | carry
-    out_dtype: torch.dtype
-    shape: tuple[int, ...]
-    owner: int = -1  # carry: expert index
 
 
-@dataclass
-class _Loaded:
-    item: _Item
-    base: torch.Tensor  # on the device, original dtype (carry: the owner's tensor)
-    deltas: torch.Tensor | None  # (N, *S) compute dtype, None when not read or all zero
-    nbytes: int
-    zero: bool = False
-    norms: list[float] | None = None  # per-expert Frobenius norms of the task vectors
 
 
-_DONE = object()
 
 
-class _Reader:
-    """Background thread reading and subtracting tensors ahead of the compute loop.
-
-    Read-ahead is bounded by bytes, not only by count: the reader starts loading the next tensor only while the
-    tensors loaded but not yet consumed (queued or being merged and written) plus the next one fit in ``budget``
-    bytes, or when nothing is in flight. Small and medium tensors (every layer of a transformer) are therefore read
-    while the previous one is merged, whereas the largest ones (embeddings, ``lm_head``) are never held two at a
-    time, so peak memory stays at about one tensor's ``(N + 1)`` copies plus the method's temporaries.
-    """
-
-    def __init__(self, items: Sequence[_Item], load: Any, cost: Any, budget: int, depth: int = 2) -> None:
-        self._items = items
-        self._load = load
-        self._cost = cost
-        self._budget = budget
-        self._inflight = 0
-        self._cond = threading.Condition()
-        self._q: queue.Queue[Any] = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="mergelab-reader", daemon=True)
-
-    def _put(self, obj: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._q.put(obj, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _reserve(self, c: int) -> bool:
-        with self._cond:
-            while self._inflight > 0 and self._inflight + c > self._budget:
-                if self._stop.is_set():
-                    return False
-                self._cond.wait(0.1)
-            self._inflight += c
-        return not self._stop.is_set()
-
-    def _release(self, c: int) -> None:
-        with self._cond:
-            self._inflight -= c
-            self._cond.notify_all()
-
-    def _run(self) -> None:
-        try:
-            for it in self._items:
-                if not self._reserve(self._cost(it)) or not self._put(self._load(it)):
-                    return
-        except BaseException as e:  # forwarded to the consumer
-            self._put(e)
-            return
-        self._put(_DONE)
-
-    def __iter__(self) -> Iterator[_Loaded]:
-        self._thread.start()
-        try:
-            while True:
-                obj = self._q.get()
-                if obj is _DONE:
-                    return
-                if isinstance(obj, BaseException):
-                    raise obj
-                yield obj
-                obj.base = obj.deltas = None  # type: ignore[assignment]  # consumed: drop before the next load
-                self._release(self._cost(obj.item))
-        finally:
-            self._stop.set()
-            with self._cond:
-                self._cond.notify_all()
-            self._thread.join()
 
 
 def merge(
@@ -413,10 +178,10 @@ def merge(
         base: base checkpoint directory (Hugging Face layout, safetensors, one file or shards + index).
         experts: full fine-tuned checkpoint directories and/or PEFT LoRA adapter directories (``ExpertSpec`` or
             plain paths). Per-expert coefficients go to the method config's ``coefficients`` field.
-        method: a registry name (``mergelab.methods.REGISTRY``) or a :class:`MethodSpec`.
+        method: a registry name (``mergelab.methods.METHODS``) or a :class:`MethodSpec`.
         params: method hyperparameters (validated by the method's config dataclass).
         policy: ``"auto"``, a preset name (``qwen2_vl``, ``qwen2_5_vl``, ``internvl2_5``, ``llava``, ``llama``),
-            explicit rules, or a :class:`MergePolicy` (see :mod:`mergelab.methods.policy`).
+            explicit rules, or a :class:`MergePolicy` (see :mod:`mergelab.engine.policy`).
         out: output directory (written beside itself in a temporary directory, renamed when complete).
         device: ``auto`` | ``cpu`` | ``cuda[:i]``.
         dtype: output dtype; None keeps each tensor's base dtype.
@@ -455,14 +220,14 @@ def merge(
             raise MergeError(f"out: {out} overlaps input {p}")
 
     base_reader = CheckpointReader(base)
-    ex = [_Expert(e, base_reader) for e in expert_specs]
-    carry = _check_keys(base_reader, ex, carry_unique)
+    ex = [Expert(e, base_reader) for e in expert_specs]
+    carry = check_keys(base_reader, ex, carry_unique)
     try:
         pol = resolve_policy(policy, base_reader.config())
     except ValueError as e:
         raise MergeError(str(e)) from None
 
-    items = _plan(base_reader, ex, carry, pol, spec, odtype)
+    items = make_plan(base_reader, ex, carry, pol, spec, odtype)
     report = MergeReport(
         out=str(out),
         method=name,
@@ -478,16 +243,16 @@ def merge(
         seed=int(seed),
     )
 
-    def load(it: _Item) -> _Loaded:
+    def load(it: PlanItem) -> Loaded:
         if it.rule == "carry":
             e = ex[it.owner]
             assert e.full is not None
             t = e.full.view(it.name)
-            return _Loaded(it, t, None, t.numel() * t.element_size())
+            return Loaded(it, t, None, t.numel() * t.element_size())
         b = base_reader.view(it.name)
         nbytes = b.numel() * b.element_size()
         if it.rule == "base":
-            return _Loaded(it, b, None, nbytes)
+            return Loaded(it, b, None, nbytes)
         b_dev = b.to(dev)
         b_c = b_dev.to(cdtype)
         deltas = torch.empty((len(ex), *b.shape), dtype=cdtype, device=dev)
@@ -501,9 +266,9 @@ def merge(
             if not math.isfinite(nrm):
                 ex[i].check_finite(it.name)
         zero = all(nrm == 0.0 for nrm in norms) and not bool(deltas.any())
-        return _Loaded(it, b_dev, None if zero else deltas, nbytes, zero, norms)
+        return Loaded(it, b_dev, None if zero else deltas, nbytes, zero, norms)
 
-    def cost(it: _Item) -> int:  # bytes a loaded item holds: base (+ N task vectors in the compute dtype)
+    def cost(it: PlanItem) -> int:  # bytes a loaded item holds: base (+ N task vectors in the compute dtype)
         n = math.prod(it.shape)
         if it.rule in ("base", "carry"):
             return n * it.out_dtype.itemsize
@@ -518,12 +283,12 @@ def merge(
     tmp.mkdir()
     writer = ShardWriter(tmp, [OutSpec(i.name, i.out_dtype, i.shape) for i in items], max_shard_bytes)
     try:
-        with _PeakMemory() as mem:
+        with PeakMemory() as mem:
             stats = spec.make_stats(cfg, len(ex)) if spec.make_stats is not None else None
             if stats is not None:
                 report.stats_passes, report.bytes_read = _stats_passes(stats, items, load, cost, budget, progress)
             bar = _progress(progress, len(items), "merge")
-            for ld in _Reader(items, load, cost, budget):
+            for ld in TensorStream(items, load, cost, budget):
                 t0 = time.perf_counter()
                 rec, value = _merge_one(ld, spec, cfg, lam, stats, seed, cdtype, dev, len(ex))
                 writer.write(ld.item.name, value)
@@ -565,34 +330,10 @@ def merge(
     return report
 
 
-def _plan(
-    base: CheckpointReader,
-    ex: Sequence[_Expert],
-    carry: Mapping[str, int],
-    pol: MergePolicy,
-    spec: MethodSpec,
-    odtype: torch.dtype | None,
-) -> list[_Item]:
-    items = []
-    for k, info in base.infos.items():
-        act = pol.action(k)
-        if not info.dtype.is_floating_point:
-            act = "base"
-        elif act == "merge" and spec.matrix_only and not (len(info.shape) == 2 and "lm_head" not in k):
-            act = "average"
-        out_dtype = odtype if (odtype is not None and info.dtype.is_floating_point) else info.dtype
-        items.append(_Item(k, act, out_dtype, info.shape))
-    for k, owner in carry.items():
-        e = ex[owner]
-        assert e.full is not None
-        info = e.full.infos[k]
-        out_dtype = odtype if (odtype is not None and info.dtype.is_floating_point) else info.dtype
-        items.append(_Item(k, "carry", out_dtype, info.shape, owner))
-    return items
 
 
 def _stats_passes(
-    stats: Any, items: Sequence[_Item], load: Any, cost: Any, budget: int, progress: bool
+    stats: Any, items: Sequence[PlanItem], load: Any, cost: Any, budget: int, progress: bool
 ) -> tuple[int, int]:
     passes, nbytes = 0, 0
     targets = [it for it in items if it.rule == "merge"]
@@ -600,7 +341,7 @@ def _stats_passes(
     while True:
         passes += 1
         bar = _progress(progress, len(targets), f"statistics pass {passes}")
-        for ld in _Reader(targets, load, cost, budget):
+        for ld in TensorStream(targets, load, cost, budget):
             nbytes += ld.nbytes
             if ld.deltas is not None:
                 stats.update(ld.item.name, ld.deltas)
@@ -617,7 +358,7 @@ def _stats_passes(
 
 
 def _merge_one(
-    ld: _Loaded,
+    ld: Loaded,
     spec: MethodSpec,
     cfg: Any,
     lam: float,
@@ -683,8 +424,6 @@ def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
 
 
 def _provenance(report: MergeReport) -> dict[str, Any]:
-    import mergelab
-
     d = report.to_dict()
     d.pop("tensors")
     d["mergelab_version"] = mergelab.__version__

@@ -1,0 +1,257 @@
+"""Checkpoint reading for the streaming merge engine: sharded safetensors headers, lazy tensors, naming schemes.
+
+:class:`CheckpointReader` parses a Hugging Face directory (``model.safetensors``, or shards plus
+``model.safetensors.index.json``) and reads tensor *metadata* from the safetensors headers without touching the
+data; tensors are read one at a time through memory-mapped :func:`safetensors.safe_open` handles (the shape of
+mergekit's ``LazyTensorLoader``). PEFT adapters are read by :mod:`mergelab.engine.adapters`, output shards written
+by :mod:`mergelab.engine.writer`.
+
+Loading is safe: safetensors only; pickled ``*.bin`` checkpoints are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+_WEIGHT_INDEXES = (INDEX_NAME, "pytorch_model.bin.index.json")
+
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_DTYPES.items()}
+
+
+class MergeError(ValueError):
+    """Bad merge input or state. The message is one line naming the culprit (file, tensor or field)."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Header metadata of one stored tensor."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int = -1  # absolute byte offset of the data in ``file``
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _itemsize(self.dtype)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """Parse and validate a safetensors header without reading tensor data.
+
+    Args:
+        path: a ``*.safetensors`` file.
+
+    Returns:
+        The header mapping (``__metadata__`` removed).
+
+    Raises:
+        MergeError: the file is missing, truncated or not a safetensors file (message names the file).
+    """
+    return _parse_header(path)[0]
+
+
+def _parse_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The header and the byte offset where tensor data starts.
+
+    Raises:
+        MergeError: the file is missing, truncated or not a safetensors file (message names the file).
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise MergeError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8 or n > 100_000_000:
+                raise MergeError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes, file {size})")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise MergeError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise MergeError(f"{path}: corrupt safetensors header") from None
+    header.pop("__metadata__", None)
+    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise MergeError(f"{path}: truncated safetensors file (needs {8 + n + end} bytes, has {size})")
+    return header, 8 + n
+
+
+class CheckpointReader:
+    """Lazy, memory-mapped reader of a Hugging Face safetensors checkpoint directory (one file or shards + index).
+
+    Args:
+        path: the checkpoint directory (or a single ``.safetensors`` file).
+
+    Raises:
+        MergeError: no safetensors weights, a pickled-only checkpoint, an index naming a missing shard, or a
+            truncated shard.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.infos: dict[str, TensorInfo] = {}
+        self._handles: dict[Path, Any] = {}
+        files = self._shard_files()
+        self._maps: dict[Path, mmap.mmap] = {}
+        for file in files:
+            header, start = _parse_header(file)
+            for name, meta in header.items():
+                dtype = ST_DTYPES.get(meta["dtype"])
+                if dtype is None:
+                    raise MergeError(f"{file}: tensor {name} has unsupported dtype {meta['dtype']}")
+                info = TensorInfo(name, file, dtype, tuple(int(s) for s in meta["shape"]), start + meta["data_offsets"][0])
+                b, e = meta["data_offsets"]
+                if e - b != info.nbytes:
+                    raise MergeError(f"{file}: tensor {name} spans {e - b} bytes, its shape and dtype need {info.nbytes}")
+                self.infos[name] = info
+        if not self.infos:
+            raise MergeError(f"{self.path}: checkpoint holds no tensors")
+
+    def _shard_files(self) -> list[Path]:
+        p = self.path
+        if p.is_file():
+            if p.suffix != ".safetensors":
+                raise MergeError(f"{p}: not a safetensors file (pickled checkpoints are refused)")
+            return [p]
+        if not p.is_dir():
+            raise MergeError(f"{p}: checkpoint directory not found")
+        index = p / INDEX_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise MergeError(f"{index}: invalid index (no 'weight_map')") from None
+            files = sorted({p / f for f in weight_map.values()})
+            for f in files:
+                if not f.exists():
+                    raise MergeError(f"{index}: names shard {f.name}, which is missing")
+            return files
+        if (p / SINGLE_NAME).exists():
+            return [p / SINGLE_NAME]
+        files = sorted(p.glob("*.safetensors"))
+        files = [f for f in files if f.name != ADAPTER_WEIGHTS]
+        if files:
+            return files
+        if any(p.glob("*.bin")) or any(p.glob("*.pt")):
+            raise MergeError(f"{p}: only pickled weights found; convert to safetensors (pickle is never loaded)")
+        raise MergeError(f"{p}: no safetensors weights found")
+
+    def keys(self) -> list[str]:
+        return list(self.infos)
+
+    def view(self, name: str) -> torch.Tensor:
+        """One tensor as a zero-copy CPU view of the memory-mapped file (private copy-on-write mapping).
+
+        Its pages are file-backed page cache, not anonymous memory, so streaming through a checkpoint does not grow
+        the process's heap. Falls back to :meth:`get` (a copy) for data not aligned to its dtype.
+        """
+        info = self.infos[name]
+        item = _itemsize(info.dtype)
+        if info.offset < 0 or info.offset % item or info.nbytes == 0:
+            return self.get(name)
+        m = self._maps.get(info.file)
+        if m is None:
+            with open(info.file, "rb") as f:
+                m = self._maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        t = torch.frombuffer(m, dtype=info.dtype, count=info.nbytes // item, offset=info.offset)
+        return t.view(info.shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor through ``safetensors.safe_open`` (memory-mapped file, copied out on the CPU)."""
+        info = self.infos[name]
+        h = self._handles.get(info.file)
+        if h is None:
+            h = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
+        try:
+            return h.get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types
+            raise MergeError(f"{info.file}: cannot read tensor {name}: {e}") from None
+
+    def config(self) -> dict[str, Any]:
+        """The directory's ``config.json`` ({} when absent)."""
+        cfg = self.path / "config.json" if self.path.is_dir() else self.path.parent / "config.json"
+        if not cfg.exists():
+            return {}
+        try:
+            return json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise MergeError(f"{cfg}: invalid JSON ({e})") from None
+
+    def close(self) -> None:
+        """Drop the open handles (mappings stay alive while a tensor view still uses them)."""
+        self._handles.clear()
+        self._maps.clear()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Naming schemes (transformers 5 writes legacy 4.x names on disk, uses new names in memory; ecosystem.md section 5)
+
+_WRAPPER_TOKENS = ("model", "language_model")
+
+
+def canonical_name(name: str) -> str:
+    """Strip the wrapper prefixes that differ between the on-disk and in-memory naming schemes.
+
+    ``model.language_model.layers.0.x`` (5.x memory), ``model.layers.0.x`` (Qwen2-VL disk) and
+    ``language_model.model.layers.0.x`` (LLaVA disk) all become ``layers.0.x``; ``model.visual.y`` and ``visual.y``
+    become ``visual.y``; ``language_model.lm_head.weight`` becomes ``lm_head.weight``.
+    """
+    parts = name.split(".")
+    i = 0
+    while i < len(parts) - 1 and parts[i] in _WRAPPER_TOKENS:
+        i += 1
+    return ".".join(parts[i:])
+
+
+class NameResolver:
+    """Map a tensor name in either naming scheme to the base checkpoint's stored name."""
+
+    def __init__(self, base_keys: Iterable[str]) -> None:
+        self.keys = set(base_keys)
+        self._canon: dict[str, str | None] = {}
+        for k in self.keys:
+            c = canonical_name(k)
+            self._canon[c] = None if c in self._canon else k  # None marks an ambiguous canonical name
+
+    def resolve(self, name: str) -> str | None:
+        """The base key for ``name``, or None when absent or ambiguous."""
+        if name in self.keys:
+            return name
+        return self._canon.get(canonical_name(name))

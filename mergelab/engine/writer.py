@@ -1,0 +1,153 @@
+"""Output of the streaming merge engine: bounded safetensors shards written as tensors are produced, side files.
+
+:class:`ShardWriter` writes the output as bounded safetensors shards whose headers are computed up front from the
+plan, so tensors are streamed to disk as they are produced (no shard buffer in memory).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergelab.engine.io import (
+    _WEIGHT_INDEXES,
+    _WEIGHT_SUFFIXES,
+    DTYPE_TO_ST,
+    INDEX_NAME,
+    SINGLE_NAME,
+    MergeError,
+    _itemsize,
+)
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy config, tokenizer, processor, chat-template, generation and custom-code files from ``src``.
+
+    Every top-level regular file that is not a weight file or a weight index is copied.
+
+    Returns:
+        The copied file names.
+    """
+    copied = []
+    for f in sorted(src.iterdir()):
+        if not f.is_file() or f.name.startswith(".") or f.name in _WEIGHT_INDEXES:
+            continue
+        if f.name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        shutil.copy2(f, dst / f.name)
+        copied.append(f.name)
+    return copied
+
+
+@dataclass(frozen=True)
+class OutSpec:
+    """One output tensor as planned: name, dtype and shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _itemsize(self.dtype)
+
+
+class ShardWriter:
+    """Stream tensors into bounded safetensors shards whose layout is fixed up front.
+
+    Because every output tensor's name, dtype and shape is known from the plan, each shard's header is written
+    before its data and tensors are appended as they are produced, in plan order: the writer holds no buffer.
+    One shard is named ``model.safetensors``; several are ``model-0000i-of-0000n.safetensors`` plus
+    ``model.safetensors.index.json`` (the Hugging Face layout).
+
+    Args:
+        out_dir: directory to write into (the engine's temporary directory).
+        specs: output tensors in the order they will be written.
+        max_shard_bytes: a shard's data is kept under this size unless a single tensor is larger.
+    """
+
+    def __init__(self, out_dir: Path, specs: Sequence[OutSpec], max_shard_bytes: int) -> None:
+        if max_shard_bytes <= 0:
+            raise MergeError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        self.out_dir = out_dir
+        groups: list[list[OutSpec]] = [[]]
+        size = 0
+        for s in specs:
+            if groups[-1] and size + s.nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(s)
+            size += s.nbytes
+        n = len(groups)
+        self.names = (
+            [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self._plan: list[tuple[int, OutSpec]] = [(gi, s) for gi, g in enumerate(groups) for s in g]
+        self._groups = groups
+        self._pos = 0
+        self._file: Any = None
+        self._gi = -1
+        self.bytes_written = 0
+        self.weight_map: dict[str, str] = {}
+        self.total_size = sum(s.nbytes for s in specs)
+
+    def _open(self, gi: int) -> None:
+        if self._file is not None:
+            self._file.close()
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        off = 0
+        for s in self._groups[gi]:
+            header[s.name] = {"dtype": DTYPE_TO_ST[s.dtype], "shape": list(s.shape), "data_offsets": [off, off + s.nbytes]}
+            off += s.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._file = open(self.out_dir / self.names[gi], "wb")
+        self._file.write(struct.pack("<Q", len(raw)))
+        self._file.write(raw)
+        self.bytes_written += 8 + len(raw)
+        self._gi = gi
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next planned tensor (must come in plan order with the planned dtype and shape)."""
+        gi, spec = self._plan[self._pos]
+        if name != spec.name or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise MergeError(
+                f"internal: writer expected {spec.name} {spec.dtype} {spec.shape}, got {name} {tensor.dtype} "
+                f"{tuple(tensor.shape)}"
+            )
+        if gi != self._gi:
+            self._open(gi)
+        t = tensor.detach().to("cpu").contiguous()
+        if t.numel():
+            self._file.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self.bytes_written += spec.nbytes
+        self.weight_map[name] = self.names[gi]
+        self._pos += 1
+
+    def close(self) -> None:
+        """Finish the last shard and write the index (several shards). Every planned tensor must be written."""
+        if self._pos != len(self._plan):
+            raise MergeError(f"internal: {len(self._plan) - self._pos} planned tensors were never written")
+        if self._file is None and self._plan:
+            self._open(0)
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if len(self.names) > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+            raw = json.dumps(index, indent=2).encode()
+            (self.out_dir / INDEX_NAME).write_bytes(raw)
+            self.bytes_written += len(raw)
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
