@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup test demo bench ui lint clean
+.PHONY: setup test demo bench ui lint clean stack-check stack-up
 
 setup: $(STAMP)
 
@@ -34,6 +34,13 @@ bench: setup
 
 ui: setup
 	$(BIN)/mergelab ui
+
+# The compose stack (docs/scale-out.md): refuse a missing .env or placeholder/short secrets before starting it.
+stack-check:
+	docker/check-env.sh .env
+
+stack-up: stack-check
+	docker compose up -d postgres mlflow
 
 lint: setup
 	$(BIN)/ruff check mergelab tests benchmarks
