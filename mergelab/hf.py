@@ -1,9 +1,9 @@
 """Loading and saving real and tiny ``transformers`` models together with their processors.
 
-One place knows the quirks of transformers 5 on machines without torchvision (spec/ecosystem.md sections 5 and 6):
+One place knows the quirks of transformers 5 on machines without torchvision:
 
 * Qwen2-VL, Qwen2.5-VL and SmolVLM processors cannot be built or saved the normal way because their video processor
-  needs torchvision. :func:`no_video` subclasses the processor to accept ``video_processor=None``; on save the image
+  needs torchvision (which families, and the image processor to rebuild them with: :mod:`mergelab.families`). :func:`no_video` subclasses the processor to accept ``video_processor=None``; on save the image
   processor, tokenizer and chat template are written separately and on load the processor is rebuilt from them.
 * Weights are read and written as safetensors only (never pickle); ``trust_remote_code`` is off unless asked.
 * A directory holding a peft LoRA adapter (``adapter_config.json``) loads as its base with the adapter merged in.
@@ -28,17 +28,7 @@ import transformers
 
 from mergelab._device import resolve_device
 from mergelab._files import read_json
-
-# model_type -> (image processor class path, processor class) for processors whose video part needs torchvision.
-_NO_VIDEO: dict[str, tuple[str, str]] = {
-    "qwen2_vl": ("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.Qwen2VLImageProcessorPil",
-                 "Qwen2VLProcessor"),
-    "qwen2_5_vl": ("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.Qwen2VLImageProcessorPil",
-                   "Qwen2_5_VLProcessor"),
-    "smolvlm": ("transformers.models.smolvlm.image_processing_pil_smolvlm.SmolVLMImageProcessorPil",
-                "SmolVLMProcessor"),
-}
-
+from mergelab.families import family_for_model_type
 
 def no_video(proc_cls: type) -> type:
     """``proc_cls`` accepting ``video_processor=None`` (transformers 5 video processors need torchvision).
@@ -118,8 +108,10 @@ def _chat_template(path: Path) -> str | None:
 def load_processor(path: str | os.PathLike[str], *, trust_remote_code: bool = False) -> Any:
     """The processor (or tokenizer, for a text LM) saved beside a checkpoint.
 
-    Qwen2-VL, Qwen2.5-VL and SmolVLM processors are rebuilt from the saved tokenizer, image processor and chat
-    template with :func:`no_video`; other multimodal models use ``AutoProcessor``; text LMs ``AutoTokenizer``.
+    A family whose processor's video part needs torchvision (Qwen2-VL, Qwen2.5-VL, SmolVLM: the
+    :class:`~mergelab.families.ProcessorFacts` of :mod:`mergelab.families`) has its processor rebuilt from the saved
+    tokenizer, image processor and chat template with :func:`no_video`; other multimodal models use
+    ``AutoProcessor``; text LMs ``AutoTokenizer``.
 
     Args:
         path: a checkpoint directory (``config.json`` plus tokenizer files).
@@ -127,9 +119,10 @@ def load_processor(path: str | os.PathLike[str], *, trust_remote_code: bool = Fa
     """
     path = Path(path)
     cfg = read_config(path)
-    model_type = cfg.get("model_type", "")
-    if model_type in _NO_VIDEO:
-        ip_path, proc_name = _NO_VIDEO[model_type]
+    family = family_for_model_type(str(cfg.get("model_type", "")))
+    facts = family.processor if family is not None else None
+    if facts is not None and facts.image_processor is not None and facts.processor_class is not None:
+        ip_path, proc_name = facts.image_processor, facts.processor_class
         if not (path / "preprocessor_config.json").is_file():
             raise FileNotFoundError(f"{path / 'preprocessor_config.json'}: missing image processor config")
         image_processor = _import(ip_path).from_pretrained(path)
@@ -217,7 +210,7 @@ def save_processor(processor: Any, path: str | os.PathLike[str]) -> None:
     image_processor = getattr(processor, "image_processor", None)
     if isinstance(processor, transformers.ProcessorMixin) and getattr(processor, "video_processor", None) is None \
             and tokenizer is not None and image_processor is not None:
-        # the stock save_pretrained fails without a video processor (spec/ecosystem.md section 5)
+        # transformers 5's stock save_pretrained fails without a video processor
         image_processor.save_pretrained(path)
         template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
         if template is not None and getattr(tokenizer, "chat_template", None) is None:

@@ -1,4 +1,4 @@
-"""Merge policies: which tensors are kept at the base, merged by the method, or averaged (spec/paper.md section 1.6).
+"""Merge policies: which tensors are kept at the base, merged by the method, or averaged (the paper's scripts).
 
 The official OptMerge scripts exclude parameters with anchored regexes (``re.match``) and then treat the rest in two
 classes: 2-D weights go to the method (WUDI, OptMerge, TSV, Iso-C), everything else is averaged. A
@@ -10,18 +10,22 @@ an action:
   name, the rest of them averaged (exactly the scripts' split);
 * ``average`` -- always ``lam * mean_i tau_i``, whatever the method.
 
-Unmatched names get ``default`` (``merge``). Presets reproduce the paper's lists and are written for **both**
-naming schemes of transformers 5 (legacy 4.x names on disk, new names in memory; spec/ecosystem.md section 5),
-so that the same preset works on a checkpoint saved by either version. ``auto`` picks a preset from the base
+Unmatched names get ``default`` (``merge``). Presets reproduce the paper's lists, one per model family of
+:mod:`mergelab.families` (each family names the sub-models kept at the base under **both** naming schemes of
+transformers 5, legacy 4.x names on disk and new names in memory, so that the same preset works on a checkpoint
+saved by either version), followed by the LLM rules every preset shares. ``auto`` picks a preset from the base
 config's ``model_type`` / ``architectures``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
+
+from mergelab.families import FAMILIES, Family, family_for_config
 
 ACTIONS = ("base", "merge", "average")
 
@@ -71,72 +75,37 @@ class MergePolicy:
         return {"name": self.name, "default": self.default, "rules": [[r.pattern, r.action] for r in self.rules]}
 
 
-def _preset(name: str, vision_exclude: Sequence[str], pre: Sequence[tuple[str, str]] = ()) -> MergePolicy:
-    rules = [Rule(p, a) for p, a in pre]
-    rules += [Rule(p, "base") for p in vision_exclude]
+def preset_from_family(family: Family) -> MergePolicy:
+    """A family's preset: its own rules (:meth:`Family.policy_rules`), then the LLM rules every preset shares."""
+    rules = [Rule(p, a) for p, a in family.policy_rules()]
     rules += [Rule(p, "base") for p in _LLM_EXCLUDE]
-    return MergePolicy(name, tuple(rules))
+    return MergePolicy(family.name, tuple(rules))
 
 
-PRESETS: Mapping[str, MergePolicy] = {
-    # Qwen2-VL / Qwen2.5-VL: the whole vision tower including the `merger` projector stays at the base.
-    # Disk (4.x): visual.*, model.layers.*; memory (5.x): model.visual.*, model.language_model.*.
-    "qwen2_vl": _preset("qwen2_vl", (r"visual\..*", r"model\.visual\..*")),
-    "qwen2_5_vl": _preset("qwen2_5_vl", (r"visual\..*", r"model\.visual\..*")),
-    # InternVL2.5: InternViT stays at the base; the MLP projector is merged (its Linear weights optimised, its
-    # LayerNorm averaged: `mlp1.0.weight` is not matched by `.*norm.*` in the original names, so the HF-native
-    # `multi_modal_projector.layer_norm.*` is explicitly averaged to keep the script's behaviour).
-    "internvl2_5": _preset(
-        "internvl2_5",
-        (r"vision_model\..*", r"vision_tower\..*", r"model\.vision_tower\..*"),
-        pre=((r"(model\.)?multi_modal_projector\.layer_norm\..*", "average"), (r"mlp1\.0\..*", "average")),
-    ),
-    # LLaVA (not in the paper's tables): the CLIP tower and the projector stay at the base, as Qwen2-VL's merger.
-    "llava": _preset(
-        "llava",
-        (r"vision_tower\..*", r"model\.vision_tower\..*", r"multi_modal_projector\..*", r"model\.multi_modal_projector\..*"),
-    ),
-    # Llama / Qwen2-style text LMs: the Qwen script's list without the vision tower.
-    "llama": _preset("llama", ()),
-}
+def presets_from(families: Iterable[Family]) -> Mapping[str, MergePolicy]:
+    """``name -> preset`` of every family that has one, in the families' order."""
+    return MappingProxyType({f.name: preset_from_family(f) for f in families if f.has_preset})
 
-_MODEL_TYPES = {
-    "qwen2_vl": "qwen2_vl",
-    "qwen2_5_vl": "qwen2_5_vl",
-    "internvl": "internvl2_5",
-    "internvl_chat": "internvl2_5",
-    "llava": "llava",
-    "llava_next": "llava",
-    "llava_onevision": "llava",
-}
-_TEXT_LM_TYPES = {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3", "internlm2", "qwen2_moe", "olmo2"}
+
+PRESETS: Mapping[str, MergePolicy] = presets_from(FAMILIES.values())
+"""The presets of :data:`mergelab.families.FAMILIES`: ``qwen2_vl``, ``qwen2_5_vl``, ``internvl2_5``, ``llava``,
+``llama`` (what each keeps at the base, and why, is documented in its family's module)."""
 
 
 def preset_for_config(config: Mapping[str, Any]) -> str:
     """Pick a preset name from a Hugging Face ``config.json`` (``model_type`` first, then ``architectures``).
 
+    The family with a preset whose model types or architecture names match (:func:`mergelab.families.family_for_config`).
+
     Raises:
         ValueError: nothing matches (names the model type and the presets).
     """
-    mt = str(config.get("model_type", ""))
-    if mt in _MODEL_TYPES:
-        return _MODEL_TYPES[mt]
-    if mt in _TEXT_LM_TYPES:
-        return "llama"
-    for arch in config.get("architectures") or []:
-        a = str(arch).lower()
-        for key, preset in (
-            ("qwen2_5_vl", "qwen2_5_vl"),
-            ("qwen2vl", "qwen2_vl"),
-            ("internvl", "internvl2_5"),
-            ("llava", "llava"),
-        ):
-            if key in a.replace("_", "") or key in a:
-                return preset
-        if a.endswith("forcausallm"):
-            return "llama"
+    family = family_for_config(config, (FAMILIES[name] for name in PRESETS))
+    if family is not None:
+        return family.name
     raise ValueError(
-        f"policy 'auto': no preset for model_type {mt!r} / architectures {config.get('architectures')}; "
+        f"policy 'auto': no preset for model_type {str(config.get('model_type', ''))!r} / architectures "
+        f"{config.get('architectures')}; "
         f"choose one of {sorted(PRESETS)} or give explicit rules"
     )
 

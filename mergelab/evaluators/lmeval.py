@@ -1,8 +1,9 @@
 """lm-eval adapter: run any lm-eval task list on an in-memory model, and the offline benchmark as lm-eval tasks.
 
 * Text LMs run through ``lm_eval.models.huggingface.HFLM``; VLMs through ``HFMultimodalLM`` (``hf-multimodal``,
-  generate-only for image requests), subclassed with the in-memory processor fix of spec/ecosystem.md section 4
-  (lm-eval 0.4.13 *returns* a processor passed as ``tokenizer=`` instead of storing it).
+  generate-only for image requests; the model type and image string per family come from
+  :mod:`mergelab.families`), subclassed to keep an in-memory processor (lm-eval 0.4.13 *returns* a processor
+  passed as ``tokenizer=`` instead of storing it).
 * The offline benchmark's tasks ship as YAML under ``mergelab/evaluators/lmeval_tasks/`` (``mergelab_vqa`` ...
   ``mergelab_grounding``, their ``*_generic`` twins, and the groups ``mergelab_offline`` /
   ``mergelab_offline_generic``). They read ``<data_root>/<task>/<variant>/<split>.jsonl`` and score with the
@@ -20,13 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mergelab.families import family_for_model_type
+
 LMEVAL_TASKS_DIR = Path(__file__).with_name("lmeval_tasks")
 """Directory of the offline benchmark's lm-eval YAML tasks (pass to ``TaskManager(include_path=...)``)."""
 
 OFFLINE_LMEVAL_TASKS = {t: f"mergelab_{t}" for t in ("vqa", "geometry", "chart", "ocr", "grounding")}
 """Native offline task name -> lm-eval task name (``*_generic`` map to ``mergelab_*_generic``)."""
-
-_QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 def lmeval_task_name(native: str) -> str:
@@ -48,7 +49,7 @@ def _multimodal_lm_class() -> type:
     from lm_eval.models.hf_vlms import HFMultimodalLM
 
     class InMemoryHFMultimodalLM(HFMultimodalLM):
-        """``HFMultimodalLM`` that keeps a processor object passed as ``tokenizer=`` (ecosystem.md section 4)."""
+        """``HFMultimodalLM`` that keeps a processor object passed as ``tokenizer=`` (lm-eval 0.4.13 returns it)."""
 
         def _create_tokenizer(self, pretrained: Any, tokenizer: Any, **kw: Any) -> None:
             if isinstance(tokenizer, transformers.ProcessorMixin):
@@ -59,8 +60,23 @@ def _multimodal_lm_class() -> type:
     return InMemoryHFMultimodalLM
 
 
+def lmeval_model_type(model: Any, processor: Any) -> str:
+    """The lm-eval model type that runs ``model`` with ``processor``: ``hf-multimodal`` or ``hf``.
+
+    A processor without an image processor (a tokenizer) always means ``hf``; otherwise the model's family
+    (:mod:`mergelab.families`) says, and an unknown family with an image processor is ``hf-multimodal``.
+    """
+    if getattr(processor, "image_processor", None) is None:
+        return "hf"
+    family = family_for_model_type(str(getattr(model.config, "model_type", "")))
+    return family.lmeval_model if family is not None else "hf-multimodal"
+
+
 def make_lm(model: Any, processor: Any, *, batch_size: int = 8, max_length: int | None = None) -> Any:
     """Wrap an in-memory model for lm-eval: the multimodal class for VLMs, ``HFLM`` for text LMs.
+
+    The class is chosen by :func:`lmeval_model_type`; a multimodal family's image string (Qwen2-VL's vision
+    tokens) comes from its :class:`~mergelab.families.Family` description.
 
     Args:
         model: A ``transformers`` model already on its device.
@@ -72,10 +88,10 @@ def make_lm(model: Any, processor: Any, *, batch_size: int = 8, max_length: int 
     kw: dict[str, Any] = {"device": device, "batch_size": batch_size}
     if max_length is not None:
         kw["max_length"] = max_length
-    if getattr(processor, "image_processor", None) is not None:
-        model_type = str(getattr(model.config, "model_type", ""))
-        if model_type.startswith("qwen2"):
-            kw["image_string"] = _QWEN_IMAGE
+    if lmeval_model_type(model, processor) == "hf-multimodal":
+        family = family_for_model_type(str(getattr(model.config, "model_type", "")))
+        if family is not None and family.lmeval_image_string is not None:
+            kw["image_string"] = family.lmeval_image_string
         return _multimodal_lm_class()(pretrained=model, tokenizer=processor, **kw)
     from lm_eval.models.huggingface import HFLM
 

@@ -24,23 +24,10 @@ from tqdm.auto import tqdm
 
 from mergelab.evaluators.loaders import Sample, open_image
 from mergelab.evaluators.tasks import OFFLINE_TASKS, Task, get_task, metric_name
+from mergelab.families import end_of_turn_tokens, family_for_model_type
 
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<end_of_utterance>", "<|eot_id|>", "<|end|>")
-
-_FALLBACK_TEMPLATES = {
-    # Qwen2-VL-Instruct's chat format, with its default system turn.
-    "qwen2_vl": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{image}{text}"
-    "<|im_end|>\n<|im_start|>assistant\n",
-    "llava": "USER: {image}\n{text} ASSISTANT:",
-    "idefics3": "<|im_start|>User:{image}{text}<end_of_utterance>\nAssistant:",
-}
-_FALLBACK_IMAGE = {
-    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    "llava": "<image>",
-    "idefics3": "<image>",
-}
-_FAMILY = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "llava": "llava", "idefics3": "idefics3",
-           "smolvlm": "idefics3"}  # fmt: skip
+END_OF_TURN_TOKENS = end_of_turn_tokens()
+"""Every family's end-of-turn tokens (:mod:`mergelab.families`); generation stops at those the vocabulary holds."""
 
 
 def _tokenizer(processor: Any) -> Any:
@@ -62,8 +49,9 @@ def build_prompt(processor: Any, question: str, *, with_image: bool, model_type:
         processor: A multimodal processor, or a tokenizer for text LMs.
         question: The user's text.
         with_image: Whether the turn carries one image.
-        model_type: ``model.config.model_type``, which selects the fallback template when there is no chat
-            template (``qwen2_vl``, ``qwen2_5_vl``, ``llava``, ``idefics3``, ``smolvlm``; else plain text).
+        model_type: ``model.config.model_type``, whose family's :class:`~mergelab.families.ChatFacts` give the
+            fallback template when there is no chat template (Qwen2-VL, Qwen2.5-VL, LLaVA, SmolVLM / Idefics3;
+            else plain text).
 
     Returns:
         The prompt string, ending with the assistant turn's opening.
@@ -77,14 +65,13 @@ def build_prompt(processor: Any, question: str, *, with_image: bool, model_type:
             content = question
         messages = [{"role": "user", "content": content}]
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    family = _FAMILY.get(model_type)
+    family = family_for_model_type(model_type)
+    chat = family.chat if family is not None else None
     image = ""
     if with_image:
-        image = (
-            _FALLBACK_IMAGE.get(family or "", None) or getattr(processor, "image_token", None) or "<image>"
-        )
-    if family:
-        return _FALLBACK_TEMPLATES[family].format(image=image, text=question)
+        image = (chat and chat.image_placeholder) or getattr(processor, "image_token", None) or "<image>"
+    if chat is not None and chat.template is not None:
+        return chat.template.format(image=image, text=question)
     return f"{image}{question}\n"
 
 
@@ -144,7 +131,8 @@ def generate(
         max_new_tokens=int(max_new_tokens), do_sample=False, num_beams=1, eos_token_id=stop or None,
         pad_token_id=pad_id,
     )  # fmt: skip
-    nested = getattr(getattr(model, "config", None), "model_type", "") in ("idefics3", "smolvlm", "idefics2")
+    family = family_for_model_type(str(getattr(getattr(model, "config", None), "model_type", "") or ""))
+    nested = family is not None and family.processor.nested_images
     out_texts: list[str] = []
     old_side, old_pad, was_training = tok.padding_side, tok.pad_token, model.training
     tok.padding_side = "left"
