@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 import torch
-from torch import Tensor
+from methods_support import run
 
-from mergelab.methods import METHODS, MergeContext, scale_of
+from mergelab.methods import METHODS, scale_of
 
 NAMES = sorted(METHODS)
 
@@ -26,23 +26,6 @@ SINGLE_EXPERT: dict[str, dict[str, Any] | None] = {
     "wudi": {"optimizer": "sgd", "lr": 1e-3},
     "optmerge": {"variant": "lora", "lam": 1.0},
 }
-
-
-def run(
-    name: str, base: Tensor, deltas: Tensor, params: dict[str, Any] | None = None, seed: int = 0
-) -> Tensor:
-    """Call a method the way the engine does, including the stats passes of global methods."""
-    spec = METHODS[name]
-    cfg = spec.make_config(params or {})
-    stats = spec.make_stats(cfg, deltas.shape[0]) if spec.make_stats else None
-    if stats is not None:
-        stats.update("w", deltas)
-        while stats.finish_pass():
-            stats.update("w", deltas)
-    gen = torch.Generator(device=deltas.device).manual_seed(seed)
-    return spec.fn(
-        base, deltas, cfg, MergeContext(name="w", generator=gen, stats=stats, compute_dtype=deltas.dtype)
-    )
 
 
 def test_single_expert_table_covers_registry() -> None:

@@ -59,13 +59,23 @@ def check_choice(cls: str, field: str, value: object, choices: Sequence[str]) ->
     return str(value)
 
 
-def check_coefficients(cls: str, value: object) -> tuple[float, ...] | None:
-    """Validate per-expert coefficients: None or a non-empty sequence of finite floats."""
+def check_coefficients(cls: str, value: object, *, weights: bool = False) -> tuple[float, ...] | None:
+    """Validate per-expert coefficients: None or a non-empty sequence of finite floats.
+
+    Args:
+        cls: config class name (for the message).
+        value: the field's value.
+        weights: the coefficients weigh a mean or a loss (weight average, TIES, WUDI, OptMerge, SWUDI): each must
+            be >= 0 and their sum > 0.
+    """
     if value is None:
         return None
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) == 0:
         raise ValueError(f"{cls}.coefficients must be None or a non-empty sequence of numbers, got {value!r}")
-    return tuple(check_real(cls, f"coefficients[{i}]", c) for i, c in enumerate(value))
+    coefs = tuple(check_real(cls, f"coefficients[{i}]", c) for i, c in enumerate(value))
+    if weights and (min(coefs) < 0.0 or sum(coefs) <= 0.0):
+        raise ValueError(f"{cls}.coefficients are weights: each must be >= 0 with a positive sum, got {value!r}")
+    return coefs
 
 
 def coefficient_vector(coefficients: tuple[float, ...] | None, deltas: Tensor, name: str) -> Tensor:
@@ -84,6 +94,35 @@ def coefficient_vector(coefficients: tuple[float, ...] | None, deltas: Tensor, n
             )
         c = torch.tensor(coefficients, dtype=deltas.dtype, device=deltas.device)
     return c.reshape((n,) + (1,) * (deltas.dim() - 1))
+
+
+def coefficients_or_none(coefficients: tuple[float, ...] | None, deltas: Tensor, name: str) -> Tensor | None:
+    """The per-expert coefficients as a float64 ``(N,)`` tensor, or None when they are absent or all exactly 1.
+
+    None selects each method's unweighted code path, so all-ones coefficients give bit-identical merges to no
+    coefficients at all.
+
+    Raises:
+        ValueError: when the number of coefficients differs from the number of experts.
+    """
+    if coefficients is None:
+        return None
+    c = coefficient_vector(coefficients, deltas, name).reshape(-1)
+    if all(v == 1.0 for v in coefficients):
+        return None
+    return c.to(torch.float64)
+
+
+def scale_experts(deltas: Tensor, coefficients: tuple[float, ...] | None, name: str) -> Tensor:
+    """``c_i tau_i`` for every expert: ``deltas`` itself when the coefficients are absent or all ones, else a new stack.
+
+    Raises:
+        ValueError: when the number of coefficients differs from the number of experts.
+    """
+    coef = coefficients_or_none(coefficients, deltas, name)
+    if coef is None:
+        return deltas
+    return deltas * coef.to(deltas.dtype).reshape((-1,) + (1,) * (deltas.dim() - 1))
 
 
 def resolve_dtype(cls: str, field: str, value: str | None) -> torch.dtype | None:
@@ -180,15 +219,16 @@ def quadratic_factors(
     centred_projector: bool,
     dtype: torch.dtype,
     svd: str = "lapack",
+    coefficients: Tensor | None = None,
 ) -> tuple[Tensor, Tensor] | None:
     """Factored form ``(F, H)`` of ``L(x) = sum_i w_i ||(x - t_i) P_i||_F^2 = ||x F - H||_F^2``.
 
-    Spec section 1.5: ``w_i = 1/||tau_i||_F^2`` (untruncated), ``P_i = V_{i,1:k} diag(s_{i,1:k})`` (n x k),
+    ``w_i = c_i/||tau_i||_F^2`` (untruncated norm; ``c_i = 1`` without coefficients, the paper's weight), ``P_i = V_{i,1:k} diag(s_{i,1:k})`` (n x k),
     ``t_i = TruncSVD_k(tau_i - mean) + mean`` (centred target, full-FT variant) or ``TruncSVD_k(tau_i)``.
     ``F = [sqrt(w_i) P_i]_i`` is n x (N'k) and ``H = [sqrt(w_i) t_i P_i]_i`` is m x (N'k), so the m x m products
     of the official code (``(x - t_i) P_pad^T``, zero outside its first k columns) are never formed. With
     ``k = min(m, n)`` and an uncentred target this is WUDI's Eq. 1 (``P_i P_i^T = tau_i^T tau_i``). Experts with
-    ``||tau_i||^2 < 1e-12`` are left out of the loss (never a ``1/0``).
+    ``||tau_i||^2 < 1e-12`` or ``c_i = 0`` are left out of the loss (never a ``1/0``).
 
     Args:
         deltas: ``(N, m, n)`` task vectors.
@@ -197,6 +237,7 @@ def quadratic_factors(
         centred_projector: take ``P_i`` from that centred SVD too (paper Eq. 3) instead of the uncentred one (code).
         dtype: dtype of the returned factors.
         svd: ``"lapack"`` (batched thin SVD) or ``"gram"`` (float64 Gram eigendecomposition), see :func:`_top_k`.
+        coefficients: per-expert loss weights ``c_i >= 0`` (float64 ``(N,)``), or None for all ones.
 
     Returns:
         ``(F, H)``, or None when every expert is (near) zero.
@@ -204,10 +245,14 @@ def quadratic_factors(
     x = deltas.to(svd_dtype(deltas.dtype))
     norms2 = squared_norms(x)
     active = norms2 >= ZERO_NORM2
+    if coefficients is not None:
+        active &= coefficients.to(active.device) > 0
     if not bool(active.any()):
         return None
     xa = x if bool(active.all()) else x[active]
     w_sqrt = norms2[active].rsqrt().reshape(-1, 1, 1)
+    if coefficients is not None:
+        w_sqrt = w_sqrt * coefficients.to(w_sqrt.device)[active].sqrt().reshape(-1, 1, 1)
     if not (centred_target and centred_projector):
         basis, p, left = _top_k(xa, k, svd)
     if centred_target or centred_projector:

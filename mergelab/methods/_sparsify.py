@@ -209,6 +209,25 @@ def disjoint_merge(trimmed: Tensor) -> Tensor:
     return _trim_and_merge(trimmed, None)
 
 
+def weighted_disjoint_merge(trimmed: Tensor, coef: Tensor) -> Tensor:
+    """TIES sign election and disjoint mean with per-expert weights ``c_i >= 0`` (``trimmed`` is not modified).
+
+    The elected sign is ``sign(sum_i c_i tau_i)`` (entries where it is 0 take the majority sign, as in
+    :func:`disjoint_merge`); each entry is the weighted mean ``sum_i c_i tau_i / sum_i c_i`` over the experts whose
+    non-zero value agrees with it, or 0 where none does (mergekit's TIES with ``normalize``). With every
+    ``c_i = 1`` this is :func:`disjoint_merge`, up to float summation order.
+    """
+    c = coef.to(trimmed.device, trimmed.dtype).reshape((-1,) + (1,) * (trimmed.dim() - 1))
+    weighted = trimmed * c
+    sign = torch.sign(weighted.sum(dim=0))
+    majority = torch.sign(sign.sum())
+    sign = torch.where(sign == 0, majority, sign)
+    agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
+    num = (weighted * agree).sum(dim=0)
+    den = (c * agree).sum(dim=0)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
+
+
 def trim_and_merge_(deltas: Tensor, thresholds: Tensor) -> Tensor:
     """``disjoint_merge(trim_to_threshold(deltas, thresholds))``, trimming ``deltas`` in place (bit-identical).
 

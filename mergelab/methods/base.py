@@ -59,6 +59,7 @@ class MergeContext:
     generator: torch.Generator | None = None
     stats: Any = None
     compute_dtype: torch.dtype = torch.float32
+    inplace: bool = False
 
 
 MethodFn = Callable[[Tensor, Tensor, Any, MergeContext], Tensor]

@@ -8,8 +8,12 @@
   left subspace projected out, ``tau_i - U_c U_c^T tau_i``. The stacked left and right bases are orthogonalised
   (polar factors, as in TSV) and every direction gets the same scale, the mean of the stacked singular values.
 
-Experts whose task vector is exactly zero take no task-specific slot in Iso-CTS. SVDs in float32 (float64 for
-float64 input); deterministic.
+Experts whose task vector is exactly zero take no task-specific slot in Iso-CTS.
+
+Per-expert coefficients ``c_i`` scale task vector i (``tau_i -> c_i tau_i``) in both methods: in Iso-C they weigh it
+in the task-arithmetic sum whose spectrum is flattened; in Iso-CTS also its residual, hence its task-specific
+directions' singular values (``c_i = 0``: the expert takes no slot). All ones is the paper. SVDs in float32 (float64
+for float64 input); deterministic; the inputs are never modified.
 """
 
 from __future__ import annotations
@@ -20,18 +24,37 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mergelab.methods._linalg import check_matrix, check_range, check_real, polar, squared_norms, thin_svd
+from mergelab.methods._linalg import (
+    check_coefficients,
+    check_matrix,
+    check_range,
+    check_real,
+    coefficients_or_none,
+    polar,
+    scale_experts,
+    squared_norms,
+    thin_svd,
+)
 from mergelab.methods.base import MergeContext
+from mergelab.methods.task_arithmetic import combine
 
 
 @dataclass(frozen=True, kw_only=True)
 class IsoCConfig:
-    """Iso-C hyperparameters. Attributes: lam: scale of the merged task vector."""
+    """Iso-C hyperparameters.
+
+    Attributes:
+        lam: scale of the merged task vector.
+        coefficients: per-expert scales ``c_i`` of the task vectors in the sum (N floats), or None for all ones.
+    """
 
     lam: float = 1.0
+    coefficients: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "lam", check_real(type(self).__name__, "lam", self.lam))
+        name = type(self).__name__
+        object.__setattr__(self, "lam", check_real(name, "lam", self.lam))
+        object.__setattr__(self, "coefficients", check_coefficients(name, self.coefficients))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,10 +65,12 @@ class IsoCtsConfig:
         lam: scale of the merged task vector.
         common_space_fraction: share of the min(m, n) directions given to the common subspace, in (0, 1]
             (0.8 in the paper).
+        coefficients: per-expert scales ``c_i`` of the task vectors (N floats), or None for all ones.
     """
 
     lam: float = 1.0
     common_space_fraction: float = 0.8
+    coefficients: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -55,18 +80,20 @@ class IsoCtsConfig:
             "common_space_fraction",
             check_range(name, "common_space_fraction", self.common_space_fraction, 0.0, 1.0, lo_open=True),
         )
+        object.__setattr__(self, "coefficients", check_coefficients(name, self.coefficients))
 
 
 def iso_c(base: Tensor, deltas: Tensor, cfg: IsoCConfig, ctx: MergeContext) -> Tensor:
     """Merged Iso-C task vector ``mean(S) U V^T`` of ``sum_i tau_i`` (shape ``(m, n)``, deltas' dtype)."""
     check_matrix(deltas, ctx.name, "iso_c")
-    u, s, vh = thin_svd(deltas.sum(dim=0))
+    u, s, vh = thin_svd(combine(deltas, coefficients_or_none(cfg.coefficients, deltas, ctx.name)))
     return (s.mean() * (u @ vh)).to(deltas.dtype)
 
 
 def iso_cts(base: Tensor, deltas: Tensor, cfg: IsoCtsConfig, ctx: MergeContext) -> Tensor:
     """Merged Iso-CTS task vector of one weight matrix (shape ``(m, n)``, deltas' dtype)."""
     check_matrix(deltas, ctx.name, "iso_cts")
+    deltas = scale_experts(deltas, cfg.coefficients, ctx.name)
     _, m, n = deltas.shape
     p = min(m, n)
     x = deltas[squared_norms(deltas) > 0]

@@ -1,7 +1,7 @@
 """OptMerge (Wei et al., ICLR 2026, arXiv:2505.19892). Granularity: per layer (2-D weights only).
 
 Per weight matrix, minimise ``L(tau_m) = sum_i w_i ||(tau_m - t_i) P_i||_F^2`` (spec sections 1.3-1.5) with
-``w_i = 1/||tau_i||_F^2``, ``P_i = V_{i,1:k} S_{i,1:k}`` (uncentred SVD, as in the code), ``k = min(m,n)//N``
+``w_i = c_i/||tau_i||_F^2``, ``P_i = V_{i,1:k} S_{i,1:k}`` (uncentred SVD, as in the code), ``k = min(m,n)//N``
 (or ``floor(min(m,n) * rank_ratio)``), and the target ``t_i``:
 
 * ``variant="full"`` (InternVL script, the author's fusion_bench port): ``TruncSVD_k(tau_i - mean) + mean``;
@@ -17,7 +17,12 @@ a linear recurrence, so ``solver="auto"`` computes its result exactly from one s
 loop. The returned value is the ``steps``-th iterate, not the closed-form minimiser (spec 1.5). Experts with
 ``||tau_i||^2 < 1e-12`` are left out of the loss; if all are, the mean task vector is returned. Dtype: spectra in
 float32 (float64 on the Gram route or for float64 input); the loop in ``compute_dtype`` (default: the deltas'
-dtype; the Qwen script ran it in float16). Deterministic given the inputs.
+dtype; the Qwen script ran it in float16). Deterministic given the inputs, which are never modified.
+
+Per-expert coefficients ``c_i >= 0`` weigh expert i in the loss (``w_i = c_i / ||tau_i||_F^2``) and in the
+initialisation (``init="sum"``: ``sum_i c_i tau_i``; ``"mean"``: ``sum_i c_i tau_i / sum_i c_i``); ``c_i = 0``
+leaves the expert out of both. The centring mean of the full variant's target stays the plain mean. With every
+``c_i = 1`` (or None) this is exactly the paper (bit for bit).
 """
 
 from __future__ import annotations
@@ -30,10 +35,12 @@ from torch import Tensor
 
 from mergelab.methods._linalg import (
     check_choice,
+    check_coefficients,
     check_matrix,
     check_positive_int,
     check_range,
     check_real,
+    coefficients_or_none,
     quadratic_factors,
     rank_k,
     resolve_dtype,
@@ -41,6 +48,7 @@ from mergelab.methods._linalg import (
     solve_sgd_exact,
 )
 from mergelab.methods.base import MergeContext
+from mergelab.methods.task_arithmetic import combine
 
 _VARIANT_DEFAULTS = {
     "full": {"lam": 0.1, "lr": 1e-5, "optimizer": "adam", "init": "sum"},
@@ -62,6 +70,7 @@ def validate_solver_fields(cfg: Any) -> None:
         raise ValueError(f"{name}.solver='exact' needs optimizer='sgd', got optimizer={cfg.optimizer!r}")
     resolve_dtype(name, "compute_dtype", cfg.compute_dtype)
     check_choice(name, "svd", cfg.svd, ("auto", "lapack", "gram"))
+    object.__setattr__(cfg, "coefficients", check_coefficients(name, cfg.coefficients, weights=True))
 
 
 def svd_method(cfg: Any, deltas: Tensor) -> str:
@@ -90,6 +99,7 @@ class OptMergeConfig:
         solver: ``"auto"`` (exact path for SGD, loop for Adam), ``"exact"`` (SGD only) or ``"iterative"``.
         svd: how the per-expert top-k spectra are computed: ``"lapack"`` (``torch.linalg.svd``, thin),
             ``"gram"`` (float64 eigendecomposition of the smaller Gram matrix) or ``"auto"`` (gram on CPU).
+        coefficients: per-expert weights ``c_i >= 0`` in the loss and the initialisation, or None (all ones).
     """
 
     variant: str = "full"
@@ -104,6 +114,7 @@ class OptMergeConfig:
     compute_dtype: str | None = None
     solver: str = "auto"
     svd: str = "auto"
+    coefficients: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -119,8 +130,10 @@ class OptMergeConfig:
         validate_solver_fields(self)
 
 
-def minimise(deltas: Tensor, factors: tuple[Tensor, Tensor] | None, cfg: Any) -> Tensor:
-    """Run the configured optimiser on ``||x F - H||^2`` from the sum/mean init; shared with WUDI.
+def minimise(
+    deltas: Tensor, factors: tuple[Tensor, Tensor] | None, cfg: Any, coef: Tensor | None = None
+) -> Tensor:
+    """Run the configured optimiser on ``||x F - H||^2`` from the (``coef``-weighted) sum/mean init; shared with WUDI.
 
     Returns:
         The final iterate in the deltas' dtype (the mean task vector when ``factors`` is None).
@@ -134,7 +147,7 @@ def minimise(deltas: Tensor, factors: tuple[Tensor, Tensor] | None, cfg: Any) ->
     if exact and loop_dtype not in (torch.float32, torch.float64):
         loop_dtype = torch.float32
     f, h = (t.to(loop_dtype) for t in factors)
-    x0 = (deltas.sum(dim=0) if cfg.init == "sum" else deltas.mean(dim=0)).to(loop_dtype)
+    x0 = combine(deltas, coef, mean=cfg.init == "mean").to(loop_dtype)
     if exact:
         x = solve_sgd_exact(x0, f, h, lr=cfg.lr, steps=cfg.steps, momentum=cfg.momentum)
     else:
@@ -144,7 +157,9 @@ def minimise(deltas: Tensor, factors: tuple[Tensor, Tensor] | None, cfg: Any) ->
     return x.to(deltas.dtype)
 
 
-def optmerge_factors(deltas: Tensor, cfg: OptMergeConfig) -> tuple[Tensor, Tensor] | None:
+def optmerge_factors(
+    deltas: Tensor, cfg: OptMergeConfig, coef: Tensor | None = None
+) -> tuple[Tensor, Tensor] | None:
     """The factored loss ``(F, H)`` of one weight matrix (see :func:`~mergelab.methods._linalg.quadratic_factors`)."""
     n_exp, m, n = deltas.shape
     k = rank_k(min(m, n), n_exp, cfg.rank_ratio)
@@ -155,6 +170,7 @@ def optmerge_factors(deltas: Tensor, cfg: OptMergeConfig) -> tuple[Tensor, Tenso
         centred_projector=cfg.projector == "centred",
         dtype=torch.float64 if deltas.dtype == torch.float64 else torch.float32,
         svd=svd_method(cfg, deltas),
+        coefficients=coef,
     )
 
 
@@ -174,4 +190,5 @@ def optmerge(base: Tensor, deltas: Tensor, cfg: OptMergeConfig, ctx: MergeContex
         ValueError: when ``deltas`` is not a stack of matrices.
     """
     check_matrix(deltas, ctx.name, "optmerge")
-    return minimise(deltas, optmerge_factors(deltas, cfg), cfg)
+    coef = coefficients_or_none(cfg.coefficients, deltas, ctx.name)
+    return minimise(deltas, optmerge_factors(deltas, cfg, coef), cfg, coef)

@@ -1,7 +1,7 @@
 """Task Arithmetic (Ilharco et al. 2023, arXiv:2212.04089). Granularity: per tensor (element-wise).
 
-``tau_m = sum_i c_i tau_i`` with optional per-expert coefficients ``c_i`` (default 1, the paper's plain sum); the
-engine writes ``theta_0 + lam * tau_m``. With ``drop_rate > 0`` each task vector is first DARE-sparsified
+``tau_m = sum_i c_i tau_i``: the per-expert coefficient ``c_i`` scales expert i's task vector in the sum (any real
+number; ``c_i < 0`` negates a task; default 1, the paper's plain sum); the engine writes ``theta_0 + lam * tau_m``. With ``drop_rate > 0`` each task vector is first DARE-sparsified
 (Yu et al. 2024, arXiv:2311.03099; see :mod:`mergelab.methods.dare`): that is the ``dare_task_arithmetic`` entry.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mergelab.methods._linalg import check_coefficients, check_real, coefficient_vector
+from mergelab.methods._linalg import check_coefficients, check_real, coefficients_or_none
 from mergelab.methods._sparsify import check_drop_rate, chunk_size, dare_drop
 from mergelab.methods.base import MergeContext
 
@@ -23,7 +23,7 @@ class TaskArithmeticConfig:
 
     Attributes:
         lam: scale of the merged task vector (paper grid {0.1, 0.3, 0.5, 0.7, 1.0, 1.5}).
-        coefficients: per-expert weights ``c_i`` (tuple of N floats) or None for all ones.
+        coefficients: per-expert scales ``c_i`` of the task vectors in the sum (N floats), or None for all ones.
         drop_rate: DARE drop probability ``p`` in [0, 1); 0 disables DARE.
     """
 
@@ -53,11 +53,26 @@ def task_arithmetic(base: Tensor, deltas: Tensor, cfg: TaskArithmeticConfig, ctx
     Raises:
         ValueError: when ``cfg.coefficients`` does not have one entry per expert.
     """
-    coef = coefficient_vector(cfg.coefficients, deltas, ctx.name)
+    coef = coefficients_or_none(cfg.coefficients, deltas, ctx.name)
     d = dare_drop(deltas, cfg.drop_rate, ctx) if cfg.drop_rate > 0 else deltas
-    if cfg.coefficients is None:
-        return d.sum(dim=0)  # == (d * 1).sum(0) bit for bit, without the full-size product
-    return weighted_sum(d, coef.reshape(-1))
+    return combine(d, coef)
+
+
+def combine(deltas: Tensor, coef: Tensor | None, *, mean: bool = False) -> Tensor:
+    """``sum_i c_i tau_i`` (``mean=True``: divided by ``sum_i c_i``); without coefficients the plain sum/mean.
+
+    Args:
+        deltas: stacked task vectors ``(N, *S)`` (not modified).
+        coef: ``(N,)`` coefficients or None (all ones: ``deltas.sum(0)`` / ``deltas.mean(0)`` exactly).
+        mean: divide by the sum of the coefficients (a weighted mean).
+
+    Returns:
+        A new tensor of shape ``S`` in the deltas' dtype.
+    """
+    if coef is None:
+        return deltas.mean(dim=0) if mean else deltas.sum(dim=0)
+    out = weighted_sum(deltas, coef)
+    return out.div_(float(coef.sum())) if mean else out
 
 
 def weighted_sum(deltas: Tensor, coef: Tensor) -> Tensor:

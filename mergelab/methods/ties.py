@@ -6,6 +6,13 @@ that agree with it (spec section 2). ``scope="tensor"`` trims per tensor as the 
 computed exactly in two streaming passes by :class:`~mergelab.methods._sparsify.GlobalMagnitudeThreshold`
 (``make_stats``). With ``drop_rate > 0`` each task vector is DARE-sparsified first (``dare_ties``). Sign-election
 ties fall back to the majority sign of the current tensor in both scopes.
+
+Per-expert coefficients ``c_i >= 0`` weigh expert i's trimmed task vector in the sign election
+(``sign(sum_i c_i tau_i)``) and in the disjoint mean (``sum c_i tau_i / sum c_i`` over the agreeing experts), as
+mergekit's TIES does with ``normalize``; trimming is per expert and does not see them. All ones is the paper.
+
+Buffers: the stacked task vectors are trimmed in place (no full-size copy) only when ``ctx.inplace`` says the caller
+hands them over (the engine does); otherwise :func:`ties` works on a copy and leaves its inputs untouched.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from mergelab.methods._linalg import check_choice, check_real
+from mergelab.methods._linalg import check_choice, check_coefficients, check_real, coefficients_or_none
 from mergelab.methods._sparsify import (
     GlobalMagnitudeThreshold,
     check_density,
@@ -22,6 +29,8 @@ from mergelab.methods._sparsify import (
     dare_drop,
     magnitude_threshold,
     trim_and_merge_,
+    trim_to_threshold,
+    weighted_disjoint_merge,
 )
 from mergelab.methods.base import MergeContext
 
@@ -35,8 +44,11 @@ class TiesConfig:
         density: fraction of entries KEPT per task vector, in (0, 1] (official scripts: mask rate 0.8 -> 0.2).
         scope: ``"tensor"`` (Qwen script) or ``"global"`` (InternVL script; needs the engine's stats passes).
         drop_rate: DARE drop probability applied before trimming, in [0, 1).
-        seed: with ``scope="global"`` and ``drop_rate > 0`` the DARE masks are drawn from a generator seeded by
-            ``(seed, tensor name)`` so that every streaming pass sees the same masks; otherwise unused.
+        seed: with ``scope="global"`` and ``drop_rate > 0`` the DARE masks are drawn from the generator
+            :func:`~mergelab.methods.base.tensor_generator` seeds from ``(seed, tensor name)`` (the merge context's
+            scheme: the engine sets ``seed`` to the merge seed unless given), so that every streaming pass sees the
+            same masks; otherwise unused.
+        coefficients: per-expert weights ``c_i >= 0`` in the sign election and the disjoint mean, or None (ones).
     """
 
     lam: float = 1.0
@@ -44,6 +56,7 @@ class TiesConfig:
     scope: str = "tensor"
     drop_rate: float = 0.0
     seed: int = 0
+    coefficients: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -53,6 +66,7 @@ class TiesConfig:
         object.__setattr__(self, "drop_rate", check_drop_rate(name, self.drop_rate))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"{name}.seed must be a non-negative integer, got {self.seed!r}")
+        object.__setattr__(self, "coefficients", check_coefficients(name, self.coefficients, weights=True))
 
 
 def make_stats(cfg: TiesConfig, n_experts: int) -> GlobalMagnitudeThreshold | None:
@@ -67,17 +81,18 @@ def ties(base: Tensor, deltas: Tensor, cfg: TiesConfig, ctx: MergeContext) -> Te
 
     Args:
         base: base tensor (unused).
-        deltas: stacked task vectors ``(N, *S)``.
+        deltas: stacked task vectors ``(N, *S)``; trimmed in place when ``ctx.inplace``, else left untouched.
         cfg: :class:`TiesConfig`.
         ctx: context; ``ctx.generator`` drives DARE (tensor scope); ``ctx.stats`` holds the finished
-            :class:`GlobalMagnitudeThreshold` (global scope).
+            :class:`GlobalMagnitudeThreshold` (global scope); ``ctx.inplace`` hands ``deltas`` over.
 
     Returns:
         The disjoint mean of the trimmed, sign-agreeing task vectors, shape ``S``.
 
     Raises:
-        ValueError: global scope without finished statistics.
+        ValueError: global scope without finished statistics, or coefficients of the wrong length.
     """
+    coef = coefficients_or_none(cfg.coefficients, deltas, ctx.name)
     if cfg.scope == "global":
         stats = ctx.stats
         if not isinstance(stats, GlobalMagnitudeThreshold) or stats.thresholds is None:
@@ -89,7 +104,11 @@ def ties(base: Tensor, deltas: Tensor, cfg: TiesConfig, ctx: MergeContext) -> Te
     else:
         d = dare_drop(deltas, cfg.drop_rate, ctx) if cfg.drop_rate > 0 else deltas
         thresholds = magnitude_threshold(d, cfg.density)
-    return trim_and_merge_(d, thresholds)  # d is ours (the contract lets a method modify deltas in place)
+    if coef is not None:
+        return weighted_disjoint_merge(trim_to_threshold(d, thresholds), coef)
+    if d is deltas and not ctx.inplace:
+        d = deltas.clone()  # a library caller keeps its task vectors
+    return trim_and_merge_(d, thresholds)  # d is ours: DARE's fresh stack, a copy, or handed over by the engine
 
 
 __all__ = ["TiesConfig", "make_stats", "ties"]

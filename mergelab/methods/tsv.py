@@ -6,7 +6,13 @@ factors (nearest orthonormal matrices, ``P Q^T`` from their SVDs) and return ``U
 (spec section 2). This is the correct algorithm: the official MLLM scripts' ``lm_head`` gate makes their TSV the
 plain mean (spec 6.8). Singular triplets with a numerically zero singular value (``s <= s_max * max(m,n) * eps``,
 e.g. beyond the rank of a LoRA task vector or of an all-zero expert) are left out: they carry no weight, but their
-arbitrary, LAPACK-dependent singular vectors would otherwise take part in the orthogonalisation. SVDs in float32 (float64 for float64 input); deterministic.
+arbitrary, LAPACK-dependent singular vectors would otherwise take part in the orthogonalisation. The reference
+code keeps them, which makes its result ill-defined on exactly low-rank task vectors (LoRA: ``rank(tau_i) <= r``
+whenever ``r`` exceeds the adapter rank); ours equals TSV truncated at each task's true rank.
+
+Per-expert coefficients ``c_i`` scale task vector i (``tau_i -> c_i tau_i``, so its singular values) before the
+selection and orthogonalisation; ``c_i = 0`` removes the task's directions, all ones is the paper. SVDs in float32
+(float64 for float64 input); deterministic; the inputs are never modified.
 """
 
 from __future__ import annotations
@@ -16,7 +22,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mergelab.methods._linalg import check_matrix, check_range, check_real, polar, rank_k, thin_svd
+from mergelab.methods._linalg import (
+    check_coefficients,
+    check_matrix,
+    check_range,
+    check_real,
+    polar,
+    rank_k,
+    scale_experts,
+    thin_svd,
+)
 from mergelab.methods.base import MergeContext
 
 
@@ -27,10 +42,12 @@ class TsvConfig:
     Attributes:
         lam: scale of the merged task vector.
         rank_ratio: per-task kept rank as a fraction of min(m, n) in (0, 1]; None = 1/N (the paper's choice).
+        coefficients: per-expert scales ``c_i`` of the task vectors (N floats), or None for all ones.
     """
 
     lam: float = 1.0
     rank_ratio: float | None = None
+    coefficients: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -39,6 +56,7 @@ class TsvConfig:
             object.__setattr__(
                 self, "rank_ratio", check_range(name, "rank_ratio", self.rank_ratio, 0.0, 1.0, lo_open=True)
             )
+        object.__setattr__(self, "coefficients", check_coefficients(name, self.coefficients))
 
 
 def tsv(base: Tensor, deltas: Tensor, cfg: TsvConfig, ctx: MergeContext) -> Tensor:
@@ -54,6 +72,7 @@ def tsv(base: Tensor, deltas: Tensor, cfg: TsvConfig, ctx: MergeContext) -> Tens
         ``U_perp diag(s_hat) V_perp``, shape ``(m, n)``, in the deltas' dtype.
     """
     check_matrix(deltas, ctx.name, "tsv")
+    deltas = scale_experts(deltas, cfg.coefficients, ctx.name)
     n_exp, m, n = deltas.shape
     r = rank_k(min(m, n), n_exp, cfg.rank_ratio)
     u, s, vh = thin_svd(deltas)

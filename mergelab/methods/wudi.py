@@ -4,7 +4,11 @@
 MLLMerging and WUDI's Eq. 1), from the sum of the task vectors, Adam lr 1e-5, 300 steps (spec section 2).
 It is OptMerge's loss with ``k = min(m, n)`` and an uncentred target (``P_i P_i^T = tau_i^T tau_i``), so it shares
 the m x k form and the solvers of :mod:`mergelab.methods.optmerge`. Zero task vectors are left out of the loss; if
-all are, the mean is returned.
+all are, the mean is returned. The inputs are never modified.
+
+Per-expert coefficients ``c_i >= 0`` weigh expert i in the loss (``w_i = c_i / ||tau_i||_F^2``) and in the
+initialisation (``sum_i c_i tau_i``, or the ``c``-weighted mean with ``init="mean"``), as in OptMerge; all ones
+(or None) is the paper, bit for bit.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mergelab.methods._linalg import check_matrix, quadratic_factors
+from mergelab.methods._linalg import check_matrix, coefficients_or_none, quadratic_factors
 from mergelab.methods.base import MergeContext
 from mergelab.methods.optmerge import minimise, svd_method, validate_solver_fields
 
@@ -32,6 +36,7 @@ class WudiConfig:
     compute_dtype: str | None = None
     solver: str = "auto"
     svd: str = "auto"
+    coefficients: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         validate_solver_fields(self)
@@ -45,6 +50,7 @@ def wudi(base: Tensor, deltas: Tensor, cfg: WudiConfig, ctx: MergeContext) -> Te
     """
     check_matrix(deltas, ctx.name, "wudi")
     _, m, n = deltas.shape
+    coef = coefficients_or_none(cfg.coefficients, deltas, ctx.name)
     dtype = torch.float64 if deltas.dtype == torch.float64 else torch.float32
     factors = quadratic_factors(
         deltas,
@@ -53,5 +59,6 @@ def wudi(base: Tensor, deltas: Tensor, cfg: WudiConfig, ctx: MergeContext) -> Te
         centred_projector=False,
         dtype=dtype,
         svd=svd_method(cfg, deltas),
+        coefficients=coef,
     )
-    return minimise(deltas, factors, cfg)
+    return minimise(deltas, factors, cfg, coef)
