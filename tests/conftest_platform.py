@@ -35,8 +35,8 @@ def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def platform_store(mlflow_template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
-    """A :class:`~mergelab.platform.tracking.Store` on a private copy of the template DB and a fresh Optuna file."""
-    from mergelab.platform.tracking import Store
+    """A :class:`~mergelab.platform.merge_run.Store` on a private copy of the template DB and a fresh Optuna file."""
+    from mergelab.platform.store import Store
 
     for var in ("MLFLOW_TRACKING_URI", "MERGELAB_OPTUNA_STORAGE", "MERGELAB_ARTIFACT_ROOT", "MERGELAB_ROOT"):
         monkeypatch.delenv(var, raising=False)
@@ -86,7 +86,7 @@ class WeightEvaluator:
         self.calls: list[tuple[str, str]] = []
 
     def __call__(self, model_dir: Path, tasks: Sequence[str], split: str, on_task=None):  # noqa: ANN001, ANN204
-        from mergelab.platform.tracking import EvalSummary
+        from mergelab.platform.evaluation import EvalSummary
 
         self.calls.append((str(model_dir), split))
         theta = _load(Path(model_dir))
@@ -113,7 +113,7 @@ class TableEvaluator:
         self.calls: list[tuple[str, str]] = []
 
     def __call__(self, model_dir: Path, tasks: Sequence[str], split: str, on_task=None):  # noqa: ANN001, ANN204
-        from mergelab.platform.tracking import EvalSummary
+        from mergelab.platform.evaluation import EvalSummary
 
         self.calls.append((str(model_dir), split))
         scores = self.table[Path(model_dir).parent.parent.name if Path(model_dir).name == "merged"

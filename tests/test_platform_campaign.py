@@ -14,7 +14,7 @@ from conftest_platform import WeightEvaluator, make_expert_family
 from mergelab.platform import registry as reg
 from mergelab.platform.campaign import RUN_ATTR, SKIP_ATTR, run_campaign
 from mergelab.platform.campaign_config import CampaignConfig, load_campaign
-from mergelab.platform.tracking import Store, local_path
+from mergelab.platform.store import Store, local_path
 
 TASKS = ["vqa", "geometry", "ocr"]
 
@@ -255,7 +255,7 @@ def test_campaign_end_to_end_on_the_tiny_zoo_then_promote_and_load_champion(plat
     assert {"val/vqa/accuracy", "val/ocr/accuracy", "val/average", "test/average"} <= set(run.data.metrics)
     table = json.loads((local_path(run.info.artifact_uri) / "predictions" / "val.json").read_text())
     assert len(table["data"]) == 12
-    from mergelab.platform.tracking import HFEvaluator
+    from mergelab.platform.evaluation import HFEvaluator
 
     d = reg.promote("e2e", campaign="e2e", store=platform_store,
                     evaluator=HFEvaluator(data_root=str(tmp_path / "data"), limit=6, batch_size=6, device="cpu"))

@@ -10,7 +10,7 @@ import torch
 from conftest_platform import TableEvaluator
 
 from mergelab.platform import registry as reg
-from mergelab.platform.tracking import TAG_WEIGHTS, Store, local_path
+from mergelab.platform.store import TAG_WEIGHTS, Store, local_path
 
 
 def _run_with_weights(store: Store, payload: bytes = b"w") -> tuple[str, str, Path]:

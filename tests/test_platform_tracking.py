@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from conftest_platform import WeightEvaluator, make_expert_family
 
-from mergelab.platform.tracking import Store, content_hash, local_path, tracked_merge
+from mergelab.platform.merge_run import tracked_merge
+from mergelab.platform.provenance import content_hash
+from mergelab.platform.store import Store, local_path
 
 
 def test_store_defaults_env_and_separate_optuna_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -113,7 +115,7 @@ _SIGTERM_MID_MERGE = """
 import os, signal, sys, time
 
 from mergelab.platform.cli import raise_on_sigterm
-from mergelab.platform.tracking import tracked_merge
+from mergelab.platform.merge_run import tracked_merge
 
 assert raise_on_sigterm()  # what every `mergelab` command does
 
@@ -150,7 +152,7 @@ def test_sigterm_ends_a_tracked_merge_killed_and_removes_its_partial_weights(pla
 
 def test_interrupts_end_runs_killed_and_errors_failed() -> None:
     from mergelab.platform.cli import Terminated
-    from mergelab.platform.tracking import end_status
+    from mergelab.platform.store import end_status
 
     assert end_status(Terminated("signal SIGTERM")) == "KILLED" and end_status(KeyboardInterrupt()) == "KILLED"
     assert end_status(RuntimeError("x")) == "FAILED" and end_status("worker lost") == "FAILED"

@@ -298,7 +298,7 @@ def tiny_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     import torch
 
     from mergelab.bench.data import ensure_data
-    from mergelab.bench.zoo import build_zoo
+    from mergelab.bench.zoo_build import build_zoo
 
     root = tmp_path_factory.mktemp("bench")
     data = ensure_data(root / "data", tasks=TASKS, splits=("val", "test"), sizes={"val": 8, "test": 8})
@@ -381,7 +381,8 @@ def test_two_workers_share_one_campaign(
     from mlflow.tracking import MlflowClient
 
     from mergelab.platform import registry as reg
-    from mergelab.platform.tracking import HFEvaluator, Store, local_path
+    from mergelab.platform.evaluation import HFEvaluator
+    from mergelab.platform.store import Store, local_path
 
     data, zoo = tiny_bench
     name = f"scaleout-{uuid.uuid4().hex[:8]}"

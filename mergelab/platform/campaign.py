@@ -41,23 +41,20 @@ from mlflow.exceptions import MlflowException
 
 from mergelab.platform import registry as reg
 from mergelab.platform.campaign_config import CampaignConfig, ExpertEntry, ZooRef
-from mergelab.platform.tracking import (
+from mergelab.platform.evaluation import EvalSummary, Evaluator, HFEvaluator, log_eval
+from mergelab.platform.merge_run import tracked_merge
+from mergelab.platform.provenance import expert_name
+from mergelab.platform.store import (
     TAG_CAMPAIGN,
     TAG_ROLE,
     TAG_TRIAL,
     TAG_WEIGHTS,
-    EvalSummary,
-    Evaluator,
-    HFEvaluator,
     Store,
-    expert_name,
     fail_run,
     local_path,
-    log_eval,
     log_metrics,
     log_params,
     log_table,
-    tracked_merge,
 )
 
 log = logging.getLogger(__name__)

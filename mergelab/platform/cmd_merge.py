@@ -35,8 +35,8 @@ def merge(config: Path, out: Path, overwrite: bool, device: str | None, report_p
         kwargs = cfg.merge_kwargs()
         if device is not None:
             kwargs["device"] = device
-        if track:  # the same engine call, as an MLflow run (mergelab.platform.tracking)
-            from mergelab.platform.tracking import track_merge_config
+        if track:  # the same engine call, as an MLflow run (mergelab.platform.merge_run)
+            from mergelab.platform.merge_run import track_merge_config
 
             tracked = track_merge_config(cfg, out=out, overwrite=overwrite, progress=not quiet, device=device,
                                          run_name=config.stem)

@@ -15,7 +15,7 @@ def _fail(e: Exception) -> None:
 
 
 def _store(root: str | None):  # noqa: ANN202 - imported lazily to keep `mergelab --help` fast
-    from mergelab.platform.tracking import Store
+    from mergelab.platform.store import Store
 
     return Store.resolve(root)
 
@@ -70,8 +70,8 @@ def worker_cmd(config: str, n_trials: int | None) -> None:
 def promote_cmd(name: str, version: str | None, campaign: str | None, margin: float, max_task_drop: float,
                 tasks: str | None, data_root: str | None, batch_size: int, device: str, root: str | None) -> None:
     """Evaluate a candidate of NAME on the test split; move `champion` only on a real win, else `challenger`."""
+    from mergelab.platform.evaluation import HFEvaluator
     from mergelab.platform.registry import promote
-    from mergelab.platform.tracking import HFEvaluator
 
     try:
         d = promote(name, version=version, campaign=campaign, margin=margin, max_task_drop=max_task_drop,

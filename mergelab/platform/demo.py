@@ -22,17 +22,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergelab.bench.zoo import LAM_GRID, TASKS, has_lam, method_params
+from mergelab.bench.data import ensure_data
+from mergelab.bench.tasks import TASKS
+from mergelab.bench.zoo_build import build_zoo
+from mergelab.bench.zoo_plan import DEFAULT_ZOO, read_manifest
+from mergelab.bench.zoo_table import choose_lam, lam_candidates, method_params
+from mergelab.methods import METHODS
+from mergelab.methods.base import LAM_GRID
 from mergelab.platform.campaign import resolve_experts, run_campaign
 from mergelab.platform.campaign_config import CampaignConfig
+from mergelab.platform.evaluation import HFEvaluator
+from mergelab.platform.merge_run import tracked_merge
 from mergelab.platform.registry import promote, register_run
-from mergelab.platform.tracking import TAG_CAMPAIGN, TAG_ROLE, HFEvaluator, Store, end_status, tracked_merge
+from mergelab.platform.store import TAG_CAMPAIGN, TAG_ROLE, Store, end_status
 
-PAPER_METHODS: tuple[str, ...] = (
-    "weight_average", "task_arithmetic", "ties", "dare_task_arithmetic", "dare_ties",
-    "tsv", "iso_c", "wudi", "optmerge",
-)  # fmt: skip
-"""The nine merging rows of the paper's Tables 2 and 3, in its order."""
+PAPER_METHODS: tuple[str, ...] = tuple(name for name, spec in METHODS.items() if spec.paper)
+"""The nine merging rows of the paper's Tables 2 and 3, in its order (the method table's order)."""
 
 EXPERIMENT = "mergelab-demo"
 
@@ -50,8 +55,6 @@ class DemoResult:
 
 
 def _ensure_zoo(zoo: Path, tiny: bool, seed: int, setting: str, log: Callable[[str], None]) -> None:
-    from mergelab.bench.zoo import build_zoo, read_manifest
-
     try:
         models = read_manifest(zoo).get("models", {})
     except FileNotFoundError:
@@ -111,9 +114,6 @@ def run_demo(
         data_sizes: samples per split to generate (default: the benchmark's sizes; smaller for smoke tests).
         log: one-line logger.
     """
-    from mergelab.bench.data import ensure_data
-    from mergelab.bench.zoo import DEFAULT_ZOO
-
     if setting not in ("lora", "full"):
         raise ValueError(f"setting must be 'lora' or 'full', got {setting!r}")
     t0 = time.perf_counter()
@@ -153,25 +153,22 @@ def run_demo(
     try:
         for method in methods:
             params = method_params(method, setting)
-            lams = list(lam_grid) if has_lam(method, setting) else [None]
-            method_best: dict[str, Any] | None = None
-            for lam in lams:
+            runs: list[tuple[float | None, dict[str, Any], Any]] = []
+            for lam in lam_candidates(method, lam_grid):
                 p = dict(params) if lam is None else {**params, "lam": lam}
-                tm = tracked_merge(base=base, experts=experts, method=method, params=p, policy="qwen2_vl",
-                                   device=device, seed=seed, store=store, experiment=EXPERIMENT,
-                                   run_name=f"{method}" + ("" if lam is None else f"-lam{lam:g}"),
-                                   parent_run_id=pid, tags={TAG_CAMPAIGN: "demo-comparison"}, tasks=TASKS,
-                                   evaluator=evaluator, reference_scores=reference)  # fmt: skip
-                avg = tm.val.average
-                row = {"name": method, "lam": lam, "scores": dict(tm.val.scores), "average": avg,
-                       "run_id": tm.run_id}  # fmt: skip
-                if method_best is None or avg > method_best["average"]:
-                    method_best = row
-                if best is None or avg > best[0]:
-                    best = (avg, method, p, tm)
-            assert method_best is not None
-            result.rows.append(method_best)
-            log(f"      {method:<22} best lam {method_best['lam']}: val avg {method_best['average']:.2f}")
+                runs.append((lam, p, tracked_merge(
+                    base=base, experts=experts, method=method, params=p, policy="qwen2_vl", device=device,
+                    seed=seed, store=store, experiment=EXPERIMENT,
+                    run_name=f"{method}" + ("" if lam is None else f"-lam{lam:g}"), parent_run_id=pid,
+                    tags={TAG_CAMPAIGN: "demo-comparison"}, tasks=TASKS, evaluator=evaluator,
+                    reference_scores=reference)))  # fmt: skip
+            lam, avg = choose_lam((at, tm.val.average) for at, _, tm in runs)
+            p, tm = next((p, tm) for at, p, tm in runs if at == lam)
+            result.rows.append({"name": method, "lam": lam, "scores": dict(tm.val.scores), "average": avg,
+                                "run_id": tm.run_id})  # fmt: skip
+            if best is None or avg > best[0]:
+                best = (avg, method, p, tm)
+            log(f"      {method:<22} best lam {lam}: val avg {avg:.2f}")
         client.set_terminated(pid, "FINISHED")
     except BaseException as e:
         client.set_terminated(pid, end_status(e))

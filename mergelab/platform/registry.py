@@ -33,16 +33,8 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from mergelab.platform.tracking import (
-    TAG_WEIGHTS,
-    EvalSummary,
-    Evaluator,
-    HFEvaluator,
-    Store,
-    local_path,
-    log_eval,
-    metric_name,
-)
+from mergelab.platform.evaluation import EvalSummary, Evaluator, HFEvaluator, log_eval
+from mergelab.platform.store import TAG_WEIGHTS, Store, local_path, metric_name
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from mergelab.platform.campaign import CampaignResult, run_campaign
 from mergelab.platform.campaign_config import load_campaign
-from mergelab.platform.tracking import Store
+from mergelab.platform.store import Store
 
 
 def run_worker(config: str | os.PathLike[str], *, n_trials: int | None = None, summarize: bool = True,

@@ -1,0 +1,368 @@
+"""One MLflow run per merge (``mergelab merge``, a comparison row or a campaign trial): merge, log, evaluate.
+
+Store (spec/ecosystem.md section 2 and pitfalls 3-6, 9, 12): by default everything lives under ``mlruns/``:
+``mlruns/mlflow.db`` (tracking and registry, SQLite), ``mlruns/artifacts/`` (artifact root, always passed as
+``artifact_location`` when an experiment is created) and ``mlruns/optuna.db`` (Optuna's own RDB; never the MLflow
+file, both use alembic). ``MLFLOW_TRACKING_URI`` and ``MERGELAB_OPTUNA_STORAGE`` override the URIs (PostgreSQL, an
+``http://`` tracking server), so the code is storage-agnostic. Library code talks to MLflow only through an explicit
+``MlflowClient(tracking_uri)`` and explicit run ids (STYLE.md section 3 point 9): no fluent active-run stack, so
+trials in threads or other processes nest under their campaign by the ``mlflow.parentRunId`` tag.
+
+Stable metric names of a tracked merge (the UI's compare view lines them up):
+
+========================== ==================================================================================
+``val/<task>/<metric>``     every metric of the evaluator's ``.metrics`` (e.g. ``val/vqa/accuracy``)
+``val/<task>``              the primary score of each task, percent
+``val/average``             unweighted mean of the per-task primary scores (the paper's "Avg")
+``val/worst_task``          the minimum per-task primary score
+``val/normalized_average``  mean over tasks of ``100 * score / own-task expert score`` (where the expert's is known)
+``merge/seconds``           wall seconds of the merge as measured around the engine call
+``merge/peak_host_mb``      peak resident host memory of the process (MiB)
+``merge/peak_gpu_mb``       peak allocated CUDA memory during the merge (MiB; 0 on CPU)
+``merge/report/<key>``      every numeric total of the engine's ``MergeReport``
+``test/...``                the same names on the test split (registered candidates and promotion only)
+========================== ==================================================================================
+
+Params: ``method``, ``hp.<name>`` (every field of the method's config dataclass, defaults included),
+``policy``, ``device``, ``dtype``, ``compute_dtype``, ``seed``, ``base.path``/``base.sha256``,
+``expert.<i>.name/path/sha256/coefficient``, ``version.<package>``, ``git.commit``.
+Artifacts: ``config/merge.yaml``, ``merge_report.json``, ``predictions/val.json`` (an MLflow table),
+``charts/val_scores.png`` and the merged weights under ``merged/`` (written once, by the engine, in place).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from mergelab.platform.evaluation import EvalSummary, Evaluator, HFEvaluator, log_eval
+from mergelab.platform.provenance import (
+    content_hash,
+    expert_fields,
+    git_commit,
+    method_hyperparameters,
+    package_versions,
+)
+from mergelab.platform.store import (
+    DEFAULT_EXPERIMENT,
+    TAG_MERGED,
+    TAG_ROLE,
+    TAG_WEIGHTS,
+    Store,
+    fail_run,
+    flatten,
+    log_metrics,
+    log_params,
+    metric_name,
+    numeric_value,
+    run_artifact_path,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrackedMerge:
+    """What :func:`tracked_merge` returns.
+
+    Attributes:
+        run_id: the MLflow run.
+        merged_uri: artifact URI of the merged weights (``<run artifact uri>/merged``) or the explicit output path.
+        merged_path: the local directory of the merged weights (``None`` for a remote artifact store).
+        report: the engine's ``MergeReport``.
+        val: the validation summary (``None`` when no tasks were evaluated).
+        metrics: every metric logged to the run.
+    """
+
+    run_id: str
+    merged_uri: str
+    merged_path: Path | None
+    report: Any
+    val: EvalSummary | None
+    metrics: dict[str, float]
+
+
+def _peak_host_mb() -> float:
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 1024.0 if sys.platform != "darwin" else rss / (1024.0 * 1024.0)
+    except (ImportError, OSError):  # pragma: no cover - non-POSIX
+        import psutil
+
+        return psutil.Process().memory_info().rss / (1024.0 * 1024.0)
+
+
+def _report_dict(report: Any) -> dict[str, Any]:
+    if report is None:
+        return {}
+    if hasattr(report, "to_dict"):
+        return dict(report.to_dict())
+    if dataclasses.is_dataclass(report):
+        return dataclasses.asdict(report)
+    return dict(report) if isinstance(report, Mapping) else {}
+
+
+def report_metrics(report: Any) -> dict[str, float]:
+    """Numeric totals of a ``MergeReport`` as ``merge/report/<key>`` metrics.
+
+    Scalars at the top level (``bytes_read``, ``bytes_written``, ``wall_seconds``, ``peak_rss_bytes``,
+    ``peak_gpu_bytes``, ``stats_passes``...) and the per-rule tensor ``counts``; per-tensor records, the seed and the
+    method params are not metrics.
+    """
+    d = _report_dict(report)
+    totals = d.get("totals") if isinstance(d.get("totals"), Mapping) else d
+    out = {}
+    for k, v in totals.items():
+        if k in ("seed", "params", "tensors", "policy", "experts"):
+            continue
+        items = flatten(v, f"{k}/").items() if isinstance(v, Mapping) else [(k, v)]
+        for name, val in items:
+            x = numeric_value(val)
+            if x is not None and math.isfinite(x):
+                out[f"merge/report/{metric_name(name)}"] = x
+    return out
+
+
+def tracked_merge(
+    *,
+    base: str | os.PathLike[str],
+    experts: Sequence[Any],
+    method: str,
+    params: Mapping[str, Any] | None = None,
+    policy: str | Any = "auto",
+    device: str = "auto",
+    dtype: str | None = None,
+    compute_dtype: str = "float32",
+    seed: int = 0,
+    store: Store | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    extra_params: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
+    out: str | os.PathLike[str] | None = None,
+    tasks: Sequence[str] = (),
+    evaluator: Evaluator | None = None,
+    reference_scores: Mapping[str, float] | None = None,
+    on_task: Callable[[str, EvalSummary], None] | None = None,
+    on_run: Callable[[str], None] | None = None,
+    merge_fn: Callable[..., Any] | None = None,
+    overwrite: bool = False,
+    engine_kwargs: Mapping[str, Any] | None = None,
+    end_run: bool = True,
+) -> TrackedMerge:
+    """Merge experts into the base as one MLflow run, then evaluate the result on the val split.
+
+    The merged weights are written once by the engine straight into ``<run artifact dir>/merged`` (or ``out``),
+    which the registry then points at without copying (spec/ecosystem.md section 2, "zero-copy registration"). For
+    a remote artifact store the engine writes to a temporary directory that is uploaded once and removed.
+
+    Args:
+        base: the base checkpoint directory.
+        experts: ``ExpertSpec``s, ``{"path", "coefficient", "name"}`` dicts or paths.
+        method: a key of ``mergelab.methods.METHODS``.
+        params: the method's hyperparameters (missing ones take the config's defaults; all are logged).
+        policy: the engine's tensor policy.
+        device, dtype, compute_dtype, seed: passed to the engine.
+        store: the store (default :meth:`Store.resolve`).
+        experiment: MLflow experiment name.
+        run_name: MLflow run name.
+        parent_run_id: nest this run under that run (by tag, so it works from any thread or process).
+        tags: extra run tags.
+        extra_params: extra params (e.g. Optuna's raw trial params).
+        config: the resolved config to log as ``config/merge.yaml`` (default: built from the arguments).
+        out: write the merged weights there instead of into the run's artifact directory.
+        tasks: evaluation tasks on the val split (empty: no evaluation).
+        evaluator: ``evaluator(model_dir, tasks, split, on_task)`` (default :class:`HFEvaluator`).
+        reference_scores: own-task expert scores per task for ``val/normalized_average``.
+        on_task: forwarded to the evaluator (pruning); an exception raised there fails the run unless it is
+            ``optuna.TrialPruned``-like (its class name contains ``Pruned``), which ends the run KILLED.
+        on_run: called with the run id as soon as the run exists.
+        merge_fn: the merge function (default ``mergelab.engine.loop.merge``).
+        overwrite: let the engine replace an existing ``out``.
+        engine_kwargs: further engine arguments (``max_shard_bytes``, ``carry_unique``, ``progress``).
+        end_run: set the run FINISHED on success (a campaign keeps it open to add registry tags).
+
+    Returns:
+        A :class:`TrackedMerge`.
+
+    Raises:
+        Any exception of the engine or the evaluator, after the run has been marked FAILED (KILLED for an
+        interrupt: Ctrl-C, or SIGTERM under the CLI) and partial weights removed.
+    """
+    store = store or Store.resolve()
+    client = store.client()
+    exp_id = store.experiment_id(experiment, client)
+    run_tags = {TAG_ROLE: "merge", "method": method, **(tags or {})}
+    if parent_run_id:
+        run_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_name, tags=run_tags)
+    run_id = run.info.run_id
+    if on_run is not None:
+        on_run(run_id)
+    merged_path: Path | None = None
+    tmp_out: Path | None = None
+    try:
+        if merge_fn is None:
+            from mergelab.engine import merge as merge_fn  # type: ignore[no-redef]
+        try:
+            hp = method_hyperparameters(method, params)
+        except ImportError:  # registry not importable in a stripped install: log what was given
+            hp = dict(params or {})
+        expert_rows = [expert_fields(e) for e in experts]
+        p: dict[str, Any] = {"method": method, "policy": policy if isinstance(policy, str) else json.dumps(policy),
+                             "device": device, "dtype": dtype or "auto", "compute_dtype": compute_dtype,
+                             "seed": seed, "base.path": str(base), "base.sha256": content_hash(base),
+                             "n_experts": len(expert_rows), "git.commit": git_commit() or "unknown"}
+        p.update({f"hp.{k}": v for k, v in hp.items()})
+        for i, (path, coef, name) in enumerate(expert_rows):
+            p[f"expert.{i}.name"] = name or Path(path).name
+            p[f"expert.{i}.path"] = path
+            p[f"expert.{i}.sha256"] = content_hash(path)
+            p[f"expert.{i}.coefficient"] = "default" if coef is None else coef
+        p.update({f"version.{k}": v for k, v in package_versions().items()})
+        p.update(extra_params or {})
+        log_params(client, run_id, p)
+        resolved = dict(config) if config is not None else {
+            "base": str(base), "experts": [{"path": a, "coefficient": c, "name": n} for a, c, n in expert_rows],
+            "method": method, "params": hp, "policy": policy, "device": device, "dtype": dtype,
+            "compute_dtype": compute_dtype, "seed": seed}
+        client.log_dict(run_id, json.loads(json.dumps(resolved, default=str)), "config/merge.yaml")
+
+        if out is not None:
+            merged_path = Path(out)
+            merged_uri = merged_path.resolve().as_uri()
+        else:
+            merged_uri, merged_path = run_artifact_path(client, run_id, "merged")
+            if merged_path is None:
+                tmp_out = Path(tempfile.mkdtemp(prefix="mergelab-merged-"))
+        target = merged_path if merged_path is not None else tmp_out
+        assert target is not None
+        target.parent.mkdir(parents=True, exist_ok=True)
+
+        gpu = _cuda_reset_peak()
+        t0 = time.perf_counter()
+        report = merge_fn(base=str(base), experts=_expert_specs(experts), method=method, params=dict(params or {}),
+                          policy=policy, out=str(target), device=device, dtype=dtype,
+                          compute_dtype=compute_dtype, seed=seed, overwrite=overwrite, **dict(engine_kwargs or {}))
+        seconds = time.perf_counter() - t0
+        metrics = {"merge/seconds": seconds, "merge/peak_host_mb": _peak_host_mb(),
+                   "merge/peak_gpu_mb": _cuda_peak_mb() if gpu else 0.0}
+        rd = _report_dict(report)
+        if numeric_value(rd.get("peak_rss_bytes")):  # the engine's own sampler covers only the merge itself
+            metrics["merge/peak_host_mb"] = float(rd["peak_rss_bytes"]) / 2**20
+        if numeric_value(rd.get("peak_gpu_bytes")):
+            metrics["merge/peak_gpu_mb"] = float(rd["peak_gpu_bytes"]) / 2**20
+        metrics.update(report_metrics(report))
+        log_metrics(client, run_id, metrics)
+        client.log_dict(run_id, json.loads(json.dumps(_report_dict(report), default=str)), "merge_report.json")
+        if tmp_out is not None:
+            client.log_artifacts(run_id, str(tmp_out), "merged")
+            shutil.rmtree(tmp_out, ignore_errors=True)
+            tmp_out = None
+        client.set_tag(run_id, TAG_MERGED, merged_uri)
+        client.set_tag(run_id, TAG_WEIGHTS, "present")
+
+        val = None
+        if tasks:
+            evaluator = evaluator or HFEvaluator(device=device)
+            model_dir = merged_path if merged_path is not None else _download(store, merged_uri)
+            val = evaluator(model_dir, list(tasks), "val", on_task)
+            metrics.update(log_eval(client, run_id, val, reference_scores))
+        if end_run:
+            client.set_terminated(run_id, status="FINISHED")
+        return TrackedMerge(run_id=run_id, merged_uri=merged_uri, merged_path=merged_path, report=report,
+                            val=val, metrics=metrics)
+    except BaseException as e:
+        if tmp_out is not None:
+            shutil.rmtree(tmp_out, ignore_errors=True)
+        if "Pruned" in type(e).__name__:
+            with contextlib.suppress(Exception):
+                client.set_tag(run_id, "mergelab.pruned", "true")
+                client.set_terminated(run_id, status="KILLED")
+        else:
+            fail_run(client, run_id, e)
+        if out is None and merged_path is not None and merged_path.exists():
+            shutil.rmtree(merged_path, ignore_errors=True)  # no dangling partial/unregistered weights
+            with contextlib.suppress(Exception):
+                client.set_tag(run_id, TAG_WEIGHTS, "deleted")
+        raise
+
+
+def track_merge_config(
+    cfg: Any,
+    *,
+    out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    device: str | None = None,
+    store: Store | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    run_name: str | None = None,
+    tasks: Sequence[str] = (),
+    evaluator: Evaluator | None = None,
+) -> TrackedMerge:
+    """``mergelab merge CONFIG`` as an MLflow run: :func:`tracked_merge` with a validated ``MergeConfig``.
+
+    Args:
+        cfg: a :class:`mergelab.platform.merge_config.MergeConfig`.
+        out: output directory; ``None`` writes into the run's artifact directory (registrable without a copy).
+        overwrite, progress: passed to the engine.
+        device: overrides the config's device.
+        store, experiment, run_name: where to track.
+        tasks, evaluator: optional val evaluation of the merged model.
+    """
+    kw = cfg.merge_kwargs()
+    if device is not None:
+        kw["device"] = device
+    engine_extra = {k: kw.pop(k) for k in ("max_shard_bytes", "carry_unique") if k in kw}
+    engine_extra["progress"] = progress
+    return tracked_merge(**kw, store=store, experiment=experiment, run_name=run_name,
+                         config=json.loads(cfg.model_dump_json()), out=out, overwrite=overwrite,
+                         engine_kwargs=engine_extra, tasks=tasks, evaluator=evaluator)
+
+
+def _expert_specs(experts: Sequence[Any]) -> list[Any]:
+    """Dict entries become the engine's ``ExpertSpec``; specs and plain paths pass through."""
+    from mergelab.engine import ExpertSpec
+
+    return [ExpertSpec(e["path"], e.get("coefficient"), e.get("name")) if isinstance(e, Mapping) else e
+            for e in experts]
+
+
+def _download(store: Store, uri: str) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=store.tracking_uri))
+
+
+def _cuda_reset_peak() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return False
+    if not torch.cuda.is_available():
+        return False
+    torch.cuda.reset_peak_memory_stats()
+    return True
+
+
+def _cuda_peak_mb() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / (1024.0 * 1024.0)
+
