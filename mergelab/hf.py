@@ -183,6 +183,8 @@ def load_model(
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
     if not (path / "config.json").is_file() and (path / "adapter_config.json").is_file():
+        if not (path / "adapter_model.safetensors").is_file():  # else peft would fall back to torch.load (pickle)
+            raise FileNotFoundError(f"{path}: no adapter_model.safetensors (pickled adapters are never loaded)")
         base_path = _adapter_base(path)
         model, processor = load_model(base_path, device="cpu", dtype=dtype, trust_remote_code=trust_remote_code)
         from peft import PeftModel

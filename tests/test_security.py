@@ -9,17 +9,20 @@ backend, where an unauthenticated REST call gets 401 and an authenticated one su
 
 from __future__ import annotations
 
+import ast
 import base64
 import configparser
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import time
+import tracemalloc
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -267,3 +270,315 @@ def test_server_refuses_to_start_with_the_placeholder_password(tmp_path: Path) -
         assert "12 characters" in server.log_tail(200), server.log_tail()
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------------------------- malicious safetensors
+def _safetensors(path: Path, header: object, data: bytes = b"", length: int | None = None) -> Path:
+    """A hand-crafted safetensors file: 8-byte little-endian header length (``length`` may lie), JSON, data."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+    return path
+
+
+def _t(dtype: object = "F32", shape: object = (2, 2), offsets: object = (0, 16)) -> dict:
+    return {
+        "dtype": dtype,
+        "shape": list(shape) if isinstance(shape, tuple) else shape,
+        "data_offsets": list(offsets) if isinstance(offsets, tuple) else offsets,
+    }
+
+
+HUGE = 2**62
+MALICIOUS: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "header_longer_than_file": (
+        lambda p: _safetensors(p, {"w": _t()}, bytes(16), length=10_000),
+        r"truncated or corrupt safetensors file \(header of 10000 bytes, file \d+\)",
+    ),
+    "header_length_2**63": (
+        lambda p: _safetensors(p, {"w": _t()}, bytes(16), length=2**63 + 5),
+        r"header of 9223372036854775813 bytes",
+    ),
+    "no_header": (
+        lambda p: (p.write_bytes(b"\x01\x02"), p)[1],
+        r"truncated safetensors file \(2 bytes, no header\)",
+    ),
+    "huge_shape": (
+        lambda p: _safetensors(p, {"w": _t(shape=(HUGE, HUGE))}, bytes(16)),
+        r"tensor w spans 16 bytes, its shape and dtype need at least \d+",
+    ),
+    "shape_of_many_huge_dims": (
+        lambda p: _safetensors(p, {"w": _t(shape=[10**18] * 100_000)}, bytes(16)),
+        r"tensor w spans 16 bytes, its shape and dtype need at least \d+",
+    ),
+    "huge_offsets": (
+        lambda p: _safetensors(p, {"w": _t(shape=(HUGE // 4,), offsets=(0, HUGE))}, bytes(16)),
+        r"truncated or corrupt safetensors file \(tensor w ends at data byte 4611686018427387904, the file holds 16\)",
+    ),
+    "offsets_past_the_file": (
+        lambda p: _safetensors(p, {"a": _t(offsets=(0, 16)), "b": _t(offsets=(16, 32))}, bytes(16)),
+        r"truncated or corrupt safetensors file \(tensor b ends at data byte 32, the file holds 16\)",
+    ),
+    "overlapping_offsets": (
+        lambda p: _safetensors(p, {"a": _t(offsets=(0, 16)), "b": _t(offsets=(8, 24))}, bytes(24)),
+        r"tensor b \(bytes 8-24\) overlaps tensor a",
+    ),
+    "same_offsets": (
+        lambda p: _safetensors(p, {"a": _t(), "b": _t()}, bytes(16)),
+        r"tensor b \(bytes 0-16\) overlaps tensor a",
+    ),
+    "reversed_offsets": (
+        lambda p: _safetensors(p, {"w": _t(offsets=(16, 0))}, bytes(16)),
+        r"tensor w: data_offsets \[16, 0\] end before they begin",
+    ),
+    "negative_offset": (
+        lambda p: _safetensors(p, {"w": _t(offsets=(-16, 0))}, bytes(16)),
+        r"tensor w: data_offsets \[-16, 0\] are not two non-negative integers",
+    ),
+    "offsets_not_integers": (
+        lambda p: _safetensors(p, {"w": _t(offsets=("0", 16.0))}, bytes(16)),
+        r"tensor w: data_offsets \['0', 16\.0\] are not two non-negative integers",
+    ),
+    "negative_dimension": (
+        lambda p: _safetensors(p, {"w": _t(shape=(-2, -2))}, bytes(16)),
+        r"tensor w: shape \[-2, -2\] is not a list of non-negative integers",
+    ),
+    "boolean_dimension": (
+        lambda p: _safetensors(p, {"w": _t(shape=[True, 4])}, bytes(16)),
+        r"tensor w: shape \[True, 4\] is not a list of non-negative integers",
+    ),
+    "wrong_dtype": (
+        lambda p: _safetensors(p, {"w": _t(dtype="F128")}, bytes(16)),
+        r"tensor w has unsupported dtype F128",
+    ),
+    "dtype_not_a_string": (
+        lambda p: _safetensors(p, {"w": _t(dtype=["F32"])}, bytes(16)),
+        r"tensor w has unsupported dtype \['F32'\]",
+    ),
+    "dtype_of_wrong_size": (
+        lambda p: _safetensors(p, {"w": _t(dtype="F64")}, bytes(16)),
+        r"tensor w spans 16 bytes, its shape and dtype need 32",
+    ),
+    "missing_fields": (
+        lambda p: _safetensors(p, {"w": {"dtype": "F32"}}, bytes(16)),
+        r"tensor w: shape None is not a list",
+    ),
+    "entry_not_an_object": (
+        lambda p: _safetensors(p, {"w": [1, 2]}, bytes(16)),
+        r"tensor w: header entry is not an object",
+    ),
+    "header_not_an_object": (
+        lambda p: _safetensors(p, [1, 2, 3]),
+        r"corrupt safetensors header \(not a JSON object\)",
+    ),
+    "not_json": (lambda p: _safetensors(p, b"{not json"), r"corrupt safetensors header$"),
+    "not_utf8": (lambda p: _safetensors(p, b'{"\xff\xfe": 1}'), r"corrupt safetensors header$"),
+    "integer_of_10000_digits": (
+        lambda p: _safetensors(
+            p, b'{"w": {"dtype": "F32", "shape": [' + b"9" * 10_000 + b'], "data_offsets": [0, 4]}}'
+        ),
+        r"corrupt safetensors header$",
+    ),
+    "deeply_nested": (
+        lambda p: _safetensors(p, b"[" * 200_000 + b"]" * 200_000),
+        r"corrupt safetensors header$",
+    ),
+    "hostile_tensor_name": (
+        lambda p: _safetensors(p, {"evil\nname" + "x" * 5000: _t(dtype="F128")}, bytes(16)),
+        r"tensor 'evil\\nnamex+\.\.\. has unsupported dtype F128",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MALICIOUS))
+def test_malicious_safetensors_header_is_a_one_line_error(case: str, tmp_path: Path) -> None:
+    """Each hand-crafted file gives one MergeError line naming the file (and tensor), with no large allocation."""
+    from mergelab.engine.io import CheckpointReader, MergeError, read_safetensors_header
+
+    build, pattern = MALICIOUS[case]
+    path = build(tmp_path / f"{case}.safetensors")
+    for load in (read_safetensors_header, CheckpointReader):
+        tracemalloc.start()
+        try:
+            with pytest.raises(MergeError) as err:
+                load(path)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        message = str(err.value)
+        assert "\n" not in message and len(message) < 400, message
+        assert message.startswith(f"{path}: "), message
+        assert re.search(pattern, message), message
+        # Parsing the deeply nested case costs a few MB of JSON parser stack; nothing is sized from the header.
+        assert peak < 64 * 2**20, f"{case}: {peak / 2**20:.0f} MiB allocated"
+
+
+def test_well_formed_edge_cases_still_load(tmp_path: Path) -> None:
+    """Zero-size tensors (even sharing an offset), metadata and any tensor order are valid safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mergelab.engine.io import CheckpointReader
+
+    path = tmp_path / "ok.safetensors"
+    tensors = {
+        "b": torch.arange(6, dtype=torch.float32).view(2, 3),
+        "a": torch.zeros(0, 4),
+        "c": torch.ones(0),
+    }
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    reader = CheckpointReader(path)
+    assert sorted(reader.keys()) == ["a", "b", "c"]
+    assert torch.equal(reader.get("b"), tensors["b"]) and reader.get("a").shape == (0, 4)
+    # Hand-written: a zero-size tensor whose offsets fall inside another tensor's bytes overlaps nothing.
+    _safetensors(path, {"w": _t(), "empty": _t(shape=(0,), offsets=(8, 8))}, bytes(16))
+    assert set(CheckpointReader(path).keys()) == {"w", "empty"}
+
+
+# --------------------------------------------------------------------------------------------- no pickle, no remote code
+PACKAGE = ROOT / "mergelab"
+PICKLE_MODULES = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "joblib", "marshal", "shelve"}
+UNSAFE_CALLS = {
+    "torch.load": "unpickles",
+    "torch.jit.load": "unpickles",
+    "torch.serialization.load": "unpickles",
+    "pd.read_pickle": "unpickles",
+    "pandas.read_pickle": "unpickles",
+    "yaml.load": "constructs arbitrary objects; use yaml.safe_load",
+    "yaml.unsafe_load": "constructs arbitrary objects",
+    "yaml.full_load": "constructs arbitrary objects",
+    "mlflow.pyfunc.load_model": "unpickles the python model (cloudpickle)",
+}
+# `.from_pretrained` receivers that read no weights (tokenizers, processors); PeftModel is guarded in mergelab/hf.py
+# (it falls back to torch.load without adapter_model.safetensors), see test_pickled_checkpoints_are_never_unpickled.
+WEIGHTLESS_OR_GUARDED = re.compile(r"Tokenizer|Processor|_import\(ip_path\)|PeftModel")
+
+
+def _package_trees() -> Iterator[tuple[str, ast.AST]]:
+    for file in sorted(PACKAGE.rglob("*.py")):
+        yield str(file.relative_to(ROOT)), ast.parse(file.read_text(), filename=str(file))
+
+
+def _violations(rel: str, tree: ast.AST) -> Iterator[str]:
+    for node in ast.walk(tree):
+        where = f"{rel}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            yield from (f"{where}: imports {n}" for n in names if n.split(".")[0] in PICKLE_MODULES)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            args = node.args
+            pos_defaults = dict(zip([a.arg for a in args.args][::-1], args.defaults[::-1], strict=False))
+            kw_defaults = {
+                a.arg: d for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d is not None
+            }
+            default = {**pos_defaults, **kw_defaults}.get("trust_remote_code")
+            if default is not None and not (isinstance(default, ast.Constant) and default.value is False):
+                yield f"{where}: {node.name}(trust_remote_code=...) must default to False"
+        if not isinstance(node, ast.Call):
+            continue
+        func = ast.unparse(node.func)
+        if func in UNSAFE_CALLS:
+            yield f"{where}: {func}() {UNSAFE_CALLS[func]}"
+        kwargs = {k.arg: k.value for k in node.keywords if k.arg}
+        if (
+            func in ("np.load", "numpy.load")
+            and ast.unparse(kwargs.get("allow_pickle", ast.Constant(False))) != "False"
+        ):
+            yield f"{where}: {func}(allow_pickle=...)"
+        if "weights_only" in kwargs and ast.unparse(kwargs["weights_only"]) != "True":
+            yield f"{where}: weights_only={ast.unparse(kwargs['weights_only'])}"
+        if "trust_remote_code" in kwargs:
+            value = kwargs["trust_remote_code"]
+            # Only False, or a value passed through from the caller's / config's own `trust_remote_code`.
+            passed = "trust_remote_code" in ast.unparse(value)
+            if not ((isinstance(value, ast.Constant) and value.value is False) or passed):
+                yield f"{where}: trust_remote_code={ast.unparse(value)} is not the config's own choice"
+        if func.endswith(".from_pretrained") and not WEIGHTLESS_OR_GUARDED.search(func):
+            if ast.unparse(kwargs.get("use_safetensors", ast.Constant(None))) != "True":
+                yield f"{where}: {func}() without use_safetensors=True may unpickle *.bin weights"
+
+
+def test_no_pickle_on_the_load_path_and_remote_code_only_when_a_config_asks() -> None:
+    """Static audit of mergelab/: no unpickling API anywhere, trust_remote_code never switched on by the package."""
+    found = [v for rel, tree in _package_trees() for v in _violations(rel, tree)]
+    assert not found, "\n".join(found)
+    text = "\n".join(f.read_text() for f in PACKAGE.rglob("*.py"))
+    assert "trust_remote_code=True" not in text.replace(" ", "")
+
+
+def test_the_audit_catches_what_it_forbids() -> None:
+    bad = """
+import pickle
+from joblib import load
+def f(path, trust_remote_code=True):
+    torch.load(path)
+    yaml.load(open(path))
+    np.load(path, allow_pickle=True)
+    torch.load(path, weights_only=False)
+    AutoModel.from_pretrained(path, trust_remote_code=True)
+    AutoModel.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, use_safetensors=True)
+"""
+    found = list(_violations("bad.py", ast.parse(bad)))
+    assert [v.split(": ", 1)[1] for v in found] == [
+        "imports pickle",
+        "imports joblib",
+        "f(trust_remote_code=...) must default to False",
+        "torch.load() unpickles",
+        "yaml.load() constructs arbitrary objects; use yaml.safe_load",
+        "np.load(allow_pickle=...)",
+        "torch.load() unpickles",
+        "weights_only=False",
+        "trust_remote_code=True is not the config's own choice",
+        "AutoModel.from_pretrained() without use_safetensors=True may unpickle *.bin weights",
+    ], found
+
+
+class _Trap:
+    """Unpickling this creates the file ``path``: proof that a pickle was loaded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.path,))
+
+
+def test_pickled_checkpoints_are_never_unpickled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full checkpoint and a LoRA adapter holding only (booby-trapped) pickles are refused by every loader."""
+    import pickle  # the test writes the trap; the package never imports it
+
+    import torch
+
+    from mergelab.engine.adapters import LoraAdapter
+    from mergelab.engine.io import CheckpointReader, MergeError
+    from mergelab.hf import load_model
+
+    sentinel = tmp_path / "UNPICKLED"
+    trap = pickle.dumps(_Trap(sentinel))
+
+    def _no_torch_load(*a: object, **k: object) -> None:
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", _no_torch_load)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "config.json").write_text(
+        json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    )
+    (full / "pytorch_model.bin").write_bytes(trap)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "base_model_name_or_path": str(full)}
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    (adapter / "adapter_model.bin").write_bytes(trap)
+
+    with pytest.raises(MergeError, match="pickle is never loaded"):
+        CheckpointReader(full)
+    with pytest.raises(MergeError, match="not a safetensors file"):
+        CheckpointReader(full / "pytorch_model.bin")
+    with pytest.raises(MergeError, match="pickled adapters are refused"):
+        LoraAdapter(adapter, base_keys=["model.embed_tokens.weight"])
+    with pytest.raises(FileNotFoundError, match="only safetensors"):
+        load_model(full)
+    with pytest.raises(FileNotFoundError, match="pickled adapters are never loaded"):
+        load_model(adapter)
+    assert not sentinel.exists()

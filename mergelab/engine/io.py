@@ -86,11 +86,20 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     return _parse_header(path)[0]
 
 
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+
 def _parse_header(path: Path) -> tuple[dict[str, Any], int]:
     """The header and the byte offset where tensor data starts.
 
+    The header is untrusted input: nothing is allocated from a size it states before that size is checked against the
+    file. The 8-byte header length must fit in the file; each entry needs a known dtype, a shape of non-negative
+    integers, and data offsets ``[begin, end]`` inside the data section whose span is exactly the shape's bytes; no
+    two tensors' bytes overlap.
+
     Raises:
-        MergeError: the file is missing, truncated or not a safetensors file (message names the file).
+        MergeError: one line naming the file (and the tensor): missing, truncated, not a safetensors file, or a
+            malformed, out-of-range or overlapping header entry.
     """
     try:
         size = path.stat().st_size
@@ -99,18 +108,71 @@ def _parse_header(path: Path) -> tuple[dict[str, Any], int]:
             if len(raw) < 8:
                 raise MergeError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > 100_000_000:
+            if n > size - 8 or n > _MAX_HEADER_BYTES:
                 raise MergeError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes, file {size})")
-            header = json.loads(f.read(n))
+            text = f.read(n)
     except FileNotFoundError:
         raise MergeError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except OSError as e:
+        raise MergeError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        header = json.loads(text)
+    except (ValueError, RecursionError):  # bad JSON or UTF-8, an integer of thousands of digits, deep nesting
         raise MergeError(f"{path}: corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise MergeError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
-    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-    if 8 + n + end > size:
-        raise MergeError(f"{path}: truncated safetensors file (needs {8 + n + end} bytes, has {size})")
+    data_size = size - 8 - n
+    spans = sorted((*_entry_span(path, name, meta, data_size), name) for name, meta in header.items())
+    reach, last = 0, ""
+    for begin, end, name in spans:
+        if begin < reach and end > begin:
+            raise MergeError(f"{path}: tensor {_clip(name)} (bytes {begin}-{end}) overlaps tensor {_clip(last)}")
+        if end > reach:
+            reach, last = end, name
     return header, 8 + n
+
+
+def _entry_span(path: Path, name: str, meta: Any, data_size: int) -> tuple[int, int]:
+    """Validate one header entry against a data section of ``data_size`` bytes; its ``(begin, end)`` offsets."""
+    where = f"{path}: tensor {_clip(name)}"
+    if not isinstance(meta, dict):
+        raise MergeError(f"{where}: header entry is not an object")
+    dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in ST_DTYPES:
+        raise MergeError(f"{where} has unsupported dtype {_clip(dtype)}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise MergeError(f"{where}: shape {_clip(shape)} is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise MergeError(f"{where}: data_offsets {_clip(offsets)} are not two non-negative integers")
+    begin, end = offsets
+    if begin > end:
+        raise MergeError(f"{where}: data_offsets [{begin}, {end}] end before they begin")
+    if end > data_size:
+        raise MergeError(
+            f"{path}: truncated or corrupt safetensors file (tensor {_clip(name)} ends at data byte {_clip(end)},"
+            f" the file holds {data_size})"
+        )
+    item = _itemsize(ST_DTYPES[dtype])
+    need, more = (0 if 0 in shape else item), ""
+    for i, d in enumerate(shape):  # stops once past the file: a shape of huge dimensions costs no huge integer
+        need *= d
+        if need > data_size and i + 1 < len(shape):
+            more = "at least "
+            break
+    if need != end - begin:
+        raise MergeError(f"{where} spans {end - begin} bytes, its shape and dtype need {more}{need}")
+    return begin, end
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _clip(value: Any, limit: int = 80) -> str:
+    """A header value for a one-line message: printable, at most ``limit`` characters."""
+    text = value if isinstance(value, str) and value.isprintable() else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class CheckpointReader:
