@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from mergelab.bench.zoo import DEFAULT_ZOO, TASKS, LamScan, expert_names, method_params
+from mergelab.bench.tasks import TASKS
+from mergelab.bench.zoo_plan import DEFAULT_ZOO, expert_names
+from mergelab.bench.zoo_table import LamScan, method_params
 from mergelab.engine import merge
 from mergelab.evaluators import evaluate
 

@@ -25,15 +25,9 @@ from pathlib import Path
 
 import torch
 
-from mergelab.bench.zoo import (
-    DEFAULT_ZOO,
-    benchmark,
-    build_zoo,
-    check_targets,
-    combine_results,
-    format_table,
-    slowest_merge,
-)
+from mergelab.bench.zoo_build import build_zoo
+from mergelab.bench.zoo_plan import DEFAULT_ZOO
+from mergelab.bench.zoo_table import benchmark, check_targets, combine_results, format_table, slowest_merge
 
 
 def report(result: dict, settings: list[str]) -> None:

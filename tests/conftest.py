@@ -170,7 +170,7 @@ def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Read-only for the tests that use it: merges write to their own run directories.
     """
-    from mergelab.bench.zoo import build_zoo
+    from mergelab.bench.zoo_build import build_zoo
 
     root = tmp_path_factory.mktemp("tiny-zoo") / "zoo"
     build_zoo(root, tiny=True, progress=False, evaluate=False, device="cpu")

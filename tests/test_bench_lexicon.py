@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergelab.bench import lexicon, modeling, zoo
+from mergelab.bench import lexicon, modeling, zoo_build, zoo_plan
 from mergelab.bench.tasks import generate
 
 torch.set_num_threads(1)
@@ -46,26 +46,26 @@ def test_the_vocabulary_is_every_answer_of_both_variants() -> None:
 
 
 def test_base_lexicon_trains_the_base_on_the_items_and_changes_only_its_fingerprint(tmp_path: Path) -> None:
-    plan = zoo.ZooPlan.tiny()
+    plan = zoo_plan.ZooPlan.tiny()
     assert "base_lexicon" not in plan.to_dict()  # off: the plans and fingerprints of earlier zoos hold
     with pytest.raises(ValueError, match="base_lexicon"):
-        zoo.ZooPlan(base_lexicon=-1.0)
+        zoo_plan.ZooPlan(base_lexicon=-1.0)
     kw = dict(progress=False, evaluate=False, kinds=("lora",))
-    before = zoo.build_zoo(tmp_path / "zoo", plan=plan, **kw)
+    before = zoo_build.build_zoo(tmp_path / "zoo", plan=plan, **kw)
     on = replace(plan, base_lexicon=1.0)
     assert on.to_dict()["base_lexicon"] == 1.0
-    after = zoo.build_zoo(tmp_path / "zoo", plan=on, **kw)
+    after = zoo_build.build_zoo(tmp_path / "zoo", plan=on, **kw)
     assert after["models"]["seed0/base"]["fingerprint"] != before["models"]["seed0/base"]["fingerprint"]
     assert after["models"]["seed0/base"]["weights"] != before["models"]["seed0/base"]["weights"]
-    data = zoo._Data(on, zoo.TASKS)
-    processor = zoo._load_processor(tmp_path / "zoo" / "tokenizer")
+    data = zoo_plan.ZooData(on, zoo_plan.TASKS)
+    processor = zoo_build._load_processor(tmp_path / "zoo" / "tokenizer")
     enc = data.lexicon(processor)
     assert len(enc.ids) == on.n_train and data.lexicon(processor) is enc  # generated and encoded once
-    words = lexicon.answer_words(s for t in zoo.TASKS for v in ("generic", "shifted") for s in data.raw(t, v))
+    words = lexicon.answer_words(s for t in zoo_plan.TASKS for v in ("generic", "shifted") for s in data.raw(t, v))
     assert any(w.startswith("<|box_start|>") for w in words) and "pink" in words
 
 
-@pytest.mark.parametrize("task", zoo.TASKS)
+@pytest.mark.parametrize("task", zoo_plan.TASKS)
 @pytest.mark.parametrize("variant", ["generic", "shifted"])
 def test_a_description_holds_what_the_answer_needs(task: str, variant: str) -> None:
     """Checked by construction: the description states the scene fact the answer is computed from."""
@@ -106,15 +106,15 @@ def test_a_description_holds_what_the_answer_needs(task: str, variant: str) -> N
 
 
 def test_base_described_adds_every_task_and_variant_to_the_base_only(tmp_path: Path) -> None:
-    on = zoo.ZooPlan.tiny()
-    assert zoo.ZooPlan().base_described == on.base_described == 0.5  # the default: the shipped zoo trains its bases on them
+    on = zoo_plan.ZooPlan.tiny()
+    assert zoo_plan.ZooPlan().base_described == on.base_described == 0.5  # the default: the shipped zoo trains its bases on them
     off = replace(on, base_described=0.0)
     assert "base_described" not in off.to_dict() and on.to_dict()["base_described"] == 0.5
     kw = dict(progress=False, evaluate=False, kinds=("lora",))
-    before = zoo.build_zoo(tmp_path / "zoo", plan=off, **kw)
-    after = zoo.build_zoo(tmp_path / "zoo", plan=on, **kw)
+    before = zoo_build.build_zoo(tmp_path / "zoo", plan=off, **kw)
+    after = zoo_build.build_zoo(tmp_path / "zoo", plan=on, **kw)
     assert after["models"]["seed0/base"]["fingerprint"] != before["models"]["seed0/base"]["fingerprint"]
     assert after["models"]["seed0/lora/vqa"]["fingerprint"] != before["models"]["seed0/lora/vqa"]["fingerprint"]
-    data = zoo._Data(on, zoo.TASKS)
-    enc = data.described("chart", "shifted", zoo._load_processor(tmp_path / "zoo" / "tokenizer"))
+    data = zoo_plan.ZooData(on, zoo_plan.TASKS)
+    enc = data.described("chart", "shifted", zoo_build._load_processor(tmp_path / "zoo" / "tokenizer"))
     assert len(enc.ids) == on.n_train

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from mergelab import hf
-from mergelab.bench import modeling, train, zoo
+from mergelab.bench import modeling, train, zoo_build, zoo_plan, zoo_table
 from mergelab.bench.tasks import generate
 
 torch.set_num_threads(1)
@@ -127,14 +127,14 @@ def test_lr_scale_slows_the_matching_parameters_only(processor, vqa) -> None:
 
 def test_tiny_zoo_builds_in_seconds_reuses_and_reloads(tmp_path: Path) -> None:
     t0 = time.perf_counter()
-    manifest = zoo.build_zoo(tmp_path / "zoo", tiny=True, progress=False, evaluate=False)
+    manifest = zoo_build.build_zoo(tmp_path / "zoo", tiny=True, progress=False, evaluate=False)
     first = time.perf_counter() - t0
-    names = {"seed0/base", "seed0/mixture", *zoo.expert_names(0, "full"), *zoo.expert_names(0, "lora")}
+    names = {"seed0/base", "seed0/mixture", *zoo_plan.expert_names(0, "full"), *zoo_plan.expert_names(0, "lora")}
     assert set(manifest["models"]) == names
     for name, entry in manifest["models"].items():
         d = tmp_path / "zoo" / name
         (wname, sha), = entry["weights"].items()
-        assert zoo.sha256_file(d / wname) == sha
+        assert zoo_build.sha256_file(d / wname) == sha
         assert entry["train_seconds"] >= 0 and entry["fingerprint"]
     assert json.loads((tmp_path / "zoo" / "manifest.json").read_text())["models"].keys() == names
 
@@ -142,7 +142,7 @@ def test_tiny_zoo_builds_in_seconds_reuses_and_reloads(tmp_path: Path) -> None:
     written = (tmp_path / "zoo" / "manifest.json").read_bytes()
     logs: list[str] = []
     t0 = time.perf_counter()
-    again = zoo.build_zoo(tmp_path / "zoo", tiny=True, progress=False, evaluate=False, log=logs.append)
+    again = zoo_build.build_zoo(tmp_path / "zoo", tiny=True, progress=False, evaluate=False, log=logs.append)
     assert time.perf_counter() - t0 < first / 2
     assert sorted(logs) == sorted(f"{n}: reused" for n in names)
     assert again["models"] == manifest["models"]
@@ -165,20 +165,20 @@ def test_tiny_zoo_builds_in_seconds_reuses_and_reloads(tmp_path: Path) -> None:
 
 def test_zoo_built_by_two_worker_processes_is_the_same_zoo(tmp_path: Path) -> None:
     """``jobs=2`` trains the experts and the mixture in spawned workers: same weights, same manifest entries."""
-    one = zoo.build_zoo(tmp_path / "one", tiny=True, progress=False, evaluate=False)
+    one = zoo_build.build_zoo(tmp_path / "one", tiny=True, progress=False, evaluate=False)
     logs: list[str] = []
-    two = zoo.build_zoo(tmp_path / "two", tiny=True, progress=False, evaluate=False, jobs=2, log=logs.append)
+    two = zoo_build.build_zoo(tmp_path / "two", tiny=True, progress=False, evaluate=False, jobs=2, log=logs.append)
     assert any("in 2 processes" in line for line in logs)
     assert sorted(two["models"]) == sorted(one["models"])
     for name, entry in one["models"].items():
         assert two["models"][name]["weights"] == entry["weights"], name
         assert two["models"][name]["fingerprint"] == entry["fingerprint"], name
-    again = zoo.build_zoo(tmp_path / "two", tiny=True, progress=False, evaluate=False, jobs=2)
+    again = zoo_build.build_zoo(tmp_path / "two", tiny=True, progress=False, evaluate=False, jobs=2)
     assert again["models"] == two["models"]  # reused, nothing retrained
     with pytest.raises(ValueError, match="jobs"):
-        zoo.build_zoo(tmp_path / "two", tiny=True, progress=False, evaluate=False, jobs=0)
+        zoo_build.build_zoo(tmp_path / "two", tiny=True, progress=False, evaluate=False, jobs=0)
     with pytest.raises(ValueError, match="device: unknown device 'tpu0'"):  # checked before anything is written
-        zoo.build_zoo(tmp_path / "three", tiny=True, progress=False, evaluate=False, device="tpu0")
+        zoo_build.build_zoo(tmp_path / "three", tiny=True, progress=False, evaluate=False, device="tpu0")
     assert not (tmp_path / "three").exists()
 
 
@@ -189,13 +189,13 @@ from dataclasses import replace
 import torch
 
 torch.set_num_threads(2)
-from mergelab.bench import zoo
+from mergelab.bench import zoo_build, zoo_plan
 from mergelab.platform.cli import raise_on_sigterm
 
 raise_on_sigterm()  # what every `mergelab` command does
-plan = zoo.ZooPlan.tiny()
+plan = zoo_plan.ZooPlan.tiny()
 plan = replace(plan, full=replace(plan.full, steps=10**6), lora=replace(plan.lora, steps=10**6))
-zoo.build_zoo(sys.argv[1], plan=plan, progress=False, evaluate=False, jobs=2, log=lambda m: print(m, flush=True))
+zoo_build.build_zoo(sys.argv[1], plan=plan, progress=False, evaluate=False, jobs=2, log=lambda m: print(m, flush=True))
 """
 
 
@@ -239,7 +239,7 @@ def test_a_killed_build_leaves_no_worker_behind(tmp_path: Path, sig: str) -> Non
         assert rc != 0
         if sig == "SIGTERM":
             assert "Terminated: signal SIGTERM" in proc.stderr.read()
-            assert list(zoo.read_manifest(root)["models"]) == ["seed0/base"]  # what finished, intact
+            assert list(zoo_plan.read_manifest(root)["models"]) == ["seed0/base"]  # what finished, intact
     finally:  # a failing run must not leave its orphans training on the test machine
         if proc.poll() is None:
             proc.kill()
@@ -251,23 +251,23 @@ def test_a_killed_build_leaves_no_worker_behind(tmp_path: Path, sig: str) -> Non
 def test_combine_zoos_joins_parts_built_apart(tmp_path: Path) -> None:
     """Zoos built in parallel roots (split by kind) combine into one; an entry rescored in a source replaces the
     destination's even when the weights are the same."""
-    a = zoo.build_zoo(tmp_path / "a", tiny=True, progress=False, evaluate=False, kinds=("full",))
-    b = zoo.build_zoo(tmp_path / "b", tiny=True, progress=False, evaluate=False, kinds=("lora", "mixture"))
+    a = zoo_build.build_zoo(tmp_path / "a", tiny=True, progress=False, evaluate=False, kinds=("full",))
+    b = zoo_build.build_zoo(tmp_path / "b", tiny=True, progress=False, evaluate=False, kinds=("lora", "mixture"))
     assert a["models"]["seed0/base"]["weights"] == b["models"]["seed0/base"]["weights"]
     b["models"]["seed0/base"]["scores"] = {"shifted": {"average": 1.0}}
     (tmp_path / "b" / "manifest.json").write_text(json.dumps(b))
-    combined = zoo.combine_zoos(tmp_path / "a", [tmp_path / "b"])
+    combined = zoo_build.combine_zoos(tmp_path / "a", [tmp_path / "b"])
     assert set(combined["models"]) == set(a["models"]) | set(b["models"])
     assert combined["models"]["seed0/base"]["scores"] == {"shifted": {"average": 1.0}}
     for name, entry in combined["models"].items():
         (wname, sha), = entry["weights"].items()
-        assert zoo.sha256_file(tmp_path / "a" / name / wname) == sha, name
+        assert zoo_build.sha256_file(tmp_path / "a" / name / wname) == sha, name
     # a source made by copying a zoo and building another seed in it leaves the copied seed's models alone
     stale = json.loads((tmp_path / "b" / "manifest.json").read_text())
     stale["plan"]["seeds"] = [1]
     stale["models"]["seed0/base"]["scores"] = {"stale": True}
     (tmp_path / "b" / "manifest.json").write_text(json.dumps(stale))
-    assert zoo.combine_zoos(tmp_path / "a", [tmp_path / "b"])["models"] == combined["models"]
+    assert zoo_build.combine_zoos(tmp_path / "a", [tmp_path / "b"])["models"] == combined["models"]
     # nor does a stale copy of a model that the destination retrained since (older trained_at)
     import shutil
 
@@ -278,16 +278,16 @@ def test_combine_zoos_joins_parts_built_apart(tmp_path: Path) -> None:
     stale["models"]["seed0/full/vqa"].update(weights={"model.safetensors": "0" * 64},
                                              trained_at="2000-01-01T00:00:00Z")
     (tmp_path / "c" / "manifest.json").write_text(json.dumps(stale))
-    assert zoo.combine_zoos(tmp_path / "a", [tmp_path / "c"])["models"]["seed0/full/vqa"] == mine
+    assert zoo_build.combine_zoos(tmp_path / "a", [tmp_path / "c"])["models"]["seed0/full/vqa"] == mine
     stale["models"]["seed0/full/vqa"]["trained_at"] = "2999-01-01T00:00:00Z"  # newer: it replaces the entry
     (tmp_path / "c" / "manifest.json").write_text(json.dumps(stale))
-    newer = zoo.combine_zoos(tmp_path / "a", [tmp_path / "c"])["models"]["seed0/full/vqa"]
+    newer = zoo_build.combine_zoos(tmp_path / "a", [tmp_path / "c"])["models"]["seed0/full/vqa"]
     assert newer["trained_at"] == "2999-01-01T00:00:00Z"
     with pytest.raises(ValueError, match="plan differs"):
         other = json.loads((tmp_path / "b" / "manifest.json").read_text())
         other["plan"]["n_train"] += 1
         (tmp_path / "b" / "manifest.json").write_text(json.dumps(other))
-        zoo.combine_zoos(tmp_path / "a", [tmp_path / "b"])
+        zoo_build.combine_zoos(tmp_path / "a", [tmp_path / "b"])
 
 
 def test_replay_mixes_the_base_data_into_an_experts_training_set(processor) -> None:
@@ -295,19 +295,19 @@ def test_replay_mixes_the_base_data_into_an_experts_training_set(processor) -> N
     parts); it is left out of the plan and the fingerprints when off, so zoos built before it stay valid."""
     from dataclasses import replace
 
-    plan = replace(zoo.ZooPlan.tiny(), n_train=30, lora_replay=0.2)
-    data = zoo._Data(plan, ("vqa", "ocr"))
-    assert zoo.expert_data(data, "vqa", 0.0, processor) is data.encoded("vqa", "shifted", processor)
-    mixed = zoo.expert_data(data, "vqa", plan.replay("lora"), processor)
+    plan = replace(zoo_plan.ZooPlan.tiny(), n_train=30, lora_replay=0.2)
+    data = zoo_plan.ZooData(plan, ("vqa", "ocr"))
+    assert zoo_plan.expert_data(data, "vqa", 0.0, processor) is data.encoded("vqa", "shifted", processor)
+    mixed = zoo_plan.expert_data(data, "vqa", plan.replay("lora"), processor)
     assert len(mixed) == 90
     w = mixed.weights / mixed.weights.sum()
     own, generic_vqa, generic_ocr = w[:30].sum(), w[30:60].sum(), w[60:].sum()
     assert own == pytest.approx(0.8) and generic_vqa == pytest.approx(0.1) and generic_ocr == pytest.approx(0.1)
     assert mixed.ids[30:60] == data.encoded("vqa", "generic", processor).ids
     assert plan.replay("full") == 0.0 and "full_replay" not in plan.to_dict()
-    assert plan.to_dict()["lora_replay"] == 0.2 and "lora_replay" not in zoo.ZooPlan().to_dict()
+    assert plan.to_dict()["lora_replay"] == 0.2 and "lora_replay" not in zoo_plan.ZooPlan().to_dict()
     with pytest.raises(ValueError, match="lora_replay"):
-        zoo.ZooPlan(lora_replay=1.0)
+        zoo_plan.ZooPlan(lora_replay=1.0)
 
 
 def test_replay_with_base_targets_trains_the_replayed_prompts_on_the_bases_own_answers() -> None:
@@ -317,14 +317,14 @@ def test_replay_with_base_targets_trains_the_replayed_prompts_on_the_bases_own_a
     generalist that answers (a seconds-trained tiny base mostly answers nothing)."""
     from dataclasses import replace
 
-    if not (zoo.DEFAULT_ZOO / "seed0" / "base").is_dir():
+    if not (zoo_plan.DEFAULT_ZOO / "seed0" / "base").is_dir():
         pytest.skip("the shipped zoo is not in this checkout")
-    base, proc = hf.load_model(zoo.DEFAULT_ZOO / "seed0" / "base")
-    plan = replace(zoo.ZooPlan.tiny(), n_train=30, lora_replay=0.2, replay_targets="base", replay_items=6)
-    data = zoo._Data(plan, ("vqa", "grounding"))
+    base, proc = hf.load_model(zoo_plan.DEFAULT_ZOO / "seed0" / "base")
+    plan = replace(zoo_plan.ZooPlan.tiny(), n_train=30, lora_replay=0.2, replay_targets="base", replay_items=6)
+    data = zoo_plan.ZooData(plan, ("vqa", "grounding"))
     with pytest.raises(ValueError, match="needs the base model"):
-        zoo.expert_data(data, "vqa", 0.2, proc)
-    mixed = zoo.expert_data(data, "vqa", 0.2, proc, base=base)
+        zoo_plan.expert_data(data, "vqa", 0.2, proc)
+    mixed = zoo_plan.expert_data(data, "vqa", 0.2, proc, base=base)
     prompts = data.raw("grounding", "generic")[:6]
     answers = train.greedy_answers(base, proc, prompts, max_new_tokens=24, keep_special=True)
     labelled = [replace(s, answer=a) for s, a in zip(prompts, answers, strict=True) if a]
@@ -336,28 +336,37 @@ def test_replay_with_base_targets_trains_the_replayed_prompts_on_the_bases_own_a
     assert sum("<|box_start|>" in s.answer for s in labelled) >= len(labelled) // 2  # the box format is trained, kept
     plain = train.greedy_answers(base, proc, prompts, max_new_tokens=24)
     assert [a.replace("<|box_start|>", "").replace("<|box_end|>", "").strip() for a in answers] == plain
-    assert plan.to_dict()["replay_targets"] == "base" and "replay_targets" not in zoo.ZooPlan().to_dict()
+    assert plan.to_dict()["replay_targets"] == "base" and "replay_targets" not in zoo_plan.ZooPlan().to_dict()
     assert "replay_targets" not in replace(plan, lora_replay=0.0).to_dict()
     with pytest.raises(ValueError, match="replay_targets"):
-        zoo.ZooPlan(replay_targets="teacher")
-    ctx = type("Ctx", (), {"plan": plan, "data": data, "kinds": ("lora",), "only": None})()
-    fps = {j.name: j.fingerprint for j in zoo._seed_jobs(ctx, 0, "sha")}
-    ctx.plan = replace(plan, replay_targets="data")
-    assert all(j.fingerprint != fps[j.name] for j in zoo._seed_jobs(ctx, 0, "sha"))
+        zoo_plan.ZooPlan(replay_targets="teacher")
+    fps = {j.name: j.fingerprint for j in zoo_plan.seed_jobs(plan, data.tasks, 0, "sha", kinds=("lora",))}
+    other = replace(plan, replay_targets="data")
+    assert all(j.fingerprint != fps[j.name] for j in zoo_plan.seed_jobs(other, data.tasks, 0, "sha", kinds=("lora",)))
 
 
 def test_replay_retrains_only_the_experts_it_changes(tmp_path: Path) -> None:
     from dataclasses import replace
 
     kw = dict(progress=False, evaluate=False, kinds=("full", "lora"))
-    before = zoo.build_zoo(tmp_path / "zoo", plan=zoo.ZooPlan.tiny(), **kw)
+    before = zoo_build.build_zoo(tmp_path / "zoo", plan=zoo_plan.ZooPlan.tiny(), **kw)
     logs: list[str] = []
-    after = zoo.build_zoo(tmp_path / "zoo", plan=replace(zoo.ZooPlan.tiny(), lora_replay=0.5), log=logs.append,
+    after = zoo_build.build_zoo(tmp_path / "zoo", plan=replace(zoo_plan.ZooPlan.tiny(), lora_replay=0.5), log=logs.append,
                           **kw)
     reused = {line.split(":")[0] for line in logs if line.endswith(": reused")}
-    assert reused == {"seed0/base", *zoo.expert_names(0, "full")}
-    for name in zoo.expert_names(0, "lora"):
+    assert reused == {"seed0/base", *zoo_plan.expert_names(0, "full")}
+    for name in zoo_plan.expert_names(0, "lora"):
         assert after["models"][name]["weights"] != before["models"][name]["weights"], name
+
+
+def test_shipped_zoo_fingerprints_are_the_plans() -> None:
+    """Every fingerprint of the shipped manifest (tokenizer, bases, experts, mixtures) recomputed from the default
+    plan: what the zoo is made of has not changed, so its models and hashes are still the plan's."""
+    manifest = zoo_plan.read_manifest(zoo_plan.DEFAULT_ZOO)
+    plan = zoo_plan.ZooPlan()
+    assert zoo_plan.plan_fingerprints(plan, manifest) == {n: e["fingerprint"] for n, e in manifest["models"].items()}
+    corpus = zoo_plan.ZooData(plan, manifest["tasks"]).corpus()
+    assert zoo_plan.tokenizer_fingerprint(plan, corpus) == manifest["tokenizer"]["fingerprint"]
 
 
 def test_shipped_zoo_is_complete_and_up_to_date(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -365,25 +374,25 @@ def test_shipped_zoo_is_complete_and_up_to_date(tmp_path: Path, monkeypatch: pyt
     ``mergelab bench build`` reuses all of it (a plan or code change without a rebuild fails here, not in the demo)."""
     import shutil
 
-    manifest = zoo.read_manifest(zoo.DEFAULT_ZOO)
-    plan = zoo.ZooPlan()
+    manifest = zoo_plan.read_manifest(zoo_plan.DEFAULT_ZOO)
+    plan = zoo_plan.ZooPlan()
     assert manifest["plan"] == plan.to_dict()
     for seed in plan.seeds:
         names = [f"seed{seed}/base", f"seed{seed}/mixture"] + [
-            n for kind in ("full", "lora") for n in zoo.expert_names(seed, kind)]
+            n for kind in ("full", "lora") for n in zoo_plan.expert_names(seed, kind)]
         for name in names:
             entry = manifest["models"][name]
-            wf = zoo._weights_file(zoo.DEFAULT_ZOO / name)
-            assert entry["weights"][wf.name] == zoo.sha256_file(wf), name
+            wf = zoo_plan.weights_file(zoo_plan.DEFAULT_ZOO / name)
+            assert entry["weights"][wf.name] == zoo_build.sha256_file(wf), name
             assert entry["scores_limit"] == plan.n_eval and set(entry["scores"]) == {"shifted", "generic"}, name
     copy = tmp_path / "zoo"
-    shutil.copytree(zoo.DEFAULT_ZOO, copy)
+    shutil.copytree(zoo_plan.DEFAULT_ZOO, copy)
 
     def no_training(*_a, **_k):
         raise AssertionError("the shipped zoo is stale: `mergelab bench build` would retrain a model")
 
-    monkeypatch.setattr(zoo, "train", no_training)
-    built = zoo.build_zoo(copy, progress=False, evaluate=False)
+    monkeypatch.setattr(zoo_build, "train", no_training)
+    built = zoo_build.build_zoo(copy, progress=False, evaluate=False)
     assert sorted(built["models"]) == sorted(manifest["models"])
 
 
@@ -436,15 +445,15 @@ def test_combine_results_joins_runs_split_by_seed_and_setting() -> None:
                 "rows": {setting: {"base": {str(seed): scores}, "merge:ties": {str(seed): scores}}},
                 "lam": {setting: {"ties": {str(seed): 0.5}}}, "timing": {}}
 
-    joined = zoo.combine_results([run(0, "full", 10.0), run(1, "full", 20.0), run(0, "lora", 30.0)])
+    joined = zoo_table.combine_results([run(0, "full", 10.0), run(1, "full", 20.0), run(0, "lora", 30.0)])
     assert joined["seeds"] == [0, 1] and sorted(joined["rows"]) == ["full", "lora"]
-    assert zoo.aggregate(joined, "full")["base"]["average"][0] == pytest.approx(15.0)
+    assert zoo_table.aggregate(joined, "full")["base"]["average"][0] == pytest.approx(15.0)
     assert joined["lam"]["full"]["ties"] == {"0": 0.5, "1": 0.5}
-    assert "mean +- sd over 2 seed(s)" in zoo.format_table(joined, "full")
+    assert "mean +- sd over 2 seed(s)" in zoo_table.format_table(joined, "full")
     with pytest.raises(ValueError, match="full/base seed 0 appears twice"):
-        zoo.combine_results([run(0, "full", 1.0), run(0, "full", 2.0)])
+        zoo_table.combine_results([run(0, "full", 1.0), run(0, "full", 2.0)])
     with pytest.raises(ValueError, match="tasks"):
-        zoo.combine_results([run(0, "full", 1.0), {**run(1, "full", 1.0), "tasks": ["ocr"]}])
+        zoo_table.combine_results([run(0, "full", 1.0), {**run(1, "full", 1.0), "tasks": ["ocr"]}])
 
 
 def test_bench_build_cli_takes_jobs(tmp_path: Path) -> None:
@@ -464,7 +473,7 @@ def test_bench_build_cli_takes_jobs(tmp_path: Path) -> None:
 def test_check_targets_counts_a_target_met_exactly() -> None:
     """Means over three seeds of half-point scores: a merge keeping exactly half of a gain (91 of 182 points) passes,
     half a point less fails (the plain float comparison put 0.49999999999999994 below 0.5)."""
-    tasks = list(zoo.TASKS)
+    tasks = list(zoo_plan.TASKS)
 
     def row(per_seed: list[dict[str, float]]) -> dict[str, dict]:
         out = {}
@@ -480,12 +489,12 @@ def test_check_targets_counts_a_target_met_exactly() -> None:
                             {"vqa": 50.5, "geometry": 20, "chart": 20}]),
             "merge:b": row([{}] * 3)}
     result = {"tasks": tasks, "seeds": [0, 1, 2], "rows": {"lora": rows}, "lam": {"lora": {}}}
-    checks = {name: (ok, detail) for name, ok, detail in zoo.check_targets(result, "lora")}
+    checks = {name: (ok, detail) for name, ok, detail in zoo_table.check_targets(result, "lora")}
     keep = checks["best merge keeps >= half of the own-task gain on >= 3 of 5 tasks"]
     assert keep == (True, "vqa 50% geometry 50% chart 50% ocr 0% grounding 0%")
     assert all(ok for ok, _ in checks.values()), checks
     rows["merge:a"]["0"]["shifted"]["vqa"] -= 0.5
-    checks = {name: ok for name, ok, _ in zoo.check_targets(result, "lora")}
+    checks = {name: ok for name, ok, _ in zoo_table.check_targets(result, "lora")}
     assert not checks["best merge keeps >= half of the own-task gain on >= 3 of 5 tasks"]
 
 
@@ -493,34 +502,34 @@ def test_benchmark_scores_every_row_of_the_tiny_zoo(tiny_zoo: Path, tmp_path: Pa
     """``benchmark`` (what `mergelab bench table` and benchmarks/offline_benchmark.py print): base, experts, mixture
     and each method at the val-chosen lambda, both variants, per seed; then the table, the targets and a join."""
     logs: list[str] = []
-    res = zoo.benchmark(tiny_zoo, settings=("lora",), methods=("task_arithmetic", "ties"), lams=(0.5, 1.0),
+    res = zoo_table.benchmark(tiny_zoo, settings=("lora",), methods=("task_arithmetic", "ties"), lams=(0.5, 1.0),
                         val_limit=4, test_limit=6, data_root=tmp_path / "data", data_sizes={"val": 6, "test": 6},
                         work_dir=tmp_path / "work", log=logs.append)
     rows = res["rows"]["lora"]
-    experts = [f"expert:{t}" for t in zoo.TASKS]
+    experts = [f"expert:{t}" for t in zoo_plan.TASKS]
     assert set(rows) == {"base", "mixture", *experts, "merge:task_arithmetic", "merge:ties"}
     for row, per_seed in rows.items():
         assert set(per_seed) == {0}, row
         for variant in ("shifted", "generic"):
             cells = per_seed[0][variant]
-            assert set(cells) == {*zoo.TASKS, "average"} and all(0 <= v <= 100 for v in cells.values()), row
-            assert cells["average"] == pytest.approx(sum(cells[t] for t in zoo.TASKS) / 5, abs=0.01)
+            assert set(cells) == {*zoo_plan.TASKS, "average"} and all(0 <= v <= 100 for v in cells.values()), row
+            assert cells["average"] == pytest.approx(sum(cells[t] for t in zoo_plan.TASKS) / 5, abs=0.01)
     assert {m: lam[0] in (0.5, 1.0) for m, lam in res["lam"]["lora"].items()} == {"task_arithmetic": True,
                                                                                 "ties": True}
     assert len(logs) == 2 and all("lora seed0" in line for line in logs)
     assert not any((tmp_path / "work").iterdir())  # merged checkpoints are removed once scored
-    table = zoo.format_table(res, "lora")
+    table = zoo_table.format_table(res, "lora")
     assert "merge:ties (lam" in table and "mean +- sd over 1 seed(s)" in table
-    assert [name for name, _, _ in zoo.check_targets(res, "lora")][0].startswith("each expert beats the base")
-    joined = zoo.combine_results([json.loads(json.dumps(res))])
+    assert [name for name, _, _ in zoo_table.check_targets(res, "lora")][0].startswith("each expert beats the base")
+    joined = zoo_table.combine_results([json.loads(json.dumps(res))])
     assert joined["rows"]["lora"]["base"]["0"] == rows["base"][0]
     assert joined["limits"] == {"val": 4, "test": 6}
     timing = res["timing"]["lora"]["ties"][0]
     assert timing["eval_s"] > 0 and timing["generic_eval_s"] > 0  # the five tasks and the forgetting part, apart
-    assert "of the five tasks (6 items each)" in zoo.slowest_merge(res, "lora")
+    assert "of the five tasks (6 items each)" in zoo_table.slowest_merge(res, "lora")
     # a seed written before the two parts were timed apart counts in the combined time only
     mixed = {**res, "timing": {"lora": {"ties": {0: timing, 1: {"merge_s": 1.0, "test_eval_s": 1e3}}}}}
-    line = zoo.slowest_merge(mixed, "lora")
+    line = zoo_table.slowest_merge(mixed, "lora")
     assert "of the 1 of 2 runs timed apart" in line and line.endswith("forgetting table: 1001.0 s (ties)")
     with pytest.raises(ValueError, match="limits"):
-        zoo.combine_results([res, {**res, "limits": {"val": 4, "test": None}}])
+        zoo_table.combine_results([res, {**res, "limits": {"val": 4, "test": None}}])

@@ -16,9 +16,9 @@ METHODS: MappingProxyType[str, MethodSpec] = MappingProxyType({
     "dare_ties": MethodSpec(ties.ties, dare.DareTiesConfig, make_stats=ties.make_stats, description="DARE p=0.2 then TIES; arXiv:2311.03099"),
     "tsv": MethodSpec(tsv.tsv, tsv.TsvConfig, matrix_only=True, description="task singular vectors, orthogonalised; arXiv:2412.00081"),
     "iso_c": MethodSpec(iso.iso_c, iso.IsoCConfig, matrix_only=True, description="isotropic spectrum of the TA sum; arXiv:2502.04959"),
-    "iso_cts": MethodSpec(iso.iso_cts, iso.IsoCtsConfig, matrix_only=True, description="isotropic common + task-specific subspaces; arXiv:2502.04959"),
+    "iso_cts": MethodSpec(iso.iso_cts, iso.IsoCtsConfig, matrix_only=True, paper=False, description="isotropic common + task-specific subspaces; arXiv:2502.04959"),
     "wudi": MethodSpec(wudi.wudi, wudi.WudiConfig, matrix_only=True, description="data-free interference loss, Adam; arXiv:2503.08099"),
-    "optmerge": MethodSpec(optmerge.optmerge, optmerge.OptMergeConfig, matrix_only=True, description="OptMerge (full / lora variants); arXiv:2505.19892"),
+    "optmerge": MethodSpec(optmerge.optmerge, optmerge.OptMergeConfig, matrix_only=True, setting_field="variant", description="OptMerge (full / lora variants); arXiv:2505.19892"),
 })
 # fmt: on
 

@@ -64,6 +64,9 @@ class MergeContext:
 
 MethodFn = Callable[[Tensor, Tensor, Any, MergeContext], Tensor]
 
+LAM_GRID: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 1.0, 1.5)
+"""The paper's lambda grid "for all methods", searched on the val split (the benchmark and the demo sweep it)."""
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -74,6 +77,19 @@ class MethodSpec:
     matrix_only: bool = False
     make_stats: Callable[[Any, int], GlobalStats | None] | None = None
     description: str = ""
+    paper: bool = True
+    """A row of the OptMerge paper's Tables 2 and 3 (the demo compares these)."""
+    setting_field: str | None = None
+    """The config field set to the experts' setting, ``"full"`` or ``"lora"`` (OptMerge's ``variant``)."""
+
+    @property
+    def has_lam(self) -> bool:
+        """Whether the config scales the merged task vector by ``lam`` (swept over :data:`LAM_GRID`)."""
+        return "lam" in getattr(self.config_cls, "__dataclass_fields__", {})
+
+    def setting_params(self, setting: str) -> dict[str, Any]:
+        """The parameters for experts of ``setting`` (``"full"`` or ``"lora"``): the defaults, plus the setting."""
+        return {self.setting_field: setting} if self.setting_field else {}
 
     def make_config(self, params: dict[str, Any] | None = None) -> Any:
         """Build the config from a plain dict, naming the unknown field on error."""

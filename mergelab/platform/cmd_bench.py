@@ -1,4 +1,4 @@
-"""``mergelab bench``: build the offline benchmark's model zoo and print its tables (mergelab.bench.zoo)."""
+"""``mergelab bench``: build the offline benchmark's model zoo and print its tables (mergelab.bench.zoo_*)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def bench() -> None:
 def build(zoo_dir: Path | None, rebuild: bool, tiny: bool, seeds: str | None, device: str, data_root: Path | None,
           no_eval: bool, jobs: int) -> None:
     """Train (or complete) the zoo: base, 5 full-FT + 5 LoRA experts and a mixture model per seed."""
-    from mergelab.bench.zoo import DEFAULT_ZOO, build_zoo
+    from mergelab.bench.zoo_build import build_zoo
+    from mergelab.bench.zoo_plan import DEFAULT_ZOO
 
     seed_list = [int(s) for s in seeds.split(",")] if seeds else None
     t0 = time.perf_counter()
@@ -55,7 +56,8 @@ def build(zoo_dir: Path | None, rebuild: bool, tiny: bool, seeds: str | None, de
 def table(zoo_dir: Path | None, merges: bool, settings: str, methods: str | None, val_limit: int,
           test_limit: int | None, data_root: Path | None, json_out: Path | None) -> None:
     """Print the benchmark tables (test split; shifted variant, then generic for forgetting)."""
-    from mergelab.bench.zoo import DEFAULT_ZOO, benchmark, check_targets, format_table, slowest_merge
+    from mergelab.bench.zoo_plan import DEFAULT_ZOO
+    from mergelab.bench.zoo_table import benchmark, check_targets, format_table, slowest_merge
 
     result = benchmark(zoo_dir or DEFAULT_ZOO, settings=settings.split(","),
                        methods=(methods.split(",") if methods else ([] if not merges else None)),
