@@ -8,4 +8,8 @@ Subpackages:
     mergelab.platform    MLflow tracking, Optuna campaigns, model registry, CLI (the only place importing mlflow/optuna)
 """
 
+from mergelab.bench.omni.hook import install as _install_omni
+
 __version__ = "0.1.0"
+
+_install_omni()  # the omni classes register with transformers' Auto classes on their first use (cheap until then)
