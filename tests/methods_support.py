@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from mergelab.methods import METHODS, MergeContext
+from mergelab.methods.base import tensor_generator
 
 
 def run(
@@ -31,7 +32,7 @@ def run(
         stats.update("w", deltas)
         while stats.finish_pass():
             stats.update("w", deltas)
-    gen = torch.Generator(device=deltas.device).manual_seed(seed)
+    gen = tensor_generator(seed, "w", deltas.device)
     ctx = MergeContext(name="w", generator=gen, stats=stats, compute_dtype=deltas.dtype, inplace=inplace)
     return spec.fn(base, deltas, cfg, ctx)
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from mergelab.methods import METHODS, MergeContext
-from mergelab.methods._sparsify import GlobalMagnitudeThreshold, disjoint_merge, trim_to_threshold
-from mergelab.methods.iso import IsoCConfig, IsoCtsConfig, iso_c, iso_cts
+from mergelab.methods._sparsify import GlobalMagnitudeThreshold, dare_drop, disjoint_merge, trim_to_threshold
+from mergelab.methods.base import tensor_generator, tensor_seed
+from mergelab.methods.iso import IsoCConfig, IsoCtsConfig, iso_c, iso_cts, iso_cts_split
 from mergelab.methods.task_arithmetic import TaskArithmeticConfig, task_arithmetic
 from mergelab.methods.ties import TiesConfig, ties
 from mergelab.methods.tsv import TsvConfig, tsv
@@ -221,3 +222,75 @@ def test_out_of_range_hyperparameters_are_named(name: str, params: dict[str, Any
 
 def test_every_method_validates_something() -> None:
     assert {name for name, _, _ in BAD} == set(METHODS) - {"weight_average"}
+
+
+@pytest.mark.parametrize(
+    ("p", "t", "fraction", "expected"),
+    [
+        (512, 5, 0.8, (407, 21)),  # 103 / 5 = 20.6 -> 21 (rounding down gave 20 and k_c = 412)
+        (4864, 5, 0.8, (3889, 195)),  # 973 / 5 = 194.6 -> 195
+        (18944, 5, 0.8, (15154, 758)),  # 3789 / 5 = 757.8 -> 758
+        (12, 5, 0.8, (7, 1)),  # 3 / 5 = 0.6 -> 1
+        (12, 3, 0.5, (6, 2)),  # exact
+        (10, 4, 0.8, (10, 0)),  # 2 / 4 = 0.5 -> 0 (half to even, as Python's round in the reference code)
+        (3, 2, 0.1, (1, 1)),  # 3 / 2 = 1.5 -> 2 would need 4 > 3 directions: capped at 3 // 2
+    ],
+)
+def test_iso_cts_split_rounds_to_nearest(p: int, t: int, fraction: float, expected: tuple[int, int]) -> None:
+    k_c, share = iso_cts_split(p, t, fraction)
+    assert (k_c, share) == expected and k_c >= 0 and k_c + t * share == p
+
+
+def test_iso_cts_uses_the_rounded_up_share() -> None:
+    """16 x 12, 5 tasks, fraction 0.8: 12 - 9 = 3 directions for 5 tasks round to 1 each, so k_c = 7 and the scale
+    is the mean of the sum's top 7 singular values and each residual's top one."""
+    g = torch.Generator().manual_seed(6)
+    d = 0.1 * torch.randn(5, 16, 12, generator=g)
+    out = iso_cts(None, d, IsoCtsConfig(), CTX)
+    u, s, _ = torch.linalg.svd(d.sum(0), full_matrices=False)
+    resid = d - u[:, :7] @ (u[:, :7].T @ d)
+    stacked = torch.cat([s[:7], torch.linalg.svdvals(resid)[:, :1].reshape(-1)])
+    torch.testing.assert_close(torch.linalg.svdvals(out).mean(), stacked.mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_tsv_drops_zero_singular_triplets_of_low_rank_task_vectors() -> None:
+    """Rank-2 task vectors (LoRA-like) with r = 9 // 2 = 4 > 2: the zero triplets (arbitrary singular vectors) are
+    left out, so the result equals TSV truncated at the true rank (rank_ratio 2/9) and does not depend on them."""
+    g = torch.Generator().manual_seed(7)
+    d64 = torch.stack([torch.randn(12, 2, generator=g).double() @ torch.randn(2, 9, generator=g).double() for _ in "ab"])
+    d = (0.1 * d64).float()
+    out = tsv(None, d, TsvConfig(), CTX)
+    torch.testing.assert_close(out, tsv(None, d, TsvConfig(rank_ratio=2 / 9), CTX), rtol=1e-4, atol=1e-6)
+    assert int(torch.linalg.matrix_rank(out)) == 4
+    # float32 and float64 see different rounding noise in the null directions, yet agree once it is dropped
+    torch.testing.assert_close(out.double(), tsv(None, 0.1 * d64, TsvConfig(), CTX), rtol=1e-4, atol=1e-6)
+
+
+def test_iso_c_span_only_stays_in_the_tasks_span() -> None:
+    """Two rank-2 task vectors: the sum has rank 4 of min(m, n) = 9. The paper's Iso-C spreads mean(S) over all 9
+    directions (5 of them noise outside the span); span_only keeps the 4 with s > 0, each at their mean."""
+    g = torch.Generator().manual_seed(8)
+    d = torch.stack([torch.randn(12, 2, generator=g) @ torch.randn(2, 9, generator=g) for _ in range(2)]) * 0.1
+    s = torch.linalg.svdvals(d.sum(0))
+    paper = iso_c(None, d, IsoCConfig(), CTX)
+    span = iso_c(None, d, IsoCConfig(span_only=True), CTX)
+    torch.testing.assert_close(torch.linalg.svdvals(paper), s.mean().expand(9), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.linalg.svdvals(span)[:4], s[:4].mean().expand(4), rtol=1e-4, atol=1e-6)
+    assert torch.linalg.svdvals(span)[4:].max() < 1e-5
+    q_left = torch.linalg.svd(torch.cat([d[0], d[1]], dim=1)).U[:, :4]  # the tasks' joint column span
+    torch.testing.assert_close(q_left @ (q_left.T @ span), span, rtol=1e-4, atol=1e-6)
+    outside = paper - q_left @ (q_left.T @ paper)
+    assert outside.norm() ** 2 > 0.5 * paper.norm() ** 2  # 5 of 9 isotropic directions lie outside the span
+    full = 0.1 * torch.randn(2, 12, 9, generator=g)  # full rank: both agree
+    torch.testing.assert_close(iso_c(None, full, IsoCConfig(span_only=True), CTX), iso_c(None, full, IsoCConfig(), CTX))
+
+
+def test_dare_ties_global_draws_from_the_merge_contexts_generator() -> None:
+    """Global DARE-TIES draws each tensor's masks from tensor_generator(seed, name), the generator the engine puts in
+    ctx.generator for that tensor at merge seed ``seed``: the same masks as the tensor-scope path with that ctx."""
+    v = torch.randn(3, 40, 10)
+    cfg = METHODS["dare_ties"].make_config({"scope": "global", "density": 1.0, "seed": 4})
+    stats = METHODS["dare_ties"].make_stats(cfg, 3)
+    ctx = MergeContext(name="layer.w", generator=tensor_generator(4, "layer.w"))
+    torch.testing.assert_close(stats.prepare("layer.w", v), dare_drop(v, 0.2, ctx), rtol=0, atol=0)
+    assert tensor_seed(4, "layer.w") == tensor_generator(4, "layer.w").initial_seed()

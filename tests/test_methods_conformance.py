@@ -91,3 +91,46 @@ def test_matrix_only_methods_reject_vectors(name: str) -> None:
 def test_unknown_parameter_is_named(name: str) -> None:
     with pytest.raises(ValueError, match="bogus"):
         METHODS[name].make_config({"bogus": 1})
+
+
+#: Settings each method is checked under where its config has the fields (named by field, never by method).
+VARIANTS: list[dict[str, Any]] = [
+    {},
+    {"coefficients": (0.5, 1.0, 2.0)},
+    {"scope": "global"},
+    {"variant": "lora"},
+    {"span_only": True},
+]
+CASES = [
+    pytest.param(name, v, id=f"{name}-{'-'.join(v) or 'defaults'}")
+    for name in NAMES
+    for v in VARIANTS
+    if set(v) <= set(getattr(METHODS[name].config_cls, "__dataclass_fields__", {}))
+]
+
+
+@pytest.mark.parametrize(("name", "params"), CASES)
+def test_inputs_untouched_and_inplace_gives_the_same_merge(name: str, params: dict[str, Any]) -> None:
+    """A library call (``ctx.inplace=False``) leaves ``base`` and ``deltas`` as they were; the engine's call
+    (``inplace=True``, the method may overwrite ``deltas``) gives the same merge bit for bit."""
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(10, 7, generator=g)
+    deltas = 0.02 * torch.randn(3, 10, 7, generator=g)
+    base0, deltas0 = base.clone(), deltas.clone()
+    out = run(name, base, deltas, params, seed=2)
+    assert torch.equal(base, base0) and torch.equal(deltas, deltas0)
+    assert out.data_ptr() not in (base.data_ptr(), deltas.data_ptr())
+    handed_over = deltas.clone()
+    assert torch.equal(run(name, base, handed_over, params, seed=2, inplace=True), out)
+
+
+@pytest.mark.parametrize(("name", "params"), CASES)
+def test_determinism_given_a_generator(name: str, params: dict[str, Any]) -> None:
+    """Same generator seed, same merge (every pass of a global method included); results never depend on the
+    global RNG."""
+    g = torch.Generator().manual_seed(10)
+    deltas = 0.02 * torch.randn(3, 10, 7, generator=g)
+    a = run(name, torch.zeros(10, 7), deltas, params, seed=11)
+    torch.manual_seed(123)  # the global RNG must not matter
+    b = run(name, torch.zeros(10, 7), deltas, params, seed=11)
+    assert torch.equal(a, b)

@@ -18,13 +18,11 @@ only comes from an explicit ``torch.Generator``.
 
 from __future__ import annotations
 
-import zlib
-
 import torch
 from torch import Tensor
 
 from mergelab.methods._linalg import check_range
-from mergelab.methods.base import MergeContext
+from mergelab.methods.base import MergeContext, tensor_generator
 
 _HALF = 1 << 16  # buckets per 16-bit half of a float32 bit pattern
 _CHUNK = 1 << 16  # columns per chunk on CPU: a chunk's temporaries stay in the L2 cache
@@ -136,13 +134,6 @@ def check_drop_rate(cls: str, value: object) -> float:
     return check_range(cls, "drop_rate", value, 0.0, 1.0, hi_open=True)
 
 
-def name_generator(name: str, seed: int, device: torch.device) -> torch.Generator:
-    """A generator seeded from ``(seed, tensor name)``: reproducible per tensor whatever the streaming order."""
-    return torch.Generator(device=device).manual_seed(
-        (zlib.crc32(name.encode()) + 1_000_003 * seed) % (2**63)
-    )
-
-
 def dare_drop(
     deltas: Tensor, drop_rate: float, ctx: MergeContext, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -151,8 +142,9 @@ def dare_drop(
     Args:
         deltas: stacked task vectors ``(N, *S)`` (not modified).
         drop_rate: ``p`` in [0, 1).
-        ctx: context; ``ctx.generator`` is used unless ``generator`` is given. Without either, a generator seeded
-            from the tensor name is used, so the result is still deterministic.
+        ctx: context; ``ctx.generator`` is used unless ``generator`` is given. Without either,
+            :func:`~mergelab.methods.base.tensor_generator` ``(0, ctx.name)`` is used, so the result is still
+            deterministic.
         generator: explicit generator overriding ``ctx.generator``.
 
     Returns:
@@ -161,7 +153,7 @@ def dare_drop(
     """
     if drop_rate == 0.0:
         return deltas
-    gen = generator or ctx.generator or name_generator(ctx.name, 0, deltas.device)
+    gen = generator or ctx.generator or tensor_generator(0, ctx.name, deltas.device)
     u = torch.rand(deltas.shape, generator=gen, device=gen.device, dtype=torch.float32).to(deltas.device)
     drop = u < drop_rate
     del u
@@ -289,7 +281,9 @@ class GlobalMagnitudeThreshold:
         density: fraction of entries kept per expert, in (0, 1].
         n_experts: number of experts N.
         drop_rate: DARE drop rate applied to each tensor before thresholding (0 = none).
-        seed: seed of DARE's per-tensor generators (masks must be identical in every pass).
+        seed: seed of DARE's per-tensor generators, :func:`~mergelab.methods.base.tensor_generator` ``(seed,
+            name)``: the engine's ``ctx.generator`` of each tensor when ``seed`` is the merge seed, and the same
+            masks in every pass.
     """
 
     def __init__(self, density: float, n_experts: int, drop_rate: float = 0.0, seed: int = 0) -> None:
@@ -303,12 +297,12 @@ class GlobalMagnitudeThreshold:
         self.thresholds: Tensor | None = None
 
     def prepare(self, name: str, deltas: Tensor) -> Tensor:
-        """The task vectors as the merge pass sees them (after DARE with the per-name generator)."""
+        """The task vectors as every pass sees them: ``deltas`` itself, or DARE's new stack drawn from
+        :func:`~mergelab.methods.base.tensor_generator` ``(seed, name)`` (never modifies ``deltas``)."""
         if self.drop_rate == 0.0:
             return deltas
-        return dare_drop(
-            deltas, self.drop_rate, MergeContext(name=name), name_generator(name, self.seed, deltas.device)
-        )
+        gen = tensor_generator(self.seed, name, deltas.device)
+        return dare_drop(deltas, self.drop_rate, MergeContext(name=name), gen)
 
     def update(self, name: str, deltas: Tensor) -> None:
         """Add one tensor's stacked task vectors ``(N, *S)`` to the current pass."""

@@ -1,38 +1,70 @@
-"""The contract between the streaming engine and the merging algorithms.
+"""The contract between the streaming engine and the merging algorithms: the life cycle of a method.
 
 A merging method is one pure tensor function plus a frozen dataclass config, registered with one line in
-``mergelab/methods/__init__.py``. Methods never see files, never log, never seed globals and never move
-tensors between devices: the engine hands them tensors already placed and typed.
+``mergelab/methods/__init__.py`` (:data:`~mergelab.methods.METHODS`). Methods never see files, never log, never seed
+globals and never move tensors between devices: the engine hands them tensors already placed and typed.
 
-Call convention (per tensor key)::
+Life cycle of one merge (what the engine calls, in order)
+---------------------------------------------------------
 
-    tau_m = spec.fn(base, deltas, cfg, ctx)
+1. **Configure.** ``cfg = spec.make_config(params)``; the engine adds ``coefficients`` (one per expert, from the
+   experts' ``coefficient``) and fills a ``seed`` field the user left unset with the merge seed. The config's
+   ``__post_init__`` validates every field (one-line ``ValueError`` naming it). Every method has ``coefficients``.
+2. **Statistics passes** (global methods only, e.g. TIES with ``scope="global"``). ``stats =
+   spec.make_stats(cfg, n_experts)``; when it is not None the engine streams every to-be-merged tensor through
+   the :class:`GlobalStats` hooks: ``stats.update(name, deltas)`` for each tensor with a non-zero task vector,
+   ``stats.add_zeros(numel)`` (optional hook) for each tensor whose task vectors are all zero, then
+   ``stats.finish_pass()``; it repeats the pass while ``finish_pass`` returns True. ``update`` must not modify
+   ``deltas``. Randomness in a stats pass (DARE before a global threshold) must come from
+   :func:`tensor_generator` seeded with ``(cfg.seed, name)``, so that every pass, and the merge pass, see the same
+   draws.
+3. **Prepare** (inside the merge pass, per tensor, method-side): a global method turns the raw task vectors into
+   what its statistics described (``GlobalMagnitudeThreshold.prepare``: the same DARE masks as in the passes).
+4. **Per-tensor merge.** For each tensor key::
 
-* ``base``   -- the base model's tensor (original dtype, on the compute device), shape ``S``.
-* ``deltas`` -- stacked task vectors ``theta_i - theta_0``, shape ``(N, *S)``, in ``ctx.compute_dtype`` on the
-  same device. For LoRA experts these are ``scaling * B @ A`` (zeros for untouched tensors). The buffer belongs
-  to the method for the duration of the call: it may be modified in place (the engine never reuses it), which
-  saves a full-size copy in trimming/dropping methods.
-* ``cfg``    -- the method's config dataclass instance.
-* ``ctx``    -- :class:`MergeContext`: tensor name, seeded generator, global statistics, compute dtype.
-* returns the merged task vector ``tau_m`` (shape ``S``, compute dtype), **not** scaled by ``lam``.
+       tau_m = spec.fn(base, deltas, cfg, ctx)
 
-The engine then writes ``theta_0 + lam * tau_m`` cast to the output dtype, where ``lam`` is ``cfg.lam`` when the
-config has that field and 1 otherwise. Tensors whose task vectors are all zero never reach a method: the engine
-passes the base tensor through untouched.
+   * ``base``   -- the base model's tensor (original dtype, on the compute device), shape ``S``; never modified.
+   * ``deltas`` -- stacked task vectors ``theta_i - theta_0``, shape ``(N, *S)``, in ``ctx.compute_dtype`` on the
+     same device. For LoRA experts these are ``scaling * B @ A`` (zeros for untouched tensors).
+   * ``cfg``    -- the method's config dataclass instance.
+   * ``ctx``    -- :class:`MergeContext`: tensor name, seeded generator, finished statistics, compute dtype, and
+     ``inplace`` (who owns ``deltas``, below).
+   * returns the merged task vector ``tau_m`` (shape ``S``, compute dtype), **not** scaled by ``lam``. It may not
+     alias ``base`` or ``deltas`` unless it is a fresh tensor the caller then owns.
 
-Methods whose ``matrix_only`` flag is set (TSV, Iso-C, WUDI, OptMerge: they need a 2-D matrix) receive only 2-D
-weights; every other non-excluded tensor is averaged by the engine (``lam * mean_i tau_i``), exactly as the
+   The engine then writes ``theta_0 + lam * tau_m`` cast to the output dtype, where ``lam`` is ``cfg.lam`` when
+   the config has that field and 1 otherwise (:func:`scale_of`). Tensors whose task vectors are all zero never
+   reach a method: the engine passes the base tensor through untouched.
+
+Who owns the buffers
+--------------------
+
+The caller owns ``base`` and ``deltas``. With ``ctx.inplace=False`` (the default, and what every library caller
+gets) a method leaves both untouched: it copies what it must modify. With ``ctx.inplace=True`` the caller hands
+``deltas`` over for the duration of the call and never reads it again; a method may then overwrite it (TIES trims
+in place, saving a full-size copy of the stack). Only the engine passes ``inplace=True``. The conformance suite
+(``tests/test_methods_conformance.py``) checks every registered method for both rules and for determinism given a
+generator.
+
+Randomness
+----------
+
+Per tensor, ``ctx.generator`` is seeded from ``(merge seed, tensor name)`` by :func:`tensor_seed` (independent of
+the processing order). Methods draw from it (DARE) and never from the global RNG.
+
+Which tensors a method sees
+---------------------------
+
+Methods whose ``matrix_only`` flag is set (TSV, Iso-C, WUDI, OptMerge, SWUDI: they need a 2-D matrix) receive only
+2-D weights; every other non-excluded tensor is averaged by the engine (``lam * mean_i tau_i``), exactly as the
 official scripts do (spec section 1.6). Element-wise methods (weight average, task arithmetic, TIES, DARE) receive
 every non-excluded tensor.
-
-Global methods (TIES with ``scope="global"``) expose ``make_stats(cfg, n_experts)``; the engine streams the
-to-be-merged tensors through ``stats.update(name, deltas)`` once per pass until ``stats.finish_pass()`` returns
-False, then runs the merge pass with ``ctx.stats`` set.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -42,18 +74,53 @@ from torch import Tensor
 
 
 class GlobalStats(Protocol):
-    """Statistics a global method gathers over all merged tensors before merging (two-pass streaming)."""
+    """Statistics a global method gathers over all merged tensors before merging (multi-pass streaming).
 
-    def update(self, name: str, deltas: Tensor) -> None: ...
+    The engine calls exactly these hooks, in this order, once per pass: :meth:`update` for each merged tensor with
+    a non-zero task vector, :meth:`add_zeros` (when the object has it) for each merged tensor whose task vectors are
+    all zero, then :meth:`finish_pass`. The finished object reaches the method as ``ctx.stats``.
+    """
+
+    def update(self, name: str, deltas: Tensor) -> None:
+        """Add one tensor's stacked task vectors ``(N, *S)`` to the current pass (``deltas`` is not modified)."""
+        ...
+
+    def add_zeros(self, numel: int) -> None:
+        """Count ``numel`` all-zero entries per expert (a tensor the engine does not stream); optional hook."""
+        ...
 
     def finish_pass(self) -> bool:
         """Close the current pass; return True when another streaming pass is needed."""
         ...
 
 
+def tensor_seed(seed: int, name: str) -> int:
+    """A 63-bit seed derived from ``(seed, tensor name)``: independent of processing order (blake2b).
+
+    This is the one per-tensor seed scheme: the engine seeds ``ctx.generator`` with it, and statistics passes that
+    draw random numbers use it through :func:`tensor_generator`.
+    """
+    h = hashlib.blake2b(f"{int(seed)}\x00{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def tensor_generator(seed: int, name: str, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded with :func:`tensor_seed` ``(seed, name)``: the engine's ``ctx.generator``."""
+    return torch.Generator(device=device).manual_seed(tensor_seed(seed, name))
+
+
 @dataclass(frozen=True)
 class MergeContext:
-    """Per-tensor context the engine hands to a method."""
+    """Per-tensor context the engine hands to a method.
+
+    Attributes:
+        name: the tensor's key (used in error messages and per-tensor seeds).
+        generator: the tensor's seeded generator (:func:`tensor_generator` of the merge seed and ``name``).
+        stats: the finished :class:`GlobalStats` of a global method, else None.
+        compute_dtype: dtype of ``deltas``.
+        inplace: True when the caller hands ``deltas`` over (the method may overwrite it); False leaves the
+            inputs untouched. Only the engine sets it.
+    """
 
     name: str = ""
     generator: torch.Generator | None = None
