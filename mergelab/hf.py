@@ -27,8 +27,10 @@ import torch
 import transformers
 
 from mergelab._device import resolve_device
+from mergelab._dtypes import parse_dtype
 from mergelab._files import read_json
 from mergelab.families import family_for_model_type
+
 
 def no_video(proc_cls: type) -> type:
     """``proc_cls`` accepting ``video_processor=None`` (transformers 5 video processors need torchvision).
@@ -59,15 +61,9 @@ _NO_VIDEO_CLASSES: dict[type, type] = {}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
-    """None/"auto" -> the checkpoint's dtype ("auto"); a name such as "bfloat16" -> ``torch.bfloat16``."""
-    if dtype is None or dtype == "auto":
-        return "auto"
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16', 'float16' or 'auto'")
-    return value
+    """None/"auto" -> the checkpoint's dtype ("auto"); a name such as "bfloat16" or "bf16" -> ``torch.bfloat16``
+    (the names of :data:`mergelab._dtypes.DTYPES`)."""
+    return parse_dtype(dtype) or "auto"
 
 
 def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ import torch
 
 import mergelab
 from mergelab._device import resolve_device as _resolve_device
+from mergelab._dtypes import parse_dtype as _parse_dtype
 from mergelab.engine.io import CheckpointReader, MergeError
 from mergelab.engine.plan import Expert, ExpertSpec, PlanItem, check_keys, has_nonfinite, make_plan
 from mergelab.engine.policy import MergePolicy, resolve_policy
@@ -43,18 +44,6 @@ from mergelab.methods.base import MergeContext, MethodSpec, scale_of
 
 __all__ = ["ExpertSpec", "MergeError", "merge", "parse_dtype", "resolve_device"]
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float64": torch.float64,
-    "fp64": torch.float64,
-}
 PROVENANCE_FILE = "mergelab_merge.json"
 _PREFETCH_BYTES = 256 * 2**20  # read-ahead budget (raised to the largest tensor's footprint)
 
@@ -62,15 +51,12 @@ _PREFETCH_BYTES = 256 * 2**20  # read-ahead budget (raised to the largest tensor
 
 
 def parse_dtype(value: str | torch.dtype | None, field: str = "dtype") -> torch.dtype | None:
-    """``"bf16"``/``"bfloat16"``/``torch.bfloat16`` -> ``torch.bfloat16``; None or ``"auto"`` -> None."""
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    v = str(value).lower().removeprefix("torch.")
-    if v in ("auto", "none", ""):
-        return None
-    if v not in _DTYPES:
-        raise MergeError(f"{field}: unknown dtype {value!r}; use one of {sorted(set(_DTYPES))}")
-    return _DTYPES[v]
+    """``"bf16"``/``"bfloat16"``/``torch.bfloat16`` -> ``torch.bfloat16``; None or ``"auto"`` -> None
+    (:func:`mergelab._dtypes.parse_dtype`, raising :class:`MergeError`)."""
+    try:
+        return _parse_dtype(value, field)
+    except ValueError as e:
+        raise MergeError(str(e)) from None
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
