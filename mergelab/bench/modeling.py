@@ -8,7 +8,7 @@ al. 2024, arXiv:2409.12191), only small: the merge policy preset ``qwen2_vl``, t
   fixed text), with Qwen2's special tokens (``<|im_start|>``, ``<|im_end|>``, ``<|vision_start|>`` ...). Its EOS is
   ``<|im_end|>`` as in Qwen2-VL-Instruct, so a generated answer ends where the chat turn ends.
 * The processor is ``Qwen2VLProcessor`` with the PIL image processor; transformers 5 cannot build the video processor
-  without torchvision, hence the :func:`mergelab.hf.no_video` subclass (spec/ecosystem.md section 5).
+  without torchvision, hence the :func:`mergelab.hf.no_video` subclass.
 * The chat template is Qwen2-VL-Instruct's own, so a prompt is built as for the real model::
 
       messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]

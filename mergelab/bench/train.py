@@ -5,14 +5,15 @@ Plain PyTorch loops over ``transformers``/``peft`` models: AdamW with linear war
 -100), gradient clipping, deterministic given the seed (the batch order comes from a private ``torch.Generator``).
 CPU by default, CUDA when present (``device="auto"``).
 
-Expert settings follow the OptMerge paper (arXiv:2505.19892, section 5.1 and spec section 3.1):
+Expert settings follow the OptMerge paper (arXiv:2505.19892, section 5.1: full fine-tuning experts of
+InternVL2.5, LoRA experts of Qwen2-VL):
 
 * full fine-tuning updates the language model's decoder layers; the vision tower, the token embeddings and the
   LM head stay frozen, which are exactly the tensors the ``qwen2_vl`` merge preset resets to the base, so an
   expert's skill lives in the tensors that merging combines;
 * LoRA (rank 8 by default) on the language model's linear layers only, saved as a real peft adapter.
 
-Small learning rates and short runs keep the drift small (spec section 7: small drift makes experts mergeable).
+Small learning rates and short runs keep the drift from the base small: small drift makes experts mergeable.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 import transformers
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from mergelab.bench.modeling import IMAGE_SIZE, image_tokens, to_rgb, training_ids
+from mergelab.bench.modeling import IMAGE_SIZE, build_prompt, image_tokens, to_rgb, training_ids
 from mergelab.hf import resolve_device
 
 LM_LINEAR_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
@@ -381,8 +382,6 @@ def greedy_answers(model: Any, processor: Any, samples: Sequence[Any], *, batch_
     """Greedy answers to ``samples`` (for quick looks, and as training targets with ``keep_special``, which keeps
     tokens such as ``<|box_start|>`` and cuts at the end of the turn); scores always come from
     :func:`mergelab.evaluators.evaluate`."""
-    from mergelab.bench.modeling import build_prompt
-
     tok = processor.tokenizer
     dev = next(model.parameters()).device
     out: list[str] = []
