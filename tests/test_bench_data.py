@@ -25,7 +25,7 @@ from mergelab.bench.data import (
     write_split,
 )
 from mergelab.bench.tasks import DEFAULT_SIZES, REGISTRY, TASKS, generate
-from mergelab.bench.tasks.common import COLOURS, GENERIC_COLOURS, GLYPHS, SHIFTED_COLOURS, Sample
+from mergelab.bench.tasks.common import COLOURS, GENERIC_COLOURS, GLYPHS, METRICS, SHIFTED_COLOURS, Sample
 
 VARIANTS = ("generic", "shifted")
 WHITE = (255, 255, 255)
@@ -415,3 +415,82 @@ def test_ensure_data_layout_manifest_idempotent(tmp_path: Path) -> None:
         ensure_data(tmp_path, tasks=("nope",))
     assert not [p for p in root.rglob(".tmp-*")] and not [p for p in root.rglob(".old-*")]
     assert os.path.isfile(root / MANIFEST)
+
+
+# --- one task list: each task defined once, in its module --------------------------------------------------------
+
+
+def test_every_task_is_one_module_and_everything_derives_from_the_registry() -> None:
+    from mergelab.bench import tasks as bench_tasks
+    from mergelab.evaluators import lmeval, suites
+    from mergelab.evaluators import tasks as ev
+    from mergelab.evaluators.loaders import Sample as EvalSample
+
+    here = Path(bench_tasks.__file__).parent
+    assert {p.stem for p in here.glob("*.py")} - {"__init__", "common"} == set(TASKS)
+    for name, spec in REGISTRY.items():
+        module = __import__(f"mergelab.bench.tasks.{name}", fromlist=["SPEC"])
+        assert module.SPEC is spec and spec.name == name and spec.variants == VARIANTS
+        for suffix in ev.OFFLINE_VARIANTS.values():
+            task = ev.get_task(name + suffix)
+            assert task.max_new_tokens == spec.max_new_tokens
+            assert task.metric_names == ev.REPORTED_METRICS[spec.metric] and task.primary == task.metric_names[0]
+    assert set(ev.REPORTED_METRICS) == set(METRICS)
+    assert ev.OFFLINE_TASKS == TASKS == tuple(lmeval.OFFLINE_LMEVAL_TASKS)
+    assert suites.SUITES["offline"].tasks == TASKS
+    assert EvalSample is Sample  # one sample type for the benchmark and every evaluator loader
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_vocabulary_holds_every_answer(task: str) -> None:
+    spec = REGISTRY[task]
+    for variant in VARIANTS:
+        vocab = spec.vocabulary[variant]
+        assert list(vocab) == sorted(set(vocab))
+        seen = {s.answer for split in ("train", "test") for s in generate(task, variant, split, n=150)}
+        assert seen <= set(vocab), sorted(seen - set(vocab))
+        assert len(seen) >= len(vocab) // 2  # the vocabulary is what the generator gives, not a loose superset
+
+
+def test_a_new_task_is_one_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task defined only by its TaskSpec (what its module holds) is generated, written, read back and evaluated."""
+    import random
+    from types import MappingProxyType
+
+    from mergelab.bench import tasks as bench_tasks
+    from mergelab.bench.tasks.common import Draft, TaskSpec, blank
+    from mergelab.evaluators import tasks as ev
+
+    def draft(rng: random.Random, variant: str) -> Draft:
+        n = rng.randint(1, 4) * (1 if variant == "generic" else 2)
+        return Draft(question="how many dots?", answer=str(n), answers=(str(n),), meta={"n": n, "r": rng.random()})
+
+    spec = TaskSpec(name="dots", metric="exact_match", draft=draft, render=lambda meta: blank()[0],
+                    vocabulary={"generic": ("1", "2", "3", "4"), "shifted": ("2", "4", "6", "8")})  # fmt: skip
+    monkeypatch.setattr(bench_tasks, "REGISTRY", MappingProxyType({**REGISTRY, "dots": spec}))
+    samples = generate("dots", "shifted", "val", n=5)
+    assert {s.answer for s in samples} <= set(spec.vocabulary["shifted"]) and samples[0].metric == "exact_match"
+    write_split(samples, tmp_path)
+    task = ev._offline_task(spec, "shifted")
+    loaded = task.load(tmp_path, "val", None)
+    assert [s.id for s in loaded] == [s.id for s in samples] and isinstance(loaded[0].image, Path)
+    assert task.score(loaded[0].answer, loaded[0]) == {"accuracy": 1.0}
+    with pytest.raises(ValueError, match="vocabulary"):
+        TaskSpec(name="x", metric="exact_match", draft=draft, render=lambda m: blank()[0], vocabulary={})
+    with pytest.raises(ValueError, match="unknown metric"):
+        TaskSpec(name="x", metric="bleu", draft=draft, render=lambda m: blank()[0], vocabulary=spec.vocabulary)
+
+
+def test_read_split_keeps_paths_or_loads_pixels(tmp_path: Path) -> None:
+    samples = generate("vqa", "generic", "val", n=3)
+    path = write_split(samples, tmp_path)
+    lazy = read_split("vqa", "generic", "val", tmp_path, load_images=False)
+    assert lazy == samples and lazy[0].image == path.parent / "images" / "val" / f"{samples[0].id}.png"
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    rows[0]["image"] = None  # a text-only item
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_split("vqa", "generic", "val", tmp_path)[0].image is None
+    rows[1]["metric"] = "bleu"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"val\.jsonl:2: unknown metric 'bleu'"):
+        read_split("vqa", "generic", "val", tmp_path)

@@ -105,14 +105,14 @@ def test_paper_loader_reads_documented_layout(paper_root: Path, name: str) -> No
     assert len(samples) == EXPECTED_COUNTS[name]
     for s in samples:
         assert s.image is not None and s.image.is_file()
-        assert s.references and all(isinstance(r, str) for r in s.references)
+        assert s.answers and all(isinstance(r, str) for r in s.answers)
         assert task.prompt(s).strip()
     assert len(task.load(paper_root, "val", 1)) == 1  # limit keeps the first item
 
 
 def test_paper_loader_fields(paper_root: Path) -> None:
     viz = get_task("vizwiz").load(paper_root, "val", None)
-    assert viz[0].references == ["soup"] * 10 and viz[0].id == "VizWiz_val_00000000"
+    assert viz[0].answers == ["soup"] * 10 and viz[0].id == "VizWiz_val_00000000"
     mv = get_task("mathvista_geo").load(paper_root, "val", None)
     assert [s.id for s in mv] == ["1", "3"]  # pid 2 has no geometry row
     assert mv[0].meta["choices"] == ["30", "60"] and "geometry reasoning" in mv[0].meta["categories"]
@@ -128,10 +128,10 @@ def test_paper_loader_fields(paper_root: Path) -> None:
     chart = get_task("chartqa").load(paper_root, "val", None)
     assert [s.id for s in chart] == ["human-0", "augmented-0"]
     ocr = get_task("ocrvqa").load(paper_root, "val", None)
-    assert [(s.id, s.references) for s in ocr] == [("b1-0", ["Jane Doe"]), ("b1-1", ["No"])]
+    assert [(s.id, s.answers) for s in ocr] == [("b1-0", ["Jane Doe"]), ("b1-1", ["No"])]
     ref = get_task("refcoco").load(paper_root, "val", None)
     assert ref[0].meta["target_box"] == pytest.approx([0.1, 0.25, 0.3, 0.75])
-    assert ref[0].references == ["<|box_start|>(100,250),(300,750)<|box_end|>"]
+    assert ref[0].answers == ["<|box_start|>(100,250),(300,750)<|box_end|>"]
     assert ref[1].meta["target_box"] == pytest.approx([0.5, 0.0, 1.0, 1.0])  # size read from the image
     assert "the left dog" in get_task("refcoco").prompt(ref[0])
 

@@ -126,21 +126,29 @@ def write_split(samples: Sequence[Sample], root: str | os.PathLike[str] | None =
     return final
 
 
-def iter_records(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """Yield the JSON objects of a split's JSONL, checking every field.
+def iter_records(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line number, record)`` of a split's JSONL, checking every field and the metric.
+
+    ``image`` may be absent or null: a text-only item (the files :func:`write_split` writes always have one).
 
     Raises:
         FileNotFoundError: The JSONL is missing (the message says how to build it).
-        ValueError: A line is not JSON or lacks a field (the message names ``file:line`` and the field).
+        ValueError: A line is not JSON, lacks a field or names an unknown metric (the message names ``file:line``
+            and the field).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such split; build it with mergelab.bench.data.ensure_data()")
+        raise FileNotFoundError(
+            f"{path}: no such split; build it with `mergelab bench build` or mergelab.bench.data.ensure_data()"
+        )
     for n, rec in iter_jsonl(path, "benchmark split"):
-        missing = [k for k in FIELDS if k not in rec]
+        missing = [k for k in FIELDS if k not in rec and k != "image"]
         if missing:
-            raise ValueError(f"{path}:{n}: missing field(s) {missing}")
-        yield rec
+            also = f" (and {missing[1:]})" if len(missing) > 1 else ""
+            raise ValueError(f"{path}:{n}: missing field {missing[0]!r}{also}")
+        if rec["metric"] not in METRICS:
+            raise ValueError(f"{path}:{n}: unknown metric {rec['metric']!r}; expected one of {METRICS}")
+        yield n, rec
 
 
 def read_split(
@@ -150,8 +158,9 @@ def read_split(
     root: str | os.PathLike[str] | None = None,
     *,
     limit: int | None = None,
+    load_images: bool = True,
 ) -> list[Sample]:
-    """Read a written split back into :class:`Sample` objects, images loaded as RGB.
+    """Read a written split back into :class:`Sample` objects: the one reader of the benchmark's JSONL.
 
     Args:
         task: One of ``TASKS``.
@@ -159,6 +168,8 @@ def read_split(
         split: ``"train"``, ``"val"`` or ``"test"``.
         root: Data root (default :func:`default_data_root`).
         limit: Read only the first ``limit`` samples.
+        load_images: Load every image as RGB (the default); False keeps each image's path (checked to exist),
+            for readers that open images one batch at a time (the evaluators).
 
     Raises:
         FileNotFoundError: The JSONL or an image is missing (the message names the path).
@@ -167,24 +178,27 @@ def read_split(
     root = Path(root) if root is not None else default_data_root()
     path = split_path(root, task, variant, split)
     out: list[Sample] = []
-    for rec in iter_records(path):
+    for _, rec in iter_records(path):
         if limit is not None and len(out) >= limit:
             break
-        img_path = path.parent / rec["image"]
-        if not img_path.is_file():
-            raise FileNotFoundError(f"{path}: image {rec['image']!r} of sample {rec['id']!r} is missing")
-        with Image.open(img_path) as im:
-            image = im.convert("RGB")
+        image: Image.Image | Path | None = None
+        if rec.get("image"):
+            image = path.parent / rec["image"]
+            if not image.is_file():
+                raise FileNotFoundError(f"{path}: image {rec['image']!r} of sample {rec['id']!r} is missing")
+            if load_images:
+                with Image.open(image) as im:
+                    image = im.convert("RGB")
         out.append(
             Sample(
-                id=rec["id"],
+                id=str(rec["id"]),
                 task=rec["task"],
                 variant=rec["variant"],
                 split=rec["split"],
                 image=image,
-                question=rec["question"],
+                question=str(rec["question"]),
                 answer=rec["answer"],
-                answers=list(rec["answers"]),
+                answers=[str(a) for a in rec["answers"]],
                 metric=rec["metric"],
                 meta=rec["meta"],
             )

@@ -21,12 +21,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mergelab.bench.data import default_data_root
+from mergelab.bench.tasks import TASKS as BENCH_TASKS
 from mergelab.families import family_for_model_type
 
 LMEVAL_TASKS_DIR = Path(__file__).with_name("lmeval_tasks")
 """Directory of the offline benchmark's lm-eval YAML tasks (pass to ``TaskManager(include_path=...)``)."""
 
-OFFLINE_LMEVAL_TASKS = {t: f"mergelab_{t}" for t in ("vqa", "geometry", "chart", "ocr", "grounding")}
+OFFLINE_LMEVAL_TASKS = {t: f"mergelab_{t}" for t in BENCH_TASKS}
 """Native offline task name -> lm-eval task name (``*_generic`` map to ``mergelab_*_generic``)."""
 
 
@@ -153,13 +155,11 @@ def run_lmeval(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from mergelab.evaluators.loaders import default_offline_root
-
     paths = [str(LMEVAL_TASKS_DIR)]
     if include_path is not None:
         extra = [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
         paths += [str(p) for p in extra]
-    root = Path(data_root).expanduser() if data_root is not None else default_offline_root()
+    root = Path(data_root).expanduser() if data_root is not None else default_data_root()
     metadata = {"data_root": str(root), "split": split, "limit": limit}
     all_offline = all(isinstance(t, str) and t.startswith("mergelab_") for t in tasks)
     if include_defaults is None:

@@ -276,7 +276,7 @@ def run_task(
         v = task.score(pred, s)
         values.append(v)
         records.append({"task": task.name, "id": s.id, "prompt": prompt, "prediction": pred, "raw": raw,
-                        "references": list(s.references), "score": float(v[task.primary]), "values": v})  # fmt: skip
+                        "references": list(s.answers), "score": float(v[task.primary]), "values": v})  # fmt: skip
     return task.aggregate(values, list(samples)), records
 
 

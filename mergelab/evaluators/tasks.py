@@ -2,8 +2,9 @@
 
 Two families share one table, :data:`TASKS`:
 
-* the offline benchmark's five tasks (``vqa``, ``geometry``, ``chart``, ``ocr``, ``grounding``: the ``shifted``
-  variant, i.e. the benchmark's test set) and their ``*_generic`` twins (the ``generic`` variant, for forgetting);
+* the offline benchmark's tasks, derived from :data:`mergelab.bench.tasks.REGISTRY` (``vqa``, ``geometry``,
+  ``chart``, ``ocr``, ``grounding``: the ``shifted`` variant, i.e. the benchmark's test set) and their
+  ``*_generic`` twins (the ``generic`` variant, for forgetting);
 * the paper's ten evaluation columns (spec section 3.3): ``vizwiz``, ``gqa``, ``mathvista_geo``,
   ``mathvision_geo``, ``chartqa``, ``textvqa``, ``ocrvqa``, ``refcoco``, ``refcoco_plus``, ``refcocog``.
 
@@ -18,18 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+from mergelab.bench.data import default_data_root, read_split
+from mergelab.bench.tasks import REGISTRY as BENCH_TASKS
+from mergelab.bench.tasks.common import TaskSpec
 from mergelab.evaluators import metrics as M
 from mergelab.evaluators.loaders import (
     GROUNDING_PROMPT,
     Sample,
-    default_offline_root,
     default_paper_root,
     load_chartqa,
     load_gqa,
     load_mathvision_geo,
     load_mathvista_geo,
     load_ocrvqa,
-    load_offline,
     load_refcoco,
     load_textvqa,
     load_vizwiz,
@@ -85,8 +87,17 @@ def strip_prediction(text: str) -> str:
 
 # --- offline benchmark -------------------------------------------------------------------------------------------
 
-_OFFLINE_TASKS = {"vqa": "accuracy", "geometry": "accuracy", "chart": "accuracy", "ocr": "accuracy",
-                  "grounding": "acc_iou50"}  # fmt: skip
+REPORTED_METRICS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "exact_match": ("accuracy",),
+    "relaxed_accuracy": ("accuracy",),
+    "iou50": ("acc_iou50", "mean_iou"),
+})
+"""Per-sample metric of an offline item (:data:`mergelab.bench.tasks.common.METRICS`) -> the metrics its task
+reports, the primary first."""
+
+OFFLINE_VARIANTS: Mapping[str, str] = MappingProxyType({"shifted": "", "generic": "_generic"})
+"""Benchmark variant -> suffix of its evaluator task's name (``vqa`` is the shifted test set, ``vqa_generic``
+the generic one, for forgetting), in the registry's order."""
 
 
 def offline_score(prediction: str, sample: Sample) -> dict[str, float]:
@@ -100,8 +111,8 @@ def offline_score(prediction: str, sample: Sample) -> dict[str, float]:
     if sample.metric == "iou50":
         return _grounding_score(prediction, sample)
     if sample.metric == "relaxed_accuracy":
-        return {"accuracy": M.relaxed_accuracy_max(prediction=prediction, answers=sample.references)}
-    return {"accuracy": M.exact_match(prediction=prediction, answers=sample.references)}
+        return {"accuracy": M.relaxed_accuracy_max(prediction=prediction, answers=sample.answers)}
+    return {"accuracy": M.exact_match(prediction=prediction, answers=sample.answers)}
 
 
 def _grounding_score(prediction: str, sample: Sample) -> dict[str, float]:
@@ -109,7 +120,7 @@ def _grounding_score(prediction: str, sample: Sample) -> dict[str, float]:
     if sample.meta.get("target_box") is not None:
         targets.append([float(v) for v in sample.meta["target_box"]])
     else:
-        for ref in sample.references:
+        for ref in sample.answers:
             box = M.parse_box(text=ref, scale=1000.0)
             if box is not None:
                 targets.append(box)
@@ -121,38 +132,37 @@ def _grounding_score(prediction: str, sample: Sample) -> dict[str, float]:
     return {"acc_iou50": best["acc_iou50"], "mean_iou": best["iou"]}
 
 
-def _offline_loader(task: str, variant: str) -> Loader:
+def _offline_loader(spec: TaskSpec, variant: str) -> Loader:
+    reported = REPORTED_METRICS[spec.metric]
+
     def load(data_root: Path, split: str, limit: int | None) -> list[Sample]:
-        samples = load_offline(data_root, task=task, variant=variant, split=split, limit=limit)
-        want_box = task == "grounding"
+        samples = read_split(spec.name, variant, split, data_root, limit=limit, load_images=False)
         for s in samples:
-            if (s.metric == "iou50") != want_box:
+            if REPORTED_METRICS[str(s.metric)] != reported:
                 raise ValueError(
-                    f"{Path(data_root) / task / variant / (split + '.jsonl')}: sample {s.id!r} has metric "
-                    f"{s.metric!r}, which task {task!r} does not report"
+                    f"{Path(data_root) / spec.name / variant / (split + '.jsonl')}: sample {s.id!r} has metric "
+                    f"{s.metric!r}, which task {spec.name!r} does not report"
                 )
         return samples
 
     return load
 
 
-def _offline_task(task: str, variant: str) -> Task:
-    name = task if variant == "shifted" else f"{task}_{variant}"
-    primary = _OFFLINE_TASKS[task]
-    names = ("acc_iou50", "mean_iou") if task == "grounding" else ("accuracy",)
+def _offline_task(spec: TaskSpec, variant: str) -> Task:
+    names = REPORTED_METRICS[spec.metric]
     return Task(
-        name=name,
+        name=spec.name + OFFLINE_VARIANTS[variant],
         family="offline",
-        load=_offline_loader(task, variant),
+        load=_offline_loader(spec, variant),
         prompt=lambda s: s.question,
         parse=strip_prediction,
         score=offline_score,
         aggregate=mean_aggregate,
-        primary=primary,
+        primary=names[0],
         metric_names=names,
-        max_new_tokens=24 if task == "grounding" else 12,
-        default_root=default_offline_root,
-        description=f"offline benchmark, {task} ({variant} variant)",
+        max_new_tokens=spec.max_new_tokens,
+        default_root=default_data_root,
+        description=f"offline benchmark, {spec.name} ({variant} variant)",
     )
 
 
@@ -170,15 +180,15 @@ def _paper_loader(fn: Callable[..., list[Sample]], **kw: str) -> Loader:
 
 
 def _vqa_score(prediction: str, sample: Sample) -> dict[str, float]:
-    return {"vqa_score": M.vqa_soft_accuracy(prediction=prediction, answers=sample.references)}
+    return {"vqa_score": M.vqa_soft_accuracy(prediction=prediction, answers=sample.answers)}
 
 
 def _em_score(prediction: str, sample: Sample) -> dict[str, float]:
-    return {"accuracy": M.exact_match(prediction=prediction, answers=sample.references)}
+    return {"accuracy": M.exact_match(prediction=prediction, answers=sample.answers)}
 
 
 def _relaxed_score(prediction: str, sample: Sample) -> dict[str, float]:
-    return {"relaxed_accuracy": M.relaxed_accuracy_max(prediction=prediction, answers=sample.references)}
+    return {"relaxed_accuracy": M.relaxed_accuracy_max(prediction=prediction, answers=sample.answers)}
 
 
 def _mathvista_score(prediction: str, sample: Sample) -> dict[str, float]:
@@ -186,7 +196,7 @@ def _mathvista_score(prediction: str, sample: Sample) -> dict[str, float]:
     return {
         "accuracy": M.mathvista_score(
             prediction=prediction,
-            answer=sample.references[0],
+            answer=sample.answers[0],
             question_type=str(m.get("question_type", "free_form")),
             answer_type=str(m.get("answer_type", "text")),
             choices=m.get("choices") or None,
@@ -198,7 +208,7 @@ def _mathvista_score(prediction: str, sample: Sample) -> dict[str, float]:
 def _mathvision_score(prediction: str, sample: Sample) -> dict[str, float]:
     return {
         "accuracy": M.mathvision_score(
-            prediction=prediction, answer=sample.references[0], options=sample.meta.get("options") or None
+            prediction=prediction, answer=sample.answers[0], options=sample.meta.get("options") or None
         )
     }
 
@@ -293,7 +303,7 @@ PAPER_COLUMNS: tuple[tuple[str, str], ...] = (
 """The paper's Tables 2 and 3 columns, in order: (task name, column header)."""
 
 _TASK_LIST: list[Task] = [
-    *(_offline_task(t, v) for v in ("shifted", "generic") for t in _OFFLINE_TASKS),
+    *(_offline_task(spec, v) for v in OFFLINE_VARIANTS for spec in BENCH_TASKS.values()),
     _paper_task("vizwiz", _paper_loader(load_vizwiz), _vqa_prompt(f"{VIZWIZ_HINT}\n{SHORT_ANSWER}"), _vqa_score,
                 "vqa_score", 32, "VizWiz val: VQA soft accuracy"),
     _paper_task("gqa", _paper_loader(load_gqa), _vqa_prompt(SHORT_ANSWER), _em_score, "accuracy", 32,
@@ -318,7 +328,7 @@ _TASK_LIST: list[Task] = [
 TASKS: Mapping[str, Task] = MappingProxyType({t.name: t for t in _TASK_LIST})
 """Every task, by name (read-only)."""
 
-OFFLINE_TASKS: tuple[str, ...] = tuple(_OFFLINE_TASKS)
+OFFLINE_TASKS: tuple[str, ...] = tuple(BENCH_TASKS)
 """The offline benchmark's five tasks (shifted variant), in the paper's expert order of capabilities."""
 
 
@@ -337,7 +347,9 @@ def metric_name(task: str, metric: str) -> str:
 
 __all__ = [
     "OFFLINE_TASKS",
+    "OFFLINE_VARIANTS",
     "PAPER_COLUMNS",
+    "REPORTED_METRICS",
     "TASKS",
     "Task",
     "get_task",

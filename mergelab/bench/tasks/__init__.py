@@ -6,9 +6,14 @@ Usage::
     test = generate("chart", "shifted", "test")                  # 1200 samples, deterministic
     stream = iter_samples("vqa", "generic", "train", seed=0)     # endless stream for training
 
-Each task stands in for one capability of OptMerge (arXiv:2505.19892, spec section 3) and comes in two variants:
-``generic`` (what the base model learns) and ``shifted`` (what each expert specialises on and what the benchmark
-tests: the same visual skill with new answer words). See ``docs/benchmark-data.md``.
+Each task stands in for one capability of OptMerge (arXiv:2505.19892) and comes in two variants: ``generic`` (what
+the base model learns) and ``shifted`` (what each expert specialises on and what the benchmark tests: the same
+visual skill with new answer words). See ``docs/benchmark-data.md``.
+
+A task is defined once, by the :class:`TaskSpec` of its module (name, metric, generator, answer vocabulary,
+generation budget, splits); :data:`REGISTRY` lists the modules, and the data files, the evaluators' offline
+tasks, the lm-eval tasks, the suites and the demo derive their task lists from it. A new task is one module
+here plus one line in :data:`REGISTRY`.
 """
 
 from __future__ import annotations
@@ -36,13 +41,17 @@ GENERATOR_VERSION = "5"
 
 REGISTRY: MappingProxyType[str, TaskSpec] = MappingProxyType(
     {
-        "vqa": vqa.SPEC,
-        "geometry": geometry.SPEC,
-        "chart": chart.SPEC,
-        "ocr": ocr.SPEC,
-        "grounding": grounding.SPEC,
+        spec.name: spec
+        for spec in (
+            vqa.SPEC,
+            geometry.SPEC,
+            chart.SPEC,
+            ocr.SPEC,
+            grounding.SPEC,
+        )
     }
 )
+"""Every task by name, in the paper's order of capabilities: one line per task module, the only list of tasks."""
 TASKS: tuple[str, ...] = tuple(REGISTRY)
 DEFAULT_SIZES: MappingProxyType[str, int] = MappingProxyType({"train": 4000, "val": 300, "test": 1200})
 """Samples per (task, variant) split. Test: sqrt(p(1-p)/n) <= 0.015 for every p needs n >= 1112."""
@@ -53,11 +62,12 @@ _MAX_TRIES_PER_SAMPLE = 1000
 def _check(task: str, variant: str, split: str) -> TaskSpec:
     if task not in REGISTRY:
         raise ValueError(f"unknown task {task!r}; known: {TASKS}")
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} for task {task!r}; known: {VARIANTS}")
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r} for task {task!r}; known: {SPLITS}")
-    return REGISTRY[task]
+    spec = REGISTRY[task]
+    if variant not in spec.variants:
+        raise ValueError(f"unknown variant {variant!r} for task {task!r}; known: {spec.variants}")
+    if split not in spec.splits:
+        raise ValueError(f"unknown split {split!r} for task {task!r}; known: {spec.splits}")
+    return spec
 
 
 def iter_drafts(task: str, variant: str, split: str, seed: int = 0) -> Iterator[Draft]:

@@ -98,5 +98,6 @@ SPEC = TaskSpec(
     metric="relaxed_accuracy",
     draft=draft,
     render=render,
+    vocabulary={v: tuple(sorted({*(str(u * s) for u in range(1, 10)), "yes", "no"})) for v, s in SCALE.items()},
     description="value / max / comparison on 4-point charts; shifted: line charts with values in tens",
 )

@@ -17,8 +17,9 @@ import functools
 import hashlib
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
@@ -62,31 +63,40 @@ METRICS: tuple[str, ...] = ("exact_match", "relaxed_accuracy", "iou50")
 
 @dataclass(frozen=True)
 class Sample:
-    """One benchmark item.
+    """One benchmark item: generated here, written to and read from a split's JSONL, or read from the paper's
+    datasets by the evaluators' loaders (one type for all of them).
 
     Attributes:
-        id: Unique within its (task, variant) directory, e.g. ``"vqa-shifted-test-00042"``; also the PNG's stem.
-        task: One of ``TASKS``.
+        id: Unique within its task (and variant), e.g. ``"vqa-shifted-test-00042"``; also the PNG's stem.
+        question: The prompt text (without any image placeholder token: the runner puts the image in the chat).
+        answers: Accepted answers for scoring, the target first (ten annotators' answers for VQA soft accuracy;
+            a box string for grounding).
+        image: The image: in memory (generated, or read with its pixels), the path of its file (opened lazily by
+            the evaluators), or None for a text-only item.
+        meta: JSON-safe facts: for generated items the full scene (the image is a pure function of it) and the
+            structured query; for the paper's items what their metric needs (choices, categories, ...).
+        metric: The per-sample metric (one of :data:`METRICS` for the offline benchmark), or None for the
+            evaluator task's own.
+        task: The offline benchmark's task (one of ``TASKS``); empty for the paper's datasets.
         variant: ``"generic"`` (what the base model is trained on) or ``"shifted"`` (experts and benchmark).
         split: ``"train"``, ``"val"`` or ``"test"``.
-        image: The 112x112 RGB image.
-        question: The prompt text (without any image placeholder token).
-        answer: The exact target string a model is trained to output.
-        answers: Accepted references for scoring (``answer`` first).
-        metric: ``"exact_match"``, ``"relaxed_accuracy"`` or ``"iou50"``.
-        meta: JSON-safe facts: the full scene (the image is a pure function of it) and the structured query.
+        answer: The exact target string a model is trained to output (default: the first of ``answers``).
     """
 
     id: str
-    task: str
-    variant: str
-    split: str
-    image: Image.Image = field(compare=False, repr=False)
     question: str
-    answer: str
     answers: list[str]
-    metric: str
-    meta: dict[str, Any]
+    image: Image.Image | Path | None = field(default=None, compare=False, repr=False)
+    meta: dict[str, Any] = field(default_factory=dict)
+    metric: str | None = None
+    task: str = ""
+    variant: str = ""
+    split: str = ""
+    answer: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.answer and self.answers:
+            object.__setattr__(self, "answer", str(self.answers[0]))
 
 
 @dataclass(frozen=True)
@@ -108,13 +118,47 @@ class Draft:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One registry entry: how to propose and draw a task's items."""
+    """One task of the offline benchmark, defined once in its module; everything else derives from it.
+
+    The registry (:data:`mergelab.bench.tasks.REGISTRY`), the data files (:mod:`mergelab.bench.data`), the
+    evaluators' task table and suites (:mod:`mergelab.evaluators.tasks`), the lm-eval tasks
+    (:mod:`mergelab.evaluators.lmeval`) and the demo read a task's facts from here.
+
+    Attributes:
+        name: The task's name: its directory under the data root, its evaluator task and metric prefix.
+        metric: The per-sample metric, one of :data:`METRICS` (the evaluators report ``accuracy`` for
+            ``exact_match`` and ``relaxed_accuracy``, ``acc_iou50`` and ``mean_iou`` for ``iou50``).
+        draft: ``(rng, variant) -> Draft``: proposes one item (the generator).
+        render: ``meta -> image``: draws an item from its scene alone.
+        vocabulary: Per variant, every answer (target string) an item of that variant can have, sorted.
+        max_new_tokens: The evaluators' generation budget for one answer.
+        description: One line for listings.
+        splits: The splits the task is generated in (each a share of the hash space, :data:`SPLIT_FRACTIONS`).
+    """
 
     name: str
     metric: str
     draft: Callable[[random.Random, str], Draft]
     render: Callable[[dict[str, Any]], Image.Image]
+    vocabulary: Mapping[str, tuple[str, ...]]
+    max_new_tokens: int = 12
     description: str = ""
+    splits: tuple[str, ...] = SPLITS
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"task {self.name!r}: unknown metric {self.metric!r}; known: {METRICS}")
+        if tuple(self.vocabulary) != VARIANTS:
+            raise ValueError(f"task {self.name!r}: vocabulary must list the variants {VARIANTS} in order")
+        if not set(self.splits) <= set(SPLITS):
+            raise ValueError(f"task {self.name!r}: splits {self.splits} not all in {SPLITS}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"task {self.name!r}: max_new_tokens must be >= 1")
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The task's variants (:data:`VARIANTS`: ``generic``, then ``shifted``)."""
+        return tuple(self.vocabulary)
 
 
 def stable_seed(*parts: object) -> int:

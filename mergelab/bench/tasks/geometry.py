@@ -126,5 +126,9 @@ SPEC = TaskSpec(
     metric="exact_match",
     draft=draft,
     render=render,
+    vocabulary={
+        "generic": tuple(sorted({*(str(n) for n in POLYGON_NAMES), "top", "bottom", "acute", "obtuse"})),
+        "shifted": tuple(sorted({*POLYGON_NAMES.values(), "left", "right", "smaller", "larger"})),
+    },
     description="polygon sides, segment lengths, angles in black; shifted: new answer words, vertical segments",
 )

@@ -110,5 +110,10 @@ SPEC = TaskSpec(
     metric="iou50",
     draft=draft,
     render=render,
+    vocabulary={
+        v: tuple(sorted(format_box(cell_box([c, r], offset)) for c in range(side) for r in range(side)))
+        for v, (side, offset) in LAYOUTS.items()
+    },
+    max_new_tokens=24,
     description="referring expression -> Qwen2-VL box on the 0-1000 grid; shifted: half-cell-shifted grid",
 )

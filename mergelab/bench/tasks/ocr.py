@@ -64,5 +64,6 @@ SPEC = TaskSpec(
     metric="exact_match",
     draft=draft,
     render=render,
+    vocabulary={v: tuple(sorted(chars)) for v, chars in ALPHABETS.items()},
     description="read one large bitmap-font character; generic: digits, shifted: capital letters",
 )

@@ -95,5 +95,9 @@ SPEC = TaskSpec(
     metric="exact_match",
     draft=draft,
     render=render,
+    vocabulary={
+        "generic": tuple(sorted({*GENERIC_COLOURS, *SHAPES, "yes", "no"})),
+        "shifted": tuple(sorted({*SHIFTED_COLOURS, *SHAPES, "yes", "no"})),
+    },
     description="attributes and existence of one large coloured shape; shifted: four new colours",
 )

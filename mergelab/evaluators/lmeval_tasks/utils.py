@@ -15,13 +15,13 @@ def load_split(**kw: Any) -> dict[str, Any]:
     """``custom_dataset`` hook: ``{"test": Dataset}`` of ``<data_root>/<task>/<variant>/<split>.jsonl``."""
     import datasets
 
-    from mergelab.evaluators.loaders import default_offline_root, load_offline
+    from mergelab.bench.data import default_data_root, read_split
 
-    root = Path(kw.get("data_root") or default_offline_root())
+    root = Path(kw.get("data_root") or default_data_root())
     limit = kw.get("limit")
-    samples = load_offline(root, task=kw["task"], variant=kw["variant"], split=kw.get("split", "val"),
-                           limit=None if limit is None else int(limit))  # fmt: skip
-    rows = [{"id": s.id, "question": s.question, "references": s.references, "metric": s.metric,
+    samples = read_split(kw["task"], kw["variant"], kw.get("split", "val"), root,
+                         limit=None if limit is None else int(limit), load_images=False)  # fmt: skip
+    rows = [{"id": s.id, "question": s.question, "references": s.answers, "metric": s.metric,
              "meta": json.dumps(s.meta), "image": str(s.image)} for s in samples]  # fmt: skip
     ds = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
     return datasets.DatasetDict({"test": ds})
@@ -32,7 +32,7 @@ def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]
     from mergelab.evaluators.loaders import Sample
     from mergelab.evaluators.tasks import offline_score, strip_prediction
 
-    sample = Sample(id=str(doc["id"]), question=doc["question"], references=list(doc["references"]),
+    sample = Sample(id=str(doc["id"]), question=doc["question"], answers=list(doc["references"]),
                     image=None, meta=json.loads(doc["meta"] or "{}"), metric=doc["metric"])  # fmt: skip
     prediction = strip_prediction(results[0])  # the offline tasks' parser
     return offline_score(prediction, sample)

@@ -1,13 +1,13 @@
-"""Dataset loaders: the offline benchmark's JSONL splits and the paper's ten evaluation columns.
+"""Dataset loaders of the paper's ten evaluation columns, and the :class:`Sample` record every task uses.
 
 Each loader reads local files only and returns a list of :class:`Sample`; a missing file raises
 ``FileNotFoundError`` naming it. The expected layouts are documented in each loader and in ``docs/evaluators.md``.
+The offline benchmark's JSONL splits are read by their own module, :func:`mergelab.bench.data.read_split`.
 """
 
 from __future__ import annotations
 
 from mergelab.evaluators.loaders.common import Sample, open_image
-from mergelab.evaluators.loaders.offline import default_offline_root, load_offline
 from mergelab.evaluators.loaders.paper import (
     GROUNDING_PROMPT,
     default_paper_root,
@@ -24,14 +24,12 @@ from mergelab.evaluators.loaders.paper import (
 __all__ = [
     "GROUNDING_PROMPT",
     "Sample",
-    "default_offline_root",
     "default_paper_root",
     "load_chartqa",
     "load_gqa",
     "load_mathvision_geo",
     "load_mathvista_geo",
     "load_ocrvqa",
-    "load_offline",
     "load_refcoco",
     "load_textvqa",
     "load_vizwiz",

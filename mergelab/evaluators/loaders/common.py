@@ -1,36 +1,18 @@
-"""Shared pieces of the loaders: the :class:`Sample` record and safe JSON / image helpers."""
+"""Shared pieces of the loaders: the :class:`Sample` record (the benchmark's own, one type for every dataset) and
+safe JSON / image helpers."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from mergelab._files import iter_jsonl, read_json, require_file  # noqa: F401  (re-exported to the loaders)
+from mergelab._files import iter_jsonl, read_json, require_file
+from mergelab.bench.tasks.common import Sample
 
-
-@dataclass(frozen=True)
-class Sample:
-    """One evaluation item, independent of the benchmark it came from.
-
-    Attributes:
-        id: Unique within its task.
-        question: The question text (no image placeholder; the runner adds the image to the chat message).
-        references: The accepted answers (10 annotator answers for VQA soft accuracy; a box string for grounding).
-        image: Path of the image file, or None for a text-only item. Images are opened lazily by the runner.
-        meta: Benchmark fields the metric or the aggregation needs (choices, categories, the reference box ...).
-        metric: A per-sample metric name (the offline JSONL's ``metric`` field), or None for the task's metric.
-    """
-
-    id: str
-    question: str
-    references: list[str]
-    image: Path | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-    metric: str | None = None
+__all__ = ["Sample", "env_path", "field_of", "image_path", "iter_jsonl", "open_image", "read_json", "require_file"]
 
 
 def field_of(rec: dict[str, Any], key: str, where: str) -> Any:
@@ -49,9 +31,12 @@ def image_path(root: Path, rel: str, where: str) -> Path:
     return p
 
 
-def open_image(path: Path) -> Image.Image:
-    """Open an image file as RGB, fully loaded (so the file handle is closed)."""
-    with Image.open(path) as im:
+def open_image(image: Path | Image.Image) -> Image.Image:
+    """An item's image as RGB: an image file opened and fully loaded (so the file handle is closed), or an image
+    already in memory (a generated sample's) converted."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    with Image.open(image) as im:
         return im.convert("RGB")
 
 

@@ -71,7 +71,7 @@ def load_vizwiz(data_root: Path, *, limit: int | None = None) -> list[Sample]:
             yield Sample(
                 id=Path(img).stem,
                 question=str(field_of(rec, "question", where)),
-                references=answers,
+                answers=answers,
                 image=image_path(base / "val", img, where),
                 meta={"answer_type": rec.get("answer_type")},
             )
@@ -97,7 +97,7 @@ def load_gqa(data_root: Path, *, limit: int | None = None) -> list[Sample]:
             yield Sample(
                 id=str(qid),
                 question=str(field_of(rec, "question", where)),
-                references=[str(field_of(rec, "answer", where))],
+                answers=[str(field_of(rec, "answer", where))],
                 image=image_path(base / "images", f"{field_of(rec, 'imageId', where)}.jpg", where),
                 meta={"types": rec.get("types")},
             )
@@ -137,7 +137,7 @@ def load_mathvista_geo(data_root: Path, *, limit: int | None = None) -> list[Sam
             yield Sample(
                 id=str(pid),
                 question=str(rec.get("query") or field_of(rec, "question", where)),
-                references=[str(field_of(rec, "answer", where))],
+                answers=[str(field_of(rec, "answer", where))],
                 image=image_path(base, str(field_of(rec, "image", where)), where),
                 meta={
                     "categories": cats,
@@ -174,7 +174,7 @@ def load_mathvision_geo(data_root: Path, *, limit: int | None = None) -> list[Sa
             yield Sample(
                 id=str(field_of(rec, "id", where)),
                 question=question,
-                references=[str(field_of(rec, "answer", where))],
+                answers=[str(field_of(rec, "answer", where))],
                 image=image_path(base, str(field_of(rec, "image", where)), where),
                 meta={"categories": [subject], "options": options, "level": rec.get("level")},
             )
@@ -204,7 +204,7 @@ def load_chartqa(data_root: Path, *, limit: int | None = None) -> list[Sample]:
                 yield Sample(
                     id=f"{part}-{i}",
                     question=str(field_of(rec, "query", where)),
-                    references=[str(field_of(rec, "label", where))],
+                    answers=[str(field_of(rec, "label", where))],
                     image=image_path(base / "png", str(field_of(rec, "imgname", where)), where),
                     meta={"part": part},
                 )
@@ -231,7 +231,7 @@ def load_textvqa(data_root: Path, *, limit: int | None = None) -> list[Sample]:
             yield Sample(
                 id=str(rec.get("question_id", i)),
                 question=str(field_of(rec, "question", where)),
-                references=[str(a) for a in field_of(rec, "answers", where)],
+                answers=[str(a) for a in field_of(rec, "answers", where)],
                 image=image_path(base / "train_images", f"{field_of(rec, 'image_id', where)}.jpg", where),
             )
 
@@ -276,7 +276,7 @@ def load_ocrvqa(data_root: Path, *, limit: int | None = None) -> list[Sample]:
                     continue
                 img = img or image_path(base / "images", f"{book}{ext}", where)
                 yield Sample(
-                    id=sid, question=str(q), references=[str(a)], image=img, meta={"genre": rec.get("genre")}
+                    id=sid, question=str(q), answers=[str(a)], image=img, meta={"genre": rec.get("genre")}
                 )
 
     return _take(gen(), limit)
@@ -335,7 +335,7 @@ def load_refcoco(data_root: Path, *, which: str, limit: int | None = None) -> li
             yield Sample(
                 id=f"{which}-{n}",
                 question=expr,
-                references=[f"<|box_start|>({grid[0]},{grid[1]}),({grid[2]},{grid[3]})<|box_end|>"],
+                answers=[f"<|box_start|>({grid[0]},{grid[1]}),({grid[2]},{grid[3]})<|box_end|>"],
                 image=img,
                 meta={"target_box": box, "expression": expr},
             )
