@@ -220,8 +220,21 @@ def test_out_of_range_hyperparameters_are_named(name: str, params: dict[str, Any
     assert "\n" not in str(info.value)
 
 
-def test_every_method_validates_something() -> None:
-    assert {name for name, _, _ in BAD} == set(METHODS) - {"weight_average"}
+def test_bad_table_names_registered_methods() -> None:
+    """Every method's coefficients are validated by the conformance suite; this table adds per-field cases."""
+    assert {name for name, _, _ in BAD} <= set(METHODS)
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "wudi"])
+def test_a_zero_expert_is_left_out(name: str) -> None:
+    """Task arithmetic sums it away; WUDI leaves it out of the loss and its sum init: both equal the merge of the
+    other two experts."""
+    g = torch.Generator().manual_seed(3)
+    deltas = 0.02 * torch.randn(3, 8, 6, generator=g)
+    deltas[1] = 0.0
+    spec = METHODS[name]
+    out = spec.fn(None, deltas, spec.make_config(), CTX)
+    torch.testing.assert_close(out, spec.fn(None, deltas[[0, 2]], spec.make_config(), CTX), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize(

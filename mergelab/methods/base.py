@@ -65,8 +65,8 @@ every non-excluded tensor.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -137,7 +137,19 @@ LAM_GRID: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 1.0, 1.5)
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One registry entry."""
+    """One row of the method table :data:`~mergelab.methods.METHODS`: the function, its config and its facts.
+
+    Attributes:
+        fn: the per-tensor function ``fn(base, deltas, cfg, ctx) -> tau_m`` (life cycle step 4).
+        config_cls: the frozen dataclass config; it has a ``coefficients`` field (per-expert, None = all ones).
+        matrix_only: the method needs 2-D weights (the engine averages every other tensor).
+        make_stats: ``make_stats(cfg, n_experts) -> GlobalStats | None`` for global methods (step 2), else None.
+        description: one line for listings.
+        paper: a row of the OptMerge paper's Tables 2 and 3.
+        setting_field: the config field set to the experts' setting (``"full"`` / ``"lora"``).
+        single_expert: parameters under which merging one expert returns that expert unchanged (checked by the
+            conformance suite on an isotropic task vector); ``{}`` when the defaults do, None when no setting does.
+    """
 
     fn: MethodFn
     config_cls: type
@@ -148,6 +160,8 @@ class MethodSpec:
     """A row of the OptMerge paper's Tables 2 and 3 (the demo compares these)."""
     setting_field: str | None = None
     """The config field set to the experts' setting, ``"full"`` or ``"lora"`` (OptMerge's ``variant``)."""
+    single_expert: Mapping[str, Any] | None = field(default_factory=dict, compare=False)
+    """Parameters under which one expert comes back unchanged (``{}``: the defaults; None: no setting does)."""
 
     @property
     def has_lam(self) -> bool:
