@@ -19,9 +19,10 @@ import torch
 
 from mergelab.bench.tasks import TASKS
 from mergelab.bench.zoo_plan import DEFAULT_ZOO, expert_names
-from mergelab.bench.zoo_table import LamScan, method_params
+from mergelab.bench.zoo_table import LamScan
 from mergelab.engine import merge
 from mergelab.evaluators import evaluate
+from mergelab.methods import METHODS
 
 
 def wrong_answers(model, processor, task: str, limit: int, top: int) -> tuple[float, list[tuple[str, int]]]:
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mergelab-answers-") as tmp:
         out = Path(tmp) / "merged"
         merge(base=base, experts=experts, method=args.method,
-              params={**method_params(args.method, args.setting), "lam": 1.0}, policy="qwen2_vl", out=out,
+              params={**METHODS[args.method].setting_params(args.setting), "lam": 1.0}, policy="qwen2_vl", out=out,
               device="cpu", seed=args.seed)
         scan = LamScan(base, out)
         model = scan.set(args.lam)

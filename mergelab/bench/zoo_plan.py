@@ -55,7 +55,9 @@ from mergelab.bench.train import (
     greedy_answers,
 )
 
-KINDS: tuple[str, ...] = ("full", "lora", "mixture")
+SETTINGS: tuple[str, ...] = ("full", "lora")
+"""The expert settings: full fine-tuning experts and LoRA experts (every seed holds both)."""
+KINDS: tuple[str, ...] = (*SETTINGS, "mixture")
 """What a seed holds besides its base: full fine-tuning experts, LoRA experts, the mixture model."""
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -301,8 +303,8 @@ def model_path(root: str | os.PathLike[str], name: str) -> Path:
 
 def expert_names(seed: int, kind: str, tasks: Sequence[str] = TASKS) -> list[str]:
     """Manifest names of one seed's experts of ``kind`` (``"full"`` or ``"lora"``), in task order."""
-    if kind not in ("full", "lora"):
-        raise ValueError(f"kind must be 'full' or 'lora', got {kind!r}")
+    if kind not in SETTINGS:
+        raise ValueError(f"kind must be one of {SETTINGS}, got {kind!r}")
     return [f"seed{seed}/{kind}/{t}" for t in tasks]
 
 

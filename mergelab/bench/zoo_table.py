@@ -2,10 +2,11 @@
 
 :func:`benchmark` scores each seed's base, experts and mixture and a merge of its experts by every method of
 :data:`mergelab.methods.METHODS` on the zoo's test split, with each method's lambda chosen on the val split by
-:func:`lam_candidates` and :func:`choose_lam` (the one lambda sweep: the demo's comparison uses it too). The method facts (which methods scale
-by a lambda, the paper's lambda grid, the parameters an expert setting implies) come from the method table.
-:func:`format_table` and :func:`check_targets` print the tables and the benchmark's design targets. The zoo itself
-is :mod:`mergelab.bench.zoo_plan` (plan, manifest) and :mod:`mergelab.bench.zoo_build` (training).
+:func:`lam_candidates` and :func:`choose_lam` (the one lambda sweep: the demo's comparison uses it too). The method
+facts (which methods scale by a lambda, the paper's lambda grid, the parameters an expert setting implies) come
+from the method table. :func:`format_table` and :func:`check_targets` print the tables and the benchmark's design
+targets. The zoo itself is :mod:`mergelab.bench.zoo_plan` (plan, manifest) and :mod:`mergelab.bench.zoo_build`
+(training).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from mergelab.bench.data import ensure_data
 from mergelab.bench.tasks import TASKS
-from mergelab.bench.zoo_plan import DEFAULT_ZOO, MANIFEST, expert_names, read_manifest
+from mergelab.bench.zoo_plan import DEFAULT_ZOO, MANIFEST, SETTINGS, expert_names, read_manifest
 from mergelab.engine import merge
 from mergelab.evaluators import evaluate
 from mergelab.hf import load_model
@@ -53,7 +54,8 @@ def _task_id(task: str, variant: str) -> str:
 
 
 class LamScan:
-    """``theta0 + lam * tau_m`` for any lambda from one merge at lam = 1 (the engine's contract, methods/base.py)."""
+    """``theta0 + lam * tau_m`` for any lambda from one merge at lam = 1: the engine writes ``theta0 + lam * tau_m``
+    (:mod:`mergelab.methods.base`), so one merge serves the whole sweep instead of one merge per lambda."""
 
     def __init__(self, base_dir: Path, merged_dir: Path) -> None:
         self.model, self.processor = load_model(merged_dir, device="cpu")
@@ -71,12 +73,6 @@ class LamScan:
 
 
 # ------------------------------------------------------------------------------------------- lambda sweep
-
-
-def method_params(method: str, setting: str) -> dict[str, Any]:
-    """A method's parameters for experts of ``setting`` (``"full"`` or ``"lora"``): its defaults, plus what the
-    setting implies (OptMerge's variant), from the method table."""
-    return METHODS[method].setting_params(setting)
 
 
 def lam_candidates(method: str, grid: Sequence[float] = LAM_GRID) -> list[float | None]:
@@ -112,7 +108,7 @@ def _cached_scores(entry: dict[str, Any], variants: Sequence[str]) -> dict[str, 
 def benchmark(
     root: str | os.PathLike[str] = DEFAULT_ZOO,
     *,
-    settings: Sequence[str] = ("full", "lora"),
+    settings: Sequence[str] = SETTINGS,
     methods: Sequence[str] | None = None,
     seeds: Sequence[int] | None = None,
     lams: Sequence[float] = LAM_GRID,
@@ -174,7 +170,7 @@ def benchmark(
             for method in methods:
                 t0 = time.perf_counter()
                 candidates = lam_candidates(method, lams)
-                params = {**method_params(method, setting), **({} if candidates == [None] else {"lam": 1.0})}
+                params = {**METHODS[method].setting_params(setting), **({} if candidates == [None] else {"lam": 1.0})}
                 merged = work / f"{setting}-seed{seed}-{method}"
                 merge(base=base_dir, experts=[str(d) for d in _expert_dirs(root, seed, setting, tasks)],
                       method=method, params=params, policy="qwen2_vl", out=merged, device="cpu", seed=seed,

@@ -25,8 +25,8 @@ from typing import Any
 from mergelab.bench.data import ensure_data
 from mergelab.bench.tasks import TASKS
 from mergelab.bench.zoo_build import build_zoo
-from mergelab.bench.zoo_plan import DEFAULT_ZOO, read_manifest
-from mergelab.bench.zoo_table import choose_lam, lam_candidates, method_params
+from mergelab.bench.zoo_plan import DEFAULT_ZOO, SETTINGS, expert_names, read_manifest
+from mergelab.bench.zoo_table import choose_lam, lam_candidates
 from mergelab.methods import METHODS
 from mergelab.methods.base import LAM_GRID
 from mergelab.platform.campaign import resolve_experts, run_campaign
@@ -59,7 +59,7 @@ def _ensure_zoo(zoo: Path, tiny: bool, seed: int, setting: str, log: Callable[[s
         models = read_manifest(zoo).get("models", {})
     except FileNotFoundError:
         models = {}
-    needed = [f"seed{seed}/base"] + [f"seed{seed}/{setting}/{t}" for t in TASKS]
+    needed = [f"seed{seed}/base", *expert_names(seed, setting)]
     if all(n in models and (zoo / n).is_dir() for n in needed):
         return
     log(f"building the model zoo under {zoo} ({'tiny, seconds' if tiny else 'about 20 minutes on 2 CPU cores'})")
@@ -114,8 +114,8 @@ def run_demo(
         data_sizes: samples per split to generate (default: the benchmark's sizes; smaller for smoke tests).
         log: one-line logger.
     """
-    if setting not in ("lora", "full"):
-        raise ValueError(f"setting must be 'lora' or 'full', got {setting!r}")
+    if setting not in SETTINGS:
+        raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
     t0 = time.perf_counter()
     store = Store.resolve(root)
     zoo_dir = Path(zoo) if zoo is not None else (Path(store.tracking_uri.removeprefix("sqlite:///")).parent /
@@ -152,7 +152,7 @@ def run_demo(
     best: tuple[float, str, dict[str, Any], Any] | None = None
     try:
         for method in methods:
-            params = method_params(method, setting)
+            params = METHODS[method].setting_params(setting)
             runs: list[tuple[float | None, dict[str, Any], Any]] = []
             for lam in lam_candidates(method, lam_grid):
                 p = dict(params) if lam is None else {**params, "lam": lam}
