@@ -166,6 +166,7 @@ class ZooPlan:
         return float(getattr(self, f"{kind}_replay"))
 
     def to_dict(self) -> dict[str, Any]:
+        """The plan as the manifest records it (JSON types; options that are off left out, as before they existed)."""
         d = json.loads(json.dumps(asdict(self)))
         for name in self._REPLAY_FIELDS:
             if not d[name]:
