@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from mergelab.evaluators import evaluate, get_task
-from mergelab.evaluators.lmeval import LMEVAL_TASKS_DIR, lmeval_task_name, sanitize_metric
+from mergelab.evaluators.lmeval import lmeval_task_name, sanitize_metric, write_lmeval_tasks
 
 
 def _runner_helpers() -> Any:
@@ -23,7 +23,7 @@ def _runner_helpers() -> Any:
     return mod
 
 
-def test_names_and_yaml_budgets_match_the_registry() -> None:
+def test_names_and_yaml_budgets_match_the_registry(tmp_path: Path) -> None:
     assert sanitize_metric("acc,none") == "acc"
     assert sanitize_metric("exact_match,strict-match") == "exact_match_strict-match"
     assert sanitize_metric("acc_stderr,none") == "acc_stderr"
@@ -33,9 +33,16 @@ def test_names_and_yaml_budgets_match_the_registry() -> None:
     )
     with pytest.raises(KeyError):
         lmeval_task_name("gqa")
+    written = write_lmeval_tasks(tmp_path / "tasks")  # the YAML files are derived from the task table
+    assert {p.stem for p in written.glob("*.yaml")} == {
+        *(lmeval_task_name(t + s) for t in ("vqa", "geometry", "chart", "ocr", "grounding") for s in ("", "_generic")),
+        "mergelab_offline", "mergelab_offline_generic",
+    }  # fmt: skip
+    group = yaml.safe_load((written / "mergelab_offline_generic.yaml").read_text())
+    assert group["task"][0] == "mergelab_vqa_generic" and len(group["task"]) == 5
     for native in ("vqa", "geometry", "chart", "ocr", "grounding"):
         for name in (native, f"{native}_generic"):
-            text = (LMEVAL_TASKS_DIR / f"{lmeval_task_name(name)}.yaml").read_text()
+            text = (written / f"{lmeval_task_name(name)}.yaml").read_text()
             cfg = yaml.safe_load(text)
             task = get_task(name)
             assert cfg["generation_kwargs"]["max_gen_toks"] == task.max_new_tokens

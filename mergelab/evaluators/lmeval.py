@@ -4,10 +4,11 @@
   generate-only for image requests; the model type and image string per family come from
   :mod:`mergelab.families`), subclassed to keep an in-memory processor (lm-eval 0.4.13 *returns* a processor
   passed as ``tokenizer=`` instead of storing it).
-* The offline benchmark's tasks ship as YAML under ``mergelab/evaluators/lmeval_tasks/`` (``mergelab_vqa`` ...
-  ``mergelab_grounding``, their ``*_generic`` twins, and the groups ``mergelab_offline`` /
-  ``mergelab_offline_generic``). They read ``<data_root>/<task>/<variant>/<split>.jsonl`` and score with the
-  native runner's own metric functions, so both paths agree to within generation noise.
+* The offline benchmark's lm-eval tasks (``mergelab_vqa`` ... ``mergelab_grounding``, their ``*_generic`` twins,
+  and the groups ``mergelab_offline`` / ``mergelab_offline_generic``) are written from the evaluators' task table
+  (itself derived from :data:`mergelab.bench.tasks.REGISTRY`) by :func:`write_lmeval_tasks`, on top of the shared
+  config and hooks in ``mergelab/evaluators/lmeval_tasks/``. They read ``<data_root>/<task>/<variant>/<split>.jsonl``
+  and score with the native runner's own metric functions, so both paths agree to within generation noise.
 
 ``import lm_eval`` takes seconds, so this module imports it only inside :func:`run_lmeval`.
 """
@@ -17,19 +18,63 @@ from __future__ import annotations
 import math
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from mergelab.bench.data import default_data_root
-from mergelab.bench.tasks import TASKS as BENCH_TASKS
+from mergelab.evaluators.tasks import OFFLINE_TASKS, OFFLINE_VARIANTS, get_task
 from mergelab.families import family_for_model_type
 
 LMEVAL_TASKS_DIR = Path(__file__).with_name("lmeval_tasks")
-"""Directory of the offline benchmark's lm-eval YAML tasks (pass to ``TaskManager(include_path=...)``)."""
+"""The offline tasks' shared lm-eval config (``_mergelab_offline.yaml``) and hooks (``utils.py``)."""
 
-OFFLINE_LMEVAL_TASKS = {t: f"mergelab_{t}" for t in BENCH_TASKS}
+OFFLINE_LMEVAL_TASKS = {t: f"mergelab_{t}" for t in OFFLINE_TASKS}
 """Native offline task name -> lm-eval task name (``*_generic`` map to ``mergelab_*_generic``)."""
+
+_UNTIL = ["<|im_end|>"]
+
+
+def lmeval_task_configs() -> dict[str, dict[str, Any]]:
+    """The lm-eval YAML of every offline task and group, by name, derived from the evaluators' task table.
+
+    A task ``mergelab_<task>[_generic]`` includes the shared ``_mergelab_offline.yaml`` and names its data
+    (``task``, ``variant``), its generation budget and its metrics (those of the native task); a group
+    ``mergelab_offline[_generic]`` lists the variant's tasks in the registry's order.
+    """
+    base = str(LMEVAL_TASKS_DIR / "_mergelab_offline.yaml")
+    configs: dict[str, dict[str, Any]] = {}
+    for variant, suffix in OFFLINE_VARIANTS.items():
+        members = []
+        for bench_task in OFFLINE_TASKS:
+            native = get_task(bench_task + suffix)
+            name = lmeval_task_name(native.name)
+            members.append(name)
+            configs[name] = {
+                "include": base,
+                "task": name,
+                "dataset_kwargs": {"task": bench_task, "variant": variant},
+                "generation_kwargs": {"until": list(_UNTIL), "max_gen_toks": native.max_new_tokens,
+                                      "do_sample": False},  # fmt: skip
+                "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
+                                for m in native.metric_names],  # fmt: skip
+            }
+        configs[f"mergelab_offline{suffix}"] = {"group": f"mergelab_offline{suffix}", "task": members,
+                                                "metadata": {"version": 1.0}}  # fmt: skip
+    return configs
+
+
+def write_lmeval_tasks(directory: str | Path) -> Path:
+    """Write :func:`lmeval_task_configs` as ``<name>.yaml`` files into ``directory`` (created) and return it; pass it
+    to ``TaskManager(include_path=...)``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, cfg in lmeval_task_configs().items():
+        (directory / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return directory
 
 
 def lmeval_task_name(native: str) -> str:
@@ -155,41 +200,42 @@ def run_lmeval(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    paths = [str(LMEVAL_TASKS_DIR)]
-    if include_path is not None:
-        extra = [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
-        paths += [str(p) for p in extra]
-    root = Path(data_root).expanduser() if data_root is not None else default_data_root()
-    metadata = {"data_root": str(root), "split": split, "limit": limit}
-    all_offline = all(isinstance(t, str) and t.startswith("mergelab_") for t in tasks)
-    if include_defaults is None:
-        include_defaults = any(isinstance(t, str) and not t.startswith("mergelab_") for t in tasks)
-    tm = TaskManager(include_path=paths, include_defaults=include_defaults, metadata=metadata)
     if apply_chat_template is None:
         tmpl = getattr(processor, "chat_template", None) or getattr(
             getattr(processor, "tokenizer", processor), "chat_template", None
         )
         apply_chat_template = bool(tmpl)
+    root = Path(data_root).expanduser() if data_root is not None else default_data_root()
+    metadata = {"data_root": str(root), "split": split, "limit": limit}
+    all_offline = all(isinstance(t, str) and t.startswith("mergelab_") for t in tasks)
+    if include_defaults is None:
+        include_defaults = any(isinstance(t, str) and not t.startswith("mergelab_") for t in tasks)
     lm = make_lm(model, processor, batch_size=batch_size, max_length=max_length)
     gen = getattr(model, "generation_config", None)
     old_eos = getattr(gen, "eos_token_id", None)
-    if gen is not None:
-        gen.eos_token_id = _stop_token_ids(model, processor) or old_eos
-    try:
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(tasks),
-            task_manager=tm,
-            num_fewshot=num_fewshot,
-            limit=None if all_offline else limit,
-            bootstrap_iters=0,
-            log_samples=log_samples,
-            apply_chat_template=apply_chat_template,
-            torch_random_seed=None,
-        )
-    finally:
+    with tempfile.TemporaryDirectory(prefix="mergelab-lmeval-") as generated:
+        paths = [str(write_lmeval_tasks(generated))]
+        if include_path is not None:
+            extra = [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
+            paths += [str(p) for p in extra]
+        tm = TaskManager(include_path=paths, include_defaults=include_defaults, metadata=metadata)
         if gen is not None:
-            gen.eos_token_id = old_eos
+            gen.eos_token_id = _stop_token_ids(model, processor) or old_eos
+        try:
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=list(tasks),
+                task_manager=tm,
+                num_fewshot=num_fewshot,
+                limit=None if all_offline else limit,
+                bootstrap_iters=0,
+                log_samples=log_samples,
+                apply_chat_template=apply_chat_template,
+                torch_random_seed=None,
+            )
+        finally:
+            if gen is not None:
+                gen.eos_token_id = old_eos
     metrics: dict[str, float] = {}
     for task, res in (out or {}).get("results", {}).items():
         for k, v in res.items():
