@@ -16,7 +16,6 @@ depend on processing order.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -40,7 +39,7 @@ from mergelab.engine.report import MergeReport, TensorRecord
 from mergelab.engine.stream import Loaded, PeakMemory, TensorStream
 from mergelab.engine.writer import OutSpec, ShardWriter, copy_side_files
 from mergelab.methods import METHODS
-from mergelab.methods.base import MergeContext, MethodSpec, scale_of
+from mergelab.methods.base import MergeContext, MethodSpec, scale_of, tensor_seed
 
 __all__ = ["ExpertSpec", "MergeError", "merge", "parse_dtype", "resolve_device"]
 
@@ -65,12 +64,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return _resolve_device(device)
     except ValueError as e:
         raise MergeError(str(e)) from None
-
-
-def tensor_seed(seed: int, name: str) -> int:
-    """A 63-bit seed derived from ``(seed, tensor name)``: independent of processing order."""
-    h = hashlib.blake2b(f"{int(seed)}\x00{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
 # --------------------------------------------------------------------------------------------------------------
