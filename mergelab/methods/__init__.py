@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from mergelab.methods import dare, iso, optmerge, task_arithmetic, ties, tsv, weight_average, wudi
+from mergelab.methods import dare, iso, optmerge, swudi, task_arithmetic, ties, tsv, weight_average, wudi
 from mergelab.methods.base import MergeContext, MethodSpec, scale_of
 
 # fmt: off
@@ -23,6 +23,8 @@ METHODS: MappingProxyType[str, MethodSpec] = MappingProxyType({
     "iso_cts": MethodSpec(iso.iso_cts, iso.IsoCtsConfig, matrix_only=True, paper=False, description="isotropic common + task-specific subspaces; arXiv:2502.04959"),
     "wudi": MethodSpec(wudi.wudi, wudi.WudiConfig, matrix_only=True, single_expert={"optimizer": "sgd", "lr": 1e-3}, description="data-free interference loss, Adam; arXiv:2503.08099"),
     "optmerge": MethodSpec(optmerge.optmerge, optmerge.OptMergeConfig, matrix_only=True, setting_field="variant", single_expert={"variant": "lora"}, description="OptMerge (full / lora variants); arXiv:2505.19892"),
+    "swudi": MethodSpec(swudi.swudi, swudi.SwudiConfig, matrix_only=True, paper=False, description="closed-form spectral WUDI, fixed rank ratio; arXiv:2606.07289"),
+    "swudi_a": MethodSpec(swudi.swudi_a, swudi.SwudiAConfig, matrix_only=True, paper=False, description="SWUDI with a per-layer adaptive rank (ASWUDI); arXiv:2606.07289"),
 })
 # fmt: on
 
