@@ -70,13 +70,15 @@ def main() -> int:
             tot, outside = share_outside(out, left, right)
             sums[kind][2 * j] += tot
             sums[kind][2 * j + 1] += outside
-    print(f"zoo seed{a.seed}, {len(experts)} LoRA experts (rank {factors[0][next(iter(factors[0]))][1].shape[0]}), "
-          f"share of ||Iso-C output||^2 outside the tasks' joint span")
+    print(
+        f"zoo seed{a.seed}, {len(experts)} LoRA experts (rank {factors[0][next(iter(factors[0]))][1].shape[0]}), "
+        f"share of ||Iso-C output||^2 outside the tasks' joint span"
+    )
     print(f"{'tensor kind':12s} {'paper Iso-C':>12s} {'span_only':>10s}")
     tot = [0.0] * 4
     for kind, v in sorted(sums.items()):
         print(f"{kind:12s} {100 * v[1] / v[0]:11.1f}% {100 * v[3] / v[2]:9.2f}%")
-        tot = [x + y for x, y in zip(tot, v)]
+        tot = [x + y for x, y in zip(tot, v, strict=True)]
     print(f"{'all':12s} {100 * tot[1] / tot[0]:11.1f}% {100 * tot[3] / tot[2]:9.2f}%")
     print(f"||output||_F (root of summed squares): paper {tot[0] ** 0.5:.3f}, span_only {tot[2] ** 0.5:.3f}")
     return 0

@@ -234,7 +234,9 @@ def test_a_zero_expert_is_left_out(name: str) -> None:
     deltas[1] = 0.0
     spec = METHODS[name]
     out = spec.fn(None, deltas, spec.make_config(), CTX)
-    torch.testing.assert_close(out, spec.fn(None, deltas[[0, 2]], spec.make_config(), CTX), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        out, spec.fn(None, deltas[[0, 2]], spec.make_config(), CTX), rtol=1e-5, atol=1e-7
+    )
 
 
 @pytest.mark.parametrize(
@@ -270,7 +272,9 @@ def test_tsv_drops_zero_singular_triplets_of_low_rank_task_vectors() -> None:
     """Rank-2 task vectors (LoRA-like) with r = 9 // 2 = 4 > 2: the zero triplets (arbitrary singular vectors) are
     left out, so the result equals TSV truncated at the true rank (rank_ratio 2/9) and does not depend on them."""
     g = torch.Generator().manual_seed(7)
-    d64 = torch.stack([torch.randn(12, 2, generator=g).double() @ torch.randn(2, 9, generator=g).double() for _ in "ab"])
+    d64 = torch.stack(
+        [torch.randn(12, 2, generator=g).double() @ torch.randn(2, 9, generator=g).double() for _ in "ab"]
+    )
     d = (0.1 * d64).float()
     out = tsv(None, d, TsvConfig(), CTX)
     torch.testing.assert_close(out, tsv(None, d, TsvConfig(rank_ratio=2 / 9), CTX), rtol=1e-4, atol=1e-6)
@@ -283,7 +287,10 @@ def test_iso_c_span_only_stays_in_the_tasks_span() -> None:
     """Two rank-2 task vectors: the sum has rank 4 of min(m, n) = 9. The paper's Iso-C spreads mean(S) over all 9
     directions (5 of them noise outside the span); span_only keeps the 4 with s > 0, each at their mean."""
     g = torch.Generator().manual_seed(8)
-    d = torch.stack([torch.randn(12, 2, generator=g) @ torch.randn(2, 9, generator=g) for _ in range(2)]) * 0.1
+    d = (
+        torch.stack([torch.randn(12, 2, generator=g) @ torch.randn(2, 9, generator=g) for _ in range(2)])
+        * 0.1
+    )
     s = torch.linalg.svdvals(d.sum(0))
     paper = iso_c(None, d, IsoCConfig(), CTX)
     span = iso_c(None, d, IsoCConfig(span_only=True), CTX)
@@ -295,7 +302,9 @@ def test_iso_c_span_only_stays_in_the_tasks_span() -> None:
     outside = paper - q_left @ (q_left.T @ paper)
     assert outside.norm() ** 2 > 0.5 * paper.norm() ** 2  # 5 of 9 isotropic directions lie outside the span
     full = 0.1 * torch.randn(2, 12, 9, generator=g)  # full rank: both agree
-    torch.testing.assert_close(iso_c(None, full, IsoCConfig(span_only=True), CTX), iso_c(None, full, IsoCConfig(), CTX))
+    torch.testing.assert_close(
+        iso_c(None, full, IsoCConfig(span_only=True), CTX), iso_c(None, full, IsoCConfig(), CTX)
+    )
 
 
 def test_dare_ties_global_draws_from_the_merge_contexts_generator() -> None:

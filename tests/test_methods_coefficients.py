@@ -34,8 +34,9 @@ def test_every_method_takes_coefficients(name: str) -> None:
 def test_all_ones_is_the_paper_bit_for_bit(name: str) -> None:
     deltas = two_experts()
     paper = run(name, torch.zeros(24, 16), deltas, seed=3)
-    torch.testing.assert_close(run(name, torch.zeros(24, 16), deltas, {"coefficients": (1.0, 1.0)}, seed=3), paper,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        run(name, torch.zeros(24, 16), deltas, {"coefficients": (1.0, 1.0)}, seed=3), paper, rtol=0, atol=0
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -87,8 +88,12 @@ def test_spectral_methods_scale_the_task_vectors() -> None:
     d = two_experts()
     c = (0.5, 2.0)
     scaled = d * torch.tensor(c).reshape(2, 1, 1)
-    torch.testing.assert_close(tsv(None, d, TsvConfig(coefficients=c), CTX), tsv(None, scaled, TsvConfig(), CTX))
-    torch.testing.assert_close(iso_c(None, d, IsoCConfig(coefficients=c), CTX), iso_c(None, scaled, IsoCConfig(), CTX))
+    torch.testing.assert_close(
+        tsv(None, d, TsvConfig(coefficients=c), CTX), tsv(None, scaled, TsvConfig(), CTX)
+    )
+    torch.testing.assert_close(
+        iso_c(None, d, IsoCConfig(coefficients=c), CTX), iso_c(None, scaled, IsoCConfig(), CTX)
+    )
     torch.testing.assert_close(
         iso_cts(None, d, IsoCtsConfig(coefficients=c), CTX), iso_cts(None, scaled, IsoCtsConfig(), CTX)
     )
@@ -102,7 +107,9 @@ def test_loss_methods_zero_weight_leaves_an_expert_out(init: str) -> None:
     d = 0.05 * torch.randn(3, 9, 7, generator=g)
     kw = {"variant": "lora", "rank_ratio": 0.5, "init": init, "steps": 20, "lr": 1e-2}
     got = optmerge(None, d, OptMergeConfig(coefficients=(1.0, 0.0, 1.0), **kw), CTX)
-    torch.testing.assert_close(got, optmerge(None, d[[0, 2]], OptMergeConfig(**kw), CTX), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        got, optmerge(None, d[[0, 2]], OptMergeConfig(**kw), CTX), rtol=1e-5, atol=1e-7
+    )
     wkw = {"init": init, "optimizer": "sgd", "lr": 1e-2, "steps": 20}
     got = wudi(None, d, WudiConfig(coefficients=(1.0, 0.0, 1.0), **wkw), CTX)
     torch.testing.assert_close(got, wudi(None, d[[0, 2]], WudiConfig(**wkw), CTX), rtol=1e-5, atol=1e-7)
@@ -114,5 +121,9 @@ def test_optmerge_loss_weight_is_c_over_norm_squared() -> None:
     g = torch.Generator().manual_seed(13)
     d = 0.05 * torch.randn(2, 8, 6, generator=g)
     kw = {"variant": "lora", "init": "mean", "steps": 30, "optimizer": "sgd"}
-    doubled = optmerge(None, d, OptMergeConfig(coefficients=(2.0, 2.0), lr=1e-2, **kw), CTX)  # mean init unchanged
-    torch.testing.assert_close(doubled, optmerge(None, d, OptMergeConfig(lr=2e-2, **kw), CTX), rtol=1e-5, atol=1e-7)
+    doubled = optmerge(
+        None, d, OptMergeConfig(coefficients=(2.0, 2.0), lr=1e-2, **kw), CTX
+    )  # mean init unchanged
+    torch.testing.assert_close(
+        doubled, optmerge(None, d, OptMergeConfig(lr=2e-2, **kw), CTX), rtol=1e-5, atol=1e-7
+    )

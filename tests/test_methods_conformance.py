@@ -12,6 +12,7 @@ from mergelab.methods import METHODS, scale_of
 
 NAMES = sorted(METHODS)
 
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_zero_deltas_return_base(name: str, base_dtype: torch.dtype, device: torch.device) -> None:

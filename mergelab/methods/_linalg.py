@@ -74,7 +74,9 @@ def check_coefficients(cls: str, value: object, *, weights: bool = False) -> tup
         raise ValueError(f"{cls}.coefficients must be None or a non-empty sequence of numbers, got {value!r}")
     coefs = tuple(check_real(cls, f"coefficients[{i}]", c) for i, c in enumerate(value))
     if weights and (min(coefs) < 0.0 or sum(coefs) <= 0.0):
-        raise ValueError(f"{cls}.coefficients are weights: each must be >= 0 with a positive sum, got {value!r}")
+        raise ValueError(
+            f"{cls}.coefficients are weights: each must be >= 0 with a positive sum, got {value!r}"
+        )
     return coefs
 
 

@@ -108,7 +108,8 @@ def ties(base: Tensor, deltas: Tensor, cfg: TiesConfig, ctx: MergeContext) -> Te
         return weighted_disjoint_merge(trim_to_threshold(d, thresholds), coef)
     if d is deltas and not ctx.inplace:
         d = deltas.clone()  # a library caller keeps its task vectors
-    return trim_and_merge_(d, thresholds)  # d is ours: DARE's fresh stack, a copy, or handed over by the engine
+    # d is ours here: DARE's fresh stack, a copy, or the engine's handed-over buffer
+    return trim_and_merge_(d, thresholds)
 
 
 __all__ = ["TiesConfig", "make_stats", "ties"]
