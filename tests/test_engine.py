@@ -251,8 +251,8 @@ def test_reader_views_are_zero_copy_and_headers_are_validated(tmp_path: Path) ->
 
 
 def test_peak_memory_follows_the_largest_tensor_not_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mergelab.engine.stream import PeakMemory
     from mergelab.engine import loop as engine
+    from mergelab.engine.stream import PeakMemory
 
     monkeypatch.setattr(engine, "_PREFETCH_BYTES", 0)  # read-ahead budget = the largest tensor's footprint
 

@@ -53,8 +53,9 @@ CASES: dict[str, tuple[Callable[[Path], dict], str]] = {
     "out_of_range": (lambda r: {"method": "ties", "params": {"density": 1.5}}, r"params \(ties\): .*density"),
     "unknown_param": (lambda r: {"params": {"lamda": 1.0}}, r"params \(task_arithmetic\): unknown parameter.*lamda"),
     "coefficients": (
-        lambda r: {"method": "ties", "experts": [ExpertSpec(r / "ok", coefficient=0.5)]},
-        r"experts: per-expert coefficients given but method 'ties' has no 'coefficients'",
+        lambda r: {"method": "ties", "experts": [ExpertSpec(r / "ok", coefficient=0.5)],
+                   "params": {"coefficients": [0.5]}},
+        r"experts: coefficients given both per expert and in params\.coefficients",
     ),
     "device": (lambda r: {"device": "tpu"}, r"device: "),
     "dtype": (lambda r: {"dtype": "float13"}, r"dtype: unknown dtype 'float13'"),

@@ -6,19 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from mergelab.platform.merge_config import MergeConfig
+from mergelab.platform.merge_config import load_recipe
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("merge-*.yaml")))
 def test_merge_examples_validate(name: str) -> None:
-    cfg = MergeConfig.from_yaml(EXAMPLES / name)
-    kwargs = cfg.merge_kwargs()
-    assert kwargs["method"] in {"optmerge", "ties"}
-    assert len(kwargs["experts"]) == 5
-    if Path(kwargs["base"]).is_dir():  # the zoo ships with the package; paths resolve against the YAML
-        assert all(Path(getattr(e, "path", e)).is_dir() for e in kwargs["experts"])
+    recipe = load_recipe(EXAMPLES / name)
+    assert recipe.method in {"optmerge", "ties"}
+    assert len(recipe.experts) == 5
+    if Path(recipe.base).is_dir():  # the zoo ships with the package; paths resolve against the YAML
+        assert all(Path(e.path).is_dir() for e in recipe.experts)
 
 
 def test_campaign_example_validates() -> None:

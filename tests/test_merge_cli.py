@@ -14,7 +14,7 @@ from conftest import tiny_state, write_sharded
 
 from mergelab.engine import CheckpointReader
 from mergelab.platform.cli import main
-from mergelab.platform.merge_config import MergeConfig, MergeConfigError, parse_size
+from mergelab.platform.merge_config import MergeConfigError, load_recipe, parse_size
 
 
 def _recipe(tmp_path: Path, **over: Any) -> Path:
@@ -58,22 +58,22 @@ def test_cli_merge_end_to_end(tiny_checkpoint: Path, tmp_path: Path) -> None:
     ({"seeed": 3}, r"recipe\.yaml: seeed: Extra inputs are not permitted"),
     ({"policy": {"rules": [{"pattern": "(", "action": "base"}]}}, r"recipe\.yaml: policy\.rules\.0\.pattern: invalid regex"),
     ({"policy": "qwen9"}, r"recipe\.yaml: policy: unknown preset 'qwen9'"),
-    ({"experts": ["e0", {"path": "e1", "coefficient": 2}], "method": "ties"}, r"recipe\.yaml: experts: per-expert coefficients"),
+    ({"experts": ["e0", {"path": "e1", "coefficient": 2}], "params": {"coefficients": [1, 2]}}, r"recipe\.yaml: experts: coefficients given both"),
     ({"shard_size": "lots"}, r"recipe\.yaml: shard_size: .*cannot parse size 'lots'"),
 ])
 def test_config_errors_name_the_field(over: dict[str, Any], pattern: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, **over)
     with pytest.raises(MergeConfigError, match=pattern):
-        MergeConfig.from_yaml(recipe)
+        load_recipe(recipe)
     res = CliRunner().invoke(main, ["merge", str(recipe), "--out", str(tmp_path / "m"), "--no-track"])
     assert res.exit_code != 0 and "Error:" in res.output and not (tmp_path / "m").exists()
     assert "Traceback" not in res.output
 
 
 def test_config_resolves_paths_and_policy_forms(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    cfg = MergeConfig.from_yaml(_recipe(tmp_path, policy={"preset": "llama", "rules": [{"pattern": "lm_head", "action": "average"}]}))
-    kw = cfg.merge_kwargs()
-    assert kw["base"] == str(tmp_path / "base") and kw["experts"][1].coefficient == 0.5
-    assert kw["experts"][1].name == "second" and kw["policy"]["preset"] == "llama"
-    assert kw["max_shard_bytes"] == 2_000_000_000
+    r = load_recipe(_recipe(tmp_path, policy={"preset": "llama", "rules": [{"pattern": "lm_head", "action": "average"}]}))
+    assert r.base == str(tmp_path / "base") and r.experts[1].coefficient == 0.5
+    assert r.experts[1].name == "second" and r.experts[0].name == "e0" and r.policy["preset"] == "llama"
+    assert r.shard_size == 2_000_000_000 and r.experts[0].kind == "full"
+    assert r.to_dict()["policy"]["rules"] == [{"pattern": "lm_head", "action": "average"}]
     assert parse_size("500MiB") == 500 * 2**20 and parse_size("2GB") == 2 * 10**9 and parse_size(7) == 7

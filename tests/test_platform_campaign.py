@@ -34,15 +34,15 @@ def _campaign(tmp_path: Path, **over: object) -> tuple[CampaignConfig, WeightEva
 
 
 def _crash_on_call(n: int):  # noqa: ANN202
-    from mergelab.engine import merge
+    from mergelab.engine import run_merge
 
     calls = {"n": 0}
 
-    def merge_fn(**kw):  # noqa: ANN003, ANN202
+    def merge_fn(recipe, out, **kw):  # noqa: ANN001, ANN003, ANN202
         calls["n"] += 1
         if calls["n"] == n:
             raise RuntimeError("GPU fell off the bus")
-        return merge(**kw)
+        return run_merge(recipe, out, **kw)
 
     return merge_fn
 
@@ -54,18 +54,18 @@ def test_sigterm_in_a_trial_ends_its_run_killed_and_its_trial_failed(platform_st
     import os
     import signal
 
-    from mergelab.engine import merge
+    from mergelab.engine import run_merge
     from mergelab.platform.cli import raise_on_sigterm
 
     cfg, ev = _campaign(tmp_path)
     calls = {"n": 0}
 
-    def merge_fn(**kw):  # noqa: ANN003, ANN202
+    def merge_fn(recipe, out, **kw):  # noqa: ANN001, ANN003, ANN202
         calls["n"] += 1
         if calls["n"] == 2:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(30)
-        return merge(**kw)
+        return run_merge(recipe, out, **kw)
 
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -191,7 +191,7 @@ def test_killed_worker_trial_is_failed_by_heartbeat(platform_store: Store, tmp_p
 
 
 def test_zoo_reference_resolves_base_experts_and_reference_scores(tmp_path: Path) -> None:
-    from mergelab.platform.campaign import resolve_experts
+    from mergelab.platform.campaign import recipe_template
 
     models = {"seed0/base": {"kind": "base"}, "seed0/lora/vqa": {"kind": "lora", "task": "vqa",
                                                                  "scores": {"shifted": {"vqa": 66.6}}},
@@ -199,14 +199,14 @@ def test_zoo_reference_resolves_base_experts_and_reference_scores(tmp_path: Path
     (tmp_path / "manifest.json").write_text(json.dumps({"models": models}))
     cfg = CampaignConfig.model_validate({"name": "z", "method": "ties", "experts": {"zoo": str(tmp_path),
                                          "kind": "lora"}, "eval": {"tasks": ["vqa", "ocr", "chart"]}})
-    base, experts, ref = resolve_experts(cfg)
-    assert base == str(tmp_path / "seed0/base")
-    assert [(e.name, e.path) for e in experts] == [("vqa", str(tmp_path / "seed0/lora/vqa")),
+    recipe, ref = recipe_template(cfg)
+    assert recipe.base == str(tmp_path / "seed0/base") and recipe.method == "ties"
+    assert [(e.name, e.path) for e in recipe.experts] == [("vqa", str(tmp_path / "seed0/lora/vqa")),
                                                    ("ocr", str(tmp_path / "seed0/lora/ocr"))]
     assert ref == {"vqa": 66.6}
     bad = cfg.model_copy(update={"experts": cfg.experts.model_copy(update={"seed": 3})})
     with pytest.raises(ValueError, match=r"manifest.json: no seed3/base"):
-        resolve_experts(bad)
+        recipe_template(bad)
 
 
 def test_multi_objective_campaign_registers_all_and_logs_pareto_front(platform_store: Store, tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ import pytest
 from conftest_platform import WeightEvaluator, make_expert_family
 
 from mergelab.platform.merge_run import tracked_merge
-from mergelab.platform.provenance import content_hash
+from mergelab._files import content_hash
+from mergelab.engine import MergeRecipe
 from mergelab.platform.store import Store, local_path
 
 
@@ -38,16 +39,17 @@ def test_tracked_merge_logs_everything_and_writes_weights_once(platform_store: S
     client = platform_store.client()
     exp = platform_store.experiment_id("unit", client)
     parent = client.create_run(exp, run_name="parent").info.run_id
-    res = tracked_merge(base=base, experts=[{"path": str(experts[0]), "name": "vqa", "coefficient": 0.8},
-                                            {"path": str(experts[1]), "name": "ocr"}],
-                        method="task_arithmetic", params={"lam": 0.5}, policy="llama", device="cpu",
-                        store=platform_store, experiment="unit", parent_run_id=parent, tasks=["vqa", "ocr"],
+    recipe = MergeRecipe.build(base=base, experts=[{"path": str(experts[0]), "name": "vqa", "coefficient": 0.8},
+                                                   {"path": str(experts[1]), "name": "ocr"}],
+                               method="task_arithmetic", params={"lam": 0.5}, policy="llama", device="cpu")
+    res = tracked_merge(recipe, store=platform_store, experiment="unit", parent_run_id=parent, tasks=["vqa", "ocr"],
                         evaluator=ev, reference_scores={"vqa": 100.0, "ocr": 50.0})
     run = client.get_run(res.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["mlflow.parentRunId"] == parent
     p = run.data.params
     assert p["method"] == "task_arithmetic" and p["hp.lam"] == "0.5" and p["policy"] == "llama"
+    assert p["recipe.sha"] == recipe.digest == run.data.tags["mergelab.recipe"] and p["expert.0.kind"] == "full"
     assert p["expert.0.sha256"] == content_hash(experts[0]) and p["base.sha256"] == content_hash(base)
     assert p["expert.0.coefficient"] == "0.8" and p["expert.1.coefficient"] == "default"
     assert "version.torch" in p and "git.commit" in p and p["seed"] == "0"
@@ -79,16 +81,15 @@ def test_failed_merge_marks_run_failed_and_leaves_no_weights(platform_store: Sto
         raise RuntimeError("evaluator exploded")
 
     with pytest.raises(RuntimeError, match="evaluator exploded"):
-        tracked_merge(base=base, experts=[str(experts[0])], method="task_arithmetic", device="cpu",
+        tracked_merge(MergeRecipe.build(base=base, experts=[experts[0]], method="task_arithmetic", device="cpu"),
                       store=platform_store, experiment="unit", tasks=["vqa"], evaluator=broken_eval)
     (run,) = client.search_runs([platform_store.experiment_id("unit", client)])
     assert run.info.status == "FAILED" and "evaluator exploded" in run.data.tags["mergelab.error"]
     assert not (local_path(run.info.artifact_uri) / "merged").exists()
-    with pytest.raises(ValueError, match="lam"):  # bad hyperparameter: one line naming it, run FAILED
-        tracked_merge(base=base, experts=[str(experts[0])], method="task_arithmetic", params={"lam": "x"},
-                      device="cpu", store=platform_store, experiment="unit")
+    with pytest.raises(ValueError, match="lam"):  # bad hyperparameter: caught by the recipe, before any run
+        MergeRecipe.build(base=base, experts=[experts[0]], method="task_arithmetic", params={"lam": "x"})
     statuses = sorted(r.info.status for r in client.search_runs([platform_store.experiment_id("unit", client)]))
-    assert statuses == ["FAILED", "FAILED"]
+    assert statuses == ["FAILED"]
 
 
 def test_mergelab_merge_cli_is_an_mlflow_run(platform_store: Store, tmp_path: Path) -> None:
@@ -115,20 +116,21 @@ _SIGTERM_MID_MERGE = """
 import os, signal, sys, time
 
 from mergelab.platform.cli import raise_on_sigterm
+from mergelab.engine import MergeRecipe
 from mergelab.platform.merge_run import tracked_merge
 
 assert raise_on_sigterm()  # what every `mergelab` command does
 
 
-def merge_fn(**kw):  # a merge that is stopped (docker stop, a scheduler's preemption) while it writes
-    os.makedirs(kw["out"], exist_ok=True)
-    open(os.path.join(kw["out"], "model-00001-of-00002.safetensors"), "wb").write(b"partial")
+def merge_fn(recipe, out, **kw):  # a merge stopped (docker stop, a scheduler's preemption) while it writes
+    os.makedirs(out, exist_ok=True)
+    open(os.path.join(out, "model-00001-of-00002.safetensors"), "wb").write(b"partial")
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(60)
 
 
-tracked_merge(base=sys.argv[1], experts=[sys.argv[2]], method="task_arithmetic", device="cpu", experiment="unit",
-              merge_fn=merge_fn)
+tracked_merge(MergeRecipe.build(base=sys.argv[1], experts=[sys.argv[2]], method="task_arithmetic", device="cpu"),
+              experiment="unit", merge_fn=merge_fn)
 """
 
 

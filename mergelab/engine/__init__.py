@@ -2,6 +2,7 @@
 
 Modules, in the order a merge flows through them:
 
+* :mod:`~mergelab.engine.recipe`   -- the validated, hashed :class:`MergeRecipe` every layer receives
 * :mod:`~mergelab.engine.io`       -- checkpoint reading (safetensors headers, lazy tensors, naming schemes)
 * :mod:`~mergelab.engine.adapters` -- PEFT LoRA adapters as task vectors ``scaling * B @ A``
 * :mod:`~mergelab.engine.policy`   -- which tensors are merged, averaged or kept (presets per model family)
@@ -18,9 +19,9 @@ engine never imports mlflow or optuna.
 from __future__ import annotations
 
 from mergelab.engine.io import CheckpointReader, MergeError
-from mergelab.engine.loop import PROVENANCE_FILE, merge, parse_dtype, resolve_device, tensor_seed
-from mergelab.engine.plan import ExpertSpec
+from mergelab.engine.loop import PROVENANCE_FILE, merge, parse_dtype, resolve_device, run_merge, tensor_seed
 from mergelab.engine.policy import MergePolicy, resolve_policy
+from mergelab.engine.recipe import ExpertSpec, MergeRecipe
 from mergelab.engine.report import MergeReport, TensorRecord
 
 __all__ = [
@@ -29,11 +30,13 @@ __all__ = [
     "ExpertSpec",
     "MergeError",
     "MergePolicy",
+    "MergeRecipe",
     "MergeReport",
     "TensorRecord",
     "merge",
     "parse_dtype",
     "resolve_device",
     "resolve_policy",
+    "run_merge",
     "tensor_seed",
 ]

@@ -22,8 +22,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, fields, is_dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +32,15 @@ import mergelab
 from mergelab._device import resolve_device as _resolve_device
 from mergelab._dtypes import parse_dtype as _parse_dtype
 from mergelab.engine.io import CheckpointReader, MergeError
-from mergelab.engine.plan import Expert, ExpertSpec, PlanItem, check_keys, has_nonfinite, make_plan
-from mergelab.engine.policy import MergePolicy, resolve_policy
+from mergelab.engine.plan import Expert, PlanItem, check_keys, has_nonfinite, make_plan
+from mergelab.engine.policy import resolve_policy
+from mergelab.engine.recipe import ExpertSpec, MergeRecipe
 from mergelab.engine.report import MergeReport, TensorRecord
 from mergelab.engine.stream import Loaded, PeakMemory, TensorStream
 from mergelab.engine.writer import OutSpec, ShardWriter, copy_side_files
-from mergelab.methods import METHODS
-from mergelab.methods.base import MergeContext, MethodSpec, scale_of, tensor_seed
+from mergelab.methods.base import MergeContext, MethodSpec, tensor_seed
 
-__all__ = ["ExpertSpec", "MergeError", "merge", "parse_dtype", "resolve_device"]
+__all__ = ["ExpertSpec", "MergeError", "merge", "parse_dtype", "resolve_device", "run_merge"]
 
 PROVENANCE_FILE = "mergelab_merge.json"
 _PREFETCH_BYTES = 256 * 2**20  # read-ahead budget (raised to the largest tensor's footprint)
@@ -68,42 +67,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 # --------------------------------------------------------------------------------------------------------------
 # Method and config
-
-
-def _resolve_method(method: str | MethodSpec) -> tuple[str, MethodSpec]:
-    if isinstance(method, MethodSpec):
-        return getattr(method.fn, "__name__", "custom"), method
-    if method not in METHODS:
-        raise MergeError(f"method: unknown method {method!r}; known: {sorted(METHODS)}")
-    return str(method), METHODS[method]
-
-
-def _make_config(
-    name: str, spec: MethodSpec, params: Mapping[str, Any] | None, coefs: list[float | None], seed: int = 0
-) -> Any:
-    """Build the method config; the merge ``seed`` fills a ``seed`` field the user left unset (DARE-TIES global
-    draws its masks from ``(cfg.seed, tensor name)``, as stats passes get no per-tensor generator)."""
-    params = dict(params or {})
-    field_names = {f.name for f in fields(spec.config_cls)} if is_dataclass(spec.config_cls) else set()
-    if "seed" in field_names and "seed" not in params:
-        params["seed"] = int(seed) % 2**63  # configs take non-negative seeds
-    if any(c is not None for c in coefs):
-        if "coefficients" not in field_names:
-            raise MergeError(f"experts: per-expert coefficients given but method {name!r} has no 'coefficients'")
-        if params.get("coefficients") is not None:
-            raise MergeError("experts: coefficients given both per expert and in params.coefficients")
-        params["coefficients"] = tuple(1.0 if c is None else float(c) for c in coefs)
-    try:
-        return spec.make_config(params)
-    except (TypeError, ValueError) as e:
-        raise MergeError(f"params ({name}): {str(e).splitlines()[0]}") from None
-
-
-def _config_dict(cfg: Any) -> dict[str, Any]:
-    if is_dataclass(cfg):
-        d = asdict(cfg)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-    return {}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -134,43 +97,14 @@ def _config_dict(cfg: Any) -> dict[str, Any]:
 
 
 
-def merge(
-    *,
-    base: str | Path,
-    experts: Sequence[ExpertSpec | str | Path],
-    method: str | MethodSpec,
-    params: Mapping[str, Any] | None = None,
-    policy: str | MergePolicy | Mapping[str, Any] | Sequence[Any] = "auto",
-    out: str | Path,
-    device: str | torch.device = "auto",
-    dtype: str | torch.dtype | None = None,
-    compute_dtype: str | torch.dtype = "float32",
-    seed: int = 0,
-    overwrite: bool = False,
-    max_shard_bytes: int = 2_000_000_000,
-    progress: bool = False,
-    carry_unique: bool = False,
-) -> MergeReport:
-    """Merge N experts into a base checkpoint, streaming tensor by tensor.
+def run_merge(recipe: MergeRecipe, out: str | Path, *, overwrite: bool = False, progress: bool = False) -> MergeReport:
+    """Merge a recipe's experts into its base checkpoint, streaming tensor by tensor.
 
     Args:
-        base: base checkpoint directory (Hugging Face layout, safetensors, one file or shards + index).
-        experts: full fine-tuned checkpoint directories and/or PEFT LoRA adapter directories (``ExpertSpec`` or
-            plain paths). Per-expert coefficients go to the method config's ``coefficients`` field.
-        method: a registry name (``mergelab.methods.METHODS``) or a :class:`MethodSpec`.
-        params: method hyperparameters (validated by the method's config dataclass).
-        policy: ``"auto"``, a preset name (``qwen2_vl``, ``qwen2_5_vl``, ``internvl2_5``, ``llava``, ``llama``),
-            explicit rules, or a :class:`MergePolicy` (see :mod:`mergelab.engine.policy`).
+        recipe: the validated :class:`~mergelab.engine.recipe.MergeRecipe`.
         out: output directory (written beside itself in a temporary directory, renamed when complete).
-        device: ``auto`` | ``cpu`` | ``cuda[:i]``.
-        dtype: output dtype; None keeps each tensor's base dtype.
-        compute_dtype: dtype of the task vectors and the math (float32 by default).
-        seed: merge seed; each tensor gets a generator seeded from ``(seed, name)``.
         overwrite: replace an existing ``out``.
-        max_shard_bytes: bound on each output shard's data size.
         progress: show a tqdm bar over tensors.
-        carry_unique: copy tensors that the base lacks and exactly one expert owns (modality merging: an encoder
-            only one expert has); by default such a tensor is an error.
 
     Returns:
         The :class:`MergeReport`.
@@ -179,30 +113,25 @@ def merge(
         MergeError: any bad input (one line naming the culprit); ``out`` is left untouched.
     """
     t_start = time.perf_counter()
-    name, spec = _resolve_method(method)
+    name, spec, cfg, lam, seed = recipe.method_name, recipe.spec, recipe.config, recipe.lam, int(recipe.seed)
     out = Path(out).absolute()
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise MergeError(f"out: {out} already exists (pass overwrite=True / --overwrite to replace it)")
-    expert_specs = [e if isinstance(e, ExpertSpec) else ExpertSpec(e) for e in experts]
-    if not expert_specs:
-        raise MergeError("experts: at least one expert is required")
-    cfg = _make_config(name, spec, params, [e.coefficient for e in expert_specs], seed)
-    lam = scale_of(cfg)
-    dev = resolve_device(device)
-    cdtype = parse_dtype(compute_dtype, "compute_dtype")
-    if cdtype is None or not cdtype.is_floating_point:
-        raise MergeError(f"compute_dtype: must be a floating dtype, got {compute_dtype!r}")
-    odtype = parse_dtype(dtype, "dtype")
-    for p in [Path(base), *(Path(e.path) for e in expert_specs)]:
+    dev = resolve_device(recipe.device)
+    cdtype = parse_dtype(recipe.compute_dtype, "compute_dtype")
+    assert cdtype is not None  # the recipe checked it
+    odtype = parse_dtype(recipe.dtype, "dtype")
+    base = recipe.base
+    for p in [Path(base), *(Path(e.path) for e in recipe.experts)]:
         rp = p.absolute()
         if out == rp or out in rp.parents or rp in out.parents:
             raise MergeError(f"out: {out} overlaps input {p}")
 
     base_reader = CheckpointReader(base)
-    ex = [Expert(e, base_reader) for e in expert_specs]
-    carry = check_keys(base_reader, ex, carry_unique)
+    ex = [Expert(e, base_reader) for e in recipe.experts]
+    carry = check_keys(base_reader, ex, recipe.carry_unique)
     try:
-        pol = resolve_policy(policy, base_reader.config())
+        pol = resolve_policy(recipe.policy, base_reader.config())
     except ValueError as e:
         raise MergeError(str(e)) from None
 
@@ -210,16 +139,16 @@ def merge(
     report = MergeReport(
         out=str(out),
         method=name,
-        params=_config_dict(cfg),
+        params=recipe.hyperparameters,
         policy=pol.to_dict(),
         experts=[
-            {"path": str(e.path), "name": e.name, "coefficient": e.spec.coefficient, "kind": "lora" if e.lora else "full"}
+            {"path": str(e.path), "name": e.name, "coefficient": e.spec.coefficient, "kind": e.spec.kind}
             for e in ex
         ],
         device=str(dev),
         dtype=str(odtype).removeprefix("torch.") if odtype else None,
         compute_dtype=str(cdtype).removeprefix("torch."),
-        seed=int(seed),
+        seed=seed,
     )
 
     def load(it: PlanItem) -> Loaded:
@@ -260,7 +189,7 @@ def merge(
     created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
-    writer = ShardWriter(tmp, [OutSpec(i.name, i.out_dtype, i.shape) for i in items], max_shard_bytes)
+    writer = ShardWriter(tmp, [OutSpec(i.name, i.out_dtype, i.shape) for i in items], int(recipe.shard_size))
     try:
         with PeakMemory() as mem:
             stats = spec.make_stats(cfg, len(ex)) if spec.make_stats is not None else None
@@ -308,6 +237,25 @@ def merge(
     report.wall_seconds = time.perf_counter() - t_start
     return report
 
+
+
+def merge(
+    *,
+    out: str | Path,
+    overwrite: bool = False,
+    progress: bool = False,
+    max_shard_bytes: int | None = None,
+    **recipe_fields: Any,
+) -> MergeReport:
+    """:func:`run_merge` of ``MergeRecipe.build(**recipe_fields)``: a merge from plain Python values.
+
+    ``recipe_fields`` are the :class:`~mergelab.engine.recipe.MergeRecipe` fields (``base``, ``experts`` as paths,
+    dicts or :class:`ExpertSpec`, ``method``, ``params``, ``policy``, ``device``, ``dtype``, ``compute_dtype``,
+    ``seed``, ``carry_unique``); ``max_shard_bytes`` is the recipe's ``shard_size``.
+    """
+    if max_shard_bytes is not None:
+        recipe_fields["shard_size"] = max_shard_bytes
+    return run_merge(MergeRecipe.build(**recipe_fields), out, overwrite=overwrite, progress=progress)
 
 
 

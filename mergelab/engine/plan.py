@@ -17,22 +17,8 @@ import torch
 from mergelab.engine.adapters import LoraAdapter, is_lora_dir
 from mergelab.engine.io import CheckpointReader, MergeError
 from mergelab.engine.policy import MergePolicy
+from mergelab.engine.recipe import ExpertSpec
 from mergelab.methods.base import MethodSpec
-
-
-@dataclass(frozen=True)
-class ExpertSpec:
-    """One expert: a full fine-tuned checkpoint directory or a PEFT LoRA adapter directory.
-
-    Attributes:
-        path: the directory.
-        coefficient: per-expert weight, passed to the method config's ``coefficients`` field (None = 1).
-        name: a display name (defaults to the directory name).
-    """
-
-    path: str | Path
-    coefficient: float | None = None
-    name: str | None = None
 
 
 class Expert:

@@ -136,6 +136,33 @@ def resolve_policy(policy: str | MergePolicy | Mapping[str, Any] | Sequence[Any]
     return MergePolicy("rules", _rules(policy))
 
 
+def check_policy(policy: str | MergePolicy | Mapping[str, Any] | Sequence[Any]) -> None:
+    """Validate a policy before any checkpoint is read: preset names, rules and the default action.
+
+    ``"auto"`` is accepted here and resolved against the base config by :func:`resolve_policy`.
+
+    Raises:
+        ValueError: unknown preset, unknown key, malformed rule or unknown action (names the culprit).
+    """
+    if isinstance(policy, MergePolicy):
+        return
+    if isinstance(policy, str):
+        if policy != "auto" and policy not in PRESETS:
+            raise ValueError(f"unknown preset {policy!r}; known: {['auto', *sorted(PRESETS)]}")
+        return
+    if isinstance(policy, Mapping):
+        unknown = sorted(set(policy) - {"preset", "rules", "default"})
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown}; a policy mapping has preset, rules and default")
+        if policy.get("preset"):
+            check_policy(str(policy["preset"]))
+        if policy.get("default", "merge") not in ACTIONS:
+            raise ValueError(f"default must be one of {ACTIONS}, got {policy.get('default')!r}")
+        _rules(policy.get("rules") or [])
+        return
+    _rules(policy)
+
+
 def _rules(items: Sequence[Any]) -> tuple[Rule, ...]:
     out = []
     for i, it in enumerate(items):

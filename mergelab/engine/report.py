@@ -27,7 +27,7 @@ class TensorRecord:
 
 @dataclass
 class MergeReport:
-    """The result of :func:`mergelab.engine.loop.merge`.
+    """The result of :func:`mergelab.engine.run_merge`.
 
     Attributes:
         out: the output directory.

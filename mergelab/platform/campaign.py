@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +39,11 @@ import optuna
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from mergelab.engine import ExpertSpec, MergeRecipe, run_merge
 from mergelab.platform import registry as reg
-from mergelab.platform.campaign_config import CampaignConfig, ExpertEntry, ZooRef
+from mergelab.platform.campaign_config import CampaignConfig, ZooRef
 from mergelab.platform.evaluation import EvalSummary, Evaluator, HFEvaluator, log_eval
 from mergelab.platform.merge_run import tracked_merge
-from mergelab.platform.provenance import expert_name
 from mergelab.platform.store import (
     TAG_CAMPAIGN,
     TAG_ROLE,
@@ -94,21 +94,26 @@ class CampaignResult:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def resolve_experts(cfg: CampaignConfig) -> tuple[str, list[ExpertEntry], dict[str, float]]:
-    """The base path, the experts and their own-task reference scores (for ``val/normalized_average``).
+def recipe_template(cfg: CampaignConfig, source: str = "campaign") -> tuple[MergeRecipe, dict[str, float]]:
+    """The campaign's recipe template (a zoo reference resolved) and the experts' own-task reference scores.
 
-    A zoo reference reads ``<zoo>/manifest.json`` written by :func:`mergelab.bench.zoo.build_zoo`: models are
+    A zoo reference reads ``<zoo>/manifest.json`` written by :func:`mergelab.bench.zoo_build.build_zoo`: models are
     ``manifest["models"]["seed<S>/<kind>/<task>"]`` with ``kind``, ``task``, ``seed`` and ``scores`` (``{"shifted":
-    {task: score}}``, the benchmark's own variant); the base is ``seed<S>/base``. The reference scores are the
-    zoo's recorded own-task scores: a fixed normaliser for display, never tuned on.
+    {task: score}}``, the benchmark's own variant); the base is ``seed<S>/base``. The reference scores (for
+    ``val/normalized_average``) are the zoo's recorded own-task scores or the experts' ``score`` fields: a fixed
+    normaliser for display, never tuned on.
 
     Raises:
-        ValueError: missing manifest or no experts of the requested kind/seed/tasks, naming the file.
+        ValueError: missing manifest, no experts of the requested kind/seed/tasks (naming the file), or a recipe
+            field that does not validate (``MergeConfigError``, naming it).
     """
     if not isinstance(cfg.experts, ZooRef):
-        assert cfg.base is not None
-        scores = {expert_name(e.model_dump()): e.score for e in cfg.experts if e.score is not None}
-        return cfg.base, list(cfg.experts), {k: float(v) for k, v in scores.items()}
+        if cfg.base is None:
+            raise ValueError(f"{source}: base: required when `experts` is a list of paths")
+        recipe = cfg.to_recipe(source)
+        scores = {r.name: float(e.score) for r, e in zip(recipe.experts, cfg.experts, strict=True)
+                  if e.score is not None}
+        return recipe, scores
     z = cfg.experts
     zoo = Path(z.zoo)
     mf = zoo / "manifest.json"
@@ -128,13 +133,19 @@ def resolve_experts(cfg: CampaignConfig) -> tuple[str, list[ExpertEntry], dict[s
         entry = models.get(name)
         if entry is None:
             continue
-        experts.append(ExpertEntry(path=str(zoo / name), name=task))
+        experts.append(ExpertSpec(str(zoo / name), None, task))
         own = ((entry.get("scores") or {}).get("shifted") or {}).get(task)
         if isinstance(own, (int, float)):
             ref[task] = float(own)
     if not experts:
         raise ValueError(f"{mf}: no seed{z.seed} {z.kind} experts for tasks {wanted}")
-    return base, experts, ref
+    return cfg.to_recipe(source, base=base, experts=experts), ref
+
+
+def trial_recipe(template: MergeRecipe, params: Mapping[str, Any], coefs: Mapping[str, float]) -> MergeRecipe:
+    """The template with a trial's hyperparameters and per-expert coefficients (``coefs`` by expert name)."""
+    experts = tuple(dataclasses.replace(e, coefficient=coefs.get(e.name, e.coefficient)) for e in template.experts)
+    return template.replace(params=dict(params), experts=experts)
 
 
 def worker_salt() -> int:
@@ -339,7 +350,7 @@ def run_campaign(
         store: tracking/Optuna store (default: from ``cfg.tracking`` and the environment).
         evaluator: val evaluator (default :class:`HFEvaluator` with ``cfg.eval``'s options).
         test_evaluator: test evaluator for registered candidates (default: the same as ``evaluator``).
-        merge_fn: the merge function (default ``mergelab.engine.loop.merge``).
+        merge_fn: the engine entry point (default :func:`mergelab.engine.run_merge`; a test seam).
         n_trials: stop this process after this many trials (the study's budget still applies).
         summarize: log visualisations, the best trial and the comparison table to the parent run at the end.
         worker: salt the sampler seed with the process id (several processes on one study).
@@ -351,8 +362,8 @@ def run_campaign(
     store = store or Store.resolve(t.root, tracking_uri=t.tracking_uri, artifact_root=t.artifact_root,
                                    optuna_storage=t.optuna_storage)
     check_search_space(cfg)
-    base, experts, reference = resolve_experts(cfg)
-    names = [expert_name(e.model_dump()) for e in experts]
+    template, reference = recipe_template(cfg)
+    names = [e.name or "" for e in template.experts]
     if len(set(names)) != len(names):
         raise ValueError(f"experts: names must be unique for per-expert coefficients, got {names}")
     if evaluator is None:
@@ -371,22 +382,13 @@ def run_campaign(
     direction0 = (cfg.objective.directions or ["maximize"])[0]
     keep = {"all": None, "top_k": cfg.registry.top_k, "best": 1, "none": 0}[cfg.registry.register_policy]
 
-    try:
-        from mergelab.engine import ExpertSpec
-    except ImportError:  # pragma: no cover - engine always present in an install
-        ExpertSpec = None  # type: ignore[assignment,misc]  # noqa: N806
-
     def objective(trial: optuna.Trial) -> float | list[float]:
         if budget is not None and trial.number >= budget:
             trial.set_user_attr(SKIP_ATTR, "over budget")
             trial.study.stop()
             raise OverBudget(f"trial {trial.number}: study budget of {budget} trials is spent")
         params, coefs = suggest(trial, cfg, names)
-        specs = []
-        for e, n in zip(experts, names, strict=True):
-            coef = coefs.get(n, e.coefficient)
-            specs.append(ExpertSpec(e.path, coef, n) if ExpertSpec else {"path": e.path, "coefficient": coef,
-                                                                        "name": n})
+        recipe = trial_recipe(template, params, coefs)
         pruning = cfg.pruning.pruner != "none"
 
         def on_task(task: str, partial: EvalSummary) -> None:
@@ -397,14 +399,12 @@ def run_campaign(
                                              f"running average {partial.average:.2f}")
 
         tm = tracked_merge(
-            base=base, experts=specs, method=cfg.method, params=params, policy=cfg.policy, device=cfg.device,
-            dtype=cfg.dtype, compute_dtype=cfg.compute_dtype, seed=cfg.seed, store=store,
-            experiment=t.experiment, run_name=f"{cfg.name}-trial-{trial.number}", parent_run_id=parent,
+            recipe, store=store, experiment=t.experiment, run_name=f"{cfg.name}-trial-{trial.number}", parent_run_id=parent,
             tags={TAG_ROLE: "trial", TAG_CAMPAIGN: cfg.name, TAG_TRIAL: str(trial.number),
                   "optuna.study": cfg.study_name or cfg.name},
             extra_params={f"optuna.{k}": v for k, v in trial.params.items()} | {"optuna.trial": trial.number},
             tasks=cfg.eval.tasks, evaluator=evaluator, reference_scores=reference, on_task=on_task,
-            on_run=lambda rid: trial.set_user_attr(RUN_ATTR, rid), merge_fn=merge_fn, end_run=False)
+            on_run=lambda rid: trial.set_user_attr(RUN_ATTR, rid), merge_fn=merge_fn or run_merge, end_run=False)
         try:
             values = []
             for m in cfg.objective.metrics:

@@ -32,6 +32,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mergelab.platform.merge_config import ExpertConfig, RecipeFields, one_line
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -96,15 +98,6 @@ class CategoricalDist(_Strict):
 
 
 Distribution = Annotated[FloatDist | IntDist | CategoricalDist, Field(discriminator="type")]
-
-
-class ExpertEntry(_Strict):
-    """One expert checkpoint (full fine-tune directory or LoRA adapter directory)."""
-
-    path: str
-    name: str | None = None
-    coefficient: float | None = None
-    score: float | None = Field(default=None, description="own-task val score, for val/normalized_average")
 
 
 class ZooRef(_Strict):
@@ -214,21 +207,20 @@ class TrackingConfig(_Strict):
     grace_period: int | None = Field(default=None, ge=1)
 
 
-class CampaignConfig(_Strict):
-    """A hyperparameter-search campaign over merges (one Optuna study, one MLflow parent run)."""
+class CampaignConfig(RecipeFields):
+    """A hyperparameter-search campaign over merges (one Optuna study, one MLflow parent run).
+
+    The recipe template is :class:`~mergelab.platform.merge_config.RecipeFields` (base, experts, method, params,
+    policy, device, dtypes, seed: a merge YAML's fields, spelled the same), except that ``experts`` may also be a
+    zoo reference, in which case ``base`` defaults to the zoo's; every trial's recipe is the template with the
+    trial's ``params`` and coefficients. The rest is the search.
+    """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
-    base: str | None = None
-    experts: list[ExpertEntry] | ZooRef
-    method: str
-    params: dict[str, Any] = Field(default_factory=dict)
+    base: str | None = None  # type: ignore[assignment]  # optional here: a zoo reference brings its base
+    experts: list[ExpertConfig] | ZooRef  # type: ignore[assignment]  # or a zoo reference
     search_space: dict[str, Distribution] = Field(default_factory=dict)
     coefficients: FloatDist | None = None
-    policy: str | dict[str, Any] = "auto"
-    device: str = "auto"
-    dtype: str | None = None
-    compute_dtype: str = "float32"
-    seed: int = 0
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     pruning: PruningConfig = Field(default_factory=PruningConfig)
@@ -285,9 +277,7 @@ def load_campaign(path: str | os.PathLike[str]) -> CampaignConfig:
     try:
         cfg = CampaignConfig.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        raise ValueError(f"{p}: {loc}: {err['msg']}") from None
+        raise ValueError(f"{p}: {one_line(e)}") from None
     return _resolve_paths(cfg, p.parent)
 
 

@@ -1,7 +1,8 @@
 """`mergelab merge CONFIG.yaml --out DIR`: validate the recipe, stream the merge, print the summary.
 
-As thin as mergekit's ``run_yaml.py``: parse -> validate (:class:`MergeConfig`) -> call
-:func:`mergelab.engine.loop.merge` with a progress bar over tensors -> print :meth:`MergeReport.summary`.
+As thin as mergekit's ``run_yaml.py``: YAML -> :class:`~mergelab.engine.recipe.MergeRecipe`
+(:func:`~mergelab.platform.merge_config.load_recipe`) -> :func:`mergelab.engine.run_merge` (inside an MLflow run
+unless ``--no-track``) with a progress bar over tensors -> print :meth:`MergeReport.summary`.
 Bad input exits with status 2 and one line naming the culprit; nothing is written to ``--out``.
 """
 
@@ -26,24 +27,21 @@ import click
 def merge(config: Path, out: Path, overwrite: bool, device: str | None, report_path: Path | None, quiet: bool,
           track: bool) -> None:
     """Merge the experts of CONFIG (YAML: base, experts, method, params, policy, device, dtype, seed) into OUT."""
-    from mergelab.engine import MergeError
-    from mergelab.engine import merge as run_merge
-    from mergelab.platform.merge_config import MergeConfig
+    from mergelab.engine import MergeError, run_merge
+    from mergelab.platform.merge_config import load_recipe
 
     try:
-        cfg = MergeConfig.from_yaml(config)
-        kwargs = cfg.merge_kwargs()
+        recipe = load_recipe(config)
         if device is not None:
-            kwargs["device"] = device
-        if track:  # the same engine call, as an MLflow run (mergelab.platform.merge_run)
-            from mergelab.platform.merge_run import track_merge_config
+            recipe = recipe.replace(device=device)
+        if track:  # the same engine call, as an MLflow run
+            from mergelab.platform.merge_run import tracked_merge
 
-            tracked = track_merge_config(cfg, out=out, overwrite=overwrite, progress=not quiet, device=device,
-                                         run_name=config.stem)
+            tracked = tracked_merge(recipe, out=out, overwrite=overwrite, progress=not quiet, run_name=config.stem)
             report = tracked.report
             click.echo(f"MLflow run {tracked.run_id}")
         else:
-            report = run_merge(out=out, overwrite=overwrite, progress=not quiet, **kwargs)
+            report = run_merge(recipe, out, overwrite=overwrite, progress=not quiet)
     except MergeError as e:
         raise click.ClickException(str(e)) from None
     click.echo(report.summary())

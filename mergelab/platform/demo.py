@@ -29,7 +29,7 @@ from mergelab.bench.zoo_plan import DEFAULT_ZOO, SETTINGS, expert_names, read_ma
 from mergelab.bench.zoo_table import choose_lam, lam_candidates
 from mergelab.methods import METHODS
 from mergelab.methods.base import LAM_GRID
-from mergelab.platform.campaign import resolve_experts, run_campaign
+from mergelab.platform.campaign import recipe_template, run_campaign
 from mergelab.platform.campaign_config import CampaignConfig
 from mergelab.platform.evaluation import HFEvaluator
 from mergelab.platform.merge_run import tracked_merge
@@ -130,15 +130,13 @@ def run_demo(
                     policy="qwen2_vl", device=device, seed=seed,
                     eval={"tasks": list(TASKS), "data_root": str(data_dir), "limit": limit},
                     tracking={"experiment": EXPERIMENT})  # fmt: skip
-    probe = CampaignConfig.model_validate(base_cfg)
-    base, entries, reference = resolve_experts(probe)
-    experts = [{"path": e.path, "name": e.name, "coefficient": e.coefficient} for e in entries]
+    template, reference = recipe_template(CampaignConfig.model_validate(base_cfg))
     evaluator = HFEvaluator(data_root=str(data_dir), limit=limit, device=device)
     result = DemoResult(setting=setting)
 
     # ---- reference rows: base and experts on val (evaluated here, same evaluator as the merges)
     log(f"[2/5] comparing {len(methods)} methods on val ({setting} experts, lambda grid {list(lam_grid)})")
-    for label, path in [("base", base)] + [(f"expert {e['name']}", e["path"]) for e in experts]:
+    for label, path in [("base", template.base)] + [(f"expert {e.name}", e.path) for e in template.experts]:
         summary = evaluator(Path(path), TASKS, "val")  # a LoRA adapter loads onto its base (mergelab.hf)
         result.rows.append({"name": label, "lam": None, "scores": dict(summary.scores),
                             "average": summary.average, "run_id": None})  # fmt: skip
@@ -157,8 +155,7 @@ def run_demo(
             for lam in lam_candidates(method, lam_grid):
                 p = dict(params) if lam is None else {**params, "lam": lam}
                 runs.append((lam, p, tracked_merge(
-                    base=base, experts=experts, method=method, params=p, policy="qwen2_vl", device=device,
-                    seed=seed, store=store, experiment=EXPERIMENT,
+                    template.replace(method=method, params=p), store=store, experiment=EXPERIMENT,
                     run_name=f"{method}" + ("" if lam is None else f"-lam{lam:g}"), parent_run_id=pid,
                     tags={TAG_CAMPAIGN: "demo-comparison"}, tasks=TASKS, evaluator=evaluator,
                     reference_scores=reference)))  # fmt: skip

@@ -1,4 +1,4 @@
-"""The merge recipe YAML, validated with pydantic v2 at the boundary (STYLE.md section 3, point 6).
+"""The merge recipe YAML: pydantic checks its structure at the boundary, :class:`MergeRecipe` its meaning.
 
 Example::
 
@@ -15,9 +15,10 @@ Example::
     seed: 0
     shard_size: 2GB
 
-Relative paths are resolved against the YAML file's directory. Method parameters are validated by the method's own
-config dataclass from the registry, so ``density: 1.5`` fails here, before any tensor is read. Every error is one
-line naming the field (``experts.1.path: ...``).
+Relative paths are resolved against the YAML file's directory. :func:`load_recipe` turns the file into a
+:class:`~mergelab.engine.recipe.MergeRecipe`, whose method parameters are validated by the method's own config
+dataclass, so ``density: 1.5`` fails here, before any tensor is read. Every error is one line naming the file and
+the field (``recipe.yaml: experts.1.path: ...``).
 """
 
 from __future__ import annotations
@@ -35,10 +36,9 @@ from pydantic import (
     Tag,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
-from mergelab.engine import MergeError
+from mergelab.engine import ExpertSpec, MergeError, MergeRecipe
 
 
 class MergeConfigError(MergeError):
@@ -52,6 +52,7 @@ class ExpertConfig(BaseModel):
     path: str
     coefficient: float | None = None
     name: str | None = None
+    score: float | None = Field(default=None, description="own-task val score (a campaign's val/normalized_average)")
 
 
 class RuleConfig(BaseModel):
@@ -79,18 +80,6 @@ class PolicyConfig(BaseModel):
     rules: list[RuleConfig] = Field(default_factory=list)
     default: Literal["base", "merge", "average"] = "merge"
 
-    @field_validator("preset")
-    @classmethod
-    def _preset(cls, v: str | None) -> str | None:
-        return _check_preset(v) if v is not None else v
-
-
-def _check_preset(v: str) -> str:
-    from mergelab.engine.policy import PRESETS
-
-    if v != "auto" and v not in PRESETS:
-        raise ValueError(f"unknown preset {v!r}; known: {['auto', *sorted(PRESETS)]}")
-    return v
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -129,8 +118,10 @@ PolicyField = Annotated[
 ]
 
 
-class MergeConfig(BaseModel):
-    """A validated merge recipe: the arguments of :func:`mergelab.engine.loop.merge`."""
+class RecipeFields(BaseModel):
+    """The recipe's fields as YAML spells them: :class:`MergeConfig` is exactly this, a campaign's recipe template
+    (:class:`~mergelab.platform.campaign_config.CampaignConfig`) inherits them. Structure is checked here (types,
+    unknown keys, policy rules, sizes); meaning once, by :class:`~mergelab.engine.recipe.MergeRecipe`."""
 
     model_config = ConfigDict(extra="forbid")
     base: str
@@ -152,60 +143,54 @@ class MergeConfig(BaseModel):
             return [{"path": e} if isinstance(e, str) else e for e in v]
         return v
 
-    @field_validator("method")
-    @classmethod
-    def _method(cls, v: str) -> str:
-        from mergelab.methods import METHODS
-
-        if v not in METHODS:
-            raise ValueError(f"unknown method {v!r}; known: {sorted(METHODS)}")
-        return v
-
-    @field_validator("policy")
-    @classmethod
-    def _policy(cls, v: Any) -> Any:
-        return _check_preset(v) if isinstance(v, str) else v
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
-            raise ValueError(f"unknown device {v!r}; use auto, cpu or cuda[:i]")
-        return v
-
-    @field_validator("dtype", "compute_dtype")
-    @classmethod
-    def _dtype(cls, v: str | None) -> str | None:
-        from mergelab.engine import parse_dtype
-
-        if v is not None:
-            try:
-                parse_dtype(v)
-            except MergeError as e:
-                raise ValueError(str(e).split(": ", 1)[-1]) from None
-        return v
-
     @field_validator("shard_size")
     @classmethod
     def _shard(cls, v: int | str) -> int:
         return parse_size(v)
 
-    @model_validator(mode="after")
-    def _params(self) -> MergeConfig:
-        from mergelab.engine.loop import _make_config
-        from mergelab.methods import METHODS
+    def policy_arg(self) -> Any:
+        """The policy in the form :func:`mergelab.engine.policy.resolve_policy` accepts."""
+        if isinstance(self.policy, str):
+            return self.policy
+        if isinstance(self.policy, list):
+            return [r.model_dump() for r in self.policy]
+        return self.policy.model_dump()
 
+    def to_recipe(self, source: str = "config", **changes: Any) -> MergeRecipe:
+        """The validated :class:`MergeRecipe` (``changes`` replace fields, e.g. a trial's ``params``).
+
+        Raises:
+            MergeConfigError: a field that does not validate, as ``<source>: <field>: <why>``.
+        """
+        experts = changes.pop("experts", None)
+        if experts is None:
+            experts = [ExpertSpec(e.path, e.coefficient, e.name) for e in self.experts]
+        fields: dict[str, Any] = {
+            "base": self.base,
+            "experts": experts,
+            "method": self.method,
+            "params": dict(self.params),
+            "policy": self.policy_arg(),
+            "device": self.device,
+            "dtype": self.dtype,
+            "compute_dtype": self.compute_dtype,
+            "seed": self.seed,
+            "shard_size": int(self.shard_size),
+            "carry_unique": self.carry_unique,
+        }
+        fields.update(changes)
         try:
-            _make_config(self.method, METHODS[self.method], self.params, [e.coefficient for e in self.experts])
+            return MergeRecipe(**fields)
         except MergeError as e:
-            raise ValueError(str(e)) from None
-        return self
+            raise MergeConfigError(f"{source}: {e}") from None
 
-    # ----------------------------------------------------------------------------------------------------------
+
+class MergeConfig(RecipeFields):
+    """A merge recipe YAML (``mergelab merge CONFIG``)."""
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> MergeConfig:
-        """Load and validate a YAML recipe; relative paths are resolved against the file's directory.
+        """Load a YAML recipe and check its structure; relative paths are resolved against the file's directory.
 
         Raises:
             MergeConfigError: unreadable YAML or a field that does not validate (one line naming it).
@@ -232,38 +217,26 @@ class MergeConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("<"))
-            msg = err["msg"].removeprefix("Value error, ")
-            more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
-            where = f"{loc}: " if loc else ""  # cross-field errors already start with their field name
-            raise MergeConfigError(f"{source}: {where}{msg}{more}") from None
+            raise MergeConfigError(f"{source}: {one_line(e)}") from None
 
-    def policy_arg(self) -> Any:
-        """The policy in the form :func:`mergelab.engine.policy.resolve_policy` accepts."""
-        if isinstance(self.policy, str):
-            return self.policy
-        if isinstance(self.policy, list):
-            return [r.model_dump() for r in self.policy]
-        return self.policy.model_dump()
 
-    def merge_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`mergelab.engine.loop.merge` (everything but ``out``)."""
-        from mergelab.engine import ExpertSpec
+def load_recipe(path: str | Path) -> MergeRecipe:
+    """Read a merge YAML into a validated :class:`MergeRecipe` (paths relative to the file).
 
-        return {
-            "base": self.base,
-            "experts": [ExpertSpec(e.path, e.coefficient, e.name) for e in self.experts],
-            "method": self.method,
-            "params": dict(self.params),
-            "policy": self.policy_arg(),
-            "device": self.device,
-            "dtype": self.dtype,
-            "compute_dtype": self.compute_dtype,
-            "seed": self.seed,
-            "max_shard_bytes": int(self.shard_size),
-            "carry_unique": self.carry_unique,
-        }
+    Raises:
+        MergeConfigError: one line naming the file and the field.
+    """
+    return MergeConfig.from_yaml(path).to_recipe(str(path))
+
+
+def one_line(e: ValidationError) -> str:
+    """Pydantic's report as one line: ``<field path>: <message>`` of the first error, ``(+N more)``."""
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("<"))
+    msg = err["msg"].removeprefix("Value error, ")
+    more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    where = f"{loc}: " if loc else ""  # cross-field errors already start with their field name
+    return f"{where}{msg}{more}"
 
 
 def _rel(root: Path, p: str) -> Path:

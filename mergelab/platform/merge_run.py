@@ -48,17 +48,17 @@ from typing import Any
 
 import mlflow
 
+from mergelab._files import content_hash
+from mergelab.engine import MergeRecipe, run_merge
 from mergelab.platform.evaluation import EvalSummary, Evaluator, HFEvaluator, log_eval
 from mergelab.platform.provenance import (
-    content_hash,
-    expert_fields,
     git_commit,
-    method_hyperparameters,
     package_versions,
 )
 from mergelab.platform.store import (
     DEFAULT_EXPERIMENT,
     TAG_MERGED,
+    TAG_RECIPE,
     TAG_ROLE,
     TAG_WEIGHTS,
     Store,
@@ -139,64 +139,49 @@ def report_metrics(report: Any) -> dict[str, float]:
 
 
 def tracked_merge(
+    recipe: MergeRecipe,
     *,
-    base: str | os.PathLike[str],
-    experts: Sequence[Any],
-    method: str,
-    params: Mapping[str, Any] | None = None,
-    policy: str | Any = "auto",
-    device: str = "auto",
-    dtype: str | None = None,
-    compute_dtype: str = "float32",
-    seed: int = 0,
     store: Store | None = None,
     experiment: str = DEFAULT_EXPERIMENT,
     run_name: str | None = None,
     parent_run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
     extra_params: Mapping[str, Any] | None = None,
-    config: Mapping[str, Any] | None = None,
     out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
     tasks: Sequence[str] = (),
     evaluator: Evaluator | None = None,
     reference_scores: Mapping[str, float] | None = None,
     on_task: Callable[[str, EvalSummary], None] | None = None,
     on_run: Callable[[str], None] | None = None,
-    merge_fn: Callable[..., Any] | None = None,
-    overwrite: bool = False,
-    engine_kwargs: Mapping[str, Any] | None = None,
+    merge_fn: Callable[..., Any] = run_merge,
     end_run: bool = True,
 ) -> TrackedMerge:
-    """Merge experts into the base as one MLflow run, then evaluate the result on the val split.
+    """Merge a recipe as one MLflow run, then evaluate the result on the val split.
 
     The merged weights are written once by the engine straight into ``<run artifact dir>/merged`` (or ``out``),
-    which the registry then points at without copying (spec/ecosystem.md section 2, "zero-copy registration"). For
-    a remote artifact store the engine writes to a temporary directory that is uploaded once and removed.
+    which the registry then points at without copying ("zero-copy registration"). For a remote artifact store the
+    engine writes to a temporary directory that is uploaded once and removed.
 
     Args:
-        base: the base checkpoint directory.
-        experts: ``ExpertSpec``s, ``{"path", "coefficient", "name"}`` dicts or paths.
-        method: a key of ``mergelab.methods.METHODS``.
-        params: the method's hyperparameters (missing ones take the config's defaults; all are logged).
-        policy: the engine's tensor policy.
-        device, dtype, compute_dtype, seed: passed to the engine.
+        recipe: what to merge (logged as params, ``config/merge.yaml`` and the ``mergelab.recipe`` tag).
         store: the store (default :meth:`Store.resolve`).
         experiment: MLflow experiment name.
         run_name: MLflow run name.
         parent_run_id: nest this run under that run (by tag, so it works from any thread or process).
         tags: extra run tags.
         extra_params: extra params (e.g. Optuna's raw trial params).
-        config: the resolved config to log as ``config/merge.yaml`` (default: built from the arguments).
         out: write the merged weights there instead of into the run's artifact directory.
+        overwrite, progress: passed to the engine.
         tasks: evaluation tasks on the val split (empty: no evaluation).
         evaluator: ``evaluator(model_dir, tasks, split, on_task)`` (default :class:`HFEvaluator`).
         reference_scores: own-task expert scores per task for ``val/normalized_average``.
         on_task: forwarded to the evaluator (pruning); an exception raised there fails the run unless it is
             ``optuna.TrialPruned``-like (its class name contains ``Pruned``), which ends the run KILLED.
         on_run: called with the run id as soon as the run exists.
-        merge_fn: the merge function (default ``mergelab.engine.loop.merge``).
-        overwrite: let the engine replace an existing ``out``.
-        engine_kwargs: further engine arguments (``max_shard_bytes``, ``carry_unique``, ``progress``).
+        merge_fn: the engine entry point, ``merge_fn(recipe, out, overwrite=, progress=)`` (a seam for fault
+            injection in tests).
         end_run: set the run FINISHED on success (a campaign keeps it open to add registry tags).
 
     Returns:
@@ -209,7 +194,7 @@ def tracked_merge(
     store = store or Store.resolve()
     client = store.client()
     exp_id = store.experiment_id(experiment, client)
-    run_tags = {TAG_ROLE: "merge", "method": method, **(tags or {})}
+    run_tags = {TAG_ROLE: "merge", "method": recipe.method_name, TAG_RECIPE: recipe.digest, **(tags or {})}
     if parent_run_id:
         run_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, run_name=run_name, tags=run_tags)
@@ -219,30 +204,24 @@ def tracked_merge(
     merged_path: Path | None = None
     tmp_out: Path | None = None
     try:
-        if merge_fn is None:
-            from mergelab.engine import merge as merge_fn  # type: ignore[no-redef]
-        try:
-            hp = method_hyperparameters(method, params)
-        except ImportError:  # registry not importable in a stripped install: log what was given
-            hp = dict(params or {})
-        expert_rows = [expert_fields(e) for e in experts]
-        p: dict[str, Any] = {"method": method, "policy": policy if isinstance(policy, str) else json.dumps(policy),
-                             "device": device, "dtype": dtype or "auto", "compute_dtype": compute_dtype,
-                             "seed": seed, "base.path": str(base), "base.sha256": content_hash(base),
-                             "n_experts": len(expert_rows), "git.commit": git_commit() or "unknown"}
-        p.update({f"hp.{k}": v for k, v in hp.items()})
-        for i, (path, coef, name) in enumerate(expert_rows):
-            p[f"expert.{i}.name"] = name or Path(path).name
-            p[f"expert.{i}.path"] = path
-            p[f"expert.{i}.sha256"] = content_hash(path)
-            p[f"expert.{i}.coefficient"] = "default" if coef is None else coef
+        p: dict[str, Any] = {"method": recipe.method_name, "recipe.sha": recipe.digest,
+                             "policy": recipe.policy if isinstance(recipe.policy, str) else json.dumps(
+                                 recipe.to_dict()["policy"]),
+                             "device": recipe.device, "dtype": recipe.dtype or "auto",
+                             "compute_dtype": recipe.compute_dtype, "seed": recipe.seed, "base.path": recipe.base,
+                             "base.sha256": content_hash(recipe.base), "n_experts": len(recipe.experts),
+                             "git.commit": git_commit() or "unknown"}
+        p.update({f"hp.{k}": v for k, v in recipe.hyperparameters.items()})
+        for i, e in enumerate(recipe.experts):
+            p[f"expert.{i}.name"] = e.name
+            p[f"expert.{i}.path"] = str(e.path)
+            p[f"expert.{i}.kind"] = e.kind
+            p[f"expert.{i}.sha256"] = content_hash(e.path)
+            p[f"expert.{i}.coefficient"] = "default" if e.coefficient is None else e.coefficient
         p.update({f"version.{k}": v for k, v in package_versions().items()})
         p.update(extra_params or {})
         log_params(client, run_id, p)
-        resolved = dict(config) if config is not None else {
-            "base": str(base), "experts": [{"path": a, "coefficient": c, "name": n} for a, c, n in expert_rows],
-            "method": method, "params": hp, "policy": policy, "device": device, "dtype": dtype,
-            "compute_dtype": compute_dtype, "seed": seed}
+        resolved = recipe.to_dict()
         client.log_dict(run_id, json.loads(json.dumps(resolved, default=str)), "config/merge.yaml")
 
         if out is not None:
@@ -258,9 +237,7 @@ def tracked_merge(
 
         gpu = _cuda_reset_peak()
         t0 = time.perf_counter()
-        report = merge_fn(base=str(base), experts=_expert_specs(experts), method=method, params=dict(params or {}),
-                          policy=policy, out=str(target), device=device, dtype=dtype,
-                          compute_dtype=compute_dtype, seed=seed, overwrite=overwrite, **dict(engine_kwargs or {}))
+        report = merge_fn(recipe, target, overwrite=overwrite, progress=progress)
         seconds = time.perf_counter() - t0
         metrics = {"merge/seconds": seconds, "merge/peak_host_mb": _peak_host_mb(),
                    "merge/peak_gpu_mb": _cuda_peak_mb() if gpu else 0.0}
@@ -281,7 +258,7 @@ def tracked_merge(
 
         val = None
         if tasks:
-            evaluator = evaluator or HFEvaluator(device=device)
+            evaluator = evaluator or HFEvaluator(device=recipe.device)
             model_dir = merged_path if merged_path is not None else _download(store, merged_uri)
             val = evaluator(model_dir, list(tasks), "val", on_task)
             metrics.update(log_eval(client, run_id, val, reference_scores))
@@ -303,47 +280,6 @@ def tracked_merge(
             with contextlib.suppress(Exception):
                 client.set_tag(run_id, TAG_WEIGHTS, "deleted")
         raise
-
-
-def track_merge_config(
-    cfg: Any,
-    *,
-    out: str | os.PathLike[str] | None = None,
-    overwrite: bool = False,
-    progress: bool = False,
-    device: str | None = None,
-    store: Store | None = None,
-    experiment: str = DEFAULT_EXPERIMENT,
-    run_name: str | None = None,
-    tasks: Sequence[str] = (),
-    evaluator: Evaluator | None = None,
-) -> TrackedMerge:
-    """``mergelab merge CONFIG`` as an MLflow run: :func:`tracked_merge` with a validated ``MergeConfig``.
-
-    Args:
-        cfg: a :class:`mergelab.platform.merge_config.MergeConfig`.
-        out: output directory; ``None`` writes into the run's artifact directory (registrable without a copy).
-        overwrite, progress: passed to the engine.
-        device: overrides the config's device.
-        store, experiment, run_name: where to track.
-        tasks, evaluator: optional val evaluation of the merged model.
-    """
-    kw = cfg.merge_kwargs()
-    if device is not None:
-        kw["device"] = device
-    engine_extra = {k: kw.pop(k) for k in ("max_shard_bytes", "carry_unique") if k in kw}
-    engine_extra["progress"] = progress
-    return tracked_merge(**kw, store=store, experiment=experiment, run_name=run_name,
-                         config=json.loads(cfg.model_dump_json()), out=out, overwrite=overwrite,
-                         engine_kwargs=engine_extra, tasks=tasks, evaluator=evaluator)
-
-
-def _expert_specs(experts: Sequence[Any]) -> list[Any]:
-    """Dict entries become the engine's ``ExpertSpec``; specs and plain paths pass through."""
-    from mergelab.engine import ExpertSpec
-
-    return [ExpertSpec(e["path"], e.get("coefficient"), e.get("name")) if isinstance(e, Mapping) else e
-            for e in experts]
 
 
 def _download(store: Store, uri: str) -> Path:

@@ -53,6 +53,7 @@ TAG_WEIGHTS = "mergelab.weights"  # "present" | "deleted"
 
 
 TAG_ERROR = "mergelab.error"
+TAG_RECIPE = "mergelab.recipe"  # the recipe's digest: the merge's identity
 
 
 @dataclasses.dataclass(frozen=True)
