@@ -34,7 +34,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from mergelab.platform.evaluation import EvalSummary, Evaluator, HFEvaluator, log_eval
-from mergelab.platform.store import TAG_WEIGHTS, Store, local_path, metric_name
+from mergelab.platform.store import TAG_RECIPE, TAG_WEIGHTS, Store, local_path, metric_name
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,8 @@ def register_run(
         name: registered model name (created if missing).
         run_id: the run that wrote the weights.
         source: artifact URI of the weights directory.
-        tags: version tags (method, hyperparameters, campaign, trial, val metrics...).
+        tags: version tags (method, hyperparameters, campaign, trial, val metrics...); the run's recipe digest
+            (``mergelab.recipe``) is added.
         score: the ranking value used by :func:`prune_campaign` (stored as ``mergelab.score``).
         direction: ``maximize`` or ``minimize`` for ``score``.
 
@@ -101,6 +102,9 @@ def register_run(
     ensure_registered_model(client, name)
     all_tags = {k: str(v) for k, v in (tags or {}).items()}
     all_tags["run_id"] = run_id
+    recipe = client.get_run(run_id).data.tags.get(TAG_RECIPE)
+    if recipe:  # the merge's identity (MergeRecipe.digest), carried from its run
+        all_tags[TAG_RECIPE] = recipe
     if score is not None:
         all_tags[SCORE_TAG] = repr(float(score))
         all_tags[DIRECTION_TAG] = direction
