@@ -117,3 +117,17 @@ def test_import_mergelab_is_cheap_and_registers_on_first_auto_use() -> None:
             f"assert {MODEL_TYPE!r} in CONFIG_MAPPING; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_training_batch_labels_only_the_answer_and_end_of_turn(processor) -> None:
+    from mergelab.bench.omni.train import batch
+
+    samples = [data.task_samples("audio_beeps", "train", 1)[0], data.cross_samples("avqa", "train", 1)[0],
+               data.described_samples(1)[0]]
+    inputs = batch(processor, samples, [data.render(s) for s in samples])
+    tok = processor.tokenizer
+    for r, s in enumerate(samples):
+        target = inputs["labels"][r][inputs["labels"][r] != -100]
+        assert tok.decode(target) == f"{s.answer}<|im_end|>"
+    prompts = batch(processor, samples, [data.render(s) for s in samples], with_answers=False)
+    assert "labels" not in prompts and bool((prompts["attention_mask"][:, -1] == 1).all())  # left-padded

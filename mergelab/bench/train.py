@@ -345,23 +345,29 @@ def train(
             if feats is not None:
                 rows = data.rows(idx)
                 batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats[rows]))}
-            loss = model(**batch).loss
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"train: loss became {value} at step {step} (lr {cfg.lr})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
-            losses.append(value)
+            losses.append(optimizer_step(model(**batch).loss, opt, sched, params, cfg, step))
             if progress is not None:
                 progress(step, losses[-1])
     seconds = time.perf_counter() - t0
     for p in model.parameters():
         p.requires_grad_(False)
     return TrainResult(model.eval(), seconds, losses, sum(p.numel() for p in params))
+
+
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched: Any, params: Sequence[torch.Tensor],
+                   cfg: TrainConfig, step: int) -> float:
+    """One update from ``loss``: check it is finite, backpropagate, clip to ``cfg.grad_clip``, step the optimizer
+    and the schedule. Returns the loss value."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"train: loss became {value} at step {step} (lr {cfg.lr})")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    sched.step()
+    return value
 
 
 @contextlib.contextmanager

@@ -1,0 +1,30 @@
+"""``python -m mergelab.bench.omni``: build the omni zoo if needed, merge, print the Table 5 layout (:func:`run`)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from mergelab.bench.omni.table import run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the options of ``bench omni`` and run the experiment."""
+    ap = argparse.ArgumentParser(prog="python -m mergelab.bench.omni", description=__doc__)
+    ap.add_argument("--zoo", required=True, help="zoo root; <zoo>/omni/seed<k> is built when missing")
+    ap.add_argument("--seeds", default="0", help="comma-separated zoo seeds (default 0)")
+    ap.add_argument("--jobs", type=int, default=1, help="processes for expert training")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    ap.add_argument("--json-out", default=None, help="write the result JSON here")
+    ap.add_argument("--methods", default=None, help="comma-separated methods (default: every paper method)")
+    ap.add_argument("--lam", default=None, help="comma-separated lambda grid swept on val (default 0.5,1,1.5)")
+    ap.add_argument("--quick", action="store_true", help="test-sized models and evaluation")
+    a = ap.parse_args(argv)
+    run(a.zoo, [int(s) for s in a.seeds.split(",")], jobs=a.jobs, device=a.device, json_out=a.json_out,
+        quick=a.quick, methods=a.methods.split(",") if a.methods else None,
+        lam_grid=[float(x) for x in a.lam.split(",")] if a.lam else None)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

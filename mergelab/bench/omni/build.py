@@ -1,0 +1,182 @@
+"""Build the omni zoo of one seed: tokenizer and processor, the text-only base, three modality experts per setting.
+
+Layout under ``<zoo>/omni/seed<k>/`` (every model directory also holds the processor, so
+``AutoModelForImageTextToText`` / ``AutoProcessor`` load it after ``import mergelab``)::
+
+    base/                       the base (all three towers at their seeded init)
+    experts/<setting>/<m>/      expert of modality m: full weights (LoRA merged in), all towers
+    experts/lora/<m>/adapter/   the LoRA expert as a peft adapter (connector in modules_to_save)
+    merge/base/                 the base without tower tensors (the engine's base for modality merging)
+    merge/<setting>/<m>/        the expert with only the LLM and its own tower
+    build.json                  the plan, seconds per step, the training losses' last values
+
+The ``merge/`` layout lets the engine merge the shared LLM with any method and carry each tower, unchanged, from
+the one expert that holds it (``carry_unique=True``); LoRA experts enter as their weight deltas ``scaling * B @ A``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from mergelab.bench.omni import data
+from mergelab.bench.omni.modeling import OmniSize, build_model, build_processor, build_tokenizer
+from mergelab.bench.omni.train import BASE_TRAINABLE, FULL_TRAINABLE, TOWERS, train
+from mergelab.bench.train import TrainConfig
+
+SETTINGS = ("lora", "full")
+"""Expert settings: LoRA on the LLM (the paper's) and a full fine-tune of the decoder's linear weights."""
+
+
+@dataclass(frozen=True)
+class OmniPlan:
+    """What one seed's omni zoo is built from.
+
+    Attributes:
+        size: the model architecture.
+        described: text-only described items the base trains on.
+        base: base training (whole LLM).
+        per_task: training items per single-modality task (each expert trains on its modality's tasks).
+        lora: LoRA expert training (``lora_r > 0``).
+        full: full-FT expert training (``trainable`` = the decoder's linear weights).
+        settings: which expert settings to build.
+        vocab_size: BPE target size.
+    """
+
+    size: OmniSize = field(default_factory=OmniSize)
+    described: int = 4000
+    base: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, batch_size=32, lr=1e-3,
+                                                                  warmup_steps=20, trainable=BASE_TRAINABLE))
+    per_task: int = 600
+    lora: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=16, lr=2e-3,
+                                                                  warmup_steps=20, lora_r=8, lora_alpha=16))
+    full: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=16, lr=5e-4,
+                                                                  warmup_steps=20, trainable=FULL_TRAINABLE))
+    settings: tuple[str, ...] = SETTINGS
+    vocab_size: int = 640
+
+    @classmethod
+    def quick(cls) -> OmniPlan:
+        """A test-sized plan: the tiny architecture, short runs, LoRA only."""
+        tiny = dict(batch_size=8, warmup_steps=5)
+        return cls(size=OmniSize.tiny(), described=400, per_task=80, settings=("lora",),
+                   base=TrainConfig(steps=30, lr=2e-3, trainable=BASE_TRAINABLE, **tiny),
+                   lora=TrainConfig(steps=30, lr=3e-3, lora_r=4, lora_alpha=8, **tiny),
+                   full=TrainConfig(steps=30, lr=1e-3, trainable=FULL_TRAINABLE, **tiny))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in asdict(self).items()}
+
+
+def seed_dir(zoo: str | Path, seed: int) -> Path:
+    """``<zoo>/omni/seed<seed>``."""
+    return Path(zoo) / "omni" / f"seed{seed}"
+
+
+def _save(model: Any, processor: Any, path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+def _strip(src: Path, dst: Path, keep: str | None) -> None:
+    """Copy checkpoint ``src`` to ``dst`` without the tower tensors, except those of tower prefix ``keep``."""
+    from safetensors.torch import load_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(str(src / "model.safetensors"))
+    towers = tuple(TOWERS.values())
+    kept = {k: v for k, v in tensors.items() if not k.startswith(towers) or (keep and k.startswith(keep))}
+    save_file(kept, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    for f in src.iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            (dst / f.name).write_bytes(f.read_bytes())
+
+
+def build_base(root: Path, plan: OmniPlan, seed: int, device: str = "auto") -> dict[str, Any]:
+    """Train and save the base (and its stripped copy); returns its log entry."""
+    tok = build_tokenizer(data.corpus(seed), plan.vocab_size)
+    processor = build_processor(tok)
+    model = build_model(tok, plan.size, seed=seed)
+    cfg = TrainConfig(**{**plan.base.to_dict(), "seed": seed})
+    res = train(model, processor, data.described_samples(plan.described, seed), cfg, device=device)
+    _save(res.model.to("cpu"), processor, root / "base")
+    _strip(root / "base", root / "merge" / "base", None)
+    return {"seconds": res.seconds, "loss": res.losses[-1]}
+
+
+def build_expert(root: Path, plan: OmniPlan, seed: int, setting: str, modality: str,
+                 device: str = "auto") -> dict[str, Any]:
+    """Train one expert from the saved base and save it in every form (see the module docstring)."""
+    from mergelab.bench.omni.classes import OmniProcessor, OmniThinkerForConditionalGeneration
+
+    processor = OmniProcessor.from_pretrained(root / "base")
+    model = OmniThinkerForConditionalGeneration.from_pretrained(root / "base")
+    tasks = [t for t, (m, _, _) in data.TASKS.items() if m == modality]
+    samples = [s for t in tasks for s in data.task_samples(t, "train", plan.per_task, seed)]
+    base_cfg = plan.lora if setting == "lora" else plan.full
+    cfg = TrainConfig(**{**base_cfg.to_dict(), "seed": seed * 100 + list(data.MODALITIES).index(modality)})
+    res = train(model, processor, samples, cfg, connector=modality, device=device)
+    out = root / "experts" / setting / modality
+    trained = res.model.to("cpu")
+    if setting == "lora":
+        trained.save_pretrained(out / "adapter")
+        trained = trained.merge_and_unload()
+    _save(trained, processor, out)
+    _strip(out, root / "merge" / setting / modality, TOWERS[modality])
+    return {"seconds": res.seconds, "loss": res.losses[-1], "trainable": res.trainable_params}
+
+
+def _expert_job(args: tuple[str, OmniPlan, int, str, str, str]) -> tuple[str, str, dict[str, Any]]:
+    root, plan, seed, setting, modality, device = args
+    torch.set_num_threads(1)
+    return setting, modality, build_expert(Path(root), plan, seed, setting, modality, device)
+
+
+def build(zoo: str | Path, seed: int = 0, plan: OmniPlan | None = None, *, jobs: int = 1, device: str = "auto",
+          log: Any = print) -> Path:
+    """Build whatever of seed ``seed``'s omni zoo is missing (see the module docstring); returns its directory.
+
+    Args:
+        zoo: the zoo root.
+        seed: the seed (base init, data order, LoRA init).
+        plan: sizes and training settings (default :class:`OmniPlan`).
+        jobs: expert trainings run in this many processes (one torch thread each).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        log: called with one line per finished step.
+    """
+    plan = plan or OmniPlan()
+    root = seed_dir(zoo, seed)
+    manifest = root / "build.json"
+    info: dict[str, Any] = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    if info.get("plan") not in (None, plan.to_dict()):
+        raise ValueError(f"{root}: built with another plan; use another --zoo or delete it")
+    info["plan"] = plan.to_dict()
+    t0 = time.perf_counter()
+    if not (root / "base" / "model.safetensors").is_file():
+        info["base"] = build_base(root, plan, seed, device)
+        log(f"omni seed {seed}: base in {info['base']['seconds']:.0f} s (loss {info['base']['loss']:.3f})")
+    todo = [(str(root), plan, seed, s, m, device) for s in plan.settings for m in data.MODALITIES
+            if not (root / "merge" / s / m / "model.safetensors").is_file()]
+    experts = info.setdefault("experts", {})
+    results: Sequence[tuple[str, str, dict[str, Any]]]
+    if jobs > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            results = list(pool.map(_expert_job, todo))
+    else:
+        results = [_expert_job(t) for t in todo]
+    for setting, modality, entry in results:
+        experts[f"{setting}/{modality}"] = entry
+        log(f"omni seed {seed}: {setting} {modality} expert in {entry['seconds']:.0f} s (loss {entry['loss']:.3f})")
+    info["build_seconds"] = info.get("build_seconds", 0.0) + time.perf_counter() - t0
+    root.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps(info, indent=1, sort_keys=True))
+    return root

@@ -1,0 +1,202 @@
+"""The omni experiment: single-modality experts vs every merging method on the cross-modal sets (paper Table 5).
+
+For each seed: build what is missing (:func:`mergelab.bench.omni.build.build`), score each expert with only its
+own modality (the paper's "individual" columns), merge the three experts with every registered method through the
+engine (``carry_unique=True``: each tower comes from its one owner, bit for bit), pick lambda on the val split by
+the cross-modal average, and score the chosen merge on the test split. Rows: the two cross-modal sets and their
+average, then each modality's own tasks; columns: the three experts and every method (mean and spread over seeds).
+
+Entry point: :func:`run` (``python -m mergelab.bench.omni``).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergelab.bench.omni import data, metrics
+from mergelab.bench.omni.build import OmniPlan, build
+from mergelab.bench.omni.train import answers
+from mergelab.engine import merge
+from mergelab.methods import METHODS
+from mergelab.methods.base import LAM_GRID
+
+MODALITY_NAMES = {"image": "vision", "audio": "audio", "video": "video"}
+"""Table column names of the experts (the paper's Vision / Audio / Video)."""
+
+
+@dataclass(frozen=True)
+class EvalSizes:
+    """Items per evaluation: each cross-modal set and each single-modality task, on val and on test."""
+
+    cross_val: int = 42
+    task_val: int = 20
+    cross_test: int = 140
+    task_test: int = 60
+
+    @classmethod
+    def quick(cls) -> EvalSizes:
+        return cls(cross_val=14, task_val=6, cross_test=14, task_test=6)
+
+
+def eval_items(split: str, sizes: EvalSizes, seed: int) -> tuple[dict[str, list[data.OmniSample]], ...]:
+    """``(cross sets, tasks)`` of ``split``: ``{name: items}`` each."""
+    nc, nt = (sizes.cross_val, sizes.task_val) if split == "val" else (sizes.cross_test, sizes.task_test)
+    cross = {c: data.cross_samples(c, split, nc, seed) for c in data.CROSS_SETS}
+    tasks = {t: data.task_samples(t, split, nt, seed) for t in data.TASKS}
+    return cross, tasks
+
+
+def evaluate(model: Any, processor: Any, items: tuple[dict[str, list[data.OmniSample]], ...],
+             only: str | None = None) -> dict[str, float]:
+    """Scores of ``model``: each cross-modal set (and per question type), their average ``cross_avg``, each task
+    and each modality's mean ``own/<modality>``. ``only``: feed only that modality (an expert; its own tasks)."""
+    cross, tasks = items
+    out: dict[str, float] = {}
+    for name, samples in cross.items():
+        shown = [s.only((only,)) for s in samples] if only else samples
+        for k, v in metrics.score(samples, answers(model, processor, shown)).items():
+            out[name if k == "accuracy" else f"{name}/{k}"] = v
+    out["cross_avg"] = statistics.fmean(out[c] for c in data.CROSS_SETS)
+    for modality in data.MODALITIES if only is None else (only,):
+        names = [t for t, (m, _, _) in data.TASKS.items() if m == modality]
+        for t in names:
+            out[f"task/{t}"] = metrics.score(tasks[t], answers(model, processor, tasks[t]))["accuracy"]
+        out[f"own/{modality}"] = statistics.fmean(out[f"task/{t}"] for t in names)
+    return out
+
+
+def _load(path: Path) -> Any:
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(path).eval()
+
+
+def merge_experts(root: Path, setting: str, method: str, lam: float | None, out: Path, device: str = "cpu") -> Any:
+    """Merge seed directory ``root``'s three ``setting`` experts with ``method`` at ``lam`` into ``out``."""
+    spec = METHODS[method]
+    params = spec.setting_params(setting)
+    if lam is not None:
+        params["lam"] = lam
+    return merge(base=root / "merge" / "base", experts=[root / "merge" / setting / m for m in data.MODALITIES],
+                 method=method, params=params, policy="llama", carry_unique=True, out=out, overwrite=True,
+                 device=device)
+
+
+def methods_to_run(names: Sequence[str] | None = None) -> list[str]:
+    """The methods of the table: ``names`` or every registered paper method."""
+    if names:
+        unknown = [n for n in names if n not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; known: {sorted(METHODS)}")
+        return list(names)
+    return [n for n, s in METHODS.items() if s.paper]
+
+
+def run_seed(zoo: str | Path, seed: int, *, plan: OmniPlan | None = None, sizes: EvalSizes | None = None,
+             methods: Sequence[str] | None = None, lam_grid: Sequence[float] = (0.5, 1.0, 1.5), jobs: int = 1,
+             device: str = "cpu", log: Callable[[str], None] = print) -> dict[str, Any]:
+    """One seed of the experiment: ``{"models": {name: scores}, "lam": {name: chosen}, "seconds": ...}``.
+
+    Model names: ``expert/<modality>/<setting>`` and ``<setting>/<method>`` (LoRA experts are merged on their weight
+    deltas ``scaling * B @ A``, the engine's LoRA mode).
+    """
+    t0 = time.perf_counter()
+    plan = plan or OmniPlan()
+    sizes = sizes or EvalSizes()
+    root = build(zoo, seed, plan, jobs=jobs, device=device, log=log)
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(root / "base")
+    val, test = eval_items("val", sizes, seed), eval_items("test", sizes, seed)
+    models: dict[str, dict[str, float]] = {}
+    chosen: dict[str, float | None] = {}
+    for setting in plan.settings:
+        for m in data.MODALITIES:
+            models[f"expert/{m}/{setting}"] = evaluate(_load(root / "experts" / setting / m), processor, test, only=m)
+        for method in methods_to_run(methods):
+            grid: Sequence[float | None] = lam_grid if METHODS[method].has_lam else (None,)
+            best: tuple[float, float | None] = (-1.0, None)
+            with tempfile.TemporaryDirectory() as tmp:
+                for lam in grid:
+                    merge_experts(root, setting, method, lam, Path(tmp) / "m", device)
+                    score = evaluate(_load(Path(tmp) / "m"), processor, val)["cross_avg"] if len(grid) > 1 else 0.0
+                    best = max(best, (score, lam), key=lambda x: x[0])
+                merge_experts(root, setting, method, best[1], Path(tmp) / "m", device)
+                name = f"{setting}/{method}"
+                models[name] = evaluate(_load(Path(tmp) / "m"), processor, test)
+                chosen[name] = best[1]
+            log(f"omni seed {seed}: {name} lam {best[1]} cross avg {models[name]['cross_avg']:.1f}")
+    return {"models": models, "lam": chosen, "seconds": time.perf_counter() - t0}
+
+
+def aggregate(per_seed: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{model: {metric: {"mean", "std", "n"}}}`` over seeds."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name in per_seed[0]["models"]:
+        for metric in per_seed[0]["models"][name]:
+            values = [r["models"][name][metric] for r in per_seed if metric in r["models"].get(name, {})]
+            out.setdefault(name, {})[metric] = {"mean": statistics.fmean(values), "n": len(values),
+                                               "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
+    return out
+
+
+def format_table(agg: dict[str, dict[str, dict[str, float]]], setting: str) -> str:
+    """Table 5's layout for one expert setting: rows = cross-modal sets, their average, each modality's tasks."""
+    cols = [(MODALITY_NAMES[m], f"expert/{m}/{setting}") for m in data.MODALITIES]
+    cols += [(n.split("/", 1)[1], n) for n in agg if n.startswith(f"{setting}/")]
+    rows = [("MUSIC-AVQA", "music_avqa"), ("AVQA", "avqa"), ("Avg.", "cross_avg")]
+    rows += [(f"own {m}", f"own/{m}") for m in data.MODALITIES]
+    width = max(12, *(len(c) for c, _ in cols))
+    lines = [f"omni table ({setting} experts; test split; mean ± spread over seeds)",
+             "dataset".ljust(12) + "".join(c.rjust(width + 1) for c, _ in cols)]
+    for label, key in rows:
+        cells = []
+        for _, name in cols:
+            v = agg.get(name, {}).get(key)
+            cells.append((f"{v['mean']:.1f}±{v['std']:.1f}" if v else "-").rjust(width + 1))
+        lines.append(label.ljust(12) + "".join(cells))
+    return "\n".join(lines)
+
+
+def run(zoo: str | Path, seeds: Sequence[int] = (0,), *, jobs: int = 1, device: str = "cpu",
+        json_out: str | Path | None = None, quick: bool = False, methods: Sequence[str] | None = None,
+        lam_grid: Sequence[float] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The whole omni experiment over ``seeds``; prints the tables and returns (and optionally writes) the JSON.
+
+    Args:
+        zoo: zoo root (``<zoo>/omni/seed<k>`` is built when missing).
+        seeds: zoo seeds.
+        jobs: processes for expert training.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        json_out: where to write the result JSON.
+        quick: the test-sized plan and evaluation (:meth:`OmniPlan.quick`, :meth:`EvalSizes.quick`).
+        methods: method names (default: every paper method of :data:`mergelab.methods.METHODS`).
+        lam_grid: lambda values swept on val (default (0.5, 1.0, 1.5), a subset of the paper's grid).
+    """
+    plan = OmniPlan.quick() if quick else OmniPlan()
+    sizes = EvalSizes.quick() if quick else EvalSizes()
+    grid = tuple(lam_grid) if lam_grid else ((1.0,) if quick else (0.5, 1.0, 1.5))
+    if not set(grid) <= set(LAM_GRID):
+        log(f"note: lambda grid {grid} leaves the paper's grid {LAM_GRID}")
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    per_seed = [run_seed(zoo, s, plan=plan, sizes=sizes, methods=methods, lam_grid=grid, jobs=jobs, device=device,
+                         log=log) for s in seeds]
+    agg = aggregate(per_seed)
+    result = {"seeds": list(seeds), "plan": plan.to_dict(), "lam_grid": list(grid), "aggregate": agg,
+              "per_seed": per_seed, "seconds": time.perf_counter() - t0}
+    for setting in plan.settings:
+        log(format_table(agg, setting))
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=1, sort_keys=True))
+    return result
+

@@ -1,0 +1,58 @@
+"""The omni experiment end to end at test size: build, merge through the engine, the Table 5 layout, the JSON."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mergelab.bench.omni import data
+from mergelab.bench.omni.__main__ import main
+from mergelab.bench.omni.build import seed_dir
+from mergelab.bench.omni.table import merge_experts
+from mergelab.bench.omni.train import TOWERS
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, float]:
+    zoo = tmp_path_factory.mktemp("omni_zoo")
+    out = zoo / "table.json"
+    t0 = time.perf_counter()
+    main(["--zoo", str(zoo), "--quick", "--methods", "task_arithmetic,ties,optmerge", "--json-out", str(out)])
+    return zoo, json.loads(out.read_text()), time.perf_counter() - t0
+
+
+def test_quick_omni_table_runs_in_under_two_minutes(quick_run, capsys) -> None:
+    zoo, result, seconds = quick_run
+    assert seconds < 120
+    models = result["per_seed"][0]["models"]
+    assert set(models) == {f"expert/{m}/lora" for m in data.MODALITIES} | {
+        f"lora/{m}" for m in ("task_arithmetic", "ties", "optmerge")}
+    for m in data.MODALITIES:  # an expert is scored with its own modality only: its own tasks, no others
+        own = models[f"expert/{m}/lora"]
+        assert f"own/{m}" in own and not {f"own/{o}" for o in data.MODALITIES if o != m} & set(own)
+    merged = models["lora/ties"]
+    assert {"music_avqa", "avqa", "cross_avg", "own/image", "own/audio", "own/video"} <= set(merged)
+    assert any(k.startswith("music_avqa/qtype/") for k in merged)
+    assert result["aggregate"]["lora/ties"]["cross_avg"]["n"] == 1
+
+
+def test_a_merge_keeps_each_tower_bit_identical_to_its_owner(quick_run, tmp_path: Path) -> None:
+    root = seed_dir(quick_run[0], 0)
+    report = merge_experts(root, "lora", "ties", 1.0, tmp_path / "merged")
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    base = load_file(str(root / "base" / "model.safetensors"))
+    assert set(merged) == set(base)
+    for m, prefix in TOWERS.items():
+        owner = load_file(str(root / "experts" / "lora" / m / "model.safetensors"))
+        names = [k for k in merged if k.startswith(prefix)]
+        assert names and all(torch.equal(merged[k], owner[k]) for k in names)
+        connector = [k for k in names if ".merger." in k or ".proj." in k or ".ln_post." in k]
+        assert any(not torch.equal(owner[k], base[k]) for k in connector), m  # the expert trained its connector
+    assert report is not None
