@@ -283,7 +283,7 @@ class CheckpointReader:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Naming schemes (transformers 5 writes legacy 4.x names on disk, uses new names in memory; ecosystem.md section 5)
+# Naming schemes (transformers 5 writes legacy 4.x names on disk and uses new names in memory)
 
 _WRAPPER_TOKENS = ("model", "language_model")
 

@@ -1,9 +1,8 @@
 """The streaming merge engine: base + N experts on disk -> merged checkpoint on disk, one tensor at a time.
 
-Shape (spec/peers.md section 10, STYLE.md section 3 points 3-5): the engine walks the base checkpoint's tensors,
-reads each one from memory-mapped safetensors (base and every expert; LoRA experts give ``scaling * B @ A``),
-forms the stacked task vectors ``(N, *S)`` in the compute dtype on the compute device, asks the merge policy what
-to do (keep the base, hand the tensor to the method, or average it; spec/paper.md section 1.6), and streams
+The engine walks the base checkpoint's tensors, reads each one from memory-mapped safetensors (base and every
+expert; LoRA experts give ``scaling * B @ A``), forms the stacked task vectors ``(N, *S)`` in the compute dtype on the compute device, asks the merge policy what
+to do (keep the base, hand the tensor to the method, or average it, as the official scripts do), and streams
 ``theta_0 + lam * tau_m`` into bounded output shards. A background reader thread with a bounded queue reads and
 subtracts the next tensor while the current one is merged, so peak memory is about ``(N + 2) x`` the largest
 tensor, never the model. Global methods (TIES ``scope="global"``) get extra statistics passes first.

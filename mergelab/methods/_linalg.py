@@ -1,7 +1,7 @@
 """Shared linear algebra and config validation for the merging methods.
 
 Everything here is pure: tensors in, tensors out, no device moves, no global state. SVDs run in float32 (or float64
-when asked) whatever the input dtype, because LAPACK/cuSOLVER have no half-precision SVD (STYLE.md 3.5).
+when asked) whatever the input dtype, because LAPACK/cuSOLVER have no half-precision SVD.
 """
 
 from __future__ import annotations

@@ -269,7 +269,7 @@ def _trim_and_merge(deltas: Tensor, thresholds: Tensor | None) -> Tensor:
 
 
 class GlobalMagnitudeThreshold:
-    """Exact per-expert global TIES threshold over every streamed tensor, in two passes (STYLE.md 3.4).
+    """Exact per-expert global TIES threshold over every streamed tensor, in two passes.
 
     Non-negative float32 values order like their int32 bit patterns. Pass 1 histograms the high 16 bits of
     ``|tau_i|`` per expert (32,768 buckets); that locates the bucket holding the j-th smallest magnitude and its rank

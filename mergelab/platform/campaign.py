@@ -1,6 +1,6 @@
 """Optuna campaigns over merges: one study, one MLflow parent run, one nested MLflow run per trial.
 
-Design (spec/ecosystem.md section 3 and pitfalls 6-8):
+Design:
 
 * The study lives in Optuna's own RDB (``mlruns/optuna.db`` or ``MERGELAB_OPTUNA_STORAGE``), never in the MLflow
   database, with a heartbeat and a grace period: a worker killed mid-trial is detected, its trial failed in Optuna
@@ -9,7 +9,7 @@ Design (spec/ecosystem.md section 3 and pitfalls 6-8):
 * The budget ``n_trials`` is for the whole study, shared by every worker attached to it (``mergelab worker``); a
   trial whose number is past the budget (two workers racing for the last slot) is skipped before any work.
 * Each trial is ``tracked_merge`` with ``parent_run_id`` set to the campaign's run (a tag, so nesting holds across
-  threads and processes; pitfall 7). A crashing trial is FAILED in Optuna and MLflow and the campaign goes on.
+  threads and processes: MLflow's fluent run stack is per thread). A crashing trial is FAILED in Optuna and MLflow and the campaign goes on.
 * The sampler sees only val metrics (the objective is validated to be ``val/...``). Registered candidates are
   evaluated on the test split too, and those numbers go to MLflow and the registry only.
 * Registration policy ``all | top_k | best``: a trial that would enter the campaign's top k is registered (zero-copy,
@@ -40,6 +40,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mergelab.engine import ExpertSpec, MergeRecipe, run_merge
+from mergelab.methods import METHODS
 from mergelab.platform import registry as reg
 from mergelab.platform.campaign_config import CampaignConfig, ZooRef
 from mergelab.platform.evaluation import EvalSummary, Evaluator, HFEvaluator, log_eval
@@ -191,8 +192,6 @@ def make_pruner(cfg: CampaignConfig) -> optuna.pruners.BasePruner:
 
 def check_search_space(cfg: CampaignConfig) -> None:
     """Refuse searched or fixed parameters that the method's config does not have (one line naming them)."""
-    from mergelab.methods import METHODS
-
     if cfg.method not in METHODS:
         raise ValueError(f"method: unknown merge method {cfg.method!r}; known: {sorted(METHODS)}")
     fields = set(getattr(METHODS[cfg.method].config_cls, "__dataclass_fields__", {}))

@@ -1,6 +1,6 @@
 """Pydantic schema of a campaign YAML (``mergelab campaign CAMPAIGN.yaml`` / ``mergelab worker CAMPAIGN.yaml``).
 
-Example (OptMerge over a benchmark zoo, spec/paper.md section 1.7 for the defaults searched around)::
+Example (OptMerge over a benchmark zoo, searching around the paper's defaults: docs/methods.md)::
 
     name: optmerge-lora-001
     experts: {zoo: data/zoo, kind: lora}          # or: base: ckpt/base + experts: [{path: ..., name: vqa}, ...]

@@ -1,7 +1,7 @@
 """`mergelab` command line: a thin layer that parses, validates and calls one library function per command.
 
-Each command lives in its own module and is attached here with one line, so features land without touching
-each other's code.
+Each command lives in its own module (``cmd_*.py``) and is attached here, so features land without touching each
+other's code. Heavy imports (torch, transformers, mlflow, optuna) happen inside the commands, so ``--help`` is fast.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import threading
 from typing import Any
 
 import click
+
+from mergelab.platform import cmd_bench, cmd_demo, cmd_eval, cmd_merge, cmd_tracking
 
 
 class Terminated(KeyboardInterrupt):
@@ -45,28 +47,11 @@ def main() -> None:
     raise_on_sigterm()
 
 
-def _attach() -> None:
-    # One line per command module. Imports are local to keep `mergelab --help` fast and independent.
-    import importlib
-
-    for mod in (
-        "mergelab.platform.cmd_merge",
-        "mergelab.platform.cmd_bench",
-        "mergelab.platform.cmd_eval",
-        "mergelab.platform.cmd_tracking",
-        "mergelab.platform.cmd_demo",
-    ):
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # a command module not written yet
-            if e.name == mod:
-                continue
-            raise
-        for cmd in getattr(m, "COMMANDS", ()):
-            main.add_command(cmd)
-
-
-_attach()
+# One line per command module; the modules import only click at the top (their work is imported when a command
+# runs), so `mergelab --help` stays fast.
+for _commands in (cmd_merge.COMMANDS, cmd_bench.COMMANDS, cmd_eval.COMMANDS, cmd_tracking.COMMANDS, cmd_demo.COMMANDS):
+    for _cmd in _commands:
+        main.add_command(_cmd)
 
 if __name__ == "__main__":
     main()

@@ -1,12 +1,9 @@
 """One MLflow run per merge (``mergelab merge``, a comparison row or a campaign trial): merge, log, evaluate.
 
-Store (spec/ecosystem.md section 2 and pitfalls 3-6, 9, 12): by default everything lives under ``mlruns/``:
-``mlruns/mlflow.db`` (tracking and registry, SQLite), ``mlruns/artifacts/`` (artifact root, always passed as
-``artifact_location`` when an experiment is created) and ``mlruns/optuna.db`` (Optuna's own RDB; never the MLflow
-file, both use alembic). ``MLFLOW_TRACKING_URI`` and ``MERGELAB_OPTUNA_STORAGE`` override the URIs (PostgreSQL, an
-``http://`` tracking server), so the code is storage-agnostic. Library code talks to MLflow only through an explicit
-``MlflowClient(tracking_uri)`` and explicit run ids (STYLE.md section 3 point 9): no fluent active-run stack, so
-trials in threads or other processes nest under their campaign by the ``mlflow.parentRunId`` tag.
+The run records the :class:`~mergelab.engine.recipe.MergeRecipe` (params, ``config/merge.yaml`` and the
+``mergelab.recipe`` tag: its digest, the merge's identity), the engine's :class:`~mergelab.engine.report.MergeReport`,
+and, when tasks are given, the val evaluation (:mod:`mergelab.platform.evaluation`). The store it writes to is
+:mod:`mergelab.platform.store`.
 
 Stable metric names of a tracked merge (the UI's compare view lines them up):
 
@@ -23,9 +20,9 @@ Stable metric names of a tracked merge (the UI's compare view lines them up):
 ``test/...``                the same names on the test split (registered candidates and promotion only)
 ========================== ==================================================================================
 
-Params: ``method``, ``hp.<name>`` (every field of the method's config dataclass, defaults included),
-``policy``, ``device``, ``dtype``, ``compute_dtype``, ``seed``, ``base.path``/``base.sha256``,
-``expert.<i>.name/path/sha256/coefficient``, ``version.<package>``, ``git.commit``.
+Params: ``method``, ``recipe.sha``, ``hp.<name>`` (every field of the method's config dataclass, defaults
+included), ``policy``, ``device``, ``dtype``, ``compute_dtype``, ``seed``, ``base.path``/``base.sha256``,
+``expert.<i>.name/path/kind/sha256/coefficient``, ``version.<package>``, ``git.commit``.
 Artifacts: ``config/merge.yaml``, ``merge_report.json``, ``predictions/val.json`` (an MLflow table),
 ``charts/val_scores.png`` and the merged weights under ``merged/`` (written once, by the engine, in place).
 """

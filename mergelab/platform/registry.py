@@ -2,8 +2,7 @@
 
 A merged model's weights are written once, into its run's artifact directory (``<run artifacts>/merged``), and a
 model version is created that *points at them* with ``MlflowClient.create_model_version(source=..., run_id=...)``
-(spec/ecosystem.md section 2: no second copy; works in-process and through a tracking server whose artifact root is
-local). Consequently deleting a version also deletes its weights, and weights are deleted only together with their
+(no second copy; this works in-process and through a tracking server whose artifact root is local). Consequently deleting a version also deletes its weights, and weights are deleted only together with their
 version, so no version ever points at nothing.
 
 Version tags: ``method``, ``hp.<name>`` (every hyperparameter), ``campaign``, ``trial``, ``run_id``, ``val/...``

@@ -101,7 +101,7 @@ class Store:
         if _same_sqlite_file(uri, opt):
             raise ValueError(
                 f"Optuna storage {opt!r} is the MLflow database {uri!r}: give Optuna its own file "
-                "(both use alembic; spec/ecosystem.md pitfall 6)"
+                "(both keep an alembic_version table and would overwrite each other's schema version)"
             )
         for u in (uri, opt):
             if u.startswith("sqlite:///"):
