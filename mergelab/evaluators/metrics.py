@@ -3,7 +3,9 @@
 Every function takes keyword-only arguments (public copies of pix2struct's ``relaxed_correctness`` disagree on
 argument order), returns a float in [0, 1] (or a parsed value) and never raises on malformed model output. Each
 one cites the reference implementation whose documented behaviour it reproduces; the golden tests in
-``tests/test_metrics.py`` pin that behaviour, the awkward cases included.
+``tests/test_metrics.py`` pin that behaviour, the awkward cases included. The module is over 500 lines on
+purpose: one flat file of small pure functions, each next to the reference quirks it reproduces, whose shared
+normalisers (VQA, modified exact match, number extraction) serve several benchmarks.
 
 References:
     * VQA normalisation and soft accuracy: the official VQA evaluation (GT-Vision-Lab/VQA, ``vqaEval.py``) as
