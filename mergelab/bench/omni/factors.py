@@ -1,0 +1,77 @@
+"""LoRA factor merging, as the official modality-merging script does it (pure tensors; the engine's second mode).
+
+The ModelCompose merge script (OptMerge paper, section 5.1) merges LoRA experts on their **raw factors**: for each
+adapted linear layer the stack of ``lora_A`` matrices ``(r, d_in)`` and the stack of ``lora_B`` matrices
+``(d_out, r)`` each go through the method separately, with the factor itself as the "task vector" (a zero base, no
+init subtracted, no product ``B @ A``) and lambda multiplying each merged factor. The merged layer's update is then
+``scaling * B_m @ A_m``; for task arithmetic that is ``(sum B_i)(sum A_i)``, cross terms included, not the delta
+mode's ``sum B_i A_i``. The script's OptMerge is the ``lora`` variant with k = min(m, n) // 5 (``rank_ratio
+0.2``) over the raw factor, the full untruncated projector, mean init, SGD lr 5e-2, momentum 0.9, 300 steps
+(:data:`OPTMERGE_FACTOR_PARAMS`).
+
+:func:`merge_factors` does this for whole adapters (``{module: (A stack, B stack)}``) with any method of
+:data:`mergelab.methods.METHODS`, global statistics (TIES' global top-k) included, and returns the merged factors;
+:func:`factor_delta` turns them into weight deltas. What the engine still needs for this mode is described in
+``docs/omni.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from mergelab.methods import METHODS
+from mergelab.methods.base import MergeContext, scale_of, tensor_generator
+
+OPTMERGE_FACTOR_PARAMS: dict[str, Any] = {"variant": "lora", "rank_ratio": 0.2, "init": "mean", "optimizer": "sgd",
+                                          "lr": 5e-2, "momentum": 0.9, "steps": 300, "projector": "uncentred"}
+"""OptMerge's settings in the official modality script (``wudi_merging2``, ``iter_num=300``)."""
+
+
+def factor_params(method: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The method's parameters in factor mode: the official script's OptMerge settings, then ``params``."""
+    base = dict(OPTMERGE_FACTOR_PARAMS) if method == "optmerge" else dict(METHODS[method].setting_params("lora"))
+    return {**base, **dict(params or {})}
+
+
+def merge_factors(factors: Mapping[str, Sequence[torch.Tensor]], method: str,
+                  params: Mapping[str, Any] | None = None, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Merge raw LoRA factors with ``method``: each key's stack as task vectors over a zero base, times lambda.
+
+    Args:
+        factors: ``{tensor name: [expert 1's factor, expert 2's, ...]}`` (``...lora_A.weight`` and
+            ``...lora_B.weight`` entries are independent tensors).
+        method: a key of :data:`mergelab.methods.METHODS`.
+        params: the method's parameters (:func:`factor_params` adds the script's OptMerge settings).
+        seed: per-tensor generator seed (stochastic methods such as DARE).
+
+    Returns:
+        ``{tensor name: lambda * merged factor}``.
+    """
+    spec = METHODS[method]
+    cfg = spec.make_config(factor_params(method, params))
+    lam = scale_of(cfg)
+    stacks = {k: torch.stack([t.float() for t in v]) for k, v in factors.items()}
+    stats = spec.make_stats(cfg, len(next(iter(stacks.values())))) if spec.make_stats else None
+    while stats is not None:
+        for name, deltas in stacks.items():
+            stats.update(name, deltas)
+        if not stats.finish_pass():
+            break
+    out = {}
+    for name, deltas in stacks.items():
+        ctx = MergeContext(name=name, generator=tensor_generator(seed, name), stats=stats)
+        out[name] = spec.fn(torch.zeros_like(deltas[0]), deltas, cfg, ctx) * lam
+    return out
+
+
+def factor_delta(merged: Mapping[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """``{module: scaling * B @ A}`` from merged factors named ``<module>.lora_A.weight`` / ``.lora_B.weight``."""
+    out = {}
+    for name, a in merged.items():
+        if name.endswith(".lora_A.weight"):
+            module = name[: -len(".lora_A.weight")]
+            out[module] = scaling * merged[f"{module}.lora_B.weight"] @ a
+    return out
