@@ -10,13 +10,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import datasets
+
+from mergelab.bench.data import default_data_root, read_split
+from mergelab.evaluators.loaders import Sample
+from mergelab.evaluators.tasks import offline_score, strip_prediction
+
 
 def load_split(**kw: Any) -> dict[str, Any]:
     """``custom_dataset`` hook: ``{"test": Dataset}`` of ``<data_root>/<task>/<variant>/<split>.jsonl``."""
-    import datasets
-
-    from mergelab.bench.data import default_data_root, read_split
-
     root = Path(kw.get("data_root") or default_data_root())
     limit = kw.get("limit")
     samples = read_split(kw["task"], kw["variant"], kw.get("split", "val"), root,
@@ -29,9 +31,6 @@ def load_split(**kw: Any) -> dict[str, Any]:
 
 def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
     """``process_results`` hook: parse and score the generation exactly as the native runner does."""
-    from mergelab.evaluators.loaders import Sample
-    from mergelab.evaluators.tasks import offline_score, strip_prediction
-
     sample = Sample(id=str(doc["id"]), question=doc["question"], answers=list(doc["references"]),
                     image=None, meta=json.loads(doc["meta"] or "{}"), metric=doc["metric"])  # fmt: skip
     prediction = strip_prediction(results[0])  # the offline tasks' parser
