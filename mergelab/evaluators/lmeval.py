@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from mergelab.bench.data import default_data_root
+from mergelab.evaluators.runner import _stop_ids, _tokenizer
 from mergelab.evaluators.tasks import OFFLINE_TASKS, OFFLINE_VARIANTS, get_task
 from mergelab.families import family_for_model_type
 
@@ -146,8 +147,6 @@ def make_lm(model: Any, processor: Any, *, batch_size: int = 8, max_length: int 
 
 
 def _stop_token_ids(model: Any, processor: Any) -> list[int]:
-    from mergelab.evaluators.runner import _stop_ids, _tokenizer
-
     return _stop_ids(model, _tokenizer(processor))
 
 

@@ -12,7 +12,10 @@ answers are still parsed: :func:`mergelab.evaluators.metrics.parse_box` accepts 
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mergelab.evaluators.loaders import Sample, open_image
+from mergelab.evaluators.suites import SUITES
 from mergelab.evaluators.tasks import OFFLINE_TASKS, Task, get_task, metric_name
 from mergelab.families import end_of_turn_tokens, family_for_model_type
 
@@ -208,10 +212,6 @@ class EvalResult:
         Returns:
             The written path.
         """
-        import json
-        import os
-        import tempfile
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -315,8 +315,6 @@ def evaluate(
         ValueError: a task has no samples, or the data is malformed.
     """
     if isinstance(tasks, str):  # one task, or a suite name ("paper", "offline", "offline_generic")
-        from mergelab.evaluators.suites import SUITES
-
         tasks = list(SUITES[tasks].tasks) if tasks in SUITES else [tasks]
     specs = [get_task(t) for t in tasks]
     if len(set(tasks)) != len(tasks):
