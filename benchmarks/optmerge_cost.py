@@ -12,6 +12,11 @@ Usage::
     python benchmarks/optmerge_cost.py --quick            # CPU-friendly shapes
     python benchmarks/optmerge_cost.py --device cuda      # 896x4864, 4864x896, 3584x18944, 18944x3584
     python benchmarks/optmerge_cost.py --device cuda --svd gram   # compare the SVD routes on a GPU
+    python benchmarks/optmerge_cost.py --vs-swudi --device cpu --shapes 896x4864   # OptMerge against SWUDI
+
+``--vs-swudi`` prints, per shape (default 896x4864 and 3584x18944, N = 5), our exact LoRA-variant OptMerge (closed
+SGD path, 300 steps), the full variant's Adam cost per step (and its setup: spectra and factors) and SWUDI's total,
+all in seconds on the same task vectors.
 """
 
 from __future__ import annotations
@@ -24,9 +29,12 @@ import torch
 from torch import Tensor
 
 from mergelab.methods import MergeContext
-from mergelab.methods.optmerge import OptMergeConfig, optmerge
+from mergelab.methods._linalg import solve_iterative
+from mergelab.methods.optmerge import OptMergeConfig, optmerge, optmerge_factors
+from mergelab.methods.swudi import SwudiConfig, swudi
 
 FULL_SHAPES = [(896, 4864), (4864, 896), (3584, 18944), (18944, 3584)]
+SWUDI_SHAPES = [(896, 4864), (3584, 18944)]
 QUICK_SHAPES = [(448, 2432), (2432, 448)]  # half the InternVL2.5-1B (Qwen2.5-0.5B) MLP shapes
 
 
@@ -86,6 +94,49 @@ def official(d: Tensor, variant: str, steps: int, device: torch.device) -> tuple
     return t1 - t0, (t2 - t1) / steps, peak
 
 
+def vs_swudi_row(d: Tensor, steps: int, timed_steps: int, device: torch.device) -> tuple[float, ...]:
+    """Seconds of: exact LoRA OptMerge; the full variant's setup (spectra, factors) and one Adam step; SWUDI."""
+    ctx = MergeContext()
+    lora, _ = timed(lambda: optmerge(None, d, OptMergeConfig(variant="lora", steps=steps), ctx), device)
+    cfg = OptMergeConfig(variant="full", steps=steps)
+    out: dict[str, object] = {}
+    setup, _ = timed(lambda: out.update(factors=optmerge_factors(d, cfg)), device)
+    f, h = out["factors"]  # type: ignore[misc]
+    x0 = d.sum(0)
+    loop, _ = timed(
+        lambda: solve_iterative(x0, f, h, optimizer="adam", lr=cfg.lr, steps=timed_steps, momentum=0.9),
+        device,
+    )
+    sw, _ = timed(lambda: swudi(None, d, SwudiConfig(), ctx), device)
+    return lora, setup, loop / timed_steps, sw
+
+
+def vs_swudi(shapes: list[tuple[int, int]], experts: int, steps: int, device: torch.device) -> None:
+    """OptMerge (exact LoRA variant; full variant per Adam step) against SWUDI's total, same task vectors."""
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu, {torch.get_num_threads()} threads"
+    )
+    print(f"OptMerge vs SWUDI per layer, N={experts}, float32, {name}, torch {torch.__version__}")
+    head = (
+        f"{'shape (out x in)':>17} {'OptMerge lora exact s':>21} {'full setup s':>12} {'full s/step':>11} "
+        f"{'full ' + str(steps) + ' steps s':>15} {'SWUDI s':>8} {'lora/SWUDI':>10} {'SWUDI/full step':>15}"
+    )
+    print(head)
+    print("-" * len(head))
+    for m, n in shapes:
+        g = torch.Generator().manual_seed(0)
+        d = (1e-3 * torch.randn(experts, m, n, generator=g)).to(device)
+        optmerge(None, d[:, :64, :64], OptMergeConfig(steps=2), MergeContext())  # warm-up
+        lora, setup, per_step, sw = vs_swudi_row(d, steps, 10, device)
+        print(
+            f"{f'{m}x{n}':>17} {lora:21.2f} {setup:12.2f} {per_step:11.4f} {setup + steps * per_step:15.1f} "
+            f"{sw:8.2f} {lora / sw:9.2f}x {sw / per_step:14.0f}x",
+            flush=True,
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help=f"only {QUICK_SHAPES}")
@@ -101,9 +152,26 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--svd", default="auto", choices=["auto", "lapack", "gram"], help="OptMergeConfig.svd")
     ap.add_argument("--shapes", default=None, help="comma-separated OUTxIN list, e.g. 896x4864,3584x18944")
+    ap.add_argument(
+        "--vs-swudi", action="store_true", help=f"OptMerge against SWUDI (default shapes {SWUDI_SHAPES})"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.vs_swudi:
+        chosen = (
+            [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+            if args.shapes
+            else SWUDI_SHAPES
+        )
+        dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
+        vs_swudi(
+            chosen,
+            args.experts,
+            args.steps,
+            torch.device("cpu") if args.device == "auto" and dev.type != "cuda" else dev,
+        )
+        return
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     if args.device != "auto":
         devices = [torch.device(args.device)]
