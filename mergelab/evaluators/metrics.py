@@ -1,4 +1,4 @@
-"""Per-sample metrics of the paper's benchmarks (spec section 3.3), as pure functions over generated text.
+"""Per-sample metrics of the paper's benchmarks (its Tables 2 and 3), as pure functions over generated text.
 
 Every function takes keyword-only arguments (public copies of pix2struct's ``relaxed_correctness`` disagree on
 argument order), returns a float in [0, 1] (or a parsed value) and never raises on malformed model output. Each
@@ -12,7 +12,7 @@ References:
       applied by VLMEvalKit ``vlmeval/dataset/utils/vqa_eval.py`` (``process_answer``, ``process_line``) and
       lmms-eval ``EvalAIAnswerProcessor``.
     * Exact match with the paper's modified normaliser: the OptMerge repository's modified ``accuracy`` method
-      in VLMEvalKit ``vqa_eval.py`` (spec section 3.3 and 6.16).
+      in VLMEvalKit ``vqa_eval.py``.
     * Relaxed accuracy: pix2struct ``metrics.py::relaxed_correctness`` (also used by VLMEvalKit and lmms-eval).
     * ANLS: lmms-eval ``api/metrics.py::anls`` and VLMEvalKit ``anls_compute`` + ``hit_calculate`` (DocVQA /
       InfographicVQA); both divide by the lengths of the strings as given.
@@ -205,7 +205,7 @@ def normalize_modified(*, text: str) -> str:
 
 
 def exact_match(*, prediction: str, answers: Sequence[str]) -> float:
-    """Exact match after :func:`normalize_modified`, max over ground truths (paper spec section 3.3, GQA/OCR-VQA).
+    """Exact match after :func:`normalize_modified`, max over ground truths (the paper's GQA and OCR-VQA).
 
     Args:
         prediction: The model's answer.
@@ -600,7 +600,7 @@ MATHVISION_GEOMETRY_ROWS = (
 def subset_mean_accuracy(
     *, scores: Iterable[float], categories: Iterable[Iterable[str]], rows: Sequence[str]
 ) -> dict[str, float]:
-    """Geometry-subset aggregation (OptMerge ``VLMEvalKit/results.py``; spec section 3.3 and 6.15).
+    """Geometry-subset aggregation (OptMerge ``VLMEvalKit/results.py``).
 
     Each row's accuracy is the mean score of the samples tagged with that row (a sample may carry several tags:
     MathVista's skills plus its task); the subset score is the unweighted mean of the rows' accuracies. Rows

@@ -1,9 +1,10 @@
 """Suites: named task lists with a table layout.
 
 * ``paper``: the ten columns of the paper's Tables 2 and 3 (VizWiz, GQA, MathVista, MATH-V, ChartQA, TextVQA,
-  OCRVQA, RefCOCO, RefCOCO+, RefCOCOg) plus ``Avg``, the unweighted mean of the available columns (spec 3.3: rows
-  with "-" cells average the columns they have).
-* ``offline``: the offline benchmark's five synthetic tasks (shifted variant) plus ``Avg``.
+  OCRVQA, RefCOCO, RefCOCO+, RefCOCOg) plus ``Avg``, the unweighted mean of the available columns (as in the paper:
+  rows with "-" cells average the columns they have).
+* ``offline``: the offline benchmark's synthetic tasks (:data:`mergelab.bench.tasks.REGISTRY`, shifted variant)
+  plus ``Avg``.
 * ``offline_generic``: their generic variants (forgetting).
 """
 

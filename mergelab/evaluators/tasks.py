@@ -5,7 +5,7 @@ Two families share one table, :data:`TASKS`:
 * the offline benchmark's tasks, derived from :data:`mergelab.bench.tasks.REGISTRY` (``vqa``, ``geometry``,
   ``chart``, ``ocr``, ``grounding``: the ``shifted`` variant, i.e. the benchmark's test set) and their
   ``*_generic`` twins (the ``generic`` variant, for forgetting);
-* the paper's ten evaluation columns (spec section 3.3): ``vizwiz``, ``gqa``, ``mathvista_geo``,
+* the paper's ten evaluation columns (its Tables 2 and 3): ``vizwiz``, ``gqa``, ``mathvista_geo``,
   ``mathvision_geo``, ``chartqa``, ``textvqa``, ``ocrvqa``, ``refcoco``, ``refcoco_plus``, ``refcocog``.
 
 Metric names are ``<task>/<metric>`` with ``<metric>`` from :attr:`Task.metric_names` (documented in

@@ -1,4 +1,4 @@
-"""Chart: value, max and comparison on bar or line charts (the stand-in for OptMerge's ChartQA, s3).
+"""Chart: value, max and comparison on bar or line charts (the stand-in for OptMerge's ChartQA).
 
 A chart holds four data points at the centres of the four 28-px columns, over light-gray gridlines every 10 px
 and a black baseline at y = 104; everything else is black on white. A point of value ``v`` (in grid units 1-9)

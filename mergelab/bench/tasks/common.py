@@ -1,6 +1,6 @@
 """Shared pieces of the offline benchmark's procedural task generators: samples, randomness, drawing.
 
-The offline benchmark stands in for the five capabilities of OptMerge (arXiv:2505.19892, spec section 3: VQA,
+The offline benchmark stands in for the five capabilities of OptMerge (arXiv:2505.19892: VQA,
 Geometry, Chart, OCR, Grounding). Every image is 112x112 RGB, drawn on a 4x4 grid of 28-pixel cells so that one
 cell is exactly one merged image token of a Qwen2-VL with 14-pixel patches and a 2x2 spatial merge.
 

@@ -1,4 +1,4 @@
-"""Geometry: sides, lengths and angles (the stand-in for OptMerge's MathVista/MATH-Vision geometry, s3).
+"""Geometry: sides, lengths and angles (the stand-in for OptMerge's MathVista/MATH-Vision geometry).
 
 Everything is drawn in black 3-pixel strokes on white (a fixed colour: colour carries no meaning here).
 Three question families, each answered by one word (exact match):

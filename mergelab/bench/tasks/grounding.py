@@ -1,9 +1,9 @@
-"""Grounding: referring expression -> box (the stand-in for OptMerge's RefCOCO capability, arXiv:2505.19892 s3).
+"""Grounding: referring expression -> box (the stand-in for OptMerge's RefCOCO capability, arXiv:2505.19892).
 
 Scene: one filled shape (4 shapes x 6 colours) in one cell of the grid. The prompt is lmms-eval's RefCOCO
 prompt, ``"Please provide the bounding box coordinate of the region this sentence describes: the red circle"``,
-and the answer is Qwen2-VL's box format on the 0-1000 grid, ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>`` (spec
-section 3: LLaMA-Factory's conversion), scored at IoU >= 0.5.
+and the answer is Qwen2-VL's box format on the 0-1000 grid, ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>``
+(LLaMA-Factory's conversion), scored at IoU >= 0.5.
 
 Learnability: objects sit on a coarse grid and the target box is the box of the object's *cell*, so a box uses a
 handful of distinct coordinates (single tokens for a trained tokenizer). Objects are 20-24 px in a 28-px cell, so

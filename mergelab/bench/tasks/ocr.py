@@ -1,4 +1,4 @@
-"""OCR: reading a rendered character (the stand-in for OptMerge's TextVQA / OCR-VQA capability, s3).
+"""OCR: reading a rendered character (the stand-in for OptMerge's TextVQA / OCR-VQA capability).
 
 One large character of the package's 5x7 bitmap font is drawn near the middle of the image, 6-8 pixels per font
 dot (30x42 to 40x56-px glyphs), in one of four dark inks, jittered by up to 6 pixels. The question is

@@ -1,4 +1,4 @@
-"""VQA: attributes and existence of objects (the stand-in for OptMerge's VQA capability, arXiv:2505.19892 s3).
+"""VQA: attributes and existence of objects (the stand-in for OptMerge's VQA capability, arXiv:2505.19892).
 
 Scene: one filled shape (circle, square, triangle, diamond) of 36-52 pixels anywhere on a white image.
 Questions (answers are single words, scored by exact match):

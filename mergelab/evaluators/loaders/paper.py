@@ -1,4 +1,4 @@
-"""Loaders of the paper's ten evaluation columns (spec section 3.3), reading the public releases from disk.
+"""Loaders of the paper's ten evaluation columns (its Tables 2 and 3), reading the public releases from disk.
 
 Nothing is downloaded: point ``data_root`` (default ``$MERGELAB_PAPER_DATA`` or ``~/.cache/mergelab/paper``) at a
 directory holding the releases, each in its own sub-directory with the release's own file names. Every loader
@@ -106,7 +106,7 @@ def load_gqa(data_root: Path, *, limit: int | None = None) -> list[Sample]:
 
 
 def load_mathvista_geo(data_root: Path, *, limit: int | None = None) -> list[Sample]:
-    """MathVista testmini, geometry subset (spec 3.3): items whose skills or task is a geometry row.
+    """MathVista testmini, geometry subset (the paper's MathVista column): items whose skills or task is a geometry row.
 
     Layout (the release on the Hugging Face hub, AI4Math/MathVista; ``testmini.json`` of the GitHub release is
     accepted too)::
@@ -152,7 +152,7 @@ def load_mathvista_geo(data_root: Path, *, limit: int | None = None) -> list[Sam
 
 
 def load_mathvision_geo(data_root: Path, *, limit: int | None = None) -> list[Sample]:
-    """MATH-Vision testmini, geometry subset (spec 3.3): the four geometry subjects, 19 items each.
+    """MATH-Vision testmini, geometry subset (the paper's MATH-V column): the four geometry subjects, 19 items each.
 
     Layout (the GitHub release, mathllm/MATH-V)::
 
