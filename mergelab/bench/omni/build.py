@@ -44,7 +44,10 @@ class OmniPlan:
         size: the model architecture.
         described: text-only described items the base trains on.
         base: base training (whole LLM).
-        per_task: training items per single-modality task (each expert trains on its modality's tasks).
+        per_task: training items per single-modality task (each expert trains on its modality's tasks, questions
+            with :data:`~mergelab.bench.omni.data.TRAIN_LEADS`).
+        replay: described items mixed into each expert's training set, as a fraction of its task items (keeps the
+            base's text skills: the lettered answers, the question forms).
         lora: LoRA expert training (``lora_r > 0``).
         full: full-FT expert training (``trainable`` = the decoder's linear weights).
         settings: which expert settings to build.
@@ -53,9 +56,10 @@ class OmniPlan:
 
     size: OmniSize = field(default_factory=OmniSize)
     described: int = 4000
-    base: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, batch_size=32, lr=1e-3,
+    base: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=32, lr=2e-3,
                                                                   warmup_steps=20, trainable=BASE_TRAINABLE))
     per_task: int = 600
+    replay: float = 0.25
     lora: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=16, lr=2e-3,
                                                                   warmup_steps=20, lora_r=8, lora_alpha=16))
     full: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=16, lr=5e-4,
@@ -121,7 +125,8 @@ def build_expert(root: Path, plan: OmniPlan, seed: int, setting: str, modality: 
     processor = OmniProcessor.from_pretrained(root / "base")
     model = OmniThinkerForConditionalGeneration.from_pretrained(root / "base")
     tasks = [t for t, (m, _, _) in data.TASKS.items() if m == modality]
-    samples = [s for t in tasks for s in data.task_samples(t, "train", plan.per_task, seed)]
+    samples = [s for t in tasks for s in data.task_samples(t, "train", plan.per_task, seed, leads=True)]
+    samples += data.described_samples(int(plan.replay * len(samples)), seed + 1000)
     base_cfg = plan.lora if setting == "lora" else plan.full
     cfg = TrainConfig(**{**base_cfg.to_dict(), "seed": seed * 100 + list(data.MODALITIES).index(modality)})
     res = train(model, processor, samples, cfg, connector=modality, device=device)

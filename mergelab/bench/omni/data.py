@@ -209,10 +209,19 @@ def _scenes(split: str, n: int, seed: int, salt: str, keep: Sequence[str] = MODA
     return out
 
 
-def task_samples(task: str, split: str, n: int, seed: int = 0) -> list[OmniSample]:
-    """``n`` items of single-modality ``task`` (only its own medium) from ``split``."""
+TRAIN_LEADS = ("", "", "look and listen: ", "in this clip, ", "answer in one word: ", "tell me, ")
+"""Leads an expert's training questions start with (drawn uniformly): none, or a short phrase, so that an expert
+answers its question inside a longer sentence. None of them is a cross-modal set's clause (those name another
+modality: "while the square moves, ...")."""
+
+
+def task_samples(task: str, split: str, n: int, seed: int = 0, *, leads: bool = False) -> list[OmniSample]:
+    """``n`` items of single-modality ``task`` (only its own medium) from ``split``; ``leads``: each question
+    starts with one of :data:`TRAIN_LEADS` (the experts' training sets)."""
     modality, question, _ = TASKS[task]
-    return [OmniSample(f"{task}-{split}-{i}", task, task, question, scene_answer(task, scene), scene)
+    rng = random.Random(f"{task}:leads:{seed}")
+    return [OmniSample(f"{task}-{split}-{i}", task, task, (rng.choice(TRAIN_LEADS) if leads else "") + question,
+                       scene_answer(task, scene), scene)
             for i, scene in enumerate(_scenes(split, n, seed, task, keep=(modality,)))]
 
 
@@ -312,7 +321,7 @@ def described_samples(n: int, seed: int = 0) -> list[OmniSample]:
 
 def corpus(seed: int = 0) -> list[str]:
     """Text the tokenizer is trained on: every question form and answer word."""
-    lines = [q for _, q, _ in TASKS.values()] + [q for _, q in _MUSIC_TEMPLATES.values()]
+    lines = [q for _, q, _ in TASKS.values()] + [q for _, q in _MUSIC_TEMPLATES.values()] + list(TRAIN_LEADS)
     lines += [w for _, _, ws in TASKS.values() for w in ws] + ["yes", "no", "A", "B", "C", "D", AVQA_SUFFIX]
     lines += [s.question for s in described_samples(200, seed)]
     return lines

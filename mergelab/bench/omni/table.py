@@ -16,7 +16,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +37,10 @@ MODALITY_NAMES = {"image": "vision", "audio": "audio", "video": "video"}
 class EvalSizes:
     """Items per evaluation: each cross-modal set and each single-modality task, on val and on test."""
 
-    cross_val: int = 42
-    task_val: int = 20
-    cross_test: int = 140
-    task_test: int = 60
+    cross_val: int = 28
+    task_val: int = 12
+    cross_test: int = 84
+    task_test: int = 40
 
     @classmethod
     def quick(cls) -> EvalSizes:
@@ -169,7 +169,8 @@ def format_table(agg: dict[str, dict[str, dict[str, float]]], setting: str) -> s
 
 def run(zoo: str | Path, seeds: Sequence[int] = (0,), *, jobs: int = 1, device: str = "cpu",
         json_out: str | Path | None = None, quick: bool = False, methods: Sequence[str] | None = None,
-        lam_grid: Sequence[float] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+        lam_grid: Sequence[float] | None = None, settings: Sequence[str] | None = None,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole omni experiment over ``seeds``; prints the tables and returns (and optionally writes) the JSON.
 
     Args:
@@ -181,8 +182,10 @@ def run(zoo: str | Path, seeds: Sequence[int] = (0,), *, jobs: int = 1, device: 
         quick: the test-sized plan and evaluation (:meth:`OmniPlan.quick`, :meth:`EvalSizes.quick`).
         methods: method names (default: every paper method of :data:`mergelab.methods.METHODS`).
         lam_grid: lambda values swept on val (default (0.5, 1.0, 1.5), a subset of the paper's grid).
+        settings: expert settings (default: the plan's, ``lora`` and ``full``).
     """
     plan = OmniPlan.quick() if quick else OmniPlan()
+    plan = replace(plan, settings=tuple(settings)) if settings else plan
     sizes = EvalSizes.quick() if quick else EvalSizes()
     grid = tuple(lam_grid) if lam_grid else ((1.0,) if quick else (0.5, 1.0, 1.5))
     if not set(grid) <= set(LAM_GRID):
