@@ -165,13 +165,22 @@ def n_trimmed(numel: int, density: float) -> int:
     return int(numel * (1.0 - density))
 
 
-def magnitude_threshold(deltas: Tensor, density: float) -> Tensor:
+def magnitude_threshold(deltas: Tensor, density: float, *, exact_topk: bool = False) -> Tensor:
     """Per-expert TIES threshold over one tensor: the ``n_trimmed``-th smallest ``|tau_i|`` (float32, shape ``(N,)``).
 
     Exactly ``|tau_i|.float().kthvalue(j)``, computed by :func:`kth_smallest_abs` (radix select, no full-size copy).
+    Keeping ``|tau_i| >= threshold`` then keeps ``numel - j + 1`` entries (the official scripts' rule). With
+    ``exact_topk`` the threshold is the ``k``-th largest ``|tau_i|`` for ``k = max(1, int(density * numel))``, so
+    exactly ``k`` entries are kept when magnitudes are distinct (mergekit's ``sparsify.magnitude``; ``density == 1``
+    keeps everything).
     """
     flat = deltas.reshape(deltas.shape[0], -1)
-    j = n_trimmed(flat.shape[1], density)
+    if exact_topk:
+        k = flat.shape[1] if density >= 1.0 else max(1, int(density * flat.shape[1]))
+        j = flat.shape[1] - k + 1
+        j = j if j > 1 else 0  # the smallest magnitude as threshold keeps everything, as 0 does
+    else:
+        j = n_trimmed(flat.shape[1], density)
     if j == 0:
         return torch.zeros(flat.shape[0], dtype=torch.float32, device=flat.device)
     return kth_smallest_abs(flat, j)
@@ -201,13 +210,14 @@ def disjoint_merge(trimmed: Tensor) -> Tensor:
     return _trim_and_merge(trimmed, None)
 
 
-def weighted_disjoint_merge(trimmed: Tensor, coef: Tensor) -> Tensor:
+def weighted_disjoint_merge(trimmed: Tensor, coef: Tensor, *, normalize: bool = True) -> Tensor:
     """TIES sign election and disjoint mean with per-expert weights ``c_i >= 0`` (``trimmed`` is not modified).
 
     The elected sign is ``sign(sum_i c_i tau_i)`` (entries where it is 0 take the majority sign, as in
     :func:`disjoint_merge`); each entry is the weighted mean ``sum_i c_i tau_i / sum_i c_i`` over the experts whose
     non-zero value agrees with it, or 0 where none does (mergekit's TIES with ``normalize``). With every
-    ``c_i = 1`` this is :func:`disjoint_merge`, up to float summation order.
+    ``c_i = 1`` this is :func:`disjoint_merge`, up to float summation order. ``normalize=False`` returns the
+    weighted sum ``sum_i c_i tau_i`` over the agreeing experts instead (mergekit's ``normalize: false``).
     """
     c = coef.to(trimmed.device, trimmed.dtype).reshape((-1,) + (1,) * (trimmed.dim() - 1))
     weighted = trimmed * c
@@ -216,6 +226,8 @@ def weighted_disjoint_merge(trimmed: Tensor, coef: Tensor) -> Tensor:
     sign = torch.where(sign == 0, majority, sign)
     agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
     num = (weighted * agree).sum(dim=0)
+    if not normalize:
+        return num
     den = (c * agree).sum(dim=0)
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
 

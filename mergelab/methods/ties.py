@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from mergelab.methods._linalg import check_choice, check_coefficients, check_real, coefficients_or_none
@@ -49,6 +50,11 @@ class TiesConfig:
             scheme: the engine sets ``seed`` to the merge seed unless given), so that every streaming pass sees the
             same masks; otherwise unused.
         coefficients: per-expert weights ``c_i >= 0`` in the sign election and the disjoint mean, or None (ones).
+        topk: ``"scripts"`` (default, the official scripts: zero the entries below the ``int(numel * (1 -
+            density))``-th smallest magnitude) or ``"exact"`` (keep exactly ``max(1, int(density * numel))``
+            entries per tensor, mergekit's convention; ``scope="tensor"`` only).
+        normalize: True (default, the paper): the (weighted) mean of the agreeing entries; False: their (weighted)
+            sum, mergekit's ``normalize: false`` (its ``dare_ties`` default).
     """
 
     lam: float = 1.0
@@ -57,12 +63,19 @@ class TiesConfig:
     drop_rate: float = 0.0
     seed: int = 0
     coefficients: tuple[float, ...] | None = None
+    topk: str = "scripts"
+    normalize: bool = True
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         object.__setattr__(self, "lam", check_real(name, "lam", self.lam))
         object.__setattr__(self, "density", check_density(name, self.density))
         check_choice(name, "scope", self.scope, ("tensor", "global"))
+        check_choice(name, "topk", self.topk, ("scripts", "exact"))
+        if self.topk == "exact" and self.scope == "global":
+            raise ValueError(f"{name}.topk='exact' is per tensor; scope='global' uses the scripts' rule")
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"{name}.normalize must be true or false, got {self.normalize!r}")
         object.__setattr__(self, "drop_rate", check_drop_rate(name, self.drop_rate))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"{name}.seed must be a non-negative integer, got {self.seed!r}")
@@ -103,9 +116,11 @@ def ties(base: Tensor, deltas: Tensor, cfg: TiesConfig, ctx: MergeContext) -> Te
         thresholds = stats.thresholds
     else:
         d = dare_drop(deltas, cfg.drop_rate, ctx) if cfg.drop_rate > 0 else deltas
-        thresholds = magnitude_threshold(d, cfg.density)
+        thresholds = magnitude_threshold(d, cfg.density, exact_topk=cfg.topk == "exact")
+    if coef is None and not cfg.normalize:
+        coef = torch.ones(d.shape[0], dtype=d.dtype, device=d.device)
     if coef is not None:
-        return weighted_disjoint_merge(trim_to_threshold(d, thresholds), coef)
+        return weighted_disjoint_merge(trim_to_threshold(d, thresholds), coef, normalize=cfg.normalize)
     if d is deltas and not ctx.inplace:
         d = deltas.clone()  # a library caller keeps its task vectors
     # d is ours here: DARE's fresh stack, a copy, or the engine's handed-over buffer

@@ -15,7 +15,9 @@ Example::
     seed: 0
     shard_size: 2GB
 
-Relative paths are resolved against the YAML file's directory. :func:`load_recipe` turns the file into a
+Relative paths are resolved against the YAML file's directory. A mergekit configuration (``merge_method``,
+``base_model``, ``models[].parameters``) is accepted as well and translated by
+:func:`mergelab.platform.mergekit_yaml.from_mergekit`. :func:`load_recipe` turns the file into a
 :class:`~mergelab.engine.recipe.MergeRecipe`, whose method parameters are validated by the method's own config
 dataclass, so ``density: 1.5`` fails here, before any tensor is read. Every error is one line naming the file and
 the field (``recipe.yaml: experts.1.path: ...``).
@@ -39,6 +41,7 @@ from pydantic import (
 )
 
 from mergelab.engine import ExpertSpec, MergeError, MergeRecipe
+from mergelab.platform.mergekit_yaml import from_mergekit, is_mergekit
 
 
 class MergeConfigError(MergeError):
@@ -204,8 +207,13 @@ class MergeConfig(RecipeFields):
             raise MergeConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise MergeConfigError(f"{path}: expected a mapping at the top level")
-        cfg = cls.from_dict(data, source=str(path))
         root = path.parent.absolute()
+        if is_mergekit(data):  # mergekit's YAML (merge_method, base_model, models[].parameters)
+            try:
+                data = from_mergekit(data, root)
+            except MergeError as e:
+                raise MergeConfigError(f"{path}: {e}") from None
+        cfg = cls.from_dict(data, source=str(path))
         cfg.base = str(_rel(root, cfg.base))
         for e in cfg.experts:
             e.path = str(_rel(root, e.path))
