@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 #: Squared Frobenius norms below this count as "no task vector" (the guard of the author's fusion_bench port of
-#: OptMerge, spec section 1.6: return the mean when ``max ||tau_i||^2 < 1e-12``).
+#: OptMerge: return the mean when ``max ||tau_i||^2 < 1e-12``).
 ZERO_NORM2 = 1e-12
 
 _DTYPES = {
@@ -154,7 +154,7 @@ def thin_svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Reduced SVD ``x = U diag(S) Vh`` of a matrix or a batch of matrices, in float32/float64.
 
     Uses ``torch.linalg.svd(full_matrices=False)``: the official scripts' full SVD produces an m-by-m ``U`` that is
-    never used (spec section 5); the thin one gives the same leading factors.
+    never used; the thin one gives the same leading factors.
     """
     return torch.linalg.svd(x.to(svd_dtype(x.dtype)), full_matrices=False)
 
@@ -225,7 +225,8 @@ def quadratic_factors(
 ) -> tuple[Tensor, Tensor] | None:
     """Factored form ``(F, H)`` of ``L(x) = sum_i w_i ||(x - t_i) P_i||_F^2 = ||x F - H||_F^2``.
 
-    ``w_i = c_i/||tau_i||_F^2`` (untruncated norm; ``c_i = 1`` without coefficients, the paper's weight), ``P_i = V_{i,1:k} diag(s_{i,1:k})`` (n x k),
+    ``w_i = c_i/||tau_i||_F^2`` (untruncated norm; ``c_i = 1`` without coefficients, the paper's weight),
+    ``P_i = V_{i,1:k} diag(s_{i,1:k})`` (n x k),
     ``t_i = TruncSVD_k(tau_i - mean) + mean`` (centred target, full-FT variant) or ``TruncSVD_k(tau_i)``.
     ``F = [sqrt(w_i) P_i]_i`` is n x (N'k) and ``H = [sqrt(w_i) t_i P_i]_i`` is m x (N'k), so the m x m products
     of the official code (``(x - t_i) P_pad^T``, zero outside its first k columns) are never formed. With
@@ -295,7 +296,7 @@ def solve_iterative(
 ) -> Tensor:
     """Run ``steps`` full-batch ``torch.optim`` steps (Adam with defaults, or SGD with momentum) on the loss.
 
-    The gradient ``2 (x A - B)`` is exactly the autograd gradient of the official loss (spec 1.5), so the optimiser
+    The gradient ``2 (x A - B)`` is exactly the autograd gradient of the official loss, so the optimiser
     sees the same sequence of gradients up to float-summation order. This is the reference path.
     """
     grad = _gradient_fn(f, h)
@@ -337,7 +338,8 @@ def solve_sgd_exact(x0: Tensor, f: Tensor, h: Tensor, *, lr: float, steps: int, 
     With ``A = F F^T = Q diag(a) Q^T`` and ``x = x0 + y Q^T``, the gradient is ``2 (c + y diag(a)) Q^T`` with
     ``c = (x0 A - B) Q``, so every column of ``y`` follows its own scalar linear recurrence
     (:func:`heavy_ball_response`) and ``x_T = x0 + (x0 A - B) Q diag(phi(a)) Q^T``. The component of ``x`` outside
-    ``span(A)`` keeps its initial value (spec 1.5). When ``F`` has fewer columns R than rows n, the same result is
+    ``span(A)`` keeps its initial value (the loss is flat there). When ``F`` has fewer columns R than rows n, the
+    same result is
     ``x0 + (x0 F - H) W diag(phi) W^T F^T`` with ``F^T F = W diag(a) W^T`` (R x R): no n x n matrix, no division
     by singular values. Cost: one min(n, R)-sized ``eigh`` plus three m x n x R products, for any number of steps.
     """

@@ -58,7 +58,7 @@ Which tensors a method sees
 
 Methods whose ``matrix_only`` flag is set (TSV, Iso-C, WUDI, OptMerge, SWUDI: they need a 2-D matrix) receive only
 2-D weights; every other non-excluded tensor is averaged by the engine (``lam * mean_i tau_i``), exactly as the
-official scripts do (spec section 1.6). Element-wise methods (weight average, task arithmetic, TIES, DARE) receive
+official scripts do. Element-wise methods (weight average, task arithmetic, TIES, DARE) receive
 every non-excluded tensor.
 """
 

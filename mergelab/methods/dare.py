@@ -4,8 +4,8 @@ Granularity: per tensor (element-wise). Per expert and per entry, drop with prob
 survivors by ``1/(1-p)`` (``E[DARE(tau)] = tau``), then merge with Task Arithmetic or TIES. DARE is not a method of
 its own here: it is the ``drop_rate`` knob of :class:`TaskArithmeticConfig` and :class:`TiesConfig`
 (the math lives once in :func:`mergelab.methods._sparsify.dare_drop`); the registry's ``dare_task_arithmetic`` and
-``dare_ties`` entries are those methods with the official default ``p = 0.2`` (spec section 2). Randomness comes
-from ``ctx.generator`` (the official 2025 scripts had no seed; spec 6.9).
+``dare_ties`` entries are those methods with the official default ``p = 0.2``. Randomness comes
+from ``ctx.generator`` (the official 2025 scripts drew unseeded masks).
 
 Per-expert coefficients ``c_i`` keep the meaning of the method DARE feeds: in ``dare_task_arithmetic`` ``c_i``
 scales expert i's sparsified, rescaled task vector in the sum; in ``dare_ties`` it weighs it in the sign election

@@ -1,8 +1,8 @@
 """Iso-C and Iso-CTS (Marczak et al., ICML 2025, arXiv:2502.04959). Granularity: per layer (2-D weights only).
 
 * Iso-C: ``Delta = sum_i tau_i = U S V^T`` (thin SVD); return ``mean(S) * U V^T``: the task-arithmetic subspace with
-  an isotropic (flattened) spectrum (spec section 2). On exactly low-rank task vectors (LoRA) most of the
-  ``min(m, n)`` directions have a zero singular value: their singular vectors are rounding noise outside every
+  an isotropic (flattened) spectrum, as in the paper and the official scripts. On exactly low-rank task vectors
+  (LoRA) most of the ``min(m, n)`` directions have a zero singular value: their singular vectors are rounding noise outside every
   task's span, yet they get the full ``mean(S)``, so most of the output norm lies outside the tasks' span
   (measured on the zoo in docs/methods.md). ``span_only=True`` keeps only the directions with a non-zero singular
   value (``s > s_max * max(m, n) * eps``), each scaled by the mean of those singular values (isotropic on the tasks'

@@ -1,6 +1,6 @@
 """OptMerge (Wei et al., ICLR 2026, arXiv:2505.19892). Granularity: per layer (2-D weights only).
 
-Per weight matrix, minimise ``L(tau_m) = sum_i w_i ||(tau_m - t_i) P_i||_F^2`` (spec sections 1.3-1.5) with
+Per weight matrix, minimise ``L(tau_m) = sum_i w_i ||(tau_m - t_i) P_i||_F^2`` (paper Sec. 4, Eq. 2-3) with
 ``w_i = c_i/||tau_i||_F^2``, ``P_i = V_{i,1:k} S_{i,1:k}`` (uncentred SVD, as in the code), ``k = min(m,n)//N``
 (or ``floor(min(m,n) * rank_ratio)``), and the target ``t_i``:
 
@@ -14,7 +14,7 @@ smaller Gram matrix (``svd="gram"``: same subspaces, about 4x faster than LAPACK
 gradient ``2 (x A - B)`` uses precomputed ``A``/``B`` or their factors, whichever is cheaper. SGD with momentum is
 a linear recurrence, so ``solver="auto"`` computes its result exactly from one small eigendecomposition
 (:func:`~mergelab.methods._linalg.solve_sgd_exact`); Adam (and ``solver="iterative"``) runs the ``torch.optim``
-loop. The returned value is the ``steps``-th iterate, not the closed-form minimiser (spec 1.5). Experts with
+loop. The returned value is the ``steps``-th iterate, not the closed-form minimiser. Experts with
 ``||tau_i||^2 < 1e-12`` are left out of the loss; if all are, the mean task vector is returned. Dtype: spectra in
 float32 (float64 on the Gram route or for float64 input); the loop in ``compute_dtype`` (default: the deltas'
 dtype; the Qwen script ran it in float16). Deterministic given the inputs, which are never modified.
@@ -82,7 +82,7 @@ def svd_method(cfg: Any, deltas: Tensor) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class OptMergeConfig:
-    """OptMerge hyperparameters; ``None`` fields take the variant's default (spec 1.7) in ``__post_init__``.
+    """OptMerge hyperparameters; ``None`` fields take the variant's official default in ``__post_init__``.
 
     Attributes:
         variant: ``"full"`` (full fine-tuning) or ``"lora"`` (LoRA fine-tuning).
@@ -93,7 +93,7 @@ class OptMergeConfig:
         optimizer: ``"adam"`` (default betas/eps) or ``"sgd"`` (default adam full / sgd lora).
         momentum: SGD momentum (0.9, as in the code; unused by Adam).
         init: ``"sum"`` or ``"mean"`` of the task vectors (default sum full / mean lora).
-        projector: ``"uncentred"`` (code, both variants) or ``"centred"`` (paper Eq. 3, spec 6.1).
+        projector: ``"uncentred"`` (code, both variants) or ``"centred"`` (paper Eq. 3).
         compute_dtype: dtype of the optimisation loop (``"float32"``, ``"float64"``, ``"float16"``,
             ``"bfloat16"``) or None for the deltas' dtype.
         solver: ``"auto"`` (exact path for SGD, loop for Adam), ``"exact"`` (SGD only) or ``"iterative"``.

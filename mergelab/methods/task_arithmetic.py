@@ -1,8 +1,9 @@
 """Task Arithmetic (Ilharco et al. 2023, arXiv:2212.04089). Granularity: per tensor (element-wise).
 
 ``tau_m = sum_i c_i tau_i``: the per-expert coefficient ``c_i`` scales expert i's task vector in the sum (any real
-number; ``c_i < 0`` negates a task; default 1, the paper's plain sum); the engine writes ``theta_0 + lam * tau_m``. With ``drop_rate > 0`` each task vector is first DARE-sparsified
-(Yu et al. 2024, arXiv:2311.03099; see :mod:`mergelab.methods.dare`): that is the ``dare_task_arithmetic`` entry.
+number; ``c_i < 0`` negates a task; default 1, the paper's plain sum); the engine writes ``theta_0 + lam * tau_m``.
+With ``drop_rate > 0`` each task vector is first DARE-sparsified (Yu et al. 2024, arXiv:2311.03099; see
+:mod:`mergelab.methods.dare`): that is the ``dare_task_arithmetic`` entry. The inputs are never modified.
 """
 
 from __future__ import annotations

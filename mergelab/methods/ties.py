@@ -1,7 +1,7 @@
 """TIES-Merging (Yadav et al. 2023, arXiv:2306.01708). Granularity: per tensor (default) or global.
 
 Trim each task vector to its largest-magnitude ``density`` fraction, elect a sign per entry, average the entries
-that agree with it (spec section 2). ``scope="tensor"`` trims per tensor as the official Qwen2-VL script does;
+that agree with it (the paper's three steps). ``scope="tensor"`` trims per tensor as the official Qwen2-VL script does;
 ``scope="global"`` trims against one threshold per expert over all merged tensors, as the InternVL script does,
 computed exactly in two streaming passes by :class:`~mergelab.methods._sparsify.GlobalMagnitudeThreshold`
 (``make_stats``). With ``drop_rate > 0`` each task vector is DARE-sparsified first (``dare_ties``). Sign-election

@@ -2,10 +2,10 @@
 
 Per task, keep the top ``r = min(m,n)//N`` singular triplets of ``tau_i`` (thin SVD); concatenate
 ``U_hat = [U_1,r ... U_N,r]``, ``s_hat`` and ``V_hat``; replace ``U_hat`` and ``V_hat`` by their orthogonal polar
-factors (nearest orthonormal matrices, ``P Q^T`` from their SVDs) and return ``U_perp diag(s_hat) V_perp``
-(spec section 2). This is the correct algorithm: the official MLLM scripts' ``lm_head`` gate makes their TSV the
-plain mean (spec 6.8). Singular triplets with a numerically zero singular value (``s <= s_max * max(m,n) * eps``,
-e.g. beyond the rank of a LoRA task vector or of an all-zero expert) are left out: they carry no weight, but their
+factors (nearest orthonormal matrices, ``P Q^T`` from their SVDs) and return ``U_perp diag(s_hat) V_perp``.
+This is the correct algorithm: the official MLLM scripts' ``lm_head`` gate makes their TSV the plain mean of the
+task vectors. Singular triplets with a numerically zero singular value (``s <= s_max * max(m,n) * eps``, e.g.
+beyond the rank of a LoRA task vector or of an all-zero expert) are left out: they carry no weight, but their
 arbitrary, LAPACK-dependent singular vectors would otherwise take part in the orthogonalisation. The reference
 code keeps them, which makes its result ill-defined on exactly low-rank task vectors (LoRA: ``rank(tau_i) <= r``
 whenever ``r`` exceeds the adapter rank); ours equals TSV truncated at each task's true rank.

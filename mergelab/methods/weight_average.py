@@ -1,6 +1,6 @@
 """Weight Average (model soup, Wortsman et al. 2022, arXiv:2203.05482). Granularity: per tensor (element-wise).
 
-``theta_m = (1/N) sum_i theta_i = theta_0 + (1/N) sum_i tau_i`` (spec section 2, later ``baseline_merging.py``).
+``theta_m = (1/N) sum_i theta_i = theta_0 + (1/N) sum_i tau_i`` (the authors' later ``baseline_merging.py``).
 Per-expert coefficients ``c_i`` are the weights of the soup: ``tau_m = sum_i c_i tau_i / sum_i c_i`` (each
 ``c_i >= 0``, positive sum; all ones is the paper's uniform mean). There is no lambda: the engine scales by 1.
 Deterministic; dtype follows the deltas (the compute dtype); the inputs are never modified.

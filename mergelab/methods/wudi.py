@@ -1,7 +1,7 @@
 """WUDI Merging (Cheng et al., ICML 2025, arXiv:2503.08099). Granularity: per layer (2-D weights only).
 
-``min_{tau_m} sum_i ||(tau_m - tau_i) tau_i^T||_F^2 / ||tau_i||_F^2`` (spec 1.2, paper Eq. 1, squared norm as in
-MLLMerging and WUDI's Eq. 1), from the sum of the task vectors, Adam lr 1e-5, 300 steps (spec section 2).
+``min_{tau_m} sum_i ||(tau_m - tau_i) tau_i^T||_F^2 / ||tau_i||_F^2`` (paper Eq. 1, squared norm as in
+MLLMerging and WUDI's Eq. 1), from the sum of the task vectors, Adam lr 1e-5, 300 steps, as in the official scripts.
 It is OptMerge's loss with ``k = min(m, n)`` and an uncentred target (``P_i P_i^T = tau_i^T tau_i``), so it shares
 the m x k form and the solvers of :mod:`mergelab.methods.optmerge`. Zero task vectors are left out of the loss; if
 all are, the mean is returned. The inputs are never modified.
