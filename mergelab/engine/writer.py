@@ -1,7 +1,10 @@
 """Output of the streaming merge engine: bounded safetensors shards written as tensors are produced, side files.
 
 :class:`ShardWriter` writes the output as bounded safetensors shards whose headers are computed up front from the
-plan, so tensors are streamed to disk as they are produced (no shard buffer in memory).
+plan, so tensors are streamed to disk as they are produced (no shard buffer in memory). :func:`copy_side_files`
+carries the base's config, tokenizer, processor and custom-code (``*.py``, InternVL-style remote code) files over;
+:func:`write_model_card` writes the output's ``README.md`` (base, experts, method, parameters, recipe digest,
+scores when evaluated), as mergekit's card does.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+import yaml
 
 from mergelab.engine.io import (
     _WEIGHT_INDEXES,
@@ -27,11 +31,18 @@ from mergelab.engine.io import (
     _itemsize,
 )
 
+if TYPE_CHECKING:
+    from mergelab.engine.recipe import MergeRecipe
+
+MODEL_CARD = "README.md"
+
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
     """Copy config, tokenizer, processor, chat-template, generation and custom-code files from ``src``.
 
-    Every top-level regular file that is not a weight file or a weight index is copied.
+    Every top-level regular file that is not a weight file or a weight index is copied: remote-code checkpoints
+    (InternVL's ``modeling_*.py``/``configuration_*.py`` named by ``auto_map`` in ``config.json``) keep their code,
+    which transformers still loads only with ``trust_remote_code=True``.
 
     Returns:
         The copied file names.
@@ -151,3 +162,53 @@ class ShardWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def model_card(recipe: MergeRecipe, *, digest: str | None = None, scores: dict[str, float] | None = None) -> str:
+    """The merged checkpoint's ``README.md``: Hugging Face metadata, then base, experts, method, parameters,
+    recipe digest, the recipe as YAML (``mergelab merge`` reads it back) and the scores when evaluated.
+
+    Args:
+        recipe: the merge's recipe.
+        digest: :attr:`MergeRecipe.digest` when known (computing it reads every input once).
+        scores: per-task scores (percent) when the merge was evaluated.
+    """
+    spec = recipe.spec
+    meta: dict[str, Any] = {"base_model": recipe.base, "library_name": "transformers",
+                            "tags": ["mergelab", "merge", recipe.method_name]}
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---",
+             f"# {Path(recipe.base).name}-{recipe.method_name}", "",
+             "This is a merge of fine-tuned models created with mergelab.", "",
+             "## Merge details", "",
+             f"- **Method:** `{recipe.method_name}`" + (f" ({spec.description})" if spec.description else ""),
+             f"- **Base model:** `{recipe.base}`"]
+    if digest:
+        lines.append(f"- **Recipe digest:** `{digest}`")
+    lines += ["", "### Experts", "", "| name | kind | coefficient | path |", "|---|---|---|---|"]
+    for e in recipe.experts:
+        coef = "1 (default)" if e.coefficient is None else f"{e.coefficient:g}"
+        lines.append(f"| {e.name} | {e.kind} | {coef} | `{e.path}` |")
+    lines += ["", "### Parameters", "", "| parameter | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in recipe.hyperparameters.items()]
+    if scores:
+        lines += ["", "## Evaluation", "", "| task | score |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in scores.items()]
+    lines += ["", "## Recipe", "", "The following recipe produced this model (`mergelab merge recipe.yaml --out DIR`):",
+              "", "```yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False).strip(), "```", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(out_dir: Path, recipe: MergeRecipe, *, digest: str | None = None,
+                     scores: dict[str, float] | None = None) -> None:
+    """Write :func:`model_card` as ``out_dir/README.md`` (replacing a base's card copied by
+    :func:`copy_side_files`); a checkpoint with custom code (``auto_map`` in ``config.json``) gets a note that it
+    loads with ``trust_remote_code=True``."""
+    if digest is None:  # the digest when already computed (a cached_property lives in the instance's __dict__)
+        digest = vars(recipe).get("digest")
+    text = model_card(recipe, digest=digest, scores=scores)
+    cfg = out_dir / "config.json"
+    if cfg.exists() and "auto_map" in json.loads(cfg.read_text()):
+        code = sorted(f.name for f in out_dir.glob("*.py"))
+        text += (f"\nThis checkpoint uses custom modelling code ({', '.join(code) or 'auto_map'}); load it with "
+                 "`trust_remote_code=True`.\n")
+    (out_dir / MODEL_CARD).write_text(text)
