@@ -88,8 +88,8 @@ def presets_from(families: Iterable[Family]) -> Mapping[str, MergePolicy]:
 
 
 PRESETS: Mapping[str, MergePolicy] = presets_from(FAMILIES.values())
-"""The presets of :data:`mergelab.families.FAMILIES`: ``qwen2_vl``, ``qwen2_5_vl``, ``internvl2_5``, ``llava``,
-``llama`` (what each keeps at the base, and why, is documented in its family's module)."""
+"""One preset per family of :data:`mergelab.families.FAMILIES` that has one, by family name (what each keeps at the
+base, and why, is documented in its family's module)."""
 
 
 def preset_for_config(config: Mapping[str, Any]) -> str:
