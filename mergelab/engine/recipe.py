@@ -108,6 +108,10 @@ class MergeRecipe:
         seed: merge seed; each tensor gets a generator seeded from ``(seed, tensor name)``.
         shard_size: bound on each output shard's data size in bytes (not part of the identity).
         carry_unique: copy tensors that the base lacks and exactly one expert has (modality merging).
+        output: ``"full"`` (a merged checkpoint) or ``"adapter"`` (every expert a LoRA adapter: the merge written as
+            one PEFT LoRA adapter, :mod:`mergelab.engine.adapter_out`).
+        adapter_rank: the output adapter's rank with ``output: adapter`` (None: the sum of the experts' ranks,
+            exact for task arithmetic and weight averaging).
 
     Raises:
         MergeError: on construction, any invalid field (one line naming it).
@@ -124,6 +128,8 @@ class MergeRecipe:
     seed: int = 0
     shard_size: int = 2_000_000_000
     carry_unique: bool = False
+    output: str = "full"
+    adapter_rank: int | None = None
 
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)
@@ -146,6 +152,15 @@ class MergeRecipe:
             raise MergeError(f"compute_dtype: must be a floating dtype, got {self.compute_dtype!r}")
         if isinstance(self.shard_size, bool) or int(self.shard_size) <= 0:
             raise MergeError(f"shard_size: must be a positive number of bytes, got {self.shard_size!r}")
+        if self.output not in ("full", "adapter"):
+            raise MergeError(f"output: must be 'full' or 'adapter', got {self.output!r}")
+        if self.output == "adapter":
+            full = [e.name for e in self.experts if e.kind != "lora"]
+            if full:
+                raise MergeError(f"output: 'adapter' needs every expert to be a LoRA adapter; {full[0]} is not")
+        if self.adapter_rank is not None and (self.output != "adapter" or isinstance(self.adapter_rank, bool)
+                                              or int(self.adapter_rank) <= 0):
+            raise MergeError(f"adapter_rank: a positive rank, with output: adapter only; got {self.adapter_rank!r}")
         try:
             check_policy(self.policy)
         except ValueError as e:
@@ -215,6 +230,8 @@ class MergeRecipe:
             "seed": self.seed,
             "shard_size": int(self.shard_size),
             "carry_unique": self.carry_unique,
+            "output": self.output,
+            "adapter_rank": self.adapter_rank,
         }
 
     def identity(self) -> dict[str, Any]:
@@ -230,6 +247,8 @@ class MergeRecipe:
             "compute_dtype": self.compute_dtype,
             "seed": int(self.seed),
             "carry_unique": bool(self.carry_unique),
+            # only when not the default, so that full merges keep their digests
+            **({"output": self.output, "adapter_rank": self.adapter_rank} if self.output != "full" else {}),
         }
 
     @functools.cached_property

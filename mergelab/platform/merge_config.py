@@ -9,6 +9,7 @@ Example::
     method: ties
     params: {density: 0.2, lam: 1.0}
     policy: qwen2_vl            # or auto, or {preset: llama, rules: [{pattern: "mlp1\\..*", action: average}]}
+    output: full                # or adapter: every expert a LoRA adapter -> one PEFT adapter (adapter_rank: r)
     device: auto                # auto | cpu | cuda[:i]
     dtype: null                 # output dtype; null keeps the base's
     compute_dtype: float32
@@ -138,6 +139,8 @@ class RecipeFields(BaseModel):
     seed: int = 0
     shard_size: int | str = 2_000_000_000
     carry_unique: bool = False
+    output: Literal["full", "adapter"] = "full"
+    adapter_rank: int | None = None
 
     @field_validator("experts", mode="before")
     @classmethod
@@ -180,6 +183,8 @@ class RecipeFields(BaseModel):
             "seed": self.seed,
             "shard_size": int(self.shard_size),
             "carry_unique": self.carry_unique,
+            "output": self.output,
+            "adapter_rank": self.adapter_rank,
         }
         fields.update(changes)
         try:

@@ -1,0 +1,158 @@
+"""LoRA in, LoRA out: a merge of LoRA adapters written as one PEFT LoRA adapter (``output: adapter``).
+
+Every expert is a LoRA adapter, so the merge changes only the adapters' target modules (and their
+``modules_to_save``). The merge itself runs unchanged (any method, policy and seed) into a temporary float32
+checkpoint beside the output; then, per target module, the merged update ``D = theta_m - theta_0`` is factored as
+``B @ A`` by SVD at the output rank ``r`` (``adapter_rank``; default the sum of the experts' ranks), with
+``lora_alpha = r`` so that peft's scaling is 1:
+
+* exact (up to float32 rounding) when ``rank(D) <= r``: always for task arithmetic and weight averaging at the
+  default rank, since ``rank(sum_i c_i B_i A_i) <= sum_i r_i``;
+* otherwise the best rank-``r`` approximation (truncated SVD; Eckart-Young), with the relative Frobenius error
+  ``|D - B A| / |D|`` of every tensor in the report.
+
+``modules_to_save`` tensors are written as their merged values. Adapters with ``lora_bias`` are refused. Cost: one
+full merge on disk (temporary, float32) and one SVD per target module.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from mergelab.engine.adapters import LoraAdapter
+from mergelab.engine.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CheckpointReader, MergeError
+from mergelab.engine.recipe import MergeRecipe
+from mergelab.engine.report import MergeReport
+from mergelab.engine.writer import write_model_card
+
+ADAPTER_REPORT = "mergelab_adapter.json"
+
+
+@dataclass
+class AdapterMergeReport(MergeReport):
+    """A :class:`MergeReport` of the full merge plus the adapter it was written as.
+
+    Attributes:
+        adapter: ``{"rank", "exact", "max_rel_error", "tensors": {base key: {"rank", "rel_error"}}}``: the output
+            rank, whether every tensor was reproduced exactly (relative error below 1e-5), and per target module
+            the numerical rank of the merged update and the relative Frobenius error of its rank-``r`` factors.
+    """
+
+    adapter: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """The merge's summary plus the adapter's rank and worst reconstruction error."""
+        a = self.adapter
+        worst = max(a.get("tensors", {}).items(), key=lambda kv: kv[1]["rel_error"], default=None)
+        line = (f"adapter: rank {a.get('rank')}, {len(a.get('tensors', {}))} LoRA module(s), "
+                f"{'exact' if a.get('exact') else 'truncated SVD'}; max relative error {a.get('max_rel_error', 0):.2e}")
+        if worst is not None and not a.get("exact"):
+            line += f" ({worst[0]}, rank {worst[1]['rank']})"
+        return super().summary() + "\n" + line
+
+
+def factor(update: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+    """``update ~= B @ A`` with ``B (m, rank)``, ``A (rank, n)`` from the SVD (zero-padded when ``rank`` exceeds
+    ``min(m, n)``), splitting each singular value evenly between the factors.
+
+    Returns:
+        ``(B, A, numerical rank of update, relative Frobenius error of B @ A)``.
+    """
+    m = update.double()
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    tol = float(s.max()) * max(m.shape) * torch.finfo(torch.float32).eps if s.numel() else 0.0
+    num_rank = int((s > tol).sum())
+    k = min(rank, s.numel())
+    sq = s[:k].sqrt()
+    b = torch.zeros(m.shape[0], rank, dtype=torch.float64)
+    a = torch.zeros(rank, m.shape[1], dtype=torch.float64)
+    b[:, :k] = u[:, :k] * sq
+    a[:k] = sq[:, None] * vh[:k]
+    norm = float(torch.linalg.matrix_norm(m))
+    err = float(torch.linalg.matrix_norm(m - b @ a)) / norm if norm > 0 else 0.0
+    return b.float(), a.float(), num_rank, err
+
+
+def merge_to_adapter(recipe: MergeRecipe, out: str | Path, *, overwrite: bool,
+                     full_merge: Callable[[MergeRecipe, Path], MergeReport]) -> AdapterMergeReport:
+    """Run ``recipe`` (``output: adapter``) and write the result as one PEFT LoRA adapter in ``out``.
+
+    Args:
+        recipe: a recipe whose experts are all LoRA adapters.
+        out: output directory (``adapter_config.json``, ``adapter_model.safetensors``, ``README.md``).
+        overwrite: replace an existing ``out``.
+        full_merge: runs a full-output recipe into a directory (the engine's merge).
+
+    Raises:
+        MergeError: an expert that is not a LoRA adapter, ``lora_bias`` adapters, or an existing ``out``.
+    """
+    out = Path(out)
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise MergeError(f"out: {out} already exists (pass overwrite=True / --overwrite to replace it)")
+    base = CheckpointReader(recipe.base)
+    adapters = [LoraAdapter(e.path, base.keys()) for e in recipe.experts]
+    if any(ad._bias_of for ad in adapters):
+        raise MergeError("output: adapters with lora_bias cannot be written as one adapter")
+    modules: dict[str, Any] = {}  # base key -> the first adapter's LoRA module (key names, transpose)
+    ranks: dict[str, int] = {}
+    saved: dict[str, str] = {}  # base key -> adapter key of a modules_to_save value
+    for ad in adapters:
+        for k, m in ad.modules.items():
+            modules.setdefault(k, m)
+            ranks[k] = ranks.get(k, 0) + int(ad.reader.infos[m.a_key].shape[0])
+        for k, ak in ad.full.items():
+            saved.setdefault(k, ak)
+    rank = int(recipe.adapter_rank or max(ranks.values(), default=1))
+    first = adapters[0]
+    out_dtype = first.reader.get(next(iter(first.modules.values())).a_key).dtype if first.modules else torch.float32
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.adapter-", dir=out.parent))
+    try:
+        report = full_merge(recipe.replace(output="full", adapter_rank=None, dtype="float32"), work / "full")
+        merged = CheckpointReader(work / "full")
+        tensors: dict[str, torch.Tensor] = {}
+        info: dict[str, dict[str, Any]] = {}
+        for k, m in sorted(modules.items()):
+            update = merged.get(k).float() - base.get(k).float()
+            b, a, num_rank, err = factor(update.T if m.transpose else update, rank)
+            tensors[m.a_key], tensors[m.b_key] = a.to(out_dtype).contiguous(), b.to(out_dtype).contiguous()
+            info[k] = {"rank": num_rank, "rel_error": err}
+        for k, ak in sorted(saved.items()):
+            tensors[ak] = merged.get(k).to(first.reader.get(ak).dtype).contiguous()
+        merged.close()
+        result = work / "adapter"
+        result.mkdir()
+        save_file(tensors, str(result / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        cfg = dict(first.config)
+        cfg.update(r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={},
+                   target_modules=sorted({m.module for m in modules.values()}),
+                   modules_to_save=sorted({x for ad in adapters for x in ad.config.get("modules_to_save") or []})
+                   or None)
+        (result / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2))
+        max_err = max((v["rel_error"] for v in info.values()), default=0.0)
+        summary = {"rank": rank, "exact": max_err < 1e-5, "max_rel_error": max_err, "tensors": info}
+        rep = AdapterMergeReport(**{f.name: getattr(report, f.name) for f in fields(MergeReport)}, adapter=summary)
+        rep.out = str(out)
+        rep.shards = [ADAPTER_WEIGHTS]
+        (result / ADAPTER_REPORT).write_text(json.dumps(summary, indent=2))
+        write_model_card(result, recipe)
+        if out.is_dir() and not out.is_symlink():
+            shutil.rmtree(out)
+        elif out.exists() or out.is_symlink():
+            out.unlink()
+        result.replace(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rep
+
+
+__all__ = ["ADAPTER_REPORT", "AdapterMergeReport", "factor", "merge_to_adapter"]
