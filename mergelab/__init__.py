@@ -3,7 +3,7 @@
 Subpackages:
     mergelab.engine      streaming merge engine: plan, tensor stream, merge loop, writer, report, checkpoint I/O
     mergelab.methods     pure tensor merging algorithms (OptMerge and baselines) and their table, METHODS
-    mergelab.evaluators  metrics, task registry, generation runner, lm-eval adapter
+    mergelab.evaluators  metrics, task table, generation runner, lm-eval adapter
     mergelab.bench       offline benchmark: procedural tasks, tiny real VLMs, expert zoo
     mergelab.platform    MLflow tracking, Optuna campaigns, model registry, CLI (the only place importing mlflow/optuna)
 """

@@ -24,7 +24,7 @@ from mergelab.bench.data import (
     sha256_file,
     write_split,
 )
-from mergelab.bench.tasks import DEFAULT_SIZES, REGISTRY, TASKS, generate
+from mergelab.bench.tasks import DEFAULT_SIZES, TASK_SPECS, TASKS, generate
 from mergelab.bench.tasks.common import COLOURS, GENERIC_COLOURS, GLYPHS, METRICS, SHIFTED_COLOURS, Sample
 
 VARIANTS = ("generic", "shifted")
@@ -50,7 +50,7 @@ def _fingerprint(s: Sample) -> str:
 
 def test_registry_and_metrics() -> None:
     assert TASKS == ("vqa", "geometry", "chart", "ocr", "grounding")
-    assert {t: REGISTRY[t].metric for t in TASKS} == {
+    assert {t: TASK_SPECS[t].metric for t in TASKS} == {
         "vqa": "exact_match", "geometry": "exact_match", "chart": "relaxed_accuracy",
         "ocr": "exact_match", "grounding": "iou50",
     }  # fmt: skip
@@ -428,7 +428,7 @@ def test_every_task_is_one_module_and_everything_derives_from_the_registry() -> 
 
     here = Path(bench_tasks.__file__).parent
     assert {p.stem for p in here.glob("*.py")} - {"__init__", "common"} == set(TASKS)
-    for name, spec in REGISTRY.items():
+    for name, spec in TASK_SPECS.items():
         module = __import__(f"mergelab.bench.tasks.{name}", fromlist=["SPEC"])
         assert module.SPEC is spec and spec.name == name and spec.variants == VARIANTS
         for suffix in ev.OFFLINE_VARIANTS.values():
@@ -443,7 +443,7 @@ def test_every_task_is_one_module_and_everything_derives_from_the_registry() -> 
 
 @pytest.mark.parametrize("task", TASKS)
 def test_vocabulary_holds_every_answer(task: str) -> None:
-    spec = REGISTRY[task]
+    spec = TASK_SPECS[task]
     for variant in VARIANTS:
         vocab = spec.vocabulary[variant]
         assert list(vocab) == sorted(set(vocab))
@@ -467,7 +467,7 @@ def test_a_new_task_is_one_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     spec = TaskSpec(name="dots", metric="exact_match", draft=draft, render=lambda meta: blank()[0],
                     vocabulary={"generic": ("1", "2", "3", "4"), "shifted": ("2", "4", "6", "8")})  # fmt: skip
-    monkeypatch.setattr(bench_tasks, "REGISTRY", MappingProxyType({**REGISTRY, "dots": spec}))
+    monkeypatch.setattr(bench_tasks, "TASK_SPECS", MappingProxyType({**TASK_SPECS, "dots": spec}))
     samples = generate("dots", "shifted", "val", n=5)
     assert {s.answer for s in samples} <= set(spec.vocabulary["shifted"]) and samples[0].metric == "exact_match"
     write_split(samples, tmp_path)

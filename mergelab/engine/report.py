@@ -3,7 +3,9 @@
 Per tensor: the rule applied (``merge`` by the method, ``average``, ``base`` kept because excluded, ``zero`` passed
 through because every task vector was zero, ``carry`` copied from the only expert owning it), the Frobenius norm of
 each expert's task vector and of the merged update ``lam * tau_m``, and the seconds spent. Totals: bytes read and
-written, wall time, peak anonymous RSS and peak GPU memory, tensor counts per rule.
+written, wall time, peak anonymous RSS and peak GPU memory, tensor counts per rule, and the tensor accounting:
+what became of every tensor of the base (``merged``, ``averaged``, ``copied``) and of every expert (``merged``,
+``averaged``, ``owned``, ``excluded``), so that no tensor is lost silently.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class MergeReport:
 
     Attributes:
         out: the output directory.
-        method: registry name of the method.
+        method: name of the method in the method table (METHODS).
         params: the method config as a plain dict.
         policy: the resolved policy (name, default, rules).
         experts: expert paths (with names).
@@ -48,6 +50,8 @@ class MergeReport:
         peak_gpu_bytes: ``torch.cuda.max_memory_allocated`` during the merge (0 on CPU).
         shards: output shard file names.
         copied_files: side files copied from the base (config, tokenizer, processor...).
+        accounting: ``{"base": {fate: n}, "experts": {name: {fate: n}}}``: every input tensor's fate
+            (:func:`mergelab.engine.plan.account`).
     """
 
     out: str
@@ -68,6 +72,7 @@ class MergeReport:
     peak_gpu_bytes: int = 0
     shards: list[str] = field(default_factory=list)
     copied_files: list[str] = field(default_factory=list)
+    accounting: dict[str, Any] = field(default_factory=dict)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -96,6 +101,11 @@ class MergeReport:
             f"shard(s); wall {self.wall_seconds:.2f} s; peak RSS (anon) {self.peak_rss_bytes / gib:.3f} GiB"
             + (f"; peak GPU {self.peak_gpu_bytes / gib:.3f} GiB" if self.peak_gpu_bytes else ""),
         ]
+        if self.accounting:
+            acc = self.accounting
+            lines.append("accounted: base " + ", ".join(f"{k} {v}" for k, v in acc.get("base", {}).items()))
+            lines += [f"  expert {n}: " + ", ".join(f"{k} {v}" for k, v in c.items())
+                      for n, c in acc.get("experts", {}).items()]
         if self.stats_passes:
             lines.append(f"global statistics: {self.stats_passes} streaming pass(es)")
         slow = sorted(self.tensors, key=lambda t: t.seconds, reverse=True)[:5]

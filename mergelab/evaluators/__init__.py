@@ -1,4 +1,4 @@
-"""Evaluators: the paper's metrics, a task registry, a generation runner, benchmark loaders and an lm-eval adapter.
+"""Evaluators: the paper's metrics, a task table, a generation runner, benchmark loaders and an lm-eval adapter.
 
 ```python
 from mergelab.evaluators import evaluate, evaluate_path

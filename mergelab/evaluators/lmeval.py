@@ -6,7 +6,7 @@
   passed as ``tokenizer=`` instead of storing it).
 * The offline benchmark's lm-eval tasks (``mergelab_vqa`` ... ``mergelab_grounding``, their ``*_generic`` twins,
   and the groups ``mergelab_offline`` / ``mergelab_offline_generic``) are written from the evaluators' task table
-  (itself derived from :data:`mergelab.bench.tasks.REGISTRY`) by :func:`write_lmeval_tasks`, on top of the shared
+  (itself derived from :data:`mergelab.bench.tasks.TASK_SPECS`) by :func:`write_lmeval_tasks`, on top of the shared
   config and hooks in ``mergelab/evaluators/lmeval_tasks/``. They read ``<data_root>/<task>/<variant>/<split>.jsonl``
   and score with the native runner's own metric functions, so both paths agree to within generation noise.
 
@@ -44,7 +44,7 @@ def lmeval_task_configs() -> dict[str, dict[str, Any]]:
 
     A task ``mergelab_<task>[_generic]`` includes the shared ``_mergelab_offline.yaml`` and names its data
     (``task``, ``variant``), its generation budget and its metrics (those of the native task); a group
-    ``mergelab_offline[_generic]`` lists the variant's tasks in the registry's order.
+    ``mergelab_offline[_generic]`` lists the variant's tasks in the task table's order.
     """
     base = str(LMEVAL_TASKS_DIR / "_mergelab_offline.yaml")
     configs: dict[str, dict[str, Any]] = {}

@@ -3,7 +3,7 @@
 * ``paper``: the ten columns of the paper's Tables 2 and 3 (VizWiz, GQA, MathVista, MATH-V, ChartQA, TextVQA,
   OCRVQA, RefCOCO, RefCOCO+, RefCOCOg) plus ``Avg``, the unweighted mean of the available columns (as in the paper:
   rows with "-" cells average the columns they have).
-* ``offline``: the offline benchmark's synthetic tasks (:data:`mergelab.bench.tasks.REGISTRY`, shifted variant)
+* ``offline``: the offline benchmark's synthetic tasks (:data:`mergelab.bench.tasks.TASK_SPECS`, shifted variant)
   plus ``Avg``.
 * ``offline_generic``: their generic variants (forgetting).
 """

@@ -1,8 +1,8 @@
-"""The task registry: a task is a loader, a prompt, a parser, a per-sample metric, an aggregation and a primary metric.
+"""The evaluators' task table: each task is a loader, a prompt, a parser, a per-sample metric and an aggregation.
 
 Two families share one table, :data:`TASKS`:
 
-* the offline benchmark's tasks, derived from :data:`mergelab.bench.tasks.REGISTRY` (``vqa``, ``geometry``,
+* the offline benchmark's tasks, derived from :data:`mergelab.bench.tasks.TASK_SPECS` (``vqa``, ``geometry``,
   ``chart``, ``ocr``, ``grounding``: the ``shifted`` variant, i.e. the benchmark's test set) and their
   ``*_generic`` twins (the ``generic`` variant, for forgetting);
 * the paper's ten evaluation columns (its Tables 2 and 3): ``vizwiz``, ``gqa``, ``mathvista_geo``,
@@ -20,7 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from mergelab.bench.data import default_data_root, read_split
-from mergelab.bench.tasks import REGISTRY as BENCH_TASKS
+from mergelab.bench.tasks import TASK_SPECS as BENCH_TASKS
 from mergelab.bench.tasks.common import TaskSpec
 from mergelab.evaluators import metrics as M
 from mergelab.evaluators.loaders import (
@@ -44,10 +44,10 @@ Aggregator = Callable[[Sequence[Mapping[str, float]], Sequence[Sample]], dict[st
 
 @dataclass(frozen=True)
 class Task:
-    """One registry entry.
+    """One task table entry.
 
     Attributes:
-        name: Registry key, also the metric-name prefix.
+        name: Table key, also the metric-name prefix.
         family: ``"offline"`` or ``"paper"``.
         load: ``(data_root, split, limit) -> samples``. Paper tasks have one fixed split and ignore ``split``.
         prompt: The user-turn text for a sample (the image goes in the same chat message).
@@ -97,7 +97,7 @@ reports, the primary first."""
 
 OFFLINE_VARIANTS: Mapping[str, str] = MappingProxyType({"shifted": "", "generic": "_generic"})
 """Benchmark variant -> suffix of its evaluator task's name (``vqa`` is the shifted test set, ``vqa_generic``
-the generic one, for forgetting), in the registry's order."""
+the generic one, for forgetting), in the table's order."""
 
 
 def offline_score(prediction: str, sample: Sample) -> dict[str, float]:

@@ -3,7 +3,7 @@
 Granularity: per tensor (element-wise). Per expert and per entry, drop with probability ``p`` and rescale the
 survivors by ``1/(1-p)`` (``E[DARE(tau)] = tau``), then merge with Task Arithmetic or TIES. DARE is not a method of
 its own here: it is the ``drop_rate`` knob of :class:`TaskArithmeticConfig` and :class:`TiesConfig`
-(the math lives once in :func:`mergelab.methods._sparsify.dare_drop`); the registry's ``dare_task_arithmetic`` and
+(the math lives once in :func:`mergelab.methods._sparsify.dare_drop`); the method table's ``dare_task_arithmetic`` and
 ``dare_ties`` entries are those methods with the official default ``p = 0.2``. Randomness comes
 from ``ctx.generator`` (the official 2025 scripts drew unseeded masks).
 

@@ -1,4 +1,4 @@
-"""The offline benchmark's five procedural tasks: registry and deterministic split generation.
+"""The offline benchmark's five procedural tasks: the task table and deterministic split generation.
 
 Usage::
 
@@ -11,9 +11,9 @@ the base model learns) and ``shifted`` (what each expert specialises on and what
 visual skill with new answer words). See ``docs/benchmark-data.md``.
 
 A task is defined once, by the :class:`TaskSpec` of its module (name, metric, generator, answer vocabulary,
-generation budget, splits); :data:`REGISTRY` lists the modules, and the data files, the evaluators' offline
+generation budget, splits); :data:`TASK_SPECS` lists the modules, and the data files, the evaluators' offline
 tasks, the lm-eval tasks, the suites and the demo derive their task lists from it. A new task is one module
-here plus one line in :data:`REGISTRY`.
+here plus one line in :data:`TASK_SPECS`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from mergelab.bench.tasks.common import (
 GENERATOR_VERSION = "5"
 """Bump whenever any generator's output changes: ``ensure_data`` rewrites data of another version."""
 
-REGISTRY: MappingProxyType[str, TaskSpec] = MappingProxyType(
+TASK_SPECS: MappingProxyType[str, TaskSpec] = MappingProxyType(
     {
         spec.name: spec
         for spec in (
@@ -52,7 +52,7 @@ REGISTRY: MappingProxyType[str, TaskSpec] = MappingProxyType(
     }
 )
 """Every task by name, in the paper's order of capabilities: one line per task module, the only list of tasks."""
-TASKS: tuple[str, ...] = tuple(REGISTRY)
+TASKS: tuple[str, ...] = tuple(TASK_SPECS)
 DEFAULT_SIZES: MappingProxyType[str, int] = MappingProxyType({"train": 4000, "val": 300, "test": 1200})
 """Samples per (task, variant) split. Test: sqrt(p(1-p)/n) <= 0.015 for every p needs n >= 1112."""
 
@@ -60,9 +60,9 @@ _MAX_TRIES_PER_SAMPLE = 1000
 
 
 def _check(task: str, variant: str, split: str) -> TaskSpec:
-    if task not in REGISTRY:
+    if task not in TASK_SPECS:
         raise ValueError(f"unknown task {task!r}; known: {TASKS}")
-    spec = REGISTRY[task]
+    spec = TASK_SPECS[task]
     if variant not in spec.variants:
         raise ValueError(f"unknown variant {variant!r} for task {task!r}; known: {spec.variants}")
     if split not in spec.splits:
@@ -142,7 +142,7 @@ __all__ = [
     "DEFAULT_SIZES",
     "GENERATOR_VERSION",
     "METRICS",
-    "REGISTRY",
+    "TASK_SPECS",
     "SPLITS",
     "TASKS",
     "VARIANTS",

@@ -120,7 +120,7 @@ class Draft:
 class TaskSpec:
     """One task of the offline benchmark, defined once in its module; everything else derives from it.
 
-    The registry (:data:`mergelab.bench.tasks.REGISTRY`), the data files (:mod:`mergelab.bench.data`), the
+    The task table (:data:`mergelab.bench.tasks.TASK_SPECS`), the data files (:mod:`mergelab.bench.data`), the
     evaluators' task table and suites (:mod:`mergelab.evaluators.tasks`), the lm-eval tasks
     (:mod:`mergelab.evaluators.lmeval`) and the demo read a task's facts from here.
 
