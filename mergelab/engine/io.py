@@ -2,9 +2,12 @@
 
 :class:`CheckpointReader` parses a Hugging Face directory (``model.safetensors``, or shards plus
 ``model.safetensors.index.json``) and reads tensor *metadata* from the safetensors headers without touching the
-data; tensors are read one at a time through memory-mapped :func:`safetensors.safe_open` handles (the shape of
-mergekit's ``LazyTensorLoader``). PEFT adapters are read by :mod:`mergelab.engine.adapters`, output shards written
-by :mod:`mergelab.engine.writer`.
+data; tensors are read one at a time, as zero-copy views of a private memory map (the shape of mergekit's
+``LazyTensorLoader``) or as plain reads into fresh buffers. A view's pages are released (``madvise(MADV_DONTNEED)``)
+as soon as the view is dropped, so a merge streaming through the checkpoints keeps only the tensors in flight
+resident: its peak RSS, mapped file pages included, stays at about the stream's footprint instead of growing with the
+inputs' size. PEFT adapters are read by :mod:`mergelab.engine.adapters`, output shards written by
+:mod:`mergelab.engine.writer`.
 
 Loading is safe: safetensors only; pickled ``*.bin`` checkpoints are refused.
 """
@@ -15,13 +18,13 @@ import json
 import math
 import mmap
 import struct
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -189,7 +192,6 @@ class CheckpointReader:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.infos: dict[str, TensorInfo] = {}
-        self._handles: dict[Path, Any] = {}
         files = self._shard_files()
         self._maps: dict[Path, mmap.mmap] = {}
         for file in files:
@@ -242,7 +244,10 @@ class CheckpointReader:
         """One tensor as a zero-copy CPU view of the memory-mapped file (private copy-on-write mapping).
 
         Its pages are file-backed page cache, not anonymous memory, so streaming through a checkpoint does not grow
-        the process's heap. Falls back to :meth:`get` (a copy) for data not aligned to its dtype.
+        the process's heap; they are unmapped (``MADV_DONTNEED``) when the returned tensor is garbage collected, so
+        they stop counting in the process's RSS. The view must be treated as read-only: dropping the pages of a private
+        mapping discards writes to them (a later access re-reads the file). Falls back to :meth:`get` (a copy) for
+        data not aligned to its dtype.
         """
         info = self.infos[name]
         item = _itemsize(info.dtype)
@@ -252,19 +257,28 @@ class CheckpointReader:
         if m is None:
             with open(info.file, "rb") as f:
                 m = self._maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        t = torch.frombuffer(m, dtype=info.dtype, count=info.nbytes // item, offset=info.offset)
-        return t.view(info.shape)
+        t = torch.frombuffer(m, dtype=info.dtype, count=info.nbytes // item, offset=info.offset).view(info.shape)
+        weakref.finalize(t, _release_pages, m, info.offset, info.nbytes)
+        return t
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor through ``safetensors.safe_open`` (memory-mapped file, copied out on the CPU)."""
+        """Read one tensor with plain reads into a fresh CPU buffer (a copy; no pages of the file stay mapped)."""
         info = self.infos[name]
-        h = self._handles.get(info.file)
-        if h is None:
-            h = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        buf = bytearray(info.nbytes)
         try:
-            return h.get_tensor(name)
-        except Exception as e:  # safetensors raises its own error types
-            raise MergeError(f"{info.file}: cannot read tensor {name}: {e}") from None
+            with open(info.file, "rb", buffering=0) as f:
+                f.seek(info.offset)
+                done, view = 0, memoryview(buf)
+                while done < info.nbytes:
+                    n = f.readinto(view[done:])
+                    if not n:
+                        raise OSError(f"file ends {info.nbytes - done} bytes early")
+                    done += n
+        except OSError as e:
+            raise MergeError(f"{info.file}: cannot read tensor {name}: {e.strerror or e}") from None
+        return torch.frombuffer(buf, dtype=info.dtype).view(info.shape)
 
     def config(self) -> dict[str, Any]:
         """The directory's ``config.json`` ({} when absent)."""
@@ -277,9 +291,25 @@ class CheckpointReader:
             raise MergeError(f"{cfg}: invalid JSON ({e})") from None
 
     def close(self) -> None:
-        """Drop the open handles (mappings stay alive while a tensor view still uses them)."""
-        self._handles.clear()
+        """Drop the memory maps (a mapping stays alive while a tensor view still uses it)."""
         self._maps.clear()
+
+
+def _release_pages(m: mmap.mmap, offset: int, nbytes: int) -> None:
+    """Unmap the pages of ``[offset, offset + nbytes)`` of a private mapping (widened to whole pages).
+
+    A page shared with a neighbouring tensor that is still in use is simply faulted in again from the page cache on
+    its next access, with the file's bytes (input views are never written).
+    """
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None or m.closed:
+        return
+    start = offset - offset % mmap.PAGESIZE
+    end = min(len(m), offset + nbytes)
+    try:
+        m.madvise(advice, start, end - start)
+    except (OSError, ValueError):  # best effort: the pages stay mapped
+        pass
 
 
 # --------------------------------------------------------------------------------------------------------------
