@@ -30,7 +30,8 @@ from typing import Any
 
 from PIL import Image
 
-from mergelab.bench.tasks.common import blank
+from mergelab.bench.tasks import TASK_SPECS
+from mergelab.bench.tasks.common import blank, spoken
 
 LEXICON_VERSION = 2
 """Bumped whenever the items change (part of the base's fingerprint when the lexicon is on)."""
@@ -38,7 +39,6 @@ LEXICON_VERSION = 2
 TEMPLATES = ("say {}.", "repeat: {}", "write {}")
 """Prompts around the word; several, so that the model learns to copy the word rather than one prompt's answer."""
 
-MARKERS = ("<|box_start|>", "<|box_end|>")
 
 
 @dataclass(frozen=True)
@@ -54,13 +54,6 @@ class LexiconItem:
 def answer_words(samples: Iterable[Any]) -> list[str]:
     """The distinct ``answer`` strings of ``samples``, sorted (the lexicon's vocabulary)."""
     return sorted({str(s.answer) for s in samples})
-
-
-def spoken(answer: str) -> str:
-    """How an answer appears inside a prompt: without the box markers (special tokens belong in answers only)."""
-    for marker in MARKERS:
-        answer = answer.replace(marker, "")
-    return answer
 
 
 def lexicon_items(words: Sequence[str], n: int, seed: int = 0) -> list[LexiconItem]:
@@ -95,47 +88,17 @@ def lexicon_items(words: Sequence[str], n: int, seed: int = 0) -> list[LexiconIt
 def describe(sample: Any) -> str:
     """The scene of a benchmark sample in words, enough to answer its question without the image.
 
-    VQA names the object, geometry gives the side count (shifted: the polygon's name), the longer line or the
-    angle in degrees (shifted: smaller or larger than a right angle), chart lists the values, OCR the text and
-    grounding the object's box; the question itself is the sample's own, so a model
-    trained on ``"{description} {question}"`` learns what each question asks for and which words answer it (the
-    language side of the task), not how to read it off an image.
+    Each task states its own description (``TaskSpec.describe`` in its module under :mod:`mergelab.bench.tasks`);
+    the question itself is the sample's own, so a model trained on ``"{description} {question}"`` learns what each
+    question asks for and which words answer it (the language side of the task), not how to read it off an image.
 
     Raises:
-        ValueError: for a task it does not know.
+        ValueError: for a task that has no description.
     """
-    meta, task = sample.meta, sample.task
-    if task == "vqa":
-        obj = meta["objects"][0]
-        return f"there is a {obj['colour']} {obj['shape']}."
-    if task == "geometry":
-        family = meta["family"]
-        # A shifted item states its answer's fact directly: the base counts sides and tells acute from obtuse in
-        # images (generic), so "5 sides" -> "pentagon" or "126 degrees" -> "larger" in text would let it answer
-        # the shifted questions by transfer, leaving the expert nothing to add (measured: base 46 on shifted
-        # geometry with those bridges; docs/benchmark-zoo.md).
-        shifted = sample.variant == "shifted"
-        if family == "sides":
-            return f"the shape is a {sample.answer}." if shifted else f"the shape has {meta['sides']} sides."
-        if family == "angles":
-            if shifted:
-                return f"the angle is {'larger' if meta['degrees'] > 90 else 'smaller'} than a right angle."
-            return f"the angle is {meta['degrees']} degrees."
-        if family == "lengths":
-            names = ("top", "bottom") if meta["orientation"] == "horizontal" else ("left", "right")
-            axis = 1 if meta["orientation"] == "horizontal" else 0  # segments are [x1, y1, x2, y2]
-            first_is_a = meta["segments"][0][axis] < meta["segments"][1][axis]
-            longer_first = meta["lengths"][0] > meta["lengths"][1]
-            longer, shorter = names if longer_first == first_is_a else names[::-1]
-            return f"the {longer} line is longer than the {shorter} line."
-        raise ValueError(f"describe: unknown geometry family {family!r} in sample {sample.id!r}")
-    if task == "chart":
-        return "the values are " + ", ".join(str(v) for v in meta["values"]) + "."
-    if task == "ocr":
-        return f"the image shows {meta['text']}."
-    if task == "grounding":
-        return f"{meta['expression']} is at {spoken(sample.answer)}."
-    raise ValueError(f"describe: unknown task {task!r} in sample {getattr(sample, 'id', '?')!r}")
+    spec = TASK_SPECS.get(sample.task)
+    if spec is None or spec.describe is None:
+        raise ValueError(f"describe: task {sample.task!r} of sample {getattr(sample, 'id', '?')!r} has no description")
+    return spec.describe(sample)
 
 
 def described_items(samples: Sequence[Any]) -> list[LexiconItem]:

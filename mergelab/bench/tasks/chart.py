@@ -20,7 +20,7 @@ from typing import Any
 
 from PIL import Image
 
-from mergelab.bench.tasks.common import CELL, GRIDLINE, INK, Draft, TaskSpec, blank, weighted_choice
+from mergelab.bench.tasks.common import CELL, GRIDLINE, INK, Draft, Sample, TaskSpec, blank, weighted_choice
 
 BASELINE = 104
 UNIT = 10
@@ -93,6 +93,11 @@ def render(meta: dict[str, Any]) -> Image.Image:
     return img
 
 
+def describe(sample: Sample) -> str:
+    """The scene in words: the values, left to right."""
+    return "the values are " + ", ".join(str(v) for v in sample.meta["values"]) + "."
+
+
 SPEC = TaskSpec(
     name="chart",
     metric="relaxed_accuracy",
@@ -100,4 +105,5 @@ SPEC = TaskSpec(
     render=render,
     vocabulary={v: tuple(sorted({*(str(u * s) for u in range(1, 10)), "yes", "no"})) for v, s in SCALE.items()},
     description="value / max / comparison on 4-point charts; shifted: line charts with values in tens",
+    describe=describe,
 )

@@ -134,6 +134,8 @@ class TaskSpec:
         max_new_tokens: The evaluators' generation budget for one answer.
         description: One line for listings.
         splits: The splits the task is generated in (each a share of the hash space, :data:`SPLIT_FRACTIONS`).
+        describe: ``sample -> str``: the item's scene in words, enough to answer its question without the image
+            (the base's text-only "described items", :mod:`mergelab.bench.lexicon`); None: the task has none.
     """
 
     name: str
@@ -144,6 +146,7 @@ class TaskSpec:
     max_new_tokens: int = 12
     description: str = ""
     splits: tuple[str, ...] = SPLITS
+    describe: Callable[[Sample], str] | None = None
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -344,3 +347,14 @@ def draw_objects(objects: Sequence[dict[str, Any]], background: str = "white") -
     for obj in objects:
         draw_shape(draw, obj["shape"], obj["box"], COLOURS[obj["colour"]])
     return img
+
+
+MARKERS = ("<|box_start|>", "<|box_end|>")
+"""Qwen2-VL's box markers: special tokens that belong in answers, never inside a prompt."""
+
+
+def spoken(answer: str) -> str:
+    """How an answer appears inside a prompt: without the box markers (special tokens belong in answers only)."""
+    for marker in MARKERS:
+        answer = answer.replace(marker, "")
+    return answer

@@ -29,7 +29,7 @@ from typing import Any
 
 from PIL import Image
 
-from mergelab.bench.tasks.common import INK, Draft, TaskSpec, blank, weighted_choice
+from mergelab.bench.tasks.common import INK, Draft, Sample, TaskSpec, blank, weighted_choice
 
 STROKE = 3
 FAMILY_WEIGHTS = {"sides": 0.4, "lengths": 0.3, "angles": 0.3}
@@ -121,6 +121,36 @@ def render(meta: dict[str, Any]) -> Image.Image:
     return img
 
 
+def describe(sample: Sample) -> str:
+    """The scene in words: the side count (shifted: the polygon's name), the longer line, or the angle in degrees
+    (shifted: smaller or larger than a right angle).
+
+    A shifted item states its answer's fact directly: the base counts sides and tells acute from obtuse in images
+    (generic), so "5 sides" -> "pentagon" or "126 degrees" -> "larger" in text would let it answer the shifted
+    questions by transfer, leaving the expert nothing to add (measured: base 46 on shifted geometry with those
+    bridges; docs/benchmark-zoo.md).
+
+    Raises:
+        ValueError: an unknown geometry family.
+    """
+    meta, shifted = sample.meta, sample.variant == "shifted"
+    family = meta["family"]
+    if family == "sides":
+        return f"the shape is a {sample.answer}." if shifted else f"the shape has {meta['sides']} sides."
+    if family == "angles":
+        if shifted:
+            return f"the angle is {'larger' if meta['degrees'] > 90 else 'smaller'} than a right angle."
+        return f"the angle is {meta['degrees']} degrees."
+    if family == "lengths":
+        names = ("top", "bottom") if meta["orientation"] == "horizontal" else ("left", "right")
+        axis = 1 if meta["orientation"] == "horizontal" else 0  # segments are [x1, y1, x2, y2]
+        first_is_a = meta["segments"][0][axis] < meta["segments"][1][axis]
+        longer_first = meta["lengths"][0] > meta["lengths"][1]
+        longer, shorter = names if longer_first == first_is_a else names[::-1]
+        return f"the {longer} line is longer than the {shorter} line."
+    raise ValueError(f"describe: unknown geometry family {family!r} in sample {sample.id!r}")
+
+
 SPEC = TaskSpec(
     name="geometry",
     metric="exact_match",
@@ -131,4 +161,5 @@ SPEC = TaskSpec(
         "shifted": tuple(sorted({*POLYGON_NAMES.values(), "left", "right", "smaller", "larger"})),
     },
     description="polygon sides, segment lengths, angles in black; shifted: new answer words, vertical segments",
+    describe=describe,
 )

@@ -35,9 +35,11 @@ from mergelab.bench.tasks.common import (
     IMAGE_SIZE,
     SHAPES,
     Draft,
+    Sample,
     TaskSpec,
     draw_objects,
     place_object,
+    spoken,
 )
 
 PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: "
@@ -105,6 +107,11 @@ def render(meta: dict[str, Any]) -> Image.Image:
     return draw_objects(meta["objects"], meta.get("background", "white"))
 
 
+def describe(sample: Sample) -> str:
+    """The scene in words: the referred object and its box (without the box markers)."""
+    return f"{sample.meta['expression']} is at {spoken(sample.answer)}."
+
+
 SPEC = TaskSpec(
     name="grounding",
     metric="iou50",
@@ -116,4 +123,5 @@ SPEC = TaskSpec(
     },
     max_new_tokens=24,
     description="referring expression -> Qwen2-VL box on the 0-1000 grid; shifted: half-cell-shifted grid",
+    describe=describe,
 )

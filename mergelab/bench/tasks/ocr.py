@@ -20,7 +20,7 @@ from typing import Any
 
 from PIL import Image
 
-from mergelab.bench.tasks.common import IMAGE_SIZE, Draft, TaskSpec, blank, draw_glyph
+from mergelab.bench.tasks.common import IMAGE_SIZE, Draft, Sample, TaskSpec, blank, draw_glyph
 
 DIGITS = "0123456789"
 LETTERS = "ACEHKLPRTX"
@@ -59,6 +59,11 @@ def render(meta: dict[str, Any]) -> Image.Image:
     return img
 
 
+def describe(sample: Sample) -> str:
+    """The scene in words: the text."""
+    return f"the image shows {sample.meta['text']}."
+
+
 SPEC = TaskSpec(
     name="ocr",
     metric="exact_match",
@@ -66,4 +71,5 @@ SPEC = TaskSpec(
     render=render,
     vocabulary={v: tuple(sorted(chars)) for v, chars in ALPHABETS.items()},
     description="read one large bitmap-font character; generic: digits, shifted: capital letters",
+    describe=describe,
 )

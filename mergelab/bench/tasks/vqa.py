@@ -31,6 +31,7 @@ from mergelab.bench.tasks.common import (
     SHAPES,
     SHIFTED_COLOURS,
     Draft,
+    Sample,
     TaskSpec,
     colour_answers,
     draw_objects,
@@ -90,6 +91,12 @@ def render(meta: dict[str, Any]) -> Image.Image:
     return draw_objects(meta["objects"])
 
 
+def describe(sample: Sample) -> str:
+    """The scene in words: the object's colour and shape."""
+    obj = sample.meta["objects"][0]
+    return f"there is a {obj['colour']} {obj['shape']}."
+
+
 SPEC = TaskSpec(
     name="vqa",
     metric="exact_match",
@@ -100,4 +107,5 @@ SPEC = TaskSpec(
         "shifted": tuple(sorted({*SHIFTED_COLOURS, *SHAPES, "yes", "no"})),
     },
     description="attributes and existence of one large coloured shape; shifted: four new colours",
+    describe=describe,
 )
