@@ -113,16 +113,15 @@ def test_campaign_nests_trials_survives_crash_registers_top_k_and_resumes(platfo
         assert src.exists() and src == local_path(client.get_run(v.run_id).info.artifact_uri) / "merged"
         assert float(v.tags["val/average"]) == pytest.approx(by_trial[int(v.tags["trial"])].data.metrics[
             "val/average"], abs=1e-3)
-        assert "test/average" in v.tags and "hp.lam" in v.tags and "sha256" in v.description
+        assert "hp.lam" in v.tags and "sha256" in v.description and int(v.tags["val.items"]) == 9
+        assert not any(k.startswith("test/") for k in v.tags)  # registration logs what the search saw: val
         assert v.tags["mergelab.score"] and json.loads(v.tags["eval.tasks"]) == TASKS
     registered_runs = {v.run_id for v in versions}
     for r in children:
         merged = local_path(r.info.artifact_uri) / "merged"
         assert merged.exists() == (r.info.run_id in registered_runs), r.data.tags["mergelab.trial"]
-    # test metrics only for registered candidates; val only for the sampler
-    assert all(("test/average" in r.data.metrics) == ("mergelab.registered_version" in r.data.tags)
-               for r in children)
-    assert registered_runs <= {r.info.run_id for r in children if "test/average" in r.data.metrics}
+    # no test metric before promotion; val only for the sampler
+    assert not any("test/average" in r.data.metrics for r in children)
     # the parent got the summary
     parent = client.get_run(res.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.metrics["campaign/n_complete"] == 3
@@ -252,7 +251,8 @@ def test_campaign_end_to_end_on_the_tiny_zoo_then_promote_and_load_champion(plat
     assert res.n_complete == 2 and len(res.registered) == 1
     client = platform_store.client()
     run = client.get_run(res.best["run_id"])
-    assert {"val/vqa/accuracy", "val/ocr/accuracy", "val/average", "test/average"} <= set(run.data.metrics)
+    assert {"val/vqa/accuracy", "val/ocr/accuracy", "val/average"} <= set(run.data.metrics)
+    assert "test/average" not in run.data.metrics  # test is computed at promotion
     table = json.loads((local_path(run.info.artifact_uri) / "predictions" / "val.json").read_text())
     assert len(table["data"]) == 12
     from mergelab.platform.evaluation import HFEvaluator
@@ -390,3 +390,76 @@ def test_retry_on_conflict_retries_unique_key_races_only() -> None:
 
     with pytest.raises(MlflowException, match="not found"):
         retry_on_conflict(broken)
+
+
+def test_resume_never_replays_a_finished_trials_parameters(platform_store: Store, tmp_path: Path) -> None:
+    """A resumed study's sampler does not draw the first session's points again (the seed moves on with the
+    study), and a recipe already merged is never merged twice."""
+    from mergelab.platform.campaign import RECIPE_ATTR
+
+    cfg, ev = _campaign(tmp_path, budget={"n_trials": 3}, defaults_first=False)
+    run_campaign(cfg, store=platform_store, evaluator=ev, summarize=False)
+    cfg6 = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"n_trials": 6})})
+    run_campaign(cfg6, store=platform_store, evaluator=ev, summarize=False)
+    study = optuna.load_study(study_name="camp", storage=platform_store.optuna_storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 6
+    points = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(points)) == 6, points
+    assert len({t.user_attrs[RECIPE_ATTR] for t in study.trials}) == 6
+
+
+def test_a_new_study_starts_from_the_defaults_then_the_enqueued_points(platform_store: Store,
+                                                                       tmp_path: Path) -> None:
+    from mergelab.platform.campaign import RECIPE_ATTR, START_ATTR, campaign_plan, recipe_template
+
+    cfg, ev = _campaign(tmp_path, budget={"n_trials": 3}, enqueue=[{"lam": 0.7, "coef.ocr": 1.2}])
+    plan = campaign_plan(cfg)
+    assert "start point defaults: " in plan and '"coef.vqa": 1.0' in plan and "start point enqueue[0]" in plan
+    run_campaign(cfg, store=platform_store, evaluator=ev, summarize=False)
+    study = optuna.load_study(study_name="camp", storage=platform_store.optuna_storage)
+    t0, t1 = study.trials[0], study.trials[1]
+    assert t0.user_attrs[START_ATTR] == "defaults" and t1.user_attrs[START_ATTR] == "enqueue[0]"
+    assert t0.params == {"lam": 1.0, "coef.vqa": 1.0, "coef.geometry": 1.0, "coef.ocr": 1.0}
+    assert t1.params == {"lam": 0.7, "coef.vqa": 1.0, "coef.geometry": 1.0, "coef.ocr": 1.2}
+    template, _ = recipe_template(cfg)
+    assert t0.user_attrs[RECIPE_ATTR] == template.digest  # trial 0 is exactly the default merge
+    best = max(t.values[0] for t in study.trials)
+    assert best >= t0.values[0] and best >= t1.values[0]  # never worse than where it started
+    # resuming does not enqueue the start points again
+    run_campaign(cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"n_trials": 4})}),
+                 store=platform_store, evaluator=ev, summarize=False)
+    study = optuna.load_study(study_name="camp", storage=platform_store.optuna_storage)
+    assert [t.user_attrs.get(START_ATTR) for t in study.trials] == ["defaults", "enqueue[0]", None, None]
+
+
+def test_optmerge_defaults_trial_is_the_papers_merge(tmp_path: Path) -> None:
+    """OptMerge's default rank ratio is None (k = min(m, n) // N): trial 0 shows it as 1/N and merges with None."""
+    from mergelab.platform.campaign import campaign_plan, recipe_template, start_points
+
+    cfg, _ = _campaign(tmp_path, method="optmerge", params={"variant": "lora"}, search_space={
+        "rank_ratio": {"type": "float", "low": 0.05, "high": 0.5},
+        "steps": {"type": "int", "low": 50, "high": 400, "step": 50},
+        "lr": {"type": "float", "low": 1.0e-5, "high": 1.0e-3, "log": True},
+        "lam": {"type": "float", "low": 0.3, "high": 1.5},
+        "init": {"type": "categorical", "choices": ["mean", "sum"]}})
+    template, _ = recipe_template(cfg)
+    (label, point), = start_points(cfg, template, ["vqa", "geometry", "ocr"])
+    assert label == "defaults"
+    assert point == {"rank_ratio": pytest.approx(1 / 3), "steps": 300, "lr": 1e-4, "lam": 1.0, "init": "mean",
+                     "coef.vqa": 1.0, "coef.geometry": 1.0, "coef.ocr": 1.0}
+    assert "template digest: " + template.digest in campaign_plan(cfg)
+
+
+def test_a_recipe_already_merged_is_not_merged_again(platform_store: Store, tmp_path: Path) -> None:
+    from mergelab.platform.campaign import DUPLICATE_ATTR
+
+    cfg, ev = _campaign(tmp_path, search_space={"lam": {"type": "categorical", "choices": [0.5]}}, coefficients=None,
+                        sampler={"name": "random", "seed": 0}, budget={"n_trials": 3}, defaults_first=False)
+    res = run_campaign(cfg, store=platform_store, evaluator=ev, summarize=False)
+    study = optuna.load_study(study_name="camp", storage=platform_store.optuna_storage)
+    assert [t.user_attrs.get(DUPLICATE_ATTR) for t in study.trials] == [None, 0, 0]
+    assert len({t.values[0] for t in study.trials}) == 1
+    client = platform_store.client()
+    runs = client.search_runs([platform_store.experiment_id("mergelab", client)],
+                              filter_string=f"tags.mlflow.parentRunId = '{res.parent_run_id}'")
+    assert len(runs) == 1 and len(reg.campaign_versions(client, "camp-model", "camp")) == 1

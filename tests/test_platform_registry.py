@@ -120,3 +120,18 @@ def test_registry_cli_lists_versions_with_aliases(platform_store: Store) -> None
     assert out.exit_code == 0, out.output
     line = out.output.splitlines()[1]
     assert "cli-model" in line and "champion" in line and "42.0000" in line and "ties" in line
+
+
+def test_the_same_merge_is_registered_once(platform_store: Store) -> None:
+    """Two runs of one recipe (same ``mergelab.recipe`` digest) share one version; another recipe gets its own."""
+    from mergelab.platform.store import TAG_RECIPE
+
+    client = platform_store.client()
+    runs = [_run_with_weights(platform_store) for _ in range(3)]
+    for (rid, _, _), digest in zip(runs, ["aaa", "aaa", "bbb"], strict=True):
+        client.set_tag(rid, TAG_RECIPE, digest)
+    v1 = reg.register_run(client, "dedup", runs[0][0], runs[0][1], score=1.0)
+    v2 = reg.register_run(client, "dedup", runs[1][0], runs[1][1], score=2.0)
+    v3 = reg.register_run(client, "dedup", runs[2][0], runs[2][1], score=3.0)
+    assert v2.version == v1.version and v2.run_id == runs[0][0] and v3.version != v1.version
+    assert [v.tags[TAG_RECIPE] for v in reg.campaign_versions(client, "dedup")] == ["bbb", "aaa"]

@@ -63,6 +63,12 @@ log = logging.getLogger(__name__)
 PARENT_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
 SKIP_ATTR = "mergelab.skipped"
+RECIPE_ATTR = "mergelab.recipe"  # the trial's recipe digest
+START_ATTR = "mergelab.start"  # "defaults" or "enqueue[i]" on the enqueued start points
+DUPLICATE_ATTR = "mergelab.duplicate_of"  # a trial whose recipe a finished trial already merged
+
+#: What ``None`` means for a searched hyperparameter whose method default is None (to show it as a number).
+NONE_DEFAULTS: dict[str, Callable[[int], float]] = {"rank_ratio": lambda n_experts: 1.0 / n_experts}
 
 
 class OverBudget(RuntimeError):
@@ -203,9 +209,63 @@ def check_search_space(cfg: CampaignConfig) -> None:
         raise ValueError(f"coefficients: method {cfg.method!r} takes no per-expert coefficients")
 
 
+def start_points(cfg: CampaignConfig, template: MergeRecipe, expert_names: list[str]) -> list[tuple[str, dict[str,
+                                                                                                            Any]]]:
+    """The trials a new study begins with, as ``[(label, Optuna params)]``: the method's defaults (every searched
+    hyperparameter at the value the template resolves it to, every coefficient 1: for OptMerge, the paper's
+    setting), then ``cfg.enqueue``'s points with the defaults filling what they leave out.
+
+    A campaign therefore never ends worse on val than the settings it started from. A default of ``None`` is
+    shown as the number it means (:data:`NONE_DEFAULTS`, e.g. ``rank_ratio = 1/N``); the defaults trial merges
+    with the ``None`` itself, so its recipe is exactly the default merge's.
+    """
+    hp = template.hyperparameters
+    defaults: dict[str, Any] = {}
+    for k in cfg.search_space:
+        v = hp.get(k)
+        if v is None and k in NONE_DEFAULTS:
+            v = NONE_DEFAULTS[k](len(expert_names))
+        if v is not None:
+            defaults[k] = v
+    if cfg.coefficients is not None:
+        defaults.update({f"coef.{n}": 1.0 for n in expert_names})
+    points = [("defaults", defaults)] if cfg.defaults_first else []
+    points += [(f"enqueue[{i}]", {**defaults, **p}) for i, p in enumerate(cfg.enqueue)]
+    return points
+
+
+def campaign_plan(cfg: CampaignConfig) -> str:
+    """What ``mergelab campaign --dry-run`` prints: the validated template recipe and its digest, the search space,
+    the start points, the study, the budget and where results go. Reads the experts' files; writes nothing."""
+    check_search_space(cfg)
+    template, reference = recipe_template(cfg)
+    names = [e.name or "" for e in template.experts]
+    lines = [f"campaign {cfg.name}: study {cfg.study_name!r}, method {template.method_name}, "
+             f"{len(names)} experts {names}",
+             f"template hyperparameters: {json.dumps(template.hyperparameters, sort_keys=True, default=str)}",
+             f"template digest: {template.digest}",
+             "search space: " + json.dumps({k: d.model_dump(exclude_defaults=True) for k, d in cfg.search_space.items()})]
+    if cfg.coefficients is not None:
+        lines.append("coefficients: " + ", ".join(f"coef.{n}" for n in names) + " in "
+                     + json.dumps(cfg.coefficients.model_dump(exclude_defaults=True)))
+    for label, point in start_points(cfg, template, names):
+        lines.append(f"start point {label}: {json.dumps(point, default=str)}")
+    lines += [f"sampler {cfg.sampler.name} (seed {cfg.sampler.seed}), budget {cfg.budget.model_dump()}, "
+              f"objective {cfg.objective.metrics} on val "
+              f"({'all items' if cfg.eval.limit is None else f'{cfg.eval.limit} items'} per task of {cfg.eval.tasks})",
+              f"reference scores (val/normalized_average): {reference or 'none'}",
+              f"registry {cfg.registry.name}: register {cfg.registry.register_policy}, top_k {cfg.registry.top_k}; "
+              f"experiment {cfg.tracking.experiment!r}"]
+    return "\n".join(lines)
+
+
 def suggest(trial: optuna.Trial, cfg: CampaignConfig, expert_names: list[str]) -> tuple[dict[str, Any],
                                                                                           dict[str, float]]:
-    """Sample the method's hyperparameters and the per-expert coefficients (``coef.<expert>``)."""
+    """Sample the method's hyperparameters and the per-expert coefficients (``coef.<expert>``).
+
+    On the enqueued defaults trial a searched hyperparameter whose default is ``None`` stays ``None`` (its
+    :data:`NONE_DEFAULTS` number is only what Optuna records), so the merge is exactly the default one.
+    """
     params = dict(cfg.params)
     for name, d in cfg.search_space.items():
         if d.type == "float":
@@ -214,11 +274,15 @@ def suggest(trial: optuna.Trial, cfg: CampaignConfig, expert_names: list[str]) -
             params[name] = trial.suggest_int(name, d.low, d.high, step=d.step, log=d.log)
         else:
             params[name] = trial.suggest_categorical(name, d.choices)
+    if trial.user_attrs.get(START_ATTR) == "defaults":
+        params = {k: v for k, v in params.items() if not (k in NONE_DEFAULTS and k not in cfg.params)}
     coefs: dict[str, float] = {}
     if cfg.coefficients is not None:
         c = cfg.coefficients
         for n in expert_names:
             coefs[n] = trial.suggest_float(f"coef.{n}", c.low, c.high, log=c.log, step=c.step)
+        if trial.user_attrs.get(START_ATTR) == "defaults" and all(v == 1.0 for v in coefs.values()):
+            coefs = {}  # all ones merge like none at all; keeping the template's makes the digest the default's
     return params, coefs
 
 
@@ -368,13 +432,24 @@ def run_campaign(
     if evaluator is None:
         evaluator = HFEvaluator(data_root=cfg.eval.data_root, batch_size=cfg.eval.batch_size,
                                 limit=cfg.eval.limit, device=cfg.device)
-    test_evaluator = test_evaluator or evaluator
+    if test_evaluator is None:  # the whole test split, whatever limit the search's val evaluation has
+        test_evaluator = (dataclasses.replace(evaluator, limit=None) if isinstance(evaluator, HFEvaluator)
+                          else evaluator)
     client = store.client()
     storage = open_storage(cfg, store)
     salt = worker_salt() if worker else 0
     study = open_study(cfg, storage, make_sampler(cfg, names, salt), make_pruner(cfg))
     with _quiet():
         optuna.storages.fail_stale_trials(study)
+    n_before = len(study.get_trials(deepcopy=False))
+    if n_before:
+        # A resumed study: a sampler seeded as in the first session would draw that session's parameters again
+        # (TPE's and CMA-ES's start-up draws come from the seeded generator), so the seed moves on with the study.
+        study.sampler = make_sampler(cfg, names, salt + n_before)
+    else:
+        with _quiet():  # a default outside the searched range is still tried as is (Optuna warns)
+            for label, point in start_points(cfg, template, names):
+                study.enqueue_trial(point, user_attrs={START_ATTR: label}, skip_if_exists=True)
     parent = ensure_parent_run(cfg, store, client, study)
     budget = cfg.budget.n_trials
     started = time.monotonic()
@@ -388,6 +463,13 @@ def run_campaign(
             raise OverBudget(f"trial {trial.number}: study budget of {budget} trials is spent")
         params, coefs = suggest(trial, cfg, names)
         recipe = trial_recipe(template, params, coefs)
+        trial.set_user_attr(RECIPE_ATTR, recipe.digest)
+        same = finished_with(trial.study, recipe.digest, trial.number)
+        if same is not None:  # never merge the same recipe twice: its values stand (a grid or a narrow space)
+            trial.set_user_attr(DUPLICATE_ATTR, same.number)
+            trial.set_user_attr("val_scores", same.user_attrs.get("val_scores", {}))
+            log.info("trial %d: recipe %s is trial %d's; not merged again", trial.number, recipe.digest, same.number)
+            return same.values[0] if len(same.values) == 1 else list(same.values)
         pruning = cfg.pruning.pruner != "none"
 
         def on_task(task: str, partial: EvalSummary) -> None:
@@ -445,6 +527,14 @@ def run_campaign(
     return _result(cfg, study, parent, client)
 
 
+def finished_with(study: optuna.Study, digest: str, number: int) -> optuna.trial.FrozenTrial | None:
+    """The first finished (COMPLETE) trial of ``study`` other than ``number`` whose recipe digest is ``digest``."""
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.number != number and t.user_attrs.get(RECIPE_ATTR) == digest:
+            return t
+    return None
+
+
 def _register_or_discard(cfg: CampaignConfig, store: Store, client: MlflowClient, number: int, tm: Any,
                          score: float, direction: str, keep: int | None, test_evaluator: Evaluator,
                          params: dict[str, Any], coefs: dict[str, float]) -> None:
@@ -460,11 +550,20 @@ def _register_or_discard(cfg: CampaignConfig, store: Store, client: MlflowClient
     tags.update({f"hp.{k}": v for k, v in params.items()})
     tags.update({f"coef.{k}": v for k, v in coefs.items()})
     tags.update({k: f"{v:.4f}" for k, v in tm.metrics.items() if k.startswith("val/") and k.count("/") == 1})
-    if cfg.registry.evaluate_test and tm.merged_path is not None:
+    if tm.val is not None and tm.val.records:
+        tags[reg.VAL_ITEMS_TAG] = len(tm.val.records)
+    if cfg.registry.evaluate_test and tm.merged_path is not None:  # opt-in; promotion evaluates test anyway
         test = test_evaluator(tm.merged_path, cfg.eval.tasks, "test", None)
         test_metrics = log_eval(client, tm.run_id, test)
         tags.update({k: f"{v:.4f}" for k, v in test_metrics.items() if k.count("/") == 1})
+        tags[reg.TEST_ITEMS_TAG] = len(test.records)
     mv = reg.register_run(client, name, tm.run_id, tm.merged_uri, tags=tags, score=score, direction=direction)
+    if mv.run_id != tm.run_id:  # the same merge is registered already (same recipe digest): keep that version
+        if tm.merged_path is not None and tm.merged_path.exists():
+            shutil.rmtree(tm.merged_path, ignore_errors=True)
+            client.set_tag(tm.run_id, TAG_WEIGHTS, "deleted")
+        client.set_tag(tm.run_id, "mergelab.duplicate_of_version", f"{name}/{mv.version}")
+        return
     client.set_tag(tm.run_id, "mergelab.registered_version", f"{name}/{mv.version}")
     if keep is not None:
         reg.prune_campaign(client, name, cfg.name, keep)

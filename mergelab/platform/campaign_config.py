@@ -18,6 +18,7 @@ Example (OptMerge over a benchmark zoo, searching around the paper's defaults: d
     objective: {metrics: [val/average]}             # multi-objective: [val/average, val/worst_task]
     eval: {tasks: [vqa, geometry, chart, ocr, grounding], batch_size: 32}
     registry: {name: optmerge-lora, register: top_k, top_k: 3}
+    enqueue: [{lam: 0.7}]                           # start points after the defaults (trial 0 of a new study)
 
 The search sees only the val split: an objective on any other split is refused at validation.
 """
@@ -190,7 +191,7 @@ class RegistryConfig(_Strict):
     name: str | None = None
     register_policy: Literal["all", "top_k", "best", "none"] = Field(default="top_k", alias="register")
     top_k: int = Field(default=3, ge=1)
-    evaluate_test: bool = True
+    evaluate_test: bool = False  # promotion evaluates the whole test split; this adds it at registration too
     keep_unregistered_weights: bool = False
 
 
@@ -229,6 +230,11 @@ class CampaignConfig(RecipeFields):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     study_name: str | None = None
+    defaults_first: bool = Field(default=True, description="trial 0 of a new study is the method's defaults")
+    enqueue: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="more start points for a new study, in Optuna's names (search-space keys, coef.<expert>); "
+                    "missing ones take the method's defaults")
 
     @model_validator(mode="after")
     def _check(self) -> CampaignConfig:
@@ -243,6 +249,11 @@ class CampaignConfig(RecipeFields):
         bad = [k for k in self.search_space if k.startswith("coef.")]
         if bad:
             raise ValueError(f"search_space keys {bad}: use `coefficients:` for per-expert coefficients")
+        for i, point in enumerate(self.enqueue):
+            stray = sorted(k for k in point if k not in self.search_space
+                           and not (k.startswith("coef.") and self.coefficients is not None))
+            if stray:
+                raise ValueError(f"enqueue[{i}]: {stray} are not searched (search_space keys or coef.<expert>)")
         if len(self.objective.metrics) > 1 and self.pruning.pruner != "none":
             raise ValueError("pruning works with a single objective only (Optuna cannot prune multi-objective trials)")
         if self.sampler.name == "nsga2" and len(self.objective.metrics) < 2:

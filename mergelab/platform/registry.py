@@ -41,6 +41,8 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 SCORE_TAG = "mergelab.score"
 DIRECTION_TAG = "mergelab.direction"
+VAL_ITEMS_TAG = "val.items"  # how many val items the version's val/* metrics average over
+TEST_ITEMS_TAG = "test.items"  # how many test items its test/* metrics average over (the whole split)
 
 
 def _is_missing(e: MlflowException) -> bool:
@@ -96,13 +98,20 @@ def register_run(
         direction: ``maximize`` or ``minimize`` for ``score``.
 
     Returns:
-        The created model version.
+        The created model version, or the existing version of the same merge: a version whose recipe digest
+        (``mergelab.recipe``) equals the run's is reused, so the registry never holds one merge twice (the caller
+        may then delete the new run's weights: ``version.run_id`` is not ``run_id``).
     """
     ensure_registered_model(client, name)
     all_tags = {k: str(v) for k, v in (tags or {}).items()}
     all_tags["run_id"] = run_id
     recipe = client.get_run(run_id).data.tags.get(TAG_RECIPE)
     if recipe:  # the merge's identity (MergeRecipe.digest), carried from its run
+        same = [v for v in campaign_versions(client, name) if v.tags.get(TAG_RECIPE) == recipe]
+        if same:
+            log.info("%s: run %s merges recipe %s, already version %s; reused", name, run_id, recipe,
+                     same[-1].version)
+            return same[-1]
         all_tags[TAG_RECIPE] = recipe
     if score is not None:
         all_tags[SCORE_TAG] = repr(float(score))
