@@ -33,6 +33,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mergelab.bench.tasks import TASKS
 from mergelab.platform.merge_config import ExpertConfig, RecipeFields, one_line
 
 
@@ -169,7 +170,7 @@ class ObjectiveConfig(_Strict):
 class EvalConfig(_Strict):
     """Evaluation tasks and evaluator options (val during the search; test for candidates/promotion)."""
 
-    tasks: list[str] = Field(default_factory=lambda: ["vqa", "geometry", "chart", "ocr", "grounding"], min_length=1)
+    tasks: list[str] = Field(default_factory=lambda: list(TASKS), min_length=1)
     split: Literal["val"] = "val"
     data_root: str | None = None
     batch_size: int = Field(default=32, ge=1)
