@@ -26,4 +26,5 @@ def test_campaign_example_validates() -> None:
 
     cfg = load_campaign(EXAMPLES / "campaign-optmerge-lora.yaml")
     assert cfg.method == "optmerge" and cfg.objective.metrics == ["val/average"]
-    assert set(cfg.search_space) == {"rank_ratio", "steps", "lr", "lam"}
+    assert set(cfg.search_space) == {"rank_ratio", "steps", "lr", "lam", "init"} and cfg.coefficients is not None
+    assert cfg.eval.limit is None  # the objective sees the whole val split unless a limit is asked for

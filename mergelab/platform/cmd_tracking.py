@@ -23,13 +23,19 @@ def _store(root: str | None):  # noqa: ANN202 - imported lazily to keep `mergela
 @click.command("campaign")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
 @click.option("--n-trials", type=int, default=None, help="Stop this process after N trials (the study budget holds).")
-def campaign_cmd(config: str, n_trials: int | None) -> None:
+@click.option("--dry-run", is_flag=True, help="Validate and print the plan (template recipe, digest, search space, "
+              "start points); no study, no MLflow run.")
+def campaign_cmd(config: str, n_trials: int | None, dry_run: bool) -> None:
     """Run (or resume) the Optuna campaign in CONFIG: one MLflow parent run, one nested run per trial."""
-    from mergelab.platform.campaign import run_campaign
+    from mergelab.platform.campaign import campaign_plan, run_campaign
     from mergelab.platform.campaign_config import load_campaign
 
     try:
         cfg = load_campaign(config)
+        if dry_run:
+            click.echo(campaign_plan(cfg))
+            click.echo("dry run: no study opened, no MLflow run")
+            return
         res = run_campaign(cfg, n_trials=n_trials)
     except (ValueError, KeyError, FileNotFoundError) as e:
         _fail(e)
@@ -44,11 +50,18 @@ def campaign_cmd(config: str, n_trials: int | None) -> None:
 @click.command("worker")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
 @click.option("--n-trials", type=int, default=None, help="Stop this worker after N trials.")
-def worker_cmd(config: str, n_trials: int | None) -> None:
+@click.option("--dry-run", is_flag=True, help="Validate CONFIG and print the plan; attach to nothing.")
+def worker_cmd(config: str, n_trials: int | None, dry_run: bool) -> None:
     """Attach to CONFIG's shared study and work trials until its budget is spent."""
+    from mergelab.platform.campaign import campaign_plan
+    from mergelab.platform.campaign_config import load_campaign
     from mergelab.platform.worker import run_worker
 
     try:
+        if dry_run:
+            click.echo(campaign_plan(load_campaign(config)))
+            click.echo("dry run: no study opened, no MLflow run")
+            return
         res = run_worker(config, n_trials=n_trials)
     except (ValueError, KeyError, FileNotFoundError) as e:
         _fail(e)
