@@ -24,6 +24,7 @@ from mergelab.families.llama import LLAMA
 from mergelab.families.llava import LLAVA
 from mergelab.families.qwen2_5_vl import QWEN2_5_VL
 from mergelab.families.qwen2_vl import QWEN2_VL
+from mergelab.families.qwen3_vl import QWEN3_VL
 from mergelab.families.smolvlm import SMOLVLM
 
 __all__ = [
@@ -62,6 +63,7 @@ def family_table(*families: Family) -> Mapping[str, Family]:
 FAMILIES: Mapping[str, Family] = family_table(
     QWEN2_VL,
     QWEN2_5_VL,
+    QWEN3_VL,
     INTERNVL2_5,
     LLAVA,
     LLAMA,
