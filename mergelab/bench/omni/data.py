@@ -115,7 +115,7 @@ def draw_scene(rng: random.Random) -> dict[str, dict[str, Any]]:
              "start": round(rng.uniform(0.02, 0.08), 3), "gap": round(rng.uniform(0.09, 0.12), 3)}
     motion = rng.choice(MOTION)
     speed = rng.choice(SPEED)
-    video = {"motion": motion, "speed": speed, "side": rng.randint(8, 14), "offset": rng.randint(-6, 6),
+    video = {"motion": motion, "speed": speed, "side": rng.randint(10, 14), "offset": rng.randint(-6, 6),
              "shift": rng.randint(-3, 3)}
     return {"image": image, "audio": audio, "video": video}
 
@@ -147,7 +147,7 @@ def render_audio(meta: dict[str, Any]) -> np.ndarray:
     return out
 
 
-_STEP = {"fast": 4.0, "slow": 1.5}
+_STEP = {"fast": 5.0, "slow": 2.5}
 _DIRS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 
@@ -245,8 +245,8 @@ def ask(qtype: str, scene: dict[str, dict[str, Any]], *, lettered: bool,
     """A cross-modal question of type ``qtype`` about ``scene``: ``(question, answer, options)``.
 
     Open form (MUSIC-AVQA style): the fact's question with a clause naming another modality, answered by a word.
-    Lettered form (AVQA style): the same question, four (or all) of the fact's answer words as lettered options in
-    a random order, answered by the letter. ``composite`` (open only) needs audio and video together: does the
+    Lettered form (AVQA style): the same question with the fact's answer words (2-4) as lettered options, always in
+    the order of :data:`TASKS` (a fixed option list per question type), answered by the letter. ``composite`` (open only) needs audio and video together: does the
     pitch go the way the square moves (rising = up); its scenes move the square up or down (:func:`vertical`).
     """
     if qtype == "composite":
@@ -255,9 +255,7 @@ def ask(qtype: str, scene: dict[str, dict[str, Any]], *, lettered: bool,
     stem, answer = _MUSIC_TEMPLATES[qtype][1], scene_answer(qtype, scene)
     if not lettered:
         return stem, answer, ()
-    words = list(TASKS[qtype][2])
-    options = [answer] + rng.sample([w for w in words if w != answer], min(3, len(words) - 1))
-    rng.shuffle(options)
+    options = list(TASKS[qtype][2])
     text = stem + " " + " ".join(f"{'ABCD'[k]}. {w}" for k, w in enumerate(options)) + " " + AVQA_SUFFIX
     return text, "ABCD"[options.index(answer)], tuple(options)
 
