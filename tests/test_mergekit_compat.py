@@ -63,6 +63,7 @@ def _models(experts: list[Path], weights: list[float], density: float | None = N
 
 CASES = {
     "linear": dict(merge_method="linear", parameters={"normalize": True}, weights=[0.5, 1.0, 2.0], base_listed=True),
+    "linear_base_by_global_weight": dict(merge_method="linear", parameters={"weight": 0.5}, weights=[1.0, 3.0, 2.0]),
     "task_arithmetic": dict(merge_method="task_arithmetic", parameters={"lambda": 0.7}, weights=[0.5, 1.0, -0.3]),
     "task_arithmetic_normalized": dict(merge_method="task_arithmetic", parameters={"normalize": True},
                                        weights=[0.5, 1.0, 2.0]),

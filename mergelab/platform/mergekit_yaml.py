@@ -20,7 +20,8 @@ mergekit          mergelab                   how the parameters map
 ================  =========================  ==========================================================
 linear            weight_average             ``weight`` -> coefficients (``normalize: true``, default;
                                              ``false`` only when the weights sum to 1); the base is the
-                                             first model unless ``base_model`` is given
+                                             first model unless ``base_model`` is given, which is averaged
+                                             too (listed, or with ``parameters.weight``)
 task_arithmetic   task_arithmetic            ``weight`` -> coefficients, ``lambda`` -> lam; ``normalize:
                                              true`` divides the weights by their sum
 ties              ties, ``topk: exact``      ``density`` (one value for all models) -> density, ``weight``
@@ -149,6 +150,15 @@ def from_mergekit(data: dict[str, Any], root: Path) -> dict[str, Any]:
         paths.append(_resolve(ref, root))
         weights.append(float(params.get("weight", glob.get("weight", 1.0))))
         densities.append(float(params.get("density", glob.get("density", 1.0))))
+    if mk_method == "linear" and base_ref is not None and base_ref not in [
+            _model_path(m.get("model") if isinstance(m, dict) else m, "models") for m in models]:
+        # mergekit's linear averages the base_model too; its weight can only come from the global parameters
+        if "weight" not in glob:
+            raise MergeError("base_model: mergekit's linear merges the base_model as well; list it under models "
+                             "with a weight or set parameters.weight")
+        paths.append(_resolve(base_ref, root))
+        weights.append(float(glob["weight"]))
+        densities.append(1.0)
     if not paths:
         raise MergeError("models: no model besides the base_model")
     normalize = bool(glob.get("normalize", _NORMALIZE_DEFAULT[mk_method]))
