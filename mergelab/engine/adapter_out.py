@@ -60,21 +60,39 @@ class AdapterMergeReport(MergeReport):
         return super().summary() + "\n" + line
 
 
-def factor(update: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, int, float]:
-    """``update ~= B @ A`` with ``B (m, rank)``, ``A (rank, n)`` from the SVD (zero-padded when ``rank`` exceeds
-    ``min(m, n)``), splitting each singular value evenly between the factors.
+def factor(update: torch.Tensor, rank: int, *, oversample: int = 16, power_iters: int = 2) -> tuple[
+        torch.Tensor, torch.Tensor, int, float]:
+    """``update ~= B @ A`` with ``B (m, rank)``, ``A (rank, n)`` (zero-padded when ``rank`` exceeds ``min(m, n)``),
+    each singular value split evenly between the factors.
+
+    Small matrices (``min(m, n) <= 2 * (rank + oversample)``) take a full float64 SVD. Larger ones take a seeded
+    randomized SVD (Halko et al. 2011: range of ``update @ Omega`` with ``rank + oversample`` columns and
+    ``power_iters`` power iterations, then the SVD of the small projection), which is exact when
+    ``rank(update) <= rank + oversample`` and costs ``O(m n (rank + oversample))`` instead of ``O(m n min(m, n))``.
+    The reported error is measured on the factors actually returned.
 
     Returns:
-        ``(B, A, numerical rank of update, relative Frobenius error of B @ A)``.
+        ``(B, A, numerical rank of update (at most rank + oversample on the randomized path), relative
+        Frobenius error |update - B A| / |update|)``.
     """
     m = update.double()
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    q = rank + oversample
+    if min(m.shape) <= 2 * q:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    else:
+        g = torch.Generator(device=m.device).manual_seed(0)
+        y = m @ torch.randn(m.shape[1], q, generator=g, dtype=m.dtype, device=m.device)
+        for _ in range(power_iters):
+            y = m @ (m.T @ torch.linalg.qr(y).Q)
+        basis = torch.linalg.qr(y).Q
+        u_small, s, vh = torch.linalg.svd(basis.T @ m, full_matrices=False)
+        u = basis @ u_small
     tol = float(s.max()) * max(m.shape) * torch.finfo(torch.float32).eps if s.numel() else 0.0
     num_rank = int((s > tol).sum())
     k = min(rank, s.numel())
     sq = s[:k].sqrt()
-    b = torch.zeros(m.shape[0], rank, dtype=torch.float64)
-    a = torch.zeros(rank, m.shape[1], dtype=torch.float64)
+    b = torch.zeros(m.shape[0], rank, dtype=torch.float64, device=m.device)
+    a = torch.zeros(rank, m.shape[1], dtype=torch.float64, device=m.device)
     b[:, :k] = u[:, :k] * sq
     a[:k] = sq[:, None] * vh[:k]
     norm = float(torch.linalg.matrix_norm(m))
