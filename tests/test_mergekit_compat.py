@@ -53,7 +53,7 @@ def _max_diff(a: CheckpointReader, b: CheckpointReader) -> float:
 
 def _models(experts: list[Path], weights: list[float], density: float | None = None) -> list[dict[str, Any]]:
     out = []
-    for e, w in zip(experts, weights):
+    for e, w in zip(experts, weights, strict=True):
         p: dict[str, Any] = {"weight": w}
         if density is not None:
             p["density"] = density

@@ -191,7 +191,7 @@ def from_mergekit(data: dict[str, Any], root: Path) -> dict[str, Any]:
             if mk_method == "dare_ties":
                 params.update(density=1.0, normalize=normalize)
     base = base_ref if base_ref is not None else _model_path(models[0].get("model"), "models.0.model")
-    experts = [{"path": p, "coefficient": w} for p, w in zip(paths, weights)]
+    experts = [{"path": p, "coefficient": w} for p, w in zip(paths, weights, strict=True)]
     dtype = data.get("out_dtype") or data.get("dtype")
     return {"base": _resolve(base, root), "experts": experts, "method": method, "params": params, "policy": [],
             "dtype": dtype}
