@@ -133,6 +133,7 @@ def test_unsupported_features_are_one_line(llama3: tuple[Path, list[Path]], tmp_
         ({"models": [{"model": str(experts[0]), "parameters": {"weight": [0.1, 0.9]}}]}, "gradients"),
         ({"models": [{"model": f"{base}+{experts[0]}"}]}, r"model\+lora"),
         ({"models": _models(experts[:2], [1, 1], 0.5)[:1] + _models(experts[2:], [1], 0.3)}, "one density"),
+        ({"models": _models(experts, [1, 1, 1], 0.5), "parameters": {"rescale": True}}, "rescale: true"),
     ):
         src.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": str(base), **cfg}))
         with pytest.raises(MergeConfigError, match=word):

@@ -163,8 +163,9 @@ def from_mergekit(data: dict[str, Any], root: Path) -> dict[str, Any]:
         raise MergeError("models: no model besides the base_model")
     normalize = bool(glob.get("normalize", _NORMALIZE_DEFAULT[mk_method]))
     lam = float(glob.get("lambda", 1.0))
-    if glob.get("rescale") is False and mk_method.startswith("dare"):
-        raise MergeError("parameters.rescale: false is not supported (mergelab's DARE always rescales by 1/(1-p))")
+    if "rescale" in glob and bool(glob["rescale"]) != mk_method.startswith("dare"):
+        raise MergeError(f"parameters.rescale: {str(glob['rescale']).lower()} is not supported for {mk_method} "
+                         "(mergelab rescales DARE's survivors by 1/(1-p) and never rescales a magnitude trim)")
     method = MERGEKIT_METHODS[mk_method]
     params: dict[str, Any] = {}
     if mk_method == "linear":
