@@ -78,7 +78,7 @@ class WeightEvaluator:
     """Scores a checkpoint per task by how close its weights are to that task's expert, relative to the base:
     ``100 * clamp(1 - |theta - theta_i| / |theta_0 - theta_i|, 0)`` (base: 0, expert: 100 on its own task).
     The test split adds a fixed per-task offset so val and test differ. Same call signature as the platform's
-    evaluator: ``(model_dir, tasks, split, on_task) -> EvalSummary``."""
+    evaluator: ``(model_dir, tasks, split, on_task) -> EvalResult``."""
 
     def __init__(self, base: Path, experts: dict[str, Path], fail_on: set[str] | None = None) -> None:
         self.base = _load(base)
@@ -86,17 +86,17 @@ class WeightEvaluator:
         self.calls: list[tuple[str, str]] = []
 
     def __call__(self, model_dir: Path, tasks: Sequence[str], split: str, on_task=None):  # noqa: ANN001, ANN204
-        from mergelab.platform.evaluation import EvalSummary
+        from mergelab.evaluators import EvalResult
 
         self.calls.append((str(model_dir), split))
         theta = _load(Path(model_dir))
-        total = EvalSummary(split=split, scores={})
+        total = EvalResult(split=split, scores={})
         for i, task in enumerate(tasks):
             ex = self.experts[task]
             num = sum(float((theta[k] - ex[k]).pow(2).sum()) for k in ex) ** 0.5
             den = sum(float((self.base[k] - ex[k]).pow(2).sum()) for k in ex) ** 0.5
             score = max(0.0, 100.0 * (1.0 - num / den)) + (1.0 + i if split == "test" else 0.0)
-            part = EvalSummary(split=split, scores={task: score}, metrics={f"{task}/accuracy": score},
+            part = EvalResult(split=split, scores={task: score}, metrics={f"{task}/accuracy": score},
                                records=[{"task": task, "id": f"{task}-{j}", "prediction": "x", "references": ["x"],
                                          "score": score / 100.0} for j in range(3)])
             total.update(part)
@@ -113,12 +113,12 @@ class TableEvaluator:
         self.calls: list[tuple[str, str]] = []
 
     def __call__(self, model_dir: Path, tasks: Sequence[str], split: str, on_task=None):  # noqa: ANN001, ANN204
-        from mergelab.platform.evaluation import EvalSummary
+        from mergelab.evaluators import EvalResult
 
         self.calls.append((str(model_dir), split))
         scores = self.table[Path(model_dir).parent.parent.name if Path(model_dir).name == "merged"
                             else Path(model_dir).name]
-        return EvalSummary(split=split, scores={t: scores[t] for t in tasks})
+        return EvalResult(split=split, scores={t: scores[t] for t in tasks})
 
 
 @pytest.fixture(autouse=True)

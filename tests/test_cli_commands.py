@@ -90,7 +90,7 @@ def test_merge_eval_in_one_tracked_run(family: tuple[Path, list[Path]], tmp_path
 def test_eval_on_registered_model_uri(family: tuple[Path, list[Path]], platform_store: Any,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     import mergelab.evaluators as evaluators
-    from mergelab.platform.evaluation import EvalSummary
+    from mergelab.evaluators import EvalResult
 
     _, experts = family
     client = platform_store.client()
@@ -99,7 +99,7 @@ def test_eval_on_registered_model_uri(family: tuple[Path, list[Path]], platform_
     client.set_registered_model_alias("tiny", "champion", mv.version)
     seen: list[Path] = []
 
-    class Res(EvalSummary):
+    class Res(EvalResult):
         def summary(self) -> str:
             return "vqa 50.0"
 

@@ -17,7 +17,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,16 +181,24 @@ def generate(
     return out_texts
 
 
+def _mean_finite(values: Iterable[float]) -> float:
+    """Mean of the finite values (NaN when there are none)."""
+    finite = [float(v) for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
 @dataclass
 class EvalResult:
-    """What :func:`evaluate` returns.
+    """An evaluation's results: what :func:`evaluate` returns and what the platform logs (the one result type).
 
     Attributes:
         scores: Primary metric per task, in percent (0-100).
-        average: Unweighted mean of ``scores`` (over tasks with a finite score).
+        average: Unweighted mean of ``scores`` over tasks with a finite score (kept up to date by
+            ``__post_init__`` and :meth:`update`).
         metrics: Flat ``{"<task>/<metric>": percent, ..., "avg/score": average}``; MLflow-safe names.
         records: Per-sample dicts: task, id, prompt, prediction, references, score (primary, in [0, 1]), values.
         config: The evaluation settings (tasks, split, data roots, limit, batch size, budget, seconds).
+        split: The split evaluated (``"val"``, ``"test"``...); the prefix of :meth:`flat_metrics`.
     """
 
     scores: dict[str, float] = field(default_factory=dict)
@@ -198,6 +206,53 @@ class EvalResult:
     metrics: dict[str, float] = field(default_factory=dict)
     records: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    split: str = ""
+
+    def __post_init__(self) -> None:
+        if self.scores and not math.isfinite(self.average):
+            self.average = _mean_finite(self.scores.values())
+
+    @property
+    def worst_task(self) -> float:
+        """The minimum per-task score (NaN when empty)."""
+        return min(self.scores.values()) if self.scores else math.nan
+
+    def normalized_average(self, reference: Mapping[str, float] | None) -> float | None:
+        """Mean over tasks of ``100 * score / reference[task]`` for tasks with a positive reference score (the
+        paper's normalised average: merge score over the expert's own score); None without references."""
+        if not reference:
+            return None
+        ratios = [100.0 * s / reference[t] for t, s in self.scores.items() if reference.get(t, 0) > 0]
+        return sum(ratios) / len(ratios) if ratios else None
+
+    def flat_metrics(self, reference: Mapping[str, float] | None = None) -> dict[str, float]:
+        """``<split>/...`` metric names: every per-task metric, each task's primary score, ``average``,
+        ``worst_task`` and (with references) ``normalized_average``."""
+        sp = self.split or "eval"
+        out = {f"{sp}/{k}": float(v) for k, v in self.metrics.items()
+               if not k.startswith("avg/") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        out.update({f"{sp}/{t}": float(s) for t, s in self.scores.items()})
+        out[f"{sp}/average"] = self.average
+        out[f"{sp}/worst_task"] = self.worst_task
+        norm = self.normalized_average(reference)
+        if norm is not None:
+            out[f"{sp}/normalized_average"] = norm
+        return out
+
+    def only(self, task: str) -> EvalResult:
+        """The part of this result that belongs to one task (its score, metrics and records)."""
+        return EvalResult(scores={task: self.scores[task]} if task in self.scores else {},
+                          metrics={k: v for k, v in self.metrics.items() if k.split("/", 1)[0] == task},
+                          records=[r for r in self.records if r.get("task") == task], split=self.split)
+
+    def update(self, other: EvalResult) -> None:
+        """Add another evaluation's tasks (scores, metrics, records) and recompute the average."""
+        self.scores.update(other.scores)
+        self.metrics.update({k: v for k, v in other.metrics.items() if not k.startswith("avg/")})
+        self.records.extend(other.records)
+        self.average = _mean_finite(self.scores.values())
+        if "avg/score" in self.metrics or other.metrics.get("avg/score") is not None:
+            self.metrics["avg/score"] = self.average
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready copy (NaN stays NaN; ``json.dumps`` writes it as ``NaN``)."""
@@ -333,9 +388,9 @@ def evaluate(
         result.scores[task.name] = float(agg[task.primary])
         result.metrics.update({metric_name(task.name, k): float(v) for k, v in agg.items()})
         result.records.extend(records)
-    finite = [v for v in result.scores.values() if math.isfinite(v)]
-    result.average = float(sum(finite) / len(finite)) if finite else math.nan
+    result.average = _mean_finite(result.scores.values())
     result.metrics["avg/score"] = result.average
+    result.split = split
     result.config = {"tasks": list(tasks), "split": split, "data_roots": roots, "limit": limit,
                      "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                      "num_samples": {t.name: sum(r["task"] == t.name for r in result.records) for t in specs},

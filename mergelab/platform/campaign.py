@@ -40,10 +40,11 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mergelab.engine import ExpertSpec, MergeRecipe, run_merge
+from mergelab.evaluators import EvalResult
 from mergelab.methods import METHODS
 from mergelab.platform import registry as reg
 from mergelab.platform.campaign_config import CampaignConfig, ZooRef
-from mergelab.platform.evaluation import EvalSummary, Evaluator, HFEvaluator, log_eval
+from mergelab.platform.evaluation import Evaluator, HFEvaluator, log_eval
 from mergelab.platform.merge_run import tracked_merge
 from mergelab.platform.store import (
     TAG_CAMPAIGN,
@@ -472,7 +473,7 @@ def run_campaign(
             return same.values[0] if len(same.values) == 1 else list(same.values)
         pruning = cfg.pruning.pruner != "none"
 
-        def on_task(task: str, partial: EvalSummary) -> None:
+        def on_task(task: str, partial: EvalResult) -> None:
             if pruning:
                 trial.report(partial.average, step=len(partial.scores))
                 if trial.should_prune():

@@ -47,7 +47,8 @@ import mlflow
 
 from mergelab._files import content_hash
 from mergelab.engine import MergeRecipe, run_merge
-from mergelab.platform.evaluation import EvalSummary, Evaluator, HFEvaluator, log_eval
+from mergelab.evaluators import EvalResult
+from mergelab.platform.evaluation import Evaluator, HFEvaluator, log_eval
 from mergelab.platform.provenance import (
     git_commit,
     package_versions,
@@ -88,7 +89,7 @@ class TrackedMerge:
     merged_uri: str
     merged_path: Path | None
     report: Any
-    val: EvalSummary | None
+    val: EvalResult | None
     metrics: dict[str, float]
 
 
@@ -150,7 +151,7 @@ def tracked_merge(
     tasks: Sequence[str] = (),
     evaluator: Evaluator | None = None,
     reference_scores: Mapping[str, float] | None = None,
-    on_task: Callable[[str, EvalSummary], None] | None = None,
+    on_task: Callable[[str, EvalResult], None] | None = None,
     on_run: Callable[[str], None] | None = None,
     merge_fn: Callable[..., Any] = run_merge,
     end_run: bool = True,

@@ -32,7 +32,8 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from mergelab.platform.evaluation import EvalSummary, Evaluator, HFEvaluator, log_eval
+from mergelab.evaluators import EvalResult
+from mergelab.platform.evaluation import Evaluator, HFEvaluator, log_eval
 from mergelab.platform.store import TAG_RECIPE, TAG_WEIGHTS, Store, local_path, metric_name
 
 log = logging.getLogger(__name__)
@@ -349,7 +350,7 @@ def _tasks_of(mv: ModelVersion) -> list[str] | None:
     return list(json.loads(raw)) if raw else None
 
 
-def _evaluate_version(store: Store, mv: ModelVersion, tasks: Sequence[str], evaluator: Evaluator) -> EvalSummary:
+def _evaluate_version(store: Store, mv: ModelVersion, tasks: Sequence[str], evaluator: Evaluator) -> EvalResult:
     path = resolve_model_dir(store, f"models:/{mv.name}/{mv.version}")
     return evaluator(path, list(tasks), "test", None)
 
