@@ -178,3 +178,13 @@ def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 from conftest_platform import _isolated_mlruns, mlflow_template, platform_store  # noqa: E402,F401  (platform fixtures)
+
+
+@pytest.fixture(autouse=True)
+def _no_pending_stop():  # noqa: ANN202
+    """A stop request (SIGTERM/SIGINT recorded by mergelab._signals) that a test sent never leaks into the next."""
+    from mergelab import _signals
+
+    _signals.clear()
+    yield
+    _signals.clear()

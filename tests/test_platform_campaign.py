@@ -63,8 +63,7 @@ def test_sigterm_in_a_trial_ends_its_run_killed_and_its_trial_failed(platform_st
     def merge_fn(recipe, out, **kw):  # noqa: ANN001, ANN003, ANN202
         calls["n"] += 1
         if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(30)
+            os.kill(os.getpid(), signal.SIGTERM)  # recorded; acted on at the engine's first safe point
         return run_merge(recipe, out, **kw)
 
     previous = signal.getsignal(signal.SIGTERM)
@@ -183,10 +182,11 @@ def test_killed_worker_trial_is_failed_by_heartbeat(platform_store: Store, tmp_p
     time.sleep(2.5)
     res = run_campaign(cfg, store=platform_store, evaluator=ev)
     study = optuna.load_study(study_name="camp", storage=platform_store.optuna_storage)
-    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+    # the lost trial does not count against the budget: the campaign still ends with 2 complete trials
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
     assert client.get_run(run.info.run_id).info.status == "FAILED"
     assert "no heartbeat" in client.get_run(run.info.run_id).data.tags["mergelab.error"]
-    assert res.n_complete == 1 and reg.campaign_versions(client, "camp-model", "camp") == []
+    assert res.n_complete == 2 and reg.campaign_versions(client, "camp-model", "camp") == []
 
 
 def test_zoo_reference_resolves_base_experts_and_reference_scores(tmp_path: Path) -> None:

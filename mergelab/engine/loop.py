@@ -22,29 +22,38 @@ import shutil
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import mergelab
+from mergelab import _signals
 from mergelab._device import resolve_device as _resolve_device
 from mergelab._dtypes import parse_dtype as _parse_dtype
+from mergelab.engine.adapter_out import merge_to_adapter
 from mergelab.engine.io import CheckpointReader, MergeError
-from mergelab.engine.plan import Expert, PlanItem, check_keys, has_nonfinite, make_plan
+from mergelab.engine.plan import (
+    Expert,
+    PlanItem,
+    account,
+    check_keys,
+    check_lineage,
+    has_nonfinite,
+    make_plan,
+)
 from mergelab.engine.policy import resolve_policy
 from mergelab.engine.recipe import ExpertSpec, MergeRecipe
 from mergelab.engine.report import MergeReport, TensorRecord
 from mergelab.engine.stream import Loaded, PeakMemory, TensorStream
-from mergelab.engine.writer import OutSpec, ShardWriter, copy_side_files
+from mergelab.engine.writer import OutSpec, ShardWriter, copy_side_files, write_model_card
 from mergelab.methods.base import MergeContext, MethodSpec, tensor_seed
 
-__all__ = ["ExpertSpec", "MergeError", "merge", "parse_dtype", "resolve_device", "run_merge"]
+__all__ = ["ExpertSpec", "MergeError", "merge", "parse_dtype", "preflight", "resolve_device", "run_merge"]
 
 PROVENANCE_FILE = "mergelab_merge.json"
 _PREFETCH_BYTES = 256 * 2**20  # read-ahead budget (raised to the largest tensor's footprint)
-
-
 
 
 def parse_dtype(value: str | torch.dtype | None, field: str = "dtype") -> torch.dtype | None:
@@ -65,76 +74,124 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Method and config
+# Checks before work, and the merge loop
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Experts
+@dataclass
+class _Opened:
+    """A recipe's inputs opened and checked, ready to stream (what :func:`preflight` proves possible)."""
+
+    out: Path
+    dev: torch.device
+    cdtype: torch.dtype
+    odtype: torch.dtype | None
+    base: CheckpointReader
+    experts: list[Expert]
+    pol: Any
+    items: list[PlanItem]
+    accounting: dict[str, Any]
+
+    def close(self) -> None:
+        self.base.close()
+        for e in self.experts:
+            (e.full or (e.lora.reader if e.lora else self.base)).close()
 
 
+def _open(recipe: MergeRecipe, out: str | Path | None, overwrite: bool, allow_base_mismatch: bool) -> _Opened:
+    """Every check that can run before any work: output free and writable (unless ``out`` is None), no overlap with
+    the inputs, device, dtypes, readable checkpoints, keys and shapes, lineage, policy, plan and tensor accounting."""
+    out = Path(out if out is not None else os.devnull).absolute()
+    if out != Path(os.devnull):
+        if (out.exists() or out.is_symlink()) and not overwrite:
+            raise MergeError(f"out: {out} already exists (pass overwrite=True / --overwrite to replace it)")
+        parent = next((p for p in out.parents if p.exists()), None)
+        if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise MergeError(f"out: cannot create {out}: {parent} is not a writable directory")
+    dev = resolve_device(recipe.device)
+    cdtype = parse_dtype(recipe.compute_dtype, "compute_dtype")
+    assert cdtype is not None  # the recipe checked it
+    odtype = parse_dtype(recipe.dtype, "dtype")
+    for p in [Path(recipe.base), *(Path(e.path) for e in recipe.experts)]:
+        rp = p.absolute()
+        if out == rp or out in rp.parents or rp in out.parents:
+            raise MergeError(f"out: {out} overlaps input {p}")
+    base_reader = CheckpointReader(recipe.base)
+    ex: list[Expert] = []
+    try:
+        for e in recipe.experts:
+            ex.append(Expert(e, base_reader))
+        carry = check_keys(base_reader, ex, recipe.carry_unique)
+        if not allow_base_mismatch:
+            check_lineage(base_reader, ex)
+        try:
+            pol = resolve_policy(recipe.policy, base_reader.config())
+        except ValueError as e:
+            raise MergeError(str(e)) from None
+        items = make_plan(base_reader, ex, carry, pol, recipe.spec, odtype)
+        accounting = account(base_reader, ex, items)
+    except BaseException:
+        _Opened(out, dev, cdtype, odtype, base_reader, ex, None, [], {}).close()
+        raise
+    return _Opened(out, dev, cdtype, odtype, base_reader, ex, pol, items, accounting)
 
 
+def preflight(recipe: MergeRecipe, out: str | Path | None, *, overwrite: bool = False,
+              allow_base_mismatch: bool = False) -> dict[str, Any]:
+    """Run every check of :func:`run_merge` that needs no work (headers only; nothing is written); ``out=None``
+    skips the output directory's checks (a tracked merge's run directory does not exist yet).
+
+    Returns:
+        The plan's counts: ``{"device", "tensors": {rule: n}, "bytes_out", "accounting"}`` (``--dry-run``).
+
+    Raises:
+        MergeError: the first bad input, one line naming it.
+    """
+    opened = _open(recipe, out, overwrite, allow_base_mismatch)
+    try:
+        rules: dict[str, int] = {}
+        for it in opened.items:
+            rules[it.rule] = rules.get(it.rule, 0) + 1
+        return {"device": str(opened.dev), "tensors": dict(sorted(rules.items())),
+                "bytes_out": sum(math.prod(it.shape) * it.out_dtype.itemsize for it in opened.items),
+                "accounting": opened.accounting}
+    finally:
+        opened.close()
 
 
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Memory sampling
-
-
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Plan and streaming
-
-
-
-
-
-
-
-
-
-
-def run_merge(recipe: MergeRecipe, out: str | Path, *, overwrite: bool = False, progress: bool = False) -> MergeReport:
+def run_merge(recipe: MergeRecipe, out: str | Path, *, overwrite: bool = False, progress: bool = False,
+              allow_base_mismatch: bool = False) -> MergeReport:
     """Merge a recipe's experts into its base checkpoint, streaming tensor by tensor.
+
+    Runs as a :func:`mergelab._signals.deferred` region: a SIGTERM/SIGINT is acted on between tensors.
 
     Args:
         recipe: the validated :class:`~mergelab.engine.recipe.MergeRecipe`.
         out: output directory (written beside itself in a temporary directory, renamed when complete).
         overwrite: replace an existing ``out``.
         progress: show a tqdm bar over tensors.
+        allow_base_mismatch: merge experts whose adapter config or model config names another base.
 
     Returns:
         The :class:`MergeReport`.
 
     Raises:
         MergeError: any bad input (one line naming the culprit); ``out`` is left untouched.
+        Terminated: a stop request, acted on between tensors; nothing is left behind.
     """
+    with _signals.deferred():
+        if recipe.output == "adapter":  # LoRA in, LoRA out: the full merge, then factored into one adapter
+            return merge_to_adapter(recipe, out, overwrite=overwrite, full_merge=lambda r, o: _run_merge(
+                r, o, False, progress, allow_base_mismatch))
+        return _run_merge(recipe, out, overwrite, progress, allow_base_mismatch)
+
+
+def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: bool,
+               allow_base_mismatch: bool) -> MergeReport:
     t_start = time.perf_counter()
     name, spec, cfg, lam, seed = recipe.method_name, recipe.spec, recipe.config, recipe.lam, int(recipe.seed)
-    out = Path(out).absolute()
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise MergeError(f"out: {out} already exists (pass overwrite=True / --overwrite to replace it)")
-    dev = resolve_device(recipe.device)
-    cdtype = parse_dtype(recipe.compute_dtype, "compute_dtype")
-    assert cdtype is not None  # the recipe checked it
-    odtype = parse_dtype(recipe.dtype, "dtype")
-    base = recipe.base
-    for p in [Path(base), *(Path(e.path) for e in recipe.experts)]:
-        rp = p.absolute()
-        if out == rp or out in rp.parents or rp in out.parents:
-            raise MergeError(f"out: {out} overlaps input {p}")
-
-    base_reader = CheckpointReader(base)
-    ex = [Expert(e, base_reader) for e in recipe.experts]
-    carry = check_keys(base_reader, ex, recipe.carry_unique)
-    try:
-        pol = resolve_policy(recipe.policy, base_reader.config())
-    except ValueError as e:
-        raise MergeError(str(e)) from None
-
-    items = make_plan(base_reader, ex, carry, pol, spec, odtype)
+    opened = _open(recipe, out, overwrite, allow_base_mismatch)
+    out, dev, cdtype, odtype = opened.out, opened.dev, opened.cdtype, opened.odtype
+    base_reader, ex, pol, items = opened.base, opened.experts, opened.pol, opened.items
     report = MergeReport(
         out=str(out),
         method=name,
@@ -148,6 +205,7 @@ def run_merge(recipe: MergeRecipe, out: str | Path, *, overwrite: bool = False, 
         dtype=str(odtype).removeprefix("torch.") if odtype else None,
         compute_dtype=str(cdtype).removeprefix("torch."),
         seed=seed,
+        accounting=opened.accounting,
     )
 
     def load(it: PlanItem) -> Loaded:
@@ -196,6 +254,7 @@ def run_merge(recipe: MergeRecipe, out: str | Path, *, overwrite: bool = False, 
                 report.stats_passes, report.bytes_read = _stats_passes(stats, items, load, cost, budget, progress)
             bar = _progress(progress, len(items), "merge")
             for ld in TensorStream(items, load, cost, budget):
+                _signals.check()  # a safe point: between tensors
                 t0 = time.perf_counter()
                 rec, value = _merge_one(ld, spec, cfg, lam, stats, seed, cdtype, dev, len(ex))
                 writer.write(ld.item.name, value)
@@ -215,9 +274,11 @@ def run_merge(recipe: MergeRecipe, out: str | Path, *, overwrite: bool = False, 
             report.peak_gpu_bytes = int(torch.cuda.max_memory_allocated(dev))
         base_dir = base_reader.path if base_reader.path.is_dir() else base_reader.path.parent
         report.copied_files = copy_side_files(base_dir, tmp)
+        write_model_card(tmp, recipe)
         if odtype is not None:
             _set_config_dtype(tmp / "config.json", odtype)
         report.wall_seconds = time.perf_counter() - t_start
+        _signals.check()  # the last safe point before the output appears
         (tmp / PROVENANCE_FILE).write_text(json.dumps(_provenance(report), indent=2))
         _move_into_place(tmp, out, overwrite)
     except BaseException:
@@ -230,12 +291,9 @@ def run_merge(recipe: MergeRecipe, out: str | Path, *, overwrite: bool = False, 
                 break
         raise
     finally:
-        base_reader.close()
-        for e in ex:
-            (e.full or (e.lora.reader if e.lora else base_reader)).close()
+        opened.close()
     report.wall_seconds = time.perf_counter() - t_start
     return report
-
 
 
 def merge(
@@ -257,7 +315,6 @@ def merge(
     return run_merge(MergeRecipe.build(**recipe_fields), out, overwrite=overwrite, progress=progress)
 
 
-
 def _stats_passes(
     stats: Any, items: Sequence[PlanItem], load: Any, cost: Any, budget: int, progress: bool
 ) -> tuple[int, int]:
@@ -268,6 +325,7 @@ def _stats_passes(
         passes += 1
         bar = _progress(progress, len(targets), f"statistics pass {passes}")
         for ld in TensorStream(targets, load, cost, budget):
+            _signals.check()
             nbytes += ld.nbytes
             if ld.deltas is not None:
                 stats.update(ld.item.name, ld.deltas)
@@ -306,7 +364,8 @@ def _merge_one(
     if it.rule == "merge":
         gen = torch.Generator(device=dev)
         gen.manual_seed(tensor_seed(seed, it.name))
-        ctx = MergeContext(name=it.name, generator=gen, stats=stats, compute_dtype=cdtype)
+        # the stack was built for this call alone: the method may overwrite it (TIES trims in place)
+        ctx = MergeContext(name=it.name, generator=gen, stats=stats, compute_dtype=cdtype, inplace=True)
         tau = spec.fn(ld.base, deltas, cfg, ctx)
         if tuple(tau.shape) != it.shape:
             raise MergeError(f"method returned shape {tuple(tau.shape)} for tensor {it.name} of shape {it.shape}")

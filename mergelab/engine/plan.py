@@ -3,14 +3,17 @@
 :func:`make_plan` walks the base checkpoint's tensors and asks the merge policy what to do with each (``base``:
 keep it, ``merge``: hand it to the method, ``average``: the mean task vector, ``carry``: take it from the one expert
 that has it); integer tensors are always kept, and matrix-only methods get only 2-D weights (other tensors are
-averaged, as the official scripts do).
+averaged, as the official scripts do). :func:`check_lineage` refuses experts fine-tuned from another base, and
+:func:`account` proves that no tensor of the base or of an expert is dropped silently.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -148,3 +151,116 @@ def make_plan(
         items.append(PlanItem(k, "carry", out_dtype, info.shape, owner))
     return items
 
+
+
+# Config fields that name an architecture: an expert whose config disagrees with the base's on one of them was not
+# fine-tuned from this base.
+ARCH_FIELDS = ("model_type", "architectures")
+
+
+def _config_of(d: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads((d / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:  # pragma: no cover - permissions
+        return False
+
+
+def check_lineage(base: CheckpointReader, experts: Sequence[Expert]) -> None:
+    """Refuse experts that were not fine-tuned from this base (overridden by ``allow_base_mismatch``).
+
+    A LoRA adapter's ``base_model_name_or_path`` must name this base: a directory (absolute, or relative to the
+    adapter) that is the base or holds the same ``config.json``, or a hub id equal to the base config's
+    ``_name_or_path`` or ending in the base directory's name. A full checkpoint's ``config.json`` must agree with the
+    base's on the architecture fields (``model_type``, ``architectures``) where both state them.
+
+    Raises:
+        MergeError: naming the expert, what it says its base is, and the base.
+    """
+    bdir = base.path if base.path.is_dir() else base.path.parent
+    bcfg = _config_of(bdir)
+    strip = {"_name_or_path", "torch_dtype", "dtype", "transformers_version"}
+    for e in experts:
+        if e.lora is not None:
+            claimed = str(e.lora.config.get("base_model_name_or_path") or "")
+            if not claimed:
+                continue
+            p = Path(claimed) if Path(claimed).is_absolute() else e.path / claimed
+            if p.is_dir():
+                ok = _same_dir(p, bdir) or (
+                    {k: v for k, v in _config_of(p).items() if k not in strip}
+                    == {k: v for k, v in bcfg.items() if k not in strip}
+                    and bool(bcfg)
+                )
+            else:
+                ok = claimed in (bcfg.get("_name_or_path"), str(bdir)) or claimed.rstrip("/").split("/")[-1] == bdir.name
+            if not ok:
+                raise MergeError(
+                    f"expert {e.path}: adapter was trained on base {claimed!r}, not on {bdir} "
+                    "(pass allow_base_mismatch / --allow-base-mismatch to merge anyway)"
+                )
+        elif e.full is not None:
+            ecfg = _config_of(e.path if e.path.is_dir() else e.path.parent)
+            for f in ARCH_FIELDS:
+                if f in ecfg and f in bcfg and ecfg[f] != bcfg[f]:
+                    raise MergeError(
+                        f"expert {e.path}: config {f} is {ecfg[f]!r}, base {bdir} has {bcfg[f]!r} "
+                        "(pass allow_base_mismatch / --allow-base-mismatch to merge anyway)"
+                    )
+
+
+# How a plan rule accounts for a base tensor and for an expert's tensor.
+_BASE_FATE = {"merge": "merged", "average": "averaged", "base": "copied"}
+_EXPERT_FATE = {"merge": "merged", "average": "averaged", "base": "excluded", "carry": "owned"}
+
+
+def account(base: CheckpointReader, experts: Sequence[Expert], items: Sequence[PlanItem]) -> dict[str, Any]:
+    """Account for every tensor of the base and of every expert, or raise naming the first one that is not.
+
+    Each base tensor is ``merged`` (by the method), ``averaged`` or ``copied`` (kept: the policy excludes it, or it
+    is not floating point). Each expert tensor (a LoRA adapter's tensors through the base tensor they change) is
+    ``merged``, ``averaged``, ``owned`` (carried over: only this expert has it) or ``excluded`` (the policy keeps
+    the base's value there: explicitly dropped, and counted as such).
+
+    Returns:
+        ``{"base": {fate: n}, "experts": {name: {fate: n}}}`` for the report.
+
+    Raises:
+        MergeError: a tensor that no planned output accounts for (names it and its checkpoint).
+    """
+    rules = {it.name: it for it in items}
+    base_counts: dict[str, int] = {}
+    for k in base.infos:
+        it = rules.get(k)
+        if it is None or it.rule not in _BASE_FATE:
+            raise MergeError(f"base {base.path}: tensor {k} is not accounted for by the merge plan")
+        base_counts[_BASE_FATE[it.rule]] = base_counts.get(_BASE_FATE[it.rule], 0) + 1
+    per_expert: dict[str, dict[str, int]] = {}
+    for i, e in enumerate(experts):
+        counts: dict[str, int] = {}
+        if e.full is not None:
+            names = {k: k for k in e.full.infos}
+        else:
+            assert e.lora is not None
+            names = {}
+            for bk in e.lora.touched():
+                for ak in e.lora.factor_keys(bk):
+                    names[ak] = bk
+            for ak in e.lora.reader.infos:  # every adapter tensor must change some base tensor
+                if ak not in names:
+                    raise MergeError(f"expert {e.path}: adapter tensor {ak} changes no base tensor")
+        for k, target in names.items():
+            it = rules.get(target)
+            if it is None or (it.rule == "carry" and it.owner != i):
+                raise MergeError(f"expert {e.path}: tensor {k} is not accounted for by the merge plan")
+            fate = _EXPERT_FATE[it.rule]
+            counts[fate] = counts.get(fate, 0) + 1
+        per_expert[e.name if e.name not in per_expert else f"{e.name}#{i}"] = dict(sorted(counts.items()))
+    return {"base": dict(sorted(base_counts.items())), "experts": per_expert}

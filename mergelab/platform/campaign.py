@@ -39,13 +39,14 @@ import optuna
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from mergelab import _signals
 from mergelab.engine import ExpertSpec, MergeRecipe, run_merge
 from mergelab.evaluators import EvalResult
 from mergelab.methods import METHODS
 from mergelab.platform import registry as reg
 from mergelab.platform.campaign_config import CampaignConfig, ZooRef
 from mergelab.platform.evaluation import Evaluator, HFEvaluator, log_eval
-from mergelab.platform.merge_run import tracked_merge
+from mergelab.platform.merge_run import discard_run, tracked_merge
 from mergelab.platform.store import (
     TAG_CAMPAIGN,
     TAG_ROLE,
@@ -53,7 +54,6 @@ from mergelab.platform.store import (
     TAG_WEIGHTS,
     Store,
     fail_run,
-    local_path,
     log_metrics,
     log_params,
     log_table,
@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 PARENT_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
 SKIP_ATTR = "mergelab.skipped"
+ERROR_ATTR = "mergelab.error"  # a trial that failed by its own error (counts against the budget; a lost one does not)
 RECIPE_ATTR = "mergelab.recipe"  # the trial's recipe digest
 START_ATTR = "mergelab.start"  # "defaults" or "enqueue[i]" on the enqueued start points
 DUPLICATE_ATTR = "mergelab.duplicate_of"  # a trial whose recipe a finished trial already merged
@@ -301,13 +302,7 @@ def open_storage(cfg: CampaignConfig, store: Store) -> optuna.storages.RDBStorag
             return
         client = store.client()
         fail_run(client, rid, f"worker lost: no heartbeat for trial {trial.number} within the grace period")
-        with contextlib.suppress(MlflowException):
-            tags = client.get_run(rid).data.tags
-            uri = tags.get("mergelab.merged_uri")
-            path = local_path(uri) if uri else None
-            if path is not None and path.exists() and "mergelab.registered_version" not in tags:
-                shutil.rmtree(path, ignore_errors=True)
-                client.set_tag(rid, TAG_WEIGHTS, "deleted")
+        discard_run(client, rid)  # its model versions (if it died while registering) and its weights
 
     kwargs: dict[str, Any] = {}
     if store.optuna_storage.startswith("sqlite"):
@@ -458,7 +453,7 @@ def run_campaign(
     keep = {"all": None, "top_k": cfg.registry.top_k, "best": 1, "none": 0}[cfg.registry.register_policy]
 
     def objective(trial: optuna.Trial) -> float | list[float]:
-        if budget is not None and trial.number >= budget:
+        if budget is not None and counted_trials(trial.study, below=trial.number) >= budget:
             trial.set_user_attr(SKIP_ATTR, "over budget")
             trial.study.stop()
             raise OverBudget(f"trial {trial.number}: study budget of {budget} trials is spent")
@@ -501,14 +496,33 @@ def run_campaign(
             client.set_terminated(tm.run_id, status="FINISHED")
         except BaseException as e:
             fail_run(client, tm.run_id, e)
+            discard_run(client, tm.run_id)  # nothing of a failed or stopped trial stays: versions, then weights
             raise
         return values[0] if len(values) == 1 else values
 
+    try:
+        with _signals.deferred():  # SIGTERM/SIGINT acted on between trials, tensors and evaluation batches
+            _work(cfg, study, _recording_errors(objective), budget, n_trials, started)
+    except KeyboardInterrupt:
+        stop_parent(client, study, parent)
+        raise
+
+    if keep:
+        reg.prune_campaign(client, cfg.registry.name or cfg.name, cfg.name, keep)
+    if summarize:
+        summarize_campaign(cfg, store, study, parent, client)
+    return _result(cfg, study, parent, client)
+
+
+def _work(cfg: CampaignConfig, study: optuna.Study, objective: Callable[[optuna.Trial], Any], budget: int | None,
+          n_trials: int | None, started: float) -> None:
+    """This worker's trial loop: until the budget, ``n_trials`` or the timeout is spent, or the grid exhausted."""
     done_here = 0
     while True:
+        _signals.check()  # a safe point: between trials
         if n_trials is not None and done_here >= n_trials:
             break
-        if budget is not None and len(study.get_trials(deepcopy=False)) >= budget:
+        if budget is not None and not budget_left(study, budget, cfg.tracking.heartbeat_interval):
             break
         if cfg.budget.timeout_s is not None and time.monotonic() - started >= cfg.budget.timeout_s:
             break
@@ -517,15 +531,64 @@ def run_campaign(
             break
         study.optimize(objective, n_trials=1, catch=(Exception,))
         done_here += 1
-        last = study.get_trials(deepcopy=False)[-1]
-        if last.user_attrs.get(SKIP_ATTR):
-            break
 
-    if keep:
-        reg.prune_campaign(client, cfg.registry.name or cfg.name, cfg.name, keep)
-    if summarize:
-        summarize_campaign(cfg, store, study, parent, client)
-    return _result(cfg, study, parent, client)
+
+def _recording_errors(objective: Callable[[optuna.Trial], Any]) -> Callable[[optuna.Trial], Any]:
+    """The objective, recording a trial's own error (``mergelab.error``) so that it counts against the budget."""
+
+    def run(trial: optuna.Trial) -> Any:
+        try:
+            return objective(trial)
+        except (optuna.TrialPruned, OverBudget):
+            raise
+        except Exception as e:
+            with contextlib.suppress(Exception):
+                trial.set_user_attr(ERROR_ATTR, f"{type(e).__name__}: {e}"[:500])
+            raise
+
+    return run
+
+
+def counted_trials(study: optuna.Study, below: int | None = None) -> int:
+    """Trials that count against ``budget.n_trials``: COMPLETE, PRUNED, RUNNING and those FAILED by their own error;
+    not the enqueued ones not yet started (WAITING), the skipped ones (over budget) nor the lost ones (a worker
+    killed or stopped mid-trial: FAIL without ``mergelab.error``), which other workers run again. ``below``: only
+    trials numbered below it."""
+    states = optuna.trial.TrialState
+    n = 0
+    for t in study.get_trials(deepcopy=False):
+        if (below is not None and t.number >= below) or t.state == states.WAITING:
+            continue
+        if t.state == states.FAIL:
+            n += bool(t.user_attrs.get(ERROR_ATTR)) and not t.user_attrs.get(SKIP_ATTR)
+        else:
+            n += 1
+    return n
+
+
+def budget_left(study: optuna.Study, budget: int, poll: float = 1.0) -> bool:
+    """Whether the study needs another trial. When the budget looks spent only because trials are still running,
+    wait for them: one whose worker died fails once its heartbeat is stale (``fail_stale_trials``) and then no
+    longer counts, so this worker runs it again instead of ending the campaign one trial short."""
+    while True:
+        with _quiet():
+            optuna.storages.fail_stale_trials(study)
+        if counted_trials(study) < budget:
+            return True
+        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if not running:
+            return False
+        _signals.sleep(min(max(poll, 0.2), 2.0))
+
+
+def stop_parent(client: MlflowClient, study: optuna.Study, parent: str) -> None:
+    """A stopped worker's share of ending the campaign run: KILLED, unless another worker still runs a trial (the
+    last one to finish then ends it). Best effort: never masks the stop itself."""
+    try:
+        if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            client.set_terminated(parent, status="KILLED")
+    except Exception as e:  # noqa: BLE001
+        log.warning("campaign run %s not ended KILLED: %s", parent, e)
 
 
 def finished_with(study: optuna.Study, digest: str, number: int) -> optuna.trial.FrozenTrial | None:
@@ -555,6 +618,7 @@ def _register_or_discard(cfg: CampaignConfig, store: Store, client: MlflowClient
         tags[reg.VAL_ITEMS_TAG] = len(tm.val.records)
     if cfg.registry.evaluate_test and tm.merged_path is not None:  # opt-in; promotion evaluates test anyway
         test = test_evaluator(tm.merged_path, cfg.eval.tasks, "test", None)
+        _signals.check()  # a safe point: a stop during the test evaluation registers nothing
         test_metrics = log_eval(client, tm.run_id, test)
         tags.update({k: f"{v:.4f}" for k, v in test_metrics.items() if k.count("/") == 1})
         tags[reg.TEST_ITEMS_TAG] = len(test.records)

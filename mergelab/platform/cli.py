@@ -2,56 +2,83 @@
 
 Each command lives in its own module (``cmd_*.py``) and is attached here, so features land without touching each
 other's code. Heavy imports (torch, transformers, mlflow, optuna) happen inside the commands, so ``--help`` is fast.
+
+Every command: SIGTERM and SIGINT are recorded and acted on at safe points (:mod:`mergelab._signals`); errors print
+one line (the traceback with ``--debug``); the exit status is one of :mod:`mergelab.platform.exit_codes` (0 success,
+1 failure while working, 2 bad input before any work, 130 SIGINT, 143 SIGTERM).
 """
 
 from __future__ import annotations
 
+import os
 import signal
-import threading
+import sys
+import traceback
 from typing import Any
 
 import click
 
-from mergelab.platform import cmd_bench, cmd_demo, cmd_eval, cmd_merge, cmd_tracking
+from mergelab import _signals
+from mergelab._signals import Terminated
+from mergelab.platform import cmd_bench, cmd_demo, cmd_eval, cmd_merge, cmd_methods, cmd_tracking
+from mergelab.platform.exit_codes import FAILED, one_line
 
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread like Ctrl-C."""
+__all__ = ["Terminated", "main", "raise_on_sigterm"]
 
 
 def raise_on_sigterm() -> bool:
-    """Turn SIGTERM into :class:`Terminated` (a ``KeyboardInterrupt``), as Ctrl-C already is.
-
-    By default SIGTERM (``kill``, ``docker stop``, a batch scheduler's preemption) ends Python without running
-    ``except``/``finally`` blocks: a tracked merge's run would stay RUNNING in MLflow and its partial weights
-    would stay on disk. Raised instead, it goes through the same handlers as Ctrl-C: the run ends KILLED, partial
-    outputs are removed, an Optuna trial ends FAIL. Installed only from the main thread and only over the default
-    handler (an embedding application's own handler is left alone). Returns whether it was installed.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return False
-
-    def _raise(signum: int, frame: Any) -> None:
-        raise Terminated(f"signal {signal.Signals(signum).name}")
-
-    signal.signal(signal.SIGTERM, _raise)
-    return True
+    """Install the stop handlers of :mod:`mergelab._signals` (SIGTERM and SIGINT recorded in a flag, acted on at
+    safe points; raised at once outside them), as every ``mergelab`` command does. Returns whether installed."""
+    return _signals.install()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    """The ``mergelab`` group: one line per error, the documented exit codes, no stop request lost."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        debug = bool(ctx.params.get("debug")) or os.environ.get("MERGELAB_DEBUG", "") not in ("", "0")
+        try:
+            rv = super().invoke(ctx)
+            _signals.check()  # a stop recorded but swallowed somewhere still ends the command as a stop
+            return rv
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Terminated as e:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"mergelab: stopped by {signal_name(e.signum)}; runs ended KILLED", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:  # a Ctrl-C raised before the handler was installed
+            click.echo("mergelab: stopped by SIGINT", err=True)
+            ctx.exit(130)
+        except Exception as e:  # noqa: BLE001 - the last resort: one line, exit 1
+            if debug:
+                traceback.print_exc()
+            name = ctx.invoked_subcommand or "mergelab"
+            click.echo(f"Error: {name}: {type(e).__name__}: {one_line(e)}"
+                       + ("" if debug else " (rerun with --debug for the traceback)"), err=True)
+            ctx.exit(FAILED)
+
+
+def signal_name(signum: int) -> str:
+    """``15`` -> ``SIGTERM``."""
+    return signal.Signals(signum).name
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Print tracebacks of errors (also MERGELAB_DEBUG=1).")
 @click.version_option(package_name="mergelab")
-def main() -> None:
+def main(debug: bool) -> None:
     """Merge fine-tuned LLM/MLLM experts, evaluate, tune with Optuna, track in MLflow, promote via the registry."""
     raise_on_sigterm()
 
 
 # One line per command module; the modules import only click at the top (their work is imported when a command
 # runs), so `mergelab --help` stays fast.
-for _commands in (cmd_merge.COMMANDS, cmd_bench.COMMANDS, cmd_eval.COMMANDS, cmd_tracking.COMMANDS, cmd_demo.COMMANDS):
+for _commands in (cmd_merge.COMMANDS, cmd_bench.COMMANDS, cmd_eval.COMMANDS, cmd_tracking.COMMANDS, cmd_demo.COMMANDS,
+                  cmd_methods.COMMANDS):
     for _cmd in _commands:
         main.add_command(_cmd)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,52 +1,113 @@
 """`mergelab merge CONFIG.yaml --out DIR`: validate the recipe, stream the merge, print the summary.
 
 As thin as mergekit's ``run_yaml.py``: YAML -> :class:`~mergelab.engine.recipe.MergeRecipe`
-(:func:`~mergelab.platform.merge_config.load_recipe`) -> :func:`mergelab.engine.run_merge` (inside an MLflow run
-unless ``--no-track``) with a progress bar over tensors -> print :meth:`MergeReport.summary`.
-Bad input exits with status 2 and one line naming the culprit; nothing is written to ``--out``.
+(:func:`~mergelab.platform.merge_config.load_recipe`) -> every check that needs no work
+(:func:`mergelab.engine.loop.preflight`: paths, output directory, shapes, lineage, plan, tensor accounting) ->
+:func:`mergelab.engine.run_merge` (inside an MLflow run unless ``--no-track``) with a progress bar over tensors ->
+print :meth:`MergeReport.summary`. ``--eval TASKS`` evaluates the merge in the same MLflow run (scores in the run
+and the model card); ``--dry-run`` stops after the checks and prints the recipe, its digest and the plan's counts.
+CONFIG may also be a mergekit YAML (:mod:`mergelab.platform.mergekit_yaml`). Bad input exits with status 2 and one
+line naming the culprit, before any MLflow run exists; nothing is written to ``--out``. A failure during the merge
+exits 1, its run FAILED.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
+
+from mergelab.platform.exit_codes import bad_input
 
 
 @click.command("merge")
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="output directory")
+@click.option("--out", "out", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="output directory (required unless --dry-run)")
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory")
 @click.option("--device", default=None, help="override the config's device: auto | cpu | cuda[:i]")
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="also write the full MergeReport (per tensor) as JSON here")
 @click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--allow-base-mismatch", is_flag=True,
+              help="merge experts whose adapter/model config names another base than BASE")
 @click.option("--track/--no-track", default=True, show_default=True, envvar="MERGELAB_TRACK",
               help="record the merge as an MLflow run (store: ./mlruns or $MLFLOW_TRACKING_URI; env MERGELAB_TRACK)")
-def merge(config: Path, out: Path, overwrite: bool, device: str | None, report_path: Path | None, quiet: bool,
-          track: bool) -> None:
-    """Merge the experts of CONFIG (YAML: base, experts, method, params, policy, device, dtype, seed) into OUT."""
-    from mergelab.engine import MergeError, run_merge
+@click.option("--eval", "eval_tasks", default=None,
+              help="evaluate the merge on these tasks (comma-separated or a suite) in the same tracked run")
+@click.option("--dry-run", is_flag=True, help="validate, print the recipe, its digest and the plan; merge nothing")
+def merge(config: Path, out: Path | None, overwrite: bool, device: str | None, report_path: Path | None, quiet: bool,
+          allow_base_mismatch: bool, track: bool, eval_tasks: str | None, dry_run: bool) -> None:
+    """Merge the experts of CONFIG (a mergelab recipe or a mergekit YAML) into OUT."""
+    from mergelab.engine import run_merge
+    from mergelab.engine.loop import preflight
     from mergelab.platform.merge_config import load_recipe
 
-    try:
+    with bad_input():
         recipe = load_recipe(config)
         if device is not None:
             recipe = recipe.replace(device=device)
-        if track:  # the same engine call, as an MLflow run
-            from mergelab.platform.merge_run import tracked_merge
+        if out is None and not dry_run:
+            raise click.UsageError("Missing option '--out' (only --dry-run runs without it)")
+        plan = preflight(recipe, out, overwrite=overwrite, allow_base_mismatch=allow_base_mismatch)
+        if report_path is not None and not report_path.absolute().parent.is_dir():
+            raise FileNotFoundError(f"--report: directory {report_path.absolute().parent} does not exist")
+        tasks = task_list(eval_tasks) if eval_tasks else []
+        if tasks and not track:
+            raise click.UsageError("--eval logs its scores in the merge's MLflow run; drop --no-track")
+    if dry_run:
+        click.echo(dry_run_text(recipe, plan))
+        return
+    assert out is not None
+    if track:  # the same engine call, as an MLflow run
+        from mergelab.platform.merge_run import tracked_merge
 
-            tracked = tracked_merge(recipe, out=out, overwrite=overwrite, progress=not quiet, run_name=config.stem)
-            report = tracked.report
-            click.echo(f"MLflow run {tracked.run_id}")
-        else:
-            report = run_merge(recipe, out, overwrite=overwrite, progress=not quiet)
-    except MergeError as e:
-        raise click.ClickException(str(e)) from None
+        tracked = tracked_merge(recipe, out=out, overwrite=overwrite, progress=not quiet, run_name=config.stem,
+                                allow_base_mismatch=allow_base_mismatch, tasks=tasks)
+        report = tracked.report
+        click.echo(f"MLflow run {tracked.run_id}")
+        if tracked.val is not None:
+            scores = tracked.val.scores
+            click.echo("val: " + ", ".join(f"{k} {v:.1f}" for k, v in scores.items())
+                       + (f"; average {sum(scores.values()) / len(scores):.1f}" if scores else ""))
+    else:
+        report = run_merge(recipe, out, overwrite=overwrite, progress=not quiet,
+                           allow_base_mismatch=allow_base_mismatch)
     click.echo(report.summary())
     if report_path is not None:
         report_path.write_text(json.dumps(report.to_dict(), indent=2))
+
+
+def task_list(tasks: str) -> list[str]:
+    """``"vqa,ocr"`` or a suite name -> task names."""
+    from mergelab.evaluators import SUITES, TASKS, get_suite
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    names = list(get_suite(names[0]).tasks) if len(names) == 1 and names[0] in SUITES else names
+    unknown = [t for t in names if t not in TASKS]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown task(s) {unknown}; known: {sorted(TASKS)}, suites {sorted(SUITES)}",
+                                 param_hint="--eval")
+    return names
+
+
+def dry_run_text(recipe: Any, plan: dict[str, Any]) -> str:
+    """The validated recipe as YAML, its digest and the plan's counts."""
+    import yaml
+
+    lines = ["# recipe (validated)", yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip(),
+             f"digest: {recipe.digest}", f"device: {plan['device']}",
+             "plan: " + ", ".join(f"{k} {v}" for k, v in plan["tensors"].items())
+             + f" (total {sum(plan['tensors'].values())}; {plan['bytes_out'] / 2**30:.3f} GiB out)"]
+    acc = plan.get("accounting") or {}
+    if acc.get("base"):
+        lines.append("base tensors: " + ", ".join(f"{k} {v}" for k, v in acc["base"].items()))
+    lines += [f"expert {n}: " + ", ".join(f"{k} {v}" for k, v in c.items())
+              for n, c in (acc.get("experts") or {}).items()]
+    lines.append("dry run: nothing merged, nothing written")
+    return "\n".join(lines)
 
 
 COMMANDS = [merge]

@@ -45,8 +45,11 @@ from typing import Any
 
 import mlflow
 
+from mergelab import _signals
 from mergelab._files import content_hash
 from mergelab.engine import MergeRecipe, run_merge
+from mergelab.engine.loop import preflight
+from mergelab.engine.writer import write_model_card
 from mergelab.evaluators import EvalResult
 from mergelab.platform.evaluation import Evaluator, HFEvaluator, log_eval
 from mergelab.platform.provenance import (
@@ -62,6 +65,7 @@ from mergelab.platform.store import (
     Store,
     fail_run,
     flatten,
+    local_path,
     log_metrics,
     log_params,
     metric_name,
@@ -155,6 +159,7 @@ def tracked_merge(
     on_run: Callable[[str], None] | None = None,
     merge_fn: Callable[..., Any] = run_merge,
     end_run: bool = True,
+    allow_base_mismatch: bool = False,
 ) -> TrackedMerge:
     """Merge a recipe as one MLflow run, then evaluate the result on the val split.
 
@@ -181,14 +186,31 @@ def tracked_merge(
         merge_fn: the engine entry point, ``merge_fn(recipe, out, overwrite=, progress=)`` (a seam for fault
             injection in tests).
         end_run: set the run FINISHED on success (a campaign keeps it open to add registry tags).
+        allow_base_mismatch: merge experts whose adapter or model config names another base.
 
     Returns:
         A :class:`TrackedMerge`.
 
     Raises:
-        Any exception of the engine or the evaluator, after the run has been marked FAILED (KILLED for an
-        interrupt: Ctrl-C, or SIGTERM under the CLI) and partial weights removed.
+        MergeError: bad input found by :func:`~mergelab.engine.loop.preflight`, before any run exists.
+        Any exception of the engine or the evaluator, after the run has been marked FAILED (KILLED for a stop
+        request: Ctrl-C or SIGTERM, acted on between phases and between tensors) and the weights written by this
+        call removed (in the run's artifact directory, or ``out``).
     """
+    preflight(recipe, out, overwrite=overwrite, allow_base_mismatch=allow_base_mismatch)
+    with _signals.deferred():
+        return _tracked_merge(recipe, store, experiment, run_name, parent_run_id, tags, extra_params, out, overwrite,
+                              progress, tasks, evaluator, reference_scores, on_task, on_run, merge_fn, end_run,
+                              allow_base_mismatch)
+
+
+def _tracked_merge(recipe: MergeRecipe, store: Store | None, experiment: str, run_name: str | None,
+                   parent_run_id: str | None, tags: Mapping[str, str] | None, extra_params: Mapping[str, Any] | None,
+                   out: str | os.PathLike[str] | None, overwrite: bool, progress: bool, tasks: Sequence[str],
+                   evaluator: Evaluator | None, reference_scores: Mapping[str, float] | None,
+                   on_task: Callable[[str, EvalResult], None] | None, on_run: Callable[[str], None] | None,
+                   merge_fn: Callable[..., Any], end_run: bool, allow_base_mismatch: bool) -> TrackedMerge:
+    _signals.check()
     store = store or Store.resolve()
     client = store.client()
     exp_id = store.experiment_id(experiment, client)
@@ -201,6 +223,11 @@ def tracked_merge(
         on_run(run_id)
     merged_path: Path | None = None
     tmp_out: Path | None = None
+    # whether what is at merged_path on failure is this call's (removed then): the run's own artifact directory
+    # always; an explicit ``out`` once the merge finished, or when it did not exist before (never a directory that
+    # a failed ``overwrite`` merge left untouched)
+    existed = out is not None and (Path(out).exists() or Path(out).is_symlink())
+    wrote = False
     try:
         p: dict[str, Any] = {"method": recipe.method_name, "recipe.sha": recipe.digest,
                              "policy": recipe.policy if isinstance(recipe.policy, str) else json.dumps(
@@ -235,7 +262,12 @@ def tracked_merge(
 
         gpu = _cuda_reset_peak()
         t0 = time.perf_counter()
-        report = merge_fn(recipe, target, overwrite=overwrite, progress=progress)
+        _signals.check()
+        wrote = not existed
+        kw = {"allow_base_mismatch": True} if allow_base_mismatch else {}
+        report = merge_fn(recipe, target, overwrite=overwrite, progress=progress, **kw)
+        wrote = True
+        _signals.check()
         seconds = time.perf_counter() - t0
         metrics = {"merge/seconds": seconds, "merge/peak_host_mb": _peak_host_mb(),
                    "merge/peak_gpu_mb": _cuda_peak_mb() if gpu else 0.0}
@@ -256,10 +288,15 @@ def tracked_merge(
 
         val = None
         if tasks:
+            _signals.check()
             evaluator = evaluator or HFEvaluator(device=recipe.device)
             model_dir = merged_path if merged_path is not None else _download(store, merged_uri)
             val = evaluator(model_dir, list(tasks), "val", on_task)
+            _signals.check()
             metrics.update(log_eval(client, run_id, val, reference_scores))
+            if merged_path is not None and merged_path.is_dir():  # the model card gains the scores
+                write_model_card(merged_path, recipe, digest=recipe.digest, scores=dict(val.scores))
+        _signals.check()
         if end_run:
             client.set_terminated(run_id, status="FINISHED")
         return TrackedMerge(run_id=run_id, merged_uri=merged_uri, merged_path=merged_path, report=report,
@@ -273,11 +310,35 @@ def tracked_merge(
                 client.set_terminated(run_id, status="KILLED")
         else:
             fail_run(client, run_id, e)
-        if out is None and merged_path is not None and merged_path.exists():
-            shutil.rmtree(merged_path, ignore_errors=True)  # no dangling partial/unregistered weights
+        if wrote and merged_path is not None and (merged_path.exists() or merged_path.is_symlink()):
+            remove_tree(merged_path)  # nothing of a failed or stopped run stays behind
             with contextlib.suppress(Exception):
                 client.set_tag(run_id, TAG_WEIGHTS, "deleted")
         raise
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory (or a file or link) and, when it was a run's ``merged`` directory, nothing else."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def discard_run(client: Any, run_id: str) -> None:
+    """Remove what a failed or stopped run leaves behind: its model versions first (so none points at nothing), then
+    its weights (the ``mergelab.merged_uri`` directory when local). Best effort: never masks the error at hand."""
+    try:
+        for mv in client.search_model_versions(f"run_id = '{run_id}'"):
+            with contextlib.suppress(Exception):
+                client.delete_model_version(mv.name, str(mv.version))
+        uri = client.get_run(run_id).data.tags.get(TAG_MERGED)
+        path = local_path(uri) if uri else None
+        if path is not None and (path.exists() or path.is_symlink()):
+            remove_tree(path)
+            client.set_tag(run_id, TAG_WEIGHTS, "deleted")
+    except Exception as e:  # noqa: BLE001 - the store may be what failed
+        log.warning("run %s: could not discard its versions/weights: %s", run_id, e)
 
 
 def _download(store: Store, uri: str) -> Path:
