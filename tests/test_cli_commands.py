@@ -25,7 +25,7 @@ def _run(args: list[str]) -> Any:
 def test_methods_lists_every_method_with_parameters_and_defaults() -> None:
     r = _run(["methods"])
     assert r.exit_code == 0
-    for name, spec in METHODS.items():
+    for name in METHODS:
         assert f"\n{name}: " in "\n" + r.output
     rows = json.loads(_run(["methods", "--json"]).output)
     assert [x["name"] for x in rows] == list(METHODS)
@@ -112,4 +112,4 @@ def test_eval_on_registered_model_uri(family: tuple[Path, list[Path]], platform_
     assert r.exit_code == 0, r.output
     assert seen == [experts[1].resolve()] and "vqa 50.0" in r.output
     missing = CliRunner().invoke(main, ["eval", "models:/tiny@nope", "--tasks", "vqa"])
-    assert missing.exit_code == 1 and "tiny" in missing.output
+    assert missing.exit_code != 0 and "tiny" in missing.output  # one line naming the model, no traceback
