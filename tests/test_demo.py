@@ -1,4 +1,6 @@
-"""`mergelab demo` end to end on a tiny zoo: comparison runs, registration, campaign, promotion."""
+"""`mergelab demo` end to end on a tiny zoo: both settings in their own experiments, reference runs, the
+comparison with test metrics at the val-selected lambda, registration, a campaign, promotion; a second run reuses
+everything and reports the champion the registry holds."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ pytest.importorskip("mlflow")
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_on_tiny_zoo(tmp_path: Path, tiny_zoo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_end_to_end_on_tiny_zoo_then_again_idempotent(tmp_path: Path, tiny_zoo: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
     from mlflow import MlflowClient
 
@@ -21,37 +24,53 @@ def test_demo_end_to_end_on_tiny_zoo(tmp_path: Path, tiny_zoo: Path, monkeypatch
     monkeypatch.setenv("MERGELAB_DATA", str(tmp_path / "data"))
     for var in ("MLFLOW_TRACKING_URI", "MERGELAB_OPTUNA_STORAGE", "MERGELAB_ROOT", "MERGELAB_ARTIFACT_ROOT"):
         monkeypatch.delenv(var, raising=False)
+    kw = dict(tiny=True, zoo=tiny_zoo, root=tmp_path / "mlruns", methods=("weight_average", "optmerge"),
+              lam_grid=(0.5, 1.0), trials=2, limit=4, test_limit=4, device="cpu",
+              data_sizes={"val": 4, "test": 4})
     logs: list[str] = []
-    res = run_demo(tiny=True, zoo=tiny_zoo, root=tmp_path / "mlruns",
-                   methods=("weight_average", "task_arithmetic", "optmerge"), lam_grid=(0.5, 1.0), trials=2, limit=4,
-                   device="cpu", data_sizes={"val": 4, "test": 4}, log=logs.append)  # fmt: skip
-
-    names = [r["name"] for r in res.rows]
-    assert names[:6] == ["base", "expert vqa", "expert geometry", "expert chart", "expert ocr", "expert grounding"]
-    assert {"weight_average", "task_arithmetic", "optmerge"} <= set(names)
-    for r in res.rows:
-        assert math.isfinite(r["average"]) and 0.0 <= r["average"] <= 100.0
-    table = format_rows(res.rows)
-    assert "task_arithmetic" in table and "avg" in table.splitlines()[0]
+    res = run_demo(log=logs.append, **kw)
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("mergelab-demo")
-    runs = client.search_runs([exp.experiment_id], max_results=200)
-    comparison = [r for r in runs if r.data.tags.get("mergelab.role") == "comparison"]
-    assert len(comparison) == 1
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == comparison[0].info.run_id]
-    # weight_average has no lambda: 1 run; the others one run per lambda
-    assert len(children) == 1 + 2 + 2
-    assert all(r.info.status == "FINISHED" for r in children)
-    assert all("val/average" in r.data.metrics for r in children)
+    assert [s.setting for s in res.settings] == ["full", "lora"]
+    for s in res.settings:
+        names = [r["name"] for r in s.rows]
+        assert names[:7] == ["base", "expert vqa", "expert geometry", "expert chart", "expert ocr",
+                             "expert grounding", "mixture"]
+        assert names[7:9] == ["weight_average", "optmerge"]
+        for r in s.rows[:9]:
+            assert math.isfinite(r["average"]) and 0.0 <= r["average"] <= 100.0
+            assert all(math.isfinite(v) for v in r["scores"].values())
+        assert "optmerge" in format_rows(s.rows)
+        exp = client.get_experiment_by_name(s.experiment)
+        assert exp is not None and s.experiment == f"mergelab-demo-{s.setting}-tiny"
+        runs = client.search_runs([exp.experiment_id], max_results=500)
+        refs = [r for r in runs if r.data.tags.get("mergelab.role") == "reference"]
+        assert len(refs) == 7 and all("test/vqa" in r.data.metrics and r.data.tags["test.items"] == "20"
+                                      for r in refs)
+        comparison = [r for r in runs if r.data.tags.get("mergelab.role") == "comparison"]
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == comparison[0].info.run_id]
+        assert len(children) == 1 + 2  # weight_average has no lambda; optmerge one run per lambda
+        selected = [r for r in children if r.data.tags.get("mergelab.selected")]
+        assert len(selected) == 2 and all("test/average" in r.data.metrics for r in selected)
+        # the registry: a champion, the campaign's versions, none pointing at nothing
+        name = f"mergelab-demo-{s.setting}-tiny"
+        assert s.champion is not None and s.champion["holder"] is not None
+        assert s.campaign is not None and s.campaign["complete"] == 2
+        assert s.promotion is not None and s.promotion["decision"] in {"champion", "challenger", "already_champion"}
+        for mv in client.search_model_versions(f"name='{name}'"):
+            assert Path(mv.source.removeprefix("file://")).is_dir(), f"v{mv.version} points at nothing"
+        assert len({mv.tags.get("mergelab.recipe") for mv in client.search_model_versions(f"name='{name}'")}) == \
+            len(client.search_model_versions(f"name='{name}'"))
 
-    # the registry: the comparison's winner became champion; the campaign's top versions exist
-    name = "mergelab-demo-lora-tiny"
-    champ = client.get_model_version_by_alias(name, "champion")
-    assert champ is not None and res.champion is not None
-    assert res.champion["decision"] == "champion"
-    assert res.campaign is not None and res.campaign["complete"] == 2
-    assert res.promotion is not None and res.promotion["decision"] in {"champion", "challenger", "already_champion"}
-    for mv in client.search_model_versions(f"name='{name}'"):
-        src = mv.source.removeprefix("file://")
-        assert Path(src).is_dir(), f"version {mv.version} points at nothing: {mv.source}"
+    # a second run: nothing merged again, no trial run, no promotion repeated, the same champion reported
+    n_runs = {s.setting: len(client.search_runs([client.get_experiment_by_name(s.experiment).experiment_id],
+                                                max_results=500)) for s in res.settings}
+    again = run_demo(log=logs.append, **kw)
+    for before, after in zip(res.settings, again.settings, strict=True):
+        assert after.champion["holder"] == before.champion["holder"]
+        assert any("reference base" in x for x in after.skipped)
+        assert any("not merged again" in x for x in after.skipped)
+        assert any("nothing run" in x for x in after.skipped)
+        assert any(x.startswith("promotion of") for x in after.skipped)
+        exp_id = client.get_experiment_by_name(after.experiment).experiment_id
+        assert len(client.search_runs([exp_id], max_results=500)) == n_runs[after.setting] + 1  # the comparison run

@@ -58,7 +58,7 @@ def test_promotion_moves_champion_only_on_a_real_win(platform_store: Store) -> N
         table[rid] = scores
         versions.append(str(reg.register_run(client, "p", rid, uri, tags={"eval.tasks": '["vqa", "ocr"]'}).version))
     ev = TableEvaluator(table)
-    kw = dict(margin=0.5, max_task_drop=2.0, evaluator=ev, store=platform_store)
+    kw = dict(margin=0.5, max_task_drop=2.0, evaluator=ev, store=platform_store)  # no records: zero-width interval
 
     d1 = reg.promote("p", version=versions[0], **kw)
     assert d1.decision == "champion" and d1.champion is None
@@ -135,3 +135,85 @@ def test_the_same_merge_is_registered_once(platform_store: Store) -> None:
     v3 = reg.register_run(client, "dedup", runs[2][0], runs[2][1], score=3.0)
     assert v2.version == v1.version and v2.run_id == runs[0][0] and v3.version != v1.version
     assert [v.tags[TAG_RECIPE] for v in reg.campaign_versions(client, "dedup")] == ["bbb", "aaa"]
+
+
+class _ItemEvaluator:
+    """Per-item test scores (0/1) per model directory: ``{run_id: {task: [item scores]}}``."""
+
+    def __init__(self, table: dict[str, dict[str, list[float]]]) -> None:
+        self.table = table
+        self.calls: list[tuple[str, str]] = []
+
+    def __call__(self, model_dir, tasks, split, on_task=None):  # noqa: ANN001, ANN204
+        from mergelab.evaluators import EvalResult
+
+        self.calls.append((str(model_dir), split))
+        items = self.table[Path(model_dir).parent.parent.name]
+        scores = {t: 100.0 * sum(items[t]) / len(items[t]) for t in tasks}
+        records = [{"task": t, "id": f"{t}-{i}", "score": v} for t in tasks for i, v in enumerate(items[t])]
+        return EvalResult(split=split, scores=scores, records=records)
+
+
+def test_promotion_needs_a_gain_whose_paired_interval_excludes_zero(platform_store: Store) -> None:
+    """Same items, same process: a 2-point gain on 100 noisy items is not enough, a 20-point one is; the decision
+    and its numbers land on both versions, and test/* with the item count on each."""
+    client = platform_store.client()
+    base = {"vqa": [1.0, 0.0] * 50, "ocr": [1.0, 1.0, 0.0, 0.0] * 25}
+    ocr = list(base["ocr"])  # 12 items won, 8 lost: +4 on OCR, +2 on average, with the noise of 20 flips
+    for i in [i for i, v in enumerate(ocr) if v == 0.0][:12]:
+        ocr[i] = 1.0
+    for i in [i for i, v in enumerate(base["ocr"]) if v == 1.0][:8]:
+        ocr[i] = 0.0
+    flip2 = {"vqa": base["vqa"], "ocr": ocr}
+    better = {"vqa": [1.0] * 70 + [0.0] * 30, "ocr": [1.0] * 80 + [0.0] * 20}  # +20, +30
+    table, versions = {}, []
+    for items in (base, flip2, better):
+        rid, uri, _ = _run_with_weights(platform_store)
+        table[rid] = items
+        versions.append(str(reg.register_run(client, "boot", rid, uri, tags={"eval.tasks": '["vqa", "ocr"]'}).version))
+    ev = _ItemEvaluator(table)
+    assert reg.promote("boot", version=versions[0], evaluator=ev, store=platform_store).decision == "champion"
+    small = reg.promote("boot", version=versions[1], evaluator=ev, store=platform_store)
+    assert small.decision == "challenger" and small.delta == pytest.approx(2.0)
+    assert small.ci_low < 0 < small.ci_high and "does not clear the margin" in small.reason
+    big = reg.promote("boot", version=versions[2], evaluator=ev, store=platform_store)
+    assert big.decision == "champion" and big.ci_low > 0 and big.delta == pytest.approx(25.0)
+    assert big.test_items == 200
+    cand, champ = (client.get_model_version("boot", v).tags for v in (versions[2], versions[0]))
+    assert float(cand["promotion.ci_low"]) == pytest.approx(big.ci_low, abs=1e-3)
+    assert cand["test.items"] == "200" and float(cand["test/average"]) == pytest.approx(75.0)
+    assert champ["test.items"] == "200" and float(champ["test/average"]) == pytest.approx(50.0)
+    assert champ["promotion.defended.by"] == versions[2] and champ["promotion.defended.decision"] == "champion"
+    assert champ["promotion.replaced_by"] == versions[2]
+    assert {split for _, split in ev.calls} == {"test"}
+
+
+def test_alias_history_and_rollback_restore_the_previous_champion(platform_store: Store) -> None:
+    from click.testing import CliRunner
+
+    from mergelab.platform.cli import main
+    from mergelab.platform.promotion import champion_history, rollback
+
+    client = platform_store.client()
+    table, versions = {}, []
+    for avg in (40.0, 50.0, 60.0):
+        rid, uri, _ = _run_with_weights(platform_store)
+        table[rid] = {"vqa": avg, "ocr": avg}
+        versions.append(str(reg.register_run(client, "hist", rid, uri, tags={"eval.tasks": '["vqa", "ocr"]'}).version))
+    ev = TableEvaluator(table)
+    for v in versions:
+        assert reg.promote("hist", version=v, evaluator=ev, store=platform_store).decision == "champion"
+    history = champion_history(client, "hist")
+    assert [(e["version"], e["previous"], e["action"]) for e in history] == [
+        (versions[0], None, "promote"), (versions[1], versions[0], "promote"), (versions[2], versions[1], "promote")]
+    assert "clears the margin" in history[2]["reason"]
+    root = str(local_path(platform_store.artifact_root).parent)
+    out = CliRunner().invoke(main, ["rollback", "hist", "--root", root, "--reason", "bad in production"])
+    assert out.exit_code == 0, out.output
+    assert f"champion back to v{versions[1]}" in out.output and "bad in production" in out.output
+    assert str(client.get_model_version_by_alias("hist", "champion").version) == versions[1]
+    assert "promotion.rolled_back" in client.get_model_version("hist", versions[2]).tags
+    rollback(client, "hist")  # a second rollback goes one further back, not back and forth
+    assert str(client.get_model_version_by_alias("hist", "champion").version) == versions[0]
+    with pytest.raises(ValueError, match="no previous champion"):
+        rollback(client, "hist")

@@ -41,6 +41,7 @@ from mlflow.exceptions import MlflowException
 
 from mergelab import _signals
 from mergelab.engine import ExpertSpec, MergeRecipe, run_merge
+from mergelab.engine.loop import preflight
 from mergelab.evaluators import EvalResult
 from mergelab.methods import METHODS
 from mergelab.platform import registry as reg
@@ -64,6 +65,7 @@ log = logging.getLogger(__name__)
 PARENT_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
 SKIP_ATTR = "mergelab.skipped"
+SEARCH_ATTR = "mergelab.search"  # the study's objective and search space (a resume must match them)
 ERROR_ATTR = "mergelab.error"  # a trial that failed by its own error (counts against the budget; a lost one does not)
 RECIPE_ATTR = "mergelab.recipe"  # the trial's recipe digest
 START_ATTR = "mergelab.start"  # "defaults" or "enqueue[i]" on the enqueued start points
@@ -246,10 +248,10 @@ def campaign_plan(cfg: CampaignConfig) -> str:
              f"{len(names)} experts {names}",
              f"template hyperparameters: {json.dumps(template.hyperparameters, sort_keys=True, default=str)}",
              f"template digest: {template.digest}",
-             "search space: " + json.dumps({k: d.model_dump(exclude_defaults=True) for k, d in cfg.search_space.items()})]
+             "search space: " + json.dumps({k: d.model_dump(exclude_none=True) for k, d in cfg.search_space.items()})]
     if cfg.coefficients is not None:
         lines.append("coefficients: " + ", ".join(f"coef.{n}" for n in names) + " in "
-                     + json.dumps(cfg.coefficients.model_dump(exclude_defaults=True)))
+                     + json.dumps(cfg.coefficients.model_dump(exclude_none=True)))
     for label, point in start_points(cfg, template, names):
         lines.append(f"start point {label}: {json.dumps(point, default=str)}")
     lines += [f"sampler {cfg.sampler.name} (seed {cfg.sampler.seed}), budget {cfg.budget.model_dump()}, "
@@ -341,6 +343,45 @@ def open_study(cfg: CampaignConfig, storage: optuna.storages.BaseStorage, sample
     return study
 
 
+def search_signature(cfg: CampaignConfig) -> dict[str, Any]:
+    """What a resumed study must share with the config: objective, directions, search space, coefficients."""
+    sig = {"objective": cfg.objective.metrics, "directions": cfg.objective.directions,
+           "search_space": {k: v.model_dump() for k, v in cfg.search_space.items()},
+           "coefficients": cfg.coefficients.model_dump() if cfg.coefficients else None}
+    return json.loads(json.dumps(sig, sort_keys=True, default=str))
+
+
+def check_resume(cfg: CampaignConfig, study: optuna.Study) -> None:
+    """Record the study's objective and search space; refuse to resume it with other ones (``--fresh`` starts over).
+
+    Raises:
+        ValueError: naming what changed.
+    """
+    sig = search_signature(cfg)
+    have = study.user_attrs.get(SEARCH_ATTR)
+    if have is None:
+        study.set_user_attr(SEARCH_ATTR, sig)
+        return
+    changed = [k for k in sig if have.get(k) != sig[k]]
+    if changed:
+        raise ValueError(f"study {cfg.study_name!r} exists with another {' and '.join(changed)} "
+                         f"({', '.join(f'{k}: {have.get(k)} -> {sig[k]}' for k in changed)}); "
+                         "rerun with --fresh to start a new study, or use another campaign name")
+
+
+def retire_campaign(cfg: CampaignConfig, store: Store, client: MlflowClient,
+                    storage: optuna.storages.BaseStorage) -> None:
+    """``--fresh``: delete the campaign's study and retag its MLflow run(s) as superseded (kept for the record)."""
+    with contextlib.suppress(KeyError):
+        optuna.delete_study(study_name=cfg.study_name or cfg.name, storage=storage)
+    exp_id = store.experiment_id(cfg.tracking.experiment, client)
+    filt = f"tags.`{TAG_ROLE}` = 'campaign' and tags.`{TAG_CAMPAIGN}` = '{cfg.name}'"
+    for r in client.search_runs([exp_id], filter_string=filt, max_results=100):
+        client.set_tag(r.info.run_id, TAG_CAMPAIGN, f"{cfg.name} (superseded {time.strftime('%Y-%m-%dT%H:%M:%S')})")
+        if r.info.status == "RUNNING":
+            client.set_terminated(r.info.run_id, status="KILLED")
+
+
 def ensure_parent_run(cfg: CampaignConfig, store: Store, client: MlflowClient, study: optuna.Study) -> str:
     """The campaign's MLflow run: reused when it exists (resume), created once even when workers race."""
     exp_id = store.experiment_id(cfg.tracking.experiment, client)
@@ -401,6 +442,7 @@ def run_campaign(
     n_trials: int | None = None,
     summarize: bool = True,
     worker: bool = False,
+    fresh: bool = False,
 ) -> CampaignResult:
     """Run (or resume, or join as a worker) a campaign until its budget is spent.
 
@@ -413,6 +455,8 @@ def run_campaign(
         n_trials: stop this process after this many trials (the study's budget still applies).
         summarize: log visualisations, the best trial and the comparison table to the parent run at the end.
         worker: salt the sampler seed with the process id (several processes on one study).
+        fresh: delete the campaign's study (and retire its MLflow run) first; without it, resuming a study whose
+            objective or search space differs from ``cfg``'s is refused.
 
     Returns:
         A :class:`CampaignResult`.
@@ -432,9 +476,13 @@ def run_campaign(
         test_evaluator = (dataclasses.replace(evaluator, limit=None) if isinstance(evaluator, HFEvaluator)
                           else evaluator)
     client = store.client()
+    preflight(template, None)  # the experts against the base (shapes, lineage, plan) before any study or run
     storage = open_storage(cfg, store)
+    if fresh:
+        retire_campaign(cfg, store, client, storage)
     salt = worker_salt() if worker else 0
     study = open_study(cfg, storage, make_sampler(cfg, names, salt), make_pruner(cfg))
+    check_resume(cfg, study)
     with _quiet():
         optuna.storages.fail_stale_trials(study)
     n_before = len(study.get_trials(deepcopy=False))

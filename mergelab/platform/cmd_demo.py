@@ -1,4 +1,5 @@
-"""`mergelab demo`: the paper's comparison and a promotion end to end on the embedded default store."""
+"""`mergelab demo`: the paper's comparison in both settings, an OptMerge campaign and an earned promotion, on the
+embedded default store."""
 
 from __future__ import annotations
 
@@ -8,36 +9,46 @@ import click
 
 
 @click.command("demo")
-@click.option("--setting", type=click.Choice(["lora", "full"]), default="lora", show_default=True,
-              help="Which experts to merge: LoRA adapters (the paper's Qwen2-VL setting) or full fine-tunes.")
+@click.option("--setting", type=click.Choice(["both", "full", "lora"]), default="both", show_default=True,
+              help="Which experts to merge: full fine-tunes, LoRA adapters (the paper's Qwen2-VL setting), or both.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Zoo seed whose base and experts are merged.")
-@click.option("--trials", type=int, default=6, show_default=True, help="Optuna trials over OptMerge (0: skip).")
+@click.option("--trials", type=int, default=8, show_default=True, help="Optuna trials over OptMerge (0: skip).")
 @click.option("--limit", type=int, default=100, show_default=True,
-              help="Val samples per task for the comparison and the campaign (0: all); promotion uses all of test.")
-@click.option("--quick", is_flag=True, help="Smoke run: lambda grid {0.3, 1.0}, 50 val samples per task, 3 trials.")
+              help="Val items per task for the lambda sweep and the campaign (0: all).")
+@click.option("--test-limit", type=int, default=300, show_default=True,
+              help="Test items per task for the table rows (0: all); promotion always uses the whole test split.")
+@click.option("--quick", is_flag=True, help="Smoke run: lambda grid {0.3, 1.0}, 50 val / 100 test items per task.")
 @click.option("--tiny", is_flag=True, help="Use a tiny zoo that builds in seconds (numbers are meaningless).")
 @click.option("--zoo", type=click.Path(path_type=Path), default=None, help="Model zoo directory.")
 @click.option("--root", type=click.Path(path_type=Path), default=None, help="Embedded store (default ./mlruns).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
-def demo(setting: str, seed: int, trials: int, limit: int | None, quick: bool, tiny: bool, zoo: Path | None,
-         root: Path | None, device: str) -> None:
+def demo(setting: str, seed: int, trials: int, limit: int, test_limit: int, quick: bool, tiny: bool,
+         zoo: Path | None, root: Path | None, device: str) -> None:
     """Merge the offline benchmark's experts with the paper's methods, tune OptMerge, promote a champion."""
     from mergelab.platform.demo import LAM_GRID, format_rows, run_demo
 
     lam_grid = LAM_GRID
-    limit = limit or None
+    val_limit, t_limit = limit or None, test_limit or None
     if quick:
-        lam_grid, limit, trials = (0.3, 1.0), min(limit or 50, 50), min(trials, 3)
-    res = run_demo(zoo=zoo, setting=setting, seed=seed, tiny=tiny, lam_grid=lam_grid, trials=trials, limit=limit,
-                   root=root, device=device, log=click.echo)  # fmt: skip
-    click.echo("")
-    click.echo(f"val scores (percent), {setting} experts, seed {seed}; merges at their best lambda on val:")
-    click.echo(format_rows(res.rows))
-    if res.champion:
-        click.echo(f"\nchampion after the comparison: version {res.champion['version']} ({res.champion['method']})")
-    if res.promotion:
-        click.echo(f"campaign promotion: {res.promotion['reason']}")
-    click.echo(f"\ndone in {res.seconds:.0f} s. Browse the runs, the campaign and the registry: make ui")
+        lam_grid, val_limit, t_limit = (0.3, 1.0), min(val_limit or 50, 50), min(t_limit or 100, 100)
+    settings = ("full", "lora") if setting == "both" else (setting,)
+    res = run_demo(zoo=zoo, settings=settings, seed=seed, tiny=tiny, lam_grid=lam_grid, trials=trials,
+                   limit=val_limit, test_limit=t_limit, root=root, device=device, log=click.echo)  # fmt: skip
+    for s in res.settings:
+        click.echo("")
+        click.echo(f"test split ({'all' if t_limit is None else t_limit} items per task; tuned row: whole split), "
+                   f"{s.setting} experts, seed {seed}; merges at their val-selected lambda "
+                   f"(MLflow experiment {s.experiment}):")
+        click.echo(format_rows(s.rows))
+        if s.champion:
+            c = s.champion
+            click.echo(f"champion: v{c.get('holder')} ({c.get('holder_method')}, whole-split test average "
+                       f"{c.get('holder_test_average')})")
+        if s.promotion:
+            click.echo(f"campaign promotion: {s.promotion['decision']}: {s.promotion['reason']}")
+        for line in s.skipped:
+            click.echo(f"skipped: {line}")
+    click.echo(f"\ndone in {res.seconds:.0f} s. Browse the runs, the campaigns and the registry: make ui")
 
 
 COMMANDS = [demo]

@@ -9,9 +9,12 @@ import sys
 
 import click
 
+from mergelab.platform.exit_codes import BadInput, one_line
+
 
 def _fail(e: Exception) -> None:
-    raise click.ClickException(str(e)) from None
+    """Bad input found before work: one line, exit status 2 (docs/platform.md, exit codes)."""
+    raise BadInput(one_line(e)) from None
 
 
 def _store(root: str | None):  # noqa: ANN202 - imported lazily to keep `mergelab --help` fast
@@ -25,7 +28,9 @@ def _store(root: str | None):  # noqa: ANN202 - imported lazily to keep `mergela
 @click.option("--n-trials", type=int, default=None, help="Stop this process after N trials (the study budget holds).")
 @click.option("--dry-run", is_flag=True, help="Validate and print the plan (template recipe, digest, search space, "
               "start points); no study, no MLflow run.")
-def campaign_cmd(config: str, n_trials: int | None, dry_run: bool) -> None:
+@click.option("--fresh", is_flag=True, help="Start over: delete the campaign's study (its MLflow run is kept, "
+              "retagged as superseded). Needed when the objective or search space changed.")
+def campaign_cmd(config: str, n_trials: int | None, dry_run: bool, fresh: bool) -> None:
     """Run (or resume) the Optuna campaign in CONFIG: one MLflow parent run, one nested run per trial."""
     from mergelab.platform.campaign import campaign_plan, run_campaign
     from mergelab.platform.campaign_config import load_campaign
@@ -36,7 +41,7 @@ def campaign_cmd(config: str, n_trials: int | None, dry_run: bool) -> None:
             click.echo(campaign_plan(cfg))
             click.echo("dry run: no study opened, no MLflow run")
             return
-        res = run_campaign(cfg, n_trials=n_trials)
+        res = run_campaign(cfg, n_trials=n_trials, fresh=fresh)
     except (ValueError, KeyError, FileNotFoundError) as e:
         _fail(e)
     click.echo(f"campaign {res.study_name}: {res.n_complete} complete, {res.n_failed} failed, "
@@ -73,7 +78,8 @@ def worker_cmd(config: str, n_trials: int | None, dry_run: bool) -> None:
 @click.argument("name")
 @click.option("--version", "version", default=None, help="Candidate version (default: best of --campaign / newest).")
 @click.option("--campaign", default=None, help="Pick the candidate among this campaign's versions.")
-@click.option("--margin", type=float, default=0.5, show_default=True, help="Required test-average gain (points).")
+@click.option("--margin", type=float, default=0.0, show_default=True,
+              help="The gain's 95% paired-bootstrap interval must lie above this (points; 0: it excludes 0).")
 @click.option("--max-task-drop", type=float, default=2.0, show_default=True, help="Largest allowed task drop.")
 @click.option("--tasks", default=None, help="Comma-separated tasks (default: the version's eval.tasks tag).")
 @click.option("--data-root", default=None, help="Evaluators' data root.")
@@ -93,7 +99,28 @@ def promote_cmd(name: str, version: str | None, campaign: str | None, margin: fl
     except (ValueError, KeyError, FileNotFoundError) as e:
         _fail(e)
     click.echo(f"{name} v{d.candidate}: {d.decision} ({d.reason})")
-    click.echo("test scores: " + json.dumps({t: round(s, 2) for t, s in d.candidate_scores.items()}))
+    click.echo(f"test scores ({d.test_items} items): "
+               + json.dumps({t: round(s, 2) for t, s in d.candidate_scores.items()}))
+
+
+@click.command("rollback")
+@click.argument("name")
+@click.option("--reason", default="manual rollback", show_default=True, help="Recorded in the alias history.")
+@click.option("--history", "show", is_flag=True, help="Only print who held champion when, and why.")
+@click.option("--root", default=None, help="Embedded store directory (default ./mlruns or $MERGELAB_ROOT).")
+def rollback_cmd(name: str, reason: str, show: bool, root: str | None) -> None:
+    """Give NAME's `champion` back to the version that held it before the current one."""
+    from mergelab.platform.promotion import history_rows, rollback
+
+    client = _store(root).client()
+    try:
+        if not show:
+            e = rollback(client, name, reason)
+            click.echo(f"{name}: champion back to v{e['version']} (was v{e['previous']})")
+        for row in history_rows(client, name):
+            click.echo(row)
+    except (ValueError, KeyError) as e:
+        _fail(e)
 
 
 @click.command("registry")
@@ -134,4 +161,4 @@ def ui_cmd(port: int, root: str | None) -> None:
     os.execvpe(cmd[0], cmd, env)  # the server replaces this process: Ctrl-C / SIGTERM reach it directly
 
 
-COMMANDS = [campaign_cmd, worker_cmd, promote_cmd, registry_cmd, ui_cmd]
+COMMANDS = [campaign_cmd, worker_cmd, promote_cmd, rollback_cmd, registry_cmd, ui_cmd]

@@ -1,20 +1,28 @@
-"""`mergelab demo`: the paper's comparison and a promotion, end to end, on the embedded default store.
+"""`mergelab demo`: the paper's comparison, an OptMerge campaign and an earned promotion, in both settings.
 
-What it does, all tracked in MLflow (``mlruns/`` by default; ``mergelab ui`` shows it):
+For each setting (full fine-tuning, then LoRA), in its own MLflow experiment (``mergelab-demo-<setting>``):
 
-1. makes sure the offline benchmark's data and model zoo exist (the zoo ships with the package; a ``--tiny`` zoo
-   builds in seconds);
-2. merges the zoo's experts (LoRA or full fine-tuning setting) with each of the paper's methods, sweeping the
-   paper's lambda grid on the **val** split, one MLflow run per merge, nested under one comparison run;
-3. registers the best merge of the comparison and promotes it (test split) as the first ``champion`` if there is
-   none yet;
-4. runs an Optuna campaign over OptMerge's rank ratio, step count and lambda (one child run per trial, top-k
-   registered);
-5. promotes the campaign's best version: ``champion`` moves only if it beats the current one on the test split.
+1. the offline benchmark's data and the model zoo (shipped in the package; ``--tiny`` builds one in seconds);
+2. reference runs: the base, each expert and the mixture model, scored on the test split (``test/*``);
+3. the comparison: each of the paper's methods merged at every lambda of the paper's grid, scored on val (one run
+   per merge under one comparison run); the val-selected lambda's run is scored on the test split too, and the
+   paper's table layout is printed on test;
+4. the comparison's best merge (by val) is registered as ``mergelab-demo-<setting>`` and promoted as the first
+   ``champion`` if there is none;
+5. an Optuna campaign over OptMerge (rank ratio, steps, lr, lambda, init and one coefficient per expert), starting
+   from the paper's OptMerge and from OptMerge at its val-selected lambda, top-k registered;
+6. its best version is promoted only if it beats the champion on the whole test split (paired bootstrap,
+   :func:`mergelab.platform.registry.promote`).
+
+Re-running is idempotent: a merge whose recipe digest already has a finished run in the experiment is not merged
+again (its numbers are reused), reference runs are reused, the campaign resumes (and runs nothing once its budget
+is spent), a version already compared with the current champion is not compared again; the demo says what it
+skipped and reports the champion the registry holds.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -22,44 +30,68 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlflow import MlflowClient
+
 from mergelab.bench.data import ensure_data
 from mergelab.bench.tasks import TASKS
 from mergelab.bench.zoo_build import build_zoo
 from mergelab.bench.zoo_plan import DEFAULT_ZOO, SETTINGS, expert_names, read_manifest
 from mergelab.bench.zoo_table import choose_lam, lam_candidates
+from mergelab.engine import MergeRecipe
 from mergelab.methods import METHODS
 from mergelab.methods.base import LAM_GRID
 from mergelab.platform.campaign import recipe_template, run_campaign
 from mergelab.platform.campaign_config import CampaignConfig
-from mergelab.platform.evaluation import HFEvaluator
+from mergelab.platform.evaluation import HFEvaluator, log_eval
 from mergelab.platform.merge_run import tracked_merge
-from mergelab.platform.registry import promote, register_run
-from mergelab.platform.store import TAG_CAMPAIGN, TAG_ROLE, Store, end_status
+from mergelab.platform.promotion import current_champion
+from mergelab.platform.registry import TEST_ITEMS_TAG, promote, register_run
+from mergelab.platform.store import TAG_CAMPAIGN, TAG_RECIPE, TAG_ROLE, Store, end_status, log_metrics
 
 PAPER_METHODS: tuple[str, ...] = tuple(name for name, spec in METHODS.items() if spec.paper)
 """The nine merging rows of the paper's Tables 2 and 3, in its order (the method table's order)."""
 
 EXPERIMENT = "mergelab-demo"
+"""Prefix of the demo's experiments: ``mergelab-demo-<setting>`` (``-tiny`` for a tiny zoo)."""
+
+OPTMERGE_SPACE: dict[str, dict[str, Any]] = {
+    "rank_ratio": {"type": "float", "low": 0.05, "high": 0.5},
+    "steps": {"type": "int", "low": 50, "high": 400, "step": 50},
+    "lr": {"type": "float", "low": 1.0e-6, "high": 1.0e-3, "log": True},
+    "lam": {"type": "float", "low": 0.05, "high": 1.5},
+    "init": {"type": "categorical", "choices": ["mean", "sum"]},
+}
+"""The campaign's search space around the paper's OptMerge (its defaults in both settings lie inside)."""
 
 
 @dataclass
-class DemoResult:
-    """What :func:`run_demo` returns (also printed as a table)."""
+class SettingResult:
+    """One setting's numbers (test rows for the table, the registry's outcome, what was skipped)."""
 
     setting: str
+    experiment: str
     rows: list[dict[str, Any]] = field(default_factory=list)
     champion: dict[str, Any] | None = None
     campaign: dict[str, Any] | None = None
     promotion: dict[str, Any] | None = None
+    skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
-def _ensure_zoo(zoo: Path, tiny: bool, seed: int, setting: str, log: Callable[[str], None]) -> None:
+@dataclass
+class DemoResult:
+    """What :func:`run_demo` returns: one :class:`SettingResult` per setting."""
+
+    settings: list[SettingResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _ensure_zoo(zoo: Path, tiny: bool, seed: int, settings: Sequence[str], log: Callable[[str], None]) -> None:
     try:
         models = read_manifest(zoo).get("models", {})
     except FileNotFoundError:
         models = {}
-    needed = [f"seed{seed}/base", *expert_names(seed, setting)]
+    needed = [f"seed{seed}/base", f"seed{seed}/mixture", *(n for s in settings for n in expert_names(seed, s))]
     if all(n in models and (zoo / n).is_dir() for n in needed):
         return
     log(f"building the model zoo under {zoo} ({'tiny, seconds' if tiny else 'about 20 minutes on 2 CPU cores'})")
@@ -67,7 +99,7 @@ def _ensure_zoo(zoo: Path, tiny: bool, seed: int, setting: str, log: Callable[[s
 
 
 def format_rows(rows: Sequence[dict[str, Any]], tasks: Sequence[str] = TASKS) -> str:
-    """A fixed-width table: one row per model/merge, one column per task and the average (percent)."""
+    """The paper's table layout: one row per model/merge, one column per task and the average (percent)."""
     head = f"{'model':<34}{'lam':>5} " + "".join(f"{t[:9]:>10}" for t in tasks) + f"{'avg':>8}"
     out = [head, "-" * len(head)]
     for r in rows:
@@ -78,19 +110,206 @@ def format_rows(rows: Sequence[dict[str, Any]], tasks: Sequence[str] = TASKS) ->
     return "\n".join(out)
 
 
+def _finished_run(client: MlflowClient, exp_id: str, filt: str, metric: str) -> Any | None:
+    """The newest FINISHED run of the experiment matching ``filt`` that has ``metric`` (None if none)."""
+    runs = client.search_runs([exp_id], filter_string=f"{filt} and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=5)
+    return next((r for r in runs if metric in r.data.metrics), None)
+
+
+def _row(name: str, lam: float | None, metrics: dict[str, float], run_id: str | None,
+         split: str = "test") -> dict[str, Any]:
+    scores = {t: metrics.get(f"{split}/{t}", math.nan) for t in TASKS}
+    return {"name": name, "lam": lam, "scores": scores, "average": metrics.get(f"{split}/average", math.nan),
+            "run_id": run_id}
+
+
+def _test_scores(client: MlflowClient, run_id: str, path: Path, test_eval: HFEvaluator) -> dict[str, float]:
+    """The run's ``test/*`` metrics, evaluating ``path`` once when the run has none yet."""
+    metrics = client.get_run(run_id).data.metrics
+    if "test/average" not in metrics:
+        res = test_eval(path, TASKS, "test")
+        metrics = {**metrics, **log_eval(client, run_id, res)}
+        client.set_tag(run_id, TEST_ITEMS_TAG, str(len(res.records)))
+    return metrics
+
+
+def _promote_once(name: str, version: str, store: Store, test_eval: HFEvaluator, out: SettingResult,
+                  log: Callable[[str], None]) -> dict[str, Any]:
+    """Promote ``version`` unless it was already compared with the champion that holds the alias now."""
+    client = store.client()
+    tags = client.get_model_version(name, version).tags
+    champ = current_champion(client, name)
+    done = tags.get("promotion.decision")
+    if champ == version or (done and tags.get("promotion.champion_version") == (champ or "")):
+        out.skipped.append(f"promotion of v{version}: already {done or 'champion'} against champion v{champ}")
+        return {"candidate": version, "champion_before": champ, "decision": done or "already_champion",
+                "reason": tags.get("promotion.reason", "already champion"), "skipped": True}
+    d = promote(name, version=version, tasks=TASKS, evaluator=test_eval, store=store)
+    log(f"      v{version}: {d.decision}: {d.reason}")
+    return {"candidate": d.candidate, "champion_before": d.champion, "decision": d.decision, "delta": d.delta,
+            "ci": [d.ci_low, d.ci_high], "reason": d.reason, "test_items": d.test_items, "skipped": False}
+
+
+def run_setting(setting: str, *, zoo_dir: Path, data_dir: Path, store: Store, seed: int, tiny: bool,
+                methods: Sequence[str], lam_grid: Sequence[float], trials: int, limit: int | None,
+                test_limit: int | None, device: str, log: Callable[[str], None]) -> SettingResult:
+    """One setting of :func:`run_demo` (see the module docstring)."""
+    t0 = time.perf_counter()
+    suffix = "-tiny" if tiny else ""
+    experiment, name = f"{EXPERIMENT}-{setting}{suffix}", f"mergelab-demo-{setting}{suffix}"
+    out = SettingResult(setting=setting, experiment=experiment)
+    base_cfg = dict(name=f"demo-optmerge-{setting}-s{seed}{suffix}",
+                    experts={"zoo": str(zoo_dir), "kind": setting, "seed": seed}, method="optmerge",
+                    policy="qwen2_vl", device=device, seed=seed,
+                    eval={"tasks": list(TASKS), "data_root": str(data_dir), "limit": limit},
+                    tracking={"experiment": experiment})  # fmt: skip
+    template, reference = recipe_template(CampaignConfig.model_validate(base_cfg))
+    evaluator = HFEvaluator(data_root=str(data_dir), limit=limit, device=device)
+    table_eval = HFEvaluator(data_root=str(data_dir), limit=test_limit, device=device)
+    whole_test = HFEvaluator(data_root=str(data_dir), limit=None, device=device)
+    client = store.client()
+    exp_id = store.experiment_id(experiment, client)
+
+    log(f"[{setting}] reference runs: base, experts, mixture (test split)")
+    refs = [("base", template.base)] + [(f"expert {e.name}", e.path) for e in template.experts]
+    refs.append(("mixture", str(zoo_dir / f"seed{seed}" / "mixture")))
+    for label, path in refs:
+        run = _finished_run(client, exp_id, f"tags.`{TAG_ROLE}` = 'reference' and tags.`mergelab.reference` = "
+                                            f"'{label}'", "test/average")
+        if run is None:
+            run = client.create_run(exp_id, run_name=label, tags={TAG_ROLE: "reference", "mergelab.reference": label,
+                                                                  "mergelab.path": str(path)})
+            res = table_eval(Path(path), TASKS, "test")  # a LoRA adapter loads onto its base (mergelab.hf)
+            metrics = log_eval(client, run.info.run_id, res)
+            client.set_tag(run.info.run_id, TEST_ITEMS_TAG, str(len(res.records)))
+            client.set_terminated(run.info.run_id, "FINISHED")
+        else:
+            metrics = run.data.metrics
+            out.skipped.append(f"reference {label}: run {run.info.run_id[:8]} reused")
+        out.rows.append(_row(label, None, metrics, run.info.run_id))
+
+    log(f"[{setting}] comparing {len(methods)} methods, lambda on val ({list(lam_grid)})")
+    parent = client.create_run(exp_id, run_name=f"demo-comparison-{setting}-s{seed}",
+                               tags={TAG_ROLE: "comparison", TAG_CAMPAIGN: "demo-comparison",
+                                     "mergelab.setting": setting})  # fmt: skip
+    pid = parent.info.run_id
+    best: tuple[float, str, dict[str, Any], str, str] | None = None
+    optmerge_lam: float | None = None
+    reused = 0
+    try:
+        for method in methods:
+            params = METHODS[method].setting_params(setting)
+            scored: list[tuple[float | None, float, dict[str, Any], str, str]] = []
+            for lam in lam_candidates(method, lam_grid):
+                p = dict(params) if lam is None else {**params, "lam": lam}
+                recipe = template.replace(method=method, params=p)
+                rid, uri, val_avg = _merged(client, exp_id, recipe, store, experiment, pid, evaluator, reference)
+                reused += val_avg[1]
+                scored.append((lam, val_avg[0], p, rid, uri))
+            lam, avg = choose_lam((s[0], s[1]) for s in scored)
+            _, _, p, rid, uri = next(s for s in scored if s[0] == lam)
+            client.set_tag(rid, "mergelab.selected", "val-selected lambda")
+            metrics = _test_scores(client, rid, Path(_local(uri)), table_eval)
+            out.rows.append(_row(method, lam, metrics, rid))
+            if method == "optmerge":
+                optmerge_lam = lam
+            if best is None or avg > best[0]:
+                best = (avg, method, p, rid, uri)
+            log(f"      {method:<22} lam {lam}: val {avg:.2f}, test {metrics['test/average']:.2f}")
+        client.set_terminated(pid, "FINISHED")
+    except BaseException as e:
+        client.set_terminated(pid, end_status(e))
+        raise
+    if reused:
+        out.skipped.append(f"comparison: {reused} merges already tracked (same recipe digest), not merged again")
+
+    assert best is not None
+    avg, method, params, rid, uri = best
+    log(f"[{setting}] registering the comparison's best ({method}, val {avg:.2f}) as '{name}'")
+    mv = register_run(client, name, rid, uri, score=avg,
+                      tags={"method": method, "eval.tasks": json.dumps(list(TASKS)), "campaign": "demo-comparison",
+                            **{f"hp.{k}": v for k, v in params.items()}, "val/average": f"{avg:.4f}"})  # fmt: skip
+    first = _promote_once(name, str(mv.version), store, whole_test, out, log)
+    out.champion = {"version": str(mv.version), "method": method, **first}
+
+    if trials > 0:
+        log(f"[{setting}] Optuna campaign over OptMerge with coefficients ({trials} trials, TPE, val only)")
+        enqueue = [{"lam": optmerge_lam}] if optmerge_lam is not None else []
+        cfg = CampaignConfig.model_validate({
+            **base_cfg, "params": {"variant": setting}, "search_space": OPTMERGE_SPACE,
+            "coefficients": {"low": 0.5, "high": 1.5}, "enqueue": enqueue,
+            "budget": {"n_trials": trials}, "registry": {"name": name, "register": "top_k", "top_k": 2}})
+        before = _n_trials(cfg, store)
+        camp = run_campaign(cfg, store=store, evaluator=evaluator, test_evaluator=whole_test)
+        if before >= trials:
+            out.skipped.append(f"campaign {cfg.name}: its {before} trials are done (budget {trials}); nothing run")
+        out.campaign = {"study": camp.study_name, "run_id": camp.parent_run_id, "complete": camp.n_complete,
+                        "failed": camp.n_failed, "best": camp.best, "registered": camp.registered}  # fmt: skip
+        if camp.registered:
+            best_version = camp.registered[0][0]
+            log(f"[{setting}] promotion: campaign best v{best_version} vs champion on the whole test split")
+            out.promotion = _promote_once(name, best_version, store, whole_test, out, log)
+            tags = client.get_model_version(name, best_version).tags
+            if "test/average" in tags:
+                metrics = {k: float(v) for k, v in tags.items() if k.startswith("test/")}
+                hp = camp.best["params"] if camp.best else {}
+                out.rows.append(_row(f"optmerge tuned (trial {tags.get('trial', '?')}, whole test)",
+                                     hp.get("lam"), metrics, tags.get("run_id")))
+    champ = current_champion(client, name)
+    if champ is not None:
+        t = client.get_model_version(name, champ).tags
+        out.champion = {**(out.champion or {}), "holder": champ, "holder_method": t.get("method", "?"),
+                        "holder_test_average": t.get("test/average", "")}
+    out.seconds = time.perf_counter() - t0
+    log_metrics(client, pid, {"demo/seconds": out.seconds})
+    return out
+
+
+def _local(uri: str) -> str:
+    return uri.removeprefix("file://")
+
+
+def _merged(client: MlflowClient, exp_id: str, recipe: MergeRecipe, store: Store, experiment: str, pid: str,
+            evaluator: HFEvaluator, reference: dict[str, float]) -> tuple[str, str, tuple[float, int]]:
+    """``(run id, merged uri, (val average, reused))``: the experiment's finished run of this recipe (same digest,
+    weights present) or a new tracked merge."""
+    run = _finished_run(client, exp_id, f"tags.`{TAG_RECIPE}` = '{recipe.digest}'", "val/average")
+    if run is not None and run.data.tags.get("mergelab.weights") != "deleted":
+        uri = run.data.tags.get("mergelab.merged_uri", f"{run.info.artifact_uri}/merged")
+        if Path(_local(uri)).is_dir():
+            return run.info.run_id, uri, (run.data.metrics["val/average"], 1)
+    lam = recipe.params.get("lam")
+    tm = tracked_merge(recipe, store=store, experiment=experiment, parent_run_id=pid,
+                       run_name=f"{recipe.method_name}" + ("" if lam is None else f"-lam{lam:g}"),
+                       tags={TAG_CAMPAIGN: "demo-comparison"}, tasks=TASKS, evaluator=evaluator,
+                       reference_scores=reference)  # fmt: skip
+    assert tm.val is not None
+    return tm.run_id, tm.merged_uri, (tm.val.average, 0)
+
+
+def _n_trials(cfg: CampaignConfig, store: Store) -> int:
+    import optuna
+
+    try:
+        return len(optuna.load_study(study_name=cfg.study_name, storage=store.optuna_storage).trials)
+    except KeyError:
+        return 0
+
+
 def run_demo(
     *,
     zoo: str | Path | None = None,
-    setting: str = "lora",
+    settings: Sequence[str] = SETTINGS,
     seed: int = 0,
     tiny: bool = False,
     methods: Sequence[str] = PAPER_METHODS,
     lam_grid: Sequence[float] = LAM_GRID,
-    trials: int = 6,
+    trials: int = 8,
     limit: int | None = 100,
+    test_limit: int | None = 300,
     root: str | Path | None = None,
     data_root: str | Path | None = None,
-    registry_name: str | None = None,
     device: str = "auto",
     data_sizes: dict[str, int] | None = None,
     log: Callable[[str], None] = print,
@@ -99,125 +318,35 @@ def run_demo(
 
     Args:
         zoo: the model zoo (default: the one shipped in the package; ``tiny`` builds ``<root>/zoo-tiny``).
-        setting: ``"lora"`` (Qwen2-VL-style LoRA experts) or ``"full"`` (full fine-tuning experts).
+        settings: ``"full"`` and/or ``"lora"``.
         seed: which zoo seed's base and experts to merge.
         tiny: use a seconds-to-build tiny zoo (for tests and smoke runs).
         methods: merging methods to compare.
         lam_grid: lambda values swept on val for methods that have a lambda.
-        trials: Optuna trials of the OptMerge campaign (0 skips the campaign).
-        limit: val samples per task for the comparison and the campaign (None: the whole split); promotion
-            always evaluates the whole test split.
+        trials: Optuna trials of each OptMerge campaign (0 skips the campaigns).
+        limit: val items per task for the lambda sweep and the campaign (None: the whole split).
+        test_limit: test items per task for the table's rows (None: the whole split; the item count is the
+            runs' ``test.items`` tag); promotion always evaluates the whole test split.
         root: the embedded store's directory (default ``./mlruns`` or ``$MERGELAB_ROOT``).
         data_root: the benchmark data's root (default ``$MERGELAB_DATA`` or ``~/.cache/mergelab/data``).
-        registry_name: registered model name (default ``mergelab-demo-<setting>``).
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         data_sizes: samples per split to generate (default: the benchmark's sizes; smaller for smoke tests).
         log: one-line logger.
     """
-    if setting not in SETTINGS:
-        raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
+    bad = [s for s in settings if s not in SETTINGS]
+    if bad or not settings:
+        raise ValueError(f"settings must be among {SETTINGS}, got {list(settings)}")
     t0 = time.perf_counter()
     store = Store.resolve(root)
     zoo_dir = Path(zoo) if zoo is not None else (Path(store.tracking_uri.removeprefix("sqlite:///")).parent /
                                                  "zoo-tiny" if tiny else DEFAULT_ZOO)  # fmt: skip
-    name = registry_name or f"mergelab-demo-{setting}{'-tiny' if tiny else ''}"
-    log(f"[1/5] data and zoo ({zoo_dir})")
+    log(f"data and zoo ({zoo_dir})")
     data_dir = ensure_data(data_root, tasks=TASKS, splits=("val", "test"), sizes=data_sizes)
-    _ensure_zoo(zoo_dir, tiny, seed, setting, log)
-
-    base_cfg = dict(name=f"demo-optmerge-{setting}-s{seed}{'-tiny' if tiny else ''}",
-                    experts={"zoo": str(zoo_dir), "kind": setting, "seed": seed}, method="optmerge",
-                    policy="qwen2_vl", device=device, seed=seed,
-                    eval={"tasks": list(TASKS), "data_root": str(data_dir), "limit": limit},
-                    tracking={"experiment": EXPERIMENT})  # fmt: skip
-    template, reference = recipe_template(CampaignConfig.model_validate(base_cfg))
-    evaluator = HFEvaluator(data_root=str(data_dir), limit=limit, device=device)
-    result = DemoResult(setting=setting)
-
-    # ---- reference rows: base and experts on val (evaluated here, same evaluator as the merges)
-    log(f"[2/5] comparing {len(methods)} methods on val ({setting} experts, lambda grid {list(lam_grid)})")
-    for label, path in [("base", template.base)] + [(f"expert {e.name}", e.path) for e in template.experts]:
-        summary = evaluator(Path(path), TASKS, "val")  # a LoRA adapter loads onto its base (mergelab.hf)
-        result.rows.append({"name": label, "lam": None, "scores": dict(summary.scores),
-                            "average": summary.average, "run_id": None})  # fmt: skip
-
-    client = store.client()
-    exp_id = store.experiment_id(EXPERIMENT, client)
-    parent = client.create_run(exp_id, run_name=f"demo-comparison-{setting}-s{seed}",
-                               tags={TAG_ROLE: "comparison", TAG_CAMPAIGN: "demo-comparison",
-                                     "mergelab.setting": setting})  # fmt: skip
-    pid = parent.info.run_id
-    best: tuple[float, str, dict[str, Any], Any] | None = None
-    try:
-        for method in methods:
-            params = METHODS[method].setting_params(setting)
-            runs: list[tuple[float | None, dict[str, Any], Any]] = []
-            for lam in lam_candidates(method, lam_grid):
-                p = dict(params) if lam is None else {**params, "lam": lam}
-                runs.append((lam, p, tracked_merge(
-                    template.replace(method=method, params=p), store=store, experiment=EXPERIMENT,
-                    run_name=f"{method}" + ("" if lam is None else f"-lam{lam:g}"), parent_run_id=pid,
-                    tags={TAG_CAMPAIGN: "demo-comparison"}, tasks=TASKS, evaluator=evaluator,
-                    reference_scores=reference)))  # fmt: skip
-            lam, avg = choose_lam((at, tm.val.average) for at, _, tm in runs)
-            p, tm = next((p, tm) for at, p, tm in runs if at == lam)
-            result.rows.append({"name": method, "lam": lam, "scores": dict(tm.val.scores), "average": avg,
-                                "run_id": tm.run_id})  # fmt: skip
-            if best is None or avg > best[0]:
-                best = (avg, method, p, tm)
-            log(f"      {method:<22} best lam {lam}: val avg {avg:.2f}")
-        client.set_terminated(pid, "FINISHED")
-    except BaseException as e:
-        client.set_terminated(pid, end_status(e))
-        raise
-
-    # ---- the comparison's winner becomes the first champion (if the registry has none yet)
-    assert best is not None
-    avg, method, params, tm = best
-    log(f"[3/5] registering the comparison's best merge ({method}, val avg {avg:.2f}) as '{name}'")
-    mv = register_run(client, name, tm.run_id, tm.merged_uri,
-                      tags={"method": method, "eval.tasks": ",".join(TASKS), "campaign": "demo-comparison",
-                            **{f"hp.{k}": v for k, v in params.items()}, "val/average": f"{avg:.4f}"},
-                      score=avg)  # fmt: skip
-    first = promote(name, version=mv.version, tasks=TASKS, evaluator=_test_evaluator(evaluator), store=store)
-    result.champion = {"version": mv.version, "method": method, "decision": first.decision, "reason": first.reason}
-    log(f"      version {mv.version}: {first.reason}")
-
-    # ---- an Optuna campaign over OptMerge, then a promotion that must beat the champion on test
-    if trials > 0:
-        log(f"[4/5] Optuna campaign over OptMerge ({trials} trials, TPE, val only)")
-        cfg = CampaignConfig.model_validate({
-            **base_cfg,
-            "params": {"variant": setting},
-            "search_space": {
-                "rank_ratio": {"type": "float", "low": 0.05, "high": 0.5},
-                "steps": {"type": "int", "low": 50, "high": 400, "step": 50},
-                "lam": {"type": "float", "low": 0.3, "high": 1.5},
-            },
-            "budget": {"n_trials": trials},
-            "registry": {"name": name, "register": "top_k", "top_k": 2},
-        })
-        camp = run_campaign(cfg, store=store, evaluator=evaluator, test_evaluator=_test_evaluator(evaluator))
-        result.campaign = {"study": camp.study_name, "run_id": camp.parent_run_id, "complete": camp.n_complete,
-                           "failed": camp.n_failed, "best": camp.best, "registered": camp.registered}  # fmt: skip
-        if camp.best is not None:
-            run_id = camp.best.get("run_id")
-            metrics = client.get_run(run_id).data.metrics if run_id else {}
-            result.rows.append({"name": f"optmerge (campaign trial {camp.best['number']})",
-                                "lam": camp.best["params"].get("lam"),
-                                "scores": {t: metrics.get(f"val/{t}", math.nan) for t in TASKS},
-                                "average": camp.best["values"][0], "run_id": run_id})  # fmt: skip
-        if camp.registered:
-            log("[5/5] promotion: campaign best vs champion on the test split")
-            dec = promote(name, campaign=cfg.name, tasks=TASKS, evaluator=_test_evaluator(evaluator), store=store)
-            result.promotion = {"candidate": dec.candidate, "champion_before": dec.champion,
-                                "decision": dec.decision, "delta": dec.delta, "reason": dec.reason}  # fmt: skip
-            log(f"      {dec.reason}")
+    _ensure_zoo(zoo_dir, tiny, seed, settings, log)
+    result = DemoResult()
+    for setting in settings:
+        result.settings.append(run_setting(
+            setting, zoo_dir=zoo_dir, data_dir=data_dir, store=store, seed=seed, tiny=tiny, methods=methods,
+            lam_grid=lam_grid, trials=trials, limit=limit, test_limit=test_limit, device=device, log=log))
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def _test_evaluator(val_evaluator: HFEvaluator) -> HFEvaluator:
-    """The same evaluator settings on the test split (the split is chosen by the caller: promote passes "test")."""
-    return HFEvaluator(data_root=val_evaluator.data_root, limit=None, batch_size=val_evaluator.batch_size,
-                       device=val_evaluator.device)  # fmt: skip
