@@ -48,6 +48,8 @@ def test_adapter_out_equals_full_merge(loras: tuple[Path, list[Path], Path], tmp
     assert {v["rank"] for v in rep.adapter["tensors"].values()} <= {4, 8}
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == cfg["lora_alpha"] == 8 and "adapter: rank 8" in rep.summary()
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "library_name: peft" in card and "one PEFT LoRA adapter" in card and "output: adapter" in card
 
     want = _logits(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "full"))
     pm = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(base), tmp_path / "adapter")

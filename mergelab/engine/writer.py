@@ -174,11 +174,13 @@ def model_card(recipe: MergeRecipe, *, digest: str | None = None, scores: dict[s
         scores: per-task scores (percent) when the merge was evaluated.
     """
     spec = recipe.spec
-    meta: dict[str, Any] = {"base_model": recipe.base, "library_name": "transformers",
+    meta: dict[str, Any] = {"base_model": recipe.base,
+                            "library_name": "peft" if recipe.output == "adapter" else "transformers",
                             "tags": ["mergelab", "merge", recipe.method_name]}
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---",
              f"# {Path(recipe.base).name}-{recipe.method_name}", "",
-             "This is a merge of fine-tuned models created with mergelab.", "",
+             "This is a merge of fine-tuned models created with mergelab"
+             + (", written as one PEFT LoRA adapter." if recipe.output == "adapter" else "."), "",
              "## Merge details", "",
              f"- **Method:** `{recipe.method_name}`" + (f" ({spec.description})" if spec.description else ""),
              f"- **Base model:** `{recipe.base}`"]
