@@ -86,6 +86,22 @@ class DemoResult:
     seconds: float = 0.0
 
 
+@dataclass
+class OnceEvaluator:
+    """An evaluator that scores each (model directory, tasks, split) once per process and then returns the same
+    result: the champion scored on the whole test split at the first promotion is not scored again when the
+    campaign's best is compared with it (the same items, the same process)."""
+
+    inner: HFEvaluator
+    seen: dict[tuple[str, tuple[str, ...], str], Any] = field(default_factory=dict)
+
+    def __call__(self, model_dir: Path, tasks: Sequence[str], split: str, on_task: Any = None) -> Any:
+        key = (str(Path(model_dir).resolve()), tuple(tasks), split)
+        if key not in self.seen:
+            self.seen[key] = self.inner(model_dir, tasks, split, on_task)
+        return self.seen[key]
+
+
 def _ensure_zoo(zoo: Path, tiny: bool, seed: int, settings: Sequence[str], log: Callable[[str], None]) -> None:
     try:
         models = read_manifest(zoo).get("models", {})
@@ -134,7 +150,7 @@ def _test_scores(client: MlflowClient, run_id: str, path: Path, test_eval: HFEva
     return metrics
 
 
-def _promote_once(name: str, version: str, store: Store, test_eval: HFEvaluator, out: SettingResult,
+def _promote_once(name: str, version: str, store: Store, test_eval: OnceEvaluator, out: SettingResult,
                   log: Callable[[str], None]) -> dict[str, Any]:
     """Promote ``version`` unless it was already compared with the champion that holds the alias now."""
     client = store.client()
@@ -167,7 +183,7 @@ def run_setting(setting: str, *, zoo_dir: Path, data_dir: Path, store: Store, se
     template, reference = recipe_template(CampaignConfig.model_validate(base_cfg))
     evaluator = HFEvaluator(data_root=str(data_dir), limit=limit, device=device)
     table_eval = HFEvaluator(data_root=str(data_dir), limit=test_limit, device=device)
-    whole_test = HFEvaluator(data_root=str(data_dir), limit=None, device=device)
+    whole_test = OnceEvaluator(HFEvaluator(data_root=str(data_dir), limit=None, device=device))
     client = store.client()
     exp_id = store.experiment_id(experiment, client)
 
