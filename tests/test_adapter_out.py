@@ -45,6 +45,7 @@ def test_adapter_out_equals_full_merge(loras: tuple[Path, list[Path], Path], tmp
     assert not any(f.endswith(".safetensors") and f.startswith("model") for f in files)
     assert rep.adapter["rank"] == 8 and rep.adapter["exact"] and rep.adapter["max_rel_error"] < 1e-5
     assert len(rep.adapter["tensors"]) == 2 * 3  # q_proj (both), v_proj, down_proj in 2 layers
+    assert len(rep.tensors) == 6  # only the touched tensors were merged (a per-tensor method)
     assert {v["rank"] for v in rep.adapter["tensors"].values()} <= {4, 8}
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == cfg["lora_alpha"] == 8 and "adapter: rank 8" in rep.summary()
@@ -66,7 +67,10 @@ def test_truncated_rank_reports_error(loras: tuple[Path, list[Path], Path], tmp_
     assert all(0 < e < 1 for e in errs)
     saved = json.loads((tmp_path / "adapter" / "mergelab_adapter.json").read_text())
     assert saved["max_rel_error"] == pytest.approx(max(errs))
-    assert "truncated SVD" in rep.summary()
+    assert "truncated SVD" in rep.summary() and len(rep.tensors) == 6
+    # a method with global statistics merges the whole checkpoint; the adapter is built the same way
+    rep = run_merge(recipe.replace(params={"density": 0.5, "scope": "global"}), tmp_path / "global")
+    assert len(rep.tensors) > 6 and rep.stats_passes == 2 and len(rep.adapter["tensors"]) == 6
 
 
 def test_adapter_out_needs_lora_experts(loras: tuple[Path, list[Path], Path]) -> None:

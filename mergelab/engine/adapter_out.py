@@ -11,8 +11,10 @@ checkpoint beside the output; then, per target module, the merged update ``D = t
 * otherwise the best rank-``r`` approximation (truncated SVD; Eckart-Young), with the relative Frobenius error
   ``|D - B A| / |D|`` of every tensor in the report.
 
-``modules_to_save`` tensors are written as their merged values. Adapters with ``lora_bias`` are refused. Cost: one
-full merge on disk (temporary, float32) and one SVD per target module.
+``modules_to_save`` tensors are written as their merged values. Adapters with ``lora_bias`` are refused. Cost: for
+per-tensor methods, a temporary base holding only the tensors the adapters touch and their float32 merge (a method
+with global statistics merges the whole checkpoint, as its statistics span every tensor), plus one SVD per target
+module.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from mergelab.engine.adapters import LoraAdapter
 from mergelab.engine.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CheckpointReader, MergeError
 from mergelab.engine.recipe import MergeRecipe
 from mergelab.engine.report import MergeReport
-from mergelab.engine.writer import write_model_card
+from mergelab.engine.writer import OutSpec, ShardWriter, write_model_card
 
 ADAPTER_REPORT = "mergelab_adapter.json"
 
@@ -100,6 +102,20 @@ def factor(update: torch.Tensor, rank: int, *, oversample: int = 16, power_iters
     return b.float(), a.float(), num_rank, err
 
 
+def _subset(base: CheckpointReader, keys: list[str], root: Path) -> Path:
+    """A checkpoint directory named like the base, holding its ``config.json`` and only ``keys`` (streamed)."""
+    bdir = base.path if base.path.is_dir() else base.path.parent
+    sub = root / bdir.name
+    sub.mkdir(parents=True)
+    if (bdir / "config.json").exists():
+        shutil.copy2(bdir / "config.json", sub / "config.json")
+    writer = ShardWriter(sub, [OutSpec(k, base.infos[k].dtype, tuple(base.infos[k].shape)) for k in keys], 2**62)
+    for k in keys:
+        writer.write(k, base.get(k))
+    writer.close()
+    return sub
+
+
 def merge_to_adapter(recipe: MergeRecipe, out: str | Path, *, overwrite: bool,
                      full_merge: Callable[[MergeRecipe, Path], MergeReport]) -> AdapterMergeReport:
     """Run ``recipe`` (``output: adapter``) and write the result as one PEFT LoRA adapter in ``out``.
@@ -135,7 +151,11 @@ def merge_to_adapter(recipe: MergeRecipe, out: str | Path, *, overwrite: bool,
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.adapter-", dir=out.parent))
     try:
-        report = full_merge(recipe.replace(output="full", adapter_rank=None, dtype="float32"), work / "full")
+        run = recipe.replace(output="full", adapter_rank=None, dtype="float32")
+        stats = recipe.spec.make_stats(recipe.config, len(adapters)) if recipe.spec.make_stats else None
+        if stats is None:  # per-tensor methods: merge only the tensors the adapters touch
+            run = run.replace(base=str(_subset(base, sorted(set(modules) | set(saved)), work / "subset")))
+        report = full_merge(run, work / "full")
         merged = CheckpointReader(work / "full")
         tensors: dict[str, torch.Tensor] = {}
         info: dict[str, dict[str, Any]] = {}
