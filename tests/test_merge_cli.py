@@ -55,7 +55,7 @@ def test_cli_merge_end_to_end(tiny_checkpoint: Path, tmp_path: Path) -> None:
     ({"experts": [{"coefficient": 1.0}]}, r"recipe\.yaml: experts\.0\.path: Field required"),
     ({"device": "gpu"}, r"recipe\.yaml: device: unknown device 'gpu'"),
     ({"dtype": "fp12"}, r"recipe\.yaml: dtype: unknown dtype 'fp12'"),
-    ({"seeed": 3}, r"recipe\.yaml: seeed: Extra inputs are not permitted"),
+    ({"seeed": 3}, r"recipe\.yaml: seeed: unknown key 'seeed' \(did you mean 'seed'\?\) \(line \d+\)"),
     ({"policy": {"rules": [{"pattern": "(", "action": "base"}]}}, r"recipe\.yaml: policy\.rules\.0\.pattern: invalid regex"),
     ({"policy": "qwen9"}, r"recipe\.yaml: policy: unknown preset 'qwen9'"),
     ({"experts": ["e0", {"path": "e1", "coefficient": 2}], "params": {"coefficients": [1, 2]}}, r"recipe\.yaml: experts: coefficients given both"),

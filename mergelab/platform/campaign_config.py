@@ -25,8 +25,10 @@ The search sees only the val split: an objective on any other split is refused a
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -34,6 +36,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergelab.bench.tasks import TASKS
+from mergelab.evaluators import TASKS as EVAL_TASKS
 from mergelab.platform.merge_config import ExpertConfig, RecipeFields, one_line
 
 
@@ -255,6 +258,18 @@ class CampaignConfig(RecipeFields):
                            and not (k.startswith("coef.") and self.coefficients is not None))
             if stray:
                 raise ValueError(f"enqueue[{i}]: {stray} are not searched (search_space keys or coef.<expert>)")
+        for t in self.eval.tasks:
+            if t not in EVAL_TASKS:
+                raise ValueError(f"eval.tasks: unknown task {t!r}{did_you_mean(t, EVAL_TASKS)}; "
+                                 f"known: {sorted(EVAL_TASKS)}")
+        names = {"average", "worst_task", "normalized_average", *self.eval.tasks}
+        for m in self.objective.metrics:
+            head = m.removeprefix("val/").split("/")[0]
+            if head not in names:
+                raise ValueError(f"objective.metrics: unknown metric {m!r}"
+                                 f"{did_you_mean(m, [f'val/{n}' for n in sorted(names)])}; the val metrics are "
+                                 "val/average, val/worst_task, val/normalized_average, val/<task>[/<metric>] "
+                                 "of eval.tasks")
         if len(self.objective.metrics) > 1 and self.pruning.pruner != "none":
             raise ValueError("pruning works with a single objective only (Optuna cannot prune multi-objective trials)")
         if self.sampler.name == "nsga2" and len(self.objective.metrics) < 2:
@@ -273,6 +288,12 @@ class CampaignConfig(RecipeFields):
         return len(self.objective.metrics) > 1
 
 
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest known name, else an empty string."""
+    close = difflib.get_close_matches(word, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def load_campaign(path: str | os.PathLike[str]) -> CampaignConfig:
     """Read and validate a campaign YAML; relative paths in it are resolved against the YAML's directory.
 
@@ -281,7 +302,8 @@ def load_campaign(path: str | os.PathLike[str]) -> CampaignConfig:
     """
     p = Path(path)
     try:
-        raw = yaml.safe_load(p.read_text())
+        text = p.read_text()
+        raw = yaml.safe_load(text)
     except (OSError, yaml.YAMLError) as e:
         raise ValueError(f"{p}: cannot read campaign YAML: {e}") from e
     if not isinstance(raw, dict):
@@ -289,7 +311,7 @@ def load_campaign(path: str | os.PathLike[str]) -> CampaignConfig:
     try:
         cfg = CampaignConfig.model_validate(raw)
     except ValidationError as e:
-        raise ValueError(f"{p}: {one_line(e)}") from None
+        raise ValueError(f"{p}: {one_line(e, text, CampaignConfig)}") from None
     return _resolve_paths(cfg, p.parent)
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from mergelab.platform.exit_codes import BadInput, one_line
+
 
 @click.command("eval")
 @click.argument("model")
@@ -23,17 +25,24 @@ import click
 def eval_cmd(model: str, tasks: str, split: str, data_root: Path | None, limit: int | None,
              batch_size: int, device: str, json_out: Path | None) -> None:
     """Evaluate MODEL (a directory or models:/NAME@ALIAS) and print one line per task plus the average (percent)."""
-    from mergelab.evaluators import SUITES, evaluate_path, get_suite
+    from mergelab.evaluators import SUITES, TASKS, evaluate_path, get_suite
+    from mergelab.platform.campaign_config import did_you_mean
 
     model_dir = model_path(model)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if len(names) == 1 and names[0] in SUITES:
         names = list(get_suite(names[0]).tasks)
+    for t in names:  # before any model is loaded
+        if t not in TASKS:
+            raise BadInput(f"--tasks: unknown task {t!r}{did_you_mean(t, [*TASKS, *SUITES])}; "
+                           f"known: {sorted(TASKS)}, suites {sorted(SUITES)}")
+    if json_out is not None and not json_out.absolute().parent.is_dir():
+        raise BadInput(f"--json-out: directory {json_out.absolute().parent} does not exist")
     try:
         res = evaluate_path(model_dir, tasks=names, split=split, data_root=data_root, limit=limit,
                             batch_size=batch_size, progress=True, device=device)
     except (KeyError, FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e).strip("'\"")) from None
+        raise BadInput(one_line(e).strip("'\"")) from None
     click.echo(res.summary())
     if json_out is not None:
         res.save(json_out)
@@ -48,7 +57,7 @@ def model_path(model: str) -> Path:
         try:
             return resolve_model_dir(Store.resolve(), model)
         except ValueError as e:
-            raise click.ClickException(str(e)) from None
+            raise BadInput(one_line(e)) from None
     path = Path(model)
     if not path.is_dir():
         raise click.BadParameter(f"{model} is neither a directory nor a models:/ URI", param_hint="MODEL")

@@ -26,7 +26,9 @@ the field (``recipe.yaml: experts.1.path: ...``).
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -205,7 +207,8 @@ class MergeConfig(RecipeFields):
         """
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text())
+            text = path.read_text()
+            data = yaml.safe_load(text)
         except FileNotFoundError:
             raise MergeConfigError(f"{path}: file not found") from None
         except yaml.YAMLError as e:
@@ -218,19 +221,20 @@ class MergeConfig(RecipeFields):
                 data = from_mergekit(data, root)
             except MergeError as e:
                 raise MergeConfigError(f"{path}: {e}") from None
-        cfg = cls.from_dict(data, source=str(path))
+        cfg = cls.from_dict(data, source=str(path), text=text)
         cfg.base = str(_rel(root, cfg.base))
         for e in cfg.experts:
             e.path = str(_rel(root, e.path))
         return cfg
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> MergeConfig:
-        """Validate a dict, turning pydantic's report into one line naming the first bad field."""
+    def from_dict(cls, data: dict[str, Any], source: str = "config", text: str | None = None) -> MergeConfig:
+        """Validate a dict, turning pydantic's report into one line naming the first bad field (and its line in the
+        YAML ``text``)."""
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            raise MergeConfigError(f"{source}: {one_line(e)}") from None
+            raise MergeConfigError(f"{source}: {one_line(e, text, cls)}") from None
 
 
 def load_recipe(path: str | Path) -> MergeRecipe:
@@ -242,14 +246,65 @@ def load_recipe(path: str | Path) -> MergeRecipe:
     return MergeConfig.from_yaml(path).to_recipe(str(path))
 
 
-def one_line(e: ValidationError) -> str:
-    """Pydantic's report as one line: ``<field path>: <message>`` of the first error, ``(+N more)``."""
+def one_line(e: ValidationError, text: str | None = None, model: type[BaseModel] | None = None) -> str:
+    """Pydantic's report as one line: ``<field path>: <message>`` of the first error, ``(+N more)``.
+
+    With the YAML ``text`` the line is named (``... (line 7)``); an unknown key is named as such, with the closest
+    known field of ``model`` ("did you mean ...").
+    """
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("<"))
     msg = err["msg"].removeprefix("Value error, ")
+    if err.get("type") == "extra_forbidden" and err["loc"]:
+        key = str(err["loc"][-1])
+        msg = f"unknown key {key!r}"
+        close = difflib.get_close_matches(key, sorted(field_names(model)), n=1) if model is not None else []
+        if close:
+            msg += f" (did you mean {close[0]!r}?)"
     more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
     where = f"{loc}: " if loc else ""  # cross-field errors already start with their field name
-    return f"{where}{msg}{more}"
+    line = yaml_line(text, err["loc"]) if text is not None else None
+    return f"{where}{msg}{more}{'' if line is None else f' (line {line})'}"
+
+
+def field_names(model: type[BaseModel] | None) -> set[str]:
+    """Every field name (and alias) of a pydantic model and of the models nested in it."""
+    out: set[str] = set()
+    todo, seen = [model], set()
+    while todo:
+        m = todo.pop()
+        if m is None or m in seen or not (isinstance(m, type) and issubclass(m, BaseModel)):
+            continue
+        seen.add(m)
+        for name, f in m.model_fields.items():
+            out.add(name)
+            if f.alias:
+                out.add(f.alias)
+            todo += [a for a in _types_in(f.annotation)]
+    return out
+
+
+def _types_in(t: Any) -> list[Any]:
+    args = getattr(t, "__args__", None) or ()
+    return [t, *(x for a in args for x in _types_in(a))]
+
+
+def yaml_line(text: str, loc: Sequence[Any]) -> int | None:
+    """The 1-based line of the YAML node at a pydantic error location (the deepest one found), else None."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            hit = next(((k, v) for k, v in node.value if str(k.value) == str(part)), None)
+            if hit is not None:
+                line, node = hit[0].start_mark.line + 1, hit[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+    return line
 
 
 def _rel(root: Path, p: str) -> Path:
