@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mergelab import _signals
 from mergelab.evaluators.loaders import Sample, open_image
 from mergelab.evaluators.suites import SUITES
 from mergelab.evaluators.tasks import OFFLINE_TASKS, Task, get_task, metric_name
@@ -146,6 +147,7 @@ def generate(
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
     try:
         for i in range(0, len(prompts), batch_size):
+            _signals.check()  # a safe point: between generation batches (a stop request is acted on here)
             chunk = list(prompts[i : i + batch_size])
             imgs = list(images[i : i + batch_size]) if images is not None else None
             if imgs is not None and any(im is not None for im in imgs):
