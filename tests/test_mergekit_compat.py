@@ -7,12 +7,14 @@ executor's order); dare_ties and dare_linear are compared at density 1, where bo
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from mergelab.engine import CheckpointReader, run_merge
 from mergelab.methods import METHODS
@@ -32,6 +34,19 @@ from mergekit.sparsify import magnitude as mergekit_magnitude  # noqa: E402
 def llama3(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
     """A tiny Llama base and 3 full fine-tuned experts (float32, save_pretrained layout)."""
     return save_model_family(tmp_path_factory.mktemp("mk"), "llama", n_experts=3, scale=0.05)
+
+
+@pytest.fixture(scope="module")
+def llama3_bf16(llama3: tuple[Path, list[Path]], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """The same checkpoints stored in bfloat16."""
+    root = tmp_path_factory.mktemp("mk-bf16")
+    out = []
+    for d in (llama3[0], *llama3[1]):
+        shutil.copytree(d, root / d.name)
+        f = root / d.name / "model.safetensors"
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(f).items()}, str(f), metadata={"format": "pt"})
+        out.append(root / d.name)
+    return out[0], out[1:]
 
 
 def _both(tmp: Path, cfg: dict[str, Any]) -> tuple[CheckpointReader, CheckpointReader]:
@@ -89,6 +104,17 @@ def test_equals_mergekit(case: str, llama3: tuple[Path, list[Path]], tmp_path: P
     cfg = {"base_model": str(base), "dtype": "float32", "models": models, **c}
     mk, ml = _both(tmp_path, cfg)
     assert _max_diff(mk, ml) <= 1e-6
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_bfloat16_bit_for_bit(method: str, llama3_bf16: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    """mergekit's dtype is the dtype of its math (linear: float32 always): computing in it gives its exact bits."""
+    base, experts = llama3_bf16
+    cfg = {"merge_method": method, "base_model": str(base), "dtype": "bfloat16", "parameters": {"weight": 0.25},
+           "models": _models(experts, [1.0, 0.5, 2.0])}
+    mk, ml = _both(tmp_path, cfg)
+    assert load_recipe(tmp_path / "mergekit.yaml").compute_dtype == ("float32" if method == "linear" else "bfloat16")
+    assert all(torch.equal(mk.get(k), ml.get(k)) for k in mk.keys())
 
 
 def test_exact_topk_equals_mergekit_magnitude() -> None:

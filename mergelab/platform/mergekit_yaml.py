@@ -13,7 +13,8 @@
     parameters: {normalize: true, lambda: 1.0, int8_mask: true}
     dtype: float32
 
-and merges it with the mergelab method that computes what mergekit computes (float32 inputs: equal to 1e-6):
+and merges it with the mergelab method that computes what mergekit computes, in the dtype mergekit computes in
+(float32: equal to 1e-6; bfloat16: bit for bit for linear and task arithmetic):
 
 ================  =========================  ==========================================================
 mergekit          mergelab                   how the parameters map
@@ -109,8 +110,9 @@ def from_mergekit(data: dict[str, Any], root: Path) -> dict[str, Any]:
         root: the YAML file's directory (for relative paths that do not exist under the working directory).
 
     Returns:
-        ``{"base", "experts", "method", "params", "policy", "dtype"}``; ``policy`` is ``[]`` (every tensor merged,
-        as mergekit does).
+        ``{"base", "experts", "method", "params", "policy", "dtype", "compute_dtype"}``; ``policy`` is ``[]``
+        (every tensor merged, as mergekit does); ``compute_dtype`` is mergekit's ``dtype`` for the task-arithmetic
+        family (which computes in it) and float32 for linear (which always does).
 
     Raises:
         MergeError: an unsupported method, feature or parameter (one line naming it).
@@ -194,8 +196,10 @@ def from_mergekit(data: dict[str, Any], root: Path) -> dict[str, Any]:
     base = base_ref if base_ref is not None else _model_path(models[0].get("model"), "models.0.model")
     experts = [{"path": p, "coefficient": w} for p, w in zip(paths, weights, strict=True)]
     dtype = data.get("out_dtype") or data.get("dtype")
+    # mergekit's task-arithmetic family computes in `dtype` (the inputs are cast to it); its linear in float32
+    compute = data.get("dtype") if data.get("dtype") and mk_method != "linear" else "float32"
     return {"base": _resolve(base, root), "experts": experts, "method": method, "params": params, "policy": [],
-            "dtype": dtype}
+            "dtype": dtype, "compute_dtype": compute}
 
 
 __all__ = ["MERGEKIT_METHODS", "from_mergekit", "is_mergekit"]
