@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from mergelab import _signals
 from mergelab.engine.adapters import LoraAdapter
 from mergelab.engine.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CheckpointReader, MergeError
 from mergelab.engine.recipe import MergeRecipe
@@ -157,16 +158,12 @@ def merge_to_adapter(recipe: MergeRecipe, out: str | Path, *, overwrite: bool,
             run = run.replace(base=str(_subset(base, sorted(set(modules) | set(saved)), work / "subset")))
         report = full_merge(run, work / "full")
         merged = CheckpointReader(work / "full")
-        tensors: dict[str, torch.Tensor] = {}
-        info: dict[str, dict[str, Any]] = {}
-        for k, m in sorted(modules.items()):
-            update = merged.get(k).float() - base.get(k).float()
-            b, a, num_rank, err = factor(update.T if m.transpose else update, rank)
-            tensors[m.a_key], tensors[m.b_key] = a.to(out_dtype).contiguous(), b.to(out_dtype).contiguous()
-            info[k] = {"rank": num_rank, "rel_error": err}
-        for k, ak in sorted(saved.items()):
-            tensors[ak] = merged.get(k).to(first.reader.get(ak).dtype).contiguous()
-        merged.close()
+        try:
+            tensors, info = _factors(merged, base, modules, rank, out_dtype)
+            for k, ak in sorted(saved.items()):
+                tensors[ak] = merged.get(k).to(first.reader.get(ak).dtype).contiguous()
+        finally:
+            merged.close()
         result = work / "adapter"
         result.mkdir()
         save_file(tensors, str(result / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -190,7 +187,25 @@ def merge_to_adapter(recipe: MergeRecipe, out: str | Path, *, overwrite: bool,
         result.replace(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        base.close()
+        for ad in adapters:
+            ad.reader.close()
     return rep
+
+
+def _factors(merged: CheckpointReader, base: CheckpointReader, modules: dict[str, Any], rank: int,
+             dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """The LoRA factors of every target module's merged update (adapter key -> tensor) and, per base key, the
+    update's numerical rank and the factors' relative error. A stop request is acted on between modules."""
+    tensors: dict[str, torch.Tensor] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for k, m in sorted(modules.items()):
+        _signals.check()
+        update = merged.get(k).float() - base.get(k).float()
+        b, a, num_rank, err = factor(update.T if m.transpose else update, rank)
+        tensors[m.a_key], tensors[m.b_key] = a.to(dtype).contiguous(), b.to(dtype).contiguous()
+        info[k] = {"rank": num_rank, "rel_error": err}
+    return tensors, info
 
 
 __all__ = ["ADAPTER_REPORT", "AdapterMergeReport", "factor", "merge_to_adapter"]
