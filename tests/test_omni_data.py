@@ -116,3 +116,12 @@ def test_score_breaks_down_by_question_type() -> None:
     assert metrics.score(letters, [s.answer + ". x" for s in letters])["accuracy"] == 100.0
     with pytest.raises(ValueError, match="predictions"):
         metrics.score(items, preds[:-1])
+
+
+def test_other_media_keep_the_question_and_the_own_medium() -> None:
+    items = data.task_samples("audio_beeps", "train", 40)
+    mixed = data.with_other_media(items, 0.5, seed=1)
+    full = [m for m in mixed if m.modalities == data.MODALITIES]
+    assert 10 < len(full) < 30
+    assert all(m.scene["audio"] == s.scene["audio"] and m.question == s.question and m.answer == s.answer
+               for m, s in zip(mixed, items, strict=True))

@@ -48,6 +48,8 @@ class OmniPlan:
             with :data:`~mergelab.bench.omni.data.TRAIN_LEADS`).
         replay: described items mixed into each expert's training set, as a fraction of its task items (keeps the
             base's text skills: the lettered answers, the question forms).
+        other_media: share of an expert's task items that also carry the other two modalities' media
+            (:func:`~mergelab.bench.omni.data.with_other_media`).
         lora: LoRA expert training (``lora_r > 0``).
         full: full-FT expert training (``trainable`` = the decoder's linear weights).
         settings: which expert settings to build.
@@ -60,6 +62,7 @@ class OmniPlan:
                                                                   warmup_steps=20, trainable=BASE_TRAINABLE))
     per_task: int = 600
     replay: float = 0.25
+    other_media: float = 0.0
     lora: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=16, lr=2e-3,
                                                                   warmup_steps=20, lora_r=8, lora_alpha=16))
     full: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=16, lr=5e-4,
@@ -126,6 +129,7 @@ def build_expert(root: Path, plan: OmniPlan, seed: int, setting: str, modality: 
     model = OmniThinkerForConditionalGeneration.from_pretrained(root / "base")
     tasks = [t for t, (m, _, _) in data.TASKS.items() if m == modality]
     samples = [s for t in tasks for s in data.task_samples(t, "train", plan.per_task, seed, leads=True)]
+    samples = data.with_other_media(samples, plan.other_media, seed) if plan.other_media else samples
     samples += data.described_samples(int(plan.replay * len(samples)), seed + 1000)
     base_cfg = plan.lora if setting == "lora" else plan.full
     cfg = TrainConfig(**{**base_cfg.to_dict(), "seed": seed * 100 + list(data.MODALITIES).index(modality)})

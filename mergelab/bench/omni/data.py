@@ -225,6 +225,21 @@ def task_samples(task: str, split: str, n: int, seed: int = 0, *, leads: bool = 
             for i, scene in enumerate(_scenes(split, n, seed, task, keep=(modality,)))]
 
 
+def with_other_media(samples: Sequence[OmniSample], share: float, seed: int = 0) -> list[OmniSample]:
+    """``samples`` where a ``share`` of the items also carry the other modalities' media, drawn from unrelated
+    scenes (the question and answer stay about the item's own medium): an expert trained on them has seen the other
+    towers' tokens in its prompts, as the merged model's prompts hold them."""
+    rng = random.Random(f"other-media:{seed}")
+    out = []
+    for s in samples:
+        if rng.random() < share:
+            other = draw_scene(rng)
+            scene = {m: s.scene.get(m, other[m]) for m in MODALITIES}
+            s = OmniSample(s.id, s.task, s.qtype, s.question, s.answer, scene, s.choices)
+        out.append(s)
+    return out
+
+
 _MUSIC_TEMPLATES: dict[str, tuple[str, str]] = {
     "image_color": ("image", "while the beeps sound, what color is the shape in the picture?"),
     "image_shape": ("image", "while the square moves, which shape is in the picture?"),
