@@ -235,6 +235,11 @@ def start_points(cfg: CampaignConfig, template: MergeRecipe, expert_names: list[
         defaults.update({f"coef.{n}": 1.0 for n in expert_names})
     points = [("defaults", defaults)] if cfg.defaults_first else []
     points += [(f"enqueue[{i}]", {**defaults, **p}) for i, p in enumerate(cfg.enqueue)]
+    if cfg.sampler.name == "grid":  # a grid sampler runs only grid points: the others are left out
+        grid = {k: d.grid() for k, d in cfg.search_space.items()}
+        if cfg.coefficients is not None:
+            grid.update({f"coef.{n}": cfg.coefficients.grid() for n in expert_names})
+        points = [(label, p) for label, p in points if all(v in grid.get(k, ()) for k, v in p.items())]
     return points
 
 
