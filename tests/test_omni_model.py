@@ -131,3 +131,12 @@ def test_training_batch_labels_only_the_answer_and_end_of_turn(processor) -> Non
         assert tok.decode(target) == f"{s.answer}<|im_end|>"
     prompts = batch(processor, samples, [data.render(s) for s in samples], with_answers=False)
     assert "labels" not in prompts and bool((prompts["attention_mask"][:, -1] == 1).all())  # left-padded
+
+
+def test_mergelab_load_model_loads_an_omni_checkpoint(tmp_path: Path, processor, model) -> None:
+    from mergelab import hf
+
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, proc = hf.load_model(tmp_path, device="cpu")
+    assert type(loaded) is OmniThinkerForConditionalGeneration and type(proc) is type(processor)
