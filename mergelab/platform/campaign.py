@@ -482,6 +482,7 @@ def run_campaign(
                           else evaluator)
     client = store.client()
     preflight(template, None)  # the experts against the base (shapes, lineage, plan) before any study or run
+    store.experiment_id(t.experiment, client)  # the tracking server answers, or nothing is created in Optuna
     storage = open_storage(cfg, store)
     if fresh:
         retire_campaign(cfg, store, client, storage)
