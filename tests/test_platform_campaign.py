@@ -130,6 +130,11 @@ def test_campaign_nests_trials_survives_crash_registers_top_k_and_resumes(platfo
             "optuna/param_importances.png", "optuna/parallel_coordinate.html"} <= files
     table = json.loads((local_path(parent.info.artifact_uri) / "trials.json").read_text())
     assert len(table["data"]) == 4
+    page = (local_path(parent.info.artifact_uri) / "optuna" / "optimization_history.html").read_text()
+    assert 'src="https://cdn.plot.ly' not in page and len(page) > 1_000_000  # plotly inline: renders offline
+    series = client.get_metric_history(res.parent_run_id, "trials/val/average")  # step = trial number
+    assert [(m.step, round(m.value, 6)) for m in series] == [(t.number, round(t.values[0], 6)) for t in study.trials
+                                                              if t.state.name == "COMPLETE"]
 
     # resume: same study, same parent run, budget raised to 5 -> exactly 1 more trial
     cfg5 = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"n_trials": 5})})
@@ -142,6 +147,8 @@ def test_campaign_nests_trials_survives_crash_registers_top_k_and_resumes(platfo
     # the comparison table is replaced, not appended to, when the campaign is summarised again
     table = json.loads((local_path(parent.info.artifact_uri) / "trials.json").read_text())
     assert [row[0] for row in table["data"]] == list(range(5))
+    steps = [m.step for m in client.get_metric_history(res.parent_run_id, "trials/val/average")]
+    assert steps == sorted(set(steps)) and len(steps) == 4  # summarised again: one point per trial, no repeats
     # a third run with the budget spent does nothing
     res3 = run_campaign(cfg5, store=platform_store, evaluator=ev, summarize=False)
     assert len(optuna.load_study(study_name="camp", storage=platform_store.optuna_storage).trials) == 5

@@ -58,6 +58,7 @@ from mergelab.platform.store import (
     log_metrics,
     log_params,
     log_table,
+    metric_name,
 )
 
 log = logging.getLogger(__name__)
@@ -784,6 +785,7 @@ def summarize_campaign(cfg: CampaignConfig, store: Store, study: optuna.Study, p
                                  "val_scores": best.user_attrs.get("val_scores"),
                                  "mlflow_run_id": best.user_attrs.get(RUN_ATTR)}, "best_trial.json")
     retry_on_conflict(log_metrics, client, parent, metrics)
+    retry_on_conflict(log_objective_series, client, parent, complete, cfg.objective.metrics)
     table = trials_table(study)
     if table["trial"]:
         log_table(client, parent, table, "trials.json")
@@ -791,6 +793,22 @@ def summarize_campaign(cfg: CampaignConfig, store: Store, study: optuna.Study, p
         _log_plots(cfg, study, parent, client)
     if not any(t.state == states.RUNNING for t in study.get_trials(deepcopy=False)):
         client.set_terminated(parent, status="FINISHED")
+
+
+def log_objective_series(client: MlflowClient, parent: str, complete: list[optuna.trial.FrozenTrial],
+                         metrics: list[str]) -> None:
+    """Each complete trial's objective values on the parent run as ``trials/<metric>`` at ``step`` = trial number
+    (a chart in the run's metrics tab), stamped with the trial's completion time so a re-summary logs nothing
+    new."""
+    from mlflow.entities import Metric
+
+    items = []
+    for t in complete:
+        ts = int((t.datetime_complete or t.datetime_start).timestamp() * 1000) if t.datetime_start else 0
+        items += [Metric(metric_name(f"trials/{m}"), float(v), ts, t.number)
+                  for m, v in zip(metrics, t.values or [], strict=False)]
+    for i in range(0, len(items), 1000):
+        client.log_batch(parent, metrics=items[i : i + 1000])
 
 
 def _log_plots(cfg: CampaignConfig, study: optuna.Study, parent: str, client: MlflowClient) -> None:
@@ -821,7 +839,7 @@ def _log_plots(cfg: CampaignConfig, study: optuna.Study, parent: str, client: Ml
             try:
                 fig = plotly_fn(study, **pkw)
                 html = Path(tmp) / f"{name}.html"
-                fig.write_html(str(html), include_plotlyjs="cdn")
+                fig.write_html(str(html), include_plotlyjs=True)  # bundled: renders offline (~4.7 MB)
                 client.log_artifact(parent, str(html), "optuna")
             except Exception as e:  # noqa: BLE001 - a plot must not fail the campaign
                 log.warning("optuna %s (plotly) not logged: %s", name, e)

@@ -26,6 +26,8 @@ def demo(setting: str, seed: int, trials: int, limit: int, test_limit: int, quic
          zoo: Path | None, root: Path | None, device: str) -> None:
     """Merge the offline benchmark's experts with the paper's methods, tune OptMerge, promote a champion."""
     from mergelab.platform.demo import LAM_GRID, format_rows, run_demo
+    from mergelab.platform.store import Store
+    from mergelab.platform.ui import experiment_link, model_url, ui_base
 
     lam_grid = LAM_GRID
     val_limit, t_limit = limit or None, test_limit or None
@@ -48,7 +50,10 @@ def demo(setting: str, seed: int, trials: int, limit: int, test_limit: int, quic
             click.echo(f"campaign promotion: {s.promotion['decision']}: {s.promotion['reason']}")
         for line in s.skipped:
             click.echo(f"skipped: {line}")
-    click.echo(f"\ndone in {res.seconds:.0f} s. Browse the runs, the campaigns and the registry: make ui")
+        store = Store.resolve(root)
+        click.echo(f"runs: {experiment_link(s.experiment, store)}")
+        click.echo(f"registry: {model_url(ui_base(store), s.experiment)}")  # the model is named like the experiment
+    click.echo(f"\ndone in {res.seconds:.0f} s. Serve the UI for the links above: mergelab ui (or make ui)")
 
 
 COMMANDS = [demo]

@@ -34,6 +34,7 @@ def campaign_cmd(config: str, n_trials: int | None, dry_run: bool, fresh: bool) 
     """Run (or resume) the Optuna campaign in CONFIG: one MLflow parent run, one nested run per trial."""
     from mergelab.platform.campaign import campaign_plan, run_campaign
     from mergelab.platform.campaign_config import load_campaign
+    from mergelab.platform.ui import run_link
 
     try:
         cfg = load_campaign(config)
@@ -45,7 +46,7 @@ def campaign_cmd(config: str, n_trials: int | None, dry_run: bool, fresh: bool) 
     except (ValueError, KeyError, FileNotFoundError) as e:
         _fail(e)
     click.echo(f"campaign {res.study_name}: {res.n_complete} complete, {res.n_failed} failed, "
-               f"{res.n_pruned} pruned; parent run {res.parent_run_id}")
+               f"{res.n_pruned} pruned; parent run {res.parent_run_id}: {run_link(res.parent_run_id)}")
     if res.best:
         click.echo(f"best trial {res.best['number']}: {res.best['values']} {res.best['params']}")
     for version, trial in res.registered:
@@ -91,6 +92,7 @@ def promote_cmd(name: str, version: str | None, campaign: str | None, margin: fl
     """Evaluate a candidate of NAME on the test split; move `champion` only on a real win, else `challenger`."""
     from mergelab.platform.evaluation import HFEvaluator
     from mergelab.platform.registry import promote
+    from mergelab.platform.ui import model_url, ui_base
 
     try:
         d = promote(name, version=version, campaign=campaign, margin=margin, max_task_drop=max_task_drop,
@@ -99,6 +101,7 @@ def promote_cmd(name: str, version: str | None, campaign: str | None, margin: fl
     except (ValueError, KeyError, FileNotFoundError) as e:
         _fail(e)
     click.echo(f"{name} v{d.candidate}: {d.decision} ({d.reason})")
+    click.echo(f"model: {model_url(ui_base(_store(root)), name, d.candidate)}")
     click.echo(f"test scores ({d.test_items} items): "
                + json.dumps({t: round(s, 2) for t, s in d.candidate_scores.items()}))
 
@@ -149,14 +152,17 @@ def registry_cmd(name: str | None, as_json: bool, root: str | None) -> None:
 @click.option("--port", type=int, default=5000, show_default=True)
 @click.option("--root", default=None, help="Embedded store directory (default ./mlruns or $MERGELAB_ROOT).")
 def ui_cmd(port: int, root: str | None) -> None:
-    """Serve the MLflow UI on the embedded store, on 127.0.0.1 only."""
+    """Serve the MLflow UI on the embedded store, on 127.0.0.1 only (the printed link opens the model-training
+    view: MLflow 3.17's UI otherwise opens experiments in its GenAI view)."""
+    from mergelab.platform.ui import experiments_url
+
     store = _store(root)
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store.tracking_uri,
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     if store.artifact_root:
         cmd += ["--default-artifact-root", store.artifact_root]
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
-    click.echo(f"MLflow UI on http://127.0.0.1:{port} (store {store.tracking_uri})")
+    click.echo(f"MLflow UI on {experiments_url(f'http://127.0.0.1:{port}')} (store {store.tracking_uri})")
     sys.stdout.flush()
     os.execvpe(cmd[0], cmd, env)  # the server replaces this process: Ctrl-C / SIGTERM reach it directly
 

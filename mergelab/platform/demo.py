@@ -47,6 +47,7 @@ from mergelab.platform.merge_run import tracked_merge
 from mergelab.platform.promotion import current_champion
 from mergelab.platform.registry import TEST_ITEMS_TAG, promote, register_run
 from mergelab.platform.store import TAG_CAMPAIGN, TAG_RECIPE, TAG_ROLE, Store, end_status, log_metrics
+from mergelab.platform.ui import log_comparison
 
 PAPER_METHODS: tuple[str, ...] = tuple(name for name, spec in METHODS.items() if spec.paper)
 """The nine merging rows of the paper's Tables 2 and 3, in its order (the method table's order)."""
@@ -233,6 +234,7 @@ def run_setting(setting: str, *, zoo_dir: Path, data_dir: Path, store: Store, se
             if best is None or avg > best[0]:
                 best = (avg, method, p, rid, uri)
             log(f"      {method:<22} lam {lam}: val {avg:.2f}, test {metrics['test/average']:.2f}")
+        log_comparison(client, pid, out.rows, TASKS, title=f"{setting}: test split, lambda selected on val")
         client.set_terminated(pid, "FINISHED")
     except BaseException as e:
         client.set_terminated(pid, end_status(e))

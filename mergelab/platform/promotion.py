@@ -15,6 +15,7 @@ line of champions, and :func:`rollback` gives the alias back to the one before t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -28,6 +29,8 @@ from mlflow.exceptions import MlflowException
 
 CHAMPION = "champion"
 HISTORY_PREFIX = "champion.history."
+TAG_CHAMPION_RUN = "mergelab.champion"
+"""Run tag ``"true"`` on the run of the version holding ``champion`` (moved on promotion and rollback)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +140,47 @@ def record_champion(client: MlflowClient, name: str, version: str, previous: str
     return event
 
 
+def champion_description(client: MlflowClient, name: str, version: str, action: str, reason: str,
+                         when: int | None = None) -> str:
+    """The registered model's description once ``version`` holds ``champion``: its method, run, whole-split test
+    scores (its ``test/*`` tags) and the decision that gave it the alias."""
+    tags = client.get_model_version(name, version).tags
+    tests = {k.removeprefix("test/"): v for k, v in sorted(tags.items()) if k.startswith("test/")}
+    avg = tests.pop("average", None)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when if when is not None else time.time()))
+    lines = [f"**{CHAMPION}: v{version}** (`{tags.get('method', '?')}`, run `{tags.get('run_id', '?')}`)", ""]
+    if avg is not None:
+        per_task = ", ".join(f"{t} {float(v):.1f}" for t, v in tests.items())
+        items = tags.get("test.items")
+        lines.append(f"- test average **{float(avg):.2f}**" + (f" on {items} items" if items else "")
+                     + (f" ({per_task})" if per_task else ""))
+    if tags.get("val/average"):
+        lines.append(f"- val average {float(tags['val/average']):.2f}")
+    lines.append(f"- {'promoted' if action == 'promote' else action} {stamp}: {reason}")
+    lines += ["", "History: `mergelab rollback NAME --history`; the registered model's `champion.history.*` tags."]
+    return "\n".join(lines)
+
+
+def mark_champion(client: MlflowClient, name: str, version: str, previous: str | None, action: str,
+                  reason: str) -> None:
+    """Make the holder of ``champion`` visible: :data:`TAG_CHAMPION_RUN` moves from ``previous``'s run to
+    ``version``'s, and the registered model's description names the holder, its scores and the decision."""
+    runs = {}
+    for v in {previous, version} - {None}:
+        try:
+            runs[v] = client.get_model_version(name, v).run_id
+        except MlflowException:
+            runs[v] = None
+    old_run, new_run = runs.get(previous) if previous else None, runs.get(version)
+    if old_run and old_run != new_run:
+        with contextlib.suppress(MlflowException):
+            client.delete_tag(old_run, TAG_CHAMPION_RUN)
+    if new_run:
+        with contextlib.suppress(MlflowException):
+            client.set_tag(new_run, TAG_CHAMPION_RUN, "true")
+    client.update_registered_model(name, description=champion_description(client, name, version, action, reason))
+
+
 def current_champion(client: MlflowClient, name: str) -> str | None:
     """The version holding ``champion`` (None when none does)."""
     try:
@@ -164,6 +208,7 @@ def rollback(client: MlflowClient, name: str, reason: str = "rollback") -> dict[
         raise ValueError(f"registered model {name!r}: the previous {CHAMPION} v{previous} no longer exists") from None
     client.set_registered_model_alias(name, CHAMPION, previous)
     event = record_champion(client, name, previous, current, "rollback", reason)
+    mark_champion(client, name, previous, current, "rollback", reason)
     stamp = str(event["time"])
     client.set_model_version_tag(name, current, "promotion.rolled_back", f"{stamp}: {CHAMPION} back to v{previous}")
     client.set_model_version_tag(name, previous, "promotion.restored", f"{stamp}: from v{current} ({reason})")

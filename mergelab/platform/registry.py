@@ -36,7 +36,14 @@ from mlflow.exceptions import MlflowException
 
 from mergelab.evaluators import EvalResult
 from mergelab.platform.evaluation import Evaluator, HFEvaluator, log_eval
-from mergelab.platform.promotion import CHAMPION, decide, finite, paired_bootstrap, record_champion
+from mergelab.platform.promotion import (
+    CHAMPION,
+    decide,
+    finite,
+    mark_champion,
+    paired_bootstrap,
+    record_champion,
+)
 from mergelab.platform.store import TAG_RECIPE, TAG_WEIGHTS, Store, local_path, metric_name
 
 log = logging.getLogger(__name__)
@@ -443,6 +450,8 @@ def promote(
             client.set_model_version_tag(name, champ.version, "promotion.replaced_by", str(cand.version))
         record_champion(client, name, str(cand.version), str(champ.version) if champ is not None else None,
                         "promote", reason)
+        mark_champion(client, name, str(cand.version), str(champ.version) if champ is not None else None,
+                      "promote", reason)
     elif decision == "challenger":
         client.set_registered_model_alias(name, CHALLENGER, cand.version)
 

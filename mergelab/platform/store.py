@@ -56,6 +56,25 @@ TAG_ERROR = "mergelab.error"
 TAG_RECIPE = "mergelab.recipe"  # the recipe's digest: the merge's identity
 
 
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+"""MLflow 3's experiment-kind tag; mergelab's experiments are ``custom_model_development`` (not GenAI)."""
+
+
+EXPERIMENT_KIND = "custom_model_development"
+
+
+TAG_DESCRIPTION = "mlflow.note.content"
+"""The UI's description of an experiment or run (markdown)."""
+
+
+EXPERIMENT_DESCRIPTION = (
+    "Model merging with mergelab: one run per merge (params: the recipe; metrics: `val/<task>`, `val/average`, "
+    "`test/*` on selected and registered merges), nested under a comparison or campaign run; reference runs "
+    "(`mergelab.role = reference`: base, experts, mixture) carry the same metric names. Registered versions and "
+    "the `champion` alias are on the Models page."
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Store:
     """Where runs, artifacts, the registry and Optuna studies live.
@@ -112,17 +131,26 @@ class Store:
         """A client bound to this store's tracking and registry URI (no process-global state)."""
         return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
-    def experiment_id(self, name: str = DEFAULT_EXPERIMENT, client: MlflowClient | None = None) -> str:
-        """Get or create experiment ``name`` (always with an explicit ``artifact_location``; pitfall 5)."""
+    def experiment_id(self, name: str = DEFAULT_EXPERIMENT, client: MlflowClient | None = None,
+                      description: str = EXPERIMENT_DESCRIPTION) -> str:
+        """Get or create experiment ``name``: always with an explicit ``artifact_location`` (else the SQLite
+        backend puts artifacts under the cwd of whichever process first touched the database), tagged as a classic
+        ML experiment (:data:`TAG_EXPERIMENT_KIND`) with ``description``. An existing experiment without the kind
+        tag (made by an older mergelab) gets both tags."""
         client = client or self.client()
+        tags = {TAG_EXPERIMENT_KIND: EXPERIMENT_KIND, TAG_DESCRIPTION: description}
         exp = client.get_experiment_by_name(name)
         if exp is not None:
+            if TAG_EXPERIMENT_KIND not in exp.tags:
+                for k, v in tags.items():
+                    if k not in exp.tags:
+                        client.set_experiment_tag(exp.experiment_id, k, v)
             return exp.experiment_id
         location = None
         if self.artifact_root is not None:
             location = f"{self.artifact_root.rstrip('/')}/{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}"
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location, tags=tags)
         except MlflowException:  # created concurrently by another worker
             exp = client.get_experiment_by_name(name)
             if exp is None:

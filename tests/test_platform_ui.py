@@ -1,0 +1,113 @@
+"""What the MLflow UI shows (without a browser): links with the model-training view, experiments tagged as classic ML
+experiments, the comparison's table and chart, the campaign's offline plots and per-trial series, and the champion
+visible on its run and the registered model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest_platform import TableEvaluator
+
+from mergelab.platform import registry as reg
+from mergelab.platform import ui
+from mergelab.platform.promotion import TAG_CHAMPION_RUN, rollback
+from mergelab.platform.store import EXPERIMENT_KIND, TAG_DESCRIPTION, TAG_EXPERIMENT_KIND, Store, local_path
+
+TASKS = ("vqa", "ocr")
+
+
+def test_every_link_opens_the_model_training_view(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MERGELAB_UI_URL", raising=False)
+    local = Store(tracking_uri="sqlite:////x/mlflow.db", artifact_root=None, optuna_storage="sqlite:////x/o.db")
+    base = ui.ui_base(local)
+    assert base == "http://127.0.0.1:5000" and ui.ui_base(local, port=5055) == "http://127.0.0.1:5055"
+    server = Store(tracking_uri="http://mlflow:5000/", artifact_root=None, optuna_storage="sqlite:////x/o.db")
+    assert ui.ui_base(server) == "http://mlflow:5000"
+    urls = [ui.experiments_url(base), ui.experiment_url(base, "3"), ui.run_url(base, "3", "abc"),
+            ui.model_url(base, "my model"), ui.model_url(base, "m", 2)]
+    assert all(u.endswith("?workflowType=machine_learning") for u in urls)
+    assert urls[2] == "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    assert urls[3].startswith("http://127.0.0.1:5000/#/models/my%20model?") and "/versions/2?" in urls[4]
+    monkeypatch.setenv("MERGELAB_UI_URL", "https://ui.example/")
+    assert ui.ui_base(local) == "https://ui.example"
+
+
+def test_experiments_are_classic_ml_experiments_with_a_description(platform_store: Store) -> None:
+    client = platform_store.client()
+    exp = client.get_experiment(platform_store.experiment_id("kinds", client))
+    assert exp.tags[TAG_EXPERIMENT_KIND] == EXPERIMENT_KIND == "custom_model_development"
+    assert "reference" in exp.tags[TAG_DESCRIPTION]
+    old = client.create_experiment("made-by-an-older-mergelab")  # no tags: they are added when mergelab uses it
+    assert platform_store.experiment_id("made-by-an-older-mergelab", client) == old
+    assert client.get_experiment(old).tags[TAG_EXPERIMENT_KIND] == EXPERIMENT_KIND
+
+
+def _rows() -> list[dict]:
+    return [{"name": "base", "lam": None, "scores": {"vqa": 20.0, "ocr": 30.0}, "average": 25.0},
+            {"name": "expert vqa", "lam": None, "scores": {"vqa": 80.0, "ocr": 25.0}, "average": 52.5},
+            {"name": "expert ocr", "lam": None, "scores": {"vqa": 22.0, "ocr": 70.0}, "average": 46.0},
+            {"name": "mixture", "lam": None, "scores": {"vqa": 60.0, "ocr": 55.0}, "average": 57.5},
+            {"name": "ties", "lam": 0.7, "scores": {"vqa": 61.0, "ocr": 52.0}, "average": 56.5},
+            {"name": "optmerge", "lam": 1.0, "scores": {"vqa": 64.0, "ocr": math.nan}, "average": 64.0}]
+
+
+def test_the_comparison_run_holds_the_table_and_the_chart(platform_store: Store) -> None:
+    client = platform_store.client()
+    run = client.create_run(platform_store.experiment_id("cmp", client)).info.run_id
+    ui.log_comparison(client, run, _rows(), TASKS, title="full: test")
+    files = {f.path for f in client.list_artifacts(run, "comparison")}
+    assert files == {"comparison/table.md", "comparison/table.html", "comparison/chart.png"}
+    folder = local_path(client.get_run(run).info.artifact_uri) / "comparison"
+    md = (folder / "table.md").read_text()
+    assert md.splitlines()[0] == "| model | lam | vqa | ocr | avg |"
+    assert "| ties | 0.70 | 61.0 | 52.0 | 56.5 |" in md and "| optmerge | 1.00 | 64.0 |  | 64.0 |" in md
+    page = (folder / "table.html").read_text()
+    assert "<script" not in page and "http" not in page  # standalone: renders offline
+    assert '<tr class="ref"><td>base</td>' in page and "<b>61.0</b>" not in page and "<b>64.0</b>" in page
+    assert (folder / "chart.png").read_bytes()[:4] == b"\x89PNG" and (folder / "chart.png").stat().st_size > 5000
+    assert client.get_run(run).data.tags[TAG_DESCRIPTION].startswith("**full: test**")
+
+
+def _version(store: Store, name: str, table: dict) -> str:
+    client = store.client()
+    run = client.create_run(store.experiment_id("champ", client), tags={"mergelab.role": "trial"})
+    path = local_path(f"{run.info.artifact_uri}/merged")
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"w")
+    avg = 40.0 + 10 * len(table)
+    table[run.info.run_id] = {"vqa": avg, "ocr": avg + 1}
+    mv = reg.register_run(client, name, run.info.run_id, f"{run.info.artifact_uri}/merged",
+                          tags={"eval.tasks": '["vqa", "ocr"]', "method": "ties", "val/average": "48.0000"})
+    return str(mv.version)
+
+
+def test_the_champion_is_visible_on_its_run_and_the_registered_model(platform_store: Store) -> None:
+    client = platform_store.client()
+    table: dict = {}
+    v1, v2 = _version(platform_store, "vis", table), _version(platform_store, "vis", table)
+    ev = TableEvaluator(table)
+    reg.promote("vis", version=v1, evaluator=ev, store=platform_store)
+    run1, run2 = (client.get_model_version("vis", v).run_id for v in (v1, v2))
+    assert client.get_run(run1).data.tags[TAG_CHAMPION_RUN] == "true"
+    assert reg.promote("vis", version=v2, evaluator=ev, store=platform_store).decision == "champion"
+    assert TAG_CHAMPION_RUN not in client.get_run(run1).data.tags  # the tag moved with the alias
+    assert client.get_run(run2).data.tags[TAG_CHAMPION_RUN] == "true"
+    desc = client.get_registered_model("vis").description
+    assert desc.startswith(f"**champion: v{v2}** (`ties`") and "test average **50.50**" in desc
+    assert "ocr 51.0, vqa 50.0" in desc and "clears the margin" in desc and "val average 48.00" in desc
+    rollback(client, "vis", "bad in production")
+    assert client.get_run(run1).data.tags[TAG_CHAMPION_RUN] == "true"
+    assert TAG_CHAMPION_RUN not in client.get_run(run2).data.tags
+    desc = client.get_registered_model("vis").description
+    assert desc.startswith(f"**champion: v{v1}**") and "rollback" in desc and "bad in production" in desc
+
+
+def test_run_link_finds_the_runs_experiment(platform_store: Store) -> None:
+    client = platform_store.client()
+    exp = platform_store.experiment_id("links", client)
+    run = client.create_run(exp).info.run_id
+    assert ui.run_link(run, platform_store) == \
+        f"http://127.0.0.1:5000/#/experiments/{exp}/runs/{run}?workflowType=machine_learning"
+    assert ui.experiment_link("links", platform_store).endswith(f"/#/experiments/{exp}?workflowType=machine_learning")
+    assert ui.experiment_link("none-such", platform_store).endswith("/#/experiments?workflowType=machine_learning")
