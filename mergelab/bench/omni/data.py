@@ -255,8 +255,7 @@ def vertical(scene: dict[str, dict[str, Any]], rng: random.Random) -> dict[str, 
     return {**scene, "video": {**scene["video"], "motion": rng.choice(("up", "down"))}}
 
 
-def ask(qtype: str, scene: dict[str, dict[str, Any]], *, lettered: bool,
-        rng: random.Random) -> tuple[str, str, tuple[str, ...]]:
+def ask(qtype: str, scene: dict[str, dict[str, Any]], *, lettered: bool) -> tuple[str, str, tuple[str, ...]]:
     """A cross-modal question of type ``qtype`` about ``scene``: ``(question, answer, options)``.
 
     Open form (MUSIC-AVQA style): the fact's question with a clause naming another modality, answered by a word.
@@ -290,7 +289,7 @@ def cross_samples(which: str, split: str, n: int, seed: int = 0) -> list[OmniSam
     for i, scene in enumerate(_scenes(split, n, seed, which)):
         qtype = types[i % len(types)]
         scene = vertical(scene, rng) if qtype == "composite" else scene
-        question, answer, options = ask(qtype, scene, lettered=which == "avqa", rng=rng)
+        question, answer, options = ask(qtype, scene, lettered=which == "avqa")
         out.append(OmniSample(f"{which}-{split}-{i}", which, qtype, question, answer, scene, options))
     return out
 
@@ -324,7 +323,7 @@ def described_samples(n: int, seed: int = 0) -> list[OmniSample]:
         if form == "task":
             question, answer, options = TASKS[qtype][1], scene_answer(qtype, scene), ()
         else:
-            question, answer, options = ask(qtype, scene, lettered=form == "lettered", rng=rng)
+            question, answer, options = ask(qtype, scene, lettered=form == "lettered")
         needed = {TASKS[qtype][0]} if qtype in TASKS else {"audio", "video"}
         shown = sorted(needed | set(rng.sample(MODALITIES, rng.randint(0, 2))), key=MODALITIES.index)
         out.append(OmniSample(f"described-{i}", "described", qtype, describe(scene, shown) + " " + question,
