@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# GPU check, at most 8 minutes on one GPU: CUDA tests, every method merged on the GPU against the CPU (relative error
+# printed), device "auto" picking the GPU (the merge report names the device), then the realistic timings table on
+# cuda. Fails fast, with one line, on a machine without a usable GPU.
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR]     # OUT_DIR (default benchmarks/results) receives realistic_gpu.{txt,json}
+#
+# Stages and their time limits (seconds; the sum stays under 480):
+#   1. CUDA tests: pytest -m gpu (the device fixture's cuda cases, the conformance suite's included)  120
+#   2. cross-check: every method on device auto (must be cuda) vs cpu, InternVL2.5-1B and Qwen2-VL-2B
+#      shapes with 1 decoder + 1 vision layer, full vocabulary, N = 2; relative error of the merged
+#      task vector printed, above 1e-2 fails (DARE excluded: its random draws differ per device)       150
+#   3. timings on cuda, whatever time is left: InternVL2.5-1B whole model and the Qwen2-VL-7B subset
+#      (4 decoder layers + the whole vision tower), N = 5: task_arithmetic, ties, OptMerge (both
+#      variants), SWUDI, and the I/O floor on the same files (mergekit is CPU-only: see realistic_cpu)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+OUT=${1:-benchmarks/results}
+mkdir -p "$OUT"
+
+fail() { echo "gpu_check: FAIL: $*" >&2; exit 1; }
+
+command -v nvidia-smi >/dev/null 2>&1 || fail "no GPU on this machine (nvidia-smi not found)"
+"$PY" - <<'EOF' || fail "torch cannot use a GPU (torch.cuda.is_available() is False)"
+import sys, torch
+sys.exit(0 if torch.cuda.is_available() else 1)
+EOF
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+start=$SECONDS
+
+echo "== 1. CUDA tests"
+timeout 120 "$PY" -m pytest -q -x -m gpu tests/ -p no:cacheprovider || fail "pytest -m gpu (exit $?)"
+
+echo "== 2. GPU vs CPU, every method (device auto must merge on cuda)"
+timeout 150 "$PY" benchmarks/realistic.py --families internvl2_5_1b,qwen2_vl_2b --scale 0.04 --experts 2 \
+    --device auto --no-mergekit --heavy "" --cross-check --json-out "$OUT/realistic_gpu_cross.json" \
+    | tee "$OUT/realistic_gpu_cross.txt" || fail "cross-check"
+"$PY" - "$OUT/realistic_gpu_cross.json" <<'EOF' || fail "device auto did not merge on the GPU, or GPU and CPU disagree"
+import json, sys
+rows = json.load(open(sys.argv[1]))["cross_check"]
+bad = [r for r in rows if not r["device"].startswith("cuda")]
+if bad:
+    sys.exit(f"device auto merged on {bad[0]['device']} ({bad[0]['method']})")
+loose = [r for r in rows if not r["random"] and r["rel_err"] > 1e-2]
+if loose:
+    sys.exit("relative error above 1e-2: " + ", ".join(f"{r['family']} {r['method']} {r['rel_err']:.1e}" for r in loose))
+print(f"device auto merged on {rows[0]['device']} for all {len(rows)} runs; GPU vs CPU relative error at most "
+      f"{max(r['rel_err'] for r in rows if not r['random']):.1e} (DARE excluded: its draws differ per device)")
+EOF
+
+echo "== 3. timings on cuda"
+left=$(( 470 - (SECONDS - start) ))
+[ "$left" -gt 60 ] || fail "no time left for the timings ($left s)"
+timeout "$left" "$PY" benchmarks/realistic.py --families internvl2_5_1b,qwen2_vl_7b_subset --scale 1 \
+    --big-layers 4 --experts 5 --device cuda --threads 4 --no-mergekit --heavy optmerge_full,swudi,optmerge_lora \
+    --json-out "$OUT/realistic_gpu.json" \
+    | tee "$OUT/realistic_gpu.txt" || fail "timings (limit $left s)"
+echo "gpu_check: done in $(( SECONDS - start )) s"
