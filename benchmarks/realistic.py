@@ -296,19 +296,22 @@ def child_merge(spec_file: str) -> None:
                                   "peak_gpu": rep.peak_gpu_bytes, "tensors": len(rep.tensors)}))
 
 
-def child_floor(spec_file: str) -> None:
-    """Read every input file once and write ``out_bytes`` once, with plain reads into one reused buffer."""
-    spec = json.loads(Path(spec_file).read_text())
-    buf = bytearray(64 << 20)
-    view = memoryview(buf)
-    for f in spec["inputs"]:
-        with open(f, "rb", buffering=0) as fh:
-            while fh.readinto(view):
-                pass
-    left = int(spec["out_bytes"])
-    with open(spec["out"], "wb", buffering=0) as fh:
-        while left > 0:
-            left -= fh.write(view[: min(left, len(buf))])
+# The I/O floor's child: read every input file once and write ``out_bytes`` once, plain reads into one reused buffer.
+# Run as ``python -S -c FLOOR_CODE spec.json`` so that its time holds no imports beyond the standard library's core.
+FLOOR_CODE = """
+import json, sys
+spec = json.load(open(sys.argv[1]))
+buf = bytearray(64 << 20)
+view = memoryview(buf)
+for f in spec["inputs"]:
+    with open(f, "rb", buffering=0) as fh:
+        while fh.readinto(view):
+            pass
+left = int(spec["out_bytes"])
+with open(spec["out"], "wb", buffering=0) as fh:
+    while left > 0:
+        left -= fh.write(view[: min(left, len(buf))])
+"""
 
 
 _HWM = {"peak": 0}
@@ -445,7 +448,7 @@ class Bench:
         out = self.root / "out" / "floor.bin"
         out.parent.mkdir(exist_ok=True)
         spec = {"inputs": inputs, "out": str(out), "out_bytes": fam["bytes"]}
-        r = run([sys.executable, __file__, "_floor", str(self._spec(spec))], self.env)
+        r = run([sys.executable, "-S", "-c", FLOOR_CODE, str(self._spec(spec))], self.env)
         out.unlink(missing_ok=True)
         self.add(fam["name"], kind, "read+write", "I/O floor", r)
 
@@ -517,15 +520,17 @@ def targets(rows: list[dict[str, Any]], fams: list[dict[str, Any]], n: int) -> l
                 out.append((f"{name}: peak RSS < mergekit's", ml["peak_rss"] < mk["peak_rss"],
                             f"{ml['peak_rss'] / GB:.2f} GB vs {mk['peak_rss'] / GB:.2f} GB"))
             if floor is not None:
-                out.append((f"{name}: wall <= 3x I/O floor", ml["wall"] <= 3 * floor["wall"],
-                            f"{ml['wall']:.1f} s vs {floor['wall']:.1f} s = {ml['wall'] / floor['wall']:.2f}x"))
+                out.append((f"{name}: engine wall <= 3x I/O floor", ml["engine_wall"] <= 3 * floor["wall"],
+                            f"{ml['engine_wall']:.1f} s vs {floor['wall']:.1f} s = "
+                            f"{ml['engine_wall'] / floor['wall']:.2f}x"))
             out.append((f"{name}: peak RSS <= 2(N+1) x largest + 500 MB", ml["peak_rss"] <= bound,
                         f"{ml['peak_rss'] / GB:.2f} GB vs {bound / GB:.2f} GB"))
     return out
 
 
 def print_table(rows: list[dict[str, Any]], fams: list[dict[str, Any]], n: int) -> None:
-    print(f"\n{'family':20s} {'experts':7s} {'method':18s} {'tool':9s} {'device':7s} {'wall s':>7s} {'CPU s':>7s} "
+    print(f"\n{'family':20s} {'experts':7s} {'method':18s} {'tool':9s} {'device':7s} {'wall s':>7s} {'engine':>7s} "
+          f"{'CPU s':>7s} "
           f"{'peak RSS GB':>11s} {'RssAnon GB':>10s} {'/(N+1)L':>8s} {'vs floor':>8s} {'vs mk':>6s}")
     for fam in fams:
         unit = (n + 1) * fam["largest"]
@@ -535,13 +540,24 @@ def print_table(rows: list[dict[str, Any]], fams: list[dict[str, Any]], n: int) 
         for r in fr:
             fl = floors.get(r["experts"])
             mk = mks.get(r["method"]) if r["tool"] == "mergelab" and r["experts"] == "full" else None
-            vs_floor = f"{r['wall'] / fl['wall']:8.2f}" if fl and r["tool"] != "I/O floor" else f"{'':8s}"
+            own = r.get("engine_wall", r["wall"])
+            vs_floor = f"{own / fl['wall']:8.2f}" if fl and r["tool"] != "I/O floor" else f"{'':8s}"
+            engine = f"{r['engine_wall']:7.1f}" if "engine_wall" in r else f"{'':7s}"
             vs_mk = f"{r['wall'] / mk['wall']:6.2f}" if mk else f"{'':6s}"
             print(f"{r['family']:20s} {r['experts']:7s} {r['method']:18s} {r['tool']:9s} {r.get('device', 'cpu'):7s} "
-                  f"{r['wall']:7.1f} {r['cpu']:7.1f} {r['peak_rss'] / GB:11.2f} {r['rss_anon'] / GB:10.2f} "
+                  f"{r['wall']:7.1f} {engine} {r['cpu']:7.1f} {r['peak_rss'] / GB:11.2f} {r['rss_anon'] / GB:10.2f} "
                   f"{r['peak_rss'] / unit:8.2f} {vs_floor} {vs_mk}")
-    print("(peak RSS: the child's VmHWM, mapped file pages included; RssAnon: its sampled peak anonymous RSS; "
-          "/(N+1)L: peak RSS over (N + 1) x the largest tensor; vs floor / vs mk: wall-time ratios)")
+    print("(wall: the child process, imports included; engine: the merge itself (MergeReport.wall_seconds); "
+          "peak RSS: the child's VmHWM, mapped file pages included; RssAnon: its sampled peak anonymous RSS; "
+          "/(N+1)L: peak RSS over (N + 1) x the largest tensor; vs floor: engine wall / floor wall; vs mk: process "
+          "wall / mergekit's process wall)")
+
+
+def print_targets(checks: list[tuple[str, bool, str]]) -> None:
+    if checks:
+        print("\ntargets (CPU):")
+        for what, ok, nums in checks:
+            print(f"  {'PASS' if ok else 'FAIL'}  {what}: {nums}")
 
 
 def main() -> None:
@@ -557,11 +573,22 @@ def main() -> None:
     ap.add_argument("--heavy", default=None,
                     help="whole-model runs of the optimising methods, from optmerge_full,swudi,optmerge_lora "
                          "(default: all three on a GPU, optmerge_lora on the CPU; '' for none)")
+    ap.add_argument("--heavy-families", default=None,
+                    help="families that get the --heavy runs (default: all on a GPU, internvl2_5_1b on the CPU)")
     ap.add_argument("--cross-check", action="store_true", help="every method on device auto vs CPU (rel. error)")
     ap.add_argument("--cross-methods", default="", help="restrict --cross-check to these methods (optmerge_full, ...)")
     ap.add_argument("--keep", type=Path, default=None, help="work in this directory and keep it")
     ap.add_argument("--json-out", type=Path, default=None)
+    ap.add_argument("--report", type=Path, default=None, help="print the table and targets of a --json-out file")
     args = ap.parse_args()
+    if args.report:
+        saved = json.loads(args.report.read_text())
+        n = int(saved["args"]["experts"])
+        print(f"machine: {saved['machine']}")
+        print_table(saved["rows"], saved["families"], n)
+        if saved["args"]["device"] == "cpu":
+            print_targets(targets(saved["rows"], saved["families"], n))
+        return
     root = Path(args.keep or tempfile.mkdtemp(prefix="mergelab-realistic-"))
     root.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine(args.device)}")
@@ -571,7 +598,9 @@ def main() -> None:
     fams: list[dict[str, Any]] = []
     if args.heavy is None:
         args.heavy = "optmerge_lora" if args.device == "cpu" else "optmerge_full,swudi,optmerge_lora"
-    heavy = [h for h in args.heavy.split(",") if h]
+    if args.heavy_families is None:
+        args.heavy_families = "internvl2_5_1b" if args.device == "cpu" else args.families
+    heavy_families = args.heavy_families.split(",")
     try:
         for name in args.families.split(","):
             t = time.perf_counter()
@@ -595,6 +624,7 @@ def main() -> None:
                     if carried is not None:
                         print(f"    remote-code files in mergelab's output: {'all' if carried else 'MISSING'}")
                     shutil.rmtree(ml, ignore_errors=True)
+            heavy = [h for h in args.heavy.split(",") if h] if name in heavy_families else []
             if "optmerge_full" in heavy:
                 bench.mergelab(fam, "full", "optmerge", {"variant": "full"}, "auto")
             if "swudi" in heavy:
@@ -606,10 +636,7 @@ def main() -> None:
                 bench.mergelab(fam, "lora", "optmerge", {"variant": "lora"}, "auto")
         print_table(bench.rows, fams, args.experts)
         checks = targets(bench.rows, fams, args.experts) if args.device == "cpu" else []
-        if checks:
-            print("\ntargets (CPU):")
-            for what, ok, nums in checks:
-                print(f"  {'PASS' if ok else 'FAIL'}  {what}: {nums}")
+        print_targets(checks)
         cross = cross_check(fams, root, [m for m in args.cross_methods.split(",") if m]) if args.cross_check else []
         if args.json_out:
             args.json_out.write_text(json.dumps({
@@ -622,7 +649,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] in ("_merge", "_floor"):
-        (child_merge if sys.argv[1] == "_merge" else child_floor)(sys.argv[2])
+    if len(sys.argv) == 3 and sys.argv[1] == "_merge":
+        child_merge(sys.argv[2])
     else:
         main()
