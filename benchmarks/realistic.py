@@ -577,6 +577,7 @@ def main() -> None:
                     help="families that get the --heavy runs (default: all on a GPU, internvl2_5_1b on the CPU)")
     ap.add_argument("--cross-check", action="store_true", help="every method on device auto vs CPU (rel. error)")
     ap.add_argument("--cross-methods", default="", help="restrict --cross-check to these methods (optmerge_full, ...)")
+    ap.add_argument("--no-timings", action="store_true", help="build only (with --cross-check: only the check)")
     ap.add_argument("--keep", type=Path, default=None, help="work in this directory and keep it")
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--report", type=Path, default=None, help="print the table and targets of a --json-out file")
@@ -611,6 +612,8 @@ def main() -> None:
             print(f"built {name}: {fam['llm_layers']} decoder + {fam['vit_layers']} vision layers, {fam['tensors']} "
                   f"tensors, vocab {fam['vocab']}, {fam['params'] / 1e6:.0f}M params, {fam['bytes'] / GB:.2f} GB bf16 in {fam['shards']} "
                   f"shard(s), largest tensor {fam['largest'] / 1e6:.0f} MB; {time.perf_counter() - t:.0f} s", flush=True)
+            if args.no_timings:
+                continue
             bench.floor(fam, "full")
             for m, p in (("task_arithmetic", {"lam": 1.0}), ("ties", {"lam": 1.0, "density": 0.2})):
                 ml = bench.mergelab(fam, "full", m, p, [], keep=not args.no_mergekit)
@@ -634,7 +637,8 @@ def main() -> None:
                 bench.mergelab(fam, "lora", m, p, [])
             if "optmerge_lora" in heavy:
                 bench.mergelab(fam, "lora", "optmerge", {"variant": "lora"}, "auto")
-        print_table(bench.rows, fams, args.experts)
+        if bench.rows:
+            print_table(bench.rows, fams, args.experts)
         checks = targets(bench.rows, fams, args.experts) if args.device == "cpu" else []
         print_targets(checks)
         cross = cross_check(fams, root, [m for m in args.cross_methods.split(",") if m]) if args.cross_check else []
