@@ -16,10 +16,12 @@ Used by the evaluators, the benchmark zoo and the platform::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +153,34 @@ def _adapter_base(path: Path) -> Path:
     return candidate
 
 
+VERBOSE_ENV = "MERGELAB_VERBOSE"
+"""Set (``mergelab -v``) to keep transformers' own progress bars and logs when models load."""
+
+
+def verbose() -> bool:
+    """Whether ``$MERGELAB_VERBOSE`` asks for transformers' own output."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers for the block unless :func:`verbose`: no per-load progress bar ("Loading weights", one
+    per model, dozens per merge-and-evaluate) and only its errors logged; the previous settings come back after."""
+    if verbose():
+        yield
+        return
+    tlog = transformers.utils.logging
+    bars, level = tlog.is_progress_bar_enabled(), tlog.get_verbosity()
+    tlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        if bars:
+            tlog.enable_progress_bar()
+
+
 def load_model(
     path: str | os.PathLike[str],
     *,
@@ -185,19 +215,21 @@ def load_model(
         model, processor = load_model(base_path, device="cpu", dtype=dtype, trust_remote_code=trust_remote_code)
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+        with quiet_transformers():
+            model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
         return model.to(resolve_device(device)).eval(), processor
     cfg = read_config(path)
     if not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"{path}: no *.safetensors weights (only safetensors checkpoints are loaded)")
     cls = _model_class(cfg, path)
-    model = cls.from_pretrained(
-        path,
-        dtype=resolve_dtype(dtype),
-        use_safetensors=True,
-        trust_remote_code=trust_remote_code,
-    )
-    processor = load_processor(path, trust_remote_code=trust_remote_code)
+    with quiet_transformers():
+        model = cls.from_pretrained(
+            path,
+            dtype=resolve_dtype(dtype),
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+        )
+        processor = load_processor(path, trust_remote_code=trust_remote_code)
     return model.to(resolve_device(device)).eval(), processor
 
 

@@ -111,3 +111,23 @@ def test_run_link_finds_the_runs_experiment(platform_store: Store) -> None:
         f"http://127.0.0.1:5000/#/experiments/{exp}/runs/{run}?workflowType=machine_learning"
     assert ui.experiment_link("links", platform_store).endswith(f"/#/experiments/{exp}?workflowType=machine_learning")
     assert ui.experiment_link("none-such", platform_store).endswith("/#/experiments?workflowType=machine_learning")
+
+
+def test_loading_a_model_prints_no_transformers_bar_unless_verbose(
+    tiny_models, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    import transformers
+
+    from mergelab.hf import VERBOSE_ENV, quiet_transformers
+
+    base, _ = tiny_models("llama")  # weights only (load_model also loads a processor: the same block covers it)
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    transformers.utils.logging.enable_progress_bar()
+    with quiet_transformers():
+        transformers.LlamaForCausalLM.from_pretrained(base)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert transformers.utils.logging.is_progress_bar_enabled()  # the setting comes back after the load
+    monkeypatch.setenv(VERBOSE_ENV, "1")
+    with quiet_transformers():
+        transformers.LlamaForCausalLM.from_pretrained(base)
+    assert "Loading weights" in capfd.readouterr().err

@@ -1,11 +1,16 @@
-"""The MLflow UI in a real browser: headless Chromium driven by Playwright over a small store made by the test.
+"""The MLflow UI in a real browser: headless Chromium driven by Playwright over a store that mergelab's own demo
+wrote.
 
-A fresh store (one experiment with two finished runs with a metric, a registered model whose version 1 carries the
-alias ``champion``) is served by ``mlflow server`` on loopback (``tests/pg.py``'s starter, on SQLite). A new, empty
-browser profile then opens the experiment list, the experiment in the model-training view
-(``?workflowType=machine_learning``: MLflow 3.17's UI otherwise keeps the GenAI-or-training choice in the browser and
-defaults to GenAI), one run's page, and the registered model's page, checking what a user must see on each and saving
-a screenshot of each under the test's tmp dir (and ``$MERGELAB_TEST_ARTIFACTS`` when set).
+The store is made by the real code path, :func:`mergelab.platform.demo.run_demo` on the tiny zoo (one setting, two
+methods, a two-trial campaign, registration and promotion), with one stand-in: a fast evaluator whose scores are a
+hash of the model directory and task (no generation; the UI needs numbers, not good ones). ``mlflow server`` serves
+it on loopback (``tests/pg.py``'s starter, on SQLite). A new, empty browser profile then follows mergelab's own
+links (:mod:`mergelab.platform.ui`, all with ``?workflowType=machine_learning``: MLflow 3.17's UI otherwise keeps the
+GenAI-or-training choice in the browser and defaults to GenAI) and checks what a user must see: the experiment list;
+the experiment, opened from the list, in the model-training view with the reference runs (base, experts, mixture)
+beside the merges; the comparison run's page with its table and chart; a compare view of references and merges on
+the same ``test/*`` metrics; the registered model's page with the ``champion`` alias. A screenshot of each page is
+saved under the test's tmp dir (and ``$MERGELAB_TEST_ARTIFACTS`` when set).
 
 The browser is the system's Chromium (Debian's ``chromium`` package, ``/usr/bin/chromium``; ``$MERGELAB_CHROMIUM``
 overrides), never a browser download. Without Chromium or Playwright the test skips with the reason; under CI
@@ -14,11 +19,14 @@ overrides), never a browser download. Without Chromium or Playwright the test sk
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -27,8 +35,10 @@ try:
 except ImportError:  # tests/ is not a package: pytest puts it on sys.path itself
     import pg  # type: ignore[no-redef]
 
-EXPERIMENT, MODEL, ALIAS = "ui-check", "ui-merged", "champion"
-RUNS = {"merge-ties": 0.6125, "merge-task_arithmetic": 0.5475}
+SETTING = "full"
+EXPERIMENT = MODEL = f"mergelab-demo-{SETTING}-tiny"
+ALIAS = "champion"
+REFERENCES = ["base", "expert vqa", "expert ocr", "mixture"]  # some of the seven reference runs
 # Flags for a root user on a machine without a network: no sandbox (root), no GPU, and none of Chromium's background
 # connections (refused here, many at a time, and slow to give up on).
 CHROMIUM_ARGS = [
@@ -70,33 +80,59 @@ def chromium() -> str:
 class UiStore:
     uri: str
     experiment_id: str
-    run_ids: dict[str, str]
+    runs: dict[str, str]  # run name -> run id
+    comparison: str  # the comparison's parent run id
+    merges: list[str]  # names of the comparison's val-selected merges (with test/* metrics)
+
+
+class HashEvaluator:
+    """A fast stand-in for the demo's evaluator: scores in [20, 80) from a hash of (model directory, task), with
+    per-item records so promotion's paired bootstrap has items to draw."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.limit = kwargs.get("limit")
+
+    def __call__(self, model_dir: Path, tasks: list[str], split: str, on_task: object = None) -> object:
+        from mergelab.evaluators import EvalResult
+
+        total = EvalResult(split=split, scores={})
+        for task in tasks:
+            h = zlib.crc32(f"{Path(model_dir).resolve()}/{task}".encode())
+            score = 20.0 + (h % 6000) / 100.0
+            part = EvalResult(split=split, scores={task: score}, metrics={f"{task}/accuracy": score},
+                              records=[{"task": task, "id": f"{task}-{j}", "prediction": "x", "references": ["x"],
+                                        "score": float((h >> j) % 100 < score)} for j in range(20)])
+            total.update(part)
+            if on_task is not None:
+                on_task(task, total)  # type: ignore[operator]
+        return total
 
 
 @pytest.fixture(scope="module")
-def ui_store(tmp_path_factory: pytest.TempPathFactory) -> UiStore:
-    """An experiment with two finished runs (metric ``avg_score``) and a registered version aliased ``champion``."""
+def ui_store(tmp_path_factory: pytest.TempPathFactory, tiny_zoo: Path, mlflow_template: Path) -> UiStore:
+    """The tiny demo's store: one setting, weight_average and optmerge, a two-trial campaign, a promotion."""
     from mlflow.tracking import MlflowClient
 
+    from mergelab.platform import demo
+
     root = tmp_path_factory.mktemp("ui-store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    (root / "mlruns").mkdir()
+    shutil.copy(mlflow_template, root / "mlruns" / "mlflow.db")  # a migrated DB: no 7 s of migrations
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("MLFLOW_TRACKING_URI", "MERGELAB_OPTUNA_STORAGE", "MERGELAB_ARTIFACT_ROOT", "MERGELAB_ROOT"):
+            mp.delenv(var, raising=False)
+        mp.setattr(demo, "HFEvaluator", HashEvaluator)
+        demo.run_demo(tiny=True, zoo=tiny_zoo, root=root / "mlruns", settings=(SETTING,),
+                      methods=("weight_average", "optmerge"), lam_grid=(0.5, 1.0), trials=2, limit=4, test_limit=4,
+                      device="cpu", data_root=root / "data", data_sizes={"val": 4, "test": 4}, log=lambda _: None)
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    exp = client.create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
-    run_ids = {}
-    for name, score in RUNS.items():
-        run = client.create_run(exp, run_name=name)
-        client.log_param(run.info.run_id, "method", name.removeprefix("merge-"))
-        client.log_metric(run.info.run_id, "avg_score", score)
-        client.set_terminated(run.info.run_id)
-        run_ids[name] = run.info.run_id
-    best = client.get_run(run_ids["merge-ties"]).info.artifact_uri
-    weights = Path(best.removeprefix("file://")) / "merged"
-    weights.mkdir(parents=True)
-    (weights / "model.safetensors").write_bytes(b"not real weights")
-    client.create_registered_model(MODEL)
-    mv = client.create_model_version(MODEL, source=f"{best}/merged", run_id=run_ids["merge-ties"])
-    client.set_registered_model_alias(MODEL, ALIAS, mv.version)
-    return UiStore(uri=uri, experiment_id=exp, run_ids=run_ids)
+    exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    runs = client.search_runs([exp], max_results=200)
+    comparison = next(r.info.run_id for r in runs if r.data.tags.get("mergelab.role") == "comparison")
+    merges = [r.info.run_name for r in runs if r.data.tags.get("mergelab.selected")]
+    return UiStore(uri=uri, experiment_id=exp, runs={r.info.run_name: r.info.run_id for r in runs},
+                   comparison=comparison, merges=merges)
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +146,12 @@ def ui_server(ui_store: UiStore, tmp_path_factory: pytest.TempPathFactory) -> It
 
 
 @pytest.mark.slow
-def test_mlflow_ui_shows_runs_and_the_champion(
+def test_mlflow_ui_shows_the_comparison_references_and_the_champion(
     chromium: str, ui_store: UiStore, ui_server: pg.MlflowServer, tmp_path: Path
 ) -> None:
     from playwright.sync_api import expect, sync_playwright
+
+    from mergelab.platform import ui
 
     shots = tmp_path / "screenshots"
     # A fresh browser profile: no workflowType remembered from an earlier visit.
@@ -128,13 +166,14 @@ def test_mlflow_ui_shows_runs_and_the_champion(
 
     base = ui_server.uri
     exp = ui_store.experiment_id
+    assert len(ui_store.merges) == 2, ui_store.merges
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
             str(profile),
             executable_path=chromium,
             headless=True,
             args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 900},
+            viewport={"width": 1600, "height": 1000},
         )
         context.set_default_timeout(TIMEOUT_MS)
         expect.set_options(timeout=TIMEOUT_MS)
@@ -143,31 +182,49 @@ def test_mlflow_ui_shows_runs_and_the_champion(
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
 
-            # The experiment list.
-            page.goto(f"{base}/#/experiments")
-            expect(page.get_by_role("link", name=EXPERIMENT)).to_be_visible()
+            # The experiment list. (Its links open MLflow's GenAI view: the UI remembers no choice, so mergelab
+            # prints and documents links to each experiment, which carry the model-training view.)
+            page.goto(ui.experiments_url(base))
+            expect(page.get_by_test_id("experiment-list-item-link").filter(has_text=EXPERIMENT)).to_be_visible()
             shot(page, "1-experiments")
 
-            # The experiment in the model-training view: the runs table with both runs.
-            page.goto(f"{base}/#/experiments/{exp}?workflowType=machine_learning")
-            for name in RUNS:
-                expect(page.get_by_role("link", name=name)).to_be_visible()
-            expect(page.get_by_text(f"{len(RUNS)} matching runs")).to_be_visible()
+            # mergelab's link to the experiment: the model-training view's runs table, the reference runs beside the
+            # comparison and campaign runs (whose merges are nested under them).
+            page.goto(ui.experiment_url(base, exp))
+            expect(page.get_by_text("matching runs").first).to_be_visible()
+            expect(page.get_by_text("Overview").first).not_to_be_visible()  # the GenAI view opens on "Overview"
+            for name in [*REFERENCES, "demo-comparison-full-s0"]:
+                expect(page.get_by_role("link", name=name, exact=True).first).to_be_visible()
             assert "workflowType=machine_learning" in page.url, page.url
             shot(page, "2-runs")
 
-            # One run's page shows its metric.
-            run_id = ui_store.run_ids["merge-ties"]
-            page.goto(f"{base}/#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning")
-            expect(page.get_by_text("avg_score").first).to_be_visible()
-            expect(page.get_by_text(str(RUNS["merge-ties"])).first).to_be_visible()
-            shot(page, "3-run")
+            # The comparison's parent run: its description is the paper-layout table; the chart is an artifact.
+            page.goto(ui.run_url(base, exp, ui_store.comparison))
+            expect(page.get_by_text("lambda selected on val").first).to_be_visible()
+            more = page.get_by_text("Show more", exact=True)
+            if more.count():
+                more.first.click()
+            for name in ["base", "mixture", "optmerge"]:
+                expect(page.get_by_role("cell", name=name, exact=True).first).to_be_visible()
+            shot(page, "3-comparison-run")
 
-            # The registered model's page shows the champion alias on version 1.
-            page.goto(f"{base}/#/models/{MODEL}?workflowType=machine_learning")
+            # A compare view: references and merges side by side (the same test/* metric names).
+            ids = [ui_store.runs[n] for n in [*REFERENCES, *ui_store.merges]]
+            page.goto(f"{base}/#/compare-runs?runs={quote(json.dumps(ids))}&experiments={quote(json.dumps([exp]))}"
+                      f"&{ui.VIEW}")
+            expect(page.get_by_text(f"Comparing {len(ids)} Runs").first).to_be_visible()
+            for name in ["base", "mixture", *ui_store.merges]:
+                expect(page.get_by_role("cell", name=name, exact=True).first).to_be_attached()
+            shot(page, "4-compare")
+
+            # The registered model's page shows the champion alias.
+            page.goto(ui.model_url(base, MODEL))
             expect(page.get_by_text("Version 1").first).to_be_visible()
-            expect(page.get_by_role("status", name=ALIAS)).to_contain_text(f"@ {ALIAS}")  # the alias tag
-            shot(page, "4-model")
+            alias = page.get_by_role("status").filter(has_text=f"@ {ALIAS}").first  # the alias tag on its version
+            expect(alias).to_be_visible()
+            alias.scroll_into_view_if_needed()  # into the screenshot (the page scrolls inside a panel)
+            expect(page.get_by_text(f"{ALIAS}: v").first).to_be_visible()  # the description names the holder
+            shot(page, "5-model")
             assert not errors, f"JavaScript errors: {errors}"
         except Exception:
             shot(page, "failure")
@@ -180,5 +237,6 @@ def test_mlflow_ui_shows_runs_and_the_champion(
                 out.mkdir(parents=True, exist_ok=True)
                 for path in saved:
                     shutil.copy(path, out / path.name)
-    assert [p.name for p in saved] == ["1-experiments.png", "2-runs.png", "3-run.png", "4-model.png"]
+    assert [p.name for p in saved] == ["1-experiments.png", "2-runs.png", "3-comparison-run.png", "4-compare.png",
+                                       "5-model.png"]
     assert all(p.stat().st_size > 10_000 for p in saved), "a screenshot is suspiciously small (blank page?)"
