@@ -58,11 +58,11 @@ class OmniPlan:
 
     size: OmniSize = field(default_factory=OmniSize)
     described: int = 4000
-    base: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=32, lr=2e-3,
+    base: TrainConfig = field(default_factory=lambda: TrainConfig(steps=600, batch_size=32, lr=2e-3,
                                                                   warmup_steps=20, trainable=BASE_TRAINABLE))
     per_task: int = 600
     replay: float = 0.25
-    other_media: float = 0.0
+    other_media: float = 0.5
     lora: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=16, lr=2e-3,
                                                                   warmup_steps=20, lora_r=8, lora_alpha=16))
     full: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=16, lr=5e-4,
