@@ -131,3 +131,23 @@ def test_loading_a_model_prints_no_transformers_bar_unless_verbose(
     with quiet_transformers():
         transformers.LlamaForCausalLM.from_pretrained(base)
     assert "Loading weights" in capfd.readouterr().err
+
+
+def test_mergelab_ui_prints_a_model_training_link_per_experiment(platform_store: Store,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from click.testing import CliRunner
+
+    from mergelab.platform.cli import main
+
+    exp = platform_store.experiment_id("ui-cmd")
+    calls: list[list[str]] = []
+    monkeypatch.setattr(os, "execvpe", lambda file, args, env: calls.append(list(args)))
+    monkeypatch.setenv("MERGELAB_VERBOSE", "")  # restored after the test (-v sets it in this process)
+    root = str(local_path(platform_store.artifact_root).parent)
+    out = CliRunner().invoke(main, ["-v", "ui", "--root", root, "--port", "5077"])
+    assert out.exit_code == 0, out.output
+    assert f"ui-cmd: http://127.0.0.1:5077/#/experiments/{exp}?workflowType=machine_learning" in out.output
+    assert "http://127.0.0.1:5077/#/experiments?workflowType=machine_learning" in out.output
+    assert calls and "--port" in calls[0] and os.environ.get("MERGELAB_VERBOSE") == "1"  # -v: libraries' output

@@ -67,9 +67,13 @@ def signal_name(signum: int) -> str:
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Print tracebacks of errors (also MERGELAB_DEBUG=1).")
+@click.option("-v", "--verbose", is_flag=True, help="Keep the libraries' own output (transformers' per-load "
+              "progress bars and logs; also MERGELAB_VERBOSE=1).")
 @click.version_option(package_name="mergelab")
-def main(debug: bool) -> None:
+def main(debug: bool, verbose: bool) -> None:
     """Merge fine-tuned LLM/MLLM experts, evaluate, tune with Optuna, track in MLflow, promote via the registry."""
+    if verbose:
+        os.environ["MERGELAB_VERBOSE"] = "1"
     raise_on_sigterm()
 
 

@@ -48,7 +48,9 @@ def campaign_cmd(config: str, n_trials: int | None, dry_run: bool, fresh: bool) 
     click.echo(f"campaign {res.study_name}: {res.n_complete} complete, {res.n_failed} failed, "
                f"{res.n_pruned} pruned; parent run {res.parent_run_id}: {run_link(res.parent_run_id)}")
     if res.best:
-        click.echo(f"best trial {res.best['number']}: {res.best['values']} {res.best['params']}")
+        values = ", ".join(f"{v:.2f}" for v in res.best["values"])
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.best["params"].items())
+        click.echo(f"best trial {res.best['number']}: {values} ({params})")
     for version, trial in res.registered:
         click.echo(f"registered {cfg.registry.name} v{version} (trial {trial})")
 
@@ -154,15 +156,19 @@ def registry_cmd(name: str | None, as_json: bool, root: str | None) -> None:
 def ui_cmd(port: int, root: str | None) -> None:
     """Serve the MLflow UI on the embedded store, on 127.0.0.1 only (the printed link opens the model-training
     view: MLflow 3.17's UI otherwise opens experiments in its GenAI view)."""
-    from mergelab.platform.ui import experiments_url
+    from mergelab.platform.ui import experiment_url, experiments_url
 
     store = _store(root)
+    base = f"http://127.0.0.1:{port}"
+    for exp in store.client().search_experiments(max_results=50):
+        if exp.name != "Default":  # the list's own links open MLflow's GenAI view; these open the runs table
+            click.echo(f"{exp.name}: {experiment_url(base, exp.experiment_id)}")
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store.tracking_uri,
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     if store.artifact_root:
         cmd += ["--default-artifact-root", store.artifact_root]
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
-    click.echo(f"MLflow UI on {experiments_url(f'http://127.0.0.1:{port}')} (store {store.tracking_uri})")
+    click.echo(f"MLflow UI on {experiments_url(base)} (store {store.tracking_uri})")
     sys.stdout.flush()
     os.execvpe(cmd[0], cmd, env)  # the server replaces this process: Ctrl-C / SIGTERM reach it directly
 
