@@ -106,8 +106,21 @@ def test_frozen_towers_see_their_inputs(processor, modality, task) -> None:
     model = modeling.build_model(processor.tokenizer)  # the benchmark's size
     render = {"image": data.render_image, "audio": data.render_audio, "video": data.render_video}[modality]
     media = [render(s.scene[modality]) for s in data.task_samples(task, "train", 24)]
-    between, across = modeling.tower_contrast(modeling.tower_features(model, processor, modality, media))
-    assert between > across > 0
+    feats = modeling.tower_features(model, processor, modality, media)
+    blank = modeling.tower_features(model, processor, modality, [modeling.blank_medium(modality)])
+    between, across = modeling.tower_contrast(feats, blank)
+    assert between > 2 * across and between > 0.01
+
+
+def test_the_default_audio_init_fails_the_contrast_check(processor) -> None:
+    model = modeling.build_model(processor.tokenizer)
+    torch.manual_seed(0)
+    default = OmniThinkerForConditionalGeneration(model.config)  # transformers' own init of the audio convolutions
+    media = [data.render_audio(s.scene["audio"]) for s in data.task_samples("audio_beeps", "train", 24)]
+    feats = modeling.tower_features(default, processor, "audio", media)
+    blank = modeling.tower_features(default, processor, "audio", [modeling.blank_medium("audio")])
+    between, across = modeling.tower_contrast(feats, blank)
+    assert between < across / 10
 
 
 def test_import_mergelab_is_cheap_and_registers_on_first_auto_use() -> None:
