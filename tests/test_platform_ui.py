@@ -151,3 +151,43 @@ def test_mergelab_ui_prints_a_model_training_link_per_experiment(platform_store:
     assert f"ui-cmd: http://127.0.0.1:5077/#/experiments/{exp}?workflowType=machine_learning" in out.output
     assert "http://127.0.0.1:5077/#/experiments?workflowType=machine_learning" in out.output
     assert calls and "--port" in calls[0] and os.environ.get("MERGELAB_VERBOSE") == "1"  # -v: libraries' output
+
+
+def test_a_registered_text_lm_loads_with_mlflow_transformers_and_its_weights_stay_put(
+    platform_store: Store,
+) -> None:
+    import mlflow
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    client = platform_store.client()
+    run = client.create_run(platform_store.experiment_id("served", client))
+    uri = f"{run.info.artifact_uri}/merged"
+    folder = local_path(uri)
+    vocab = {"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate("the a cat dog sat on mat".split())}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="</s>",
+                                               pad_token="</s>")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    weights = {p.name: p.stat().st_ino for p in folder.glob("*.safetensors")}
+    mv = reg.register_run(client, "served", run.info.run_id, uri)
+    client.set_registered_model_alias("served", "champion", mv.version)
+    assert (folder / "MLmodel").is_file() and mv.source == uri
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    mlflow.set_tracking_uri(platform_store.tracking_uri)
+    mlflow.set_registry_uri(platform_store.tracking_uri)
+    try:
+        pipe = mlflow.transformers.load_model("models:/served@champion")
+        assert isinstance(pipe, transformers.TextGenerationPipeline)
+        assert pipe("the cat", max_new_tokens=2)[0]["generated_text"].startswith("the cat")
+        assert mlflow.artifacts.download_artifacts("models:/served@champion") == str(folder)  # no copy
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+    assert {p.name: p.stat().st_ino for p in folder.rglob("*.safetensors")} == weights  # stored once

@@ -68,7 +68,8 @@ def merge(config: Path, out: Path | None, overwrite: bool, device: str | None, r
         tracked = tracked_merge(recipe, out=out, overwrite=overwrite, progress=not quiet, run_name=config.stem,
                                 allow_base_mismatch=allow_base_mismatch, tasks=tasks)
         report = tracked.report
-        click.echo(f"MLflow run {tracked.run_id}: {run_link(tracked.run_id)}")
+        click.echo(f"MLflow run {tracked.run_id}")
+        click.echo(f"  in the UI: {run_link(tracked.run_id)}")
         if tracked.val is not None:
             scores = tracked.val.scores
             click.echo("val: " + ", ".join(f"{k} {v:.1f}" for k, v in scores.items())

@@ -46,7 +46,8 @@ def campaign_cmd(config: str, n_trials: int | None, dry_run: bool, fresh: bool) 
     except (ValueError, KeyError, FileNotFoundError) as e:
         _fail(e)
     click.echo(f"campaign {res.study_name}: {res.n_complete} complete, {res.n_failed} failed, "
-               f"{res.n_pruned} pruned; parent run {res.parent_run_id}: {run_link(res.parent_run_id)}")
+               f"{res.n_pruned} pruned; parent run {res.parent_run_id}")
+    click.echo(f"  in the UI: {run_link(res.parent_run_id)}")
     if res.best:
         values = ", ".join(f"{v:.2f}" for v in res.best["values"])
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.best["params"].items())

@@ -36,6 +36,7 @@ from mlflow.exceptions import MlflowException
 
 from mergelab.evaluators import EvalResult
 from mergelab.platform.evaluation import Evaluator, HFEvaluator, log_eval
+from mergelab.platform.mlmodel import write_mlmodel
 from mergelab.platform.promotion import (
     CHAMPION,
     decide,
@@ -126,6 +127,12 @@ def register_run(
     if score is not None:
         all_tags[SCORE_TAG] = repr(float(score))
         all_tags[DIRECTION_TAG] = direction
+    folder = local_path(source)
+    if folder is not None and folder.is_dir():
+        try:  # a real MLflow model where MLflow's flavour serves it (text LMs); the weights stay where they are
+            write_mlmodel(folder)
+        except OSError as e:
+            log.warning("%s: no MLmodel written (%s); the version loads with mergelab only", folder, e)
     return client.create_model_version(name, source=source, run_id=run_id, tags=all_tags,
                                        description=lineage(client, run_id))
 
