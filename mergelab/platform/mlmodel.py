@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
 import uuid
 from pathlib import Path
 
@@ -51,9 +50,8 @@ def write_mlmodel(model_dir: str | os.PathLike[str]) -> bool:
               "source_model_name": str(d), "framework": "pt", "model_binary": ".", "components": ["tokenizer"],
               "tokenizer_type": tokenizer, "tokenizer_name": str(d),
               "transformers_version": transformers.__version__}
-    mlmodel = {"artifact_path": d.name, "flavors": {"transformers": flavor},
-               "mlflow_version": mlflow.__version__, "model_uuid": uuid.uuid4().hex,
-               "utc_time_created": time.strftime("%Y-%m-%d %H:%M:%S.000000", time.gmtime()),
+    # No uuid or creation time: the file is a function of the directory, so its content hash stays reproducible.
+    mlmodel = {"artifact_path": d.name, "flavors": {"transformers": flavor}, "mlflow_version": mlflow.__version__,
                "metadata": {"mergelab": "zero-copy: model_binary is this directory"}}
     tmp = d / f".MLmodel.{uuid.uuid4().hex}"
     tmp.write_text(yaml.safe_dump(mlmodel, sort_keys=False))
