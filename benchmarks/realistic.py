@@ -27,8 +27,8 @@ indicative. Targets on CPU (printed PASS/FAIL): task_arithmetic and ties at most
 
 Usage::
 
-    python benchmarks/realistic.py                              # CPU defaults: a few minutes on 2 cores
-    python benchmarks/realistic.py --scale 1 --experts 5        # full size (about 2 GB per 1B model per copy)
+    python benchmarks/realistic.py                              # CPU defaults: 1 layer each, 1/4 vocabulary, N = 2
+    python benchmarks/realistic.py --scale 1 --vocab-scale 1 --experts 5 --big-layers 4   # full size (~2 GB/1B/copy)
     python benchmarks/realistic.py --device cuda --cross-check  # GPU: every method, GPU vs CPU relative error
 """
 
@@ -563,10 +563,10 @@ def print_targets(checks: list[tuple[str, bool, str]]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated, from {list(FAMILIES)}")
-    ap.add_argument("--scale", type=float, default=0.125, help="fraction of decoder and vision layers kept")
-    ap.add_argument("--experts", type=int, default=3, help="N: full experts and LoRA adapters per family")
+    ap.add_argument("--scale", type=float, default=0.04, help="fraction of decoder and vision layers kept")
+    ap.add_argument("--experts", type=int, default=2, help="N: full experts and LoRA adapters per family")
     ap.add_argument("--big-layers", type=int, default=1, help="decoder layers of the Qwen2-VL-7B subset")
-    ap.add_argument("--vocab-scale", type=float, default=1.0, help="fraction of the vocabulary kept (embeddings)")
+    ap.add_argument("--vocab-scale", type=float, default=0.25, help="fraction of the vocabulary kept (embeddings)")
     ap.add_argument("--device", default="cpu", help="mergelab's device (cpu, cuda, auto)")
     ap.add_argument("--threads", type=int, default=1, help="torch/OMP threads of every child (both tools)")
     ap.add_argument("--no-mergekit", action="store_true", help="skip mergekit")
