@@ -33,7 +33,7 @@ echo "== 1. CUDA tests"
 timeout 100 "$PY" -m pytest -q -x -m gpu tests/ -p no:cacheprovider || fail "pytest -m gpu (exit $?)"
 
 echo "== 2. GPU vs CPU, every method (device auto must merge on cuda)"
-timeout 200 "$PY" benchmarks/realistic.py --families internvl2_5_1b --scale 0.04 --experts 2 \
+timeout 200 "$PY" benchmarks/realistic.py --families internvl2_5_1b --scale 0.04 --vocab-scale 1 --experts 2 \
     --device auto --no-timings --cross-check --json-out "$OUT/realistic_gpu_cross.json" \
     | tee "$OUT/realistic_gpu_cross.txt" || fail "cross-check"
 "$PY" - "$OUT/realistic_gpu_cross.json" <<'EOF' || fail "device auto did not merge on the GPU, or GPU and CPU disagree"
@@ -52,7 +52,7 @@ EOF
 echo "== 3. timings on cuda"
 left=$(( 470 - (SECONDS - start) ))
 [ "$left" -gt 60 ] || fail "no time left for the timings ($left s)"
-timeout "$left" "$PY" benchmarks/realistic.py --families internvl2_5_1b,qwen2_vl_7b_subset --scale 1 \
+timeout "$left" "$PY" benchmarks/realistic.py --families internvl2_5_1b,qwen2_vl_7b_subset --scale 1 --vocab-scale 1 \
     --big-layers 4 --experts 5 --device cuda --threads 4 --no-mergekit --heavy optmerge_full,swudi,optmerge_lora \
     --json-out "$OUT/realistic_gpu.json" \
     | tee "$OUT/realistic_gpu.txt" || fail "timings (limit $left s)"
