@@ -115,7 +115,7 @@ def test_a_crash_after_registration_deletes_the_version_and_its_weights(platform
 
 
 def test_sigterm_at_random_points_of_merges_is_never_lost(tmp_path: Path, handlers: None) -> None:
-    """SIGTERM at 25 random moments of a merge (reader thread, method, writer, GC, finally blocks): every time it
+    """SIGTERM at 15 random moments of a merge (reader thread, method, writer, GC, finally blocks): every time it
     ends the merge with Terminated and no output, or, when it came after the last safe point, stays pending for the
     caller (the CLI acts on it before exiting). Raising from the handler lost about 2 in 7."""
     base, experts = make_expert_family(tmp_path / "zoo", n=2)
@@ -126,7 +126,7 @@ def test_sigterm_at_random_points_of_merges_is_never_lost(tmp_path: Path, handle
     took = time.perf_counter() - t0
     rng = random.Random(0)
     outcomes = {"stopped": 0, "pending": 0}
-    for i in range(25):
+    for i in range(15):
         out = tmp_path / f"m{i}"
         timer = threading.Timer(rng.uniform(0, took * 1.2), os.kill, (os.getpid(), signal.SIGTERM))
         timer.start()
@@ -142,7 +142,7 @@ def test_sigterm_at_random_points_of_merges_is_never_lost(tmp_path: Path, handle
             assert not out.exists() and not list(tmp_path.glob(f".m{i}.*")), f"try {i}: debris"
             outcomes["stopped"] += 1
         _signals.clear()
-    assert outcomes["stopped"] >= 5, outcomes
+    assert outcomes["stopped"] >= 3, outcomes
 
 
 def test_sigterm_at_random_points_of_tracked_merges_never_leaves_a_running_run(platform_store: Store,
@@ -289,3 +289,15 @@ def test_an_adapter_tensor_that_changes_nothing_is_an_error_naming_it(tmp_path: 
         merge(base=base, experts=[lora], method="task_arithmetic", policy="llama", device="cpu",
               out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_fault_matrix_case_kill9_one_worker(tmp_path: Path) -> None:
+    """The fast case of benchmarks/faults.py: a `mergelab worker`-like process SIGKILLed at a random moment of its
+    work, a fresh worker finishing the budget: every check of the matrix holds."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import faults
+
+    env = faults._env_for("sqlite", None, None, tmp_path, 0)
+    res = faults.campaign_case(tmp_path, env, 1, "kill9", random.Random(0))
+    assert all(v for v in res.values() if isinstance(v, bool)), res
+    assert res["n_complete"] == faults.BUDGET
