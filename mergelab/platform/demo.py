@@ -253,10 +253,14 @@ def run_setting(setting: str, *, zoo_dir: Path, data_dir: Path, store: Store, se
 
     if trials > 0:
         log(f"[{setting}] Optuna campaign over OptMerge with coefficients ({trials} trials, TPE, val only)")
-        enqueue = [{"lam": optmerge_lam}] if optmerge_lam is not None else []
+        default_lam = template.replace(params={"variant": setting}).hyperparameters.get("lam")
+        enqueue = [{"lam": optmerge_lam}] if optmerge_lam not in (None, default_lam) else []  # else trial 0 is it
         cfg = CampaignConfig.model_validate({
             **base_cfg, "params": {"variant": setting}, "search_space": OPTMERGE_SPACE,
             "coefficients": {"low": 0.5, "high": 1.5}, "enqueue": enqueue,
+            # TPE draws its first n_startup_trials (10 by default) at random: in an 8-trial campaign it would never
+            # model anything
+            "sampler": {"name": "tpe", "seed": seed, "options": {"n_startup_trials": 4}},
             "budget": {"n_trials": trials}, "registry": {"name": name, "register": "top_k", "top_k": 2}})
         before = _n_trials(cfg, store)
         camp = run_campaign(cfg, store=store, evaluator=evaluator, test_evaluator=whole_test)
