@@ -56,3 +56,22 @@ def test_a_merge_keeps_each_tower_bit_identical_to_its_owner(quick_run, tmp_path
         connector = [k for k in names if ".merger." in k or ".proj." in k or ".ln_post." in k]
         assert any(not torch.equal(owner[k], base[k]) for k in connector), m  # the expert trained its connector
     assert report is not None
+
+
+def test_a_full_ft_expert_changes_only_the_decoder_linears_and_its_connector(quick_run) -> None:
+    import re
+
+    from mergelab.bench.omni.build import OmniPlan, build_expert
+    from mergelab.bench.omni.train import FULL_TRAINABLE, connector_pattern
+
+    root = seed_dir(quick_run[0], 0)
+    build_expert(root, OmniPlan.quick(), 0, "full", "audio", device="cpu")
+    base = load_file(str(root / "base" / "model.safetensors"))
+    expert = load_file(str(root / "experts" / "full" / "audio" / "model.safetensors"))
+    changed = {k for k in base if not torch.equal(base[k], expert[k])}
+    allowed = re.compile(f"{FULL_TRAINABLE}|{connector_pattern('audio')}")
+    assert changed and all(allowed.fullmatch(k) for k in changed)
+    assert any(k.startswith("model.audio_tower.") for k in changed)
+    assert any(k.startswith("model.language_model.layers.") for k in changed)
+    stripped = load_file(str(root / "merge" / "full" / "audio" / "model.safetensors"))
+    assert not any(k.startswith(("model.visual.", "model.video_visual.")) for k in stripped)
