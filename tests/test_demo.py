@@ -40,7 +40,8 @@ def test_demo_end_to_end_on_tiny_zoo_then_again_idempotent(tmp_path: Path, tiny_
         for r in s.rows[:9]:
             assert math.isfinite(r["average"]) and 0.0 <= r["average"] <= 100.0
             assert all(math.isfinite(v) for v in r["scores"].values())
-        assert "optmerge" in format_rows(s.rows)
+        assert "optmerge" in format_rows(s.rows) and "items" in format_rows(s.rows).splitlines()[0]
+        assert all(r["items"] == 20 for r in s.rows[:7])  # 4 test items x 5 tasks, said on every row
         exp = client.get_experiment_by_name(s.experiment)
         assert exp is not None and s.experiment == f"mergelab-demo-{s.setting}-tiny"
         runs = client.search_runs([exp.experiment_id], max_results=500)

@@ -38,7 +38,9 @@ def demo(setting: str, seed: int, trials: int, limit: int, test_limit: int, quic
                    limit=val_limit, test_limit=t_limit, root=root, device=device, log=click.echo)  # fmt: skip
     for s in res.settings:
         click.echo("")
-        click.echo(f"test split ({'all' if t_limit is None else t_limit} items per task; tuned row: whole split), "
+        first = "all" if t_limit is None else t_limit
+        click.echo(f"test split (first {first} items per task; a promoted version's row: the whole split; "
+                   "items: each row's test items), "
                    f"{s.setting} experts, seed {seed}; merges at their val-selected lambda "
                    f"(MLflow experiment {s.experiment}):")
         click.echo(format_rows(s.rows))

@@ -118,12 +118,15 @@ def _ensure_zoo(zoo: Path, tiny: bool, seed: int, settings: Sequence[str], log: 
 def format_rows(rows: Sequence[dict[str, Any]], tasks: Sequence[str] = TASKS) -> str:
     """The paper's table layout: one row per model/merge, one column per task and the average (percent)."""
     head = f"{'model':<34}{'lam':>5} " + "".join(f"{t[:9]:>10}" for t in tasks) + f"{'avg':>8}"
+    if any(r.get("items") is not None for r in rows):
+        head += f"{'items':>8}"
     out = [head, "-" * len(head)]
     for r in rows:
         lam = r.get("lam")
         lam_s = "" if lam is None else f"{lam:.2f}"
         cells = "".join(f"{r['scores'].get(t, math.nan):>10.1f}" for t in tasks)
-        out.append(f"{r['name'][:34]:<34}{lam_s:>5} {cells}{r['average']:>8.1f}")
+        items = "" if r.get("items") is None else f"{r['items']:>8}"
+        out.append(f"{r['name'][:34]:<34}{lam_s:>5} {cells}{r['average']:>8.1f}{items}")
     return "\n".join(out)
 
 
@@ -134,11 +137,12 @@ def _finished_run(client: MlflowClient, exp_id: str, filt: str, metric: str) -> 
     return next((r for r in runs if metric in r.data.metrics), None)
 
 
-def _row(name: str, lam: float | None, metrics: dict[str, float], run_id: str | None,
+def _row(name: str, lam: float | None, metrics: dict[str, float], run_id: str | None, items: str | None = None,
          split: str = "test") -> dict[str, Any]:
+    """A table row; ``items``: how many test items its scores average over (the ``test.items`` tag)."""
     scores = {t: metrics.get(f"{split}/{t}", math.nan) for t in TASKS}
     return {"name": name, "lam": lam, "scores": scores, "average": metrics.get(f"{split}/average", math.nan),
-            "run_id": run_id}
+            "run_id": run_id, "items": int(items) if items else None}
 
 
 def _test_scores(client: MlflowClient, run_id: str, path: Path, test_eval: HFEvaluator) -> dict[str, float]:
@@ -204,7 +208,7 @@ def run_setting(setting: str, *, zoo_dir: Path, data_dir: Path, store: Store, se
         else:
             metrics = run.data.metrics
             out.skipped.append(f"reference {label}: run {run.info.run_id[:8]} reused")
-        out.rows.append(_row(label, None, metrics, run.info.run_id))
+        out.rows.append(_row(label, None, metrics, run.info.run_id, _items(client, run.info.run_id)))
 
     log(f"[{setting}] comparing {len(methods)} methods, lambda on val ({list(lam_grid)})")
     parent = client.create_run(exp_id, run_name=f"demo-comparison-{setting}-s{seed}",
@@ -228,7 +232,7 @@ def run_setting(setting: str, *, zoo_dir: Path, data_dir: Path, store: Store, se
             _, _, p, rid, uri = next(s for s in scored if s[0] == lam)
             client.set_tag(rid, "mergelab.selected", "val-selected lambda")
             metrics = _test_scores(client, rid, Path(_local(uri)), table_eval)
-            out.rows.append(_row(method, lam, metrics, rid))
+            out.rows.append(_row(method, lam, metrics, rid, _items(client, rid)))
             if method == "optmerge":
                 optmerge_lam = lam
             if best is None or avg > best[0]:
@@ -277,7 +281,7 @@ def run_setting(setting: str, *, zoo_dir: Path, data_dir: Path, store: Store, se
                 metrics = {k: float(v) for k, v in tags.items() if k.startswith("test/")}
                 hp = camp.best["params"] if camp.best else {}
                 out.rows.append(_row(f"optmerge tuned (trial {tags.get('trial', '?')}, whole test)",
-                                     hp.get("lam"), metrics, tags.get("run_id")))
+                                     hp.get("lam"), metrics, tags.get("run_id"), tags.get(TEST_ITEMS_TAG)))
     champ = current_champion(client, name)
     if champ is not None:
         t = client.get_model_version(name, champ).tags
@@ -286,6 +290,10 @@ def run_setting(setting: str, *, zoo_dir: Path, data_dir: Path, store: Store, se
     out.seconds = time.perf_counter() - t0
     log_metrics(client, pid, {"demo/seconds": out.seconds})
     return out
+
+
+def _items(client: MlflowClient, run_id: str) -> str | None:
+    return client.get_run(run_id).data.tags.get(TEST_ITEMS_TAG)
 
 
 def _local(uri: str) -> str:

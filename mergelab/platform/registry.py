@@ -501,3 +501,4 @@ def _log_test(client: MlflowClient, mv: ModelVersion, result: Any) -> None:
     if mv.run_id:
         with contextlib.suppress(MlflowException):
             log_eval(client, mv.run_id, result)
+            client.set_tag(mv.run_id, TEST_ITEMS_TAG, tags[TEST_ITEMS_TAG])  # the run's test/* now cover these
