@@ -1,5 +1,8 @@
 """Optuna campaigns over merges: one study, one MLflow parent run, one nested MLflow run per trial.
 
+The search space, start points and plan are in :mod:`mergelab.platform.campaign_space`. Over 500 lines because the
+study, its budget accounting, the trial loop, registration and the parent run's summary share one study's state.
+
 Design:
 
 * The study lives in Optuna's own RDB (``mlruns/optuna.db`` or ``MERGELAB_OPTUNA_STORAGE``), never in the MLflow
@@ -26,12 +29,10 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +41,24 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mergelab import _signals
-from mergelab.engine import ExpertSpec, MergeRecipe, run_merge
+from mergelab.engine import run_merge
 from mergelab.engine.loop import preflight
 from mergelab.evaluators import EvalResult
-from mergelab.methods import METHODS
 from mergelab.platform import registry as reg
-from mergelab.platform.campaign_config import CampaignConfig, ZooRef
+from mergelab.platform.campaign_config import CampaignConfig
+from mergelab.platform.campaign_space import (  # noqa: F401  (re-exported: callers import them from here)
+    NONE_DEFAULTS,
+    START_ATTR,
+    campaign_plan,
+    check_search_space,
+    make_pruner,
+    make_sampler,
+    recipe_template,
+    start_points,
+    suggest,
+    trial_recipe,
+    worker_salt,
+)
 from mergelab.platform.evaluation import Evaluator, HFEvaluator, log_eval
 from mergelab.platform.merge_run import discard_run, tracked_merge
 from mergelab.platform.store import (
@@ -69,11 +82,8 @@ SKIP_ATTR = "mergelab.skipped"
 SEARCH_ATTR = "mergelab.search"  # the study's objective and search space (a resume must match them)
 ERROR_ATTR = "mergelab.error"  # a trial that failed by its own error (counts against the budget; a lost one does not)
 RECIPE_ATTR = "mergelab.recipe"  # the trial's recipe digest
-START_ATTR = "mergelab.start"  # "defaults" or "enqueue[i]" on the enqueued start points
 DUPLICATE_ATTR = "mergelab.duplicate_of"  # a trial whose recipe a finished trial already merged
 
-#: What ``None`` means for a searched hyperparameter whose method default is None (to show it as a number).
-NONE_DEFAULTS: dict[str, Callable[[int], float]] = {"rank_ratio": lambda n_experts: 1.0 / n_experts}
 
 
 class OverBudget(RuntimeError):
@@ -99,201 +109,6 @@ class CampaignResult:
     n_pruned: int
     best: dict[str, Any] | None
     registered: list[tuple[str, str]]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Experts, samplers, pruners, search space
-# --------------------------------------------------------------------------------------------------------------
-
-
-def recipe_template(cfg: CampaignConfig, source: str = "campaign") -> tuple[MergeRecipe, dict[str, float]]:
-    """The campaign's recipe template (a zoo reference resolved) and the experts' own-task reference scores.
-
-    A zoo reference reads ``<zoo>/manifest.json`` written by :func:`mergelab.bench.zoo_build.build_zoo`: models are
-    ``manifest["models"]["seed<S>/<kind>/<task>"]`` with ``kind``, ``task``, ``seed`` and ``scores`` (``{"shifted":
-    {task: score}}``, the benchmark's own variant); the base is ``seed<S>/base``. The reference scores (for
-    ``val/normalized_average``) are the zoo's recorded own-task scores or the experts' ``score`` fields: a fixed
-    normaliser for display, never tuned on.
-
-    Raises:
-        ValueError: missing manifest, no experts of the requested kind/seed/tasks (naming the file), or a recipe
-            field that does not validate (``MergeConfigError``, naming it).
-    """
-    if not isinstance(cfg.experts, ZooRef):
-        if cfg.base is None:
-            raise ValueError(f"{source}: base: required when `experts` is a list of paths")
-        recipe = cfg.to_recipe(source)
-        scores = {r.name: float(e.score) for r, e in zip(recipe.experts, cfg.experts, strict=True)
-                  if e.score is not None}
-        return recipe, scores
-    z = cfg.experts
-    zoo = Path(z.zoo)
-    mf = zoo / "manifest.json"
-    try:
-        manifest = json.loads(mf.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{mf}: cannot read the zoo manifest ({e}); build it with `mergelab bench build`") from None
-    models = manifest.get("models") or {}
-    base_name = f"seed{z.seed}/base"
-    if cfg.base is None and base_name not in models:
-        raise ValueError(f"{mf}: no {base_name} in the zoo")
-    base = cfg.base or str(zoo / base_name)
-    wanted = list(z.tasks or cfg.eval.tasks)
-    experts, ref = [], {}
-    for task in wanted:
-        name = f"seed{z.seed}/{z.kind}/{task}"
-        entry = models.get(name)
-        if entry is None:
-            continue
-        experts.append(ExpertSpec(str(zoo / name), None, task))
-        own = ((entry.get("scores") or {}).get("shifted") or {}).get(task)
-        if isinstance(own, (int, float)):
-            ref[task] = float(own)
-    if not experts:
-        raise ValueError(f"{mf}: no seed{z.seed} {z.kind} experts for tasks {wanted}")
-    return cfg.to_recipe(source, base=base, experts=experts), ref
-
-
-def trial_recipe(template: MergeRecipe, params: Mapping[str, Any], coefs: Mapping[str, float]) -> MergeRecipe:
-    """The template with a trial's hyperparameters and per-expert coefficients (``coefs`` by expert name)."""
-    experts = tuple(dataclasses.replace(e, coefficient=coefs.get(e.name, e.coefficient)) for e in template.experts)
-    return template.replace(params=dict(params), experts=experts)
-
-
-def worker_salt() -> int:
-    """A seed offset distinct for every worker: its process and thread (threads of one process share a pid)."""
-    return (os.getpid() * 7919 + threading.get_native_id()) % 100_000
-
-
-def make_sampler(cfg: CampaignConfig, expert_names: list[str], salt: int = 0) -> optuna.samplers.BaseSampler:
-    """The configured sampler; ``salt`` offsets the seed so concurrent workers do not propose identical trials."""
-    s = cfg.sampler
-    seed = None if s.seed is None else s.seed + salt
-    opts = dict(s.options)
-    if s.name == "tpe":
-        opts.setdefault("multivariate", True)
-        return optuna.samplers.TPESampler(seed=seed, **opts)
-    if s.name == "random":
-        return optuna.samplers.RandomSampler(seed=seed, **opts)
-    if s.name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, **opts)
-    if s.name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, **opts)
-    if s.name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, **opts)
-    if s.name == "grid":
-        grid = {k: d.grid() for k, d in cfg.search_space.items()}
-        if cfg.coefficients is not None:
-            grid.update({f"coef.{n}": cfg.coefficients.grid() for n in expert_names})
-        return optuna.samplers.GridSampler(grid, seed=seed)
-    raise ValueError(f"sampler.name: unknown sampler {s.name!r}")  # pragma: no cover - pydantic guards
-
-
-def make_pruner(cfg: CampaignConfig) -> optuna.pruners.BasePruner:
-    """The configured pruner (``NopPruner`` when pruning is off)."""
-    p = cfg.pruning
-    if p.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
-    if p.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=len(cfg.eval.tasks))
-    if p.pruner == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
-    return optuna.pruners.NopPruner()
-
-
-def check_search_space(cfg: CampaignConfig) -> None:
-    """Refuse searched or fixed parameters that the method's config does not have (one line naming them)."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"method: unknown merge method {cfg.method!r}; known: {sorted(METHODS)}")
-    fields = set(getattr(METHODS[cfg.method].config_cls, "__dataclass_fields__", {}))
-    unknown = sorted((set(cfg.search_space) | set(cfg.params)) - fields)
-    if unknown:
-        raise ValueError(f"search_space/params: {unknown} are not hyperparameters of {cfg.method!r}; "
-                         f"known: {sorted(fields)}")
-    if cfg.coefficients is not None and "coefficients" not in fields:
-        raise ValueError(f"coefficients: method {cfg.method!r} takes no per-expert coefficients")
-
-
-def start_points(cfg: CampaignConfig, template: MergeRecipe, expert_names: list[str]) -> list[tuple[str, dict[str,
-                                                                                                            Any]]]:
-    """The trials a new study begins with, as ``[(label, Optuna params)]``: the method's defaults (every searched
-    hyperparameter at the value the template resolves it to, every coefficient 1: for OptMerge, the paper's
-    setting), then ``cfg.enqueue``'s points with the defaults filling what they leave out.
-
-    A campaign therefore never ends worse on val than the settings it started from. A default of ``None`` is
-    shown as the number it means (:data:`NONE_DEFAULTS`, e.g. ``rank_ratio = 1/N``); the defaults trial merges
-    with the ``None`` itself, so its recipe is exactly the default merge's.
-    """
-    hp = template.hyperparameters
-    defaults: dict[str, Any] = {}
-    for k in cfg.search_space:
-        v = hp.get(k)
-        if v is None and k in NONE_DEFAULTS:
-            v = NONE_DEFAULTS[k](len(expert_names))
-        if v is not None:
-            defaults[k] = v
-    if cfg.coefficients is not None:
-        defaults.update({f"coef.{n}": 1.0 for n in expert_names})
-    points = [("defaults", defaults)] if cfg.defaults_first else []
-    points += [(f"enqueue[{i}]", {**defaults, **p}) for i, p in enumerate(cfg.enqueue)]
-    if cfg.sampler.name == "grid":  # a grid sampler runs only grid points: the others are left out
-        grid = {k: d.grid() for k, d in cfg.search_space.items()}
-        if cfg.coefficients is not None:
-            grid.update({f"coef.{n}": cfg.coefficients.grid() for n in expert_names})
-        points = [(label, p) for label, p in points if all(v in grid.get(k, ()) for k, v in p.items())]
-    return points
-
-
-def campaign_plan(cfg: CampaignConfig) -> str:
-    """What ``mergelab campaign --dry-run`` prints: the validated template recipe and its digest, the search space,
-    the start points, the study, the budget and where results go. Reads the experts' files; writes nothing."""
-    check_search_space(cfg)
-    template, reference = recipe_template(cfg)
-    names = [e.name or "" for e in template.experts]
-    lines = [f"campaign {cfg.name}: study {cfg.study_name!r}, method {template.method_name}, "
-             f"{len(names)} experts {names}",
-             f"template hyperparameters: {json.dumps(template.hyperparameters, sort_keys=True, default=str)}",
-             f"template digest: {template.digest}",
-             "search space: " + json.dumps({k: d.model_dump(exclude_none=True) for k, d in cfg.search_space.items()})]
-    if cfg.coefficients is not None:
-        lines.append("coefficients: " + ", ".join(f"coef.{n}" for n in names) + " in "
-                     + json.dumps(cfg.coefficients.model_dump(exclude_none=True)))
-    for label, point in start_points(cfg, template, names):
-        lines.append(f"start point {label}: {json.dumps(point, default=str)}")
-    lines += [f"sampler {cfg.sampler.name} (seed {cfg.sampler.seed}), budget {cfg.budget.model_dump()}, "
-              f"objective {cfg.objective.metrics} on val "
-              f"({'all items' if cfg.eval.limit is None else f'{cfg.eval.limit} items'} per task of {cfg.eval.tasks})",
-              f"reference scores (val/normalized_average): {reference or 'none'}",
-              f"registry {cfg.registry.name}: register {cfg.registry.register_policy}, top_k {cfg.registry.top_k}; "
-              f"experiment {cfg.tracking.experiment!r}"]
-    return "\n".join(lines)
-
-
-def suggest(trial: optuna.Trial, cfg: CampaignConfig, expert_names: list[str]) -> tuple[dict[str, Any],
-                                                                                          dict[str, float]]:
-    """Sample the method's hyperparameters and the per-expert coefficients (``coef.<expert>``).
-
-    On the enqueued defaults trial a searched hyperparameter whose default is ``None`` stays ``None`` (its
-    :data:`NONE_DEFAULTS` number is only what Optuna records), so the merge is exactly the default one.
-    """
-    params = dict(cfg.params)
-    for name, d in cfg.search_space.items():
-        if d.type == "float":
-            params[name] = trial.suggest_float(name, d.low, d.high, log=d.log, step=d.step)
-        elif d.type == "int":
-            params[name] = trial.suggest_int(name, d.low, d.high, step=d.step, log=d.log)
-        else:
-            params[name] = trial.suggest_categorical(name, d.choices)
-    if trial.user_attrs.get(START_ATTR) == "defaults":
-        params = {k: v for k, v in params.items() if not (k in NONE_DEFAULTS and k not in cfg.params)}
-    coefs: dict[str, float] = {}
-    if cfg.coefficients is not None:
-        c = cfg.coefficients
-        for n in expert_names:
-            coefs[n] = trial.suggest_float(f"coef.{n}", c.low, c.high, log=c.log, step=c.step)
-        if trial.user_attrs.get(START_ATTR) == "defaults" and all(v == 1.0 for v in coefs.values()):
-            coefs = {}  # all ones merge like none at all; keeping the template's makes the digest the default's
-    return params, coefs
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ def _store(root: str | None):  # noqa: ANN202 - imported lazily to keep `mergela
               "retagged as superseded). Needed when the objective or search space changed.")
 def campaign_cmd(config: str, n_trials: int | None, dry_run: bool, fresh: bool) -> None:
     """Run (or resume) the Optuna campaign in CONFIG: one MLflow parent run, one nested run per trial."""
-    from mergelab.platform.campaign import campaign_plan, run_campaign
+    from mergelab.platform.campaign import run_campaign
+    from mergelab.platform.campaign_space import campaign_plan
     from mergelab.platform.campaign_config import load_campaign
     from mergelab.platform.ui import run_link
 
@@ -62,7 +63,7 @@ def campaign_cmd(config: str, n_trials: int | None, dry_run: bool, fresh: bool) 
 @click.option("--dry-run", is_flag=True, help="Validate CONFIG and print the plan; attach to nothing.")
 def worker_cmd(config: str, n_trials: int | None, dry_run: bool) -> None:
     """Attach to CONFIG's shared study and work trials until its budget is spent."""
-    from mergelab.platform.campaign import campaign_plan
+    from mergelab.platform.campaign_space import campaign_plan
     from mergelab.platform.campaign_config import load_campaign
     from mergelab.platform.worker import run_worker
 

@@ -40,7 +40,8 @@ from mergelab.bench.zoo_table import choose_lam, lam_candidates
 from mergelab.engine import MergeRecipe
 from mergelab.methods import METHODS
 from mergelab.methods.base import LAM_GRID
-from mergelab.platform.campaign import recipe_template, run_campaign
+from mergelab.platform.campaign import run_campaign
+from mergelab.platform.campaign_space import recipe_template
 from mergelab.platform.campaign_config import CampaignConfig
 from mergelab.platform.evaluation import HFEvaluator, log_eval
 from mergelab.platform.merge_run import tracked_merge
