@@ -60,9 +60,9 @@ class Expert:
             return n
         assert self.full is not None
         t = self.full.view(name)
-        if slot.device == t.device:
-            torch.sub(t, base_c, out=slot)  # one fused pass: read, convert, subtract
-        else:
+        if slot.device == t.device and slot.dtype == t.dtype:
+            torch.sub(t, base_c, out=slot)  # one fused pass: read and subtract
+        else:  # convert into the slot first: a mixed-dtype sub would allocate a converted copy of the whole tensor
             slot.copy_(t)
             slot.sub_(base_c)
         return t.numel() * t.element_size()
