@@ -136,7 +136,7 @@ def worker_main(config: str, delay: str) -> int:
 def promote_main(name: str, delay: str) -> int:
     """A promotion process with the slow evaluator."""
     from mergelab import _signals
-    from mergelab.platform.registry import promote
+    from mergelab.platform.promotion import promote
 
     _signals.install()
     try:

@@ -11,6 +11,7 @@ import optuna
 import pytest
 from conftest_platform import WeightEvaluator, make_expert_family
 
+from mergelab.platform import promotion
 from mergelab.platform import registry as reg
 from mergelab.platform.campaign import RUN_ATTR, SKIP_ATTR, run_campaign
 from mergelab.platform.campaign_config import CampaignConfig, load_campaign
@@ -264,7 +265,7 @@ def test_campaign_end_to_end_on_the_tiny_zoo_then_promote_and_load_champion(plat
     assert len(table["data"]) == 12
     from mergelab.platform.evaluation import HFEvaluator
 
-    d = reg.promote("e2e", campaign="e2e", store=platform_store,
+    d = promotion.promote("e2e", campaign="e2e", store=platform_store,
                     evaluator=HFEvaluator(data_root=str(tmp_path / "data"), limit=6, batch_size=6, device="cpu"))
     assert d.decision == "champion" and set(d.candidate_scores) == set(tasks)
     test_table = json.loads((local_path(run.info.artifact_uri) / "predictions" / "test.json").read_text())

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest_platform import TableEvaluator
 
+from mergelab.platform import promotion
 from mergelab.platform import registry as reg
 from mergelab.platform.store import TAG_WEIGHTS, Store, local_path
 
@@ -60,15 +61,15 @@ def test_promotion_moves_champion_only_on_a_real_win(platform_store: Store) -> N
     ev = TableEvaluator(table)
     kw = dict(margin=0.5, max_task_drop=2.0, evaluator=ev, store=platform_store)  # no records: zero-width interval
 
-    d1 = reg.promote("p", version=versions[0], **kw)
+    d1 = promotion.promote("p", version=versions[0], **kw)
     assert d1.decision == "champion" and d1.champion is None
-    d2 = reg.promote("p", version=versions[1], **kw)  # +0.2 on average: below the margin
+    d2 = promotion.promote("p", version=versions[1], **kw)  # +0.2 on average: below the margin
     assert d2.decision == "challenger" and d2.delta == pytest.approx(0.2) and "margin" in d2.reason
-    d3 = reg.promote("p", version=versions[2], **kw)  # +2.5 on average but OCR drops 5 points
+    d3 = promotion.promote("p", version=versions[2], **kw)  # +2.5 on average but OCR drops 5 points
     assert d3.decision == "challenger" and d3.worst_task == "ocr" and d3.worst_drop == pytest.approx(5.0)
     assert str(client.get_model_version_by_alias("p", "champion").version) == versions[0]
     assert str(client.get_model_version_by_alias("p", "challenger").version) == versions[2]
-    d4 = reg.promote("p", version=versions[3], **kw)  # +1.0, worst drop 1.0: a real win
+    d4 = promotion.promote("p", version=versions[3], **kw)  # +1.0, worst drop 1.0: a real win
     assert d4.decision == "champion" and d4.promoted and d4.champion == versions[0]
     assert str(client.get_model_version_by_alias("p", "champion").version) == versions[3]
     tags = client.get_model_version("p", versions[3]).tags
@@ -77,9 +78,9 @@ def test_promotion_moves_champion_only_on_a_real_win(platform_store: Store) -> N
     assert client.get_model_version("p", versions[0]).tags["promotion.replaced_by"] == versions[3]
     assert client.get_model_version("p", versions[1]).tags["promotion.decision"] == "challenger"
     assert {split for _, split in ev.calls} == {"test"}  # promotion evaluates on TEST only
-    assert reg.promote("p", version=versions[3], **kw).decision == "already_champion"
+    assert promotion.promote("p", version=versions[3], **kw).decision == "already_champion"
     with pytest.raises(ValueError, match="has no version 99"):
-        reg.promote("p", version=99, **kw)
+        promotion.promote("p", version=99, **kw)
 
 
 def test_models_champion_loads_into_a_working_model(platform_store: Store) -> None:
@@ -172,11 +173,11 @@ def test_promotion_needs_a_gain_whose_paired_interval_excludes_zero(platform_sto
         table[rid] = items
         versions.append(str(reg.register_run(client, "boot", rid, uri, tags={"eval.tasks": '["vqa", "ocr"]'}).version))
     ev = _ItemEvaluator(table)
-    assert reg.promote("boot", version=versions[0], evaluator=ev, store=platform_store).decision == "champion"
-    small = reg.promote("boot", version=versions[1], evaluator=ev, store=platform_store)
+    assert promotion.promote("boot", version=versions[0], evaluator=ev, store=platform_store).decision == "champion"
+    small = promotion.promote("boot", version=versions[1], evaluator=ev, store=platform_store)
     assert small.decision == "challenger" and small.delta == pytest.approx(2.0)
     assert small.ci_low < 0 < small.ci_high and "does not clear the margin" in small.reason
-    big = reg.promote("boot", version=versions[2], evaluator=ev, store=platform_store)
+    big = promotion.promote("boot", version=versions[2], evaluator=ev, store=platform_store)
     assert big.decision == "champion" and big.ci_low > 0 and big.delta == pytest.approx(25.0)
     assert big.test_items == 200
     cand, champ = (client.get_model_version("boot", v).tags for v in (versions[2], versions[0]))
@@ -202,7 +203,7 @@ def test_alias_history_and_rollback_restore_the_previous_champion(platform_store
         versions.append(str(reg.register_run(client, "hist", rid, uri, tags={"eval.tasks": '["vqa", "ocr"]'}).version))
     ev = TableEvaluator(table)
     for v in versions:
-        assert reg.promote("hist", version=v, evaluator=ev, store=platform_store).decision == "champion"
+        assert promotion.promote("hist", version=v, evaluator=ev, store=platform_store).decision == "champion"
     history = champion_history(client, "hist")
     assert [(e["version"], e["previous"], e["action"]) for e in history] == [
         (versions[0], None, "promote"), (versions[1], versions[0], "promote"), (versions[2], versions[1], "promote")]

@@ -9,8 +9,8 @@ import math
 import pytest
 from conftest_platform import TableEvaluator
 
+from mergelab.platform import promotion, ui
 from mergelab.platform import registry as reg
-from mergelab.platform import ui
 from mergelab.platform.promotion import TAG_CHAMPION_RUN, rollback
 from mergelab.platform.store import EXPERIMENT_KIND, TAG_DESCRIPTION, TAG_EXPERIMENT_KIND, Store, local_path
 
@@ -87,10 +87,10 @@ def test_the_champion_is_visible_on_its_run_and_the_registered_model(platform_st
     table: dict = {}
     v1, v2 = _version(platform_store, "vis", table), _version(platform_store, "vis", table)
     ev = TableEvaluator(table)
-    reg.promote("vis", version=v1, evaluator=ev, store=platform_store)
+    promotion.promote("vis", version=v1, evaluator=ev, store=platform_store)
     run1, run2 = (client.get_model_version("vis", v).run_id for v in (v1, v2))
     assert client.get_run(run1).data.tags[TAG_CHAMPION_RUN] == "true"
-    assert reg.promote("vis", version=v2, evaluator=ev, store=platform_store).decision == "champion"
+    assert promotion.promote("vis", version=v2, evaluator=ev, store=platform_store).decision == "champion"
     assert TAG_CHAMPION_RUN not in client.get_run(run1).data.tags  # the tag moved with the alias
     assert client.get_run(run2).data.tags[TAG_CHAMPION_RUN] == "true"
     desc = client.get_registered_model("vis").description

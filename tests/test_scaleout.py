@@ -380,6 +380,7 @@ def test_two_workers_share_one_campaign(
     import optuna
     from mlflow.tracking import MlflowClient
 
+    from mergelab.platform import promotion
     from mergelab.platform import registry as reg
     from mergelab.platform.evaluation import HFEvaluator
     from mergelab.platform.store import Store, local_path
@@ -494,7 +495,7 @@ def test_two_workers_share_one_campaign(
     # Promote the campaign's best, then every alias must point at an existing version with its weights.
     store = Store.resolve(tmp_path / "unused", tracking_uri=mlflow_server.uri, optuna_storage=optuna_url)
     evaluator = HFEvaluator(data_root=str(data), batch_size=8, limit=8, device="cpu")
-    decision = reg.promote(name, campaign=name, evaluator=evaluator, store=store)
+    decision = promotion.promote(name, campaign=name, evaluator=evaluator, store=store)
     assert decision.decision == "champion"
     model = client.get_registered_model(name)
     assert set(model.aliases) >= {"champion"}

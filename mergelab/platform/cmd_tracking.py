@@ -33,8 +33,8 @@ def _store(root: str | None):  # noqa: ANN202 - imported lazily to keep `mergela
 def campaign_cmd(config: str, n_trials: int | None, dry_run: bool, fresh: bool) -> None:
     """Run (or resume) the Optuna campaign in CONFIG: one MLflow parent run, one nested run per trial."""
     from mergelab.platform.campaign import run_campaign
-    from mergelab.platform.campaign_space import campaign_plan
     from mergelab.platform.campaign_config import load_campaign
+    from mergelab.platform.campaign_space import campaign_plan
     from mergelab.platform.ui import run_link
 
     try:
@@ -63,8 +63,8 @@ def campaign_cmd(config: str, n_trials: int | None, dry_run: bool, fresh: bool) 
 @click.option("--dry-run", is_flag=True, help="Validate CONFIG and print the plan; attach to nothing.")
 def worker_cmd(config: str, n_trials: int | None, dry_run: bool) -> None:
     """Attach to CONFIG's shared study and work trials until its budget is spent."""
-    from mergelab.platform.campaign_space import campaign_plan
     from mergelab.platform.campaign_config import load_campaign
+    from mergelab.platform.campaign_space import campaign_plan
     from mergelab.platform.worker import run_worker
 
     try:
@@ -95,7 +95,7 @@ def promote_cmd(name: str, version: str | None, campaign: str | None, margin: fl
                 tasks: str | None, data_root: str | None, batch_size: int, device: str, root: str | None) -> None:
     """Evaluate a candidate of NAME on the test split; move `champion` only on a real win, else `challenger`."""
     from mergelab.platform.evaluation import HFEvaluator
-    from mergelab.platform.registry import promote
+    from mergelab.platform.promotion import promote
     from mergelab.platform.ui import model_url, ui_base
 
     try:

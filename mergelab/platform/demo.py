@@ -12,7 +12,7 @@ For each setting (full fine-tuning, then LoRA), in its own MLflow experiment (``
 5. an Optuna campaign over OptMerge (rank ratio, steps, lr, lambda, init and one coefficient per expert), starting
    from the paper's OptMerge and from OptMerge at its val-selected lambda, top-k registered;
 6. its best version is promoted only if it beats the champion on the whole test split (paired bootstrap,
-   :func:`mergelab.platform.registry.promote`).
+   :func:`mergelab.platform.promotion.promote`).
 
 Re-running is idempotent: a merge whose recipe digest already has a finished run in the experiment is not merged
 again (its numbers are reused), reference runs are reused, the campaign resumes (and runs nothing once its budget
@@ -41,12 +41,12 @@ from mergelab.engine import MergeRecipe
 from mergelab.methods import METHODS
 from mergelab.methods.base import LAM_GRID
 from mergelab.platform.campaign import run_campaign
-from mergelab.platform.campaign_space import recipe_template
 from mergelab.platform.campaign_config import CampaignConfig
+from mergelab.platform.campaign_space import recipe_template
 from mergelab.platform.evaluation import HFEvaluator, log_eval
 from mergelab.platform.merge_run import tracked_merge
-from mergelab.platform.promotion import current_champion
-from mergelab.platform.registry import TEST_ITEMS_TAG, promote, register_run
+from mergelab.platform.promotion import current_champion, promote
+from mergelab.platform.registry import TEST_ITEMS_TAG, register_run
 from mergelab.platform.store import TAG_CAMPAIGN, TAG_RECIPE, TAG_ROLE, Store, end_status, log_metrics
 from mergelab.platform.ui import log_comparison
 

@@ -1,5 +1,5 @@
-"""Promotion's statistics and the champion's history: the paired bootstrap of a test-average gain, the decision
-rule, the alias history kept on the registered model, and rollback.
+"""Promotion: a candidate against the champion on the whole test split (:func:`promote`), the paired bootstrap of
+the test-average gain, the decision rule, the alias history kept on the registered model, and rollback.
 
 The decision (:func:`decide`): the candidate and the champion are scored on the same test items in the same
 process; the gain is the difference of their test averages (the unweighted mean over tasks, in points), and its
@@ -25,7 +25,20 @@ from typing import Any
 
 import numpy as np
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+
+from mergelab.evaluators import EvalResult
+from mergelab.platform.evaluation import Evaluator, HFEvaluator, log_eval
+from mergelab.platform.registry import (
+    CHALLENGER,
+    TEST_ITEMS_TAG,
+    aliases_of,
+    campaign_versions,
+    ranked,
+    resolve_model_dir,
+)
+from mergelab.platform.store import Store, metric_name
 
 CHAMPION = "champion"
 HISTORY_PREFIX = "champion.history."
@@ -228,3 +241,194 @@ def history_rows(client: MlflowClient, name: str) -> list[str]:
 def finite(x: float) -> str:
     """A number for a tag (``""`` for NaN)."""
     return "" if math.isnan(x) else f"{x:.4f}"
+
+
+@dataclasses.dataclass
+class PromotionDecision:
+    """The outcome of :func:`promote`.
+
+    Attributes:
+        name: registered model.
+        candidate: candidate version.
+        champion: previous champion version (``None`` if there was none).
+        decision: ``"champion"`` (alias moved), ``"challenger"``, or ``"already_champion"``.
+        candidate_scores, champion_scores: per-task TEST scores.
+        delta: candidate average minus champion average (points).
+        worst_drop: the largest per-task drop from champion to candidate (points), with ``worst_task``.
+        reason: one line explaining the decision (with the gain and its interval).
+        ci_low, ci_high: the gain's 95% paired-bootstrap interval (NaN without a champion to compare with).
+        test_items: test items the candidate was scored on.
+    """
+
+    name: str
+    candidate: str
+    champion: str | None
+    decision: str
+    candidate_scores: dict[str, float]
+    champion_scores: dict[str, float]
+    delta: float
+    worst_drop: float
+    worst_task: str | None
+    reason: str
+    ci_low: float = math.nan
+    ci_high: float = math.nan
+    test_items: int = 0
+
+    @property
+    def promoted(self) -> bool:
+        """True when the candidate now holds ``champion``."""
+        return self.decision in ("champion", "already_champion")
+
+
+def _candidate(client: MlflowClient, name: str, version: str | int | None, campaign: str | None) -> ModelVersion:
+    if version is not None:
+        try:
+            return client.get_model_version(name, str(version))
+        except MlflowException as e:
+            raise ValueError(f"registered model {name!r} has no version {version}") from e
+    versions = campaign_versions(client, name, campaign)
+    if not versions:
+        raise ValueError(f"registered model {name!r} has no versions" + (f" from campaign {campaign!r}" if campaign
+                                                                       else ""))
+    if campaign is not None:
+        return ranked(versions)[0]
+    return versions[0]
+
+
+def _tasks_of(mv: ModelVersion) -> list[str] | None:
+    raw = mv.tags.get("eval.tasks")
+    return list(json.loads(raw)) if raw else None
+
+
+def _evaluate_version(store: Store, mv: ModelVersion, tasks: Sequence[str], evaluator: Evaluator) -> EvalResult:
+    path = resolve_model_dir(store, f"models:/{mv.name}/{mv.version}")
+    return evaluator(path, list(tasks), "test", None)
+
+
+def promote(
+    name: str,
+    *,
+    version: str | int | None = None,
+    campaign: str | None = None,
+    margin: float = 0.0,
+    max_task_drop: float | None = 2.0,
+    tasks: Sequence[str] | None = None,
+    evaluator: Evaluator | None = None,
+    store: Store | None = None,
+) -> PromotionDecision:
+    """Evaluate a candidate version and the champion on the whole TEST split; move ``champion`` only on a real win.
+
+    Both are evaluated here, in this process, on the same items (an :class:`HFEvaluator` with a ``limit`` is run
+    without it). The gain's 95% interval is a paired bootstrap over the items
+    (:func:`mergelab.platform.promotion.paired_bootstrap`); ``champion`` moves only when the interval's lower end
+    is above ``margin`` and no task drops by more than ``max_task_drop``, else the candidate becomes
+    ``challenger``. Both versions get their ``test/*`` tags with ``test.items``, and the decision with its numbers
+    (``promotion.*`` on the candidate, ``promotion.defended.*`` on the champion); a change of champion is
+    appended to the model's alias history (:func:`mergelab.platform.promotion.rollback` undoes it).
+
+    Args:
+        name: registered model name.
+        version: the candidate version; default: the best version of ``campaign`` by its val objective, or the
+            newest version when no campaign is given.
+        campaign: pick the candidate among this campaign's versions.
+        margin: the lower end of the gain's 95% interval must exceed this many points (0: it excludes 0).
+        max_task_drop: no task may drop by more than this many points versus the champion (None: no limit).
+        tasks: evaluation tasks (default: the candidate's ``eval.tasks`` tag).
+        evaluator: ``evaluator(model_dir, tasks, "test", None)`` (default :class:`HFEvaluator`, whole split).
+        store: the store.
+
+    Returns:
+        The :class:`PromotionDecision`.
+
+    Raises:
+        ValueError: unknown model/version, or no tasks to evaluate on.
+    """
+    store = store or Store.resolve()
+    client = store.client()
+    evaluator = evaluator or HFEvaluator()
+    if isinstance(evaluator, HFEvaluator) and evaluator.limit is not None:
+        evaluator = dataclasses.replace(evaluator, limit=None)  # promotion always sees the whole test split
+    cand = _candidate(client, name, version, campaign)
+    tasks = list(tasks or _tasks_of(cand) or [])
+    if not tasks:
+        raise ValueError(f"{name} v{cand.version}: no evaluation tasks (pass tasks=... / --tasks)")
+    try:
+        champ: ModelVersion | None = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champ = None
+
+    cand_eval = _evaluate_version(store, cand, tasks, evaluator)
+    _log_test(client, cand, cand_eval)
+    champ_scores: dict[str, float] = {}
+    gain = None
+    if champ is not None and champ.version == cand.version:
+        decision, reason = "already_champion", f"v{cand.version} already holds {CHAMPION}"
+        champ_scores = dict(cand_eval.scores)
+    elif champ is None:
+        decision, reason = "champion", f"no {CHAMPION} yet: v{cand.version} becomes {CHAMPION}"
+    else:
+        champ_eval = _evaluate_version(store, champ, tasks, evaluator)
+        _log_test(client, champ, champ_eval)
+        champ_scores = dict(champ_eval.scores)
+        gain = paired_bootstrap(cand_eval, champ_eval, tasks)
+        won, reason = decide(gain, margin=margin, max_task_drop=max_task_drop)
+        decision = "champion" if won else "challenger"
+    drops = {t: champ_scores[t] - cand_eval.scores.get(t, -math.inf) for t in champ_scores}
+    worst_task = max(drops, key=lambda t: drops[t]) if drops and gain is not None else None
+    worst_drop = drops[worst_task] if worst_task else 0.0
+    delta = gain.delta if gain is not None else (0.0 if decision == "already_champion" else math.nan)
+
+    if decision == "champion":
+        client.set_registered_model_alias(name, CHAMPION, cand.version)
+        if aliases_of(client, name).get(CHALLENGER) == str(cand.version):
+            client.delete_registered_model_alias(name, CHALLENGER)
+        if champ is not None:
+            client.set_model_version_tag(name, champ.version, "promotion.replaced_by", str(cand.version))
+        record_champion(client, name, str(cand.version), str(champ.version) if champ is not None else None,
+                        "promote", reason)
+        mark_champion(client, name, str(cand.version), str(champ.version) if champ is not None else None,
+                      "promote", reason)
+    elif decision == "challenger":
+        client.set_registered_model_alias(name, CHALLENGER, cand.version)
+
+    stamp = str(int(time.time()))
+    tags = {"promotion.decision": decision, "promotion.reason": reason, "promotion.time": stamp,
+            "promotion.margin": str(margin), "promotion.max_task_drop": str(max_task_drop),
+            "promotion.champion_version": str(champ.version) if champ is not None else "",
+            "promotion.delta": finite(delta), "promotion.worst_drop": f"{worst_drop:.4f}",
+            "promotion.worst_task": worst_task or "", "promotion.tasks": json.dumps(tasks),
+            "promotion.champion_test_average": (f"{sum(champ_scores.values()) / len(champ_scores):.4f}"
+                                                if champ_scores else "")}
+    if gain is not None:
+        tags.update({"promotion.ci_low": f"{gain.ci_low:.4f}", "promotion.ci_high": f"{gain.ci_high:.4f}",
+                     "promotion.paired_items": str(gain.n_items)})
+    tags.update({f"promotion.champion_test/{metric_name(t)}": f"{s:.4f}" for t, s in champ_scores.items()})
+    for k, v in tags.items():
+        client.set_model_version_tag(name, cand.version, k, v)
+    if champ is not None and champ.version != cand.version:  # the decision, seen from the champion's side
+        defended = {"promotion.defended.by": str(cand.version), "promotion.defended.decision": decision,
+                    "promotion.defended.reason": reason, "promotion.defended.time": stamp,
+                    "promotion.defended.delta": finite(delta)}
+        for k, v in defended.items():
+            client.set_model_version_tag(name, champ.version, k, v)
+    return PromotionDecision(name=name, candidate=str(cand.version),
+                             champion=str(champ.version) if champ is not None else None, decision=decision,
+                             candidate_scores=dict(cand_eval.scores), champion_scores=champ_scores, delta=delta,
+                             worst_drop=worst_drop, worst_task=worst_task, reason=reason,
+                             ci_low=gain.ci_low if gain is not None else math.nan,
+                             ci_high=gain.ci_high if gain is not None else math.nan,
+                             test_items=len(cand_eval.records))
+
+
+def _log_test(client: MlflowClient, mv: ModelVersion, result: Any) -> None:
+    """A version's whole-split test scores: ``test/*`` and ``test.items`` on the version, metrics on its run."""
+    tags = {f"test/{metric_name(t)}": f"{s:.4f}" for t, s in result.scores.items()}
+    tags["test/average"] = f"{result.average:.4f}"
+    tags[TEST_ITEMS_TAG] = str(len(result.records))
+    for k, v in tags.items():
+        client.set_model_version_tag(mv.name, mv.version, k, v)
+    if mv.run_id:
+        with contextlib.suppress(MlflowException):
+            log_eval(client, mv.run_id, result)
+            client.set_tag(mv.run_id, TEST_ITEMS_TAG, tags[TEST_ITEMS_TAG])  # the run's test/* now cover these
+
