@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from conftest_platform import WeightEvaluator, make_expert_family
 
-from mergelab.platform.merge_run import tracked_merge
 from mergelab._files import content_hash
 from mergelab.engine import MergeRecipe
+from mergelab.platform.merge_run import tracked_merge
 from mergelab.platform.store import Store, local_path
 
 
