@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergelab.bench.omni.factors import OPTMERGE_FACTOR_PARAMS, factor_delta, factor_params, merge_factors
+from mergelab.engine.factors import OPTMERGE_FACTOR_PARAMS, factor_delta, factor_params, merge_factors
 from mergelab.methods import METHODS
 
 

@@ -1,4 +1,4 @@
-"""LoRA factor merging, as the official modality-merging script does it (pure tensors; the engine's second mode).
+"""LoRA factor merging, as the official modality-merging script does it (pure tensors; ``lora_merge: factors``).
 
 The ModelCompose merge script (OptMerge paper, section 5.1) merges LoRA experts on their **raw factors**: for each
 adapted linear layer the stack of ``lora_A`` matrices ``(r, d_in)`` and the stack of ``lora_B`` matrices
@@ -11,8 +11,8 @@ mode's ``sum B_i A_i``. The script's OptMerge is the ``lora`` variant with k = m
 
 :func:`merge_factors` does this for whole adapters (``{module: (A stack, B stack)}``) with any method of
 :data:`mergelab.methods.METHODS`, global statistics (TIES' global top-k) included, and returns the merged factors;
-:func:`factor_delta` turns them into weight deltas. What the engine still needs for this mode is described in
-``docs/omni.md``.
+:func:`factor_delta` turns them into weight deltas. The engine runs this for a recipe with ``lora_merge:
+factors`` (:func:`mergelab.engine.loop.run_merge`); the omni benchmark (``mergelab/bench/omni``) is its first user.
 """
 
 from __future__ import annotations
