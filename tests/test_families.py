@@ -114,7 +114,7 @@ def test_policy_rules_keep_the_paper_presets() -> None:
         (r"model\.multi_modal_projector\..*", "base"),
     )
     assert FAMILIES["llama"].policy_rules() == ()
-    assert list(policy.PRESETS) == ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl2_5", "llava", "llama"]
+    assert list(policy.PRESETS) == ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl2_5", "llava", "llama", "omni_thinker"]
     shared = [r.pattern for r in policy.PRESETS["llama"].rules]
     assert shared == [r".*embed_tokens.*", r".*lm_head.*", r".*norm.*", r".*bias.*"]
     for name, preset in policy.PRESETS.items():

@@ -215,8 +215,11 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
             t = e.full.view(it.name)
             return Loaded(it, t, None, t.numel() * t.element_size())
         b = base_reader.view(it.name)
+        if it.rule == "owner" and it.owner >= 0:
+            t, n = ex[it.owner].value(it.name, b, dev, cdtype)
+            return Loaded(it, t, None, n)
         nbytes = b.numel() * b.element_size()
-        if it.rule == "base":
+        if it.rule in ("base", "owner"):
             return Loaded(it, b, None, nbytes)
         b_dev = b.to(dev)
         b_c = b_dev.to(cdtype)
@@ -235,7 +238,7 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
 
     def cost(it: PlanItem) -> int:  # bytes a loaded item holds: base (+ N task vectors in the compute dtype)
         n = math.prod(it.shape)
-        if it.rule in ("base", "carry"):
+        if it.rule in ("base", "carry", "owner"):
             return n * it.out_dtype.itemsize
         return n * cdtype.itemsize * (len(ex) + 1)
 
@@ -257,6 +260,8 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
                 _signals.check()  # a safe point: between tensors
                 t0 = time.perf_counter()
                 rec, value = _merge_one(ld, spec, cfg, lam, stats, seed, cdtype, dev, len(ex))
+                if ld.item.rule in ("owner", "carry") and ld.item.owner >= 0:
+                    rec.owner = ex[ld.item.owner].name
                 writer.write(ld.item.name, value)
                 del value  # before the reader, released by the next step, allocates the next tensor
                 rec.seconds = time.perf_counter() - t0
@@ -354,7 +359,7 @@ def _merge_one(
 ) -> tuple[TensorRecord, torch.Tensor]:
     it = ld.item
     rec = TensorRecord(it.name, it.rule, it.shape)
-    if it.rule in ("base", "carry") or ld.deltas is None:
+    if it.rule in ("base", "carry", "owner") or ld.deltas is None:
         if ld.zero:
             rec.rule = "zero"
             rec.expert_norms = [0.0] * n_experts

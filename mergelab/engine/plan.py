@@ -1,8 +1,8 @@
 """The merge plan: the experts as task-vector sources, key and shape checks, and one planned action per tensor.
 
 :func:`make_plan` walks the base checkpoint's tensors and asks the merge policy what to do with each (``base``:
-keep it, ``merge``: hand it to the method, ``average``: the mean task vector, ``carry``: take it from the one expert
-that has it); integer tensors are always kept, and matrix-only methods get only 2-D weights (other tensors are
+keep it, ``merge``: hand it to the method, ``average``: the mean task vector, ``owner``: take it from the one expert
+that changes it, ``carry``: take it from the one expert that has it); integer tensors are always kept, and matrix-only methods get only 2-D weights (other tensors are
 averaged, as the official scripts do). :func:`check_lineage` refuses experts fine-tuned from another base, and
 :func:`account` proves that no tensor of the base or of an expert is dropped silently.
 """
@@ -67,6 +67,35 @@ class Expert:
             slot.sub_(base_c)
         return t.numel() * t.element_size()
 
+    def changes(self, name: str, base: torch.Tensor) -> bool:
+        """Whether this expert's value of base tensor ``name`` differs from ``base`` (exact comparison; a LoRA
+        adapter changes the tensors its factors target and its ``modules_to_save`` values that differ)."""
+        if self.lora is not None:
+            if name not in self.lora.touched():
+                return False
+            if self.lora.factor_keys(name) == [self.lora.full.get(name)]:  # a saved full value only
+                return not torch.equal(self.lora.reader.get(self.lora.full[name]).to(base.dtype), base)
+            return True
+        assert self.full is not None
+        return not torch.equal(self.full.view(name).to(base.dtype), base)
+
+    def value(self, name: str, base: torch.Tensor, device: torch.device, cdtype: torch.dtype) -> tuple[torch.Tensor, int]:
+        """This expert's value of base tensor ``name`` (stored bit for bit where it is stored; a LoRA factor
+        update as ``base + delta`` in the compute dtype) and the bytes read."""
+        if self.full is not None:
+            t = self.full.view(name)
+            return t, t.numel() * t.element_size()
+        assert self.lora is not None
+        if self.lora.factor_keys(name) == [self.lora.full.get(name)]:
+            t = self.lora.reader.get(self.lora.full[name])
+            if tuple(t.shape) != tuple(base.shape):
+                raise MergeError(f"{self.path}: tensor {self.lora.full[name]} has shape {tuple(t.shape)}, base "
+                                 f"{name} has {tuple(base.shape)}")
+            return t, t.numel() * t.element_size()
+        b = base.to(device=device, dtype=cdtype)
+        d, n = self.lora.delta(name, b, device, cdtype)
+        return (b if d is None else b + d), n
+
     def check_finite(self, name: str) -> None:
         """Raise when the expert's stored ``name`` holds NaN or Inf (names the file, tensor and expert)."""
         if self.full is not None and has_nonfinite(self.full.view(name)):
@@ -120,10 +149,24 @@ def check_keys(base: CheckpointReader, experts: Sequence[Expert], carry_unique: 
 @dataclass
 class PlanItem:
     name: str
-    rule: str  # base | merge | average | carry
+    rule: str  # base | merge | average | owner | carry
     out_dtype: torch.dtype
     shape: tuple[int, ...]
-    owner: int = -1  # carry: expert index
+    owner: int = -1  # owner, carry: expert index (owner: -1 when no expert changes the tensor)
+
+
+def owner_of(name: str, base: CheckpointReader, experts: Sequence[Expert]) -> int:
+    """The index of the one expert that changes base tensor ``name``, or -1 when none does.
+
+    Raises:
+        MergeError: two or more experts change it (names the tensor and two of them).
+    """
+    b = base.view(name)
+    who = [i for i, e in enumerate(experts) if e.changes(name, b)]
+    if len(who) > 1:
+        raise MergeError(f"tensor {name}: policy 'owner' needs one owner, but experts {experts[who[0]].name} and "
+                         f"{experts[who[1]].name} both change it")
+    return who[0] if who else -1
 
 
 def make_plan(
@@ -142,7 +185,7 @@ def make_plan(
         elif act == "merge" and spec.matrix_only and not (len(info.shape) == 2 and "lm_head" not in k):
             act = "average"
         out_dtype = odtype if (odtype is not None and info.dtype.is_floating_point) else info.dtype
-        items.append(PlanItem(k, act, out_dtype, info.shape))
+        items.append(PlanItem(k, act, out_dtype, info.shape, owner_of(k, base, ex) if act == "owner" else -1))
     for k, owner in carry.items():
         e = ex[owner]
         assert e.full is not None
@@ -217,17 +260,18 @@ def check_lineage(base: CheckpointReader, experts: Sequence[Expert]) -> None:
 
 
 # How a plan rule accounts for a base tensor and for an expert's tensor.
-_BASE_FATE = {"merge": "merged", "average": "averaged", "base": "copied"}
-_EXPERT_FATE = {"merge": "merged", "average": "averaged", "base": "excluded", "carry": "owned"}
+_BASE_FATE = {"merge": "merged", "average": "averaged", "base": "copied", "owner": "owned"}
+_EXPERT_FATE = {"merge": "merged", "average": "averaged", "base": "excluded", "carry": "owned", "owner": "owned"}
 
 
 def account(base: CheckpointReader, experts: Sequence[Expert], items: Sequence[PlanItem]) -> dict[str, Any]:
     """Account for every tensor of the base and of every expert, or raise naming the first one that is not.
 
-    Each base tensor is ``merged`` (by the method), ``averaged`` or ``copied`` (kept: the policy excludes it, or it
-    is not floating point). Each expert tensor (a LoRA adapter's tensors through the base tensor they change) is
-    ``merged``, ``averaged``, ``owned`` (carried over: only this expert has it) or ``excluded`` (the policy keeps
-    the base's value there: explicitly dropped, and counted as such).
+    Each base tensor is ``merged`` (by the method), ``averaged``, ``owned`` (replaced by its one owner's value) or
+    ``copied`` (kept: the policy excludes it, no expert owns it, or it is not floating point). Each expert tensor (a
+    LoRA adapter's tensors through the base tensor they change) is ``merged``, ``averaged``, ``owned`` (carried over:
+    only this expert has it or changes it), ``unchanged`` (an ``owner`` tensor this expert leaves at the base's
+    value) or ``excluded`` (the policy keeps the base's value there: explicitly dropped, and counted as such).
 
     Returns:
         ``{"base": {fate: n}, "experts": {name: {fate: n}}}`` for the report.
@@ -241,7 +285,8 @@ def account(base: CheckpointReader, experts: Sequence[Expert], items: Sequence[P
         it = rules.get(k)
         if it is None or it.rule not in _BASE_FATE:
             raise MergeError(f"base {base.path}: tensor {k} is not accounted for by the merge plan")
-        base_counts[_BASE_FATE[it.rule]] = base_counts.get(_BASE_FATE[it.rule], 0) + 1
+        fate = "copied" if it.rule == "owner" and it.owner < 0 else _BASE_FATE[it.rule]
+        base_counts[fate] = base_counts.get(fate, 0) + 1
     per_expert: dict[str, dict[str, int]] = {}
     for i, e in enumerate(experts):
         counts: dict[str, int] = {}
@@ -260,7 +305,7 @@ def account(base: CheckpointReader, experts: Sequence[Expert], items: Sequence[P
             it = rules.get(target)
             if it is None or (it.rule == "carry" and it.owner != i):
                 raise MergeError(f"expert {e.path}: tensor {k} is not accounted for by the merge plan")
-            fate = _EXPERT_FATE[it.rule]
+            fate = "unchanged" if it.rule == "owner" and it.owner != i else _EXPERT_FATE[it.rule]
             counts[fate] = counts.get(fate, 0) + 1
         per_expert[e.name if e.name not in per_expert else f"{e.name}#{i}"] = dict(sorted(counts.items()))
     return {"base": dict(sorted(base_counts.items())), "experts": per_expert}

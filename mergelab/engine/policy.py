@@ -8,7 +8,10 @@ an action:
 * ``base``    -- excluded: the output keeps the base model's value (the scripts' exclusion list);
 * ``merge``   -- handed to the method; for ``matrix_only`` methods only 2-D tensors without ``lm_head`` in the
   name, the rest of them averaged (exactly the scripts' split);
-* ``average`` -- always ``lam * mean_i tau_i``, whatever the method.
+* ``average`` -- always ``lam * mean_i tau_i``, whatever the method;
+* ``owner``   -- taken bit for bit from the one expert that changes it (an encoder or connector of modality
+  merging; a LoRA expert's ``modules_to_save`` value), the base's value when no expert changes it, an error when
+  two or more do.
 
 Unmatched names get ``default`` (``merge``). Presets reproduce the paper's lists, one per model family of
 :mod:`mergelab.families` (each family names the sub-models kept at the base under **both** naming schemes of
@@ -27,7 +30,7 @@ from typing import Any
 
 from mergelab.families import FAMILIES, Family, family_for_config
 
-ACTIONS = ("base", "merge", "average")
+ACTIONS = ("base", "merge", "average", "owner")
 
 # The LLM part shared by every preset (Qwen script lines 653-659 minus the vision tower): token embeddings,
 # lm_head, every norm and every bias stay at the base.
@@ -65,7 +68,7 @@ class MergePolicy:
         object.__setattr__(self, "_compiled", tuple((re.compile(r.pattern), r.action) for r in self.rules))
 
     def action(self, name: str) -> str:
-        """The action for tensor ``name``: ``base``, ``merge`` or ``average``."""
+        """The action for tensor ``name``: one of :data:`ACTIONS`."""
         for pat, act in self._compiled:
             if pat.match(name):
                 return act

@@ -1,11 +1,12 @@
 """MergeReport: what the streaming engine did, per tensor and in total, for the platform to log.
 
 Per tensor: the rule applied (``merge`` by the method, ``average``, ``base`` kept because excluded, ``zero`` passed
-through because every task vector was zero, ``carry`` copied from the only expert owning it), the Frobenius norm of
+through because every task vector was zero, ``owner`` taken from the one expert that changes it, ``carry`` copied
+from the only expert that has it; both record that expert as the tensor's ``owner``), the Frobenius norm of
 each expert's task vector and of the merged update ``lam * tau_m``, and the seconds spent. Totals: bytes read and
 written, wall time, peak anonymous RSS and peak GPU memory, tensor counts per rule, and the tensor accounting:
-what became of every tensor of the base (``merged``, ``averaged``, ``copied``) and of every expert (``merged``,
-``averaged``, ``owned``, ``excluded``), so that no tensor is lost silently.
+what became of every tensor of the base (``merged``, ``averaged``, ``owned``, ``copied``) and of every expert
+(``merged``, ``averaged``, ``owned``, ``unchanged``, ``excluded``), so that no tensor is lost silently.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 @dataclass
 class TensorRecord:
-    """One output tensor."""
+    """One output tensor (``owner``: the name of the expert it was taken from, rules ``owner`` and ``carry``)."""
 
     name: str
     rule: str
@@ -25,6 +26,7 @@ class TensorRecord:
     expert_norms: list[float] = field(default_factory=list)
     merged_norm: float = 0.0
     seconds: float = 0.0
+    owner: str | None = None
 
 
 @dataclass

@@ -22,6 +22,7 @@ from mergelab.families.idefics2 import IDEFICS2
 from mergelab.families.internvl2_5 import INTERNVL2_5
 from mergelab.families.llama import LLAMA
 from mergelab.families.llava import LLAVA
+from mergelab.families.omni_thinker import OMNI_THINKER
 from mergelab.families.qwen2_5_vl import QWEN2_5_VL
 from mergelab.families.qwen2_vl import QWEN2_VL
 from mergelab.families.qwen3_vl import QWEN3_VL
@@ -69,6 +70,7 @@ FAMILIES: Mapping[str, Family] = family_table(
     LLAMA,
     SMOLVLM,
     IDEFICS2,
+    OMNI_THINKER,
 )
 """Every known family by name; a family's position orders the architecture-name lookup."""
 
