@@ -17,17 +17,24 @@ Usage::
 ``--vs-swudi`` prints, per shape (default 896x4864 and 3584x18944, N = 5), our exact LoRA-variant OptMerge (closed
 SGD path, 300 steps), the full variant's Adam cost per step (and its setup: spectra and factors) and SWUDI's total,
 all in seconds on the same task vectors.
+
+``--cache`` prints, per shape, the seconds per trial of three OptMerge trials on the same task vectors (other
+``steps``, ``lr``, ``rank_ratio``, coefficients, ``init``) without the decomposition cache and with it (the first
+trial fills it, the next two hit it), and checks that the cached merges are bit-identical::
+
+    python benchmarks/optmerge_cost.py --cache --device cpu --shapes 896x4864 --steps 300 --adam-steps 20
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
+from mergelab.engine.cache import DecompositionLRU
 from mergelab.methods import MergeContext
 from mergelab.methods._linalg import solve_iterative
 from mergelab.methods.optmerge import OptMergeConfig, optmerge, optmerge_factors
@@ -111,6 +118,19 @@ def vs_swudi_row(d: Tensor, steps: int, timed_steps: int, device: torch.device) 
     return lora, setup, loop / timed_steps, sw
 
 
+def layer_stacks(
+    head: str, shapes: list[tuple[int, int]], experts: int, device: torch.device
+) -> Iterator[tuple[int, int, Tensor]]:
+    """Print a table head, then yield ``(m, n, task vectors)`` per shape (seeded, after a warm-up merge)."""
+    print(head)
+    print("-" * len(head))
+    for m, n in shapes:
+        g = torch.Generator().manual_seed(0)
+        d = (1e-3 * torch.randn(experts, m, n, generator=g)).to(device)
+        optmerge(None, d[:, :64, :64], OptMergeConfig(steps=2), MergeContext())  # warm-up
+        yield m, n, d
+
+
 def vs_swudi(shapes: list[tuple[int, int]], experts: int, steps: int, device: torch.device) -> None:
     """OptMerge (exact LoRA variant; full variant per Adam step) against SWUDI's total, same task vectors."""
     name = (
@@ -123,18 +143,66 @@ def vs_swudi(shapes: list[tuple[int, int]], experts: int, steps: int, device: to
         f"{'shape (out x in)':>17} {'OptMerge lora exact s':>21} {'full setup s':>12} {'full s/step':>11} "
         f"{'full ' + str(steps) + ' steps s':>15} {'SWUDI s':>8} {'lora/SWUDI':>10} {'SWUDI/full step':>15}"
     )
-    print(head)
-    print("-" * len(head))
-    for m, n in shapes:
-        g = torch.Generator().manual_seed(0)
-        d = (1e-3 * torch.randn(experts, m, n, generator=g)).to(device)
-        optmerge(None, d[:, :64, :64], OptMergeConfig(steps=2), MergeContext())  # warm-up
+    for m, n, d in layer_stacks(head, shapes, experts, device):
         lora, setup, per_step, sw = vs_swudi_row(d, steps, 10, device)
         print(
             f"{f'{m}x{n}':>17} {lora:21.2f} {setup:12.2f} {per_step:11.4f} {setup + steps * per_step:15.1f} "
             f"{sw:8.2f} {lora / sw:9.2f}x {sw / per_step:14.0f}x",
             flush=True,
         )
+
+
+def cache_trials(variant: str, steps: int, experts: int) -> list[OptMergeConfig]:
+    """Three trials a campaign could draw: the decompositions they need are the same, the rest differs."""
+    opt = {"optimizer": "adam"} if variant == "full" else {}
+    coefs = tuple(1.0 + 0.5 * (i % 3) for i in range(experts))
+    return [
+        OptMergeConfig(variant=variant, steps=steps, **opt),
+        OptMergeConfig(
+            variant=variant, steps=max(1, steps // 2), lr=2e-5 if variant == "full" else 2e-4, **opt
+        ),
+        OptMergeConfig(variant=variant, steps=steps, rank_ratio=0.1, coefficients=coefs, init="mean", **opt),
+    ]
+
+
+def timed_merge(
+    d: Tensor, cfg: OptMergeConfig, ctx: MergeContext, device: torch.device
+) -> tuple[float, Tensor]:
+    """Seconds of one OptMerge call, and its result."""
+    out: list[Tensor] = []
+    secs, _ = timed(lambda: out.append(optmerge(None, d, cfg, ctx)), device)
+    return secs, out[0]
+
+
+def cache_compare(
+    shapes: list[tuple[int, int]], experts: int, steps: int, adam_steps: int, device: torch.device
+) -> None:
+    """Seconds per OptMerge trial without and with the decomposition cache (3 trials, same task vectors)."""
+    print(
+        f"OptMerge trials with/without the decomposition cache, N={experts}, float32, {device}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    head = (
+        f"{'shape (out x in)':>17} {'variant':7} {'steps':>5} {'no cache s/trial':>16} {'cache 1st s':>11} "
+        f"{'cache later s/trial':>19} {'speedup':>7} {'identical':>9}"
+    )
+    for m, n, d in layer_stacks(head, shapes, experts, device):
+        for variant, n_steps in (("lora", steps), ("full", adam_steps)):
+            trials = cache_trials(variant, n_steps, experts)
+            plain, with_cache, same = [], [], True
+            cache = DecompositionLRU(8 << 30)
+            for cfg in trials:
+                secs, plain_out = timed_merge(d, cfg, MergeContext(name="w"), device)
+                plain.append(secs)
+                secs, cached_out = timed_merge(d, cfg, MergeContext(name="w", cache=cache), device)
+                with_cache.append(secs)
+                same = same and torch.equal(plain_out, cached_out)
+            later = sum(with_cache[1:]) / len(with_cache[1:])
+            print(
+                f"{f'{m}x{n}':>17} {variant:7} {n_steps:5} {sum(plain) / len(plain):16.2f} {with_cache[0]:11.2f} "
+                f"{later:19.2f} {sum(plain) / len(plain) / later:6.1f}x {str(same):>9}",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -155,9 +223,24 @@ def main() -> None:
     ap.add_argument(
         "--vs-swudi", action="store_true", help=f"OptMerge against SWUDI (default shapes {SWUDI_SHAPES})"
     )
+    ap.add_argument(
+        "--cache", action="store_true", help="seconds per trial without/with the decomposition cache"
+    )
+    ap.add_argument(
+        "--adam-steps", type=int, default=20, help="--cache: Adam steps of the full variant's trials"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cache:
+        chosen = (
+            [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+            if args.shapes
+            else QUICK_SHAPES
+        )
+        cache_dev = torch.device("cpu" if args.device == "auto" else args.device)
+        cache_compare(chosen, args.experts, args.steps, args.adam_steps, cache_dev)
+        return
     if args.vs_swudi:
         chosen = (
             [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]

@@ -22,7 +22,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ from mergelab import _signals
 from mergelab._device import resolve_device as _resolve_device
 from mergelab._dtypes import parse_dtype as _parse_dtype
 from mergelab.engine.adapter_out import merge_to_adapter
+from mergelab.engine.cache import process_cache
+from mergelab.engine.factors import factor_stacks, merge_factors, module_update
 from mergelab.engine.io import CheckpointReader, MergeError
 from mergelab.engine.plan import (
     Expert,
@@ -42,6 +44,7 @@ from mergelab.engine.plan import (
     check_lineage,
     has_nonfinite,
     make_plan,
+    to_factor_items,
 )
 from mergelab.engine.policy import resolve_policy
 from mergelab.engine.recipe import ExpertSpec, MergeRecipe
@@ -90,6 +93,7 @@ class _Opened:
     pol: Any
     items: list[PlanItem]
     accounting: dict[str, Any]
+    factor_rules: dict[str, str] = field(default_factory=dict)  # lora_merge: factors: tensor -> policy rule
 
     def close(self) -> None:
         self.base.close()
@@ -128,11 +132,12 @@ def _open(recipe: MergeRecipe, out: str | Path | None, overwrite: bool, allow_ba
         except ValueError as e:
             raise MergeError(str(e)) from None
         items = make_plan(base_reader, ex, carry, pol, recipe.spec, odtype)
+        factor_rules = to_factor_items(items, ex) if recipe.lora_merge == "factors" else {}
         accounting = account(base_reader, ex, items)
     except BaseException:
         _Opened(out, dev, cdtype, odtype, base_reader, ex, None, [], {}).close()
         raise
-    return _Opened(out, dev, cdtype, odtype, base_reader, ex, pol, items, accounting)
+    return _Opened(out, dev, cdtype, odtype, base_reader, ex, pol, items, accounting, factor_rules)
 
 
 def preflight(recipe: MergeRecipe, out: str | Path | None, *, overwrite: bool = False,
@@ -207,6 +212,7 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
         seed=seed,
         accounting=opened.accounting,
     )
+    factors = _merge_lora_factors(recipe, ex, opened.factor_rules) if opened.factor_rules else {}
 
     def load(it: PlanItem) -> Loaded:
         if it.rule == "carry":
@@ -221,6 +227,11 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
         nbytes = b.numel() * b.element_size()
         if it.rule in ("base", "owner"):
             return Loaded(it, b, None, nbytes)
+        if it.rule == "factors":  # the update from the merged factors (lam already in them)
+            lora = ex[0].lora
+            assert lora is not None
+            upd = module_update(lora, it.name, factors).to(device=dev, dtype=cdtype)
+            return Loaded(it, b.to(dev), upd.unsqueeze(0), nbytes)
         b_dev = b.to(dev)
         b_c = b_dev.to(cdtype)
         deltas = torch.empty((len(ex), *b.shape), dtype=cdtype, device=dev)
@@ -240,6 +251,8 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
         n = math.prod(it.shape)
         if it.rule in ("base", "carry", "owner"):
             return n * it.out_dtype.itemsize
+        if it.rule == "factors":
+            return n * (it.out_dtype.itemsize + cdtype.itemsize)
         return n * cdtype.itemsize * (len(ex) + 1)
 
     budget = max(_PREFETCH_BYTES, max((cost(it) for it in items), default=0))
@@ -370,10 +383,14 @@ def _merge_one(
         gen = torch.Generator(device=dev)
         gen.manual_seed(tensor_seed(seed, it.name))
         # the stack was built for this call alone: the method may overwrite it (TIES trims in place)
-        ctx = MergeContext(name=it.name, generator=gen, stats=stats, compute_dtype=cdtype, inplace=True)
+        ctx = MergeContext(
+            name=it.name, generator=gen, stats=stats, compute_dtype=cdtype, inplace=True, cache=process_cache()
+        )
         tau = spec.fn(ld.base, deltas, cfg, ctx)
         if tuple(tau.shape) != it.shape:
             raise MergeError(f"method returned shape {tuple(tau.shape)} for tensor {it.name} of shape {it.shape}")
+    elif it.rule == "factors":  # lora_merge: factors: scaling * B_m @ A_m, lambda already applied per factor
+        tau, lam = deltas[0], 1.0
     else:
         tau = deltas.mean(dim=0)
     # The engine owns the returned tensor and finishes it in place (theta_0 + lam * tau_m) to save a copy.
@@ -391,6 +408,25 @@ def _merge_one(
     rec.merged_norm = float(torch.linalg.vector_norm(upd))
     value = upd.add_(ld.base).to(it.out_dtype)
     return rec, value
+
+
+def _merge_lora_factors(recipe: MergeRecipe, ex: Sequence[Expert], rules: dict[str, str]) -> dict[str, torch.Tensor]:
+    """``lora_merge: factors``: every targeted tensor's ``lora_A`` and ``lora_B`` stacks merged separately.
+
+    Tensors the policy merges go through the recipe's method (:func:`mergelab.engine.factors.merge_factors`,
+    global statistics over every merged factor); tensors it averages get the mean factors; both times lambda.
+    """
+    adapters = [e.lora for e in ex if e.lora is not None]
+    params = dict(recipe.to_dict()["params"])
+    coefs = [e.spec.coefficient for e in ex]
+    if any(c is not None for c in coefs):
+        params["coefficients"] = tuple(1.0 if c is None else float(c) for c in coefs)
+    merged_keys = [k for k, r in rules.items() if r == "merge"]
+    out = merge_factors(factor_stacks(adapters, merged_keys), recipe.method_name, params,
+                        seed=int(recipe.seed)) if merged_keys else {}
+    averaged = factor_stacks(adapters, [k for k, r in rules.items() if r == "average"])
+    out.update({k: torch.stack(v).mean(dim=0) * recipe.lam for k, v in averaged.items()})
+    return out
 
 
 def _progress(enabled: bool, total: int, desc: str) -> Any:

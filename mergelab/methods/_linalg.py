@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from mergelab.methods.base import MergeContext, cached, tensor_digest
+
 #: Squared Frobenius norms below this count as "no task vector" (the guard of the author's fusion_bench port of
 #: OptMerge: return the mean when ``max ||tau_i||^2 < 1e-12``).
 ZERO_NORM2 = 1e-12
@@ -183,7 +185,23 @@ def rank_k(min_dim: int, n_experts: int, rank_ratio: float | None) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # the quadratic loss of WUDI / OptMerge and its solvers
 # ---------------------------------------------------------------------------------------------------------------
-def _top_k(x: Tensor, k: int, svd: str) -> tuple[Tensor, Tensor, bool]:
+def _spectrum(x: Tensor, svd: str) -> tuple[Tensor, ...]:
+    """The full per-expert decomposition :func:`_top_k` slices, independent of the rank (what a cache keeps).
+
+    ``svd="lapack"``: the thin SVD ``(U, S, Vh)``; ``svd="gram"``: float64 ``eigh`` ``(eigenvalues, Q)`` of the
+    smaller Gram matrix (``x x^T`` when ``m <= n``, else ``x^T x``).
+    """
+    if svd == "lapack":
+        return thin_svd(x)
+    xd = x.to(torch.float64)
+    if x.shape[1] <= x.shape[2]:
+        return torch.linalg.eigh(xd @ xd.transpose(1, 2))
+    return torch.linalg.eigh(xd.transpose(1, 2) @ xd)
+
+
+def _top_k(
+    x: Tensor, k: int, svd: str, spectrum: tuple[Tensor, ...] | None = None
+) -> tuple[Tensor, Tensor, bool]:
     """Top-k spectral data of a batch ``(N, m, n)``: ``(basis, P, left)``.
 
     ``P = V_k diag(s_k)`` (N, n, k); ``basis`` spans the top-k left singular space (``left=True``, N x m x k) or the
@@ -192,17 +210,16 @@ def _top_k(x: Tensor, k: int, svd: str) -> tuple[Tensor, Tensor, bool]:
     matrix (``x x^T`` or ``x^T x``): the same subspaces (singular values accurate to ~1e-8 of the largest, far
     beyond float32 data), several times faster than LAPACK's SVD on CPU, and no division by singular values.
     Only ``P P^T`` and products with the truncation are used downstream, so sign/rotation freedom is harmless.
+    ``spectrum`` is :func:`_spectrum` ``(x, svd)`` when the caller already has it (a cache hit).
     """
+    dec = _spectrum(x, svd) if spectrum is None else spectrum
     if svd == "lapack":
-        u, s, vh = thin_svd(x)
+        u, s, vh = dec
         return u[:, :, :k], vh[:, :k].transpose(1, 2) * s[:, None, :k], True
-    xd = x.to(torch.float64)
-    if x.shape[1] <= x.shape[2]:
-        _, q = torch.linalg.eigh(xd @ xd.transpose(1, 2))
-        q = q[:, :, -k:]
-        return q, xd.transpose(1, 2) @ q, True
-    ev, q = torch.linalg.eigh(xd.transpose(1, 2) @ xd)
+    ev, q = dec
     q = q[:, :, -k:]
+    if x.shape[1] <= x.shape[2]:
+        return q, x.to(torch.float64).transpose(1, 2) @ q, True
     return q, q * ev[:, None, -k:].clamp(min=0).sqrt(), False
 
 
@@ -222,6 +239,7 @@ def quadratic_factors(
     dtype: torch.dtype,
     svd: str = "lapack",
     coefficients: Tensor | None = None,
+    ctx: MergeContext | None = None,
 ) -> tuple[Tensor, Tensor] | None:
     """Factored form ``(F, H)`` of ``L(x) = sum_i w_i ||(x - t_i) P_i||_F^2 = ||x F - H||_F^2``.
 
@@ -241,29 +259,49 @@ def quadratic_factors(
         dtype: dtype of the returned factors.
         svd: ``"lapack"`` (batched thin SVD) or ``"gram"`` (float64 Gram eigendecomposition), see :func:`_top_k`.
         coefficients: per-expert loss weights ``c_i >= 0`` (float64 ``(N,)``), or None for all ones.
+        ctx: the merge context; with a ``ctx.cache`` the per-expert spectra (:func:`_spectrum` of the active task
+            vectors, and of their centred form) are looked up by content, so trials that change only the rank,
+            the coefficients or the solver reuse them.
 
     Returns:
         ``(F, H)``, or None when every expert is (near) zero.
     """
     x = deltas.to(svd_dtype(deltas.dtype))
     norms2 = squared_norms(x)
-    active = norms2 >= ZERO_NORM2
-    if coefficients is not None:
-        active &= coefficients.to(active.device) > 0
-    if not bool(active.any()):
+    active = norms2 >= ZERO_NORM2  # experts with a task vector (a property of the content alone)
+    live = active if coefficients is None else active & (coefficients.to(active.device) > 0)  # in the loss
+    if not bool(live.any()):
         return None
     xa = x if bool(active.all()) else x[active]
-    w_sqrt = norms2[active].rsqrt().reshape(-1, 1, 1)
+    keep = None if bool(live.all()) or bool(live[active].all()) else live[active]  # the live rows of xa
+    w_sqrt = norms2[live].rsqrt().reshape(-1, 1, 1)
     if coefficients is not None:
-        w_sqrt = w_sqrt * coefficients.to(w_sqrt.device)[active].sqrt().reshape(-1, 1, 1)
+        w_sqrt = w_sqrt * coefficients.to(w_sqrt.device)[live].sqrt().reshape(-1, 1, 1)
+    digest = tensor_digest(deltas) if ctx is not None and ctx.cache is not None else ""
+
+    def top_k(xs: Tensor, centred: bool) -> tuple[Tensor, Tensor, bool]:
+        # the spectrum depends on the content of deltas, the centring and the solver alone: rank and coefficients
+        # only slice and weigh it, so every trial of a campaign reuses it
+        spectrum = None
+        if ctx is not None:
+            spectrum = cached(ctx, "quadratic_spectrum", digest, lambda: _spectrum(xs, svd), svd, centred)
+        basis, p, left = _top_k(xs, k, svd, spectrum)
+        if keep is None:
+            return basis, p, left
+        return basis[keep], p[keep], left
+
     if not (centred_target and centred_projector):
-        basis, p, left = _top_k(xa, k, svd)
+        basis, p, left = top_k(xa, False)
     if centred_target or centred_projector:
         mean = x.mean(dim=0)
         xc = xa - mean
-        basis_c, p_c, left_c = _top_k(xc, k, svd)
+        basis_c, p_c, left_c = top_k(xc, True)
         if centred_projector:
             p = p_c
+        if keep is not None:
+            xc = xc[keep]
+    if keep is not None:
+        xa = xa[keep]
     if centred_target:
         tp = (
             _truncated_times(xc.to(p.dtype), basis_c, left_c, p) + mean.to(p.dtype) @ p

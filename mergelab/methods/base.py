@@ -120,6 +120,8 @@ class MergeContext:
         compute_dtype: dtype of ``deltas``.
         inplace: True when the caller hands ``deltas`` over (the method may overwrite it); False leaves the
             inputs untouched. Only the engine sets it.
+        cache: a :class:`DecompositionCache` shared across merges (a campaign's trials), or None: every
+            decomposition is computed afresh (library calls). See :func:`cached`.
     """
 
     name: str = ""
@@ -127,6 +129,40 @@ class MergeContext:
     stats: Any = None
     compute_dtype: torch.dtype = torch.float32
     inplace: bool = False
+    cache: DecompositionCache | None = None
+
+
+class DecompositionCache(Protocol):
+    """A store of trial-independent per-layer decompositions (SVDs, Gram eigendecompositions), shared by merges.
+
+    Keys are built by :func:`cached` from the content of the decomposed tensors, so a hit is always the value
+    the computation would return. Cached values are read-only: a method never modifies what it gets back.
+    """
+
+    def get_or_compute(self, key: tuple[Any, ...], fn: Callable[[], Any]) -> Any:
+        """The value stored under ``key``, else ``fn()`` (stored when it fits the cache's bound)."""
+        ...
+
+
+def tensor_digest(t: Tensor) -> str:
+    """A content hash of ``t``: blake2b of its bytes plus its dtype and shape (a CPU copy for device tensors)."""
+    h = hashlib.blake2b(f"{t.dtype}\x00{tuple(t.shape)}\x00{t.device}".encode(), digest_size=20)
+    h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def cached(ctx: MergeContext, kind: str, inputs: Tensor | str, fn: Callable[[], Any], *params: Any) -> Any:
+    """``fn()``, through ``ctx.cache`` when there is one.
+
+    The key is ``(kind, tensor name, content digest of inputs, *params)``: ``inputs`` is the tensor ``fn``
+    decomposes (or a digest of it from :func:`tensor_digest`, to hash a stack once for several decompositions);
+    ``params`` are every other value ``fn`` depends on (its rank, centring, solver, dtype). Without a cache nothing
+    is hashed.
+    """
+    if ctx.cache is None:
+        return fn()
+    digest = inputs if isinstance(inputs, str) else tensor_digest(inputs)
+    return ctx.cache.get_or_compute((kind, ctx.name, digest, *params), fn)
 
 
 MethodFn = Callable[[Tensor, Tensor, Any, MergeContext], Tensor]

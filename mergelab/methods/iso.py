@@ -42,7 +42,7 @@ from mergelab.methods._linalg import (
     squared_norms,
     thin_svd,
 )
-from mergelab.methods.base import MergeContext
+from mergelab.methods.base import MergeContext, cached
 from mergelab.methods.task_arithmetic import combine
 
 
@@ -98,7 +98,8 @@ class IsoCtsConfig:
 def iso_c(base: Tensor, deltas: Tensor, cfg: IsoCConfig, ctx: MergeContext) -> Tensor:
     """Merged Iso-C task vector ``mean(S) U V^T`` of ``sum_i tau_i`` (shape ``(m, n)``, deltas' dtype)."""
     check_matrix(deltas, ctx.name, "iso_c")
-    u, s, vh = thin_svd(combine(deltas, coefficients_or_none(cfg.coefficients, deltas, ctx.name)))
+    x = combine(deltas, coefficients_or_none(cfg.coefficients, deltas, ctx.name))
+    u, s, vh = cached(ctx, "thin_svd", x, lambda: thin_svd(x))  # reused across lambdas
     if cfg.span_only:
         keep = s > s.max() * max(deltas.shape[1:]) * torch.finfo(s.dtype).eps
         if not bool(keep.any()):
@@ -127,12 +128,16 @@ def iso_cts(base: Tensor, deltas: Tensor, cfg: IsoCtsConfig, ctx: MergeContext) 
     if x.shape[0] == 0:
         return torch.zeros_like(deltas[0])
     k_c, per_task = iso_cts_split(p, x.shape[0], cfg.common_space_fraction)
-    u, s, vh = thin_svd(x.sum(dim=0))
+    total = x.sum(dim=0)
+    u, s, vh = cached(ctx, "thin_svd", total, lambda: thin_svd(total))  # reused across fractions and lambdas
     u_c, s_c, vh_c = u[:, :k_c], s[:k_c], vh[:k_c]
     if per_task > 0:
-        xs = x.to(u.dtype)
-        resid = xs - u_c @ (u_c.T @ xs)
-        ut, st, vht = thin_svd(resid)
+
+        def resid_svd() -> tuple[Tensor, Tensor, Tensor]:
+            xs = x.to(u.dtype)
+            return thin_svd(xs - u_c @ (u_c.T @ xs))
+
+        ut, st, vht = cached(ctx, "iso_cts_residual_svd", x, resid_svd, k_c)  # reused across lambdas
         u_c = torch.cat([u_c, ut[:, :, :per_task].permute(1, 0, 2).reshape(m, -1)], dim=1)
         s_c = torch.cat([s_c, st[:, :per_task].reshape(-1)])
         vh_c = torch.cat([vh_c, vht[:, :per_task, :].reshape(-1, n)], dim=0)

@@ -158,9 +158,13 @@ def minimise(
 
 
 def optmerge_factors(
-    deltas: Tensor, cfg: OptMergeConfig, coef: Tensor | None = None
+    deltas: Tensor, cfg: OptMergeConfig, coef: Tensor | None = None, ctx: MergeContext | None = None
 ) -> tuple[Tensor, Tensor] | None:
-    """The factored loss ``(F, H)`` of one weight matrix (see :func:`~mergelab.methods._linalg.quadratic_factors`)."""
+    """The factored loss ``(F, H)`` of one weight matrix (see :func:`~mergelab.methods._linalg.quadratic_factors`).
+
+    With a ``ctx.cache`` the per-expert spectra are reused across trials that change only ``rank_ratio``, the
+    coefficients, ``steps``, ``lr``, ``init`` or ``lam``.
+    """
     n_exp, m, n = deltas.shape
     k = rank_k(min(m, n), n_exp, cfg.rank_ratio)
     return quadratic_factors(
@@ -171,6 +175,7 @@ def optmerge_factors(
         dtype=torch.float64 if deltas.dtype == torch.float64 else torch.float32,
         svd=svd_method(cfg, deltas),
         coefficients=coef,
+        ctx=ctx,
     )
 
 
@@ -191,4 +196,4 @@ def optmerge(base: Tensor, deltas: Tensor, cfg: OptMergeConfig, ctx: MergeContex
     """
     check_matrix(deltas, ctx.name, "optmerge")
     coef = coefficients_or_none(cfg.coefficients, deltas, ctx.name)
-    return minimise(deltas, optmerge_factors(deltas, cfg, coef), cfg, coef)
+    return minimise(deltas, optmerge_factors(deltas, cfg, coef, ctx), cfg, coef)

@@ -47,7 +47,7 @@ from mergelab.methods._linalg import (
     squared_norms,
     svd_dtype,
 )
-from mergelab.methods.base import MergeContext
+from mergelab.methods.base import MergeContext, cached
 from mergelab.methods.task_arithmetic import combine
 
 RANK_RULES = ("participation_sqrt", "participation", "entropy", "stable_rank", "gavish_donoho", "none")
@@ -205,11 +205,18 @@ def wudi_moments(deltas: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def spectral_merge(
-    deltas: Tensor, cfg: SwudiConfig | SwudiAConfig, name: str, pick_rank: Callable[[Tensor, int, int], int]
+    deltas: Tensor,
+    cfg: SwudiConfig | SwudiAConfig,
+    ctx: MergeContext,
+    pick_rank: Callable[[Tensor, int, int], int],
 ) -> Tensor:
-    """The closed form shared by SWUDI and SWUDI-A; ``pick_rank(e_desc, m, n)`` returns K."""
+    """The closed form shared by SWUDI and SWUDI-A; ``pick_rank(e_desc, m, n)`` returns K.
+
+    The moments and the eigendecomposition of ``C`` depend on the task vectors and the coefficients alone: with a
+    ``ctx.cache`` trials that change only the filter, the rank rule, ``init`` or ``lam`` reuse them.
+    """
     _, m, n = deltas.shape
-    coef = coefficients_or_none(cfg.coefficients, deltas, name)
+    coef = coefficients_or_none(cfg.coefficients, deltas, ctx.name)
     x = deltas.to(svd_dtype(deltas.dtype))
     norms2 = squared_norms(x)
     if float(norms2.max()) < ZERO_NORM2:
@@ -217,8 +224,13 @@ def spectral_merge(
     weights = 1.0 / norms2.clamp(min=ZERO_NORM2)
     if coef is not None:
         weights = weights * coef.to(weights.device)
-    c, d = wudi_moments(x, weights)
-    e, v = torch.linalg.eigh(c)  # ascending
+
+    def moments_eigh() -> tuple[Tensor, Tensor, Tensor]:
+        c, d = wudi_moments(x, weights)
+        return (d, *torch.linalg.eigh(c))  # eigenvalues ascending
+
+    coef_key = None if coef is None else tuple(coef.tolist())
+    d, e, v = cached(ctx, "wudi_moments_eigh", deltas, moments_eigh, coef_key)
     e = e.clamp(min=cfg.min_eigenvalue)
     g = 1.0 - torch.exp(-e * float(cfg.exp_time)) if cfg.filter == "exponential" else torch.ones_like(e)
     k = pick_rank(e.flip(0), m, n)
@@ -243,7 +255,7 @@ def swudi(base: Tensor, deltas: Tensor, cfg: SwudiConfig, ctx: MergeContext) -> 
     def fixed_rank(e_desc: Tensor, m: int, n: int) -> int:
         return n if ratio is None else max(1, int((n * ratio + 0.999) // 1))
 
-    return spectral_merge(deltas, cfg, ctx.name, fixed_rank)
+    return spectral_merge(deltas, cfg, ctx, fixed_rank)
 
 
 def swudi_a(base: Tensor, deltas: Tensor, cfg: SwudiAConfig, ctx: MergeContext) -> Tensor:
@@ -261,7 +273,7 @@ def swudi_a(base: Tensor, deltas: Tensor, cfg: SwudiAConfig, ctx: MergeContext) 
             k = max(cfg.min_rank, min(n, round(k * cfg.rank_scale)))
         return min(k, n)  # a min_rank above n keeps every direction
 
-    return spectral_merge(deltas, cfg, ctx.name, adaptive_rank)
+    return spectral_merge(deltas, cfg, ctx, adaptive_rank)
 
 
 __all__ = ["SwudiAConfig", "SwudiConfig", "swudi", "swudi_a", "swudi_rank"]

@@ -32,7 +32,7 @@ from mergelab.methods._linalg import (
     scale_experts,
     thin_svd,
 )
-from mergelab.methods.base import MergeContext
+from mergelab.methods.base import MergeContext, cached
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,7 +75,7 @@ def tsv(base: Tensor, deltas: Tensor, cfg: TsvConfig, ctx: MergeContext) -> Tens
     deltas = scale_experts(deltas, cfg.coefficients, ctx.name)
     n_exp, m, n = deltas.shape
     r = rank_k(min(m, n), n_exp, cfg.rank_ratio)
-    u, s, vh = thin_svd(deltas)
+    u, s, vh = cached(ctx, "thin_svd", deltas, lambda: thin_svd(deltas))  # reused across ranks and lambdas
     u_hat = u[:, :, :r].permute(1, 0, 2).reshape(m, -1)
     s_hat = s[:, :r].reshape(-1)
     v_hat = vh[:, :r, :].reshape(-1, n)

@@ -60,5 +60,6 @@ def wudi(base: Tensor, deltas: Tensor, cfg: WudiConfig, ctx: MergeContext) -> Te
         dtype=dtype,
         svd=svd_method(cfg, deltas),
         coefficients=coef,
+        ctx=ctx,
     )
     return minimise(deltas, factors, cfg, coef)
