@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         merge_experts(root, a.setting, a.method, a.lam, Path(tmp) / "m")
         rows = delta_interference(tv, merged_deltas(root, Path(tmp) / "m"))
-        model = AutoModelForImageTextToText.from_pretrained(Path(tmp) / "m").eval()
+        model = AutoModelForImageTextToText.from_pretrained(Path(tmp) / "m", use_safetensors=True).eval()
         preds = answers(model, processor, cross)
     print(f"per-layer interference, {a.setting} experts, {a.method} lam {a.lam}:")
     print(_fmt(by_layer(rows), "group"))
@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(_fmt([{"qtype": q, **v} for q, v in conf.items()], "qtype"))
     print("\neach expert on its own cross-modal questions: its medium only vs all three media:")
     for m in data.MODALITIES:
-        expert = AutoModelForImageTextToText.from_pretrained(root / "experts" / a.setting / m).eval()
+        expert = AutoModelForImageTextToText.from_pretrained(root / "experts" / a.setting / m, use_safetensors=True).eval()
         print(m, context_effect(expert, processor, m, cross))
     return 0
 

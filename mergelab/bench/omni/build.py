@@ -126,7 +126,7 @@ def build_expert(root: Path, plan: OmniPlan, seed: int, setting: str, modality: 
     from mergelab.bench.omni.classes import OmniProcessor, OmniThinkerForConditionalGeneration
 
     processor = OmniProcessor.from_pretrained(root / "base")
-    model = OmniThinkerForConditionalGeneration.from_pretrained(root / "base")
+    model = OmniThinkerForConditionalGeneration.from_pretrained(root / "base", use_safetensors=True)
     tasks = [t for t, (m, _, _) in data.TASKS.items() if m == modality]
     samples = [s for t in tasks for s in data.task_samples(t, "train", plan.per_task, seed, leads=True)]
     samples = data.with_other_media(samples, plan.other_media, seed) if plan.other_media else samples

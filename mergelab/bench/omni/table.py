@@ -77,7 +77,7 @@ def evaluate(model: Any, processor: Any, items: tuple[dict[str, list[data.OmniSa
 def _load(path: Path) -> Any:
     from transformers import AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText.from_pretrained(path).eval()
+    return AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True).eval()
 
 
 def merge_experts(root: Path, setting: str, method: str, lam: float | None, out: Path, device: str = "cpu") -> Any:
