@@ -19,14 +19,14 @@ VID = "model.video_visual.blocks.0.attn.qkv.weight"
 NORM = "model.language_model.norm.weight"
 
 
-def _save(d: Path, tensors: dict[str, torch.Tensor], config: dict | None = None) -> Path:
+def save_ckpt(d: Path, tensors: dict[str, torch.Tensor], config: dict | None = None) -> Path:
     d.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / "model.safetensors"))
     (d / "config.json").write_text(json.dumps(config or {"model_type": "mergelab_omni_thinker"}))
     return d
 
 
-def _base() -> dict[str, torch.Tensor]:
+def base_tensors() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return {Q: torch.randn(4, 4, generator=g), IMG: torch.randn(3, 4, generator=g),
             AUD: torch.randn(3, 4, generator=g), VID: torch.randn(2, 2, generator=g), NORM: torch.ones(4)}
@@ -40,19 +40,19 @@ def _expert(base: dict[str, torch.Tensor], seed: int, owns: tuple[str, ...]) -> 
     return out
 
 
-def _lora(d: Path, seed: int, save: dict[str, torch.Tensor]) -> tuple[Path, torch.Tensor]:
-    """A peft-layout LoRA adapter (r 2, alpha 4) on ``Q`` with ``save`` as ``modules_to_save``; returns its delta."""
-    g = torch.Generator().manual_seed(seed)
-    a, b = torch.randn(2, 4, generator=g), torch.randn(4, 2, generator=g)
+def save_lora(d: Path, a: torch.Tensor, b: torch.Tensor, save: dict[str, torch.Tensor] | None = None) -> Path:
+    """A peft-layout LoRA adapter (alpha = 2 r, so scaling 2) with factors ``a``, ``b`` on ``Q`` and ``save`` as
+    ``modules_to_save``."""
     mod = "base_model.model." + Q.removesuffix(".weight")
-    t = {f"{mod}.lora_A.weight": a, f"{mod}.lora_B.weight": b}
-    for k, v in save.items():
+    t = {f"{mod}.lora_A.weight": a.contiguous(), f"{mod}.lora_B.weight": b.contiguous()}
+    for k, v in (save or {}).items():
         t["base_model.model." + k.removesuffix(".weight") + ".modules_to_save.default.weight"] = v
     d.mkdir(parents=True)
     save_file(t, str(d / "adapter_model.safetensors"))
-    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+    r = a.shape[0]
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r,
                                                        "target_modules": ["q_proj"]}))
-    return d, 2.0 * b @ a
+    return d
 
 
 def test_omni_preset_under_both_naming_schemes() -> None:
@@ -66,11 +66,11 @@ def test_omni_preset_under_both_naming_schemes() -> None:
 
 
 def test_owned_towers_are_taken_bit_for_bit_and_reported(tmp_path: Path) -> None:
-    base = _base()
-    b = _save(tmp_path / "base", base)
+    base = base_tensors()
+    b = save_ckpt(tmp_path / "base", base)
     ea, eb = _expert(base, 1, (IMG,)), _expert(base, 2, (AUD,))
-    a = _save(tmp_path / "vision", ea)
-    bb = _save(tmp_path / "audio", eb)
+    a = save_ckpt(tmp_path / "vision", ea)
+    bb = save_ckpt(tmp_path / "audio", eb)
     rep = merge(base=b, experts=[a, bb], method="task_arithmetic", params={"lam": 1.0}, policy="auto",
                 out=tmp_path / "out", device="cpu")
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -84,25 +84,27 @@ def test_owned_towers_are_taken_bit_for_bit_and_reported(tmp_path: Path) -> None
 
 
 def test_two_owners_is_an_error_naming_both(tmp_path: Path) -> None:
-    base = _base()
-    b = _save(tmp_path / "base", base)
-    a = _save(tmp_path / "vision", _expert(base, 1, (IMG,)))
-    c = _save(tmp_path / "video", _expert(base, 3, (IMG, VID)))
+    base = base_tensors()
+    b = save_ckpt(tmp_path / "base", base)
+    a = save_ckpt(tmp_path / "vision", _expert(base, 1, (IMG,)))
+    c = save_ckpt(tmp_path / "video", _expert(base, 3, (IMG, VID)))
     with pytest.raises(MergeError, match=r"tensor model\.visual\.merger\.mlp\.0\.weight: .*vision and video"):
         merge(base=b, experts=[a, c], method="ties", policy="auto", out=tmp_path / "out", device="cpu")
     assert not (tmp_path / "out").exists()
 
 
 def test_lora_modules_to_save_value_is_owned_bit_for_bit(tmp_path: Path) -> None:
-    base = _base()
-    b = _save(tmp_path / "base", base)
+    base = base_tensors()
+    b = save_ckpt(tmp_path / "base", base)
     ea = _expert(base, 1, (IMG,))
-    a = _save(tmp_path / "vision", ea)
+    a = save_ckpt(tmp_path / "vision", ea)
     conn = torch.randn(3, 4, generator=torch.Generator().manual_seed(5))
-    ad, delta = _lora(tmp_path / "audio", 4, {AUD: conn, VID: base[VID].clone()})  # VID saved but unchanged
+    g = torch.Generator().manual_seed(4)
+    fa, fb = torch.randn(2, 4, generator=g), torch.randn(4, 2, generator=g)
+    ad = save_lora(tmp_path / "audio", fa, fb, {AUD: conn, VID: base[VID].clone()})  # VID saved but unchanged
     rep = merge(base=b, experts=[a, ad], method="task_arithmetic", params={"lam": 1.0}, policy="omni_thinker",
                 out=tmp_path / "out", device="cpu")
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert torch.equal(got[AUD], conn) and torch.equal(got[IMG], ea[IMG]) and torch.equal(got[VID], base[VID])
-    torch.testing.assert_close(got[Q], base[Q] + (ea[Q] - base[Q]) + delta)
+    torch.testing.assert_close(got[Q], base[Q] + (ea[Q] - base[Q]) + 2.0 * fb @ fa)
     assert {t.name: t.owner for t in rep.tensors}[AUD] == "audio"

@@ -11,7 +11,8 @@ mode's ``sum B_i A_i``. The script's OptMerge is the ``lora`` variant with k = m
 
 :func:`merge_factors` does this for whole adapters (``{module: (A stack, B stack)}``) with any method of
 :data:`mergelab.methods.METHODS`, global statistics (TIES' global top-k) included, and returns the merged factors;
-:func:`factor_delta` turns them into weight deltas. The engine runs this for a recipe with ``lora_merge:
+:func:`factor_delta` turns them into weight deltas; :func:`factor_stacks`, :func:`check_same_factors` and
+:func:`module_update` connect these to the engine's :class:`~mergelab.engine.adapters.LoraAdapter`. The engine runs this for a recipe with ``lora_merge:
 factors`` (:func:`mergelab.engine.loop.run_merge`); the omni benchmark (``mergelab/bench/omni``) is its first user.
 """
 
@@ -22,6 +23,8 @@ from typing import Any
 
 import torch
 
+from mergelab.engine.adapters import LoraAdapter
+from mergelab.engine.io import MergeError
 from mergelab.methods import METHODS
 from mergelab.methods.base import MergeContext, scale_of, tensor_generator
 
@@ -75,3 +78,45 @@ def factor_delta(merged: Mapping[str, torch.Tensor], scaling: float) -> dict[str
             module = name[: -len(".lora_A.weight")]
             out[module] = scaling * merged[f"{module}.lora_B.weight"] @ a
     return out
+
+
+def factor_stacks(adapters: Sequence[LoraAdapter], keys: Sequence[str]) -> dict[str, list[torch.Tensor]]:
+    """The experts' raw factors of the base tensors ``keys``, as :func:`merge_factors` takes them.
+
+    Returns:
+        ``{"<key>.lora_A.weight": [A_1, A_2, ...], "<key>.lora_B.weight": [B_1, ...]}`` (float32).
+    """
+    out: dict[str, list[torch.Tensor]] = {}
+    for key in keys:
+        out[f"{key}.lora_A.weight"] = [a.reader.get(a.modules[key].a_key).float() for a in adapters]
+        out[f"{key}.lora_B.weight"] = [a.reader.get(a.modules[key].b_key).float() for a in adapters]
+    return out
+
+
+def check_same_factors(adapters: Sequence[LoraAdapter], names: Sequence[str]) -> None:
+    """Factor mode needs every adapter to target the same base tensors with the same rank and scaling.
+
+    Raises:
+        MergeError: naming the first adapter that differs from the first one, and how.
+    """
+    ref, ref_name = adapters[0], names[0]
+    for a, name in zip(adapters[1:], names[1:], strict=True):
+        if set(a.modules) != set(ref.modules):
+            diff = sorted(set(a.modules) ^ set(ref.modules))
+            raise MergeError(f"lora_merge: 'factors' needs the same LoRA targets in every expert; {name} and "
+                             f"{ref_name} differ on {diff[0]}" + (f" and {len(diff) - 1} more" if len(diff) > 1 else ""))
+        for key, m in a.modules.items():
+            r = ref.modules[key]
+            same = (a.reader.infos[m.a_key].shape == ref.reader.infos[r.a_key].shape
+                    and a.reader.infos[m.b_key].shape == ref.reader.infos[r.b_key].shape)
+            if not same or m.scaling != r.scaling or m.transpose != r.transpose:
+                raise MergeError(f"lora_merge: 'factors' needs the same rank and scaling in every expert; {name} "
+                                 f"and {ref_name} differ on {key}")
+
+
+def module_update(adapter: LoraAdapter, key: str, merged: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``scaling * B_m @ A_m`` of base tensor ``key`` from merged factors (transposed as the adapter's module is)."""
+    m = adapter.modules[key]
+    ba = factor_delta({f"{key}.lora_A.weight": merged[f"{key}.lora_A.weight"],
+                       f"{key}.lora_B.weight": merged[f"{key}.lora_B.weight"]}, m.scaling)[key]
+    return ba.T if m.transpose else ba

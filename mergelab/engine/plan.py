@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from mergelab.engine.adapters import LoraAdapter, is_lora_dir
+from mergelab.engine.factors import check_same_factors
 from mergelab.engine.io import CheckpointReader, MergeError
 from mergelab.engine.policy import MergePolicy
 from mergelab.engine.recipe import ExpertSpec
@@ -149,7 +150,7 @@ def check_keys(base: CheckpointReader, experts: Sequence[Expert], carry_unique: 
 @dataclass
 class PlanItem:
     name: str
-    rule: str  # base | merge | average | owner | carry
+    rule: str  # base | merge | average | owner | carry | factors (lora_merge: factors; ``merged`` in the stats)
     out_dtype: torch.dtype
     shape: tuple[int, ...]
     owner: int = -1  # owner, carry: expert index (owner: -1 when no expert changes the tensor)
@@ -167,6 +168,29 @@ def owner_of(name: str, base: CheckpointReader, experts: Sequence[Expert]) -> in
         raise MergeError(f"tensor {name}: policy 'owner' needs one owner, but experts {experts[who[0]].name} and "
                          f"{experts[who[1]].name} both change it")
     return who[0] if who else -1
+
+
+def to_factor_items(items: Sequence[PlanItem], experts: Sequence[Expert]) -> dict[str, str]:
+    """``lora_merge: factors``: turn every merged or averaged LoRA-targeted tensor's item into rule ``factors``.
+
+    Returns:
+        ``{base tensor: the policy's rule}`` (``merge``: the method merges its factors, ``average``: their mean).
+
+    Raises:
+        MergeError: an expert that is not a LoRA adapter, or adapters with other targets, ranks or scalings.
+    """
+    adapters = []
+    for e in experts:
+        if e.lora is None:
+            raise MergeError(f"lora_merge: 'factors' needs every expert to be a LoRA adapter; {e.name} is not")
+        adapters.append(e.lora)
+    check_same_factors(adapters, [e.name for e in experts])
+    out = {}
+    for it in items:
+        if it.rule in ("merge", "average") and it.name in adapters[0].modules:
+            out[it.name] = it.rule
+            it.rule = "factors"
+    return out
 
 
 def make_plan(
@@ -260,8 +284,9 @@ def check_lineage(base: CheckpointReader, experts: Sequence[Expert]) -> None:
 
 
 # How a plan rule accounts for a base tensor and for an expert's tensor.
-_BASE_FATE = {"merge": "merged", "average": "averaged", "base": "copied", "owner": "owned"}
-_EXPERT_FATE = {"merge": "merged", "average": "averaged", "base": "excluded", "carry": "owned", "owner": "owned"}
+_BASE_FATE = {"merge": "merged", "average": "averaged", "base": "copied", "owner": "owned", "factors": "merged"}
+_EXPERT_FATE = {"merge": "merged", "average": "averaged", "base": "excluded", "carry": "owned", "owner": "owned",
+                "factors": "merged"}
 
 
 def account(base: CheckpointReader, experts: Sequence[Expert], items: Sequence[PlanItem]) -> dict[str, Any]:

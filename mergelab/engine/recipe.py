@@ -32,6 +32,8 @@ from mergelab.methods import METHODS
 from mergelab.methods.base import MethodSpec, scale_of
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+LORA_MERGE_MODES = ("delta", "factors")
+"""Values of :attr:`MergeRecipe.lora_merge`."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,11 @@ class MergeRecipe:
             one PEFT LoRA adapter, :mod:`mergelab.engine.adapter_out`).
         adapter_rank: the output adapter's rank with ``output: adapter`` (None: the sum of the experts' ranks,
             exact for task arithmetic and weight averaging).
+        lora_merge: how LoRA experts are merged: ``"delta"`` (their weight deltas ``scaling * B @ A`` go through
+            the method) or ``"factors"`` (every expert a LoRA adapter with the same targets and rank: the raw
+            ``lora_A`` and ``lora_B`` factors each go through the method, lambda per factor, and the output is
+            ``base + scaling * B_m @ A_m``, as the official modality-merging script does;
+            :mod:`mergelab.engine.factors`).
 
     Raises:
         MergeError: on construction, any invalid field (one line naming it).
@@ -130,6 +137,7 @@ class MergeRecipe:
     carry_unique: bool = False
     output: str = "full"
     adapter_rank: int | None = None
+    lora_merge: str = "delta"
 
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)
@@ -161,6 +169,14 @@ class MergeRecipe:
         if self.adapter_rank is not None and (self.output != "adapter" or isinstance(self.adapter_rank, bool)
                                               or int(self.adapter_rank) <= 0):
             raise MergeError(f"adapter_rank: a positive rank, with output: adapter only; got {self.adapter_rank!r}")
+        if self.lora_merge not in LORA_MERGE_MODES:
+            raise MergeError(f"lora_merge: must be one of {LORA_MERGE_MODES}, got {self.lora_merge!r}")
+        if self.lora_merge == "factors":
+            full = [e.name for e in self.experts if e.kind != "lora"]
+            if full:
+                raise MergeError(f"lora_merge: 'factors' needs every expert to be a LoRA adapter; {full[0]} is not")
+            if isinstance(self.method, MethodSpec):
+                raise MergeError("lora_merge: 'factors' needs a method of the registry, not a custom MethodSpec")
         try:
             check_policy(self.policy)
         except ValueError as e:
@@ -232,6 +248,7 @@ class MergeRecipe:
             "carry_unique": self.carry_unique,
             "output": self.output,
             "adapter_rank": self.adapter_rank,
+            "lora_merge": self.lora_merge,
         }
 
     def identity(self) -> dict[str, Any]:
@@ -249,6 +266,7 @@ class MergeRecipe:
             "carry_unique": bool(self.carry_unique),
             # only when not the default, so that full merges keep their digests
             **({"output": self.output, "adapter_rank": self.adapter_rank} if self.output != "full" else {}),
+            **({"lora_merge": self.lora_merge} if self.lora_merge != "delta" else {}),
         }
 
     @functools.cached_property

@@ -9,6 +9,9 @@ Example::
     method: ties
     params: {density: 0.2, lam: 1.0}
     policy: qwen2_vl            # or auto, or {preset: llama, rules: [{pattern: "mlp1\\..*", action: average}]}
+                                # (actions: base, merge, average, owner)
+    lora_merge: delta           # LoRA experts: delta (scaling * B @ A through the method) or factors (A and B
+                                # merged separately, as the official modality script; every expert a LoRA adapter)
     output: full                # or adapter: every expert a LoRA adapter -> one PEFT adapter (adapter_rank: r)
     device: auto                # auto | cpu | cuda[:i]
     dtype: null                 # output dtype; null keeps the base's
@@ -66,7 +69,7 @@ class RuleConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     pattern: str
-    action: Literal["base", "merge", "average"]
+    action: Literal["base", "merge", "average", "owner"]
 
     @field_validator("pattern")
     @classmethod
@@ -143,6 +146,7 @@ class RecipeFields(BaseModel):
     carry_unique: bool = False
     output: Literal["full", "adapter"] = "full"
     adapter_rank: int | None = None
+    lora_merge: Literal["delta", "factors"] = "delta"
 
     @field_validator("experts", mode="before")
     @classmethod
@@ -187,6 +191,7 @@ class RecipeFields(BaseModel):
             "carry_unique": self.carry_unique,
             "output": self.output,
             "adapter_rank": self.adapter_rank,
+            "lora_merge": self.lora_merge,
         }
         fields.update(changes)
         try:
