@@ -23,18 +23,26 @@ all in seconds on the same task vectors.
 trial fills it, the next two hit it), and checks that the cached merges are bit-identical::
 
     python benchmarks/optmerge_cost.py --cache --device cpu --shapes 896x4864 --steps 300 --adam-steps 20
+
+``--cache-zoo`` does the same through whole merges (``mergelab.engine.merge``) of the benchmark zoo's seed-0 LoRA
+experts, OptMerge's full and lora variants, three trials each (other ``lam`` and ``steps``), with the process cache
+off (``MERGELAB_DECOMP_CACHE_MB=0``) and on, and checks that every merged tensor is bit-identical.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from mergelab.engine.cache import DecompositionLRU
+from mergelab.engine import CheckpointReader, merge
+from mergelab.engine.cache import CACHE_ENV, DecompositionLRU, process_cache
 from mergelab.methods import MergeContext
 from mergelab.methods._linalg import solve_iterative
 from mergelab.methods.optmerge import OptMergeConfig, optmerge, optmerge_factors
@@ -205,6 +213,45 @@ def cache_compare(
             )
 
 
+ZOO = Path(__file__).resolve().parents[1] / "mergelab" / "bench" / "zoo" / "seed0"
+ZOO_TRIALS = [{"lam": 1.0}, {"lam": 0.5, "steps": 100}, {"lam": 0.7, "steps": 200}]
+
+
+def zoo_trial(params: dict[str, object], out: Path, cache_mb: str) -> tuple[float, dict[str, Tensor]]:
+    """Wall seconds of one whole merge of the zoo's LoRA experts, and its weights."""
+    os.environ[CACHE_ENV] = cache_mb
+    experts = sorted(p for p in (ZOO / "lora").iterdir() if p.is_dir())
+    rep = merge(base=ZOO / "base", experts=experts, method="optmerge", params=params, out=out, device="cpu")
+    reader = CheckpointReader(out)
+    return rep.wall_seconds, {k: reader.get(k) for k in reader.keys()}
+
+
+def cache_zoo() -> None:
+    """Seconds per OptMerge trial on the zoo (seed 0, LoRA experts), without and with the process cache."""
+    print(
+        f"OptMerge trials on the zoo (seed 0, LoRA experts), {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    head = f"{'variant':7} {'trial':30} {'no cache s':>10} {'cache s':>8} {'identical':>9}"
+    print(head)
+    print("-" * len(head))
+    before = os.environ.get(CACHE_ENV)
+    with tempfile.TemporaryDirectory() as tmp:
+        zoo_trial({"variant": "lora", "steps": 2}, Path(tmp) / "warm-up", "0")
+        for variant in ("full", "lora"):
+            os.environ[CACHE_ENV] = "2048"
+            process_cache().clear()  # type: ignore[union-attr]
+            for i, trial in enumerate(ZOO_TRIALS):
+                params = {"variant": variant, **trial}
+                plain, a = zoo_trial(params, Path(tmp) / f"{variant}{i}n", "0")
+                cached, b = zoo_trial(params, Path(tmp) / f"{variant}{i}c", "2048")
+                same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+                print(f"{variant:7} {str(trial):30} {plain:10.2f} {cached:8.2f} {str(same):>9}", flush=True)
+    if before is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = before
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help=f"only {QUICK_SHAPES}")
@@ -229,9 +276,15 @@ def main() -> None:
     ap.add_argument(
         "--adam-steps", type=int, default=20, help="--cache: Adam steps of the full variant's trials"
     )
+    ap.add_argument(
+        "--cache-zoo", action="store_true", help="the same through whole merges of the zoo's LoRA experts"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cache_zoo:
+        cache_zoo()
+        return
     if args.cache:
         chosen = (
             [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]

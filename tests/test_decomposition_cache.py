@@ -115,11 +115,12 @@ def test_run_merge_trials_reuse_the_cache(
     cache = process_cache()
     assert cache is not None
     cache.clear()
-    cached = []
+    cached, misses = [], []
     for i, params in enumerate(trials):
         merge(base=base_dir, experts=experts, method=method, params=params, out=tmp_path / f"c{i}", device="cpu")
         cached.append(read_all(tmp_path / f"c{i}"))
-    assert cache.hits > 0 and cache.hits >= cache.misses  # the second trial found every decomposition
+        misses.append(cache.misses)
+    assert misses[0] > 0 and cache.hits > 0 and misses[1] - misses[0] < misses[0]  # the second trial reused work
     monkeypatch.setenv(CACHE_ENV, "0")
     for i, params in enumerate(trials):
         merge(base=base_dir, experts=experts, method=method, params=params, out=tmp_path / f"n{i}", device="cpu")

@@ -260,8 +260,9 @@ def quadratic_factors(
         svd: ``"lapack"`` (batched thin SVD) or ``"gram"`` (float64 Gram eigendecomposition), see :func:`_top_k`.
         coefficients: per-expert loss weights ``c_i >= 0`` (float64 ``(N,)``), or None for all ones.
         ctx: the merge context; with a ``ctx.cache`` the per-expert spectra (:func:`_spectrum` of the active task
-            vectors, and of their centred form) are looked up by content, so trials that change only the rank,
-            the coefficients or the solver reuse them.
+            vectors, and of their centred form; independent of the rank) and the unweighted rank-k pieces
+            ``P_i``, ``t_i P_i`` are looked up by content, so trials that change only the coefficients or the
+            solver reuse both, and trials that change the rank reuse the spectra.
 
     Returns:
         ``(F, H)``, or None when every expert is (near) zero.
@@ -280,34 +281,33 @@ def quadratic_factors(
     digest = tensor_digest(deltas) if ctx is not None and ctx.cache is not None else ""
 
     def top_k(xs: Tensor, centred: bool) -> tuple[Tensor, Tensor, bool]:
-        # the spectrum depends on the content of deltas, the centring and the solver alone: rank and coefficients
-        # only slice and weigh it, so every trial of a campaign reuses it
+        # the full spectrum depends on the content, the centring and the solver alone (not on the rank)
         spectrum = None
         if ctx is not None:
             spectrum = cached(ctx, "quadratic_spectrum", digest, lambda: _spectrum(xs, svd), svd, centred)
-        basis, p, left = _top_k(xs, k, svd, spectrum)
-        if keep is None:
-            return basis, p, left
-        return basis[keep], p[keep], left
+        return _top_k(xs, k, svd, spectrum)
 
-    if not (centred_target and centred_projector):
-        basis, p, left = top_k(xa, False)
-    if centred_target or centred_projector:
-        mean = x.mean(dim=0)
-        xc = xa - mean
-        basis_c, p_c, left_c = top_k(xc, True)
-        if centred_projector:
-            p = p_c
-        if keep is not None:
-            xc = xc[keep]
-    if keep is not None:
-        xa = xa[keep]
-    if centred_target:
-        tp = (
-            _truncated_times(xc.to(p.dtype), basis_c, left_c, p) + mean.to(p.dtype) @ p
-        )  # t_i P_i, (N', m, k)
+    def pieces() -> tuple[Tensor, Tensor]:
+        # P_i and t_i P_i of every active expert, unweighted: the content and the rank decide them, the
+        # coefficients only select and weigh them below
+        if not (centred_target and centred_projector):
+            basis, p, left = top_k(xa, False)
+        if centred_target or centred_projector:
+            mean = x.mean(dim=0)
+            xc = xa - mean
+            basis_c, p_c, left_c = top_k(xc, True)
+            if centred_projector:
+                p = p_c
+        if centred_target:
+            return p, _truncated_times(xc.to(p.dtype), basis_c, left_c, p) + mean.to(p.dtype) @ p
+        return p, _truncated_times(xa.to(p.dtype), basis, left, p)
+
+    if ctx is None:
+        p, tp = pieces()  # tp: t_i P_i, (N', m, k)
     else:
-        tp = _truncated_times(xa.to(p.dtype), basis, left, p)
+        p, tp = cached(ctx, "quadratic_pieces", digest, pieces, svd, centred_target, centred_projector, k)
+    if keep is not None:
+        p, tp = p[keep], tp[keep]
     w_sqrt = w_sqrt.to(p.dtype)
     f = (p * w_sqrt).permute(1, 0, 2).reshape(x.shape[2], -1)
     h = (tp * w_sqrt).permute(1, 0, 2).reshape(x.shape[1], -1)
