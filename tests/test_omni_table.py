@@ -75,3 +75,19 @@ def test_a_full_ft_expert_changes_only_the_decoder_linears_and_its_connector(qui
     assert any(k.startswith("model.language_model.layers.") for k in changed)
     stripped = load_file(str(root / "merge" / "full" / "audio" / "model.safetensors"))
     assert not any(k.startswith(("model.visual.", "model.video_visual.")) for k in stripped)
+
+
+def test_mergelab_bench_omni_cli_runs_the_quick_table(quick_run, tmp_path: Path) -> None:
+    """``mergelab bench omni`` calls the same :func:`~mergelab.bench.omni.table.run` (the zoo is already built)."""
+    from click.testing import CliRunner
+
+    from mergelab.platform.cli import main as cli
+
+    out = tmp_path / "cli.json"
+    res = CliRunner().invoke(cli, ["bench", "omni", "--zoo", str(quick_run[0]), "--quick", "--methods",
+                                   "task_arithmetic", "--json-out", str(out)])
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    assert {f"expert/{m}/lora" for m in data.MODALITIES} | {"lora/task_arithmetic"} <= set(
+        result["per_seed"][0]["models"])
+    assert "MUSIC-AVQA" in res.output

@@ -1,4 +1,5 @@
-"""``mergelab bench``: build the offline benchmark's model zoo and print its tables (mergelab.bench.zoo_*)."""
+"""``mergelab bench``: build the offline benchmark's model zoo and print its tables (mergelab.bench.zoo_*), and run
+the omni (modality-merging) experiment (mergelab.bench.omni)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,31 @@ def table(zoo_dir: Path | None, merges: bool, settings: str, methods: str | None
             click.echo(f"  {line}")
     if json_out:
         json_out.write_text(json.dumps(result, indent=1, default=str))
+
+
+
+@bench.command("omni")
+@click.option("--zoo", "zoo_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Zoo root; <zoo>/omni/seed<k> (base, experts, merge layout) is built when missing.")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated zoo seeds.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes for expert training (2 on a 2-core machine).")
+@click.option("--device", default="cpu", show_default=True, help="Training, merge and evaluation device.")
+@click.option("--settings", default=None, help="Expert settings: lora, full (default: both).")
+@click.option("--methods", default=None, help="Comma-separated methods (default: every paper method).")
+@click.option("--lam", "lam_grid", default=None, help="Comma-separated lambda grid swept on val (default 0.5,1,1.5).")
+@click.option("--quick", is_flag=True, help="Test-sized models and evaluation (about a minute on 2 cores).")
+@click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the results as JSON.")
+def omni(zoo_dir: Path, seeds: str, jobs: int, device: str, settings: str | None, methods: str | None,
+         lam_grid: str | None, quick: bool, json_out: Path | None) -> None:
+    """Modality merging (the paper's Table 5): vision, audio and video experts merged into one omni model."""
+    from mergelab.bench.omni.table import run
+
+    run(zoo_dir, [int(s) for s in seeds.split(",")], jobs=jobs, device=device, json_out=json_out, quick=quick,
+        methods=methods.split(",") if methods else None,
+        lam_grid=[float(x) for x in lam_grid.split(",")] if lam_grid else None,
+        settings=settings.split(",") if settings else None, log=click.echo)
 
 
 COMMANDS = [bench]

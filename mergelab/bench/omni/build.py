@@ -166,7 +166,7 @@ def build(zoo: str | Path, seed: int = 0, plan: OmniPlan | None = None, *, jobs:
     root = seed_dir(zoo, seed)
     manifest = root / "build.json"
     info: dict[str, Any] = json.loads(manifest.read_text()) if manifest.is_file() else {}
-    if info.get("plan") not in (None, plan.to_dict()):
+    if info.get("plan") not in (None, json.loads(json.dumps(plan.to_dict()))):  # as the manifest stores it
         raise ValueError(f"{root}: built with another plan; use another --zoo or delete it")
     info["plan"] = plan.to_dict()
     t0 = time.perf_counter()
