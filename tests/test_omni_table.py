@@ -15,6 +15,7 @@ from mergelab.bench.omni.__main__ import main
 from mergelab.bench.omni.build import seed_dir
 from mergelab.bench.omni.table import merge_experts
 from mergelab.bench.omni.train import TOWERS
+from mergelab.engine import merge
 
 torch.set_num_threads(1)
 
@@ -91,3 +92,30 @@ def test_mergelab_bench_omni_cli_runs_the_quick_table(quick_run, tmp_path: Path)
     assert {f"expert/{m}/lora" for m in data.MODALITIES} | {"lora/task_arithmetic"} <= set(
         result["per_seed"][0]["models"])
     assert "MUSIC-AVQA" in res.output
+
+
+@pytest.mark.parametrize("lora_merge", ["delta", "factors"])
+def test_lora_adapters_merge_with_owned_towers_in_both_modes(quick_run, tmp_path: Path, lora_merge: str) -> None:
+    """The paper's setting straight from the peft adapters (connector in ``modules_to_save``): policy ``auto`` picks
+    the omni preset, each connector comes bit for bit from its expert, the report names the owner."""
+    root = seed_dir(quick_run[0], 0)
+    experts = [{"path": root / "experts" / "lora" / m / "adapter", "name": m} for m in data.MODALITIES]
+    report = merge(base=root / "base", experts=experts, method="ties", params={"lam": 1.0}, policy="auto",
+                   lora_merge=lora_merge, out=tmp_path / "m", device="cpu")
+    assert report.policy["name"] == "omni_thinker"
+    merged = load_file(str(tmp_path / "m" / "model.safetensors"))
+    base = load_file(str(root / "base" / "model.safetensors"))
+    owners = {t.name: t.owner for t in report.tensors}
+    for m, prefix in TOWERS.items():
+        full = load_file(str(root / "experts" / "lora" / m / "model.safetensors"))
+        names = [k for k in merged if k.startswith(prefix)]
+        assert names and all(torch.equal(merged[k], full[k]) for k in names)
+        assert {owners[k] for k in names if not torch.equal(full[k], base[k])} == {m}
+    llm = [t.name for t in report.tensors if t.rule in ("merge", "factors")]
+    assert llm and all(n.startswith("model.language_model.") for n in llm)
+    if lora_merge == "delta":  # the same merge as the stripped merge/ layout with carry_unique
+        ref = tmp_path / "ref"
+        merge_experts(root, "lora", "ties", 1.0, ref)
+        want = load_file(str(ref / "model.safetensors"))
+        for n in llm:
+            torch.testing.assert_close(merged[n], want[n])
