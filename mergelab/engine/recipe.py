@@ -253,7 +253,8 @@ class MergeRecipe:
 
     def identity(self) -> dict[str, Any]:
         """What makes two merges the same: inputs by content hash, the resolved hyperparameters, the policy,
-        dtypes, seed and ``carry_unique``; not the device, the shard size, paths or display names."""
+        dtypes, seed, ``carry_unique`` and a non-default ``output`` or ``lora_merge``; not the device, the shard
+        size, paths or display names."""
         return {
             "base": content_hash(self.base),
             "experts": [{"sha256": content_hash(e.path), "coefficient": e.coefficient} for e in self.experts],
