@@ -166,17 +166,6 @@ def write_campaign(case: Path, family: Path, experts: list[Path], name: str = "f
     return p
 
 
-def init_store(env: dict[str, str]) -> None:
-    """Create MLflow's schema once before the workers start, as the compose stack's server does: several processes
-    opening a fresh MLflow SQL store at once race in its migrations (seen here: the losers die with alembic's
-    "Online migration expected to match one row" or a CircularDependencyError)."""
-    from mergelab.platform.store import Store
-
-    Store.resolve(env.get("MERGELAB_ROOT"), tracking_uri=env.get("MLFLOW_TRACKING_URI"),
-                  artifact_root=env.get("MERGELAB_ARTIFACT_ROOT"),
-                  optuna_storage=env.get("MERGELAB_OPTUNA_STORAGE")).client().search_experiments()
-
-
 def wait_busy(env: dict[str, str], procs: list[subprocess.Popen], name: str = "faults", timeout: float = 120) -> None:
     """Until a trial of the study runs (the workers are past their imports and at work)."""
     import optuna
@@ -249,8 +238,7 @@ def campaign_case(work: Path, env: dict[str, str], n_workers: int, fault: str, r
     case = Path(tempfile.mkdtemp(prefix=f"{fault}-{n_workers}w-", dir=work))
     family = case / "family"
     base, experts = build_family(family)
-    config = write_campaign(case, family, experts)
-    init_store(env)
+    config = write_campaign(case, family, experts)  # the workers create the fresh store's schema (Store.client)
     procs = [start_worker(config, env) for _ in range(n_workers)]
     t0 = time.monotonic()
     wait_busy(env, procs)

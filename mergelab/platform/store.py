@@ -13,20 +13,30 @@ metrics and tables with MLflow-safe names.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
 import tempfile
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+import sqlalchemy
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import NullPool
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, the first initialisation of a SQLite store is not serialised there
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +138,21 @@ class Store:
         return cls(tracking_uri=uri, artifact_root=art, optuna_storage=opt)
 
     def client(self) -> MlflowClient:
-        """A client bound to this store's tracking and registry URI (no process-global state)."""
-        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        """A client bound to this store's tracking and registry URI (no process-global state).
+
+        The first client of a SQL store in a process is made under :func:`schema_lock`: MLflow creates its schema
+        (tables, then the alembic migrations) when a process first opens an empty database, and workers opening a
+        fresh store together raced in it (the losers died with an alembic or duplicate-table error). Later calls
+        take no lock.
+        """
+        uri = self.tracking_uri
+        if uri in _SCHEMA_READY or not uri.startswith(_SQL_SCHEMES):
+            return MlflowClient(tracking_uri=uri, registry_uri=uri)
+        with _SCHEMA_READY_LOCK, schema_lock(uri):
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # builds (or verifies) the tracking schema
+            client.search_registered_models(max_results=1)  # the registry store checks the same schema
+            _SCHEMA_READY.add(uri)
+        return client
 
     def experiment_id(self, name: str = DEFAULT_EXPERIMENT, client: MlflowClient | None = None,
                       description: str = EXPERIMENT_DESCRIPTION) -> str:
@@ -156,6 +179,46 @@ class Store:
             if exp is None:
                 raise
             return exp.experiment_id
+
+
+_SQL_SCHEMES = ("sqlite:", "postgresql", "mysql", "mssql")
+_SCHEMA_READY: set[str] = set()  # the SQL stores this process has opened under the lock
+_SCHEMA_READY_LOCK = threading.Lock()
+_PG_LOCK_KEY = 0x6D657267656C6162  # "mergelab": a session-level advisory lock (scoped to the database)
+
+
+@contextlib.contextmanager
+def schema_lock(uri: str) -> Iterator[None]:
+    """Serialise the first opening of SQL database ``uri`` (schema creation, migrations) across processes.
+
+    A SQLite database ``<dir>/<name>.db`` is locked with ``flock`` on ``<dir>/.<name>-init.lock`` (POSIX), a
+    PostgreSQL database with a session-level advisory lock on a separate connection. Other databases (MySQL,
+    MSSQL), ``sqlite://`` in memory and Windows take no lock. Usable for MLflow's store and Optuna's RDB storage
+    alike: both build their schema with alembic on first use.
+
+    Args:
+        uri: the SQLAlchemy URL of the database.
+    """
+    with contextlib.ExitStack() as stack:
+        if uri.startswith("sqlite:///") and fcntl is not None:
+            db = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+            try:
+                fh = stack.enter_context(open(db.parent / f".{db.stem}-init.lock", "a"))
+            except OSError as e:  # a read-only directory: MLflow reports what is wrong with it
+                log.debug("no init lock for %s: %s", uri, e)
+            else:
+                fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file is closed
+        elif uri.startswith("postgresql"):
+            engine = sqlalchemy.create_engine(uri, poolclass=NullPool)
+            stack.callback(engine.dispose)
+            try:
+                conn = stack.enter_context(engine.connect())
+            except SQLAlchemyError as e:  # unreachable: MLflow retries and reports it
+                log.debug("no init lock for %s: %s", uri, e)
+            else:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
+                stack.callback(conn.execute, sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK_KEY})
+        yield
 
 
 def _same_sqlite_file(a: str, b: str) -> bool:
