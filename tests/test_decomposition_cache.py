@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from mergelab.engine import CheckpointReader, merge
-from mergelab.engine.cache import CACHE_ENV, DecompositionLRU, cache_bytes_from_env, process_cache, value_bytes
+from mergelab.engine.cache import (
+    CACHE_ENV,
+    DecompositionLRU,
+    cache_bytes_from_env,
+    default_cache_bytes,
+    process_cache,
+    value_bytes,
+)
 from mergelab.methods import METHODS, MergeContext
 
 # (method, params of a first trial, params of a second trial that shares the cached decompositions)
@@ -89,6 +96,8 @@ def test_lru_respects_the_byte_bound() -> None:
 
 
 def test_env_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    assert cache_bytes_from_env() == default_cache_bytes() and 0 < default_cache_bytes() <= 2048 * 2**20
     monkeypatch.setenv(CACHE_ENV, "0")
     assert process_cache() is None
     monkeypatch.setenv(CACHE_ENV, "1.5")

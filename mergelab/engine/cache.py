@@ -7,8 +7,9 @@ in every trial. :func:`process_cache` is the one in-memory store :func:`~mergela
 every method through ``MergeContext.cache``; methods key it by the content of the tensors they decompose
 (:func:`mergelab.methods.base.cached`), so a hit is always the value a fresh computation would return, bit for bit.
 
-The store is a least-recently-used map bounded in bytes: ``MERGELAB_DECOMP_CACHE_MB`` (read when the cache is
-first used; default 2048, ``0`` turns it off). A value larger than the bound is computed and not kept.
+The store is a least-recently-used map bounded in bytes: ``MERGELAB_DECOMP_CACHE_MB`` (read at every merge;
+default 2048 MiB or a quarter of the physical memory, whichever is smaller; ``0`` turns it off). A value larger than
+the bound is computed and not kept.
 """
 
 from __future__ import annotations
@@ -104,15 +105,27 @@ _PROCESS: DecompositionLRU | None = None
 _PROCESS_LOCK = threading.Lock()
 
 
+def default_cache_bytes() -> int:
+    """2048 MiB, or a quarter of the physical memory when that is less (2048 MiB where it cannot be read)."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        ram = 0
+    limit = DEFAULT_CACHE_MB * 2**20
+    return min(limit, ram // 4) if ram > 0 else limit
+
+
 def cache_bytes_from_env() -> int:
-    """The bound from ``MERGELAB_DECOMP_CACHE_MB`` (MiB; default 2048).
+    """The bound from ``MERGELAB_DECOMP_CACHE_MB`` (MiB; default :func:`default_cache_bytes`).
 
     Raises:
         ValueError: when the variable is not a non-negative number.
     """
     raw = os.environ.get(CACHE_ENV, "").strip()
+    if not raw:
+        return default_cache_bytes()
     try:
-        mb = float(raw) if raw else float(DEFAULT_CACHE_MB)
+        mb = float(raw)
     except ValueError:
         raise ValueError(f"{CACHE_ENV} must be a number of MiB, got {raw!r}") from None
     if mb < 0:
