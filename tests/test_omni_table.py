@@ -119,3 +119,22 @@ def test_lora_adapters_merge_with_owned_towers_in_both_modes(quick_run, tmp_path
         want = load_file(str(ref / "model.safetensors"))
         for n in llm:
             torch.testing.assert_close(merged[n], want[n])
+
+
+def test_bench_omni_track_makes_each_merge_an_mlflow_run(quick_run, tmp_path: Path, platform_store) -> None:
+    """``--track``: every merge a run of the ``omni`` experiment; the chosen merge's run holds its test scores."""
+    from click.testing import CliRunner
+
+    from mergelab.platform.cli import main as cli
+
+    res = CliRunner().invoke(cli, ["bench", "omni", "--zoo", str(quick_run[0]), "--quick", "--methods",
+                                   "task_arithmetic", "--track", "--experiment", "omni-test"])
+    assert res.exit_code == 0, res.output
+    client = platform_store.client()
+    exp = client.get_experiment_by_name("omni-test")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 2  # quick: lambda grid (1.0,): the sweep's merge, then the chosen one again
+    assert {r.info.run_name for r in runs} == {"seed0/lora/task_arithmetic/lam1.0"}
+    scored = [r for r in runs if "test/cross_avg" in r.data.metrics]
+    assert len(scored) == 1 and "test/own/audio" in scored[0].data.metrics
+    assert scored[0].data.params["method"] == "task_arithmetic"

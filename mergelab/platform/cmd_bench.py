@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -89,15 +91,41 @@ def table(zoo_dir: Path | None, merges: bool, settings: str, methods: str | None
 @click.option("--quick", is_flag=True, help="Test-sized models and evaluation (about a minute on 2 cores).")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON.")
+@click.option("--track", is_flag=True, help="Each merge an MLflow run (the store of MERGELAB_ROOT / "
+                                            "MLFLOW_TRACKING_URI); the chosen merges get their test scores.")
+@click.option("--experiment", default="omni", show_default=True, help="MLflow experiment of the tracked merges.")
 def omni(zoo_dir: Path, seeds: str, jobs: int, device: str, settings: str | None, methods: str | None,
-         lam_grid: str | None, quick: bool, json_out: Path | None) -> None:
+         lam_grid: str | None, quick: bool, json_out: Path | None, track: bool, experiment: str) -> None:
     """Modality merging (the paper's Table 5): vision, audio and video experts merged into one omni model."""
     from mergelab.bench.omni.table import run
 
+    merger, on_scores = _omni_tracking(experiment) if track else (None, None)
     run(zoo_dir, [int(s) for s in seeds.split(",")], jobs=jobs, device=device, json_out=json_out, quick=quick,
         methods=methods.split(",") if methods else None,
         lam_grid=[float(x) for x in lam_grid.split(",")] if lam_grid else None,
-        settings=settings.split(",") if settings else None, log=click.echo)
+        settings=settings.split(",") if settings else None, log=click.echo, merger=merger, on_scores=on_scores)
+
+
+def _omni_tracking(experiment: str) -> tuple[Callable[[Any, Path, str], Any], Callable[[str, dict[str, float]], None]]:
+    """A merger making each omni merge an MLflow run in ``experiment`` (run name ``seed<k>/<setting>/<method>/
+    lam<lam>``), and a callback logging a chosen merge's test scores (``test/<metric>``) to its run, the last one
+    of that name."""
+    from mergelab.platform.merge_run import tracked_merge
+    from mergelab.platform.store import Store, log_metrics
+
+    store = Store.resolve()
+    last: dict[str, str] = {}
+
+    def merger(recipe: Any, out: Path, name: str) -> Any:  # a MergeRecipe (the engine is imported lazily)
+        tm = tracked_merge(recipe, store=store, experiment=experiment, run_name=name, out=out, overwrite=True,
+                           tags={"mergelab.omni": name})
+        last[name.rsplit("/lam", 1)[0]] = tm.run_id
+        return tm.report
+
+    def on_scores(name: str, scores: dict[str, float]) -> None:
+        log_metrics(store.client(), last[name], {f"test/{k}": v for k, v in scores.items()})
+
+    return merger, on_scores
 
 
 COMMANDS = [bench]

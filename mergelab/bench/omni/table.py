@@ -6,7 +6,9 @@ engine (``carry_unique=True``: each tower comes from its one owner, bit for bit)
 the cross-modal average, and score the chosen merge on the test split. Rows: the two cross-modal sets and their
 average, then each modality's own tasks; columns: the three experts and every method (mean and spread over seeds).
 
-Entry point: :func:`run` (``python -m mergelab.bench.omni``).
+Entry point: :func:`run` (``mergelab bench omni``, ``python -m mergelab.bench.omni``). Every merge goes through a
+:data:`Merger` (default: the engine's :func:`~mergelab.engine.run_merge`); ``mergelab bench omni --track`` passes
+one that makes each merge an MLflow run, and gets each chosen merge's test scores through ``on_scores``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from mergelab.bench.omni import data, metrics
 from mergelab.bench.omni.build import OmniPlan, build
 from mergelab.bench.omni.train import answers
-from mergelab.engine import merge
+from mergelab.engine import MergeRecipe, run_merge
 from mergelab.methods import METHODS
 from mergelab.methods.base import LAM_GRID
 
@@ -80,15 +82,27 @@ def _load(path: Path) -> Any:
     return AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True).eval()
 
 
-def merge_experts(root: Path, setting: str, method: str, lam: float | None, out: Path, device: str = "cpu") -> Any:
+Merger = Callable[[MergeRecipe, Path, str], Any]
+"""Runs one merge: ``merger(recipe, out, name)`` writes the merged model to ``out`` (``name``:
+``seed<k>/<setting>/<method>/lam<lam>``) and returns the engine's report."""
+
+
+def engine_merger(recipe: MergeRecipe, out: Path, name: str) -> Any:
+    """The default :data:`Merger`: the engine alone (``overwrite``: the table reuses one output directory)."""
+    return run_merge(recipe, out, overwrite=True)
+
+
+def merge_experts(root: Path, setting: str, method: str, lam: float | None, out: Path, device: str = "cpu",
+                  merger: Merger | None = None, name: str = "") -> Any:
     """Merge seed directory ``root``'s three ``setting`` experts with ``method`` at ``lam`` into ``out``."""
     spec = METHODS[method]
     params = spec.setting_params(setting)
     if lam is not None:
         params["lam"] = lam
-    return merge(base=root / "merge" / "base", experts=[root / "merge" / setting / m for m in data.MODALITIES],
-                 method=method, params=params, policy="llama", carry_unique=True, out=out, overwrite=True,
-                 device=device)
+    recipe = MergeRecipe.build(base=root / "merge" / "base", method=method, params=params, policy="llama",
+                               experts=[{"path": root / "merge" / setting / m, "name": m} for m in data.MODALITIES],
+                               carry_unique=True, device=device)
+    return (merger or engine_merger)(recipe, out, name or f"{setting}/{method}/lam{lam}")
 
 
 def methods_to_run(names: Sequence[str] | None = None) -> list[str]:
@@ -103,8 +117,12 @@ def methods_to_run(names: Sequence[str] | None = None) -> list[str]:
 
 def run_seed(zoo: str | Path, seed: int, *, plan: OmniPlan | None = None, sizes: EvalSizes | None = None,
              methods: Sequence[str] | None = None, lam_grid: Sequence[float] = (0.5, 1.0, 1.5), jobs: int = 1,
-             device: str = "cpu", log: Callable[[str], None] = print) -> dict[str, Any]:
+             device: str = "cpu", log: Callable[[str], None] = print, merger: Merger | None = None,
+             on_scores: Callable[[str, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """One seed of the experiment: ``{"models": {name: scores}, "lam": {name: chosen}, "seconds": ...}``.
+
+    ``merger`` runs each merge (:data:`Merger`); ``on_scores(f"seed<k>/<setting>/<method>", test scores)`` is called
+    right after the chosen merge (the last one of that name) is scored on test.
 
     Model names: ``expert/<modality>/<setting>`` and ``<setting>/<method>`` (LoRA experts are merged on their weight
     deltas ``scaling * B @ A``, the engine's LoRA mode).
@@ -127,13 +145,17 @@ def run_seed(zoo: str | Path, seed: int, *, plan: OmniPlan | None = None, sizes:
             best: tuple[float, float | None] = (-1.0, None)
             with tempfile.TemporaryDirectory() as tmp:
                 for lam in grid:
-                    merge_experts(root, setting, method, lam, Path(tmp) / "m", device)
+                    merge_experts(root, setting, method, lam, Path(tmp) / "m", device, merger,
+                                  f"seed{seed}/{setting}/{method}/lam{lam}")
                     score = evaluate(_load(Path(tmp) / "m"), processor, val)["cross_avg"] if len(grid) > 1 else 0.0
                     best = max(best, (score, lam), key=lambda x: x[0])
-                merge_experts(root, setting, method, best[1], Path(tmp) / "m", device)
+                merge_experts(root, setting, method, best[1], Path(tmp) / "m", device, merger,
+                              f"seed{seed}/{setting}/{method}/lam{best[1]}")
                 name = f"{setting}/{method}"
                 models[name] = evaluate(_load(Path(tmp) / "m"), processor, test)
                 chosen[name] = best[1]
+                if on_scores is not None:
+                    on_scores(f"seed{seed}/{name}", models[name])
             log(f"omni seed {seed}: {name} lam {best[1]} cross avg {models[name]['cross_avg']:.1f}")
     return {"models": models, "lam": chosen, "seconds": time.perf_counter() - t0}
 
@@ -170,7 +192,8 @@ def format_table(agg: dict[str, dict[str, dict[str, float]]], setting: str) -> s
 def run(zoo: str | Path, seeds: Sequence[int] = (0,), *, jobs: int = 1, device: str = "cpu",
         json_out: str | Path | None = None, quick: bool = False, methods: Sequence[str] | None = None,
         lam_grid: Sequence[float] | None = None, settings: Sequence[str] | None = None,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+        log: Callable[[str], None] = print, merger: Merger | None = None,
+        on_scores: Callable[[str, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """The whole omni experiment over ``seeds``; prints the tables and returns (and optionally writes) the JSON.
 
     Args:
@@ -183,6 +206,8 @@ def run(zoo: str | Path, seeds: Sequence[int] = (0,), *, jobs: int = 1, device: 
         methods: method names (default: every paper method of :data:`mergelab.methods.METHODS`).
         lam_grid: lambda values swept on val (default (0.5, 1.0, 1.5), a subset of the paper's grid).
         settings: expert settings (default: the plan's, ``lora`` and ``full``).
+        log: called with each progress line and table.
+        merger, on_scores: passed to :func:`run_seed` (each merge as an MLflow run, from the platform).
     """
     plan = OmniPlan.quick() if quick else OmniPlan()
     plan = replace(plan, settings=tuple(settings)) if settings else plan
@@ -193,7 +218,7 @@ def run(zoo: str | Path, seeds: Sequence[int] = (0,), *, jobs: int = 1, device: 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     per_seed = [run_seed(zoo, s, plan=plan, sizes=sizes, methods=methods, lam_grid=grid, jobs=jobs, device=device,
-                         log=log) for s in seeds]
+                         log=log, merger=merger, on_scores=on_scores) for s in seeds]
     agg = aggregate(per_seed)
     result = {"seeds": list(seeds), "plan": plan.to_dict(), "lam_grid": list(grid), "aggregate": agg,
               "per_seed": per_seed, "seconds": time.perf_counter() - t0}
