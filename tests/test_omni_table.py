@@ -86,12 +86,13 @@ def test_mergelab_bench_omni_cli_runs_the_quick_table(quick_run, tmp_path: Path)
 
     out = tmp_path / "cli.json"
     res = CliRunner().invoke(cli, ["bench", "omni", "--zoo", str(quick_run[0]), "--quick", "--methods",
-                                   "task_arithmetic", "--json-out", str(out)])
+                                   "task_arithmetic", "--lora-merge", "delta,factors", "--json-out", str(out)])
     assert res.exit_code == 0, res.output
     result = json.loads(out.read_text())
-    assert {f"expert/{m}/lora" for m in data.MODALITIES} | {"lora/task_arithmetic"} <= set(
-        result["per_seed"][0]["models"])
-    assert "MUSIC-AVQA" in res.output
+    assert {f"expert/{m}/lora" for m in data.MODALITIES} | {"lora/task_arithmetic", "lora/task_arithmetic/factors"} \
+        <= set(result["per_seed"][0]["models"])
+    assert {"cross_avg", "own/audio"} <= set(result["per_seed"][0]["models"]["lora/task_arithmetic/factors"])
+    assert "MUSIC-AVQA" in res.output and "task_arithmetic/factors" in res.output
 
 
 @pytest.mark.parametrize("lora_merge", ["delta", "factors"])

@@ -88,6 +88,9 @@ def table(zoo_dir: Path | None, merges: bool, settings: str, methods: str | None
 @click.option("--settings", default=None, help="Expert settings: lora, full (default: both).")
 @click.option("--methods", default=None, help="Comma-separated methods (default: every paper method).")
 @click.option("--lam", "lam_grid", default=None, help="Comma-separated lambda grid swept on val (default 0.5,1,1.5).")
+@click.option("--lora-merge", "lora_modes", default="delta", show_default=True,
+              help="LoRA merge modes, comma-separated: delta (scaling * B @ A), factors (A and B merged separately, "
+                   "as the official modality script; models lora/<method>/factors).")
 @click.option("--quick", is_flag=True, help="Test-sized models and evaluation (about a minute on 2 cores).")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON.")
@@ -95,7 +98,8 @@ def table(zoo_dir: Path | None, merges: bool, settings: str, methods: str | None
                                             "MLFLOW_TRACKING_URI); the chosen merges get their test scores.")
 @click.option("--experiment", default="omni", show_default=True, help="MLflow experiment of the tracked merges.")
 def omni(zoo_dir: Path, seeds: str, jobs: int, device: str, settings: str | None, methods: str | None,
-         lam_grid: str | None, quick: bool, json_out: Path | None, track: bool, experiment: str) -> None:
+         lam_grid: str | None, lora_modes: str, quick: bool, json_out: Path | None, track: bool,
+         experiment: str) -> None:
     """Modality merging (the paper's Table 5): vision, audio and video experts merged into one omni model."""
     from mergelab.bench.omni.table import run
 
@@ -103,7 +107,8 @@ def omni(zoo_dir: Path, seeds: str, jobs: int, device: str, settings: str | None
     run(zoo_dir, [int(s) for s in seeds.split(",")], jobs=jobs, device=device, json_out=json_out, quick=quick,
         methods=methods.split(",") if methods else None,
         lam_grid=[float(x) for x in lam_grid.split(",")] if lam_grid else None,
-        settings=settings.split(",") if settings else None, log=click.echo, merger=merger, on_scores=on_scores)
+        settings=settings.split(",") if settings else None, log=click.echo, merger=merger, on_scores=on_scores,
+        lora_modes=lora_modes.split(","))
 
 
 def _omni_tracking(experiment: str) -> tuple[Callable[[Any, Path, str], Any], Callable[[str, dict[str, float]], None]]:

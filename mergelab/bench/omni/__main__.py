@@ -19,12 +19,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--methods", default=None, help="comma-separated methods (default: every paper method)")
     ap.add_argument("--lam", default=None, help="comma-separated lambda grid swept on val (default 0.5,1,1.5)")
     ap.add_argument("--settings", default=None, help="comma-separated expert settings: lora,full (default both)")
+    ap.add_argument("--lora-merge", default="delta", help="LoRA merge modes: delta, factors (default delta)")
     ap.add_argument("--quick", action="store_true", help="test-sized models and evaluation")
     a = ap.parse_args(argv)
     run(a.zoo, [int(s) for s in a.seeds.split(",")], jobs=a.jobs, device=a.device, json_out=a.json_out,
         quick=a.quick, methods=a.methods.split(",") if a.methods else None,
         lam_grid=[float(x) for x in a.lam.split(",")] if a.lam else None,
-        settings=a.settings.split(",") if a.settings else None)
+        settings=a.settings.split(",") if a.settings else None, lora_modes=a.lora_merge.split(","))
     return 0
 
 

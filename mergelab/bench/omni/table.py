@@ -2,7 +2,8 @@
 
 For each seed: build what is missing (:func:`mergelab.bench.omni.build.build`), score each expert with only its
 own modality (the paper's "individual" columns), merge the three experts with every registered method through the
-engine (``carry_unique=True``: each tower comes from its one owner, bit for bit), pick lambda on the val split by
+engine (``carry_unique=True``: each tower comes from its one owner, bit for bit; with ``lora_modes`` ``factors``
+also the LoRA adapters themselves on their raw factors, connectors owned), pick lambda on the val split by
 the cross-modal average, and score the chosen merge on the test split. Rows: the two cross-modal sets and their
 average, then each modality's own tasks; columns: the three experts and every method (mean and spread over seeds).
 
@@ -93,15 +94,30 @@ def engine_merger(recipe: MergeRecipe, out: Path, name: str) -> Any:
 
 
 def merge_experts(root: Path, setting: str, method: str, lam: float | None, out: Path, device: str = "cpu",
-                  merger: Merger | None = None, name: str = "") -> Any:
-    """Merge seed directory ``root``'s three ``setting`` experts with ``method`` at ``lam`` into ``out``."""
+                  merger: Merger | None = None, name: str = "", lora_merge: str = "delta") -> Any:
+    """Merge seed directory ``root``'s three ``setting`` experts with ``method`` at ``lam`` into ``out``.
+
+    ``lora_merge="delta"`` merges the stripped ``merge/`` layout (towers carried from their one holder);
+    ``"factors"`` (LoRA experts only) merges the peft adapters themselves on their raw factors, the connectors taken
+    from each adapter's ``modules_to_save`` (policy ``auto``: the ``omni_thinker`` preset's ``owner`` rules).
+    """
     spec = METHODS[method]
-    params = spec.setting_params(setting)
-    if lam is not None:
-        params["lam"] = lam
-    recipe = MergeRecipe.build(base=root / "merge" / "base", method=method, params=params, policy="llama",
-                               experts=[{"path": root / "merge" / setting / m, "name": m} for m in data.MODALITIES],
-                               carry_unique=True, device=device)
+    if lora_merge == "factors":
+        if setting != "lora":
+            raise ValueError(f"lora_merge 'factors' merges LoRA experts, not the {setting!r} setting")
+        # the factor mode adds the method's LoRA settings (OptMerge: the official script's) itself
+        recipe = MergeRecipe.build(base=root / "base", method=method, params={} if lam is None else {"lam": lam},
+                                   experts=[{"path": root / "experts" / "lora" / m / "adapter", "name": m}
+                                            for m in data.MODALITIES],
+                                   policy="auto", lora_merge="factors", device=device)
+    else:
+        params = spec.setting_params(setting)
+        if lam is not None:
+            params["lam"] = lam
+        recipe = MergeRecipe.build(base=root / "merge" / "base", method=method, params=params, policy="llama",
+                                   experts=[{"path": root / "merge" / setting / m, "name": m}
+                                            for m in data.MODALITIES],
+                                   carry_unique=True, device=device)
     return (merger or engine_merger)(recipe, out, name or f"{setting}/{method}/lam{lam}")
 
 
@@ -118,14 +134,17 @@ def methods_to_run(names: Sequence[str] | None = None) -> list[str]:
 def run_seed(zoo: str | Path, seed: int, *, plan: OmniPlan | None = None, sizes: EvalSizes | None = None,
              methods: Sequence[str] | None = None, lam_grid: Sequence[float] = (0.5, 1.0, 1.5), jobs: int = 1,
              device: str = "cpu", log: Callable[[str], None] = print, merger: Merger | None = None,
-             on_scores: Callable[[str, dict[str, float]], None] | None = None) -> dict[str, Any]:
+             on_scores: Callable[[str, dict[str, float]], None] | None = None,
+             lora_modes: Sequence[str] = ("delta",)) -> dict[str, Any]:
     """One seed of the experiment: ``{"models": {name: scores}, "lam": {name: chosen}, "seconds": ...}``.
+
+    ``lora_modes``: how LoRA experts are merged, ``delta`` (model ``lora/<method>``) and/or ``factors`` (model
+    ``lora/<method>/factors``, :func:`merge_experts`).
 
     ``merger`` runs each merge (:data:`Merger`); ``on_scores(f"seed<k>/<setting>/<method>", test scores)`` is called
     right after the chosen merge (the last one of that name) is scored on test.
 
-    Model names: ``expert/<modality>/<setting>`` and ``<setting>/<method>`` (LoRA experts are merged on their weight
-    deltas ``scaling * B @ A``, the engine's LoRA mode).
+    Model names: ``expert/<modality>/<setting>``, ``<setting>/<method>`` and ``lora/<method>/factors``.
     """
     t0 = time.perf_counter()
     plan = plan or OmniPlan()
@@ -142,21 +161,22 @@ def run_seed(zoo: str | Path, seed: int, *, plan: OmniPlan | None = None, sizes:
             models[f"expert/{m}/{setting}"] = evaluate(_load(root / "experts" / setting / m), processor, test, only=m)
         for method in methods_to_run(methods):
             grid: Sequence[float | None] = lam_grid if METHODS[method].has_lam else (None,)
-            best: tuple[float, float | None] = (-1.0, None)
-            with tempfile.TemporaryDirectory() as tmp:
-                for lam in grid:
-                    merge_experts(root, setting, method, lam, Path(tmp) / "m", device, merger,
-                                  f"seed{seed}/{setting}/{method}/lam{lam}")
-                    score = evaluate(_load(Path(tmp) / "m"), processor, val)["cross_avg"] if len(grid) > 1 else 0.0
-                    best = max(best, (score, lam), key=lambda x: x[0])
-                merge_experts(root, setting, method, best[1], Path(tmp) / "m", device, merger,
-                              f"seed{seed}/{setting}/{method}/lam{best[1]}")
-                name = f"{setting}/{method}"
-                models[name] = evaluate(_load(Path(tmp) / "m"), processor, test)
-                chosen[name] = best[1]
-                if on_scores is not None:
-                    on_scores(f"seed{seed}/{name}", models[name])
-            log(f"omni seed {seed}: {name} lam {best[1]} cross avg {models[name]['cross_avg']:.1f}")
+            for mode in lora_modes if setting == "lora" else ("delta",):
+                name = f"{setting}/{method}" + ("/factors" if mode == "factors" else "")
+                best: tuple[float, float | None] = (-1.0, None)
+                with tempfile.TemporaryDirectory() as tmp:
+                    for lam in grid:
+                        merge_experts(root, setting, method, lam, Path(tmp) / "m", device, merger,
+                                      f"seed{seed}/{name}/lam{lam}", mode)
+                        score = evaluate(_load(Path(tmp) / "m"), processor, val)["cross_avg"] if len(grid) > 1 else 0.0
+                        best = max(best, (score, lam), key=lambda x: x[0])
+                    merge_experts(root, setting, method, best[1], Path(tmp) / "m", device, merger,
+                                  f"seed{seed}/{name}/lam{best[1]}", mode)
+                    models[name] = evaluate(_load(Path(tmp) / "m"), processor, test)
+                    chosen[name] = best[1]
+                    if on_scores is not None:
+                        on_scores(f"seed{seed}/{name}", models[name])
+                log(f"omni seed {seed}: {name} lam {best[1]} cross avg {models[name]['cross_avg']:.1f}")
     return {"models": models, "lam": chosen, "seconds": time.perf_counter() - t0}
 
 
@@ -193,7 +213,8 @@ def run(zoo: str | Path, seeds: Sequence[int] = (0,), *, jobs: int = 1, device: 
         json_out: str | Path | None = None, quick: bool = False, methods: Sequence[str] | None = None,
         lam_grid: Sequence[float] | None = None, settings: Sequence[str] | None = None,
         log: Callable[[str], None] = print, merger: Merger | None = None,
-        on_scores: Callable[[str, dict[str, float]], None] | None = None) -> dict[str, Any]:
+        on_scores: Callable[[str, dict[str, float]], None] | None = None,
+        lora_modes: Sequence[str] = ("delta",)) -> dict[str, Any]:
     """The whole omni experiment over ``seeds``; prints the tables and returns (and optionally writes) the JSON.
 
     Args:
@@ -208,6 +229,7 @@ def run(zoo: str | Path, seeds: Sequence[int] = (0,), *, jobs: int = 1, device: 
         settings: expert settings (default: the plan's, ``lora`` and ``full``).
         log: called with each progress line and table.
         merger, on_scores: passed to :func:`run_seed` (each merge as an MLflow run, from the platform).
+        lora_modes: ``delta`` and/or ``factors``: the LoRA merge modes (:func:`run_seed`).
     """
     plan = OmniPlan.quick() if quick else OmniPlan()
     plan = replace(plan, settings=tuple(settings)) if settings else plan
@@ -218,7 +240,7 @@ def run(zoo: str | Path, seeds: Sequence[int] = (0,), *, jobs: int = 1, device: 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     per_seed = [run_seed(zoo, s, plan=plan, sizes=sizes, methods=methods, lam_grid=grid, jobs=jobs, device=device,
-                         log=log, merger=merger, on_scores=on_scores) for s in seeds]
+                         log=log, merger=merger, on_scores=on_scores, lora_modes=lora_modes) for s in seeds]
     agg = aggregate(per_seed)
     result = {"seeds": list(seeds), "plan": plan.to_dict(), "lam_grid": list(grid), "aggregate": agg,
               "per_seed": per_seed, "seconds": time.perf_counter() - t0}
