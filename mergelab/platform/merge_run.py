@@ -332,10 +332,20 @@ def discard_run(client: Any, run_id: str) -> None:
         for mv in client.search_model_versions(f"run_id = '{run_id}'"):
             with contextlib.suppress(Exception):
                 client.delete_model_version(mv.name, str(mv.version))
-        uri = client.get_run(run_id).data.tags.get(TAG_MERGED)
-        path = local_path(uri) if uri else None
-        if path is not None and (path.exists() or path.is_symlink()):
-            remove_tree(path)
+        run = client.get_run(run_id)
+        uri = run.data.tags.get(TAG_MERGED)
+        art = local_path(run.info.artifact_uri) if run.info.artifact_uri else None
+        # the recorded weights, and the run's own `merged` directory even when the run died between the engine's
+        # rename into place and the tag that records it, and any temporary output the engine left when killed
+        paths = [local_path(uri) if uri else None]
+        if art is not None:
+            paths += [art / "merged", *art.glob(".merged.tmp-*")]
+        removed = False
+        for path in {p for p in paths if p is not None}:
+            if path.exists() or path.is_symlink():
+                remove_tree(path)
+                removed = True
+        if removed:
             client.set_tag(run_id, TAG_WEIGHTS, "deleted")
     except Exception as e:  # noqa: BLE001 - the store may be what failed
         log.warning("run %s: could not discard its versions/weights: %s", run_id, e)
