@@ -29,6 +29,7 @@ the field (``recipe.yaml: experts.1.path: ...``).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from collections.abc import Sequence
@@ -177,22 +178,10 @@ class RecipeFields(BaseModel):
         experts = changes.pop("experts", None)
         if experts is None:
             experts = [ExpertSpec(e.path, e.coefficient, e.name) for e in self.experts]
-        fields: dict[str, Any] = {
-            "base": self.base,
-            "experts": experts,
-            "method": self.method,
-            "params": dict(self.params),
-            "policy": self.policy_arg(),
-            "device": self.device,
-            "dtype": self.dtype,
-            "compute_dtype": self.compute_dtype,
-            "seed": self.seed,
-            "shard_size": int(self.shard_size),
-            "carry_unique": self.carry_unique,
-            "output": self.output,
-            "adapter_rank": self.adapter_rank,
-            "lora_merge": self.lora_merge,
-        }
+        # every recipe field spelled the same here; the three that need converting, then the caller's changes
+        fields: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(MergeRecipe)}
+        fields.update(experts=experts, params=dict(self.params), policy=self.policy_arg(),
+                      shard_size=int(self.shard_size))
         fields.update(changes)
         try:
             return MergeRecipe(**fields)
