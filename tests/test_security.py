@@ -135,7 +135,9 @@ def test_stack_check_refuses_missing_placeholder_and_short_secrets(tmp_path: Pat
     proc = _check_env(tmp_path / "missing.env")
     assert proc.returncode == 2 and "not found" in proc.stderr and "cp .env.example .env" in proc.stderr
 
-    make = subprocess.run(["make", "-n", "stack-up"], cwd=ROOT, capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}  # under `make test`
+    make = subprocess.run(["make", "-s", "--no-print-directory", "-n", "stack-up"], cwd=ROOT, capture_output=True,
+                          text=True, env=env)
     if make.returncode == 0:  # no make: the script is what matters
         lines = make.stdout.splitlines()
         assert lines[0] == "docker/check-env.sh .env" and "docker compose up" in lines[-1]
