@@ -1,10 +1,12 @@
 """mergelab: merge fine-tuned (multimodal) LLM experts into one model, track it, tune it, promote it.
 
 Subpackages:
-    mergelab.engine      streaming merge engine: plan, tensor stream, merge loop, writer, report, checkpoint I/O
+    mergelab.engine      the MergeRecipe and the streaming merge engine: plan, tensor stream, merge loop, writer,
+                         report, checkpoint and adapter I/O
     mergelab.methods     pure tensor merging algorithms (OptMerge and baselines) and their table, METHODS
+    mergelab.families    one description per model family (naming schemes, policy presets, processor facts)
     mergelab.evaluators  metrics, task table, generation runner, lm-eval adapter
-    mergelab.bench       offline benchmark: procedural tasks, tiny real VLMs, expert zoo
+    mergelab.bench       offline benchmark: procedural tasks, tiny real VLMs, expert zoo, omni (modality) merging
     mergelab.platform    MLflow tracking, Optuna campaigns, model registry, CLI (the only place importing mlflow/optuna)
 """
 
