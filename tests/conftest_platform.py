@@ -9,6 +9,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -136,3 +137,23 @@ def _isolated_mlruns(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyte
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MERGELAB_ROOT", str(root))
     monkeypatch.setenv("MERGELAB_TRACK", "0")
+
+
+CAMPAIGN_TASKS = ["vqa", "geometry", "ocr"]
+
+
+def tiny_campaign(tmp_path: Path, **over: object) -> tuple[Any, WeightEvaluator]:
+    """A task-arithmetic campaign over three tiny experts (one per task of ``CAMPAIGN_TASKS``) and the evaluator
+    that scores a merge by its distance to each expert; ``over`` replaces top-level campaign fields."""
+    from mergelab.platform.campaign_config import CampaignConfig
+
+    base, experts = make_expert_family(tmp_path / "zoo", n=3)
+    raw: dict[str, object] = {
+        "name": "camp", "base": str(base), "method": "task_arithmetic", "policy": "llama", "device": "cpu",
+        "experts": [{"path": str(p), "name": t, "score": 100.0}
+                    for p, t in zip(experts, CAMPAIGN_TASKS, strict=True)],
+        "search_space": {"lam": {"type": "float", "low": 0.1, "high": 1.2}},
+        "eval": {"tasks": CAMPAIGN_TASKS},
+    }
+    raw.update(over)
+    return CampaignConfig.model_validate(raw), WeightEvaluator(base, dict(zip(CAMPAIGN_TASKS, experts, strict=True)))

@@ -17,7 +17,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest_platform import WeightEvaluator, make_expert_family
+from conftest_platform import WeightEvaluator, make_expert_family, tiny_campaign
 
 from mergelab import _signals
 from mergelab.engine import MergeRecipe, run_merge
@@ -31,16 +31,8 @@ TASKS = ["vqa", "geometry", "ocr"]
 
 
 def _campaign(tmp_path: Path, **over: object) -> tuple[CampaignConfig, WeightEvaluator]:
-    base, experts = make_expert_family(tmp_path / "zoo", n=3)
-    raw = {
-        "name": "camp", "base": str(base), "method": "task_arithmetic", "policy": "llama", "device": "cpu",
-        "experts": [{"path": str(p), "name": t, "score": 100.0} for p, t in zip(experts, TASKS, strict=True)],
-        "search_space": {"lam": {"type": "float", "low": 0.1, "high": 1.2}},
-        "sampler": {"name": "random", "seed": 0}, "budget": {"n_trials": 2}, "eval": {"tasks": TASKS},
-        "registry": {"name": "camp-model", "register": "all", "evaluate_test": True},
-    }
-    raw.update(over)
-    return CampaignConfig.model_validate(raw), WeightEvaluator(base, dict(zip(TASKS, experts, strict=True)))
+    return tiny_campaign(tmp_path, **{"sampler": {"name": "random", "seed": 0}, "budget": {"n_trials": 2},
+                                    "registry": {"name": "camp-model", "register": "all", "evaluate_test": True}, **over})
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest_platform import WeightEvaluator, make_expert_family
+from conftest_platform import WeightEvaluator, tiny_campaign
 
 from mergelab.platform import promotion
 from mergelab.platform import registry as reg
@@ -21,17 +21,9 @@ TASKS = ["vqa", "geometry", "ocr"]
 
 
 def _campaign(tmp_path: Path, **over: object) -> tuple[CampaignConfig, WeightEvaluator]:
-    base, experts = make_expert_family(tmp_path / "zoo", n=3)
-    raw = {
-        "name": "camp", "base": str(base), "method": "task_arithmetic", "policy": "llama", "device": "cpu",
-        "experts": [{"path": str(p), "name": t, "score": 100.0} for p, t in zip(experts, TASKS, strict=True)],
-        "search_space": {"lam": {"type": "float", "low": 0.1, "high": 1.2}},
-        "coefficients": {"low": 0.5, "high": 1.5},
-        "sampler": {"name": "tpe", "seed": 0}, "budget": {"n_trials": 4},
-        "eval": {"tasks": TASKS}, "registry": {"name": "camp-model", "register": "top_k", "top_k": 2},
-    }
-    raw.update(over)
-    return CampaignConfig.model_validate(raw), WeightEvaluator(base, dict(zip(TASKS, experts, strict=True)))
+    return tiny_campaign(tmp_path, **{"coefficients": {"low": 0.5, "high": 1.5}, "sampler": {"name": "tpe", "seed": 0},
+                                    "budget": {"n_trials": 4},
+                                    "registry": {"name": "camp-model", "register": "top_k", "top_k": 2}, **over})
 
 
 def _crash_on_call(n: int):  # noqa: ANN202
