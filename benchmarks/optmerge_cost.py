@@ -16,7 +16,8 @@ Usage::
 
 ``--vs-swudi`` prints, per shape (default 896x4864 and 3584x18944, N = 5), our exact LoRA-variant OptMerge (closed
 SGD path, 300 steps), the full variant's Adam cost per step (and its setup: spectra and factors) and SWUDI's total,
-all in seconds on the same task vectors.
+all in seconds on the same task vectors (``--timed-steps``: how many Adam steps the per-step cost is timed over,
+default 10; fewer on CPU at the Qwen2-VL-7B shapes).
 
 ``--cache`` prints, per shape, the seconds per trial of three OptMerge trials on the same task vectors (other
 ``steps``, ``lr``, ``rank_ratio``, coefficients, ``init``) without the decomposition cache and with it (the first
@@ -27,6 +28,9 @@ trial fills it, the next two hit it), and checks that the cached merges are bit-
 ``--cache-zoo`` does the same through whole merges (``mergelab.engine.merge``) of the benchmark zoo's seed-0 LoRA
 experts, OptMerge's full and lora variants, three trials each (other ``lam`` and ``steps``), with the process cache
 off (``MERGELAB_DECOMP_CACHE_MB=0``) and on, and checks that every merged tensor is bit-identical.
+
+``--trials K`` (1-3) and ``--variants lora,full`` restrict ``--cache`` to the first K trials and the named variants,
+for the realistic shapes on CPU.
 """
 
 from __future__ import annotations
@@ -139,8 +143,10 @@ def layer_stacks(
         yield m, n, d
 
 
-def vs_swudi(shapes: list[tuple[int, int]], experts: int, steps: int, device: torch.device) -> None:
-    """OptMerge (exact LoRA variant; full variant per Adam step) against SWUDI's total, same task vectors."""
+def vs_swudi(
+    shapes: list[tuple[int, int]], experts: int, steps: int, device: torch.device, timed_steps: int = 10
+) -> None:
+    """OptMerge (exact LoRA variant; full variant per Adam step, over ``timed_steps``) against SWUDI's total."""
     name = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -152,7 +158,7 @@ def vs_swudi(shapes: list[tuple[int, int]], experts: int, steps: int, device: to
         f"{'full ' + str(steps) + ' steps s':>15} {'SWUDI s':>8} {'lora/SWUDI':>10} {'SWUDI/full step':>15}"
     )
     for m, n, d in layer_stacks(head, shapes, experts, device):
-        lora, setup, per_step, sw = vs_swudi_row(d, steps, 10, device)
+        lora, setup, per_step, sw = vs_swudi_row(d, steps, timed_steps, device)
         print(
             f"{f'{m}x{n}':>17} {lora:21.2f} {setup:12.2f} {per_step:11.4f} {setup + steps * per_step:15.1f} "
             f"{sw:8.2f} {lora / sw:9.2f}x {sw / per_step:14.0f}x",
@@ -184,9 +190,16 @@ def timed_merge(
 
 
 def cache_compare(
-    shapes: list[tuple[int, int]], experts: int, steps: int, adam_steps: int, device: torch.device
+    shapes: list[tuple[int, int]],
+    experts: int,
+    steps: int,
+    adam_steps: int,
+    device: torch.device,
+    trials: int = 3,
+    variants: tuple[str, ...] = ("lora", "full"),
 ) -> None:
-    """Seconds per OptMerge trial without and with the decomposition cache (3 trials, same task vectors)."""
+    """Seconds per OptMerge trial without and with the decomposition cache (the first ``trials`` of the three
+    trials of :func:`cache_trials`, same task vectors) for each of ``variants``."""
     print(
         f"OptMerge trials with/without the decomposition cache, N={experts}, float32, {device}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}"
@@ -196,11 +209,11 @@ def cache_compare(
         f"{'cache s: trial 1 / 2 / 3':>24} {'identical':>9}"
     )
     for m, n, d in layer_stacks(head, shapes, experts, device):
-        for variant, n_steps in (("lora", steps), ("full", adam_steps)):
-            trials = cache_trials(variant, n_steps, experts)
+        for variant in variants:
+            n_steps = adam_steps if variant == "full" else steps
             plain, with_cache, same = [], [], True
             cache = DecompositionLRU(8 << 30)
-            for cfg in trials:
+            for cfg in cache_trials(variant, n_steps, experts)[:trials]:
                 secs, plain_out = timed_merge(d, cfg, MergeContext(name="w"), device)
                 plain.append(secs)
                 secs, cached_out = timed_merge(d, cfg, MergeContext(name="w", cache=cache), device)
@@ -277,6 +290,16 @@ def main() -> None:
         "--adam-steps", type=int, default=20, help="--cache: Adam steps of the full variant's trials"
     )
     ap.add_argument(
+        "--trials", type=int, default=3, choices=[1, 2, 3], help="--cache: how many of the 3 trials"
+    )
+    ap.add_argument("--variants", default="lora,full", help="--cache: comma-separated OptMerge variants")
+    ap.add_argument(
+        "--timed-steps",
+        type=int,
+        default=10,
+        help="--vs-swudi: Adam steps timed for the full variant's s/step",
+    )
+    ap.add_argument(
         "--cache-zoo", action="store_true", help="the same through whole merges of the zoo's LoRA experts"
     )
     args = ap.parse_args()
@@ -292,7 +315,15 @@ def main() -> None:
             else QUICK_SHAPES
         )
         cache_dev = torch.device("cpu" if args.device == "auto" else args.device)
-        cache_compare(chosen, args.experts, args.steps, args.adam_steps, cache_dev)
+        cache_compare(
+            chosen,
+            args.experts,
+            args.steps,
+            args.adam_steps,
+            cache_dev,
+            args.trials,
+            tuple(args.variants.split(",")),
+        )
         return
     if args.vs_swudi:
         chosen = (
@@ -306,6 +337,7 @@ def main() -> None:
             args.experts,
             args.steps,
             torch.device("cpu") if args.device == "auto" and dev.type != "cuda" else dev,
+            args.timed_steps,
         )
         return
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
