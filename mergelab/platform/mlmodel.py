@@ -1,13 +1,19 @@
-"""An ``MLmodel`` file (MLflow's transformers flavour) beside merged weights, so a registered version is a real MLflow
-model: ``mlflow.transformers.load_model("models:/NAME@champion")`` returns a pipeline, with the weights stored once.
+"""An ``MLmodel`` file beside merged weights, so a registered version is a real MLflow model, with the weights
+stored once.
 
 A version's source is the merge run's own ``merged/`` directory (zero-copy registration). This module writes, in that
-directory, the flavour's description of it: the model class and task from ``config.json``, ``model_binary: .`` (the
-weights are the directory itself, not a copy under ``model/``), and ``components/tokenizer/`` holding hard links
-to the tokenizer's files beside the weights. No weights are copied. Written for text causal LMs
-(``*ForCausalLM`` with a tokenizer), the models MLflow's transformers pipelines serve; vision-language checkpoints
-(MLflow's flavour refuses their processors as pipelines) get no ``MLmodel`` and load with
-:func:`mergelab.platform.registry.load_registered` or ``AutoModel*.from_pretrained`` on the version's directory.
+directory, MLflow's description of it; no weights are copied:
+
+* a text causal LM (``*ForCausalLM`` with a fast tokenizer) gets the transformers flavour (task
+  ``text-generation``, model class from ``config.json``, ``model_binary: .``: the weights are the directory itself,
+  not a copy under ``model/``; ``components/tokenizer/`` holds hard links to the tokenizer's files), so
+  ``mlflow.transformers.load_model("models:/NAME@champion")`` returns a pipeline;
+* a vision-language model (``config.json`` with a ``vision_config`` and an image processor beside it) gets a
+  ``python_function`` flavour whose loader is :mod:`mergelab.platform.pyfunc_vlm` (``data: .``), so
+  ``mlflow.pyfunc.load_model("models:/NAME@champion").predict({"image": ..., "question": ...})`` answers. MLflow's
+  transformers flavour cannot: it refuses a ``processor`` component for pipelines and pyfunc alike.
+
+Both files are deterministic (no uuid or creation time), so the directory's content hash stays reproducible.
 """
 
 from __future__ import annotations
@@ -17,20 +23,23 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 log = logging.getLogger(__name__)
 
+VLM_LOADER = "mergelab.platform.pyfunc_vlm"
+"""The ``loader_module`` of a VLM's ``python_function`` flavour (named, not imported: registering stays light)."""
+IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 TOKENIZER_EXTRA = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
                    "chat_template.json")
 
 
 def write_mlmodel(model_dir: str | os.PathLike[str]) -> bool:
-    """Write ``MLmodel`` (transformers flavour, text generation) into ``model_dir`` when it holds a causal LM and
-    its tokenizer; return whether it did. Never copies weights; an existing ``MLmodel`` is kept."""
-    import mlflow
+    """Write ``MLmodel`` into ``model_dir`` when MLflow can load what it holds (a causal LM and its tokenizer, or a
+    VLM and its processor); return whether it did. Never copies weights; an existing ``MLmodel`` is kept."""
     import transformers
 
     d = Path(model_dir)
@@ -41,22 +50,48 @@ def write_mlmodel(model_dir: str | os.PathLike[str]) -> bool:
     except (FileNotFoundError, yaml.YAMLError):
         return False
     arch = (cfg.get("architectures") or [""])[0]
-    tokenizer = _tokenizer_class(d)
-    if not arch.endswith("ForCausalLM") or not hasattr(transformers, arch) or tokenizer is None:
-        log.debug("%s: no MLmodel (architecture %r, tokenizer %r)", d, arch, tokenizer)
+    if not arch or not hasattr(transformers, arch):
+        log.debug("%s: no MLmodel (architecture %r)", d, arch)
         return False
-    _link_tokenizer(d, d / "components" / "tokenizer")
-    flavor = {"task": "text-generation", "instance_type": "TextGenerationPipeline", "pipeline_model_type": arch,
-              "source_model_name": str(d), "framework": "pt", "model_binary": ".", "components": ["tokenizer"],
-              "tokenizer_type": tokenizer, "tokenizer_name": str(d),
-              "transformers_version": transformers.__version__}
-    # No uuid or creation time: the file is a function of the directory, so its content hash stays reproducible.
-    mlmodel = {"artifact_path": d.name, "flavors": {"transformers": flavor}, "mlflow_version": mlflow.__version__,
-               "metadata": {"mergelab": "zero-copy: model_binary is this directory"}}
+    if cfg.get("vision_config") is not None and (d / IMAGE_PROCESSOR_FILE).is_file():
+        flavors: dict[str, Any] = {"python_function": _vlm_flavor(arch)}
+    elif arch.endswith("ForCausalLM") and (tokenizer := _tokenizer_class(d)) is not None:
+        _link_tokenizer(d, d / "components" / "tokenizer")
+        flavors = {"transformers": _text_flavor(d, arch, tokenizer)}
+    else:
+        log.debug("%s: no MLmodel (architecture %r without a tokenizer or an image processor)", d, arch)
+        return False
+    _write_atomic(d, flavors)
+    return True
+
+
+def _text_flavor(d: Path, arch: str, tokenizer: str) -> dict[str, Any]:
+    """The transformers flavour of a text-generation pipeline whose weights are ``d`` itself."""
+    import transformers
+
+    return {"task": "text-generation", "instance_type": "TextGenerationPipeline", "pipeline_model_type": arch,
+            "source_model_name": str(d), "framework": "pt", "model_binary": ".", "components": ["tokenizer"],
+            "tokenizer_type": tokenizer, "tokenizer_name": str(d), "transformers_version": transformers.__version__}
+
+
+def _vlm_flavor(arch: str) -> dict[str, Any]:
+    """The ``python_function`` flavour of a VLM: :mod:`mergelab.platform.pyfunc_vlm` loads the directory itself."""
+    import transformers
+    from mlflow.utils.environment import PYTHON_VERSION
+
+    return {"loader_module": VLM_LOADER, "data": ".", "python_version": PYTHON_VERSION,
+            "task": "image-text-to-text", "architecture": arch,
+            "transformers_version": transformers.__version__}
+
+
+def _write_atomic(d: Path, flavors: dict[str, Any]) -> None:
+    import mlflow
+
+    mlmodel = {"artifact_path": d.name, "flavors": flavors, "mlflow_version": mlflow.__version__,
+               "metadata": {"mergelab": "zero-copy: the model's files are this directory"}}
     tmp = d / f".MLmodel.{uuid.uuid4().hex}"
     tmp.write_text(yaml.safe_dump(mlmodel, sort_keys=False))
     tmp.replace(d / "MLmodel")
-    return True
 
 
 def _link_tokenizer(d: Path, dest: Path) -> None:

@@ -1,0 +1,115 @@
+"""A registered VLM version is a real MLflow model: ``mlflow.pyfunc.load_model("models:/NAME@champion")`` loads the
+version's own directory (no copy) through :mod:`mergelab.platform.pyfunc_vlm` and answers ``{image, question}``
+rows exactly as mergelab's evaluators do. The model is the shipped zoo's tiny Qwen2-VL (seed 0's base).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mergelab.platform import registry as reg
+from mergelab.platform.mlmodel import VLM_LOADER, write_mlmodel
+from mergelab.platform.store import Store, local_path
+
+ZOO_BASE = Path(__file__).resolve().parents[1] / "mergelab" / "bench" / "zoo" / "seed0" / "base"
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """``src``'s files in ``dst``, hard-linked (the shipped zoo stays read-only: MLmodel is written in ``dst``)."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copy2(f, dst / f.name)
+
+
+@pytest.fixture
+def mlflow_uris(platform_store: Store) -> Iterator[None]:
+    """The fluent API pointed at the test's store for the test, then back."""
+    import mlflow
+
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    mlflow.set_tracking_uri(platform_store.tracking_uri)
+    mlflow.set_registry_uri(platform_store.tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+
+
+def test_a_registered_vlm_loads_with_mlflow_pyfunc_and_answers_like_mergelab(
+    platform_store: Store, mlflow_uris: None
+) -> None:
+    import mlflow
+    import pandas as pd
+
+    from mergelab.bench.tasks import generate as make_samples
+    from mergelab.evaluators.runner import build_prompt, generate
+    from mergelab.evaluators.tasks import get_task
+    from mergelab.hf import load_model
+
+    client = platform_store.client()
+    run = client.create_run(platform_store.experiment_id("served-vlm", client))
+    uri = f"{run.info.artifact_uri}/merged"
+    folder = local_path(uri)
+    _link_tree(ZOO_BASE, folder)
+    weights = {p.name: p.stat().st_ino for p in folder.glob("*.safetensors")}
+    mv = reg.register_run(client, "served-vlm", run.info.run_id, uri)
+    client.set_registered_model_alias("served-vlm", "champion", mv.version)
+
+    meta = yaml.safe_load((folder / "MLmodel").read_text())
+    assert list(meta["flavors"]) == ["python_function"]
+    assert meta["flavors"]["python_function"]["loader_module"] == VLM_LOADER
+    assert meta["flavors"]["python_function"]["data"] == "."
+    assert not (ZOO_BASE / "MLmodel").exists()  # written in the version's directory only
+
+    samples = [s for task in ("chart", "ocr") for s in make_samples(task, "shifted", "test", n=2)]
+    questions = [get_task(s.task).prompt(s) for s in samples]
+    model, processor = load_model(folder)
+    prompts = [build_prompt(processor, q, with_image=True, model_type="qwen2_vl") for q in questions]
+    expected = generate(model, processor, prompts, [s.image for s in samples], max_new_tokens=32)
+
+    served = mlflow.pyfunc.load_model("models:/served-vlm@champion")
+    assert served.metadata.flavors["python_function"]["loader_module"] == VLM_LOADER
+    frame = pd.DataFrame({"image": [s.image for s in samples], "question": questions})
+    assert served.predict(frame) == expected
+    png = io.BytesIO()
+    samples[0].image.save(png, format="PNG")
+    path = folder.parent / "one.png"
+    path.write_bytes(png.getvalue())
+    for image in (str(path), png.getvalue(), base64.b64encode(png.getvalue()).decode()):  # path, bytes, base64
+        assert served.predict({"image": image, "question": questions[0]}) == expected[:1]
+    text_only = served.predict([{"question": questions[1]}, {"image": samples[1].image, "question": questions[1]}],
+                               params={"max_new_tokens": 4})
+    assert len(text_only) == 2 and text_only[1] == generate(model, processor, prompts[1:2], [samples[1].image],
+                                                            max_new_tokens=4)[0]
+    assert mlflow.artifacts.download_artifacts("models:/served-vlm@champion") == str(folder)  # no copy
+    assert {p.name: p.stat().st_ino for p in folder.glob("*.safetensors")} == weights  # stored once
+
+
+def test_rows_are_checked_and_directories_mlflow_cannot_load_get_no_mlmodel(tmp_path: Path) -> None:
+    from mergelab.platform.pyfunc_vlm import rows_of, to_image
+
+    assert rows_of({"image": [None, None], "question": ["a", "b"]}) == [{"image": None, "question": "a"},
+                                                                      {"image": None, "question": "b"}]
+    assert rows_of("hi") == [{"image": None, "question": "hi"}]
+    with pytest.raises(ValueError, match="row 0: no 'question'"):
+        rows_of([{"image": None}])
+    with pytest.raises(ValueError, match="neither an existing file nor base64"):
+        to_image("no/such/file.png")
+    assert to_image(float("nan")) is None
+    (tmp_path / "config.json").write_text('{"architectures": ["NoSuchModel"]}')
+    assert not write_mlmodel(tmp_path) and not (tmp_path / "MLmodel").exists()
+    (tmp_path / "config.json").write_text('{"architectures": ["Qwen2VLForConditionalGeneration"], '
+                                          '"vision_config": {}}')
+    assert not write_mlmodel(tmp_path)  # a VLM without its image processor: nothing MLflow could load
