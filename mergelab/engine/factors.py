@@ -12,13 +12,16 @@ mode's ``sum B_i A_i``. The script's OptMerge is the ``lora`` variant with k = m
 :func:`merge_factors` does this for whole adapters (``{module: (A stack, B stack)}``) with any method of
 :data:`mergelab.methods.METHODS`, global statistics (TIES' global top-k) included, and returns the merged factors;
 :func:`factor_delta` turns them into weight deltas; :func:`factor_stacks`, :func:`check_same_factors` and
-:func:`module_update` connect these to the engine's :class:`~mergelab.engine.adapters.LoraAdapter`. The engine runs this for a recipe with ``lora_merge:
-factors`` (:func:`mergelab.engine.loop.run_merge`); the omni benchmark (``mergelab/bench/omni``) is its first user.
+:func:`factor_updates` connect these to the engine's :class:`~mergelab.engine.adapters.LoraAdapter`: the engine
+runs this for a recipe with ``lora_merge: factors`` (:func:`mergelab.engine.loop.run_merge`) and gets one
+:class:`LowRank` per merged tensor, which it expands for a full checkpoint and ``output: adapter`` writes as it is
+(:mod:`mergelab.engine.adapter_out`); the omni benchmark (``mergelab/bench/omni``) is its first user.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +34,55 @@ from mergelab.methods.base import MergeContext, scale_of, tensor_generator
 OPTMERGE_FACTOR_PARAMS: dict[str, Any] = {"variant": "lora", "rank_ratio": 0.2, "init": "mean", "optimizer": "sgd",
                                           "lr": 5e-2, "momentum": 0.9, "steps": 300, "projector": "uncentred"}
 """OptMerge's settings in the official modality script (``wudi_merging2``, ``iter_num=300``)."""
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """A merged LoRA update held as factors: ``scaling * b @ mid @ a`` (``mid`` omitted when None), transposed for
+    modules whose LoRA is stored transposed (embeddings, ``fan_in_fan_out``).
+
+    The factor mode gives ``b = B_m (m, r)``, ``a = A_m (r, n)`` and the adapters' scaling; the core-space mode
+    (:mod:`mergelab.engine.core_space`) gives orthonormal bases ``b = U (m, R)``, ``a = V^T (R', n)`` and the merged
+    core ``mid = M (R, R')``, scaling 1.
+
+    Attributes:
+        b: left factor (the ``lora_B`` side).
+        a: right factor (the ``lora_A`` side).
+        mid: the core between them, or None.
+        scaling: a scalar on the product.
+        transpose: the base tensor is the transposed product.
+    """
+
+    b: torch.Tensor
+    a: torch.Tensor
+    mid: torch.Tensor | None = None
+    scaling: float = 1.0
+    transpose: bool = False
+
+    @property
+    def rank(self) -> int:
+        """The inner dimension: an upper bound on the update's rank."""
+        return int(min(self.b.shape[1], self.a.shape[0]))
+
+    def dense(self) -> torch.Tensor:
+        """The update as a full matrix, shaped like the base tensor."""
+        b = self.b if self.mid is None else self.b @ self.mid
+        ba = (self.scaling * b if self.scaling != 1.0 else b) @ self.a
+        return ba.T if self.transpose else ba
+
+    def svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(U, S, Vh)`` with ``scaling * b @ mid @ a = U diag(S) Vh`` (untransposed), from small matrices only.
+
+        With a core the bases are orthonormal and the SVD of ``mid`` is the update's; otherwise ``b = Q_b R_b``,
+        ``a^T = Q_a R_a`` and the SVD of ``R_b R_a^T`` (rank x rank). Cost ``O((m + n) rank^2)``, never ``O(m n)``.
+        """
+        if self.mid is not None:
+            p, s, qh = torch.linalg.svd(self.mid * self.scaling, full_matrices=False)
+            return self.b @ p, s, qh @ self.a
+        qb, rb = torch.linalg.qr(self.b)
+        qa, ra = torch.linalg.qr(self.a.T)
+        p, s, qh = torch.linalg.svd((rb @ ra.T) * self.scaling, full_matrices=False)
+        return qb @ p, s, qh @ qa.T
 
 
 def factor_params(method: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -114,9 +166,28 @@ def check_same_factors(adapters: Sequence[LoraAdapter], names: Sequence[str]) ->
                                  f"and {ref_name} differ on {key}")
 
 
-def module_update(adapter: LoraAdapter, key: str, merged: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``scaling * B_m @ A_m`` of base tensor ``key`` from merged factors (transposed as the adapter's module is)."""
-    m = adapter.modules[key]
-    ba = factor_delta({f"{key}.lora_A.weight": merged[f"{key}.lora_A.weight"],
-                       f"{key}.lora_B.weight": merged[f"{key}.lora_B.weight"]}, m.scaling)[key]
-    return ba.T if m.transpose else ba
+def factor_updates(adapters: Sequence[LoraAdapter], rules: Mapping[str, str], method: str,
+                   params: Mapping[str, Any], *, seed: int, lam: float) -> dict[str, LowRank]:
+    """``lora_merge: factors`` for the engine: every planned tensor's ``lora_A`` and ``lora_B`` stacks merged.
+
+    Tensors the policy merges (rule ``merge``) go through ``method`` (:func:`merge_factors`, global statistics over
+    every merged factor); tensors it averages get the mean factors; both times lambda.
+
+    Args:
+        adapters: the experts' adapters (same targets, ranks and scalings: :func:`check_same_factors`).
+        rules: ``{base tensor: "merge" | "average"}``.
+        method: a key of :data:`mergelab.methods.METHODS`.
+        params: the method's parameters, per-expert ``coefficients`` included.
+        seed: the merge seed.
+        lam: the recipe's lambda (applied to averaged factors).
+
+    Returns:
+        ``{base tensor: LowRank(B_m, A_m, scaling, transpose)}`` as the first adapter stores the module.
+    """
+    merged_keys = [k for k, r in rules.items() if r == "merge"]
+    out = merge_factors(factor_stacks(adapters, merged_keys), method, params, seed=seed) if merged_keys else {}
+    averaged = factor_stacks(adapters, [k for k, r in rules.items() if r == "average"])
+    out.update({k: torch.stack(v).mean(dim=0) * lam for k, v in averaged.items()})
+    mods = adapters[0].modules
+    return {k: LowRank(out[f"{k}.lora_B.weight"], out[f"{k}.lora_A.weight"], None, mods[k].scaling,
+                       mods[k].transpose) for k in rules}

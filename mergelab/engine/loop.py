@@ -34,7 +34,8 @@ from mergelab._device import resolve_device as _resolve_device
 from mergelab._dtypes import parse_dtype as _parse_dtype
 from mergelab.engine.adapter_out import merge_to_adapter
 from mergelab.engine.cache import process_cache
-from mergelab.engine.factors import factor_stacks, merge_factors, module_update
+from mergelab.engine.core_space import core_updates, to_core_items
+from mergelab.engine.factors import LowRank, factor_updates
 from mergelab.engine.io import CheckpointReader, MergeError
 from mergelab.engine.plan import (
     Expert,
@@ -132,7 +133,8 @@ def _open(recipe: MergeRecipe, out: str | Path | None, overwrite: bool, allow_ba
         except ValueError as e:
             raise MergeError(str(e)) from None
         items = make_plan(base_reader, ex, carry, pol, recipe.spec, odtype)
-        factor_rules = to_factor_items(items, ex) if recipe.lora_merge == "factors" else {}
+        factor_rules = (to_factor_items(items, ex) if recipe.lora_merge == "factors"
+                        else to_core_items(items, ex) if recipe.lora_merge == "core" else {})
         accounting = account(base_reader, ex, items)
     except BaseException:
         _Opened(out, dev, cdtype, odtype, base_reader, ex, None, [], {}).close()
@@ -185,13 +187,13 @@ def run_merge(recipe: MergeRecipe, out: str | Path, *, overwrite: bool = False, 
     """
     with _signals.deferred():
         if recipe.output == "adapter":  # LoRA in, LoRA out: the full merge, then factored into one adapter
-            return merge_to_adapter(recipe, out, overwrite=overwrite, full_merge=lambda r, o: _run_merge(
-                r, o, False, progress, allow_base_mismatch))
+            return merge_to_adapter(recipe, out, overwrite=overwrite, full_merge=lambda r, o, sink: _run_merge(
+                r, o, False, progress, allow_base_mismatch, sink))
         return _run_merge(recipe, out, overwrite, progress, allow_base_mismatch)
 
 
 def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: bool,
-               allow_base_mismatch: bool) -> MergeReport:
+               allow_base_mismatch: bool, low_rank: dict[str, LowRank] | None = None) -> MergeReport:
     t_start = time.perf_counter()
     name, spec, cfg, lam, seed = recipe.method_name, recipe.spec, recipe.config, recipe.lam, int(recipe.seed)
     opened = _open(recipe, out, overwrite, allow_base_mismatch)
@@ -212,7 +214,9 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
         seed=seed,
         accounting=opened.accounting,
     )
-    factors = _merge_lora_factors(recipe, ex, opened.factor_rules) if opened.factor_rules else {}
+    factors = _merge_lora_factors(recipe, ex, opened.factor_rules, dev, cdtype) if opened.factor_rules else {}
+    if low_rank is not None:  # output: adapter writes these factors as they are
+        low_rank.update(factors)
 
     def load(it: PlanItem) -> Loaded:
         if it.rule == "carry":
@@ -228,9 +232,7 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
         if it.rule in ("base", "owner"):
             return Loaded(it, b, None, nbytes)
         if it.rule == "factors":  # the update from the merged factors (lam already in them)
-            lora = ex[0].lora
-            assert lora is not None
-            upd = module_update(lora, it.name, factors).to(device=dev, dtype=cdtype)
+            upd = factors[it.name].dense().to(device=dev, dtype=cdtype)
             return Loaded(it, b.to(dev), upd.unsqueeze(0), nbytes)
         b_dev = b.to(dev)
         b_c = b_dev.to(cdtype)
@@ -410,23 +412,20 @@ def _merge_one(
     return rec, value
 
 
-def _merge_lora_factors(recipe: MergeRecipe, ex: Sequence[Expert], rules: dict[str, str]) -> dict[str, torch.Tensor]:
-    """``lora_merge: factors``: every targeted tensor's ``lora_A`` and ``lora_B`` stacks merged separately.
-
-    Tensors the policy merges go through the recipe's method (:func:`mergelab.engine.factors.merge_factors`,
-    global statistics over every merged factor); tensors it averages get the mean factors; both times lambda.
-    """
+def _merge_lora_factors(recipe: MergeRecipe, ex: Sequence[Expert], rules: dict[str, str], dev: torch.device,
+                        cdtype: torch.dtype) -> dict[str, LowRank]:
+    """The low-rank update of every tensor planned as ``factors``: ``lora_merge: factors`` merges the raw ``lora_A``
+    and ``lora_B`` stacks (:func:`mergelab.engine.factors.factor_updates`), ``lora_merge: core`` the experts' cores
+    (:func:`mergelab.engine.core_space.core_updates`); lambda is applied."""
     adapters = [e.lora for e in ex if e.lora is not None]
+    if recipe.lora_merge == "core":
+        return core_updates(adapters, rules, recipe.spec, recipe.config, seed=int(recipe.seed), lam=recipe.lam,
+                            device=dev, dtype=cdtype, cache=process_cache())
     params = dict(recipe.to_dict()["params"])
     coefs = [e.spec.coefficient for e in ex]
     if any(c is not None for c in coefs):
         params["coefficients"] = tuple(1.0 if c is None else float(c) for c in coefs)
-    merged_keys = [k for k, r in rules.items() if r == "merge"]
-    out = merge_factors(factor_stacks(adapters, merged_keys), recipe.method_name, params,
-                        seed=int(recipe.seed)) if merged_keys else {}
-    averaged = factor_stacks(adapters, [k for k, r in rules.items() if r == "average"])
-    out.update({k: torch.stack(v).mean(dim=0) * recipe.lam for k, v in averaged.items()})
-    return out
+    return factor_updates(adapters, rules, recipe.method_name, params, seed=int(recipe.seed), lam=recipe.lam)
 
 
 def _progress(enabled: bool, total: int, desc: str) -> Any:

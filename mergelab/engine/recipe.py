@@ -32,7 +32,7 @@ from mergelab.methods import METHODS
 from mergelab.methods.base import MethodSpec, scale_of
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-LORA_MERGE_MODES = ("delta", "factors")
+LORA_MERGE_MODES = ("delta", "factors", "core")
 """Values of :attr:`MergeRecipe.lora_merge`."""
 
 
@@ -118,7 +118,10 @@ class MergeRecipe:
             the method) or ``"factors"`` (every expert a LoRA adapter with the same targets and rank: the raw
             ``lora_A`` and ``lora_B`` factors each go through the method, lambda per factor, and the output is
             ``base + scaling * B_m @ A_m``, as the official modality-merging script does;
-            :mod:`mergelab.engine.factors`).
+            :mod:`mergelab.engine.factors`) or ``"core"`` (every expert a LoRA adapter, any targets and ranks: per
+            adapted weight the experts' deltas are expressed in the orthonormal bases of their factors' spans,
+            ``B_i A_i = U M_i V^T``, the method merges the small cores ``M_i`` and the update is ``U M V^T``,
+            exact with ``output: adapter`` at rank ``R <= sum r_i``; :mod:`mergelab.engine.core_space`).
 
     Raises:
         MergeError: on construction, any invalid field (one line naming it).
@@ -171,11 +174,12 @@ class MergeRecipe:
             raise MergeError(f"adapter_rank: a positive rank, with output: adapter only; got {self.adapter_rank!r}")
         if self.lora_merge not in LORA_MERGE_MODES:
             raise MergeError(f"lora_merge: must be one of {LORA_MERGE_MODES}, got {self.lora_merge!r}")
-        if self.lora_merge == "factors":
+        if self.lora_merge != "delta":
             full = [e.name for e in self.experts if e.kind != "lora"]
             if full:
-                raise MergeError(f"lora_merge: 'factors' needs every expert to be a LoRA adapter; {full[0]} is not")
-            if isinstance(self.method, MethodSpec):
+                raise MergeError(f"lora_merge: {self.lora_merge!r} needs every expert to be a LoRA adapter; "
+                                 f"{full[0]} is not")
+            if self.lora_merge == "factors" and isinstance(self.method, MethodSpec):
                 raise MergeError("lora_merge: 'factors' needs a method of the registry, not a custom MethodSpec")
         try:
             check_policy(self.policy)

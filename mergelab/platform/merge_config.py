@@ -10,8 +10,10 @@ Example::
     params: {density: 0.2, lam: 1.0}
     policy: qwen2_vl            # or auto, or {preset: llama, rules: [{pattern: "mlp1\\..*", action: average}]}
                                 # (actions: base, merge, average, owner)
-    lora_merge: delta           # LoRA experts: delta (scaling * B @ A through the method) or factors (A and B
-                                # merged separately, as the official modality script; every expert a LoRA adapter)
+    lora_merge: delta           # LoRA experts: delta (scaling * B @ A through the method), factors (A and B
+                                # merged separately, as the official modality script) or core (the method merges
+                                # the deltas' cores in the span of the factors; exact adapter output); the last
+                                # two need every expert to be a LoRA adapter
     output: full                # or adapter: every expert a LoRA adapter -> one PEFT adapter (adapter_rank: r)
     device: auto                # auto | cpu | cuda[:i]
     dtype: null                 # output dtype; null keeps the base's
@@ -147,7 +149,7 @@ class RecipeFields(BaseModel):
     carry_unique: bool = False
     output: Literal["full", "adapter"] = "full"
     adapter_rank: int | None = None
-    lora_merge: Literal["delta", "factors"] = "delta"
+    lora_merge: Literal["delta", "factors", "core"] = "delta"
 
     @field_validator("experts", mode="before")
     @classmethod
