@@ -309,8 +309,11 @@ def run_task(
         raise ValueError(
             f"task {task.name!r} has images but {type(processor).__name__} has no image processor"
         )
-    prompts = [build_prompt(processor, task.prompt(s), with_image=s.image is not None, model_type=model_type)
-               for s in samples]  # fmt: skip
+    if task.generate is not None:  # the task builds its own inputs (the omni tasks: image, audio and video)
+        prompts = [task.prompt(s) for s in samples]
+    else:
+        prompts = [build_prompt(processor, task.prompt(s), with_image=s.image is not None, model_type=model_type)
+                   for s in samples]  # fmt: skip
     texts: list[str] = []
     budget = int(max_new_tokens or task.max_new_tokens)
     # Open images one batch at a time so that a large benchmark never sits in memory.
@@ -322,8 +325,11 @@ def run_task(
             imgs = (
                 [open_image(s.image) if s.image is not None else None for s in part] if with_images else None
             )
-            texts += generate(model, processor, prompts[i : i + step], imgs, batch_size=batch_size,
-                              max_new_tokens=budget)  # fmt: skip
+            if task.generate is not None:
+                texts += task.generate(model, processor, part, batch_size, budget)
+            else:
+                texts += generate(model, processor, prompts[i : i + step], imgs, batch_size=batch_size,
+                                  max_new_tokens=budget)  # fmt: skip
             bar.update(len(part))
     finally:
         bar.close()

@@ -6,6 +6,7 @@
 * ``offline``: the offline benchmark's synthetic tasks (:data:`mergelab.bench.tasks.TASK_SPECS`, shifted variant)
   plus ``Avg``.
 * ``offline_generic``: their generic variants (forgetting).
+* ``omni``: the omni benchmark's cross-modal sets and single-modality tasks (:data:`mergelab.bench.omni.tasks.OMNI_TASKS`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from mergelab.evaluators.tasks import OFFLINE_TASKS, PAPER_COLUMNS
+from mergelab.evaluators.tasks import OFFLINE_TASKS, OMNI_TASKS, PAPER_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ SUITES: Mapping[str, Suite] = MappingProxyType(
             OFFLINE_TASKS,
             "offline benchmark, generic variant (forgetting)",
         ),
+        "omni": Suite("omni", OMNI_TASKS, OMNI_TASKS, "omni benchmark: the cross-modal sets, then each modality's tasks"),
     }
 )
 

@@ -1,12 +1,15 @@
 """The evaluators' task table: each task is a loader, a prompt, a parser, a per-sample metric and an aggregation.
 
-Two families share one table, :data:`TASKS`:
+Three families share one table, :data:`TASKS`:
 
 * the offline benchmark's tasks, derived from :data:`mergelab.bench.tasks.TASK_SPECS` (``vqa``, ``geometry``,
   ``chart``, ``ocr``, ``grounding``: the ``shifted`` variant, i.e. the benchmark's test set) and their
   ``*_generic`` twins (the ``generic`` variant, for forgetting);
 * the paper's ten evaluation columns (its Tables 2 and 3): ``vizwiz``, ``gqa``, ``mathvista_geo``,
   ``mathvision_geo``, ``chartqa``, ``textvqa``, ``ocrvqa``, ``refcoco``, ``refcoco_plus``, ``refcocog``.
+* the omni benchmark's tasks (:data:`mergelab.bench.omni.tasks.OMNI_TASKS`): the cross-modal sets ``music_avqa``
+  and ``avqa`` (``accuracy`` and ``qtype/<type>``) and each modality's own tasks (``image_color`` ...
+  ``video_speed``); their items are generated and answered with all their media (:mod:`mergelab.evaluators.omni`).
 
 Metric names are ``<task>/<metric>`` with ``<metric>`` from :attr:`Task.metric_names` (documented in
 ``docs/evaluators.md``), all in percent; they contain no comma or bracket, so MLflow accepts them as is.
@@ -18,11 +21,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 from mergelab.bench.data import default_data_root, read_split
+from mergelab.bench.omni.tasks import OMNI_TASKS as OMNI_TASK_NAMES
 from mergelab.bench.tasks import TASK_SPECS as BENCH_TASKS
 from mergelab.bench.tasks.common import TaskSpec
 from mergelab.evaluators import metrics as M
+from mergelab.evaluators import omni
 from mergelab.evaluators.loaders import (
     GROUNDING_PROMPT,
     Sample,
@@ -40,6 +46,7 @@ from mergelab.evaluators.loaders import (
 Loader = Callable[[Path, str, "int | None"], list[Sample]]
 Scorer = Callable[[str, Sample], dict[str, float]]
 Aggregator = Callable[[Sequence[Mapping[str, float]], Sequence[Sample]], dict[str, float]]
+Generator = Callable[[Any, Any, Sequence[Sample], int, int], list[str]]
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,7 @@ class Task:
 
     Attributes:
         name: Table key, also the metric-name prefix.
-        family: ``"offline"`` or ``"paper"``.
+        family: ``"offline"``, ``"paper"`` or ``"omni"``.
         load: ``(data_root, split, limit) -> samples``. Paper tasks have one fixed split and ignore ``split``.
         prompt: The user-turn text for a sample (the image goes in the same chat message).
         parse: Cleans a raw generation into the prediction that is scored.
@@ -58,6 +65,9 @@ class Task:
         metric_names: Every metric :attr:`aggregate` returns (documented, stable).
         max_new_tokens: Default generation budget.
         default_root: The data root used when none is given.
+        generate: ``(model, processor, samples, batch_size, max_new_tokens) -> raw answers``, for tasks whose
+            items are not one image and a question (the omni tasks: image, audio and video); None: the runner's
+            chat prompt with the sample's image.
     """
 
     name: str
@@ -72,6 +82,7 @@ class Task:
     max_new_tokens: int
     default_root: Callable[[], Path]
     description: str = ""
+    generate: Generator | None = None
 
 
 def mean_aggregate(values: Sequence[Mapping[str, float]], samples: Sequence[Sample]) -> dict[str, float]:
@@ -302,6 +313,24 @@ PAPER_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 """The paper's Tables 2 and 3 columns, in order: (task name, column header)."""
 
+def _omni_task(name: str) -> Task:
+    return Task(
+        name=name,
+        family="omni",
+        load=lambda root, split, limit: omni.load(name, split, limit),
+        prompt=lambda s: s.question,
+        parse=strip_prediction,
+        score=omni.score,
+        aggregate=omni.aggregate,
+        primary="accuracy",
+        metric_names=omni.metric_names(name),
+        max_new_tokens=omni.MAX_NEW_TOKENS,
+        default_root=omni.omni_root,
+        description=f"omni benchmark, {name} (generated items, all their media)",
+        generate=omni.generate,
+    )
+
+
 _TASK_LIST: list[Task] = [
     *(_offline_task(spec, v) for v in OFFLINE_VARIANTS for spec in BENCH_TASKS.values()),
     _paper_task("vizwiz", _paper_loader(load_vizwiz), _vqa_prompt(f"{VIZWIZ_HINT}\n{SHORT_ANSWER}"), _vqa_score,
@@ -323,6 +352,7 @@ _TASK_LIST: list[Task] = [
     _refcoco_task("refcoco", "RefCOCO"),
     _refcoco_task("refcoco_plus", "RefCOCO+"),
     _refcoco_task("refcocog", "RefCOCOg"),
+    *(_omni_task(name) for name in OMNI_TASK_NAMES),
 ]  # fmt: skip
 
 TASKS: Mapping[str, Task] = MappingProxyType({t.name: t for t in _TASK_LIST})
@@ -330,6 +360,9 @@ TASKS: Mapping[str, Task] = MappingProxyType({t.name: t for t in _TASK_LIST})
 
 OFFLINE_TASKS: tuple[str, ...] = tuple(BENCH_TASKS)
 """The offline benchmark's five tasks (shifted variant), in the paper's expert order of capabilities."""
+
+OMNI_TASKS: tuple[str, ...] = OMNI_TASK_NAMES
+"""The omni benchmark's tasks: the cross-modal sets, then each modality's own tasks."""
 
 
 def get_task(name: str) -> Task:
@@ -348,6 +381,7 @@ def metric_name(task: str, metric: str) -> str:
 __all__ = [
     "OFFLINE_TASKS",
     "OFFLINE_VARIANTS",
+    "OMNI_TASKS",
     "PAPER_COLUMNS",
     "REPORTED_METRICS",
     "TASKS",
