@@ -286,7 +286,7 @@ def run_campaign(
     store = store or Store.resolve(t.root, tracking_uri=t.tracking_uri, artifact_root=t.artifact_root,
                                    optuna_storage=t.optuna_storage)
     check_search_space(cfg)
-    template, reference = recipe_template(cfg)
+    template, reference = recipe_template(cfg, build_missing=True)
     names = [e.name or "" for e in template.experts]
     if len(set(names)) != len(names):
         raise ValueError(f"experts: names must be unique for per-expert coefficients, got {names}")

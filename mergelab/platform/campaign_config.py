@@ -4,6 +4,7 @@ Example (OptMerge over a benchmark zoo, searching around the paper's defaults: d
 
     name: optmerge-lora-001
     experts: {zoo: data/zoo, kind: lora}          # or: base: ckpt/base + experts: [{path: ..., name: vqa}, ...]
+                                                    # or the omni experts: {omni_zoo: data/zoo, kind: lora}
     method: optmerge
     params: {variant: lora}                         # fixed hyperparameters
     search_space:
@@ -35,6 +36,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mergelab.bench.omni.tasks import CROSS_SETS as OMNI_CROSS_SETS
 from mergelab.bench.tasks import TASKS
 from mergelab.evaluators import TASKS as EVAL_TASKS
 from mergelab.platform.merge_config import ExpertConfig, RecipeFields, one_line
@@ -112,6 +114,22 @@ class ZooRef(_Strict):
     kind: Literal["full", "lora"] = "full"
     seed: int = 0
     tasks: list[str] | None = None
+
+
+class OmniZooRef(_Strict):
+    """The omni benchmark's modality experts (``<omni_zoo>/omni/seed<seed>``, :mod:`mergelab.bench.omni.build`).
+
+    ``kind: lora`` (the paper's setting) takes the experts' peft adapters (LoRA on the LLM, the connector in
+    ``modules_to_save``), ``full`` their full fine-tunes; both on the whole base with ``policy: auto`` (the
+    ``omni_thinker`` preset: every tower and connector taken from its one owner). A zoo not built yet is built
+    by the campaign first (``quick``: the test-sized plan, :meth:`~mergelab.bench.omni.build.OmniPlan.quick`).
+    """
+
+    omni_zoo: str
+    kind: Literal["lora", "full"] = "lora"
+    seed: int = 0
+    modalities: list[Literal["image", "audio", "video"]] | None = None
+    quick: bool = False
 
 
 class SamplerConfig(_Strict):
@@ -223,7 +241,7 @@ class CampaignConfig(RecipeFields):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     base: str | None = None  # type: ignore[assignment]  # optional here: a zoo reference brings its base
-    experts: list[ExpertConfig] | ZooRef  # type: ignore[assignment]  # or a zoo reference
+    experts: list[ExpertConfig] | ZooRef | OmniZooRef  # type: ignore[assignment]  # or a zoo reference
     search_space: dict[str, Distribution] = Field(default_factory=dict)
     coefficients: FloatDist | None = None
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
@@ -258,6 +276,8 @@ class CampaignConfig(RecipeFields):
                            and not (k.startswith("coef.") and self.coefficients is not None))
             if stray:
                 raise ValueError(f"enqueue[{i}]: {stray} are not searched (search_space keys or coef.<expert>)")
+        if isinstance(self.experts, OmniZooRef) and "tasks" not in self.eval.model_fields_set:
+            self.eval.tasks = list(OMNI_CROSS_SETS)  # val/average is then the cross-modal average
         for t in self.eval.tasks:
             if t not in EVAL_TASKS:
                 raise ValueError(f"eval.tasks: unknown task {t!r}{did_you_mean(t, EVAL_TASKS)}; "
@@ -324,6 +344,8 @@ def _resolve_paths(cfg: CampaignConfig, here: Path) -> CampaignConfig:
     cfg.base = fix(cfg.base)
     if isinstance(cfg.experts, ZooRef):
         cfg.experts.zoo = fix(cfg.experts.zoo) or cfg.experts.zoo
+    elif isinstance(cfg.experts, OmniZooRef):
+        cfg.experts.omni_zoo = fix(cfg.experts.omni_zoo) or cfg.experts.omni_zoo
     else:
         for e in cfg.experts:
             e.path = fix(e.path) or e.path

@@ -17,7 +17,8 @@ import optuna
 
 from mergelab.engine import ExpertSpec, MergeRecipe
 from mergelab.methods import METHODS
-from mergelab.platform.campaign_config import CampaignConfig, ZooRef
+from mergelab.platform.campaign_config import CampaignConfig, OmniZooRef, ZooRef
+from mergelab.platform.omni import OmniZooMissing, omni_template
 
 START_ATTR = "mergelab.start"  # "defaults" or "enqueue[i]" on the enqueued start points
 
@@ -25,8 +26,12 @@ START_ATTR = "mergelab.start"  # "defaults" or "enqueue[i]" on the enqueued star
 NONE_DEFAULTS: dict[str, Callable[[int], float]] = {"rank_ratio": lambda n_experts: 1.0 / n_experts}
 
 
-def recipe_template(cfg: CampaignConfig, source: str = "campaign") -> tuple[MergeRecipe, dict[str, float]]:
+def recipe_template(cfg: CampaignConfig, source: str = "campaign", *,
+                    build_missing: bool = False) -> tuple[MergeRecipe, dict[str, float]]:
     """The campaign's recipe template (a zoo reference resolved) and the experts' own-task reference scores.
+
+    An omni zoo reference (``experts: {omni_zoo: ...}``) is resolved by :func:`mergelab.platform.omni.omni_template`
+    (``build_missing``: build its checkpoints first when they are missing; else :class:`OmniZooMissing`).
 
     A zoo reference reads ``<zoo>/manifest.json`` written by :func:`mergelab.bench.zoo_build.build_zoo`: models are
     ``manifest["models"]["seed<S>/<kind>/<task>"]`` with ``kind``, ``task``, ``seed`` and ``scores`` (``{"shifted":
@@ -38,6 +43,8 @@ def recipe_template(cfg: CampaignConfig, source: str = "campaign") -> tuple[Merg
         ValueError: missing manifest, no experts of the requested kind/seed/tasks (naming the file), or a recipe
             field that does not validate (``MergeConfigError``, naming it).
     """
+    if isinstance(cfg.experts, OmniZooRef):
+        return omni_template(cfg, source, build_missing=build_missing)
     if not isinstance(cfg.experts, ZooRef):
         if cfg.base is None:
             raise ValueError(f"{source}: base: required when `experts` is a list of paths")
@@ -167,7 +174,12 @@ def campaign_plan(cfg: CampaignConfig) -> str:
     """What ``mergelab campaign --dry-run`` prints: the validated template recipe and its digest, the search space,
     the start points, the study, the budget and where results go. Reads the experts' files; writes nothing."""
     check_search_space(cfg)
-    template, reference = recipe_template(cfg)
+    try:
+        template, reference = recipe_template(cfg)
+    except OmniZooMissing as e:  # nothing to hash yet: the campaign builds the zoo first
+        return (f"campaign {cfg.name}: study {cfg.study_name!r}, method {cfg.method}; {e}\n"
+                f"template digest: known once the zoo is built\nobjective {cfg.objective.metrics} on val of "
+                f"{cfg.eval.tasks}; registry {cfg.registry.name}: register {cfg.registry.register_policy}")
     names = [e.name or "" for e in template.experts]
     lines = [f"campaign {cfg.name}: study {cfg.study_name!r}, method {template.method_name}, "
              f"{len(names)} experts {names}",

@@ -95,7 +95,8 @@ def table(zoo_dir: Path | None, merges: bool, settings: str, methods: str | None
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON.")
 @click.option("--track", is_flag=True, help="Each merge an MLflow run (the store of MERGELAB_ROOT / "
-                                            "MLFLOW_TRACKING_URI); the chosen merges get their test scores.")
+                                            "MLFLOW_TRACKING_URI); the chosen merges get their test scores; the "
+                                            "base and each expert are reference runs.")
 @click.option("--experiment", default="omni", show_default=True, help="MLflow experiment of the tracked merges.")
 def omni(zoo_dir: Path, seeds: str, jobs: int, device: str, settings: str | None, methods: str | None,
          lam_grid: str | None, lora_modes: str, quick: bool, json_out: Path | None, track: bool,
@@ -104,11 +105,16 @@ def omni(zoo_dir: Path, seeds: str, jobs: int, device: str, settings: str | None
     from mergelab.bench.omni.table import run
 
     merger, on_scores = _omni_tracking(experiment) if track else (None, None)
-    run(zoo_dir, [int(s) for s in seeds.split(",")], jobs=jobs, device=device, json_out=json_out, quick=quick,
-        methods=methods.split(",") if methods else None,
-        lam_grid=[float(x) for x in lam_grid.split(",")] if lam_grid else None,
-        settings=settings.split(",") if settings else None, log=click.echo, merger=merger, on_scores=on_scores,
-        lora_modes=lora_modes.split(","))
+    result = run(zoo_dir, [int(s) for s in seeds.split(",")], jobs=jobs, device=device, json_out=json_out,
+                 quick=quick, methods=methods.split(",") if methods else None,
+                 lam_grid=[float(x) for x in lam_grid.split(",")] if lam_grid else None,
+                 settings=settings.split(",") if settings else None, log=click.echo, merger=merger,
+                 on_scores=on_scores, lora_modes=lora_modes.split(","))
+    if track:  # the base and each expert as reference runs beside the merges (mergelab.platform.omni)
+        from mergelab.platform.omni import log_omni_references
+        from mergelab.platform.store import Store
+
+        log_omni_references(Store.resolve(), experiment, result, zoo_dir, quick=quick, device=device, log=click.echo)
 
 
 def _omni_tracking(experiment: str) -> tuple[Callable[[Any, Path, str], Any], Callable[[str, dict[str, float]], None]]:
