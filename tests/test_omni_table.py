@@ -133,7 +133,7 @@ def test_bench_omni_track_makes_each_merge_an_mlflow_run(quick_run, tmp_path: Pa
     assert res.exit_code == 0, res.output
     client = platform_store.client()
     exp = client.get_experiment_by_name("omni-test")
-    runs = client.search_runs([exp.experiment_id])
+    runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mergelab.role") != "reference"]
     assert len(runs) == 2  # quick: lambda grid (1.0,): the sweep's merge, then the chosen one again
     assert {r.info.run_name for r in runs} == {"seed0/lora/task_arithmetic/lam1.0"}
     scored = [r for r in runs if "test/cross_avg" in r.data.metrics]
