@@ -235,7 +235,8 @@ class CampaignConfig(RecipeFields):
 
     The recipe template is :class:`~mergelab.platform.merge_config.RecipeFields` (base, experts, method, params,
     policy, device, dtypes, seed: a merge YAML's fields, spelled the same), except that ``experts`` may also be a
-    zoo reference, in which case ``base`` defaults to the zoo's; every trial's recipe is the template with the
+    zoo reference (the capability zoo's :class:`ZooRef` or the omni zoo's :class:`OmniZooRef`), in which case
+    ``base`` defaults to the zoo's; every trial's recipe is the template with the
     trial's ``params`` and coefficients. The rest is the search.
     """
 
