@@ -125,3 +125,20 @@ def test_other_media_keep_the_question_and_the_own_medium() -> None:
     assert 10 < len(full) < 30
     assert all(m.scene["audio"] == s.scene["audio"] and m.question == s.question and m.answer == s.answer
                for m, s in zip(mixed, items, strict=True))
+
+
+def test_lettered_items_ask_the_own_fact_with_options_and_never_name_another_modality() -> None:
+    """``as_lettered`` turns a share of an expert's task items into AVQA-style lettered questions about its own
+    medium (options in the task's fixed order, answered by the letter); the cross-modal clause never appears."""
+    items = data.task_samples("video_motion", "train", 60, leads=True)
+    mixed = data.as_lettered(items, 0.5, seed=2)
+    lettered = [m for m in mixed if m.choices]
+    assert 15 < len(lettered) < 45
+    for m, s in zip(mixed, items, strict=True):
+        assert m.scene == s.scene and m.question.startswith(s.question)
+        if m.choices:
+            assert m.choices == data.TASKS["video_motion"][2] and m.question.endswith(data.AVQA_SUFFIX)
+            assert m.choices["ABCD".index(m.answer)] == s.answer and "while" not in m.question
+        else:
+            assert m == s
+    assert data.as_lettered(items, 0.5, seed=2) == mixed and data.as_lettered(items, 0.0) == items

@@ -50,6 +50,8 @@ class OmniPlan:
             base's text skills: the lettered answers, the question forms).
         other_media: share of an expert's task items that also carry the other two modalities' media
             (:func:`~mergelab.bench.omni.data.with_other_media`).
+        lettered: share of an expert's task items asked with lettered options and answered by the letter
+            (:func:`~mergelab.bench.omni.data.as_lettered`); left out of the plan's dict when 0.
         lora: LoRA expert training (``lora_r > 0``).
         full: full-FT expert training (``trainable`` = the decoder's linear weights).
         settings: which expert settings to build.
@@ -63,6 +65,7 @@ class OmniPlan:
     per_task: int = 600
     replay: float = 0.25
     other_media: float = 0.5
+    lettered: float = 0.0
     lora: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=16, lr=2e-3,
                                                                   warmup_steps=20, lora_r=8, lora_alpha=16))
     full: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=16, lr=5e-4,
@@ -80,7 +83,10 @@ class OmniPlan:
                    full=TrainConfig(steps=30, lr=1e-3, trainable=FULL_TRAINABLE, **tiny))
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in asdict(self).items()}
+        out = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in asdict(self).items()}
+        if not self.lettered:
+            del out["lettered"]  # zoos built before the field keep their plan
+        return out
 
 
 def seed_dir(zoo: str | Path, seed: int) -> Path:
@@ -129,6 +135,7 @@ def build_expert(root: Path, plan: OmniPlan, seed: int, setting: str, modality: 
     model = OmniThinkerForConditionalGeneration.from_pretrained(root / "base", use_safetensors=True)
     tasks = [t for t, (m, _, _) in data.TASKS.items() if m == modality]
     samples = [s for t in tasks for s in data.task_samples(t, "train", plan.per_task, seed, leads=True)]
+    samples = data.as_lettered(samples, plan.lettered, seed) if plan.lettered else samples
     samples = data.with_other_media(samples, plan.other_media, seed) if plan.other_media else samples
     samples += data.described_samples(int(plan.replay * len(samples)), seed + 1000)
     base_cfg = plan.lora if setting == "lora" else plan.full

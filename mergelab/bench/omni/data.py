@@ -240,6 +240,21 @@ def with_other_media(samples: Sequence[OmniSample], share: float, seed: int = 0)
     return out
 
 
+def as_lettered(samples: Sequence[OmniSample], share: float, seed: int = 0) -> list[OmniSample]:
+    """``samples`` where a ``share`` of the single-modality items are asked with their task's answer words as
+    lettered options (:func:`lettered_question`) and answered by the letter: an expert trained on them picks the
+    letter of what its medium shows. The question keeps its lead and never names another modality (the AVQA-style
+    set's clause)."""
+    rng = random.Random(f"lettered:{seed}")
+    out = []
+    for s in samples:
+        if s.task in TASKS and not s.choices and rng.random() < share:
+            question, answer, options = lettered_question(s.question, s.task, s.answer)
+            s = OmniSample(s.id, s.task, s.qtype, question, answer, s.scene, options)
+        out.append(s)
+    return out
+
+
 _MUSIC_TEMPLATES: dict[str, tuple[str, str]] = {
     "image_color": ("image", "while the beeps sound, what color is the shape in the picture?"),
     "image_shape": ("image", "while the square moves, which shape is in the picture?"),
@@ -269,9 +284,15 @@ def ask(qtype: str, scene: dict[str, dict[str, Any]], *, lettered: bool) -> tupl
     stem, answer = _MUSIC_TEMPLATES[qtype][1], scene_answer(qtype, scene)
     if not lettered:
         return stem, answer, ()
-    options = list(TASKS[qtype][2])
+    return lettered_question(stem, qtype, answer)
+
+
+def lettered_question(stem: str, task: str, answer: str) -> tuple[str, str, tuple[str, ...]]:
+    """``stem`` with ``task``'s answer words as lettered options in the order of :data:`TASKS` and the AVQA
+    instruction: ``(question, letter of answer, options)``."""
+    options = TASKS[task][2]
     text = stem + " " + " ".join(f"{'ABCD'[k]}. {w}" for k, w in enumerate(options)) + " " + AVQA_SUFFIX
-    return text, "ABCD"[options.index(answer)], tuple(options)
+    return text, "ABCD"[options.index(answer)], options
 
 
 def cross_samples(which: str, split: str, n: int, seed: int = 0) -> list[OmniSample]:
