@@ -50,15 +50,19 @@ from mergelab.methods.base import DecompositionCache, MergeContext, MethodSpec, 
 def span_basis(stack: Tensor) -> Tensor:
     """An orthonormal basis ``(m, R)`` of the column span of ``stack (m, k)``, ``R`` its numerical rank.
 
-    QR of the stack, then the SVD of the small triangular factor; directions whose singular value is below
-    ``max(s) * max(m, k) * eps(dtype)`` are dropped (an all-zero stack gives ``R = 0``).
+    QR of the stack, then the singular values of the small triangular factor: when every one is above
+    ``max(s) * max(m, k) * eps(dtype)`` (full column rank, the usual case) ``Q`` is the basis; otherwise the SVD's
+    left vectors rotate ``Q`` and the directions below that bound are dropped (an all-zero stack gives ``R = 0``).
     """
     m, k = stack.shape
     if k == 0 or not bool(stack.any()):
         return stack.new_zeros(m, 0)
     q, r = torch.linalg.qr(stack)
-    p, s, _ = torch.linalg.svd(r, full_matrices=False)
+    s = torch.linalg.svdvals(r)
     tol = float(s.max()) * max(m, k) * torch.finfo(stack.dtype).eps
+    if q.shape[1] == k and bool((s > tol).all()):
+        return q
+    p, s, _ = torch.linalg.svd(r, full_matrices=False)
     return q @ p[:, : int((s > tol).sum())]
 
 
