@@ -19,6 +19,11 @@ SGD path, 300 steps), the full variant's Adam cost per step (and its setup: spec
 all in seconds on the same task vectors (``--timed-steps``: how many Adam steps the per-step cost is timed over,
 default 10; fewer on CPU at the Qwen2-VL-7B shapes).
 
+``--per-step`` prints, per shape, the full (Adam) variant's setup (spectra, factors) and seconds per step against
+the official form's (its setup incl. full SVDs, ``--official-steps`` steps timed), and both ratios::
+
+    python benchmarks/optmerge_cost.py --per-step --device cpu --shapes 896x4864,4864x896 --timed-steps 10
+
 ``--cache`` prints, per shape, the seconds per trial of three OptMerge trials on the same task vectors (other
 ``steps``, ``lr``, ``rank_ratio``, coefficients, ``init``) without the decomposition cache and with it (the first
 trial fills it, the next two hit it), and checks that the cached merges are bit-identical::
@@ -113,10 +118,8 @@ def official(d: Tensor, variant: str, steps: int, device: torch.device) -> tuple
     return t1 - t0, (t2 - t1) / steps, peak
 
 
-def vs_swudi_row(d: Tensor, steps: int, timed_steps: int, device: torch.device) -> tuple[float, ...]:
-    """Seconds of: exact LoRA OptMerge; the full variant's setup (spectra, factors) and one Adam step; SWUDI."""
-    ctx = MergeContext()
-    lora, _ = timed(lambda: optmerge(None, d, OptMergeConfig(variant="lora", steps=steps), ctx), device)
+def full_step_cost(d: Tensor, steps: int, timed_steps: int, device: torch.device) -> tuple[float, float]:
+    """Seconds of the full variant's setup (spectra, factors) and of one Adam step (mean of ``timed_steps``)."""
     cfg = OptMergeConfig(variant="full", steps=steps)
     out: dict[str, object] = {}
     setup, _ = timed(lambda: out.update(factors=optmerge_factors(d, cfg)), device)
@@ -126,8 +129,16 @@ def vs_swudi_row(d: Tensor, steps: int, timed_steps: int, device: torch.device) 
         lambda: solve_iterative(x0, f, h, optimizer="adam", lr=cfg.lr, steps=timed_steps, momentum=0.9),
         device,
     )
+    return setup, loop / timed_steps
+
+
+def vs_swudi_row(d: Tensor, steps: int, timed_steps: int, device: torch.device) -> tuple[float, ...]:
+    """Seconds of: exact LoRA OptMerge; the full variant's setup (spectra, factors) and one Adam step; SWUDI."""
+    ctx = MergeContext()
+    lora, _ = timed(lambda: optmerge(None, d, OptMergeConfig(variant="lora", steps=steps), ctx), device)
+    setup, per_step = full_step_cost(d, steps, timed_steps, device)
     sw, _ = timed(lambda: swudi(None, d, SwudiConfig(), ctx), device)
-    return lora, setup, loop / timed_steps, sw
+    return lora, setup, per_step, sw
 
 
 def layer_stacks(
@@ -143,16 +154,52 @@ def layer_stacks(
         yield m, n, d
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or ``cpu`` with the thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu, {torch.get_num_threads()} threads"
+
+
+def per_step_table(
+    shapes: list[tuple[int, int]],
+    experts: int,
+    steps: int,
+    official_steps: int,
+    timed_steps: int,
+    device: torch.device,
+) -> None:
+    """The full (Adam) variant's setup and per-step cost against the official m x m form, same task vectors."""
+    print(
+        f"OptMerge full variant per step vs the official m x m form, N={experts}, float32, {device_name(device)}, "
+        f"torch {torch.__version__}"
+    )
+    head = (
+        f"{'shape (out x in)':>17} {'setup s':>8} {'s/step':>8} {'official setup s':>16} {'official s/step':>15} "
+        f"{'step ratio':>10} {f'{steps}-step ratio':>14}"
+    )
+    for m, n, d in layer_stacks(head, shapes, experts, device):
+        setup, step = full_step_cost(d, steps, timed_steps, device)
+        o_setup, o_step, _ = official(d, "full", official_steps, device)
+        ratio = (o_setup + steps * o_step) / (setup + steps * step)
+        print(
+            f"{f'{m}x{n}':>17} {setup:8.2f} {step:8.4f} {o_setup:16.2f} {o_step:15.4f} {o_step / step:9.1f}x "
+            f"{ratio:13.1f}x",
+            flush=True,
+        )
+    print(
+        f"(mergelab: {timed_steps} Adam steps timed, official: {official_steps}; the {steps}-step ratio is "
+        f"(setup + {steps} steps) of each)"
+    )
+
+
 def vs_swudi(
     shapes: list[tuple[int, int]], experts: int, steps: int, device: torch.device, timed_steps: int = 10
 ) -> None:
     """OptMerge (exact LoRA variant; full variant per Adam step, over ``timed_steps``) against SWUDI's total."""
-    name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu, {torch.get_num_threads()} threads"
+    print(
+        f"OptMerge vs SWUDI per layer, N={experts}, float32, {device_name(device)}, torch {torch.__version__}"
     )
-    print(f"OptMerge vs SWUDI per layer, N={experts}, float32, {name}, torch {torch.__version__}")
     head = (
         f"{'shape (out x in)':>17} {'OptMerge lora exact s':>21} {'full setup s':>12} {'full s/step':>11} "
         f"{'full ' + str(steps) + ' steps s':>15} {'SWUDI s':>8} {'lora/SWUDI':>10} {'SWUDI/full step':>15}"
@@ -284,6 +331,11 @@ def main() -> None:
         "--vs-swudi", action="store_true", help=f"OptMerge against SWUDI (default shapes {SWUDI_SHAPES})"
     )
     ap.add_argument(
+        "--per-step",
+        action="store_true",
+        help="the full variant's setup and s/step against the official form's (--timed-steps, --official-steps)",
+    )
+    ap.add_argument(
         "--cache", action="store_true", help="seconds per trial without/with the decomposition cache"
     )
     ap.add_argument(
@@ -338,6 +390,20 @@ def main() -> None:
             args.steps,
             torch.device("cpu") if args.device == "auto" and dev.type != "cuda" else dev,
             args.timed_steps,
+        )
+        return
+    if args.per_step:
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(auto if args.device == "auto" else args.device)
+        per_step_table(
+            [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+            if args.shapes
+            else FULL_SHAPES,
+            args.experts,
+            args.steps,
+            args.official_steps or (10 if dev.type == "cuda" else 3),
+            args.timed_steps,
+            dev,
         )
         return
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
