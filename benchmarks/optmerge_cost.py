@@ -141,10 +141,19 @@ def vs_swudi_row(d: Tensor, steps: int, timed_steps: int, device: torch.device) 
     return lora, setup, per_step, sw
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or ``cpu`` with the thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu, {torch.get_num_threads()} threads"
+
+
 def layer_stacks(
-    head: str, shapes: list[tuple[int, int]], experts: int, device: torch.device
+    title: str, head: str, shapes: list[tuple[int, int]], experts: int, device: torch.device
 ) -> Iterator[tuple[int, int, Tensor]]:
-    """Print a table head, then yield ``(m, n, task vectors)`` per shape (seeded, after a warm-up merge)."""
+    """Print a table's title (with N, dtype, device, torch) and head, then yield ``(m, n, task vectors)`` per shape
+    (seeded, after a warm-up merge)."""
+    print(f"{title}, N={experts}, float32, {device_name(device)}, torch {torch.__version__}")
     print(head)
     print("-" * len(head))
     for m, n in shapes:
@@ -152,13 +161,6 @@ def layer_stacks(
         d = (1e-3 * torch.randn(experts, m, n, generator=g)).to(device)
         optmerge(None, d[:, :64, :64], OptMergeConfig(steps=2), MergeContext())  # warm-up
         yield m, n, d
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or ``cpu`` with the thread count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu, {torch.get_num_threads()} threads"
 
 
 def per_step_table(
@@ -170,15 +172,12 @@ def per_step_table(
     device: torch.device,
 ) -> None:
     """The full (Adam) variant's setup and per-step cost against the official m x m form, same task vectors."""
-    print(
-        f"OptMerge full variant per step vs the official m x m form, N={experts}, float32, {device_name(device)}, "
-        f"torch {torch.__version__}"
-    )
     head = (
         f"{'shape (out x in)':>17} {'setup s':>8} {'s/step':>8} {'official setup s':>16} {'official s/step':>15} "
         f"{'step ratio':>10} {f'{steps}-step ratio':>14}"
     )
-    for m, n, d in layer_stacks(head, shapes, experts, device):
+    title = "OptMerge full variant per step vs the official m x m form"
+    for m, n, d in layer_stacks(title, head, shapes, experts, device):
         setup, step = full_step_cost(d, steps, timed_steps, device)
         o_setup, o_step, _ = official(d, "full", official_steps, device)
         ratio = (o_setup + steps * o_step) / (setup + steps * step)
@@ -197,14 +196,11 @@ def vs_swudi(
     shapes: list[tuple[int, int]], experts: int, steps: int, device: torch.device, timed_steps: int = 10
 ) -> None:
     """OptMerge (exact LoRA variant; full variant per Adam step, over ``timed_steps``) against SWUDI's total."""
-    print(
-        f"OptMerge vs SWUDI per layer, N={experts}, float32, {device_name(device)}, torch {torch.__version__}"
-    )
     head = (
         f"{'shape (out x in)':>17} {'OptMerge lora exact s':>21} {'full setup s':>12} {'full s/step':>11} "
         f"{'full ' + str(steps) + ' steps s':>15} {'SWUDI s':>8} {'lora/SWUDI':>10} {'SWUDI/full step':>15}"
     )
-    for m, n, d in layer_stacks(head, shapes, experts, device):
+    for m, n, d in layer_stacks("OptMerge vs SWUDI per layer", head, shapes, experts, device):
         lora, setup, per_step, sw = vs_swudi_row(d, steps, timed_steps, device)
         print(
             f"{f'{m}x{n}':>17} {lora:21.2f} {setup:12.2f} {per_step:11.4f} {setup + steps * per_step:15.1f} "
@@ -247,15 +243,12 @@ def cache_compare(
 ) -> None:
     """Seconds per OptMerge trial without and with the decomposition cache (the first ``trials`` of the three
     trials of :func:`cache_trials`, same task vectors) for each of ``variants``."""
-    print(
-        f"OptMerge trials with/without the decomposition cache, N={experts}, float32, {device}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
-    )
     head = (
         f"{'shape (out x in)':>17} {'variant':7} {'steps':>5} {'no cache s: trial 1 / 2 / 3':>27} "
         f"{'cache s: trial 1 / 2 / 3':>24} {'identical':>9}"
     )
-    for m, n, d in layer_stacks(head, shapes, experts, device):
+    title = "OptMerge trials with/without the decomposition cache"
+    for m, n, d in layer_stacks(title, head, shapes, experts, device):
         for variant in variants:
             n_steps = adam_steps if variant == "full" else steps
             plain, with_cache, same = [], [], True
