@@ -3,8 +3,7 @@
 The omni tasks (:data:`mergelab.bench.omni.tasks.OMNI_TASKS`: the cross-modal sets ``music_avqa`` and ``avqa``, and
 each modality's own tasks ``image_color`` ... ``video_speed``) are procedural: their items are generated in memory
 (:mod:`mergelab.bench.omni.data`, seed :data:`~mergelab.bench.omni.tasks.DATA_SEED`; no data root is read), as many
-per split as the omni table evaluates (:class:`mergelab.bench.omni.table.EvalSizes`: val 28 per cross-modal set and
-12 per task, test 84 and 40). Every item carries all of its media (a cross-modal item: image, audio and video), and
+per split as the omni table evaluates (:class:`mergelab.bench.omni.table.EvalSizes`, val and test). Every item carries all of its media (a cross-modal item: image, audio and video), and
 the model answers through the omni prompt and processor (:func:`mergelab.bench.omni.train.answers`), not the
 runner's one-image chat prompt. Scores are the table's (:func:`mergelab.bench.omni.metrics.item_score`: the choice
 letter for ``avqa``, exact match after EvalAI normalisation for the others), reported as ``accuracy`` and, per
