@@ -181,6 +181,20 @@ def test_core_mode_truncated_adapter_is_the_optimal_truncation(loras: tuple[Path
     assert len(full.tensors) > 0
 
 
+def test_core_mode_computes_in_float32_under_a_bf16_compute_dtype(loras: tuple[Path, list[Path], Path],
+                                                                  tmp_path: Path) -> None:
+    base, ads, _ = loras
+    recipe = MergeRecipe.build(base=base, experts=ads, method="task_arithmetic", device="cpu",
+                               compute_dtype="bfloat16")
+    run_merge(recipe, tmp_path / "delta")
+    run_merge(recipe.replace(lora_merge="core"), tmp_path / "core")
+    want = load_file(str(tmp_path / "delta" / "model.safetensors"))
+    got = load_file(str(tmp_path / "core" / "model.safetensors"))
+    b0 = load_file(str(base / "model.safetensors"))
+    for k, v in want.items():  # bf16 task vectors there, float32 cores here
+        assert float((got[k] - v).norm()) <= 1e-2 * float((v - b0[k]).norm()) + 1e-6, k
+
+
 def test_core_mode_runs_global_statistics_over_the_cores(loras: tuple[Path, list[Path], Path],
                                                          tmp_path: Path) -> None:
     base, ads, _ = loras

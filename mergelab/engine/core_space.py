@@ -166,8 +166,9 @@ def core_updates(adapters: Sequence[LoraAdapter], rules: Mapping[str, str], spec
                  seed: int, lam: float, device: torch.device, dtype: torch.dtype,
                  cache: DecompositionCache | None = None) -> dict[str, LowRank]:
     """``lora_merge: core`` for the engine: :func:`read_spaces` then :func:`merge_cores` (``rules`` from
-    :func:`to_core_items`)."""
-    return merge_cores(read_spaces(adapters, list(rules), device, dtype), rules, spec, cfg, seed=seed, lam=lam,
+    :func:`to_core_items`), in ``dtype`` or float32 when that is narrower (QR needs it)."""
+    work = torch.promote_types(dtype, torch.float32)
+    return merge_cores(read_spaces(adapters, list(rules), device, work), rules, spec, cfg, seed=seed, lam=lam,
                        cache=cache)
 
 
