@@ -59,11 +59,14 @@ EXPERIMENT = "mergelab-demo"
 OPTMERGE_SPACE: dict[str, dict[str, Any]] = {
     "rank_ratio": {"type": "float", "low": 0.05, "high": 0.5},
     "steps": {"type": "int", "low": 50, "high": 400, "step": 50},
-    "lr": {"type": "float", "low": 1.0e-6, "high": 1.0e-3, "log": True},
+    "lr": {"type": "float", "low": 1.0e-6, "high": 1.0e-1, "log": True},
     "lam": {"type": "float", "low": 0.05, "high": 1.5},
     "init": {"type": "categorical", "choices": ["mean", "sum"]},
 }
-"""The campaign's search space around the paper's OptMerge (its defaults in both settings lie inside)."""
+"""The campaign's search space around the paper's OptMerge (its defaults in both settings lie inside).
+
+``lr`` reaches 1e-1: on the zoo's seed-0 LoRA experts (val split), SGD run close to its minimiser (lr 1e-2 to 1e-1,
+300 steps) at lambda 0.5 scores 33.4-35.3 against 29.2 for the paper's lr 1e-4 at lambda 1.0."""
 
 
 @dataclass
