@@ -15,8 +15,10 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from mergelab.engine import MergeError, MergeRecipe, run_merge
-from mergelab.engine.core_space import core_space, merge_cores, span_basis
+from mergelab.engine.adapters import LoraAdapter
+from mergelab.engine.core_space import LazyCoreUpdates, core_space, core_updates, merge_cores, span_basis
 from mergelab.engine.factors import LowRank
+from mergelab.engine.io import CheckpointReader
 from mergelab.methods import METHODS
 from mergelab.methods.base import MergeContext, tensor_generator
 from mergelab.platform.merge_config import load_recipe
@@ -203,6 +205,24 @@ def test_core_mode_runs_global_statistics_over_the_cores(loras: tuple[Path, list
     rep = run_merge(recipe, tmp_path / "out")
     assert rep.counts["factors"] == 6
     assert all(torch.isfinite(t).all() for t in load_file(str(tmp_path / "out" / "model.safetensors")).values())
+
+
+def test_per_tensor_methods_compute_each_update_on_demand(loras: tuple[Path, list[Path], Path]) -> None:
+    """The engine holds one tensor's bases at a time unless a global method needs every core first."""
+    base, ads, _ = loras
+    reader = CheckpointReader(base)
+    adapters = [LoraAdapter(p, reader.keys()) for p in ads]
+    rules = {k: "merge" for k in sorted(set(adapters[0].modules) | set(adapters[1].modules))}
+    kw = {"seed": 0, "lam": 1.0, "device": torch.device("cpu"), "dtype": torch.float32}
+    ta = METHODS["task_arithmetic"]
+    lazy = core_updates(adapters, rules, ta, ta.make_config({}), **kw)
+    assert isinstance(lazy, LazyCoreUpdates) and len(lazy) == 6 and set(lazy) == set(rules)
+    k = next(iter(rules))
+    torch.testing.assert_close(lazy[k].dense(), lazy[k].dense())
+    ties = METHODS["ties"]
+    eager = core_updates(adapters, rules, ties, ties.make_config({"scope": "global"}), **kw)
+    assert isinstance(eager, dict) and set(eager) == set(rules)
+    reader.close()
 
 
 def test_core_mode_is_a_config_field_in_the_digest_and_the_dry_run(loras: tuple[Path, list[Path], Path],

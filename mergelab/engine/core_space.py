@@ -33,7 +33,7 @@ full ``m x n`` task vectors, and one ``(m, R)(R, R')(R', n)`` product when a ful
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,12 +162,42 @@ def read_spaces(adapters: Sequence[LoraAdapter], keys: Sequence[str], device: to
     return out
 
 
+class LazyCoreUpdates(Mapping[str, LowRank]):
+    """The core-space update of one tensor, computed each time it is asked for and not kept (per-tensor methods):
+    the engine asks once per tensor, so it holds one tensor's bases at a time, not the model's. Arguments as
+    :func:`core_updates`."""
+
+    def __init__(self, adapters: Sequence[LoraAdapter], rules: Mapping[str, str], spec: MethodSpec, cfg: Any,
+                 **kw: Any) -> None:
+        self._args = (adapters, spec, cfg)
+        self._rules = dict(rules)
+        self._kw = kw
+
+    def __getitem__(self, key: str) -> LowRank:
+        adapters, spec, cfg = self._args
+        kw = self._kw
+        spaces = read_spaces(adapters, [key], kw["device"], kw["dtype"])  # KeyError for an unplanned tensor
+        return merge_cores(spaces, {key: self._rules[key]}, spec, cfg, seed=kw["seed"], lam=kw["lam"],
+                           cache=kw["cache"])[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rules)
+
+    def __len__(self) -> int:
+        return len(self._rules)
+
+
 def core_updates(adapters: Sequence[LoraAdapter], rules: Mapping[str, str], spec: MethodSpec, cfg: Any, *,
                  seed: int, lam: float, device: torch.device, dtype: torch.dtype,
-                 cache: DecompositionCache | None = None) -> dict[str, LowRank]:
+                 cache: DecompositionCache | None = None) -> Mapping[str, LowRank]:
     """``lora_merge: core`` for the engine: :func:`read_spaces` then :func:`merge_cores` (``rules`` from
-    :func:`to_core_items`), in ``dtype`` or float32 when that is narrower (QR needs it)."""
+    :func:`to_core_items`), in ``dtype`` or float32 when that is narrower (QR needs it). A per-tensor method gets a
+    :class:`LazyCoreUpdates` (one tensor at a time); a method with global statistics needs every core first, so
+    every update is computed here and held until written."""
     work = torch.promote_types(dtype, torch.float32)
+    if spec.make_stats is None or spec.make_stats(cfg, len(adapters)) is None:
+        return LazyCoreUpdates(adapters, rules, spec, cfg, seed=seed, lam=lam, device=device, dtype=work,
+                               cache=cache)
     return merge_cores(read_spaces(adapters, list(rules), device, work), rules, spec, cfg, seed=seed, lam=lam,
                        cache=cache)
 
@@ -196,4 +226,4 @@ def to_core_items(items: Sequence[PlanItem], experts: Sequence[Expert]) -> dict[
     return out
 
 
-__all__ = ["CoreSpace", "core_space", "core_updates", "merge_cores", "read_spaces", "span_basis", "to_core_items"]
+__all__ = ["CoreSpace", "LazyCoreUpdates", "core_space", "core_updates", "merge_cores", "read_spaces", "span_basis", "to_core_items"]

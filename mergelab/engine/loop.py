@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,8 +215,6 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
         accounting=opened.accounting,
     )
     factors = _merge_lora_factors(recipe, ex, opened.factor_rules, dev, cdtype) if opened.factor_rules else {}
-    if low_rank is not None:  # output: adapter writes these factors as they are
-        low_rank.update(factors)
 
     def load(it: PlanItem) -> Loaded:
         if it.rule == "carry":
@@ -232,7 +230,10 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
         if it.rule in ("base", "owner"):
             return Loaded(it, b, None, nbytes)
         if it.rule == "factors":  # the update from the merged factors (lam already in them)
-            upd = factors[it.name].dense().to(device=dev, dtype=cdtype)
+            lr = factors[it.name]
+            if low_rank is not None:  # output: adapter writes these factors as they are
+                low_rank[it.name] = lr
+            upd = lr.dense().to(device=dev, dtype=cdtype)
             return Loaded(it, b.to(dev), upd.unsqueeze(0), nbytes)
         b_dev = b.to(dev)
         b_c = b_dev.to(cdtype)
@@ -413,7 +414,7 @@ def _merge_one(
 
 
 def _merge_lora_factors(recipe: MergeRecipe, ex: Sequence[Expert], rules: dict[str, str], dev: torch.device,
-                        cdtype: torch.dtype) -> dict[str, LowRank]:
+                        cdtype: torch.dtype) -> Mapping[str, LowRank]:
     """The low-rank update of every tensor planned as ``factors``: ``lora_merge: factors`` merges the raw ``lora_A``
     and ``lora_B`` stacks (:func:`mergelab.engine.factors.factor_updates`), ``lora_merge: core`` the experts' cores
     (:func:`mergelab.engine.core_space.core_updates`); lambda is applied."""
