@@ -143,3 +143,21 @@ def test_bench_omni_track_logs_the_base_and_experts_as_reference_runs(omni_zoo: 
     assert "test/own/image" not in audio  # an expert is scored with its own medium only, as in the table
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0 and again.output.count(" reused") == 4, again.output
+
+
+def test_dry_run_on_an_unbuilt_omni_zoo_builds_nothing(tmp_path: Path) -> None:
+    """``--dry-run`` says the zoo is built first and writes nothing; the resolved paths are the zoo's layout."""
+    from mergelab.platform.campaign_config import CampaignConfig
+    from mergelab.platform.campaign_space import campaign_plan
+    from mergelab.platform.omni import omni_paths
+
+    cfg = CampaignConfig.model_validate({"name": "omni-dry", "experts": {"omni_zoo": str(tmp_path / "z"),
+                                                                         "modalities": ["image", "audio"]},
+                                         "method": "task_arithmetic"})
+    assert cfg.eval.tasks == ["music_avqa", "avqa"]  # an omni campaign scores the cross-modal sets by default
+    plan = campaign_plan(cfg)
+    assert "is not built yet" in plan and "builds it first" in plan and not (tmp_path / "z").exists()
+    base, experts = omni_paths(cfg.experts)
+    assert base == tmp_path / "z" / "omni" / "seed0" / "base"
+    assert [(m, p.relative_to(base.parent).as_posix()) for m, p in experts] == [
+        ("image", "experts/lora/image/adapter"), ("audio", "experts/lora/audio/adapter")]
