@@ -21,11 +21,13 @@ import math
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-
-from mlflow import MlflowClient
+from typing import TYPE_CHECKING
 
 from mergelab.evaluators import EvalResult, evaluate
 from mergelab.platform.store import log_metrics, log_table, records_table
+
+if TYPE_CHECKING:  # mlflow is imported by the store when a client is made (`mergelab merge` overlaps that import)
+    from mlflow import MlflowClient
 
 #: ``evaluator(model_dir, tasks, split, on_task)`` -> EvalResult; ``on_task(task, partial_summary)`` is called
 #: after each task (the campaign reports the running average to Optuna's pruner there and may raise to stop).

@@ -38,12 +38,12 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import mlflow
+from typing import Any, TypeVar
 
 from mergelab import _signals
 from mergelab._files import content_hash
@@ -167,6 +167,13 @@ def tracked_merge(
     which the registry then points at without copying ("zero-copy registration"). For a remote artifact store the
     engine writes to a temporary directory that is uploaded once and removed.
 
+    With ``out`` the run is not needed before the merge, so opening the store (importing mlflow, creating or
+    migrating the database on first use: seconds) and hashing the inputs for the recipe's digest run in background
+    threads during the merge; the run is created afterwards with the true start time, and a failed merge is still
+    recorded as a FAILED run. A store that cannot be opened fails the call after the merge: the new output is
+    removed and, with ``overwrite``, the directory that was at ``out`` (kept aside during the merge) is put back, as
+    on any other failure.
+
     Args:
         recipe: what to merge (logged as params, ``config/merge.yaml`` and the ``mergelab.recipe`` tag).
         store: the store (default :meth:`Store.resolve`).
@@ -182,7 +189,7 @@ def tracked_merge(
         reference_scores: own-task expert scores per task for ``val/normalized_average``.
         on_task: forwarded to the evaluator (pruning); an exception raised there fails the run unless it is
             ``optuna.TrialPruned``-like (its class name contains ``Pruned``), which ends the run KILLED.
-        on_run: called with the run id as soon as the run exists.
+        on_run: called with the run id as soon as the run exists (with ``out``: after the merge).
         merge_fn: the engine entry point, ``merge_fn(recipe, out, overwrite=, progress=)`` (a seam for fault
             injection in tests).
         end_run: set the run FINISHED on success (a campaign keeps it open to add registry tags).
@@ -211,48 +218,46 @@ def _tracked_merge(recipe: MergeRecipe, store: Store | None, experiment: str, ru
                    on_task: Callable[[str, EvalResult], None] | None, on_run: Callable[[str], None] | None,
                    merge_fn: Callable[..., Any], end_run: bool, allow_base_mismatch: bool) -> TrackedMerge:
     _signals.check()
+    start_ms = int(time.time() * 1000)  # the run's start time, also when the run is created after the merge
     store = store or Store.resolve()
-    client = store.client()
-    exp_id = store.experiment_id(experiment, client)
-    run_tags = {TAG_ROLE: "merge", "method": recipe.method_name, TAG_RECIPE: recipe.digest, **(tags or {})}
-    if parent_run_id:
-        run_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(exp_id, run_name=run_name, tags=run_tags)
-    run_id = run.info.run_id
-    if on_run is not None:
-        on_run(run_id)
+    # With an explicit output the run is not needed before the merge: the store (importing mlflow, opening and, on
+    # first use, migrating the database, the experiment) and the inputs' content hashes (the recipe's digest) are
+    # prepared in background threads while the merge runs, and the run is created afterwards. Without one the
+    # weights go into the run's artifact directory, so the run comes first.
+    overlap = out is not None
+    opened = _background(lambda: _open_store(store, experiment), overlap)
+    hashed = _background(lambda: _content_hashes(recipe), overlap)
+    client: Any = None
+    run_id: str | None = None
+    tried = False  # start_run() is tried once: a failure there is not retried on the way out
+
+    def start_run() -> str:
+        nonlocal client, run_id, tried
+        tried = True
+        client, exp_id = opened()
+        hashed()
+        run_id = _start_run(client, exp_id, recipe, run_name, parent_run_id, tags, extra_params, start_ms)
+        if on_run is not None:
+            on_run(run_id)
+        return run_id
+
     merged_path: Path | None = None
     tmp_out: Path | None = None
     # whether what is at merged_path on failure is this call's (removed then): the run's own artifact directory
-    # always; an explicit ``out`` once the merge finished, or when it did not exist before (never a directory that
-    # a failed ``overwrite`` merge left untouched)
-    existed = out is not None and (Path(out).exists() or Path(out).is_symlink())
+    # always; an explicit ``out`` once the merge ran (an existing one was moved aside to ``kept`` first, and is put
+    # back on failure)
+    kept: Path | None = None
     wrote = False
     try:
-        p: dict[str, Any] = {"method": recipe.method_name, "recipe.sha": recipe.digest,
-                             "policy": recipe.policy if isinstance(recipe.policy, str) else json.dumps(
-                                 recipe.to_dict()["policy"]),
-                             "device": recipe.device, "dtype": recipe.dtype or "auto",
-                             "compute_dtype": recipe.compute_dtype, "seed": recipe.seed, "base.path": recipe.base,
-                             "base.sha256": content_hash(recipe.base), "n_experts": len(recipe.experts),
-                             "git.commit": git_commit() or "unknown"}
-        p.update({f"hp.{k}": v for k, v in recipe.hyperparameters.items()})
-        for i, e in enumerate(recipe.experts):
-            p[f"expert.{i}.name"] = e.name
-            p[f"expert.{i}.path"] = str(e.path)
-            p[f"expert.{i}.kind"] = e.kind
-            p[f"expert.{i}.sha256"] = content_hash(e.path)
-            p[f"expert.{i}.coefficient"] = "default" if e.coefficient is None else e.coefficient
-        p.update({f"version.{k}": v for k, v in package_versions().items()})
-        p.update(extra_params or {})
-        log_params(client, run_id, p)
-        resolved = recipe.to_dict()
-        client.log_dict(run_id, json.loads(json.dumps(resolved, default=str)), "config/merge.yaml")
-
         if out is not None:
             merged_path = Path(out)
             merged_uri = merged_path.resolve().as_uri()
+            if overwrite and (merged_path.exists() or merged_path.is_symlink()):
+                kept = merged_path.parent / f".{merged_path.name}.replaced-{uuid.uuid4().hex[:8]}"
+                os.replace(merged_path, kept)
         else:
+            start_run()
+            assert run_id is not None
             merged_uri, merged_path = run_artifact_path(client, run_id, "merged")
             if merged_path is None:
                 tmp_out = Path(tempfile.mkdtemp(prefix="mergelab-merged-"))
@@ -263,10 +268,9 @@ def _tracked_merge(recipe: MergeRecipe, store: Store | None, experiment: str, ru
         gpu = _cuda_reset_peak()
         t0 = time.perf_counter()
         _signals.check()
-        wrote = not existed
+        wrote = True
         kw = {"allow_base_mismatch": True} if allow_base_mismatch else {}
         report = merge_fn(recipe, target, overwrite=overwrite, progress=progress, **kw)
-        wrote = True
         _signals.check()
         seconds = time.perf_counter() - t0
         metrics = {"merge/seconds": seconds, "merge/peak_host_mb": _peak_host_mb(),
@@ -277,6 +281,9 @@ def _tracked_merge(recipe: MergeRecipe, store: Store | None, experiment: str, ru
         if numeric_value(rd.get("peak_gpu_bytes")):
             metrics["merge/peak_gpu_mb"] = float(rd["peak_gpu_bytes"]) / 2**20
         metrics.update(report_metrics(report))
+        if run_id is None:
+            start_run()
+        assert run_id is not None
         log_metrics(client, run_id, metrics)
         client.log_dict(run_id, json.loads(json.dumps(_report_dict(report), default=str)), "merge_report.json")
         if tmp_out is not None:
@@ -294,27 +301,119 @@ def _tracked_merge(recipe: MergeRecipe, store: Store | None, experiment: str, ru
             val = evaluator(model_dir, list(tasks), "val", on_task)
             _signals.check()
             metrics.update(log_eval(client, run_id, val, reference_scores))
-            if merged_path is not None and merged_path.is_dir():  # the model card gains the scores
-                write_model_card(merged_path, recipe, digest=recipe.digest, scores=dict(val.scores))
+        if merged_path is not None and merged_path.is_dir() and (val is not None or overlap):
+            # the model card gains the recipe digest (unknown to the engine while it merged) and the scores
+            write_model_card(merged_path, recipe, digest=recipe.digest, scores=dict(val.scores) if val else None)
         _signals.check()
         if end_run:
             client.set_terminated(run_id, status="FINISHED")
+        if kept is not None:
+            remove_tree(kept)
         return TrackedMerge(run_id=run_id, merged_uri=merged_uri, merged_path=merged_path, report=report,
                             val=val, metrics=metrics)
     except BaseException as e:
         if tmp_out is not None:
             shutil.rmtree(tmp_out, ignore_errors=True)
-        if "Pruned" in type(e).__name__:
-            with contextlib.suppress(Exception):
-                client.set_tag(run_id, "mergelab.pruned", "true")
-                client.set_terminated(run_id, status="KILLED")
-        else:
-            fail_run(client, run_id, e)
+        if not tried:  # the merge failed before the run was made: record it now if the store opens
+            try:
+                start_run()
+            except Exception as store_error:  # noqa: BLE001 - the original error is the one to raise
+                log.warning("could not record the failed merge in MLflow: %s", store_error)
+        if run_id is not None:
+            _end_failed(client, run_id, e)
         if wrote and merged_path is not None and (merged_path.exists() or merged_path.is_symlink()):
             remove_tree(merged_path)  # nothing of a failed or stopped run stays behind
-            with contextlib.suppress(Exception):
-                client.set_tag(run_id, TAG_WEIGHTS, "deleted")
+            if run_id is not None:
+                with contextlib.suppress(Exception):
+                    client.set_tag(run_id, TAG_WEIGHTS, "deleted")
+        if kept is not None and merged_path is not None:
+            os.replace(kept, merged_path)  # --overwrite: the directory that was there before is back
         raise
+
+
+def _end_failed(client: Any, run_id: str, error: BaseException) -> None:
+    """End a run with ``error``: KILLED and tagged pruned for a pruned trial, else FAILED (KILLED when stopped)."""
+    if "Pruned" in type(error).__name__:
+        with contextlib.suppress(Exception):
+            client.set_tag(run_id, "mergelab.pruned", "true")
+            client.set_terminated(run_id, status="KILLED")
+    else:
+        fail_run(client, run_id, error)
+
+
+def _start_run(client: Any, exp_id: str, recipe: MergeRecipe, run_name: str | None, parent_run_id: str | None,
+               tags: Mapping[str, str] | None, extra_params: Mapping[str, Any] | None, start_ms: int) -> str:
+    """Create a merge's run (started at ``start_ms``) with its tags, params and ``config/merge.yaml``."""
+    run_tags = {TAG_ROLE: "merge", "method": recipe.method_name, TAG_RECIPE: recipe.digest, **(tags or {})}
+    if parent_run_id:
+        run_tags["mlflow.parentRunId"] = parent_run_id
+    run_id = client.create_run(exp_id, start_time=start_ms, run_name=run_name, tags=run_tags).info.run_id
+    p: dict[str, Any] = {"method": recipe.method_name, "recipe.sha": recipe.digest,
+                         "policy": recipe.policy if isinstance(recipe.policy, str) else json.dumps(
+                             recipe.to_dict()["policy"]),
+                         "device": recipe.device, "dtype": recipe.dtype or "auto",
+                         "compute_dtype": recipe.compute_dtype, "seed": recipe.seed, "base.path": recipe.base,
+                         "base.sha256": content_hash(recipe.base), "n_experts": len(recipe.experts),
+                         "git.commit": git_commit() or "unknown"}
+    p.update({f"hp.{k}": v for k, v in recipe.hyperparameters.items()})
+    for i, e in enumerate(recipe.experts):
+        p[f"expert.{i}.name"] = e.name
+        p[f"expert.{i}.path"] = str(e.path)
+        p[f"expert.{i}.kind"] = e.kind
+        p[f"expert.{i}.sha256"] = content_hash(e.path)
+        p[f"expert.{i}.coefficient"] = "default" if e.coefficient is None else e.coefficient
+    p.update({f"version.{k}": v for k, v in package_versions().items()})
+    p.update(extra_params or {})
+    try:
+        log_params(client, run_id, p)
+        client.log_dict(run_id, json.loads(json.dumps(recipe.to_dict(), default=str)), "config/merge.yaml")
+    except BaseException as e:
+        fail_run(client, run_id, e)
+        raise
+    return run_id
+
+
+def _open_store(store: Store, experiment: str) -> tuple[Any, str]:
+    """``(client, experiment id)``: imports mlflow, opens (on first use creates) the database, gets the experiment."""
+    client = store.client()
+    return client, store.experiment_id(experiment, client)
+
+
+def _content_hashes(recipe: MergeRecipe) -> None:
+    """Hash the recipe's inputs (memoised per file by :func:`~mergelab._files.content_hash`), so that its digest is
+    then free; the digest itself is not computed here, so the engine's model card never races with it."""
+    for path in (recipe.base, *(e.path for e in recipe.experts)):
+        content_hash(path)
+
+
+_T = TypeVar("_T")
+
+
+def _background(fn: Callable[[], _T], overlap: bool) -> Callable[[], _T]:
+    """Start ``fn`` in a daemon thread (``overlap``) or defer it; the returned function waits for (or runs) it once
+    and returns its result, raising its error on every call."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread by result()
+            box["error"] = e
+
+    th = threading.Thread(target=target, name="mergelab-tracking", daemon=True) if overlap else None
+    if th is not None:
+        th.start()
+
+    def result() -> _T:
+        if th is not None:
+            th.join()
+        elif not box:
+            target()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    return result
 
 
 def remove_tree(path: Path) -> None:
@@ -352,6 +451,8 @@ def discard_run(client: Any, run_id: str) -> None:
 
 
 def _download(store: Store, uri: str) -> Path:
+    import mlflow.artifacts  # lazy: only a remote artifact store needs it, and importing mlflow costs seconds
+
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=store.tracking_uri))
 
 

@@ -24,14 +24,15 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 import sqlalchemy
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 try:
     import fcntl
@@ -145,6 +146,10 @@ class Store:
         fresh store together raced in it (the losers died with an alembic or duplicate-table error). Later calls
         take no lock.
         """
+        # imported here, not at the top: `import mlflow` costs seconds, and `mergelab merge` opens the store in a
+        # background thread while the merge runs (this module stays cheap to import for that)
+        from mlflow import MlflowClient
+
         uri = self.tracking_uri
         if uri in _SCHEMA_READY or not uri.startswith(_SQL_SCHEMES):
             return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -160,6 +165,8 @@ class Store:
         backend puts artifacts under the cwd of whichever process first touched the database), tagged as a classic
         ML experiment (:data:`TAG_EXPERIMENT_KIND`) with ``description``. An existing experiment without the kind
         tag (made by an older mergelab) gets both tags."""
+        from mlflow.exceptions import MlflowException  # lazy, as in client()
+
         client = client or self.client()
         tags = {TAG_EXPERIMENT_KIND: EXPERIMENT_KIND, TAG_DESCRIPTION: description}
         exp = client.get_experiment_by_name(name)

@@ -1,0 +1,140 @@
+"""A tracked merge with an explicit output opens the store and hashes its inputs in background threads while the
+merge runs, then creates its run (issue 22: tracking cost more than merging). The run is the same as before: params,
+metrics, artifacts, the true start time, FINISHED; a failing merge is still a FAILED run; a store that cannot be
+opened still fails the call, and with ``overwrite`` the directory that was at ``out`` comes back untouched."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest_platform import make_expert_family
+
+from mergelab.engine import MergeRecipe, run_merge
+from mergelab.platform import merge_run
+from mergelab.platform.merge_run import tracked_merge
+from mergelab.platform.store import Store, local_path
+
+
+def _recipe(tmp_path: Path) -> MergeRecipe:
+    base, experts = make_expert_family(tmp_path / "zoo", n=2)
+    return MergeRecipe.build(base=base, experts=experts, method="task_arithmetic", policy="llama", device="cpu")
+
+
+def _old_output(out: Path) -> None:
+    out.mkdir()
+    (out / "keep.txt").write_text("the previous merge")
+
+
+def test_the_store_opens_while_the_merge_runs_and_the_run_is_complete(platform_store: Store, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = _recipe(tmp_path)
+    merging, opening = threading.Event(), threading.Event()
+    seen: dict[str, Any] = {}
+    merge_ms: list[int] = []
+    open_store = merge_run._open_store
+
+    def slow_open(store: Store, experiment: str) -> Any:  # proceeds only once the merge has started
+        opening.set()
+        seen["opened_during_merge"] = merging.wait(30)
+        seen["thread"] = threading.current_thread().name
+        return open_store(store, experiment)
+
+    def merge_fn(r: MergeRecipe, out: Path, **kw: Any) -> Any:
+        merge_ms.append(int(time.time() * 1000))
+        merging.set()
+        seen["store_started_first"] = opening.wait(30)
+        client = platform_store.client()
+        seen["runs_during_merge"] = len(client.search_runs([platform_store.experiment_id("unit", client)]))
+        return run_merge(r, out, **kw)
+
+    monkeypatch.setattr(merge_run, "_open_store", slow_open)
+    before_ms = int(time.time() * 1000)
+    tm = tracked_merge(recipe, store=platform_store, experiment="unit", run_name="overlap", out=tmp_path / "out",
+                       merge_fn=merge_fn)
+    after_ms = int(time.time() * 1000)
+    assert seen == {"opened_during_merge": True, "store_started_first": True, "thread": "mergelab-tracking",
+                    "runs_during_merge": 0}
+    client = platform_store.client()
+    run = client.get_run(tm.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "overlap"
+    assert before_ms <= run.info.start_time <= merge_ms[0] <= run.info.end_time <= after_ms  # the true start
+    p, tags = run.data.params, run.data.tags
+    assert p["method"] == "task_arithmetic" and p["recipe.sha"] == recipe.digest == tags["mergelab.recipe"]
+    assert p["n_experts"] == "2" and p["expert.1.name"] == "task1" and len(p["base.sha256"]) == 64
+    assert tags["mergelab.merged_uri"] == (tmp_path / "out").resolve().as_uri()
+    assert tags["mergelab.weights"] == "present"
+    assert run.data.metrics["merge/seconds"] > 0 and run.data.metrics["merge/report/bytes_written"] > 0
+    art = {f.path for f in client.list_artifacts(tm.run_id)} | {f.path for f in client.list_artifacts(tm.run_id,
+                                                                                                       "config")}
+    assert {"merge_report.json", "config/merge.yaml"} <= art
+    assert recipe.digest in (tmp_path / "out" / "README.md").read_text()  # the card names the digest, as before
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_a_failing_merge_is_still_a_failed_run_and_overwrite_keeps_the_old_output(platform_store: Store,
+                                                                                    tmp_path: Path) -> None:
+    recipe, out = _recipe(tmp_path), tmp_path / "out"
+    _old_output(out)
+
+    def broken(r: MergeRecipe, target: Path, **kw: Any) -> Any:
+        target.mkdir()
+        (target / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        tracked_merge(recipe, store=platform_store, experiment="unit", out=out, overwrite=True, merge_fn=broken)
+    client = platform_store.client()
+    (run,) = client.search_runs([platform_store.experiment_id("unit", client)])
+    assert run.info.status == "FAILED" and "disk on fire" in run.data.tags["mergelab.error"]
+    assert run.data.params["recipe.sha"] == recipe.digest  # what was attempted is recorded
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and not list(tmp_path.glob(".out.*"))
+
+
+def test_a_failure_after_the_merge_removes_the_new_output_and_puts_the_old_back(platform_store: Store,
+                                                                                tmp_path: Path) -> None:
+    recipe, out = _recipe(tmp_path), tmp_path / "out"
+    _old_output(out)
+
+    def broken_eval(model_dir: Path, tasks: Any, split: str, on_task: Any) -> Any:
+        assert list(Path(model_dir).glob("*.safetensors"))  # the new merge is in place while it is evaluated
+        raise RuntimeError("evaluator exploded")
+
+    with pytest.raises(RuntimeError, match="evaluator exploded"):
+        tracked_merge(recipe, store=platform_store, experiment="unit", out=out, overwrite=True, tasks=["vqa"],
+                      evaluator=broken_eval)
+    client = platform_store.client()
+    (run,) = client.search_runs([platform_store.experiment_id("unit", client)])
+    assert run.info.status == "FAILED" and run.data.tags["mergelab.weights"] == "deleted"
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and not list(tmp_path.glob(".out.*"))
+
+
+def test_a_store_that_cannot_be_opened_fails_and_leaves_nothing(tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path)
+    bad = Store(tracking_uri="nosuchscheme://nowhere", artifact_root=None, optuna_storage="sqlite://")
+    with pytest.raises(Exception, match="nosuchscheme"):
+        tracked_merge(recipe, store=bad, out=tmp_path / "new")
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".new.*"))
+    _old_output(tmp_path / "out")
+    with pytest.raises(Exception, match="nosuchscheme"):
+        tracked_merge(recipe, store=bad, out=tmp_path / "out", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_without_an_output_the_run_comes_first(platform_store: Store, tmp_path: Path) -> None:
+    """A campaign trial's weights go into its run's artifact directory: the run exists during the merge."""
+    recipe = _recipe(tmp_path)
+    seen: list[int] = []
+
+    def merge_fn(r: MergeRecipe, out: Path, **kw: Any) -> Any:
+        client = platform_store.client()
+        seen.append(len(client.search_runs([platform_store.experiment_id("unit", client)])))
+        return run_merge(r, out, **kw)
+
+    tm = tracked_merge(recipe, store=platform_store, experiment="unit", merge_fn=merge_fn)
+    assert seen == [1] and tm.merged_path == local_path(platform_store.client().get_run(tm.run_id).info.artifact_uri
+                                                         ) / "merged"
