@@ -113,6 +113,7 @@ def merge_cores(spaces: Mapping[str, CoreSpace], rules: Mapping[str, str], spec:
     """
     n = next(iter(spaces.values())).cores.shape[0] if spaces else 0
     merged = [k for k, r in rules.items() if r == "merge" and bool(spaces[k].cores.any())]
+    merging = set(merged)
     stats = spec.make_stats(cfg, n) if spec.make_stats is not None and merged else None
     while stats is not None:
         for k in merged:
@@ -124,7 +125,7 @@ def merge_cores(spaces: Mapping[str, CoreSpace], rules: Mapping[str, str], spec:
         sp = spaces[k]
         if rule == "average":
             core = sp.cores.mean(dim=0)
-        elif k in merged:
+        elif k in merging:
             ctx = MergeContext(name=k, generator=tensor_generator(seed, k, sp.cores.device), stats=stats,
                                compute_dtype=sp.cores.dtype, cache=cache)
             core = spec.fn(torch.zeros_like(sp.cores[0]), sp.cores, cfg, ctx)
