@@ -35,13 +35,15 @@ experts, OptMerge's full and lora variants, three trials each (other ``lam`` and
 off (``MERGELAB_DECOMP_CACHE_MB=0``) and on, and checks that every merged tensor is bit-identical.
 
 ``--trials K`` (1-3) and ``--variants lora,full`` restrict ``--cache`` to the first K trials and the named variants,
-for the realistic shapes on CPU.
+and ``--plain-last-only`` runs only the last of them without the cache too (the identity check's reference), for
+the realistic shapes on CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -240,9 +242,12 @@ def cache_compare(
     device: torch.device,
     trials: int = 3,
     variants: tuple[str, ...] = ("lora", "full"),
+    plain_last_only: bool = False,
 ) -> None:
     """Seconds per OptMerge trial without and with the decomposition cache (the first ``trials`` of the three
-    trials of :func:`cache_trials`, same task vectors) for each of ``variants``."""
+    trials of :func:`cache_trials`, same task vectors) for each of ``variants``; with ``plain_last_only`` only the
+    last trial also runs without the cache (``-`` for the others), its merge the reference of the identity check.
+    Each trial's seconds also go to stderr as they come."""
     head = (
         f"{'shape (out x in)':>17} {'variant':7} {'steps':>5} {'no cache s: trial 1 / 2 / 3':>27} "
         f"{'cache s: trial 1 / 2 / 3':>24} {'identical':>9}"
@@ -251,17 +256,27 @@ def cache_compare(
     for m, n, d in layer_stacks(title, head, shapes, experts, device):
         for variant in variants:
             n_steps = adam_steps if variant == "full" else steps
-            plain, with_cache, same = [], [], True
+            plain: list[str] = []
+            with_cache: list[str] = []
+            same = True
             cache = DecompositionLRU(8 << 30)
-            for cfg in cache_trials(variant, n_steps, experts)[:trials]:
-                secs, plain_out = timed_merge(d, cfg, MergeContext(name="w"), device)
-                plain.append(secs)
+            for i, cfg in enumerate(cache_trials(variant, n_steps, experts)[:trials]):
+                plain_out = None
+                if not plain_last_only or i == trials - 1:
+                    secs, plain_out = timed_merge(d, cfg, MergeContext(name="w"), device)
+                    print(
+                        f"# {m}x{n} {variant} trial {i + 1} no cache: {secs:.2f} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                plain.append("-" if plain_out is None else f"{secs:.2f}")
                 secs, cached_out = timed_merge(d, cfg, MergeContext(name="w", cache=cache), device)
-                with_cache.append(secs)
-                same = same and torch.equal(plain_out, cached_out)
+                print(f"# {m}x{n} {variant} trial {i + 1} cache: {secs:.2f} s", file=sys.stderr, flush=True)
+                with_cache.append(f"{secs:.2f}")
+                same = same and (plain_out is None or torch.equal(plain_out, cached_out))
             print(
-                f"{f'{m}x{n}':>17} {variant:7} {n_steps:5} {' / '.join(f'{t:.2f}' for t in plain):>27} "
-                f"{' / '.join(f'{t:.2f}' for t in with_cache):>24} {str(same):>9}",
+                f"{f'{m}x{n}':>17} {variant:7} {n_steps:5} {' / '.join(plain):>27} "
+                f"{' / '.join(with_cache):>24} {str(same):>9}",
                 flush=True,
             )
 
@@ -337,6 +352,11 @@ def main() -> None:
     ap.add_argument(
         "--trials", type=int, default=3, choices=[1, 2, 3], help="--cache: how many of the 3 trials"
     )
+    ap.add_argument(
+        "--plain-last-only",
+        action="store_true",
+        help="--cache: only the last trial also runs without the cache (the identity check's reference)",
+    )
     ap.add_argument("--variants", default="lora,full", help="--cache: comma-separated OptMerge variants")
     ap.add_argument(
         "--timed-steps",
@@ -368,6 +388,7 @@ def main() -> None:
             cache_dev,
             args.trials,
             tuple(args.variants.split(",")),
+            args.plain_last_only,
         )
         return
     if args.vs_swudi:
