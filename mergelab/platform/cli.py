@@ -10,10 +10,12 @@ one line (the traceback with ``--debug``); the exit status is one of :mod:`merge
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
 import traceback
+import warnings
 from typing import Any
 
 import click
@@ -67,14 +69,45 @@ def signal_name(signum: int) -> str:
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Print tracebacks of errors (also MERGELAB_DEBUG=1).")
-@click.option("-v", "--verbose", is_flag=True, help="Keep the libraries' own output (transformers' per-load "
-              "progress bars and logs; also MERGELAB_VERBOSE=1).")
+@click.option("-v", "--verbose", is_flag=True, help="More output: the full merge summary and the libraries' own "
+              "(transformers' per-load progress bars and logs, MLflow's and Optuna's INFO lines, library warnings; "
+              "also MERGELAB_VERBOSE=1).")
 @click.version_option(package_name="mergelab")
 def main(debug: bool, verbose: bool) -> None:
     """Merge fine-tuned LLM/MLLM experts, evaluate, tune with Optuna, track in MLflow, promote via the registry."""
     if verbose:
         os.environ["MERGELAB_VERBOSE"] = "1"
+    if not verbose and os.environ.get("MERGELAB_VERBOSE", "") in ("", "0"):
+        quiet_libraries(click.get_current_context().invoked_subcommand)
     raise_on_sigterm()
+
+
+#: Libraries whose Python warnings (deprecations, "parameter importances will be equal", ...) only ``-v`` shows.
+QUIET_WARNINGS = r"(optuna|mlflow|transformers|peft|torch|torchvision|alembic|sqlalchemy|pydantic|matplotlib|pandas" \
+                 r"|huggingface_hub|accelerate|safetensors|lm_eval|datasets|plotly)(\.|$)"
+
+#: The commands that import optuna anyway (campaigns): they also get its per-trial log lines silenced.
+OPTUNA_COMMANDS = frozenset({"campaign", "worker", "demo"})
+
+
+def quiet_libraries(command: str | None) -> None:
+    """The default output: mergelab's own lines and one progress bar per merge or evaluation. MLflow logs warnings
+    only (not "Creating initial MLflow database tables..."), the libraries' Python warnings are not shown, and for
+    campaigns Optuna's "Trial N finished" lines are not either; ``-v`` (or ``MERGELAB_VERBOSE=1``) keeps them all.
+    Transformers' per-load bars and logs are silenced where models load (:func:`mergelab.hf.quiet_transformers`).
+
+    Args:
+        command: the subcommand about to run.
+    """
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read by mlflow when it is imported
+    if "mlflow" in sys.modules:  # already imported (mergelab used as a library, then its CLI called)
+        logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])
+    warnings.filterwarnings("ignore", module=QUIET_WARNINGS)
+    if command in OPTUNA_COMMANDS:
+        # imported here, not at the top: importing optuna costs half a second, and only these commands need it
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 # One line per command module; the modules import only click at the top (their work is imported when a command

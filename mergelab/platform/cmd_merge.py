@@ -3,9 +3,10 @@
 As thin as mergekit's ``run_yaml.py``: YAML -> :class:`~mergelab.engine.recipe.MergeRecipe`
 (:func:`~mergelab.platform.merge_config.load_recipe`) -> every check that needs no work
 (:func:`mergelab.engine.loop.preflight`: paths, output directory, shapes, lineage, plan, tensor accounting) ->
-:func:`mergelab.engine.run_merge` (inside an MLflow run unless ``--no-track``) with a progress bar over tensors ->
-print :meth:`MergeReport.summary`. ``--eval TASKS`` evaluates the merge in the same MLflow run (scores in the run
-and the model card); ``--dry-run`` stops after the checks and prints the recipe, its digest and the plan's counts.
+:func:`mergelab.engine.run_merge` (inside an MLflow run unless ``--no-track``; the store opens in the background
+while it merges) with a progress bar over tensors -> print the essential lines of :meth:`MergeReport.summary` (all
+of it with ``mergelab -v``). ``--eval TASKS`` evaluates the merge in the same MLflow run (scores in the run and the
+model card); ``--dry-run`` stops after the checks and prints the recipe, its digest and the plan's counts.
 CONFIG may also be a mergekit YAML (:mod:`mergelab.platform.mergekit_yaml`). Bad input exits with status 2 and one
 line naming the culprit, before any MLflow run exists; nothing is written to ``--out``. A failure during the merge
 exits 1, its run FAILED.
@@ -14,6 +15,7 @@ exits 1, its run FAILED.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +79,25 @@ def merge(config: Path, out: Path | None, overwrite: bool, device: str | None, r
     else:
         report = run_merge(recipe, out, overwrite=overwrite, progress=not quiet,
                            allow_base_mismatch=allow_base_mismatch)
-    click.echo(report.summary())
+    click.echo(report.summary() if verbose() else brief_summary(report))
     if report_path is not None:
         report_path.write_text(json.dumps(report.to_dict(), indent=2))
+
+
+#: The lines of ``MergeReport.summary()`` printed without ``-v``: where the merge went, the method, the tensor
+#: counts, bytes, time and memory, the global passes and an adapter's rank and error (``-v`` adds the policy, the
+#: experts, the per-input accounting, the slowest tensors and the largest update).
+BRIEF_LINES = ("merged -> ", "method ", "tensors: ", "read ", "global statistics", "adapter: ")
+
+
+def verbose() -> bool:
+    """Whether ``mergelab -v`` (or ``MERGELAB_VERBOSE=1``) asked for the full output."""
+    return os.environ.get("MERGELAB_VERBOSE", "") not in ("", "0")
+
+
+def brief_summary(report: Any) -> str:
+    """The summary's essential lines (:data:`BRIEF_LINES`)."""
+    return "\n".join(line for line in report.summary().splitlines() if line.startswith(BRIEF_LINES))
 
 
 def task_list(tasks: str) -> list[str]:
