@@ -138,3 +138,53 @@ def test_without_an_output_the_run_comes_first(platform_store: Store, tmp_path: 
     tm = tracked_merge(recipe, store=platform_store, experiment="unit", merge_fn=merge_fn)
     assert seen == [1] and tm.merged_path == local_path(platform_store.client().get_run(tm.run_id).info.artifact_uri
                                                          ) / "merged"
+
+
+# `mergelab merge` with a hook that notes whether the main thread imported mlflow before the merge started
+_MAIN_THREAD_IMPORTS = """
+import builtins, sys, threading
+
+from mergelab.engine import loop
+
+early = []
+_import = builtins.__import__
+
+
+def hooked(name, *a, **kw):
+    if name.split(".")[0] == "mlflow" and threading.current_thread() is threading.main_thread():
+        early.append(name)
+    return _import(name, *a, **kw)
+
+
+_run = loop._run_merge
+
+
+def run(*a, **kw):
+    print("mlflow imported by the main thread before the merge:", early[:3])
+    return _run(*a, **kw)
+
+
+builtins.__import__, loop._run_merge = hooked, run
+from mergelab.platform.cli import main
+sys.exit(main())
+"""
+
+
+def test_the_cli_leaves_the_mlflow_import_to_the_background(platform_store: Store, tmp_path: Path) -> None:
+    """Importing mlflow takes seconds: a module that imports it on the CLI's way to the merge undoes the overlap."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    base, experts = make_expert_family(tmp_path / "zoo", n=2)
+    y = tmp_path / "m.yaml"
+    y.write_text(yaml.safe_dump({"base": str(base), "experts": [str(e) for e in experts],
+                                 "method": "task_arithmetic", "policy": "llama", "device": "cpu"}))
+    env = {**os.environ, "MERGELAB_TRACK": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _MAIN_THREAD_IMPORTS, "merge", str(y), "--out", str(tmp_path / "o"),
+                           "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mlflow imported by the main thread before the merge: []" in proc.stdout, proc.stdout
+    assert "MLflow run " in proc.stdout

@@ -65,10 +65,12 @@ def merge(config: Path, out: Path | None, overwrite: bool, device: str | None, r
     assert out is not None
     if track:  # the same engine call, as an MLflow run
         from mergelab.platform.merge_run import tracked_merge
-        from mergelab.platform.ui import run_link
 
         tracked = tracked_merge(recipe, out=out, overwrite=overwrite, progress=not quiet, run_name=config.stem,
                                 allow_base_mismatch=allow_base_mismatch, tasks=tasks)
+        # imported after the merge: the ui module imports mlflow, which tracked_merge imports in the background
+        from mergelab.platform.ui import run_link
+
         report = tracked.report
         click.echo(f"MLflow run {tracked.run_id}")
         click.echo(f"  in the UI: {run_link(tracked.run_id)}")
