@@ -34,6 +34,9 @@ trial fills it, the next two hit it), and checks that the cached merges are bit-
 experts, OptMerge's full and lora variants, three trials each (other ``lam`` and ``steps``), with the process cache
 off (``MERGELAB_DECOMP_CACHE_MB=0``) and on, and checks that every merged tensor is bit-identical.
 
+``--eigh 1216,2432`` times one float32 and one float64 n x n ``eigh`` per size (SWUDI's cost at an n too large to
+run, scaled by n^3).
+
 ``--trials K`` (1-3) and ``--variants lora,full`` restrict ``--cache`` to the first K trials and the named variants,
 and ``--plain-last-only`` runs only the last of them without the cache too (the identity check's reference), for
 the realistic shapes on CPU.
@@ -281,6 +284,20 @@ def cache_compare(
             )
 
 
+def eigh_times(sizes: list[int]) -> None:
+    """Seconds of one float32 and one float64 ``torch.linalg.eigh`` of a random symmetric PSD n x n matrix (rank n/2),
+    per size: SWUDI's cost at an ``n`` too large to run, scaled by ``n^3`` (float32 is what SWUDI runs for float32
+    task vectors)."""
+    print(f"torch.linalg.eigh, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    for n in sizes:
+        a = torch.randn(n, n // 2, generator=torch.Generator().manual_seed(0))
+        c = a @ a.T
+        for dtype in (torch.float32, torch.float64):
+            x = c.to(dtype)
+            secs, _ = timed(lambda x=x: torch.linalg.eigh(x), torch.device("cpu"))
+            print(f"eigh n={n} {str(dtype).removeprefix('torch.')}: {secs:.2f} s", flush=True)
+
+
 ZOO = Path(__file__).resolve().parents[1] / "mergelab" / "bench" / "zoo" / "seed0"
 ZOO_TRIALS = [{"lam": 1.0}, {"lam": 0.5, "steps": 100}, {"lam": 0.7, "steps": 200}]
 
@@ -339,6 +356,9 @@ def main() -> None:
         "--vs-swudi", action="store_true", help=f"OptMerge against SWUDI (default shapes {SWUDI_SHAPES})"
     )
     ap.add_argument(
+        "--eigh", default=None, help="comma-separated sizes n: time a float32 and a float64 n x n eigh"
+    )
+    ap.add_argument(
         "--per-step",
         action="store_true",
         help="the full variant's setup and s/step against the official form's (--timed-steps, --official-steps)",
@@ -372,6 +392,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.cache_zoo:
         cache_zoo()
+        return
+    if args.eigh:
+        eigh_times([int(v) for v in args.eigh.split(",")])
         return
     if args.cache:
         chosen = (
