@@ -69,6 +69,40 @@ def test_the_comparison_run_holds_the_table_and_the_chart(platform_store: Store)
     assert client.get_run(run).data.tags[TAG_DESCRIPTION].startswith("**full: test**")
 
 
+def test_the_comparison_saves_a_test_scores_view_and_links_its_compare_page(platform_store: Store) -> None:
+    import json
+
+    client = platform_store.client()
+    exp = platform_store.experiment_id("cmp-view", client)
+    rows = _rows()
+    ids = {}
+    for r in rows:  # merges first: the compare page must still list the references first
+        ids[r["name"]] = r["run_id"] = client.create_run(exp, run_name=r["name"]).info.run_id
+    run = client.create_run(exp, run_name="cmp").info.run_id
+    ui.log_comparison(client, run, [*rows[4:], *rows[:4]], TASKS, title="full: test")
+    ui.log_comparison(client, run, rows, TASKS)  # again: the view is refreshed, keeping its creation time
+    tag = client.get_experiment(exp).tags[ui.VIEW_TAG_PREFIX + ui.SCORES_VIEW]
+    envelope = json.loads(tag)
+    assert envelope["name"] == ui.SCORES_VIEW_NAME and envelope["createdAt"] <= envelope["updatedAt"]
+    state = json.loads(envelope["state"])
+    assert state["orderByKey"] == "metrics.`test/average`" and state["orderByAsc"] is False
+    assert state["selectedColumns"][:3] == ["metrics.`test/average`", "metrics.`test/vqa`", "metrics.`test/ocr`"]
+    assert [c["metricKey"] for c in state["compareRunCharts"]] == ["test/average", "test/vqa", "test/ocr"]
+    assert {c["type"] for c in state["compareRunCharts"]} == {"BAR"}
+    order = ["base", "expert vqa", "expert ocr", "mixture", "ties", "optmerge"]
+    assert json.loads(client.get_run(run).data.tags[ui.COMPARE_TAG]) == [ids[n] for n in order]
+    note = client.get_run(run).data.tags[TAG_DESCRIPTION]
+    assert f"(#/experiments/{exp}/runs?viewStateShareKey={ui.SCORES_VIEW}&{ui.VIEW})" in note
+    assert "(#/compare-runs?runs=" in note
+    lines = ui.experiment_lines(client, "http://h", exp, "cmp-view")
+    assert lines[0] == f"cmp-view: {ui.experiment_url('http://h', exp)}"
+    assert lines[1] == f"  test scores (table): {ui.scores_view_url('http://h', exp)}"
+    assert ui.scores_view_url("http://h", exp).endswith(f"runs?viewStateShareKey={ui.SCORES_VIEW}&{ui.VIEW}")
+    assert "compareRunsMode=CHART" in lines[2]
+    assert lines[3] == f"  compare cmp: {ui.compare_url('http://h', exp, [ids[n] for n in order])}"
+    assert len(lines) == 4
+
+
 def _version(store: Store, name: str, table: dict) -> str:
     client = store.client()
     run = client.create_run(store.experiment_id("champ", client), tags={"mergelab.role": "trial"})

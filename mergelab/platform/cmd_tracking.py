@@ -158,13 +158,15 @@ def registry_cmd(name: str | None, as_json: bool, root: str | None) -> None:
 def ui_cmd(port: int, root: str | None) -> None:
     """Serve the MLflow UI on the embedded store, on 127.0.0.1 only (the printed link opens the model-training
     view: MLflow 3.17's UI otherwise opens experiments in its GenAI view)."""
-    from mergelab.platform.ui import experiment_url, experiments_url
+    from mergelab.platform.ui import experiment_lines, experiments_url
 
     store = _store(root)
     base = f"http://127.0.0.1:{port}"
-    for exp in store.client().search_experiments(max_results=50):
+    client = store.client()
+    for exp in client.search_experiments(max_results=50):
         if exp.name != "Default":  # the list's own links open MLflow's GenAI view; these open the runs table
-            click.echo(f"{exp.name}: {experiment_url(base, exp.experiment_id)}")
+            for line in experiment_lines(client, base, exp.experiment_id, exp.name):
+                click.echo(line)
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store.tracking_uri,
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     if store.artifact_root:

@@ -10,14 +10,28 @@ the tracking URI when it is a server (``http(s)://``), else ``http://127.0.0.1:5
 The comparison (:func:`log_comparison`): the paper's table layout (one row per model or merge, one column per task
 and the average) as ``comparison/table.md`` and ``comparison/table.html``, and ``comparison/chart.png``: per task,
 one bar per method beside the base, the task's own expert and the mixture.
+
+Defaults the UI would otherwise get wrong (read from MLflow 3.17's UI code): the runs table shows no metric column
+until one is picked, its chart view lays out one section per metric prefix in alphabetical order (``best``,
+``merge/...`` before ``test``), and the compare page's parallel-coordinates plot starts on the alphabetically first
+three parameters that differ (``base.path``, ...) and lists ``merge/*`` metrics before ``test/*``. None of that is
+configurable per experiment except through a *saved view*: an experiment tag ``mlflow.sharedViewState.<id>``
+holding ``{name, createdAt, updatedAt, state}`` (``state``: the runs page's search facets and UI state as JSON),
+listed under the runs page's "Views" menu and opened by ``?viewStateShareKey=<id>``. :func:`save_scores_view`
+writes one per comparison experiment, "mergelab: test scores": only the runs with test scores (references and the
+val-selected merges), sorted by ``test/average``, with ``test/average`` and ``test/<task>`` as columns and as bar
+charts first (:func:`scores_view_url`). The compare page takes its runs from the URL (:func:`compare_url`,
+references first); the comparison run's description links both.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +49,14 @@ VIEW = "workflowType=machine_learning"
 
 COMPARISON_DIR = "comparison"
 
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+"""The experiment-tag prefix of the runs page's saved views (MLflow 3.17's UI)."""
+SCORES_VIEW = "mergelab-test-scores"
+"""The id of the saved view :func:`save_scores_view` writes (``?viewStateShareKey=``)."""
+SCORES_VIEW_NAME = "mergelab: test scores"
+COMPARE_TAG = "mergelab.compare"
+"""A comparison run's tag: the JSON list of its rows' run ids (references first) for :func:`compare_url`."""
+
 
 def ui_base(store: Store | None = None, port: int | None = None) -> str:
     """The MLflow UI's root URL for ``store`` (see the module docstring); ``port`` overrides the default's port."""
@@ -47,8 +69,8 @@ def ui_base(store: Store | None = None, port: int | None = None) -> str:
     return DEFAULT_UI if port is None else f"http://127.0.0.1:{port}"
 
 
-def _url(base: str, route: str) -> str:
-    return f"{base.rstrip('/')}/#/{route}?{VIEW}"
+def _url(base: str, route: str, query: str = "") -> str:
+    return f"{base.rstrip('/')}/#/{route}?{query + '&' if query else ''}{VIEW}"
 
 
 def experiments_url(base: str) -> str:
@@ -64,6 +86,21 @@ def experiment_url(base: str, experiment_id: str) -> str:
 def run_url(base: str, experiment_id: str, run_id: str) -> str:
     """A run's page, in the model-training view."""
     return _url(base, f"experiments/{experiment_id}/runs/{run_id}")
+
+
+def scores_view_url(base: str, experiment_id: str, charts: bool = False) -> str:
+    """The experiment's runs page in the saved view "mergelab: test scores" (:func:`save_scores_view`); ``charts``:
+    its chart view (bar charts of ``test/average`` and each task first) instead of its table."""
+    mode = "&compareRunsMode=CHART" if charts else ""
+    return _url(base, f"experiments/{experiment_id}/runs", f"viewStateShareKey={SCORES_VIEW}{mode}")
+
+
+def compare_url(base: str, experiment_id: str, run_ids: Sequence[str]) -> str:
+    """MLflow's compare page for ``run_ids`` (in that order: the parallel-coordinates plot starts on the first run's
+    first metric shared by all, so put a reference run first)."""
+    runs = quote(json.dumps(list(run_ids), separators=(",", ":")))
+    exps = quote(json.dumps([experiment_id], separators=(",", ":")))
+    return _url(base, "compare-runs", f"runs={runs}&experiments={exps}")
 
 
 def model_url(base: str, name: str, version: str | int | None = None) -> str:
@@ -84,6 +121,57 @@ def experiment_link(name: str, store: Store | None = None) -> str:
     exp = store.client().get_experiment_by_name(name)
     base = ui_base(store)
     return experiment_url(base, exp.experiment_id) if exp is not None else experiments_url(base)
+
+
+def scores_view_state(tasks: Sequence[str], split: str = "test") -> dict[str, Any]:
+    """The runs page's state of the "test scores" view: runs with ``<split>/average`` only, sorted by it (best
+    first), ``<split>/average`` and ``<split>/<task>`` as columns beside ``method`` and ``hp.lam``, and as bar
+    charts in the first chart section (every other metric keeps its generated chart, in sections after it)."""
+    keys = [f"{split}/average", *(f"{split}/{t}" for t in tasks)]
+    section = f"mergelab-{split}"
+    charts = [{"uuid": f"mergelab-{k}", "type": "BAR", "runsCountToCompare": 50, "metricSectionId": section,
+               "deleted": False, "isGenerated": False, "metricKey": k, "displayName": k} for k in keys]
+    return {
+        "searchFilter": f"metrics.`{split}/average` >= 0", "orderByKey": f"metrics.`{split}/average`",
+        "orderByAsc": False, "startTime": "ALL", "lifecycleFilter": "Active", "modelVersionFilter": "All Runs",
+        "datasetsFilter": [],
+        "selectedColumns": [*(f"metrics.`{k}`" for k in keys), "params.`method`", "params.`hp.lam`"],
+        "runsHiddenMode": "SHOW_ALL", "compareRunCharts": charts,
+        "compareRunSections": [{"uuid": section, "name": f"{split} scores", "display": True, "isReordered": True}],
+        "isAccordionReordered": True, "hideEmptyCharts": True, "useGroupedValuesInCharts": True, "groupBy": None,
+        "viewMaximized": False, "runListHidden": False,
+    }
+
+
+def save_scores_view(client: MlflowClient, experiment_id: str, tasks: Sequence[str]) -> None:
+    """Save (or refresh) the experiment's "mergelab: test scores" view (:func:`scores_view_state`) as the experiment
+    tag MLflow's UI reads its saved views from; it keeps its creation time when refreshed."""
+    key = VIEW_TAG_PREFIX + SCORES_VIEW
+    now = int(time.time() * 1000)
+    created = now
+    old = client.get_experiment(experiment_id).tags.get(key)
+    if old:
+        try:
+            created = int(json.loads(old).get("createdAt", now))
+        except (ValueError, TypeError, AttributeError):
+            pass
+    envelope = {"name": SCORES_VIEW_NAME, "createdAt": created, "updatedAt": now,
+                "state": json.dumps(scores_view_state(tasks), separators=(",", ":"))}
+    client.set_experiment_tag(experiment_id, key, json.dumps(envelope, separators=(",", ":")))
+
+
+def experiment_lines(client: MlflowClient, base: str, experiment_id: str, name: str) -> list[str]:
+    """What ``mergelab ui`` prints for one experiment: its link, then (comparison experiments) the "test scores"
+    view as table and charts and each comparison's compare page."""
+    lines = [f"{name}: {experiment_url(base, experiment_id)}"]
+    if VIEW_TAG_PREFIX + SCORES_VIEW in client.get_experiment(experiment_id).tags:
+        lines.append(f"  test scores (table): {scores_view_url(base, experiment_id)}")
+        lines.append(f"  test scores (charts): {scores_view_url(base, experiment_id, charts=True)}")
+    runs = client.search_runs([experiment_id], f"tags.`{COMPARE_TAG}` != ''", max_results=20)
+    for run in runs:
+        ids = json.loads(run.data.tags[COMPARE_TAG])
+        lines.append(f"  compare {run.info.run_name}: {compare_url(base, experiment_id, ids)}")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -188,10 +276,18 @@ def chart_png(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str], path: Pat
     return path
 
 
+def compare_ids(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The run ids of a comparison's rows that have one, references first (:func:`compare_url`)."""
+    ordered = sorted(rows, key=lambda r: not is_reference(r))
+    return list(dict.fromkeys(str(r["run_id"]) for r in ordered if r.get("run_id")))
+
+
 def log_comparison(client: MlflowClient, run_id: str, rows: Sequence[Mapping[str, Any]], tasks: Sequence[str],
                    title: str = "") -> None:
     """Log the comparison's table (markdown and HTML) and chart to ``run_id`` under ``comparison/``; the markdown
-    table also becomes the run's description (shown on its page)."""
+    table also becomes the run's description (shown on its page), followed by links (relative to the UI) to the
+    compare page of its rows' runs and to the experiment's "test scores" view, which is saved here
+    (:func:`save_scores_view`). The rows' run ids go to the tag ``mergelab.compare`` (JSON list)."""
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         md = table_markdown(rows, tasks)
@@ -200,4 +296,13 @@ def log_comparison(client: MlflowClient, run_id: str, rows: Sequence[Mapping[str
         chart_png(rows, tasks, d / "chart.png", title)
         for name in ("table.md", "table.html", "chart.png"):
             client.log_artifact(run_id, str(d / name), COMPARISON_DIR)
-    client.set_tag(run_id, "mlflow.note.content", (f"**{title}**\n\n" if title else "") + md)
+    exp = client.get_run(run_id).info.experiment_id
+    save_scores_view(client, exp, tasks)
+    ids = compare_ids(rows)
+    links = [f"[these runs side by side (compare page)]({compare_url('', exp, ids).lstrip('/')})"] if ids else []
+    links.append(f"[every run's test scores, sorted (table)]({scores_view_url('', exp).lstrip('/')}), "
+                 f"[as charts]({scores_view_url('', exp, charts=True).lstrip('/')})")
+    if ids:
+        client.set_tag(run_id, COMPARE_TAG, json.dumps(ids, separators=(",", ":")))
+    note = (f"**{title}**\n\n" if title else "") + md + "\n" + " · ".join(links) + "\n"
+    client.set_tag(run_id, "mlflow.note.content", note)
