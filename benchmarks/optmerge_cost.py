@@ -17,7 +17,7 @@ Usage::
 ``--vs-swudi`` prints, per shape (default 896x4864 and 3584x18944, N = 5), our exact LoRA-variant OptMerge (closed
 SGD path, 300 steps), the full variant's Adam cost per step (and its setup: spectra and factors) and SWUDI's total,
 all in seconds on the same task vectors (``--timed-steps``: how many Adam steps the per-step cost is timed over,
-default 10; fewer on CPU at the Qwen2-VL-7B shapes).
+default 10; fewer on CPU at the Qwen2-VL-7B shapes; 0 leaves the full variant out, its columns ``nan``).
 
 ``--per-step`` prints, per shape, the full (Adam) variant's setup (spectra, factors) and seconds per step against
 the official form's (its setup incl. full SVDs, ``--official-steps`` steps timed), and both ratios::
@@ -45,6 +45,7 @@ the realistic shapes on CPU.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -138,10 +139,11 @@ def full_step_cost(d: Tensor, steps: int, timed_steps: int, device: torch.device
 
 
 def vs_swudi_row(d: Tensor, steps: int, timed_steps: int, device: torch.device) -> tuple[float, ...]:
-    """Seconds of: exact LoRA OptMerge; the full variant's setup (spectra, factors) and one Adam step; SWUDI."""
+    """Seconds of: exact LoRA OptMerge; the full variant's setup (spectra, factors) and one Adam step (NaN for
+    ``timed_steps=0``: not run); SWUDI."""
     ctx = MergeContext()
     lora, _ = timed(lambda: optmerge(None, d, OptMergeConfig(variant="lora", steps=steps), ctx), device)
-    setup, per_step = full_step_cost(d, steps, timed_steps, device)
+    setup, per_step = full_step_cost(d, steps, timed_steps, device) if timed_steps else (math.nan, math.nan)
     sw, _ = timed(lambda: swudi(None, d, SwudiConfig(), ctx), device)
     return lora, setup, per_step, sw
 
@@ -382,7 +384,7 @@ def main() -> None:
         "--timed-steps",
         type=int,
         default=10,
-        help="--vs-swudi: Adam steps timed for the full variant's s/step",
+        help="--vs-swudi: Adam steps timed for the full variant's s/step (0: leave the full variant out)",
     )
     ap.add_argument(
         "--cache-zoo", action="store_true", help="the same through whole merges of the zoo's LoRA experts"
