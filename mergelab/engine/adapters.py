@@ -20,7 +20,10 @@ from mergelab.engine.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CheckpointReader
 
 
 def _peft_pattern_key(pattern_keys: Sequence[str], key: str) -> str:
-    """peft's own pattern matching for rank/alpha patterns (``peft.utils.other.get_pattern_key``)."""
+    """peft's own pattern matching for rank/alpha patterns (``peft.utils.other.get_pattern_key``); without patterns
+    the key itself, without importing peft (which imports transformers: seconds of a merge's start)."""
+    if not pattern_keys:
+        return key
     try:
         from peft.utils.other import get_pattern_key
     except ImportError:  # pragma: no cover - peft is a core dependency; same semantics as peft 0.21
