@@ -71,7 +71,7 @@ def test_merge_eval_in_one_tracked_run(family: tuple[Path, list[Path]], tmp_path
 
     base, experts = family
     evaluator = WeightEvaluator(base, {"vqa": experts[0], "ocr": experts[1]})
-    monkeypatch.setattr(merge_run, "HFEvaluator", lambda device="auto": evaluator)
+    monkeypatch.setattr(merge_run, "HFEvaluator", lambda device="auto", progress=False: evaluator)
     cfg = tmp_path / "r.yaml"
     cfg.write_text(yaml.safe_dump({"base": str(base), "experts": [str(e) for e in experts],
                                    "method": "task_arithmetic", "params": {"lam": 0.5}}))

@@ -44,12 +44,14 @@ class HFEvaluator:
         batch_size: generation batch size.
         limit: at most this many samples per task (``None``: all).
         device: where to place the model (``"auto"``: CUDA when available).
+        progress: one progress bar per task (``mergelab merge --eval``).
     """
 
     data_root: str | None = None
     batch_size: int = 32
     limit: int | None = None
     device: str = "auto"
+    progress: bool = False
 
     def __call__(self, model_dir: Path, tasks: Sequence[str], split: str,
                  on_task: Callable[[str, EvalResult], None] | None = None) -> EvalResult:
@@ -61,7 +63,7 @@ class HFEvaluator:
         total = EvalResult(split=split, scores={})
         for task in tasks:
             res = evaluate(model, processor, tasks=[task], split=split, data_root=self.data_root,
-                           limit=self.limit, batch_size=self.batch_size)
+                           limit=self.limit, batch_size=self.batch_size, progress=self.progress)
             total.update(res.only(task))  # per-task metrics only: a one-task call's aggregate would be wrong here
             if on_task is not None:
                 on_task(task, total)

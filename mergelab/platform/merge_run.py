@@ -183,7 +183,8 @@ def tracked_merge(
         tags: extra run tags.
         extra_params: extra params (e.g. Optuna's raw trial params).
         out: write the merged weights there instead of into the run's artifact directory.
-        overwrite, progress: passed to the engine.
+        overwrite: passed to the engine.
+        progress: the engine's progress bar, and one per task of the default evaluator.
         tasks: evaluation tasks on the val split (empty: no evaluation).
         evaluator: ``evaluator(model_dir, tasks, split, on_task)`` (default :class:`HFEvaluator`).
         reference_scores: own-task expert scores per task for ``val/normalized_average``.
@@ -296,7 +297,7 @@ def _tracked_merge(recipe: MergeRecipe, store: Store | None, experiment: str, ru
         val = None
         if tasks:
             _signals.check()
-            evaluator = evaluator or HFEvaluator(device=recipe.device)
+            evaluator = evaluator or HFEvaluator(device=recipe.device, progress=progress)
             model_dir = merged_path if merged_path is not None else _download(store, merged_uri)
             val = evaluator(model_dir, list(tasks), "val", on_task)
             _signals.check()
