@@ -15,9 +15,16 @@ It prints one row per method: seconds of each step, the ratios delta/core for th
 the peak anonymous RSS growth of each mode (sampled; MiB), and the relative Frobenius difference of the two modes'
 updates (about 1e-6 for methods invariant to orthogonal changes of basis, larger by design for the others).
 
+``--engine`` instead runs whole merges through :func:`mergelab.engine.run_merge` on a random-weight InternVL2.5-1B
+checkpoint (``benchmarks/realistic.py``'s builder: published shapes, ``--engine-layers`` LLM layers, a 1% vocabulary)
+with its five rank-128 LoRA adapters on every LLM linear layer: delta and core modes, full and adapter outputs; it
+prints wall seconds, the engine's peak anonymous RSS, the adapter's exactness and the core outputs' difference from
+the delta mode's.
+
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/lora_core.py                       # 896x4864, 5 x r=128
+    OMP_NUM_THREADS=1 python benchmarks/lora_core.py --engine --engine-layers 1 --methods task_arithmetic,optmerge
     OMP_NUM_THREADS=1 python benchmarks/lora_core.py --shape 224x1216 --rank 32 --methods task_arithmetic,tsv
     OMP_NUM_THREADS=1 python benchmarks/lora_core.py --out benchmarks/results/lora_core_cpu.txt
 """
@@ -28,13 +35,18 @@ import argparse
 import ctypes
 import os
 import platform
+import shutil
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from mergelab.engine import CheckpointReader, MergeRecipe, run_merge
 from mergelab.engine.adapter_out import factor, split
 from mergelab.engine.core_space import core_space, merge_cores
 from mergelab.engine.stream import PeakMemory
@@ -112,6 +124,59 @@ def release_freed_memory() -> None:
         pass
 
 
+def engine_rows(methods: list[str], layers: int, steps: int) -> tuple[list[str], dict[str, Any]]:
+    """Whole merges (delta / core x full / adapter) of the realistic InternVL2.5-1B LoRA adapters, one row each."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from realistic import build_family  # noqa: PLC0415  (a sibling script, importable only from here)
+
+    root = Path(tempfile.mkdtemp(prefix="lora-core-"))
+    lines = [f"{'method':<16}{'mode':>8}{'output':>9}{'wall s':>10}{'peak MiB':>10}{'adapter':>22}{'vs delta':>10}"]
+    try:
+        fam = build_family(root, "internvl2_5_1b", layers / 24, 5, 0, "cpu", vocab_scale=0.01)
+        for name in methods:
+            spec = METHODS[name]
+            params = {**spec.setting_params("lora"), **({"steps": steps} if name in ("optmerge", "wudi") else {})}
+            recipe = MergeRecipe.build(base=fam["base"], experts=fam["loras"], method=name, params=params,
+                                       device="cpu", dtype="float32")  # float32 out: agreement beyond bf16 rounding
+            outs: dict[tuple[str, str], Path] = {}
+            for mode in ("delta", "core"):
+                for output in ("full", "adapter"):
+                    d = root / f"{name}-{mode}-{output}"
+                    before = PeakMemory.current()
+                    t0 = time.perf_counter()
+                    rep = run_merge(recipe.replace(lora_merge=mode, output=output), d)
+                    wall = time.perf_counter() - t0
+                    grown = (rep.peak_rss_bytes - before) / 2**20
+                    outs[mode, output] = d
+                    a = getattr(rep, "adapter", None)
+                    ad = f"r {a['rank']}, err {a['max_rel_error']:.1e}" if a else ""
+                    diff = ""
+                    if mode == "core" and output == "full":
+                        diff = f"{_compare(fam['base'], outs['delta', 'full'], d):.1e}"
+                    lines.append(f"{name:<16}{mode:>8}{output:>9}{wall:>10.2f}{grown:>10.0f}{ad:>22}{diff:>10}")
+                    print(lines[-1], flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return lines, fam
+
+
+def _compare(base: str, a: Path, b: Path) -> float:
+    """The largest relative Frobenius difference of two merges' updates ``|x - y| / |x - base|`` over the tensors
+    the first one changed."""
+    r0, ra, rb = CheckpointReader(base), CheckpointReader(a), CheckpointReader(b)
+    try:
+        rel = 0.0
+        for k in ra.keys():
+            x0, x, y = r0.get(k).float(), ra.get(k).float(), rb.get(k).float()
+            change = float((x - x0).norm())
+            if change > 0:
+                rel = max(rel, float((x - y).norm()) / change)
+        return rel
+    finally:
+        for r in (r0, ra, rb):
+            r.close()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="896x4864", help="out x in of the weight")
@@ -120,9 +185,28 @@ def main() -> None:
     p.add_argument("--methods", default=DEFAULT_METHODS)
     p.add_argument("--steps", type=int, default=300, help="OptMerge / WUDI steps")
     p.add_argument("--out", help="also write the table (with the machine's description) to this file")
+    p.add_argument("--engine", action="store_true", help="whole merges of a realistic InternVL2.5-1B checkpoint")
+    p.add_argument("--engine-layers", type=int, default=1, help="LLM layers of that checkpoint (of 24)")
     a = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     release_freed_memory()
+    if a.engine:
+        lines, fam = engine_rows(a.methods.split(","), a.engine_layers, a.steps)
+        load = os.getloadavg()
+        text = "\n".join([
+            f"lora_core --engine: InternVL2.5-1B shapes, {fam['llm_layers']} LLM layer(s), 5 LoRA adapters of rank "
+            f"128 on every LLM linear layer (bf16 inputs, float32 output); run_merge wall seconds, peak anonymous "
+            f"RSS growth of the merge (MiB; the adapter rows: of its inner full merge), adapter rank and worst "
+            f"relative error, and the core full output's worst relative difference of the updates from the delta "
+            f"mode's",
+            f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+            f"{torch.__version__}, {torch.get_num_threads()} thread(s); load average {load[0]:.1f} {load[1]:.1f} "
+            f"{load[2]:.1f} at the end", *lines])
+        print(text)
+        if a.out:
+            with open(a.out, "w") as f:
+                f.write(text + "\n")
+        return
     m, n = (int(x) for x in a.shape.split("x"))
     g = torch.Generator().manual_seed(0)
     scaling = 2.0  # lora_alpha = 2 r
