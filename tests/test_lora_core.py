@@ -41,7 +41,10 @@ def test_cores_represent_every_delta_exactly_and_drop_null_directions() -> None:
     # the same adapter twice spans r directions, not 2r; an all-zero stack spans none
     twice = core_space([bs[0], 2 * bs[0]], [as_[0], as_[0]])
     assert twice.cores.shape == (2, 4, 4)
-    assert span_basis(torch.zeros(10, 3)).shape == (10, 0)
+    assert span_basis(torch.zeros(10, 3))[0].shape == (10, 0)
+    q, c = span_basis(torch.cat([bs[0], bs[0]], dim=1))  # rank-deficient: the SVD route
+    assert q.shape == (48, 4) and c.shape == (4, 8)
+    torch.testing.assert_close(q @ c, torch.cat([bs[0], bs[0]], dim=1), atol=1e-5, rtol=1e-5)
 
 
 def test_an_expert_without_the_module_has_a_zero_core() -> None:

@@ -5,7 +5,7 @@ Per LoRA-adapted weight, expert ``i`` brings ``B_i (m, r_i)`` (its scaling folde
 orthonormal bases ``U (m, R)`` of the span of ``[B_1 .. B_T]`` and ``V (n, R')`` of the span of
 ``[A_1^T .. A_T^T]`` (QR of the stack, then the SVD of its small triangular factor, null directions dropped;
 ``R, R' <= sum_i r_i``). Every delta lies in ``U``'s column span and ``V``'s, so ``B_i A_i = U M_i V^T`` exactly,
-with the core ``M_i = (U^T B_i)(A_i V)`` of size ``(R, R')``. The recipe's method, whatever it is, merges the cores
+with the core ``M_i = (U^T B_i)(A_i V)`` of size ``(R, R')``, read off the triangular factors. The recipe's method, whatever it is, merges the cores
 as its task vectors (global statistics included) and the result maps back as ``delta = lam * U M V^T`` -- held as a
 :class:`~mergelab.engine.factors.LowRank`, so a full checkpoint expands it and ``output: adapter`` writes it at
 rank ``R`` with no truncation and no ``m x n`` SVD.
@@ -47,23 +47,26 @@ from mergelab.engine.plan import Expert, PlanItem
 from mergelab.methods.base import DecompositionCache, MergeContext, MethodSpec, tensor_generator
 
 
-def span_basis(stack: Tensor) -> Tensor:
-    """An orthonormal basis ``(m, R)`` of the column span of ``stack (m, k)``, ``R`` its numerical rank.
+def span_basis(stack: Tensor) -> tuple[Tensor, Tensor]:
+    """An orthonormal basis ``Q (m, R)`` of the column span of ``stack (m, k)``, ``R`` its numerical rank, and the
+    stack's coordinates in it, ``Q^T stack (R, k)``.
 
     QR of the stack, then the singular values of the small triangular factor: when every one is above
-    ``max(s) * max(m, k) * eps(dtype)`` (full column rank, the usual case) ``Q`` is the basis; otherwise the SVD's
-    left vectors rotate ``Q`` and the directions below that bound are dropped (an all-zero stack gives ``R = 0``).
+    ``max(s) * max(m, k) * eps(dtype)`` (full column rank, the usual case) ``Q`` is the basis and the triangular
+    factor the coordinates; otherwise the SVD's left vectors ``P`` rotate both (``Q P``, ``P^T R``) and the
+    directions below that bound are dropped (an all-zero stack gives ``R = 0``). No ``m x k`` product beyond the QR.
     """
     m, k = stack.shape
     if k == 0 or not bool(stack.any()):
-        return stack.new_zeros(m, 0)
+        return stack.new_zeros(m, 0), stack.new_zeros(0, k)
     q, r = torch.linalg.qr(stack)
     s = torch.linalg.svdvals(r)
     tol = float(s.max()) * max(m, k) * torch.finfo(stack.dtype).eps
     if q.shape[1] == k and bool((s > tol).all()):
-        return q
+        return q, r
     p, s, _ = torch.linalg.svd(r, full_matrices=False)
-    return q @ p[:, : int((s > tol).sum())]
+    p = p[:, : int((s > tol).sum())]
+    return q @ p, p.T @ r
 
 
 @dataclass(frozen=True)
@@ -95,9 +98,10 @@ def core_space(bs: Sequence[Tensor], as_: Sequence[Tensor], transpose: bool = Fa
         as_: per expert ``A_i (r_i, n)``.
         transpose: recorded for :meth:`CoreSpace.lift`.
     """
-    u = span_basis(torch.cat(list(bs), dim=1))
-    v = span_basis(torch.cat([a.T for a in as_], dim=1))
-    cores = torch.stack([(u.T @ b) @ (a @ v) for b, a in zip(bs, as_, strict=True)])
+    u, cb = span_basis(torch.cat(list(bs), dim=1))  # cb = U^T [B_1 .. B_T]
+    v, ca = span_basis(torch.cat([a.T for a in as_], dim=1))  # ca = V^T [A_1^T .. A_T^T]
+    ends = torch.tensor([b.shape[1] for b in bs]).cumsum(0).tolist()
+    cores = torch.stack([cb[:, e - b.shape[1]:e] @ ca[:, e - b.shape[1]:e].T for b, e in zip(bs, ends, strict=True)])
     return CoreSpace(u, v, cores, transpose)
 
 
