@@ -47,6 +47,12 @@ def mlflow_uris(platform_store: Store) -> Iterator[None]:
         mlflow.set_registry_uri(before[1])
 
 
+def served_params(meta: dict) -> list[str]:
+    import json
+
+    return [p["name"] for p in json.loads(meta["signature"]["params"])]
+
+
 def test_a_registered_vlm_loads_with_mlflow_pyfunc_and_answers_like_mergelab(
     platform_store: Store, mlflow_uris: None
 ) -> None:
@@ -71,9 +77,10 @@ def test_a_registered_vlm_loads_with_mlflow_pyfunc_and_answers_like_mergelab(
     assert list(meta["flavors"]) == ["python_function"]
     assert meta["flavors"]["python_function"]["loader_module"] == VLM_LOADER
     assert meta["flavors"]["python_function"]["data"] == "."
+    assert served_params(meta) == ["max_new_tokens", "batch_size"]
     assert not (ZOO_BASE / "MLmodel").exists()  # written in the version's directory only
 
-    samples = [s for task in ("chart", "ocr") for s in make_samples(task, "shifted", "test", n=2)]
+    samples = [s for task in ("chart", "grounding") for s in make_samples(task, "shifted", "test", n=2)]
     questions = [get_task(s.task).prompt(s) for s in samples]
     model, processor = load_model(folder)
     prompts = [build_prompt(processor, q, with_image=True, model_type="qwen2_vl") for q in questions]
@@ -89,10 +96,12 @@ def test_a_registered_vlm_loads_with_mlflow_pyfunc_and_answers_like_mergelab(
     path.write_bytes(png.getvalue())
     for image in (str(path), png.getvalue(), base64.b64encode(png.getvalue()).decode()):  # path, bytes, base64
         assert served.predict({"image": image, "question": questions[0]}) == expected[:1]
-    text_only = served.predict([{"question": questions[1]}, {"image": samples[1].image, "question": questions[1]}],
-                               params={"max_new_tokens": 4})
-    assert len(text_only) == 2 and text_only[1] == generate(model, processor, prompts[1:2], [samples[1].image],
-                                                            max_new_tokens=4)[0]
+    i = max(range(len(expected)), key=lambda j: len(expected[j]))  # a grounding box: many tokens
+    short = generate(model, processor, prompts[i : i + 1], [samples[i].image], max_new_tokens=2)
+    assert short[0] != expected[i]  # two tokens are not the whole answer: the test below sees params applied
+    text_only = served.predict([{"question": questions[i]}, {"image": samples[i].image, "question": questions[i]}],
+                               params={"max_new_tokens": 2})
+    assert len(text_only) == 2 and text_only[1] == short[0]
     assert mlflow.artifacts.download_artifacts("models:/served-vlm@champion") == str(folder)  # no copy
     assert {p.name: p.stat().st_ino for p in folder.glob("*.safetensors")} == weights  # stored once
 

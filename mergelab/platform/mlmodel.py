@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 VLM_LOADER = "mergelab.platform.pyfunc_vlm"
 """The ``loader_module`` of a VLM's ``python_function`` flavour (named, not imported: registering stays light)."""
+VLM_PARAMS = ("max_new_tokens", "batch_size")
+"""The per-call ``params`` of a VLM version's ``predict``."""
 IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 TOKENIZER_EXTRA = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
@@ -53,15 +55,17 @@ def write_mlmodel(model_dir: str | os.PathLike[str]) -> bool:
     if not arch or not hasattr(transformers, arch):
         log.debug("%s: no MLmodel (architecture %r)", d, arch)
         return False
+    extra: dict[str, Any] = {}
     if cfg.get("vision_config") is not None and (d / IMAGE_PROCESSOR_FILE).is_file():
         flavors: dict[str, Any] = {"python_function": _vlm_flavor(arch)}
+        extra = {"signature": _vlm_signature()}
     elif arch.endswith("ForCausalLM") and (tokenizer := _tokenizer_class(d)) is not None:
         _link_tokenizer(d, d / "components" / "tokenizer")
         flavors = {"transformers": _text_flavor(d, arch, tokenizer)}
     else:
         log.debug("%s: no MLmodel (architecture %r without a tokenizer or an image processor)", d, arch)
         return False
-    _write_atomic(d, flavors)
+    _write_atomic(d, flavors, extra)
     return True
 
 
@@ -84,10 +88,20 @@ def _vlm_flavor(arch: str) -> dict[str, Any]:
             "transformers_version": transformers.__version__}
 
 
-def _write_atomic(d: Path, flavors: dict[str, Any]) -> None:
+def _vlm_signature() -> dict[str, Any]:
+    """A signature with no input schema (rows stay as given: PIL images, paths, bytes) and the per-call params
+    ``max_new_tokens`` and ``batch_size``: MLflow drops every ``params`` key a signature does not declare. Their
+    defaults are null, so the loader's (or ``model_config``'s) values hold unless a call sets them."""
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    params = ParamSchema([ParamSpec(k, "long", None) for k in VLM_PARAMS])
+    return {"inputs": None, "outputs": None, "params": params.to_json()}
+
+
+def _write_atomic(d: Path, flavors: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
     import mlflow
 
-    mlmodel = {"artifact_path": d.name, "flavors": flavors, "mlflow_version": mlflow.__version__,
+    mlmodel = {"artifact_path": d.name, "flavors": flavors, "mlflow_version": mlflow.__version__, **(extra or {}),
                "metadata": {"mergelab": "zero-copy: the model's files are this directory"}}
     tmp = d / f".MLmodel.{uuid.uuid4().hex}"
     tmp.write_text(yaml.safe_dump(mlmodel, sort_keys=False))

@@ -114,7 +114,8 @@ class VLMPyfunc:
         Returns:
             One answer per row.
         """
-        opts = {**self.config, **{k: v for k, v in (params or {}).items() if k not in LOAD_KEYS}}
+        given = {k: v for k, v in (params or {}).items() if v is not None and k not in LOAD_KEYS}
+        opts = {**self.config, **given}
         rows = rows_of(model_input)
         images = [to_image(r["image"]) for r in rows]
         answers: list[str] = [""] * len(rows)
