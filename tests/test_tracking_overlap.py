@@ -188,3 +188,16 @@ def test_the_cli_leaves_the_mlflow_import_to_the_background(platform_store: Stor
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mlflow imported by the main thread before the merge: []" in proc.stdout, proc.stdout
     assert "MLflow run " in proc.stdout
+
+
+def test_overwriting_a_link_replaces_the_link_and_records_the_new_directory(platform_store: Store,
+                                                                            tmp_path: Path) -> None:
+    recipe, out, elsewhere = _recipe(tmp_path), tmp_path / "out", tmp_path / "elsewhere"
+    _old_output(elsewhere)
+    out.symlink_to(elsewhere, target_is_directory=True)
+    tm = tracked_merge(recipe, store=platform_store, experiment="unit", out=out, overwrite=True)
+    assert not out.is_symlink() and list(out.glob("*.safetensors"))
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt"]  # what the link pointed at is not touched
+    run = platform_store.client().get_run(tm.run_id)
+    assert run.data.tags["mergelab.merged_uri"] == out.resolve().as_uri() != elsewhere.resolve().as_uri()
+    assert not list(tmp_path.glob(".out.*"))

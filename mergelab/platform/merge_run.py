@@ -252,10 +252,10 @@ def _tracked_merge(recipe: MergeRecipe, store: Store | None, experiment: str, ru
     try:
         if out is not None:
             merged_path = Path(out)
-            merged_uri = merged_path.resolve().as_uri()
             if overwrite and (merged_path.exists() or merged_path.is_symlink()):
                 kept = merged_path.parent / f".{merged_path.name}.replaced-{uuid.uuid4().hex[:8]}"
                 os.replace(merged_path, kept)
+            merged_uri = merged_path.resolve().as_uri()  # after the move: not through a link being replaced
         else:
             start_run()
             assert run_id is not None
