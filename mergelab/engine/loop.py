@@ -41,16 +41,19 @@ from mergelab.engine.plan import (
     Expert,
     PlanItem,
     account,
+    add_base_,
     check_keys,
     check_lineage,
+    fill_deltas,
     has_nonfinite,
     make_plan,
     to_factor_items,
+    untouched,
 )
 from mergelab.engine.policy import resolve_policy
 from mergelab.engine.recipe import ExpertSpec, MergeRecipe
 from mergelab.engine.report import MergeReport, TensorRecord
-from mergelab.engine.stream import Loaded, PeakMemory, TensorStream
+from mergelab.engine.stream import BufferPool, Loaded, PeakMemory, TensorStream
 from mergelab.engine.writer import OutSpec, ShardWriter, copy_side_files, write_model_card
 from mergelab.methods.base import MergeContext, MethodSpec, tensor_seed
 
@@ -236,11 +239,10 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
             upd = lr.dense().to(device=dev, dtype=cdtype)
             return Loaded(it, b.to(dev), upd.unsqueeze(0), nbytes)
         b_dev = b.to(dev)
-        b_c = b_dev.to(cdtype)
-        deltas = torch.empty((len(ex), *b.shape), dtype=cdtype, device=dev)
-        for i, e in enumerate(ex):
-            nbytes += e.delta_into(it.name, deltas[i], b_c, b_dev, dev, cdtype)
-        del b_c
+        if untouched(ex, it.name):  # LoRA adapters that all leave this tensor alone: zero task vectors, not built
+            return Loaded(it, b_dev, None, nbytes, True, [0.0] * len(ex))
+        deltas = pool.take((len(ex), *b.shape), cdtype, dev)
+        nbytes += fill_deltas(ex, it.name, deltas, b_dev, dev, cdtype)
         # one pass gives the report's norms, the NaN/Inf check (a non-finite entry makes the norm non-finite) and
         # the all-zero test; the exact checks run only when a norm says so
         norms = torch.linalg.vector_norm(deltas.reshape(len(ex), -1), dim=1).tolist()
@@ -259,6 +261,7 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
         return n * cdtype.itemsize * (len(ex) + 1)
 
     budget = max(_PREFETCH_BYTES, max((cost(it) for it in items), default=0))
+    pool = BufferPool(budget)  # the task-vector stacks, reused from tensor to tensor
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -275,7 +278,7 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
             for ld in TensorStream(items, load, cost, budget):
                 _signals.check()  # a safe point: between tensors
                 t0 = time.perf_counter()
-                rec, value = _merge_one(ld, spec, cfg, lam, stats, seed, cdtype, dev, len(ex))
+                rec, value = _merge_one(ld, spec, cfg, lam, stats, seed, cdtype, dev, len(ex), pool)
                 if ld.item.rule in ("owner", "carry") and ld.item.owner >= 0:
                     rec.owner = ex[ld.item.owner].name
                 writer.write(ld.item.name, value)
@@ -372,6 +375,7 @@ def _merge_one(
     cdtype: torch.dtype,
     dev: torch.device,
     n_experts: int,
+    pool: BufferPool | None = None,
 ) -> tuple[TensorRecord, torch.Tensor]:
     it = ld.item
     rec = TensorRecord(it.name, it.rule, it.shape)
@@ -379,7 +383,7 @@ def _merge_one(
         if ld.zero:
             rec.rule = "zero"
             rec.expert_norms = [0.0] * n_experts
-        return rec, ld.base.to(it.out_dtype)
+        return rec, ld.base  # the writer converts it to the output dtype
     deltas = ld.deltas
     rec.expert_norms = list(ld.norms or [])
     if it.rule == "merge":
@@ -406,11 +410,14 @@ def _merge_one(
         upd = upd.clone()
     if lam != 1.0:
         upd.mul_(lam)
-    if has_nonfinite(upd):
+    rec.merged_norm = float(torch.linalg.vector_norm(upd))  # non-finite when an entry is (or the squares overflow)
+    if not math.isfinite(rec.merged_norm) and has_nonfinite(upd):
         raise MergeError(f"tensor {it.name}: the merged task vector contains NaN or Inf (rule {it.rule})")
-    rec.merged_norm = float(torch.linalg.vector_norm(upd))
-    value = upd.add_(ld.base).to(it.out_dtype)
-    return rec, value
+    ld.deltas = None  # the stack is no longer needed: reused or freed before the output is formed (unless tau views it)
+    if pool is not None:
+        pool.give(deltas)
+    del deltas
+    return rec, add_base_(upd, ld.base)  # theta_0 + lam * tau_m in the compute dtype; the writer converts it
 
 
 def _merge_lora_factors(recipe: MergeRecipe, ex: Sequence[Expert], rules: dict[str, str], dev: torch.device,

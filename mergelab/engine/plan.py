@@ -103,6 +103,75 @@ class Expert:
             raise MergeError(f"{self.full.infos[name].file}: tensor {name} contains NaN or Inf (expert {self.name})")
 
 
+# Elements per chunk of the CPU loops below: 4 MiB of float32, so a chunk's conversions stay in the cache and its
+# temporaries are recycled by the allocator (a fresh tensor-sized buffer costs a page fault per page on first touch,
+# several times the arithmetic it holds).
+CHUNK = 1 << 20
+
+
+def untouched(experts: Sequence[Expert], name: str) -> bool:
+    """True when every expert is a LoRA adapter that leaves base tensor ``name`` alone (its task vectors are zero)."""
+    return bool(experts) and all(e.lora is not None and name not in e.lora.touched() for e in experts)
+
+
+def fill_deltas(
+    experts: Sequence[Expert], name: str, deltas: torch.Tensor, base: torch.Tensor, device: torch.device,
+    cdtype: torch.dtype,
+) -> int:
+    """Write every expert's task vector of base tensor ``name`` into ``deltas[i]``; return the bytes read.
+
+    Full experts on the CPU are converted and subtracted in chunks of :data:`CHUNK` elements, one expert at a time
+    (its memory-mapped pages are released before the next expert's are read), so no tensor-sized copy of the base in
+    the compute dtype is allocated; elsewhere the base is converted once, whole. The values are the same either way
+    (elementwise ``expert - base`` in ``cdtype``).
+
+    Args:
+        experts: the experts, in stack order.
+        name: the base tensor.
+        deltas: ``(N, *S)`` output stack in ``cdtype`` on ``device``.
+        base: the base tensor on ``device``, in its stored dtype.
+        device: compute device.
+        cdtype: compute dtype.
+    """
+    chunked = device.type == "cpu" and deltas.is_contiguous()
+    base_c = None
+    nbytes = 0
+    for i, e in enumerate(experts):
+        if e.full is None or not chunked:
+            if e.full is not None and base_c is None:
+                base_c = base.to(cdtype)
+            nbytes += e.delta_into(name, deltas[i], base if base_c is None else base_c, base, device, cdtype)
+            continue
+        t = e.full.view(name)
+        nbytes += t.numel() * t.element_size()
+        _sub_chunked(deltas[i].reshape(-1), t.reshape(-1), base.reshape(-1))
+        del t
+    return nbytes
+
+
+def _sub_chunked(slot: torch.Tensor, t: torch.Tensor, base: torch.Tensor) -> None:
+    """``slot = t - base`` on flat CPU tensors in ``slot``'s dtype, :data:`CHUNK` elements at a time."""
+    for a in range(0, slot.numel(), CHUNK):
+        b = a + CHUNK
+        bc = base[a:b].to(slot.dtype)
+        if t.dtype == slot.dtype:
+            torch.sub(t[a:b], bc, out=slot[a:b])
+        else:
+            slot[a:b].copy_(t[a:b])
+            slot[a:b].sub_(bc)
+
+
+def add_base_(upd: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``upd += base`` in ``upd``'s dtype, in place; on the CPU a base of another dtype is converted in chunks of
+    :data:`CHUNK` elements instead of whole (the same values: the conversion is elementwise)."""
+    if upd.device.type != "cpu" or base.dtype == upd.dtype or not upd.is_contiguous():
+        return upd.add_(base)
+    flat_u, flat_b = upd.reshape(-1), base.reshape(-1)
+    for a in range(0, flat_u.numel(), CHUNK):
+        flat_u[a : a + CHUNK].add_(flat_b[a : a + CHUNK].to(upd.dtype))
+    return upd
+
+
 def has_nonfinite(t: torch.Tensor) -> bool:
     """True when a floating tensor holds NaN or Inf (one reduction; the exact check only if the sum overflows)."""
     if not t.is_floating_point():

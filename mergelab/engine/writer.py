@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from mergelab.engine.recipe import MergeRecipe
 
 MODEL_CARD = "README.md"
+_CHUNK = 1 << 22  # elements converted per write when the output dtype differs from the tensor's
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
@@ -109,6 +110,7 @@ class ShardWriter:
         self.bytes_written = 0
         self.weight_map: dict[str, str] = {}
         self.total_size = sum(s.nbytes for s in specs)
+        self._buf: torch.Tensor | None = None  # conversion buffer of :meth:`_write_cast`
 
     def _open(self, gi: int) -> None:
         if self._file is not None:
@@ -127,21 +129,38 @@ class ShardWriter:
         self._gi = gi
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next planned tensor (must come in plan order with the planned dtype and shape)."""
+        """Append the next planned tensor (must come in plan order with the planned shape and dtype; a floating
+        tensor of another floating dtype is converted on the way, :data:`_CHUNK` elements at a time through one reused
+        buffer, with the values of ``tensor.to(dtype)``)."""
         gi, spec = self._plan[self._pos]
-        if name != spec.name or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+        cast = tensor.dtype != spec.dtype and tensor.is_floating_point() and spec.dtype.is_floating_point
+        if name != spec.name or (tensor.dtype != spec.dtype and not cast) or tuple(tensor.shape) != spec.shape:
             raise MergeError(
                 f"internal: writer expected {spec.name} {spec.dtype} {spec.shape}, got {name} {tensor.dtype} "
                 f"{tuple(tensor.shape)}"
             )
         if gi != self._gi:
             self._open(gi)
-        t = tensor.detach().to("cpu").contiguous()
-        if t.numel():
-            self._file.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        if cast:
+            self._write_cast(tensor.detach().reshape(-1), spec.dtype)
+        else:
+            t = tensor.detach().to("cpu").contiguous()
+            if t.numel():
+                self._file.write(t.reshape(-1).view(torch.uint8).numpy().data)
         self.bytes_written += spec.nbytes
         self.weight_map[name] = self.names[gi]
         self._pos += 1
+
+    def _write_cast(self, flat: torch.Tensor, dtype: torch.dtype) -> None:
+        """Write ``flat`` converted to ``dtype`` through one reused CPU buffer (no tensor-sized output copy)."""
+        need = min(_CHUNK, flat.numel())
+        if self._buf is None or self._buf.dtype != dtype or self._buf.numel() < need:
+            self._buf = torch.empty(need, dtype=dtype)
+        for a in range(0, flat.numel(), _CHUNK):
+            part = flat[a : a + _CHUNK]
+            buf = self._buf[: part.numel()]
+            buf.copy_(part)
+            self._file.write(buf.view(torch.uint8).numpy().data)
 
     def close(self) -> None:
         """Finish the last shard and write the index (several shards). Every planned tensor must be written."""

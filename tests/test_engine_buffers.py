@@ -1,0 +1,92 @@
+"""The engine's CPU memory paths: chunked task vectors, the writer's chunked dtype conversion, the buffer pool."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mergelab.engine import plan, writer
+from mergelab.engine.io import CheckpointReader
+from mergelab.engine.plan import Expert, add_base_, fill_deltas
+from mergelab.engine.recipe import ExpertSpec
+from mergelab.engine.stream import BufferPool
+from mergelab.engine.writer import OutSpec, ShardWriter
+
+CPU = torch.device("cpu")
+
+
+def _ckpt(d: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    d.mkdir()
+    save_file(tensors, str(d / "model.safetensors"))
+    return d
+
+
+def test_fill_deltas_chunked_equals_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plan, "CHUNK", 7)  # chunks that split rows, and a short last chunk
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(5, 9, generator=g).to(torch.bfloat16), "f": torch.randn(13, generator=g)}
+    base_r = CheckpointReader(_ckpt(tmp_path / "base", base))
+    ex = []
+    for i in range(2):
+        e = {k: v + 0.1 * torch.randn(v.shape, generator=g).to(v.dtype) for k, v in base.items()}
+        ex.append(Expert(ExpertSpec(path=str(_ckpt(tmp_path / f"e{i}", e))), base_r))
+    for name, t in base.items():
+        deltas = torch.empty((2, *t.shape))
+        nbytes = fill_deltas(ex, name, deltas, base_r.view(name), CPU, torch.float32)
+        want = torch.stack([e.full.view(name).float() - t.float() for e in ex if e.full is not None])
+        assert torch.equal(deltas, want)
+        assert nbytes == 2 * t.numel() * t.element_size()
+
+
+def test_add_base_chunked_equals_mixed_add(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plan, "CHUNK", 5)
+    g = torch.Generator().manual_seed(1)
+    upd, base = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g).to(torch.bfloat16)
+    want = upd.clone().add_(base)
+    assert torch.equal(add_base_(upd, base), want)
+
+
+def test_writer_converts_floating_tensors_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(writer, "_CHUNK", 4)
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(3, 5, generator=g), torch.randn(2, generator=g).to(torch.bfloat16)
+    w = ShardWriter(tmp_path, [OutSpec("a", torch.bfloat16, (3, 5)), OutSpec("b", torch.float32, (2,))], 1 << 20)
+    w.write("a", a)
+    w.write("b", b)
+    w.close()
+    got = load_file(str(tmp_path / "model.safetensors"))
+    assert torch.equal(got["a"], a.to(torch.bfloat16)) and torch.equal(got["b"], b.float())
+    w2 = ShardWriter(tmp_path / "x", [OutSpec("i", torch.int64, (2,))], 1 << 20)
+    with pytest.raises(ValueError, match="writer expected"):
+        w2.write("i", torch.zeros(2, dtype=torch.int32))  # integers are never converted
+
+
+def test_buffer_pool_reuses_only_unshared_buffers() -> None:
+    pool = BufferPool(cap=1 << 20)
+    t = pool.take((4, 8), torch.float32, CPU)
+    ptr = t.data_ptr()
+    pool.give(t)
+    del t
+    u = pool.take((2, 8), torch.float32, CPU)  # smaller: served from the kept buffer
+    assert u.data_ptr() == ptr and u.shape == (2, 8) and u.is_contiguous()
+    view = u[0]
+    pool.give(u)  # a view survives: not kept
+    v = pool.take((2, 8), torch.float32, CPU)
+    assert v.data_ptr() != ptr
+    del view
+
+
+def test_buffer_pool_keeps_at_most_cap_bytes() -> None:
+    pool = BufferPool(cap=200)
+    a, b = pool.take((32,), torch.float32, CPU), pool.take((16,), torch.float32, CPU)  # 128 and 64 bytes
+    c = pool.take((8,), torch.float32, CPU)  # 32 bytes
+    pa, pb = a.data_ptr(), b.data_ptr()
+    for t in (a, b, c):
+        pool.give(t)
+    del a, b, c
+    # 224 bytes given, 200 kept: the smallest (32) was dropped; a request of 20 floats takes the 128-byte buffer
+    assert pool.take((20,), torch.float32, CPU).data_ptr() == pa
+    assert pool.take((10,), torch.float32, CPU).data_ptr() == pb
