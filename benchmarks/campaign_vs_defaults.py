@@ -3,7 +3,8 @@
 For each seed and setting (full fine-tunes, LoRA adapters) of the model zoo it runs a real Optuna campaign over
 OptMerge (:func:`mergelab.platform.campaign.run_campaign`, the code ``mergelab campaign`` runs, on a throwaway store:
 a temporary directory or ``--root``): the demo's search space (:data:`mergelab.platform.demo.OPTMERGE_SPACE`) plus
-one coefficient per expert, trial 0 the paper's OptMerge, trial 1 OptMerge at its val-selected lambda, TPE seeded
+one coefficient per expert, trial 0 the paper's OptMerge, trial 1 OptMerge at its val-selected lambda (then the
+``--enqueue`` points, if any), TPE seeded
 with the zoo seed, the objective ``val/average`` on the whole val split. The campaign's best trial (by val, the
 only split the search sees) is then scored once on the whole test split and compared with the best default-lambda
 method of the same seed and setting: every registered method with its defaults, its lambda chosen on val from the
@@ -130,7 +131,7 @@ def run_one(setting: str, seed: int, args: argparse.Namespace, store: Store, zoo
     best = max(scores, key=scores.__getitem__)
     t_defaults = time.perf_counter() - t0
 
-    enqueue = [{"lam": lams["optmerge"]}] if "optmerge" in lams else []
+    enqueue = ([{"lam": lams["optmerge"]}] if "optmerge" in lams else []) + list(args.enqueue)
     cfg = CampaignConfig.model_validate({
         **base_cfg, "params": {"variant": setting}, "search_space": OPTMERGE_SPACE,
         "coefficients": {"low": 0.5, "high": 1.5}, "enqueue": enqueue,
@@ -144,7 +145,7 @@ def run_one(setting: str, seed: int, args: argparse.Namespace, store: Store, zoo
     mv = store.client().get_model_version(cfg.registry.name, camp.registered[0][0])
     tuned_test = float(test_eval(Path(mv.source.removeprefix("file://")), TASKS, "test").average)
     return {
-        "setting": setting, "seed": seed, "defaults": scores, "default_lams": lams, "defaults_source": source,
+        "setting": setting, "label": args.label or setting, "seed": seed, "enqueue": enqueue, "defaults": scores, "default_lams": lams, "defaults_source": source,
         "best_default": {"method": best, "lam": lams.get(best), "test_average": scores[best], "rescored": check},
         "tuned": {"trial": camp.best["number"], "val_average": camp.best["values"][0],
                   "params": camp.best["params"], "test_average": tuned_test, "version": mv.version},
@@ -161,8 +162,8 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Per setting: mean and sd over seeds of the best default, the tuned OptMerge and their difference; the target
     (the difference's mean above 0 by more than its sd over seeds) met or not."""
     out: dict[str, Any] = {}
-    for setting in dict.fromkeys(r["setting"] for r in results):
-        rs = [r for r in results if r["setting"] == setting]
+    for setting in dict.fromkeys(r.get("label", r["setting"]) for r in results):
+        rs = [r for r in results if r.get("label", r["setting"]) == setting]
         d = _mean_sd([r["difference"] for r in rs])
         out[setting] = {"best_default": _mean_sd([r["best_default"]["test_average"] for r in rs]),
                         "tuned": _mean_sd([r["tuned"]["test_average"] for r in rs]), "difference": d,
@@ -176,21 +177,21 @@ def _params(p: dict[str, Any]) -> str:
 
 def format_report(results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     """The table: one line per seed and setting, then mean +- sd per setting, then each tuned trial's params."""
-    head = (f"{'setting':<8}{'seed':>5}  {'best default (test)':<26}{'tuned val':>10}{'tuned test':>11}"
+    head = (f"{'setting':<12}{'seed':>5}  {'best default (test)':<26}{'tuned val':>10}{'tuned test':>11}"
             f"{'diff':>8}  trial")
     lines = [head, "-" * len(head)]
     for r in results:
         b, t = r["best_default"], r["tuned"]
         name = f"{b['method']} (lam {b['lam']:g}) {b['test_average']:.2f}"
-        lines.append(f"{r['setting']:<8}{r['seed']:>5}  {name:<26}{t['val_average']:>10.2f}{t['test_average']:>11.2f}"
+        lines.append(f"{r.get('label', r['setting']):<12}{r['seed']:>5}  {name:<26}{t['val_average']:>10.2f}{t['test_average']:>11.2f}"
                      f"{r['difference']:>+8.2f}  {t['trial']}")
     lines.append("")
     for setting, s in summary.items():
         (bm, bs), (tm, ts), (dm, ds) = s["best_default"], s["tuned"], s["difference"]
-        lines.append(f"{setting:<8} mean +- sd: best default {bm:.2f} +- {bs:.2f}, tuned OptMerge {tm:.2f} +- {ts:.2f},"
+        lines.append(f"{setting:<12} mean +- sd: best default {bm:.2f} +- {bs:.2f}, tuned OptMerge {tm:.2f} +- {ts:.2f},"
                      f" difference {dm:+.2f} +- {ds:.2f}: target {'MET' if s['target_met'] else 'NOT met'}")
     lines.append("")
-    lines += [f"{r['setting']} seed {r['seed']} trial {r['tuned']['trial']}: {_params(r['tuned']['params'])}"
+    lines += [f"{r.get('label', r['setting'])} seed {r['seed']} trial {r['tuned']['trial']}: {_params(r['tuned']['params'])}"
               for r in results]
     return "\n".join(lines)
 
@@ -208,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-root", type=Path, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--enqueue", type=json.loads, default=[],
+                    help="JSON list of extra start points (hyperparameters; keys left out take the defaults)")
+    ap.add_argument("--label", default=None, help="the results' row label (default: the setting)")
     ap.add_argument("--no-check", action="store_true",
                     help="take the shipped default rows without re-scoring the best one (runs split by seed)")
     ap.add_argument("--quick", action="store_true", help="tiny zoo, tiny data, 2 trials: a smoke run")
