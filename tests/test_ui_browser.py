@@ -9,8 +9,11 @@ links (:mod:`mergelab.platform.ui`, all with ``?workflowType=machine_learning``:
 GenAI-or-training choice in the browser and defaults to GenAI) and checks what a user must see: the experiment list;
 the experiment, opened from the list, in the model-training view with the reference runs (base, experts, mixture)
 beside the merges; the comparison run's page with its table and chart; a compare view of references and merges on
-the same ``test/*`` metrics; the registered model's page with the ``champion`` alias. A screenshot of each page is
-saved under the test's tmp dir (and ``$MERGELAB_TEST_ARTIFACTS`` when set).
+the same ``test/*`` metrics, opened from the comparison run's own link (the ``test/average`` and ``test/vqa`` rows of the compare
+page's metrics grid hold a number for every run); the experiment's saved view "mergelab: test scores" as table (only the
+runs with test scores, the val-selected merges among them) and as charts; the registered model's page with the
+``champion`` alias. A screenshot of each page is saved under the test's tmp dir (and ``$MERGELAB_TEST_ARTIFACTS``
+when set).
 
 The browser is the system's Chromium (Debian's ``chromium`` package, ``/usr/bin/chromium``; ``$MERGELAB_CHROMIUM``
 overrides), never a browser download. Without Chromium or Playwright the test skips with the reason; under CI
@@ -26,7 +29,6 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 
@@ -83,6 +85,7 @@ class UiStore:
     runs: dict[str, str]  # run name -> run id
     comparison: str  # the comparison's parent run id
     merges: list[str]  # names of the comparison's val-selected merges (with test/* metrics)
+    compare: list[str]  # the run ids the comparison links on the compare page (references first)
 
 
 class HashEvaluator:
@@ -113,7 +116,7 @@ def ui_store(tmp_path_factory: pytest.TempPathFactory, tiny_zoo: Path, mlflow_te
     """The tiny demo's store: one setting, weight_average and optmerge, a two-trial campaign, a promotion."""
     from mlflow.tracking import MlflowClient
 
-    from mergelab.platform import demo
+    from mergelab.platform import demo, ui
 
     root = tmp_path_factory.mktemp("ui-store")
     (root / "mlruns").mkdir()
@@ -131,8 +134,52 @@ def ui_store(tmp_path_factory: pytest.TempPathFactory, tiny_zoo: Path, mlflow_te
     runs = client.search_runs([exp], max_results=200)
     comparison = next(r.info.run_id for r in runs if r.data.tags.get("mergelab.role") == "comparison")
     merges = [r.info.run_name for r in runs if r.data.tags.get("mergelab.selected")]
+    compare = json.loads(client.get_run(comparison).data.tags[ui.COMPARE_TAG])
     return UiStore(uri=uri, experiment_id=exp, runs={r.info.run_name: r.info.run_id for r in runs},
-                   comparison=comparison, merges=merges)
+                   comparison=comparison, merges=merges, compare=compare)
+
+
+# The compare page's metrics table is a virtualised grid (a name column beside a value grid, both rendering only the
+# rows in view): scroll both to each height until the metric's row shows, then read the value cells at its height.
+_ROW_JS = """async ([key, n]) => {
+    const link = [...document.querySelectorAll('a')].find(a => a.textContent.trim().startsWith('merge/'));
+    const box = link && link.closest('.du-bois-light-collapse-content-box');
+    if (!box) return null;
+    const grids = [...box.querySelectorAll('.ReactVirtualized__Grid')];
+    const height = Math.max(...grids.map(g => g.scrollHeight));
+    for (let top = 0; top <= height; top += 100) {
+        grids.forEach(g => { g.scrollTop = top; });
+        await new Promise(r => setTimeout(r, 200));
+        const a = [...box.querySelectorAll('a')].find(x => x.textContent.trim() === key);
+        if (!a) continue;
+        let cell = a;
+        while (cell.parentElement && !cell.parentElement.classList.contains(
+            'ReactVirtualized__Grid__innerScrollContainer')) cell = cell.parentElement;
+        const row = [...box.querySelectorAll('.ReactVirtualized__Grid__innerScrollContainer')]
+            .flatMap(c => [...c.children].filter(x => x.style.top === cell.style.top && x !== cell))
+            .map(x => x.textContent.trim());
+        if (row.length >= n) return row;
+    }
+    return null;
+}"""
+
+
+def _compare_row(page: object, key: str, n: int) -> list[str]:
+    """The values of metric ``key`` on the compare page, one per run (retried: the grid renders late when busy)."""
+    for _ in range(5):
+        row = page.evaluate(_ROW_JS, [key, n])  # type: ignore[attr-defined]
+        if row:
+            return row
+        page.wait_for_timeout(1000)  # type: ignore[attr-defined]
+    return []
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -208,14 +255,37 @@ def test_mlflow_ui_shows_the_comparison_references_and_the_champion(
                 expect(page.get_by_role("cell", name=name, exact=True).first).to_be_visible()
             shot(page, "3-comparison-run")
 
-            # A compare view: references and merges side by side (the same test/* metric names).
-            ids = [ui_store.runs[n] for n in [*REFERENCES, *ui_store.merges]]
-            page.goto(f"{base}/#/compare-runs?runs={quote(json.dumps(ids))}&experiments={quote(json.dumps([exp]))}"
-                      f"&{ui.VIEW}")
-            expect(page.get_by_text(f"Comparing {len(ids)} Runs").first).to_be_visible()
+            # The comparison's description links the compare page of its rows' runs (references first): the
+            # metrics table holds every test/* metric of references and merges side by side.
+            n_runs = len(ui_store.compare)
+            page.set_viewport_size({"width": 3000, "height": 1000})  # the table renders only visible columns
+            href = page.get_by_role("link", name="these runs side by side (compare page)").first.get_attribute("href")
+            assert href == ui.compare_url("", exp, ui_store.compare).lstrip("/"), href  # (the link opens a new tab)
+            page.goto(f"{base}/{href}")
+            expect(page.get_by_text(f"Comparing {n_runs} Runs").first).to_be_visible()
             for name in ["base", "mixture", *ui_store.merges]:
                 expect(page.get_by_role("cell", name=name, exact=True).first).to_be_attached()
+            for key in ["test/average", "test/vqa"]:
+                values = _compare_row(page, key, n_runs)
+                assert len(values) == n_runs and all(_is_number(v) for v in values), (key, values)
+            page.get_by_role("link", name="test/vqa", exact=True).first.scroll_into_view_if_needed()  # in the shot
             shot(page, "4-compare")
+            page.set_viewport_size({"width": 1600, "height": 1000})
+
+            # The experiment's saved view "mergelab: test scores": references and the val-selected merges, best
+            # test/average first, the test/* metrics as columns, then as the first chart section.
+            page.goto(ui.scores_view_url(base, exp))
+            expect(page.get_by_text(ui.SCORES_VIEW_NAME).first).to_be_visible()
+            expect(page.get_by_text("test/average", exact=True).first).to_be_visible()
+            for name in ["base", "mixture", *ui_store.merges]:
+                expect(page.get_by_role("link", name=name, exact=True).first).to_be_visible()
+            unscored = next(n for n in ui_store.runs if n.startswith("optmerge-lam") and n not in ui_store.merges)
+            expect(page.get_by_role("link", name=unscored, exact=True)).to_have_count(0)  # a lambda not selected
+            shot(page, "5-test-scores")
+            page.goto(ui.scores_view_url(base, exp, charts=True))
+            expect(page.get_by_text("test scores", exact=True).first).to_be_visible()
+            expect(page.get_by_text("test/average", exact=True).first).to_be_visible()
+            shot(page, "6-test-charts")
 
             # The registered model's page shows the champion alias.
             page.goto(ui.model_url(base, MODEL))
@@ -224,7 +294,7 @@ def test_mlflow_ui_shows_the_comparison_references_and_the_champion(
             expect(alias).to_be_visible()
             alias.scroll_into_view_if_needed()  # into the screenshot (the page scrolls inside a panel)
             expect(page.get_by_text(f"{ALIAS}: v").first).to_be_visible()  # the description names the holder
-            shot(page, "5-model")
+            shot(page, "7-model")
             assert not errors, f"JavaScript errors: {errors}"
         except Exception:
             shot(page, "failure")
@@ -238,5 +308,5 @@ def test_mlflow_ui_shows_the_comparison_references_and_the_champion(
                 for path in saved:
                     shutil.copy(path, out / path.name)
     assert [p.name for p in saved] == ["1-experiments.png", "2-runs.png", "3-comparison-run.png", "4-compare.png",
-                                       "5-model.png"]
+                                       "5-test-scores.png", "6-test-charts.png", "7-model.png"]
     assert all(p.stat().st_size > 10_000 for p in saved), "a screenshot is suspiciously small (blank page?)"
