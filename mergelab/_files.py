@@ -1,5 +1,5 @@
 """Small file readers shared by the engine, the benchmark, the evaluators and the model loader, and the content hash
-of a checkpoint (a merge recipe's identity); one-line errors naming the file."""
+of a checkpoint (a merge recipe's identity, cached in memory and on disk); one-line errors naming the file."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["content_hash", "iter_jsonl", "read_json", "require_file"]
+__all__ = ["content_hash", "hash_cache_file", "iter_jsonl", "read_json", "require_file"]
 
 
 def require_file(path: Path, what: str) -> Path:
@@ -47,14 +47,66 @@ def iter_jsonl(path: Path, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
             yield n, rec
 
 
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
-
-
+_HASH_CACHE: dict[str, str] = {}
 _HASH_LOCK = threading.Lock()
+_DISK_ENTRIES = 4096  # fingerprints kept in the on-disk cache (least recently written dropped first)
+
+
+def hash_cache_file() -> Path | None:
+    """The on-disk cache of :func:`content_hash`: ``$MERGELAB_HASH_CACHE`` (``off`` or empty: none), else
+    ``$XDG_CACHE_HOME/mergelab/content_hashes.json`` (``~/.cache`` when unset)."""
+    env = os.environ.get("MERGELAB_HASH_CACHE")
+    if env is not None:
+        return None if env.strip().lower() in ("", "0", "off", "none") else Path(env).expanduser()
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "mergelab" / "content_hashes.json"
+
+
+def _fingerprint(p: Path, files: list[Path]) -> str:
+    """Identifies a checkpoint's files as they are now: the resolved path, and each file's relative name, size,
+    modification and change times (ns) and inode. Rewriting a file changes its change time, which no tool sets back,
+    so a changed file never matches an old fingerprint."""
+    rows = []
+    for f in files:
+        st = f.stat()
+        rows.append([str(f.relative_to(p)) if p.is_dir() else f.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                     st.st_ino])
+    return hashlib.sha256(json.dumps([str(p.resolve()), rows]).encode()).hexdigest()
+
+
+def _disk_read(cache: Path | None) -> dict[str, str]:
+    if cache is None:
+        return {}
+    try:
+        data = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _disk_add(cache: Path | None, key: str, digest: str) -> None:
+    """Add one entry to the on-disk cache (best effort: a read-only or racing cache only costs a recomputation)."""
+    if cache is None:
+        return
+    data = _disk_read(cache)
+    data.pop(key, None)
+    data[key] = digest
+    keep = dict(list(data.items())[-_DISK_ENTRIES:])
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(keep))
+        os.replace(tmp, cache)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def content_hash(path: str | os.PathLike[str]) -> str:
-    """SHA-256 over a checkpoint's files (relative names and bytes, sorted), memoised per (path, size, mtime).
+    """SHA-256 over a checkpoint's files (relative names and bytes, sorted), cached by the files' fingerprint.
+
+    Computing it reads every byte of the checkpoint (seconds per GB), so digests are kept in memory and on disk
+    (:func:`hash_cache_file`), keyed by the files' resolved path, names, sizes, modification and change times and
+    inodes: a later process merging the same unchanged checkpoints does not read them again.
 
     Args:
         path: a file or a checkpoint/adapter directory. Hidden files and sub-directories starting with ``.`` are
@@ -72,11 +124,15 @@ def content_hash(path: str | os.PathLike[str]) -> str:
     files = [p] if p.is_file() else sorted(
         f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
     )
-    stat_key = sum(f.stat().st_size for f in files), max((f.stat().st_mtime_ns for f in files), default=0)
-    key = (str(p.resolve()), stat_key[0], stat_key[1])
+    key = _fingerprint(p, files)
+    cache = hash_cache_file()
     with _HASH_LOCK:
         if key in _HASH_CACHE:
             return _HASH_CACHE[key]
+        known = _disk_read(cache).get(key)
+        if isinstance(known, str):
+            _HASH_CACHE[key] = known
+            return known
     h = hashlib.sha256()
     for f in files:
         h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode() + b"\0")
@@ -86,4 +142,5 @@ def content_hash(path: str | os.PathLike[str]) -> str:
     digest = h.hexdigest()
     with _HASH_LOCK:
         _HASH_CACHE[key] = digest
+        _disk_add(cache, key, digest)
     return digest
