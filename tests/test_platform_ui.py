@@ -103,6 +103,18 @@ def test_the_comparison_saves_a_test_scores_view_and_links_its_compare_page(plat
     assert len(lines) == 4
 
 
+def test_an_evaluation_logs_the_average_and_task_scores_first(platform_store: Store) -> None:
+    from mergelab.evaluators import EvalResult
+    from mergelab.platform.evaluation import log_eval
+
+    client = platform_store.client()
+    run = client.create_run(platform_store.experiment_id("order", client)).info.run_id
+    res = EvalResult(split="test", scores={"vqa": 50.0, "ocr": 70.0},
+                     metrics={"vqa/accuracy": 50.0, "ocr/accuracy": 70.0})
+    log_eval(client, run, res, chart=False)
+    assert list(client.get_run(run).data.metrics)[:3] == ["test/average", "test/vqa", "test/ocr"]
+
+
 def _version(store: Store, name: str, table: dict) -> str:
     client = store.client()
     run = client.create_run(store.experiment_id("champ", client), tags={"mergelab.role": "trial"})

@@ -263,6 +263,8 @@ def test_mlflow_ui_shows_the_comparison_references_and_the_champion(
             assert href == ui.compare_url("", exp, ui_store.compare).lstrip("/"), href  # (the link opens a new tab)
             page.goto(f"{base}/{href}")
             expect(page.get_by_text(f"Comparing {n_runs} Runs").first).to_be_visible()
+            # the parallel-coordinates plot starts on the first run's (base's) first logged metric: test/average
+            expect(page.get_by_text("test/average", exact=True).first).to_be_visible()
             for name in ["base", "mixture", *ui_store.merges]:
                 expect(page.get_by_role("cell", name=name, exact=True).first).to_be_attached()
             for key in ["test/average", "test/vqa"]:

@@ -99,10 +99,16 @@ def log_eval(client: MlflowClient, run_id: str, summary: EvalResult,
              reference: Mapping[str, float] | None = None, *, chart: bool = True) -> dict[str, float]:
     """Log an evaluation to a run: metrics, per-sample predictions (an MLflow table) and a per-task chart.
 
+    The average and the per-task scores are logged first: MLflow's compare page starts its parallel-coordinates
+    plot on the first metric (in the first run's logging order) that every compared run has, so ``<split>/average``.
+
     Returns:
         The metrics logged.
     """
     metrics = summary.flat_metrics(reference)
+    sp = summary.split or "eval"
+    first = [f"{sp}/average", *(f"{sp}/{t}" for t in summary.scores)]
+    metrics = {**{k: metrics[k] for k in first if k in metrics}, **metrics}
     log_metrics(client, run_id, metrics)
     if summary.records:
         log_table(client, run_id, records_table(summary.records), f"predictions/{summary.split}.json")
