@@ -115,6 +115,33 @@ def test_an_evaluation_logs_the_average_and_task_scores_first(platform_store: St
     assert list(client.get_run(run).data.metrics)[:3] == ["test/average", "test/vqa", "test/ocr"]
 
 
+def test_the_demo_summary_prints_the_test_scores_view_and_the_compare_page(
+    platform_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from mergelab.platform import demo
+    from mergelab.platform.cli import main
+
+    client = platform_store.client()
+    exp = platform_store.experiment_id("mergelab-demo-full", client)
+    rows = _rows()
+    for r in rows:
+        r["run_id"] = client.create_run(exp, run_name=r["name"]).info.run_id
+    run = client.create_run(exp, run_name="demo-comparison-full-s0").info.run_id
+    ui.log_comparison(client, run, rows, TASKS)
+    result = demo.DemoResult([demo.SettingResult("full", "mergelab-demo-full", rows=rows)])
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: result)
+    root = str(local_path(platform_store.artifact_root).parent)
+    out = CliRunner().invoke(main, ["demo", "--setting", "full", "--root", root])
+    assert out.exit_code == 0, out.output
+    base = ui.ui_base(platform_store)
+    ids = [r["run_id"] for r in rows]
+    assert f"test scores (table): {ui.scores_view_url(base, exp)}" in out.output.splitlines()
+    assert f"test scores (charts): {ui.scores_view_url(base, exp, charts=True)}" in out.output.splitlines()
+    assert f"compare demo-comparison-full-s0: {ui.compare_url(base, exp, ids)}" in out.output.splitlines()
+
+
 def _version(store: Store, name: str, table: dict) -> str:
     client = store.client()
     run = client.create_run(store.experiment_id("champ", client), tags={"mergelab.role": "trial"})

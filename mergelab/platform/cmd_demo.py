@@ -27,7 +27,7 @@ def demo(setting: str, seed: int, trials: int, limit: int, test_limit: int, quic
     """Merge the offline benchmark's experts with the paper's methods, tune OptMerge, promote a champion."""
     from mergelab.platform.demo import LAM_GRID, format_rows, run_demo
     from mergelab.platform.store import Store
-    from mergelab.platform.ui import experiment_link, model_url, ui_base
+    from mergelab.platform.ui import experiment_lines, experiment_link, model_url, ui_base
 
     lam_grid = LAM_GRID
     val_limit, t_limit = limit or None, test_limit or None
@@ -54,6 +54,10 @@ def demo(setting: str, seed: int, trials: int, limit: int, test_limit: int, quic
             click.echo(f"skipped: {line}")
         store = Store.resolve(root)
         click.echo(f"runs: {experiment_link(s.experiment, store)}")
+        client = store.client()
+        if (exp := client.get_experiment_by_name(s.experiment)) is not None:  # the test scores view, compare page
+            for line in experiment_lines(client, ui_base(store), exp.experiment_id, s.experiment)[1:]:
+                click.echo(line.strip())
         click.echo(f"registry: {model_url(ui_base(store), s.experiment)}")  # the model is named like the experiment
     click.echo(f"\ndone in {res.seconds:.0f} s. Serve the UI for the links above: mergelab ui (or make ui)")
 
