@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from mergelab.bench.omni import data
 from mergelab.bench.omni.__main__ import main
 from mergelab.bench.omni.build import seed_dir
-from mergelab.bench.omni.table import merge_experts
+from mergelab.bench.omni.table import format_targets, merge_experts, targets
 from mergelab.bench.omni.train import TOWERS
 from mergelab.engine import merge
 
@@ -42,6 +42,26 @@ def test_quick_omni_table_runs_in_under_two_minutes(quick_run, capsys) -> None:
     assert {"music_avqa", "avqa", "cross_avg", "own/image", "own/audio", "own/video"} <= set(merged)
     assert any(k.startswith("music_avqa/qtype/") for k in merged)
     assert result["aggregate"]["lora/ties"]["cross_avg"]["n"] == 1
+    assert result["targets"]["lora"]["best"] in {f"lora/{m}" for m in ("task_arithmetic", "ties", "optmerge")}
+
+
+def test_targets_compare_the_best_merge_with_every_expert() -> None:
+    """Best merge by mean cross-modal average, its lead over the best expert, its own-task loss per modality
+    against that modality's expert, and the methods' spread (hand-made seed means)."""
+    def cell(v: float) -> dict[str, float]:
+        return {"mean": v, "std": 0.0, "n": 3}
+
+    agg = {f"expert/{m}/lora": {"cross_avg": cell(c), f"own/{m}": cell(o)}
+           for m, c, o in (("image", 40.0, 90.0), ("audio", 45.0, 95.0), ("video", 42.0, 80.0))}
+    agg |= {"lora/tsv": {"cross_avg": cell(52.0), **{f"own/{m}": cell(v) for m, v in
+                                                    (("image", 88.0), ("audio", 89.0), ("video", 81.0))}},
+            "lora/iso_c": {"cross_avg": cell(38.0), **{f"own/{m}": cell(50.0) for m in data.MODALITIES}}}
+    t = targets(agg, "lora")
+    assert t["best"] == "lora/tsv" and t["margin"] == pytest.approx(7.0) and t["spread"] == pytest.approx(14.0)
+    assert (t["own_loss/image"], t["own_loss/audio"], t["own_loss/video"]) == pytest.approx((2.0, 6.0, -1.0))
+    text = format_targets(t)
+    assert "+7.0 (>= 5: met)" in text and "(<= 5 each: not met)" in text and "spread 14.0 (>= 5: met)" in text
+    assert targets(agg, "full") == {} and format_targets({}) == ""
 
 
 def test_a_merge_keeps_each_tower_bit_identical_to_its_owner(quick_run, tmp_path: Path) -> None:

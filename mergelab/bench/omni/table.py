@@ -214,6 +214,42 @@ def format_table(agg: dict[str, dict[str, dict[str, float]]], setting: str) -> s
     return "\n".join(lines)
 
 
+def targets(agg: dict[str, dict[str, dict[str, float]]], setting: str) -> dict[str, Any]:
+    """The experiment's targets on the seed means of one expert setting.
+
+    ``best``: the method with the highest mean cross-modal average; ``margin``: its lead over the best expert on
+    that average (target >= 5); ``own_loss/<m>``: how much the best merge's own-task mean of modality ``m`` is below
+    that modality's expert (target <= 5 each); ``spread``: the highest minus the lowest method's cross-modal
+    average (target >= 5).
+    """
+    merges = {n: v for n, v in agg.items() if n.startswith(f"{setting}/")}
+    if not merges:
+        return {}
+    cross = {n: v["cross_avg"]["mean"] for n, v in merges.items()}
+    best = max(cross, key=lambda n: cross[n])
+    experts = {m: agg[f"expert/{m}/{setting}"] for m in data.MODALITIES if f"expert/{m}/{setting}" in agg}
+    out: dict[str, Any] = {"best": best, "best_cross_avg": cross[best],
+                           "margin": cross[best] - max(e["cross_avg"]["mean"] for e in experts.values()),
+                           "spread": max(cross.values()) - min(cross.values())}
+    for m, e in experts.items():
+        out[f"own_loss/{m}"] = e[f"own/{m}"]["mean"] - merges[best][f"own/{m}"]["mean"]
+    return out
+
+
+def format_targets(t: dict[str, Any]) -> str:
+    """One line per target of :func:`targets`, with met / not met."""
+    if not t:
+        return ""
+    losses = {k.split("/", 1)[1]: v for k, v in t.items() if k.startswith("own_loss/")}
+    lines = [f"targets (seed means): best merge {t['best']} {t['best_cross_avg']:.1f}",
+             f"  beats every expert on the cross-modal average by {t['margin']:+.1f} (>= 5: "
+             f"{'met' if t['margin'] >= 5 else 'not met'})",
+             "  own-task loss against each expert: " + ", ".join(f"{m} {v:+.1f}" for m, v in losses.items())
+             + f" (<= 5 each: {'met' if all(v <= 5 for v in losses.values()) else 'not met'})",
+             f"  methods spread {t['spread']:.1f} (>= 5: {'met' if t['spread'] >= 5 else 'not met'})"]
+    return "\n".join(lines)
+
+
 def run(zoo: str | Path, seeds: Sequence[int] = (0,), *, jobs: int = 1, device: str = "cpu",
         json_out: str | Path | None = None, quick: bool = False, methods: Sequence[str] | None = None,
         lam_grid: Sequence[float] | None = None, settings: Sequence[str] | None = None,
@@ -250,7 +286,8 @@ def run(zoo: str | Path, seeds: Sequence[int] = (0,), *, jobs: int = 1, device: 
     result = {"seeds": list(seeds), "plan": plan.to_dict(), "lam_grid": list(grid), "aggregate": agg,
               "per_seed": per_seed, "seconds": time.perf_counter() - t0}
     for setting in plan.settings:
-        log(format_table(agg, setting))
+        result.setdefault("targets", {})[setting] = targets(agg, setting)
+        log(format_table(agg, setting) + "\n" + format_targets(result["targets"][setting]))
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=1, sort_keys=True))
     return result
