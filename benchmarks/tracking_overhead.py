@@ -1,0 +1,132 @@
+"""Benchmark: what MLflow tracking adds to `mergelab merge` (issue 22's target: tracked at most 1.15x untracked).
+
+Builds the ~150M-parameter Llama-style base and 3 experts of ``merge_vs_mergekit.py`` (fp32, one safetensors shard
+each; or reuses ``--ckpt DIR`` from an earlier ``--keep``), then runs the same task_arithmetic recipe with
+``mergelab merge --quiet``, each in a fresh process, interleaved and in alternating order per repeat:
+
+- ``untracked``: ``--no-track``;
+- ``tracked, fresh store``: a new empty store per run (``MERGELAB_ROOT``): importing mlflow, creating the database
+  and running MLflow's migrations, hashing the inputs for the recipe's digest, all overlapped with the merge;
+- ``tracked, existing store``: one store made before the timings and reused (a user's everyday case);
+- with ``--before DIR``, the two tracked variants again with the mergelab of source tree ``DIR``.
+
+It prints every run's wall and CPU seconds (user + system of the process, all threads), the medians, the ratios of
+the medians to the untracked ones, and the load average before and after (other work on the machine slows every
+variant alike; the order alternates so that no variant always runs first).
+
+Usage::
+
+    python benchmarks/tracking_overhead.py [--repeats 3] [--threads 1] [--keep DIR | --ckpt DIR] [--before DIR]
+
+Recorded: ``benchmarks/results/tracking_overhead.txt``; summary in ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import merge_vs_mergekit  # noqa: E402  (the 150M Llama builder)
+
+VARIANTS = ("untracked", "tracked, fresh store", "tracked, existing store")
+BEFORE = ("before: fresh store", "before: existing store")
+TARGET = 1.15
+
+
+def load() -> str:
+    """The 1, 5 and 15 minute load averages."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def merge_once(cli: list[str], recipe: Path, out: Path, variant: str, root: Path,
+               env: dict[str, str]) -> dict[str, float]:
+    """One ``mergelab merge`` in a fresh process: its wall and CPU seconds (``merge_vs_mergekit.run``)."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [*cli, "merge", str(recipe), "--out", str(out), "--quiet"]
+    run_env = dict(env)
+    if variant == "untracked":
+        cmd.append("--no-track")
+    else:
+        run_env["MERGELAB_ROOT"] = str(root)
+    r = merge_vs_mergekit.run(cmd, run_env)
+    shutil.rmtree(out, ignore_errors=True)
+    return r
+
+
+def with_source(env: dict[str, str], src: Path) -> dict[str, str]:
+    """``env`` running the mergelab of source tree ``src``."""
+    return {**env, "PYTHONPATH": os.pathsep.join([str(src.resolve()), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
+
+def report(runs: dict[str, list[dict[str, float]]], load_before: str) -> None:
+    """The medians, the load and the ratios to the untracked merge."""
+    med = {v: {k: statistics.median(x[k] for x in rs) for k in ("wall", "cpu")} for v, rs in runs.items()}
+    print(f"{'median':>6s}  " + "  ".join(f"{med[v]['wall']:15.1f} ({med[v]['cpu']:5.1f})" for v in runs))
+    print(f"\nload average (1/5/15 min): before {load_before}, after {load()}")
+    for v in list(runs)[1:]:
+        ratio = med[v]["wall"] / med["untracked"]["wall"]
+        print(f"{v} / untracked: wall {ratio:.2f}x (target <= {TARGET}x: {'met' if ratio <= TARGET else 'MISSED'})"
+              f", CPU {med[v]['cpu'] / med['untracked']['cpu']:.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch/OMP threads of the merges")
+    ap.add_argument("--layers", type=int, default=14)
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--experts", type=int, default=3)
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--keep", type=Path, default=None, help="build the checkpoints here and keep them")
+    group.add_argument("--ckpt", type=Path, default=None, help="reuse checkpoints built by an earlier --keep")
+    ap.add_argument("--before", type=Path, default=None,
+                    help="also time the tracked merges of this source tree, interleaved (e.g. an extracted "
+                         "`git archive REV mergelab`)")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="tracking-overhead-"))
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MERGELAB_TRACK", None)
+    envs = {v: env for v in VARIANTS} | ({v: with_source(env, args.before) for v in BEFORE} if args.before else {})
+    cli = [sys.executable, "-c", f"import torch; torch.set_num_threads({args.threads}); "
+           "from mergelab.platform.cli import main; main()"]
+    try:
+        ckpt = args.ckpt or args.keep or work / "ckpt"
+        if args.ckpt is None:
+            ckpt.mkdir(parents=True, exist_ok=True)
+            merge_vs_mergekit.build_models(ckpt, args.layers, args.hidden, 2048, 32000, args.experts)
+        base, experts = ckpt / "base", sorted(ckpt.glob("expert*"))
+        recipe = work / "merge.yaml"
+        recipe.write_text(json.dumps({"base": str(base), "experts": [str(e) for e in experts],
+                                      "method": "task_arithmetic", "params": {"lam": 1.0}, "policy": [],
+                                      "device": "cpu"}))
+        nbytes = sum(f.stat().st_size for d in (base, *experts) for f in d.glob("*.safetensors"))
+        print(f"recipe: task_arithmetic, base + {len(experts)} experts, {nbytes / 2**30:.2f} GiB of inputs; "
+              f"threads={args.threads}; {os.cpu_count()} CPUs" + (f"; before: {args.before}" if args.before else ""))
+        for v in envs:  # the existing stores, made before the timings
+            if v.endswith("existing store"):
+                merge_once(cli, recipe, work / "out", v, work / v, envs[v])
+        load_before = load()
+        runs: dict[str, list[dict[str, float]]] = {v: [] for v in envs}
+        print(f"\nwall (CPU) seconds per run\n{'repeat':>6s}  " + "  ".join(f"{v:>24s}" for v in envs))
+        for r in range(args.repeats):
+            for v in list(envs) if r % 2 == 0 else list(envs)[::-1]:
+                root = work / v if v.endswith("existing store") else work / f"store-{r}-{v}"
+                runs[v].append(merge_once(cli, recipe, work / "out", v, root, envs[v]))
+            print(f"{r:6d}  " + "  ".join(f"{runs[v][-1]['wall']:15.1f} ({runs[v][-1]['cpu']:5.1f})" for v in envs),
+                  flush=True)
+        report(runs, load_before)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
