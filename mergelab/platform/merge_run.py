@@ -309,7 +309,8 @@ def _tracked_merge(recipe: MergeRecipe, store: Store | None, experiment: str, ru
         if end_run:
             client.set_terminated(run_id, status="FINISHED")
         if kept is not None:
-            remove_tree(kept)
+            with contextlib.suppress(OSError):  # a leftover hidden copy is better than failing a finished run
+                remove_tree(kept)
         return TrackedMerge(run_id=run_id, merged_uri=merged_uri, merged_path=merged_path, report=report,
                             val=val, metrics=metrics)
     except BaseException as e:
