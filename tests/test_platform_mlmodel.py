@@ -78,6 +78,7 @@ def test_a_registered_vlm_loads_with_mlflow_pyfunc_and_answers_like_mergelab(
     assert meta["flavors"]["python_function"]["loader_module"] == VLM_LOADER
     assert meta["flavors"]["python_function"]["data"] == "."
     assert served_params(meta) == ["max_new_tokens", "batch_size"]
+    assert meta["flavors"]["python_function"]["config"]["max_new_tokens"] == 32
     assert not (ZOO_BASE / "MLmodel").exists()  # written in the version's directory only
 
     samples = [s for task in ("chart", "grounding") for s in make_samples(task, "shifted", "test", n=2)]
@@ -102,6 +103,8 @@ def test_a_registered_vlm_loads_with_mlflow_pyfunc_and_answers_like_mergelab(
     text_only = served.predict([{"question": questions[i]}, {"image": samples[i].image, "question": questions[i]}],
                                params={"max_new_tokens": 2})
     assert len(text_only) == 2 and text_only[1] == short[0]
+    configured = mlflow.pyfunc.load_model("models:/served-vlm@champion", model_config={"max_new_tokens": 2})
+    assert configured.predict({"image": samples[i].image, "question": questions[i]}) == short  # load-time option
     assert mlflow.artifacts.download_artifacts("models:/served-vlm@champion") == str(folder)  # no copy
     assert {p.name: p.stat().st_ino for p in folder.glob("*.safetensors")} == weights  # stored once
 

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 VLM_LOADER = "mergelab.platform.pyfunc_vlm"
 """The ``loader_module`` of a VLM's ``python_function`` flavour (named, not imported: registering stays light)."""
+VLM_OPTIONS: dict[str, Any] = {"max_new_tokens": 32, "batch_size": 8, "device": "cpu", "dtype": None}
+"""A VLM version's options and defaults: its flavour's ``config`` (MLflow lets ``load_model(model_config=...)``
+override only the keys written there)."""
 VLM_PARAMS = ("max_new_tokens", "batch_size")
 """The per-call ``params`` of a VLM version's ``predict``."""
 IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
@@ -84,7 +87,7 @@ def _vlm_flavor(arch: str) -> dict[str, Any]:
     from mlflow.utils.environment import PYTHON_VERSION
 
     return {"loader_module": VLM_LOADER, "data": ".", "python_version": PYTHON_VERSION,
-            "task": "image-text-to-text", "architecture": arch,
+            "config": dict(VLM_OPTIONS), "task": "image-text-to-text", "architecture": arch,
             "transformers_version": transformers.__version__}
 
 

@@ -14,9 +14,10 @@ knows the processors transformers cannot rebuild without torchvision) and answer
     model.predict(pd.DataFrame({"image": [img1, img2], "question": [q1, q2]}))          # -> ["...", "..."]
 
 Rows are ``{image, question}``: ``image`` a PIL image, a file path, raw image bytes or base64-encoded bytes (what a
-JSON request carries), or None for a text-only question. Options (``model_config`` at load time, or ``params`` per
-call): ``max_new_tokens`` (32), ``batch_size`` (8), ``device`` (``cpu``; ``auto`` picks CUDA when present),
-``dtype`` (the checkpoint's).
+JSON request carries), or None for a text-only question. Options: ``max_new_tokens`` (32) and ``batch_size`` (8)
+at load time (``model_config``) or per call (``params``, declared in the version's signature: MLflow drops
+undeclared ones); ``device`` (``cpu``; ``auto`` picks CUDA when present) and ``dtype`` (the checkpoint's) at load
+time only.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from PIL import Image
 from mergelab.evaluators.loaders import open_image
 from mergelab.evaluators.runner import build_prompt, generate
 from mergelab.hf import load_model
+from mergelab.platform.mlmodel import VLM_OPTIONS
 
-DEFAULTS: dict[str, Any] = {"max_new_tokens": 32, "batch_size": 8, "device": "cpu", "dtype": None}
-"""Options and their defaults (``model_config`` / ``params`` keys)."""
+DEFAULTS: dict[str, Any] = VLM_OPTIONS
+"""Options and their defaults (``model_config`` / ``params`` keys), as the version's ``MLmodel`` lists them."""
 
 LOAD_KEYS = ("device", "dtype")
 
@@ -72,7 +74,7 @@ def rows_of(model_input: Any) -> list[dict[str, Any]]:
     if hasattr(model_input, "to_dict") and hasattr(model_input, "columns"):  # a pandas DataFrame
         rows: list[Any] = model_input.to_dict(orient="records")
     elif isinstance(model_input, Mapping):
-        cols = {k: v for k, v in model_input.items()}
+        cols = dict(model_input)
         q = cols.get("question")
         if isinstance(q, Sequence) and not isinstance(q, str):  # a dict of columns
             rows = [{k: (v[i] if isinstance(v, Sequence) and not isinstance(v, (str, bytes)) else v)
