@@ -227,7 +227,7 @@ def _tracked_merge(recipe: MergeRecipe, store: Store | None, experiment: str, ru
     # weights go into the run's artifact directory, so the run comes first.
     overlap = out is not None
     opened = _background(lambda: _open_store(store, experiment), overlap)
-    hashed = _background(lambda: _content_hashes(recipe), overlap)
+    inputs = _background(lambda: _inputs(recipe), overlap)
     client: Any = None
     run_id: str | None = None
     tried = False  # start_run() is tried once: a failure there is not retried on the way out
@@ -236,8 +236,8 @@ def _tracked_merge(recipe: MergeRecipe, store: Store | None, experiment: str, ru
         nonlocal client, run_id, tried
         tried = True
         client, exp_id = opened()
-        hashed()
-        run_id = _start_run(client, exp_id, recipe, run_name, parent_run_id, tags, extra_params, start_ms)
+        params = {**inputs(), **(extra_params or {})}
+        run_id = _start_run(client, exp_id, recipe, run_name, parent_run_id, tags, params, start_ms)
         if on_run is not None:
             on_run(run_id)
         return run_id
@@ -345,7 +345,8 @@ def _end_failed(client: Any, run_id: str, error: BaseException) -> None:
 
 def _start_run(client: Any, exp_id: str, recipe: MergeRecipe, run_name: str | None, parent_run_id: str | None,
                tags: Mapping[str, str] | None, extra_params: Mapping[str, Any] | None, start_ms: int) -> str:
-    """Create a merge's run (started at ``start_ms``) with its tags, params and ``config/merge.yaml``."""
+    """Create a merge's run (started at ``start_ms``) with its tags, params (the recipe's, then ``extra_params``:
+    provenance and the caller's) and ``config/merge.yaml``."""
     run_tags = {TAG_ROLE: "merge", "method": recipe.method_name, TAG_RECIPE: recipe.digest, **(tags or {})}
     if parent_run_id:
         run_tags["mlflow.parentRunId"] = parent_run_id
@@ -355,8 +356,7 @@ def _start_run(client: Any, exp_id: str, recipe: MergeRecipe, run_name: str | No
                              recipe.to_dict()["policy"]),
                          "device": recipe.device, "dtype": recipe.dtype or "auto",
                          "compute_dtype": recipe.compute_dtype, "seed": recipe.seed, "base.path": recipe.base,
-                         "base.sha256": content_hash(recipe.base), "n_experts": len(recipe.experts),
-                         "git.commit": git_commit() or "unknown"}
+                         "base.sha256": content_hash(recipe.base), "n_experts": len(recipe.experts)}
     p.update({f"hp.{k}": v for k, v in recipe.hyperparameters.items()})
     for i, e in enumerate(recipe.experts):
         p[f"expert.{i}.name"] = e.name
@@ -364,7 +364,6 @@ def _start_run(client: Any, exp_id: str, recipe: MergeRecipe, run_name: str | No
         p[f"expert.{i}.kind"] = e.kind
         p[f"expert.{i}.sha256"] = content_hash(e.path)
         p[f"expert.{i}.coefficient"] = "default" if e.coefficient is None else e.coefficient
-    p.update({f"version.{k}": v for k, v in package_versions().items()})
     p.update(extra_params or {})
     try:
         log_params(client, run_id, p)
@@ -381,11 +380,13 @@ def _open_store(store: Store, experiment: str) -> tuple[Any, str]:
     return client, store.experiment_id(experiment, client)
 
 
-def _content_hashes(recipe: MergeRecipe) -> None:
-    """Hash the recipe's inputs (memoised per file by :func:`~mergelab._files.content_hash`), so that its digest is
-    then free; the digest itself is not computed here, so the engine's model card never races with it."""
+def _inputs(recipe: MergeRecipe) -> dict[str, Any]:
+    """The provenance params (``git.commit``, ``version.<package>``) after hashing the recipe's inputs (memoised per
+    file by :func:`~mergelab._files.content_hash`), so that its digest is then free; the digest itself is not computed
+    here, so the engine's model card never races with it."""
     for path in (recipe.base, *(e.path for e in recipe.experts)):
         content_hash(path)
+    return {"git.commit": git_commit() or "unknown", **{f"version.{k}": v for k, v in package_versions().items()}}
 
 
 _T = TypeVar("_T")
