@@ -65,28 +65,37 @@ def test_writer_converts_floating_tensors_in_chunks(tmp_path: Path, monkeypatch:
 
 
 def test_buffer_pool_reuses_only_unshared_buffers() -> None:
-    pool = BufferPool(cap=1 << 20)
-    t = pool.take((4, 8), torch.float32, CPU)
+    pool = BufferPool([128, 128, 96, 96], cap=1 << 20)
+    t = pool.take((4, 8), torch.float32, CPU)  # 128 bytes
     ptr = t.data_ptr()
     pool.give(t)
     del t
-    u = pool.take((2, 8), torch.float32, CPU)  # smaller: served from the kept buffer
-    assert u.data_ptr() == ptr and u.shape == (2, 8) and u.is_contiguous()
+    u = pool.take((4, 8), torch.float32, CPU)  # served from the kept buffer
+    assert u.data_ptr() == ptr and u.shape == (4, 8) and u.is_contiguous()
     view = u[0]
     pool.give(u)  # a view survives: not kept
-    v = pool.take((2, 8), torch.float32, CPU)
+    v = pool.take((3, 8), torch.float32, CPU)  # 96 bytes: would fit, but nothing was kept
     assert v.data_ptr() != ptr
     del view
 
 
+def test_buffer_pool_keeps_only_what_a_later_request_can_use() -> None:
+    pool = BufferPool([400, 128, 40, 128], cap=1 << 20)
+    big = pool.take((100,), torch.float32, CPU)  # 400 bytes: no later request of 200 to 400 bytes
+    pool.give(big)
+    del big
+    assert pool.take((32,), torch.float32, CPU) is not None and not pool._free  # dropped, not pinned by 128 bytes
+    a = pool.take((10,), torch.float32, CPU)  # 40 bytes
+    pool.give(a)  # no 40-byte request left: dropped
+    assert not pool._free
+
+
 def test_buffer_pool_keeps_at_most_cap_bytes() -> None:
-    pool = BufferPool(cap=200)
+    pool = BufferPool([128, 64, 64, 128], cap=150)
     a, b = pool.take((32,), torch.float32, CPU), pool.take((16,), torch.float32, CPU)  # 128 and 64 bytes
-    c = pool.take((8,), torch.float32, CPU)  # 32 bytes
-    pa, pb = a.data_ptr(), b.data_ptr()
-    for t in (a, b, c):
-        pool.give(t)
-    del a, b, c
-    # 224 bytes given, 200 kept: the smallest (32) was dropped; a request of 20 floats takes the 128-byte buffer
-    assert pool.take((20,), torch.float32, CPU).data_ptr() == pa
-    assert pool.take((10,), torch.float32, CPU).data_ptr() == pb
+    pa = a.data_ptr()
+    pool.give(a)
+    pool.give(b)  # 192 bytes kept would pass the cap: the smallest is dropped
+    del a, b
+    assert pool.take((32,), torch.float32, CPU).data_ptr() == pa
+    assert not pool._free

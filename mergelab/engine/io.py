@@ -261,6 +261,14 @@ class CheckpointReader:
         weakref.finalize(t, _release_pages, m, info.offset, info.nbytes)
         return t
 
+    def release(self, name: str) -> None:
+        """Drop the resident pages of tensor ``name`` from the memory map now. Its views stay valid: a later access
+        reads the pages again from the page cache (the bytes of the file; views are never written)."""
+        info = self.infos[name]
+        m = self._maps.get(info.file)
+        if m is not None and info.nbytes:
+            _release_pages(m, info.offset, info.nbytes)
+
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor with plain reads into a fresh CPU buffer (a copy; no pages of the file stay mapped)."""
         info = self.infos[name]

@@ -243,6 +243,7 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
             return Loaded(it, b_dev, None, nbytes, True, [0.0] * len(ex))
         deltas = pool.take((len(ex), *b.shape), cdtype, dev)
         nbytes += fill_deltas(ex, it.name, deltas, b_dev, dev, cdtype)
+        base_reader.release(it.name)  # read again to finish the merge: not resident while the method runs
         # one pass gives the report's norms, the NaN/Inf check (a non-finite entry makes the norm non-finite) and
         # the all-zero test; the exact checks run only when a norm says so
         norms = torch.linalg.vector_norm(deltas.reshape(len(ex), -1), dim=1).tolist()
@@ -261,7 +262,9 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
         return n * cdtype.itemsize * (len(ex) + 1)
 
     budget = max(_PREFETCH_BYTES, max((cost(it) for it in items), default=0))
-    pool = BufferPool(budget)  # the task-vector stacks, reused from tensor to tensor
+    stacks = [math.prod(it.shape) * cdtype.itemsize * len(ex) for it in items
+              if it.rule in ("merge", "average") and not untouched(ex, it.name)]
+    pool = BufferPool(stacks, budget)  # the task-vector stacks, reused from tensor to tensor
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"

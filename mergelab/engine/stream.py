@@ -71,19 +71,26 @@ class BufferPool:
     """Reuses the engine's tensor-sized CPU buffers (the stacks of task vectors) from one tensor to the next.
 
     A fresh buffer of that size costs a page fault and a zeroed page per 4 KiB on first touch, several times the
-    arithmetic it then holds (measured: 67 ms to allocate and fill 136 MB, 7 ms to fill it again). Buffers given
-    back, when no view of them survives, are kept, at most ``cap`` bytes of them; a request takes the smallest kept
-    buffer that is large enough. A request that none fits first drops the kept buffers smaller than itself, so the
-    pool never holds memory that the new allocation could have reused. Other devices allocate directly.
+    arithmetic it then holds (measured: 67 ms to allocate and fill 136 MB, 7 ms to fill it again). The pool knows the
+    sizes the plan will still ask for, so it keeps a buffer given back only when a later request can use it (at most
+    twice that request's size, so a small tensor never pins a large buffer) and no view of it survives, and never
+    more than ``cap`` bytes; a request takes the smallest kept buffer that fits. Other devices allocate directly.
 
     Args:
+        sizes: the bytes of every stack the plan will request, in any order.
         cap: the most bytes kept unused (the stream's read-ahead budget: what the stacks in flight may hold).
     """
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, sizes: Sequence[int], cap: int) -> None:
         self._cap = cap
-        self._free: list[torch.Tensor] = []  # flat uint8 buffers
+        self._wanted: dict[int, int] = {}  # bytes -> requests still to come
+        for n in sizes:
+            self._wanted[n] = self._wanted.get(n, 0) + 1
+        self._free: list[torch.Tensor] = []  # flat uint8 buffers, largest first
         self._lock = threading.Lock()
+
+    def _useful(self, size: int) -> bool:
+        return any(n <= size <= 2 * n for n in self._wanted)
 
     def take(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialised tensor of ``shape`` and ``dtype`` on ``device`` (a kept buffer's prefix on the CPU)."""
@@ -91,23 +98,28 @@ class BufferPool:
         if device.type != "cpu" or need == 0:
             return torch.empty(tuple(shape), dtype=dtype, device=device)
         with self._lock:
-            fits = [i for i, b in enumerate(self._free) if b.numel() >= need]  # the list runs largest first
-            if fits:
-                buf = self._free.pop(fits[-1])
+            left = self._wanted.get(need, 0) - 1
+            if left > 0:
+                self._wanted[need] = left
             else:
-                buf = None
-                self._free = [b for b in self._free if b.numel() > need]
+                self._wanted.pop(need, None)
+            fits = [i for i, b in enumerate(self._free) if need <= b.numel() <= 2 * need]
+            buf = self._free.pop(fits[-1]) if fits else None
+            self._free = [b for b in self._free if self._useful(b.numel())]
         if buf is None:
             buf = torch.empty(need, dtype=torch.uint8)
         # a plain tensor over the buffer's storage, not a view of it: a view would keep the buffer as its base
         return torch.empty(0, dtype=dtype).set_(buf.untyped_storage(), 0, tuple(shape))
 
     def give(self, t: torch.Tensor | None) -> None:
-        """Keep ``t``'s buffer for reuse, unless another tensor still views it or it is not a CPU buffer."""
+        """Keep ``t``'s buffer for a later request, unless none can use it, another tensor still views it or it is
+        not a CPU buffer."""
         if t is None or t.device.type != "cpu" or not _unshared(t):
             return
         buf = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
         with self._lock:
+            if not self._useful(buf.numel()):
+                return
             self._free.append(buf)
             self._free.sort(key=lambda b: -b.numel())
             while self._free and sum(b.numel() for b in self._free) > self._cap:
