@@ -109,7 +109,9 @@ def log_eval(client: MlflowClient, run_id: str, summary: EvalResult,
     sp = summary.split or "eval"
     first = [f"{sp}/average", *(f"{sp}/{t}" for t in summary.scores)]
     metrics = {**{k: metrics[k] for k in first if k in metrics}, **metrics}
-    log_metrics(client, run_id, metrics)
+    # Scores are percentages over a few thousand items at most: 4 decimals keep every distinction and spare the UI
+    # float noise such as 60.9839999 (the returned values stay exact).
+    log_metrics(client, run_id, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
     if summary.records:
         log_table(client, run_id, records_table(summary.records), f"predictions/{summary.split}.json")
     if chart and summary.scores:
