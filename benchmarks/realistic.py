@@ -404,10 +404,10 @@ class Bench:
 
     def add(self, family: str, kind: str, method: str, tool: str, r: dict[str, float], **extra: Any) -> dict[str, Any]:
         row = {"family": family, "experts": kind, "method": method, "tool": tool, "wall": r["wall"], "cpu": r["cpu"],
-               "peak_rss": r["hwm"], "rss_anon": r["rss"], **extra}
+               "peak_rss": r["hwm"], "rss_anon": r["rss"], "load": os.getloadavg()[0], **extra}
         self.rows.append(row)
-        print(f"  {family:20s} {kind:5s} {method:18s} {tool:9s} {r['wall']:7.1f} s  peak RSS {r['hwm'] / GB:5.2f} GB",
-              flush=True)
+        print(f"  {family:20s} {kind:5s} {method:18s} {tool:9s} {r['wall']:7.1f} s  peak RSS {r['hwm'] / GB:5.2f} GB"
+              f"  load {row['load']:.1f}", flush=True)
         return row
 
     def mergelab(self, fam: dict[str, Any], kind: str, method: str, params: dict[str, Any], policy: Any,
@@ -531,7 +531,7 @@ def targets(rows: list[dict[str, Any]], fams: list[dict[str, Any]], n: int) -> l
 def print_table(rows: list[dict[str, Any]], fams: list[dict[str, Any]], n: int) -> None:
     print(f"\n{'family':20s} {'experts':7s} {'method':18s} {'tool':9s} {'device':7s} {'wall s':>7s} {'engine':>7s} "
           f"{'CPU s':>7s} "
-          f"{'peak RSS GB':>11s} {'RssAnon GB':>10s} {'/(N+1)L':>8s} {'vs floor':>8s} {'vs mk':>6s}")
+          f"{'peak RSS GB':>11s} {'RssAnon GB':>10s} {'/(N+1)L':>8s} {'vs floor':>8s} {'vs mk':>6s} {'load':>5s}")
     for fam in fams:
         unit = (n + 1) * fam["largest"]
         fr = [r for r in rows if r["family"] == fam["name"]]
@@ -544,13 +544,14 @@ def print_table(rows: list[dict[str, Any]], fams: list[dict[str, Any]], n: int) 
             vs_floor = f"{own / fl['wall']:8.2f}" if fl and r["tool"] != "I/O floor" else f"{'':8s}"
             engine = f"{r['engine_wall']:7.1f}" if "engine_wall" in r else f"{'':7s}"
             vs_mk = f"{r['wall'] / mk['wall']:6.2f}" if mk else f"{'':6s}"
+            load = f"{r['load']:5.1f}" if "load" in r else f"{'':5s}"
             print(f"{r['family']:20s} {r['experts']:7s} {r['method']:18s} {r['tool']:9s} {r.get('device', 'cpu'):7s} "
                   f"{r['wall']:7.1f} {engine} {r['cpu']:7.1f} {r['peak_rss'] / GB:11.2f} {r['rss_anon'] / GB:10.2f} "
-                  f"{r['peak_rss'] / unit:8.2f} {vs_floor} {vs_mk}")
+                  f"{r['peak_rss'] / unit:8.2f} {vs_floor} {vs_mk} {load}")
     print("(wall: the child process, imports included; engine: the merge itself (MergeReport.wall_seconds); "
           "peak RSS: the child's VmHWM, mapped file pages included; RssAnon: its sampled peak anonymous RSS; "
           "/(N+1)L: peak RSS over (N + 1) x the largest tensor; vs floor: engine wall / floor wall; vs mk: process "
-          "wall / mergekit's process wall)")
+          "wall / mergekit's process wall; load: the 1-minute load average when the row ended)")
 
 
 def print_targets(checks: list[tuple[str, bool, str]]) -> None:
