@@ -1,7 +1,9 @@
 """The tensor stream: a background reader that loads and subtracts the next tensors while one is merged.
 
 Read-ahead is bounded by bytes, so peak memory stays at about one tensor's ``(N + 1)`` copies plus the method's
-temporaries; :class:`PeakMemory` samples the process's resident memory while a merge runs.
+temporaries; :class:`BufferPool` reuses the stacks of task vectors from one tensor to the next (a fresh tensor-sized
+buffer's page faults cost more than the arithmetic it holds); :class:`PeakMemory` samples the process's resident
+memory while a merge runs.
 """
 
 from __future__ import annotations
