@@ -38,10 +38,26 @@ def chunk_size(n_rows: int, device: torch.device) -> int:
     return max(256, (_CHUNK // max(1, n_rows // 2)) // 256 * 256)
 
 
-def _abs_bits(x: Tensor) -> Tensor:
-    """Bit patterns (int32) of ``|x|`` in float32; non-negative floats order like these integers."""
-    a = x.abs() if x.dtype == torch.float32 else x.to(torch.float32).abs_()
-    return a.contiguous().view(torch.int32)
+def _abs_bits(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """Bit patterns (int32) of ``|x|`` in float32; non-negative floats order like these integers.
+
+    ``out``: an optional float32 buffer of at least ``x.numel()`` entries (1-D) to write into, so that a chunked
+    pass reuses one buffer instead of allocating (and page-faulting) a fresh one per chunk.
+    """
+    if out is None:
+        a = x.abs() if x.dtype == torch.float32 else x.to(torch.float32).abs_()
+        return a.contiguous().view(torch.int32)
+    a = out[: x.numel()]
+    if x.dtype == torch.float32:
+        torch.abs(x.reshape(-1), out=a)
+    else:
+        a.copy_(x.reshape(-1)).abs_()
+    return a.view(torch.int32)
+
+
+def _abs_buffer(row: Tensor) -> Tensor:
+    """The float32 buffer a chunked pass over ``row`` hands to :func:`_abs_bits`."""
+    return torch.empty(min(_select_chunk(row.device), row.shape[0]), dtype=torch.float32, device=row.device)
 
 
 def _select_chunk(device: torch.device) -> int:
@@ -53,8 +69,9 @@ def _high_counts(row: Tensor) -> Tensor:
     """Histogram (int64, 2^15 buckets) of the high 16 bits of ``|row|``'s float32 bit patterns, chunk by chunk."""
     c = _select_chunk(row.device)
     hist = torch.zeros(_HALF // 2, dtype=torch.int64, device=row.device)
+    buf = _abs_buffer(row)
     for i in range(0, row.shape[0], c):
-        hist += torch.bincount(_abs_bits(row[i : i + c]).bitwise_right_shift_(16), minlength=_HALF // 2)
+        hist += torch.bincount(_abs_bits(row[i : i + c], buf).bitwise_right_shift_(16), minlength=_HALF // 2)
     return hist
 
 
@@ -66,10 +83,11 @@ def _low_counts(row: Tensor, bucket: int) -> Tensor:
     sel_buf = torch.empty(size, dtype=torch.bool, device=row.device)
     lanes = torch.arange(8, device=row.device)
     hist = torch.zeros(_HALF, dtype=torch.int64, device=row.device)
+    buf = _abs_buffer(row)
     pending: list[Tensor] = []
     n_pending = 0
     for i in range(0, row.shape[0], c):
-        bits = _abs_bits(row[i : i + c])
+        bits = _abs_bits(row[i : i + c], buf)
         k = bits.shape[0]
         sel = torch.eq(torch.bitwise_right_shift(bits, 16, out=hi_buf[:k]), bucket, out=sel_buf[:k])
         # Compacting a mostly-False mask costs more than the rest of the pass: find the 8-entry blocks holding a
