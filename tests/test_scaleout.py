@@ -415,6 +415,7 @@ def test_two_workers_share_one_campaign(
         HF_HUB_OFFLINE="1",
         MERGELAB_DATA=str(data),
         PYTHONUNBUFFERED="1",
+        MERGELAB_VERBOSE="1",  # Optuna's "Trial N finished" lines (quiet by default) tell which worker ran a trial
     )
     _compose_optuna_init(env)
 
