@@ -119,9 +119,60 @@ def test_omni_campaign_example_on_the_quick_zoo_registers_versions_that_load_bac
     assert time.perf_counter() - t0 < 90
 
 
+@pytest.fixture(scope="module")
+def omni_zoo_full(omni_zoo: Path) -> Path:
+    """The quick zoo plus its three full-FT experts (the quick plan builds LoRA experts only): each trained from the
+    quick base by :func:`~mergelab.bench.omni.build.build_expert`, the manifest's plan unchanged."""
+    from mergelab.bench.omni.build import build_expert
+
+    for m in ("image", "audio", "video"):
+        build_expert(seed_dir(omni_zoo, 0), OmniPlan.quick(), 0, "full", m, device="cpu")
+    return omni_zoo
+
+
+def test_a_full_ft_omni_campaign_owns_every_tower_and_registers_a_version_that_loads_back(
+        omni_zoo_full: Path, platform_store) -> None:
+    """``experts: {omni_zoo, kind: full}``: a trial merges the three full fine-tunes on the whole base (policy
+    ``auto``: the omni preset), each tower and connector bit for bit from its full expert (not the LoRA one), the
+    LLM merged; the registered version loads back as an omni model with its processor."""
+    from mergelab.bench.omni.classes import OmniThinkerForConditionalGeneration
+    from mergelab.bench.omni.compose import read_weights
+    from mergelab.bench.omni.train import TOWERS
+    from mergelab.platform.campaign import run_campaign
+    from mergelab.platform.campaign_config import CampaignConfig
+    from mergelab.platform.registry import load_registered, resolve_model_dir
+
+    t0 = time.perf_counter()
+    cfg = CampaignConfig.model_validate({
+        "name": "omni-full", "experts": {"omni_zoo": str(omni_zoo_full), "kind": "full", "seed": 0, "quick": True},
+        "method": "task_arithmetic", "search_space": {"lam": {"type": "float", "low": 0.5, "high": 1.5}},
+        "budget": {"n_trials": 1}, "eval": {"limit": 5}, "device": "cpu",
+        "registry": {"name": "omni-full", "register": "top_k", "top_k": 1}})
+    res = run_campaign(cfg, store=platform_store)
+    assert res.n_complete == 1 and len(res.registered) == 1
+    trial = platform_store.client().get_run(res.best["run_id"])
+    assert {"val/average", "val/music_avqa", "val/avqa"} <= set(trial.data.metrics)
+
+    root = seed_dir(omni_zoo_full, 0)
+    merged = read_weights(resolve_model_dir(platform_store, f"models:/omni-full/{res.registered[0][0]}"))
+    base = read_weights(root / "base")
+    assert set(merged) == set(base)
+    for m, prefix in TOWERS.items():
+        full, lora = read_weights(root / "experts" / "full" / m), read_weights(root / "experts" / "lora" / m)
+        names = [k for k in merged if k.startswith(prefix)]
+        assert names and all(torch.equal(merged[k], full[k]) for k in names), m
+        assert any(not torch.equal(full[k], lora[k]) for k in names), m  # the full expert's own connector
+    llm = [k for k in merged if k.startswith("model.language_model.layers.") and k.endswith("_proj.weight")]
+    assert llm and any(not torch.equal(merged[k], base[k]) for k in llm)
+
+    model, processor = load_registered(platform_store, f"models:/omni-full/{res.registered[0][0]}")
+    assert isinstance(model, OmniThinkerForConditionalGeneration) and type(processor).__name__ == "OmniProcessor"
+    assert time.perf_counter() - t0 < 90
+
+
 def test_bench_omni_track_logs_the_base_and_experts_as_reference_runs(omni_zoo: Path, platform_store) -> None:
-    """``--track``: beside the merges, ``seed0/base`` and each ``seed0/expert/<m>/lora`` as reference runs with the
-    merges' metric names; a second run reuses them."""
+    """``--track``: beside the merges, ``seed0/base``, each ``seed0/expert/<m>/lora`` and each online composition
+    ``seed0/compose/<mode>/lora`` as reference runs with the merges' metric names; a second run reuses them."""
     from click.testing import CliRunner
 
     from mergelab.platform.cli import main as cli
@@ -134,15 +185,19 @@ def test_bench_omni_track_logs_the_base_and_experts_as_reference_runs(omni_zoo: 
     exp = client.get_experiment_by_name("omni-refs")
     runs = client.search_runs([exp.experiment_id])
     refs = {r.data.tags["mergelab.reference"]: r for r in runs if r.data.tags.get("mergelab.role") == "reference"}
-    assert set(refs) == {"seed0/base", *(f"seed0/expert/{m}/lora" for m in ("image", "audio", "video"))}
+    assert set(refs) == {"seed0/base", *(f"seed0/expert/{m}/lora" for m in ("image", "audio", "video")),
+                         "seed0/compose/naivemc/lora", "seed0/compose/damc/lora"}
     merge = next(r for r in runs if "test/cross_avg" in r.data.metrics and r.data.tags.get("mergelab.role") != "reference")
     assert set(refs["seed0/base"].data.metrics) == set(merge.data.metrics) & {k for k in merge.data.metrics
                                                                               if k.startswith("test/")}
     audio = refs["seed0/expert/audio/lora"].data.metrics
     assert {"test/cross_avg", "test/music_avqa/qtype/audio_beeps", "test/own/audio"} <= set(audio)
     assert "test/own/image" not in audio  # an expert is scored with its own medium only, as in the table
+    damc = refs["seed0/compose/damc/lora"]
+    assert {"test/cross_avg", "test/own/image", "test/own/audio"} <= set(damc.data.metrics)
+    assert damc.data.tags["mergelab.path"] == str(seed_dir(omni_zoo, 0) / "experts" / "lora")
     again = CliRunner().invoke(cli, args)
-    assert again.exit_code == 0 and again.output.count(" reused") == 4, again.output
+    assert again.exit_code == 0 and again.output.count(" reused") == 6, again.output
 
 
 def test_dry_run_on_an_unbuilt_omni_zoo_builds_nothing(tmp_path: Path) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from mergelab.bench.omni.train import TOWERS
 from mergelab.engine import merge
 
 torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +38,11 @@ def test_quick_omni_table_runs_in_under_two_minutes(quick_run, capsys) -> None:
     assert seconds < 120
     models = result["per_seed"][0]["models"]
     assert set(models) == {f"expert/{m}/lora" for m in data.MODALITIES} | {
-        f"lora/{m}" for m in ("task_arithmetic", "ties", "optmerge")}
+        f"lora/{m}" for m in ("task_arithmetic", "ties", "optmerge")} | {"compose/naivemc/lora", "compose/damc/lora"}
+    assert result["compose"] == ["naivemc", "damc"] and result["per_seed"][0]["lam"]["compose/damc/lora"] is None
+    for name in ("compose/naivemc/lora", "compose/damc/lora"):  # the online references: all media, like a merge
+        assert {"music_avqa", "avqa", "cross_avg", "own/image", "own/audio", "own/video"} <= set(models[name])
+        assert result["aggregate"][name]["cross_avg"]["n"] == 1
     for m in data.MODALITIES:  # an expert is scored with its own modality only: its own tasks, no others
         own = models[f"expert/{m}/lora"]
         assert f"own/{m}" in own and not {f"own/{o}" for o in data.MODALITIES if o != m} & set(own)
@@ -113,6 +121,13 @@ def test_mergelab_bench_omni_cli_runs_the_quick_table(quick_run, tmp_path: Path)
         <= set(result["per_seed"][0]["models"])
     assert {"cross_avg", "own/audio"} <= set(result["per_seed"][0]["models"]["lora/task_arithmetic/factors"])
     assert "MUSIC-AVQA" in res.output and "task_arithmetic/factors" in res.output
+    assert "Loading weights" not in res.output  # quiet by default (click's output holds stderr too)
+    # the online compositions come last, under the paper's heading, and are never the targets' best merge
+    heading, header = next((a, b) for a, b in zip(res.output.splitlines(), res.output.splitlines()[1:], strict=False)
+                           if b.startswith("dataset"))
+    assert heading.index("individual") < heading.index("static merging") < heading.index("online composing")
+    assert header.split()[-2:] == ["compose/naivemc", "compose/damc"]
+    assert result["targets"]["lora"]["best"].startswith("lora/task_arithmetic")
 
 
 @pytest.mark.parametrize("lora_merge", ["delta", "factors"])
@@ -159,3 +174,18 @@ def test_bench_omni_track_makes_each_merge_an_mlflow_run(quick_run, tmp_path: Pa
     scored = [r for r in runs if "test/cross_avg" in r.data.metrics]
     assert len(scored) == 1 and "test/own/audio" in scored[0].data.metrics
     assert scored[0].data.params["method"] == "task_arithmetic"
+
+
+def test_python_m_bench_omni_is_quiet_by_default_and_v_shows_the_libraries(quick_run) -> None:
+    """Issue 22's quiet output for ``python -m mergelab.bench.omni``, as for ``mergelab bench omni``: the table's
+    lines only, no transformers progress bar ("Loading weights", one per model) or library warning on stderr;
+    ``-v`` shows them."""
+    env = {k: v for k, v in os.environ.items() if k != "MERGELAB_VERBOSE"} | {"OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "mergelab.bench.omni", "--zoo", str(quick_run[0]), "--quick", "--methods",
+            "weight_average", "--compose", "none"]
+    quiet = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "omni table" in quiet.stdout and "compose/" not in quiet.stdout
+    assert quiet.stderr.strip() == "", quiet.stderr[-2000:]
+    loud = subprocess.run([*args, "-v"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert loud.returncode == 0 and "Loading weights" in loud.stderr, loud.stderr[-2000:]

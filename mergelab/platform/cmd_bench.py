@@ -91,6 +91,10 @@ def table(zoo_dir: Path | None, merges: bool, settings: str, methods: str | None
 @click.option("--lora-merge", "lora_modes", default="delta", show_default=True,
               help="LoRA merge modes, comma-separated: delta (scaling * B @ A), factors (A and B merged separately, "
                    "as the official modality script; models lora/<method>/factors).")
+@click.option("--compose", "compose_modes", default="naivemc,damc", show_default=True,
+              help="Online composition references (the paper's 'online composing' columns, not merges): naivemc "
+                   "(activation averaging), damc (each medium's tokens through its expert's delta), comma-separated, "
+                   "or none; models compose/<mode>/<setting>.")
 @click.option("--quick", is_flag=True, help="Test-sized models and evaluation (about a minute on 2 cores).")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON.")
@@ -99,9 +103,10 @@ def table(zoo_dir: Path | None, merges: bool, settings: str, methods: str | None
                                             "base and each expert are reference runs.")
 @click.option("--experiment", default="omni", show_default=True, help="MLflow experiment of the tracked merges.")
 def omni(zoo_dir: Path, seeds: str, jobs: int, device: str, settings: str | None, methods: str | None,
-         lam_grid: str | None, lora_modes: str, quick: bool, json_out: Path | None, track: bool,
-         experiment: str) -> None:
+         lam_grid: str | None, lora_modes: str, compose_modes: str, quick: bool, json_out: Path | None,
+         track: bool, experiment: str) -> None:
     """Modality merging (the paper's Table 5): vision, audio and video experts merged into one omni model."""
+    from mergelab.bench.omni.compose import parse_modes
     from mergelab.bench.omni.table import run
 
     merger, on_scores = _omni_tracking(experiment) if track else (None, None)
@@ -109,7 +114,7 @@ def omni(zoo_dir: Path, seeds: str, jobs: int, device: str, settings: str | None
                  quick=quick, methods=methods.split(",") if methods else None,
                  lam_grid=[float(x) for x in lam_grid.split(",")] if lam_grid else None,
                  settings=settings.split(",") if settings else None, log=click.echo, merger=merger,
-                 on_scores=on_scores, lora_modes=lora_modes.split(","))
+                 on_scores=on_scores, lora_modes=lora_modes.split(","), compose=parse_modes(compose_modes))
     if track:  # the base and each expert as reference runs beside the merges (mergelab.platform.omni)
         from mergelab.platform.omni import log_omni_references
         from mergelab.platform.store import Store

@@ -7,10 +7,11 @@
   setting) or the full fine-tune ``experts/full/<m>``. With ``policy: auto`` the ``omni_thinker`` preset takes
   every tower and connector from its one owner. A zoo not built yet is built first (:func:`mergelab.bench.omni.build.build`)
   when the campaign runs; ``--dry-run`` builds nothing (:class:`OmniZooMissing`).
-* :func:`log_omni_references`: after ``mergelab bench omni --track``, the base (all media) and each expert (only its
-  own medium, as the table scores it) as reference runs of the same experiment, tagged like the capability
-  benchmark's references (``mergelab.role = reference``, ``mergelab.reference``, ``mergelab.path``) and holding the
-  same ``test/*`` metric names as the tracked merges, so the UI compares them with the merges.
+* :func:`log_omni_references`: after ``mergelab bench omni --track``, the base (all media), each expert (only its
+  own medium, as the table scores it) and each online composition (``compose/<mode>/<setting>``: not a merge, no
+  weights of its own) as reference runs of the same experiment, tagged like the capability benchmark's references
+  (``mergelab.role = reference``, ``mergelab.reference``, ``mergelab.path``) and holding the same ``test/*``
+  metric names as the tracked merges, so the UI compares them with the merges.
 """
 
 from __future__ import annotations
@@ -117,9 +118,10 @@ def log_omni_references(store: Store, experiment: str, result: Mapping[str, Any]
     """Log the base and each expert of an omni table ``result`` (:func:`mergelab.bench.omni.table.run`) as
     reference runs of ``experiment``; returns ``{label: run id}``.
 
-    Each expert's scores are the table's own (its medium only); the base is scored here on the same test items with
-    all media. Labels: ``seed<k>/base`` and ``seed<k>/expert/<modality>/<setting>``, the table's model names. A
-    reference of the same build and evaluation sizes already logged is reused.
+    Each expert's scores are the table's own (its medium only), as are each online composition's (all media; path:
+    the setting's experts directory); the base is scored here on the same test items with all media. Labels:
+    ``seed<k>/base``, ``seed<k>/expert/<modality>/<setting>`` and ``seed<k>/compose/<mode>/<setting>``, the table's
+    model names. A reference of the same build and evaluation sizes already logged is reused.
     """
     from mergelab.bench.omni import table  # transformers and the omni model code: seconds
     from mergelab.bench.omni.build import seed_dir
@@ -139,10 +141,10 @@ def log_omni_references(store: Store, experiment: str, result: Mapping[str, Any]
 
         labels = [(f"seed{seed}/base", root / "base", base_scores)]
         for name, scores in per_seed["models"].items():
-            if name.startswith("expert/"):
-                _, modality, setting = name.split("/")
-                labels.append((f"seed{seed}/{name}", root / "experts" / setting / modality,
-                               lambda scores=scores: scores))
+            kind, part, setting = (name.split("/") + ["", ""])[:3]
+            if kind in ("expert", "compose"):
+                path = root / "experts" / setting / (part if kind == "expert" else "")
+                labels.append((f"seed{seed}/{name}", path, lambda scores=scores: scores))
         for label, path, scores_fn in labels:
             out[label], reused = _reference_run(client, exp_id, label, path, key, scores_fn)
             log(f"omni reference {label}: run {out[label][:8]}{' reused' if reused else ''}")

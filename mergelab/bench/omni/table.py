@@ -5,7 +5,9 @@ own modality (the paper's "individual" columns), merge the three experts with ev
 engine (``carry_unique=True``: each tower comes from its one owner, bit for bit; with ``lora_modes`` ``factors``
 also the LoRA adapters themselves on their raw factors, connectors owned), pick lambda on the val split by
 the cross-modal average, and score the chosen merge on the test split. Rows: the two cross-modal sets and their
-average, then each modality's own tasks; columns: the three experts and every method (mean and spread over seeds).
+average, then each modality's own tasks; columns: the three experts, every method and, as the paper's "online
+composing" reference, the experts composed at inference without merging (``compose``: NaiveMC and DAMC,
+:mod:`mergelab.bench.omni.compose`; not merges, so never the targets' best merge); mean and spread over seeds.
 
 Entry point: :func:`run` (``mergelab bench omni``, ``python -m mergelab.bench.omni``). Every merge goes through a
 :data:`Merger` (default: the engine's :func:`~mergelab.engine.run_merge`); ``mergelab bench omni --track`` passes
@@ -27,8 +29,11 @@ import torch
 
 from mergelab.bench.omni import data, metrics
 from mergelab.bench.omni.build import OmniPlan, build
+from mergelab.bench.omni.compose import MODES as COMPOSE_MODES
+from mergelab.bench.omni.compose import compose_seed
 from mergelab.bench.omni.train import answers
 from mergelab.engine import MergeRecipe, run_merge
+from mergelab.hf import quiet_transformers
 from mergelab.methods import METHODS
 from mergelab.methods.base import LAM_GRID
 
@@ -140,16 +145,19 @@ def run_seed(zoo: str | Path, seed: int, *, plan: OmniPlan | None = None, sizes:
              methods: Sequence[str] | None = None, lam_grid: Sequence[float] = (0.5, 1.0, 1.5), jobs: int = 1,
              device: str = "cpu", log: Callable[[str], None] = print, merger: Merger | None = None,
              on_scores: Callable[[str, dict[str, float]], None] | None = None,
-             lora_modes: Sequence[str] = ("delta",)) -> dict[str, Any]:
+             lora_modes: Sequence[str] = ("delta",), compose: Sequence[str] = ()) -> dict[str, Any]:
     """One seed of the experiment: ``{"models": {name: scores}, "lam": {name: chosen}, "seconds": ...}``.
 
     ``lora_modes``: how LoRA experts are merged, ``delta`` (model ``lora/<method>``) and/or ``factors`` (model
-    ``lora/<method>/factors``, :func:`merge_experts`).
+    ``lora/<method>/factors``, :func:`merge_experts`). ``compose``: online composition modes (``naivemc``,
+    ``damc``; model ``compose/<mode>/<setting>``, :func:`~mergelab.bench.omni.compose.compose_seed`), scored on
+    test with every medium like the merges (no lambda: chosen ``None``).
 
     ``merger`` runs each merge (:data:`Merger`); ``on_scores(f"seed<k>/<setting>/<method>", test scores)`` is called
     right after the chosen merge (the last one of that name) is scored on test.
 
-    Model names: ``expert/<modality>/<setting>``, ``<setting>/<method>`` and ``lora/<method>/factors``.
+    Model names: ``expert/<modality>/<setting>``, ``<setting>/<method>``, ``lora/<method>/factors`` and
+    ``compose/<mode>/<setting>``.
     """
     t0 = time.perf_counter()
     plan = plan or OmniPlan()
@@ -182,6 +190,12 @@ def run_seed(zoo: str | Path, seed: int, *, plan: OmniPlan | None = None, sizes:
                     if on_scores is not None:
                         on_scores(f"seed{seed}/{name}", models[name])
                 log(f"omni seed {seed}: {name} lam {best[1]} cross avg {models[name]['cross_avg']:.1f}")
+        for mode in compose:
+            name = f"compose/{mode}/{setting}"
+            composed = compose_seed(root, setting, mode, device=device)
+            models[name], chosen[name] = evaluate(composed.model, processor, test), None
+            log(f"omni seed {seed}: {name} (online, {len(composed.experts)} deltas kept on {len(composed.layers)} "
+                f"layers) cross avg {models[name]['cross_avg']:.1f}")
     return {"models": models, "lam": chosen, "seconds": time.perf_counter() - t0}
 
 
@@ -197,13 +211,23 @@ def aggregate(per_seed: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[st
 
 
 def format_table(agg: dict[str, dict[str, dict[str, float]]], setting: str) -> str:
-    """Table 5's layout for one expert setting: rows = cross-modal sets, their average, each modality's tasks."""
-    cols = [(MODALITY_NAMES[m], f"expert/{m}/{setting}") for m in data.MODALITIES]
-    cols += [(n.split("/", 1)[1], n) for n in agg if n.startswith(f"{setting}/")]
+    """Table 5's layout for one expert setting: rows = cross-modal sets, their average, each modality's tasks;
+    columns under the paper's headings: the experts ("individual"), the merges ("static merging") and the online
+    compositions ("online composing", ``compose/<mode>``)."""
+    groups = [("individual", [(MODALITY_NAMES[m], f"expert/{m}/{setting}") for m in data.MODALITIES]),
+              ("static merging", [(n.split("/", 1)[1], n) for n in agg if n.startswith(f"{setting}/")]),
+              ("online composing", [("/".join(n.split("/")[:2]), n) for n in agg
+                                    if n.startswith("compose/") and n.endswith(f"/{setting}")])]
+    cols = [c for _, g in groups for c in g]
     rows = [("MUSIC-AVQA", "music_avqa"), ("AVQA", "avqa"), ("Avg.", "cross_avg")]
     rows += [(f"own {m}", f"own/{m}") for m in data.MODALITIES]
     width = max(12, *(len(c) for c, _ in cols))
-    lines = [f"omni table ({setting} experts; test split; mean ± spread over seeds)",
+    heading = "".ljust(12)
+    for label, g in groups:
+        span = len(g) * (width + 1)
+        label = label if len(label) + 2 < span else label.split()[-1]
+        heading += f" {label} ".center(span - 1, "-").rjust(span) if g else ""
+    lines = [f"omni table ({setting} experts; test split; mean ± spread over seeds)", heading,
              "dataset".ljust(12) + "".join(c.rjust(width + 1) for c, _ in cols)]
     for label, key in rows:
         cells = []
@@ -220,7 +244,8 @@ def targets(agg: dict[str, dict[str, dict[str, float]]], setting: str) -> dict[s
     ``best``: the method with the highest mean cross-modal average; ``margin``: its lead over the best expert on
     that average (target >= 5); ``own_loss/<m>``: how much the best merge's own-task mean of modality ``m`` is below
     that modality's expert (target <= 5 each); ``spread``: the highest minus the lowest method's cross-modal
-    average (target >= 5).
+    average (target >= 5). Only merges (``<setting>/...``) count: the experts and the online compositions
+    (``compose/...``, which keep every expert's delta) are not merges.
     """
     merges = {n: v for n, v in agg.items() if n.startswith(f"{setting}/")}
     if not merges:
@@ -255,8 +280,11 @@ def run(zoo: str | Path, seeds: Sequence[int] = (0,), *, jobs: int = 1, device: 
         lam_grid: Sequence[float] | None = None, settings: Sequence[str] | None = None,
         log: Callable[[str], None] = print, merger: Merger | None = None,
         on_scores: Callable[[str, dict[str, float]], None] | None = None,
-        lora_modes: Sequence[str] = ("delta",)) -> dict[str, Any]:
+        lora_modes: Sequence[str] = ("delta",), compose: Sequence[str] = COMPOSE_MODES) -> dict[str, Any]:
     """The whole omni experiment over ``seeds``; prints the tables and returns (and optionally writes) the JSON.
+
+    Transformers' per-load progress bars and logs are off while it runs unless ``$MERGELAB_VERBOSE`` is set
+    (:func:`mergelab.hf.quiet_transformers`; the expert-training processes inherit the setting).
 
     Args:
         zoo: zoo root (``<zoo>/omni/seed<k>`` is built when missing).
@@ -271,7 +299,15 @@ def run(zoo: str | Path, seeds: Sequence[int] = (0,), *, jobs: int = 1, device: 
         log: called with each progress line and table.
         merger, on_scores: passed to :func:`run_seed` (each merge as an MLflow run, from the platform).
         lora_modes: ``delta`` and/or ``factors``: the LoRA merge modes (:func:`run_seed`).
+        compose: online composition references, ``naivemc`` and/or ``damc`` (default both; ``()`` for none): the
+            models ``compose/<mode>/<setting>``, two test-split evaluations per setting (:func:`run_seed`).
+
+    Raises:
+        ValueError: an unknown composition mode.
     """
+    unknown = [m for m in compose if m not in COMPOSE_MODES]
+    if unknown:
+        raise ValueError(f"unknown composition modes {unknown}; known: {list(COMPOSE_MODES)}")
     plan = OmniPlan.quick() if quick else OmniPlan()
     plan = replace(plan, settings=tuple(settings)) if settings else plan
     sizes = EvalSizes.quick() if quick else EvalSizes()
@@ -280,11 +316,13 @@ def run(zoo: str | Path, seeds: Sequence[int] = (0,), *, jobs: int = 1, device: 
         log(f"note: lambda grid {grid} leaves the paper's grid {LAM_GRID}")
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    per_seed = [run_seed(zoo, s, plan=plan, sizes=sizes, methods=methods, lam_grid=grid, jobs=jobs, device=device,
-                         log=log, merger=merger, on_scores=on_scores, lora_modes=lora_modes) for s in seeds]
+    with quiet_transformers():
+        per_seed = [run_seed(zoo, s, plan=plan, sizes=sizes, methods=methods, lam_grid=grid, jobs=jobs,
+                             device=device, log=log, merger=merger, on_scores=on_scores, lora_modes=lora_modes,
+                             compose=compose) for s in seeds]
     agg = aggregate(per_seed)
     result = {"seeds": list(seeds), "plan": plan.to_dict(), "lam_grid": list(grid), "aggregate": agg,
-              "per_seed": per_seed, "seconds": time.perf_counter() - t0}
+              "per_seed": per_seed, "compose": list(compose), "seconds": time.perf_counter() - t0}
     for setting in plan.settings:
         result.setdefault("targets", {})[setting] = targets(agg, setting)
         log(format_table(agg, setting) + "\n" + format_targets(result["targets"][setting]))
