@@ -6,19 +6,21 @@ the digest and ``--dry-run``."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from mergelab.engine import MergeError, MergeRecipe, run_merge
 from mergelab.engine.adapters import LoraAdapter
 from mergelab.engine.core_space import LazyCoreUpdates, core_space, core_updates, merge_cores, span_basis
 from mergelab.engine.factors import LowRank
 from mergelab.engine.io import CheckpointReader
+from mergelab.engine.loop import preflight
 from mergelab.methods import METHODS
 from mergelab.methods.base import MergeContext, tensor_generator
 from mergelab.platform.merge_config import load_recipe
@@ -143,7 +145,7 @@ def test_core_mode_full_output_equals_delta_mode(loras: tuple[Path, list[Path], 
     run_merge(recipe, tmp_path / "delta")
     rep = run_merge(recipe.replace(lora_merge="core"), tmp_path / "core")
     rules = {t.name: t.rule for t in rep.tensors}
-    assert sum(r == "factors" for r in rules.values()) == 6  # q (both), v, down in 2 layers
+    assert sum(r == "core" for r in rules.values()) == 6 and "factors" not in rules.values()  # q, v, down x 2
     want = load_file(str(tmp_path / "delta" / "model.safetensors"))
     got = load_file(str(tmp_path / "core" / "model.safetensors"))
     b0 = load_file(str(base / "model.safetensors"))
@@ -206,7 +208,7 @@ def test_core_mode_runs_global_statistics_over_the_cores(loras: tuple[Path, list
     recipe = MergeRecipe.build(base=base, experts=ads, method="ties", params={"scope": "global", "density": 0.5},
                                device="cpu", lora_merge="core")
     rep = run_merge(recipe, tmp_path / "out")
-    assert rep.counts["factors"] == 6
+    assert rep.counts["core"] == 6 and "factors" not in rep.counts
     assert all(torch.isfinite(t).all() for t in load_file(str(tmp_path / "out" / "model.safetensors")).values())
 
 
@@ -243,4 +245,60 @@ def test_core_mode_is_a_config_field_in_the_digest_and_the_dry_run(loras: tuple[
     assert r.digest not in (r.replace(lora_merge="delta").digest, r.replace(lora_merge="factors").digest)
     res = CliRunner().invoke(main, ["merge", str(y), "--dry-run"])
     assert res.exit_code == 0, res.output
-    assert "lora_merge: core" in res.output and "factors 6" in res.output
+    assert "lora_merge: core" in res.output and "core 6" in res.output and "factors" not in res.output
+
+
+def test_lazy_updates_are_a_mapping_of_the_planned_tensors_only(loras: tuple[Path, list[Path], Path]) -> None:
+    """``key in updates`` and ``updates.get(key)`` answer for any key without reading factors (a tensor no adapter
+    changes raised StopIteration, an adapted one the plan keeps at the base was computed, then refused)."""
+    base, ads, _ = loras
+    reader = CheckpointReader(base)
+    adapters = [LoraAdapter(p, reader.keys()) for p in ads]
+    adapted = sorted(set(adapters[0].modules) | set(adapters[1].modules))
+    rules = {k: "merge" for k in adapted[1:]}
+    ta = METHODS["task_arithmetic"]
+    lazy = core_updates(adapters, rules, ta, ta.make_config({}), seed=0, lam=1.0, device=torch.device("cpu"),
+                        dtype=torch.float32)
+    for key in ("model.embed_tokens.weight", adapted[0], "no.such.tensor"):
+        assert key not in lazy and lazy.get(key) is None
+        with pytest.raises(KeyError):
+            lazy[key]
+    assert adapted[1] in lazy and isinstance(lazy.get(adapted[1]), LowRank)
+    reader.close()
+
+
+def _with_q_factor(adapter: Path, out: Path, factor: str, change: Any) -> Path:
+    """A copy of ``adapter`` whose first ``q_proj`` ``factor`` (``lora_A`` or ``lora_B``) is ``change(tensor)``."""
+    shutil.copytree(adapter, out)
+    sd = load_file(str(out / "adapter_model.safetensors"))
+    key = next(k for k in sd if f".{factor}." in k and "q_proj" in k)
+    sd[key] = change(sd[key])
+    save_file(sd, str(out / "adapter_model.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize("factor", ["lora_A", "lora_B"])
+def test_core_mode_refuses_factors_whose_product_does_not_fit_the_base_tensor(
+        loras: tuple[Path, list[Path], Path], tmp_path: Path, factor: str) -> None:
+    """The delta mode names the adapter and the shapes; the core mode did not check them (a torch error deep in the
+    merge). Now both say which adapter and tensor, and the core mode says it before any work (``--dry-run``)."""
+    base, ads, _ = loras
+    grow = (3, 0) if factor == "lora_B" else (0, 3)
+    bad = _with_q_factor(ads[0], tmp_path / "bad", factor, lambda t: torch.randn(t.shape[0] + grow[0],
+                                                                                  t.shape[1] + grow[1]))
+    recipe = MergeRecipe.build(base=base, experts=[bad, ads[1]], method="task_arithmetic", device="cpu",
+                               lora_merge="core")
+    with pytest.raises(MergeError, match=r"bad: LoRA update for model\.layers\.\d\.self_attn\.q_proj\.weight has "
+                                         r"shape \(\d+, \d+\), base has \(64, 64\)"):
+        preflight(recipe, None)
+    with pytest.raises(MergeError, match="LoRA update for .*q_proj"):
+        run_merge(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_core_mode_refuses_factors_that_do_not_multiply(loras: tuple[Path, list[Path], Path], tmp_path: Path) -> None:
+    base, ads, _ = loras
+    bad = _with_q_factor(ads[0], tmp_path / "bad", "lora_B", lambda t: t[:, :-1].contiguous())  # B (m, r - 1)
+    with pytest.raises(MergeError, match=r"bad: LoRA factors of .*q_proj.* do not multiply: B \(64, 3\), A \(4, 64\)"):
+        run_merge(MergeRecipe.build(base=base, experts=[bad], method="task_arithmetic", device="cpu",
+                                    lora_merge="core"), tmp_path / "out")

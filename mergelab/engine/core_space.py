@@ -179,11 +179,16 @@ class LazyCoreUpdates(Mapping[str, LowRank]):
         self._kw = kw
 
     def __getitem__(self, key: str) -> LowRank:
+        if key not in self._rules:  # before any read: ``in`` and ``get`` answer for every key (Mapping's contract)
+            raise KeyError(key)
         adapters, spec, cfg = self._args
         kw = self._kw
-        spaces = read_spaces(adapters, [key], kw["device"], kw["dtype"])  # KeyError for an unplanned tensor
+        spaces = read_spaces(adapters, [key], kw["device"], kw["dtype"])
         return merge_cores(spaces, {key: self._rules[key]}, spec, cfg, seed=kw["seed"], lam=kw["lam"],
                            cache=kw["cache"])[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._rules
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._rules)
@@ -209,13 +214,14 @@ def core_updates(adapters: Sequence[LoraAdapter], rules: Mapping[str, str], spec
 
 def to_core_items(items: Sequence[PlanItem], experts: Sequence[Expert]) -> dict[str, str]:
     """``lora_merge: core``: turn every merged or averaged tensor that the experts change only through LoRA factors
-    into rule ``factors`` (a tensor some adapter saves as a full value, ``modules_to_save``, stays a task vector).
+    into rule ``core`` (a tensor some adapter saves as a full value, ``modules_to_save``, stays a task vector).
 
     Returns:
         ``{base tensor: the policy's rule}``.
 
     Raises:
-        MergeError: an expert that is not a LoRA adapter.
+        MergeError: an expert that is not a LoRA adapter, or factors whose product does not have the base tensor's
+            shape (from the headers: found before any work, where the delta mode finds it while merging).
     """
     adapters = []
     for e in experts:
@@ -226,9 +232,29 @@ def to_core_items(items: Sequence[PlanItem], experts: Sequence[Expert]) -> dict[
     for it in items:
         if (it.rule in ("merge", "average") and any(it.name in ad.modules for ad in adapters)
                 and not any(it.name in ad.full for ad in adapters)):
+            for ad in adapters:
+                _check_shape(ad, it.name, it.shape)
             out[it.name] = it.rule
-            it.rule = "factors"
+            it.rule = "core"
     return out
 
 
-__all__ = ["CoreSpace", "LazyCoreUpdates", "core_space", "core_updates", "merge_cores", "read_spaces", "span_basis", "to_core_items"]
+def _check_shape(adapter: LoraAdapter, key: str, shape: tuple[int, ...]) -> None:
+    """``B (m, r) @ A (r, n)`` (transposed for embeddings and ``fan_in_fan_out``) has the base tensor's shape.
+
+    Raises:
+        MergeError: naming the adapter, the tensor and both shapes, as the delta mode does.
+    """
+    m = adapter.modules.get(key)
+    if m is None:
+        return
+    a, b = adapter.reader.infos[m.a_key].shape, adapter.reader.infos[m.b_key].shape
+    if len(b) != 2 or b[1] != a[0]:
+        raise MergeError(f"{adapter.path}: LoRA factors of {key} do not multiply: B {tuple(b)}, A {tuple(a)}")
+    product = (a[1], b[0]) if m.transpose else (b[0], a[1])
+    if product != tuple(shape):
+        raise MergeError(f"{adapter.path}: LoRA update for {key} has shape {product}, base has {tuple(shape)}")
+
+
+__all__ = ["CoreSpace", "LazyCoreUpdates", "core_space", "core_updates", "merge_cores", "read_spaces", "span_basis",
+           "to_core_items"]

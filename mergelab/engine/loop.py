@@ -232,7 +232,7 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
         nbytes = b.numel() * b.element_size()
         if it.rule in ("base", "owner"):
             return Loaded(it, b, None, nbytes)
-        if it.rule == "factors":  # the update from the merged factors (lam already in them)
+        if it.rule in ("factors", "core"):  # the update from the merged factors or cores (lam already in them)
             lr = factors[it.name]
             if low_rank is not None:  # output: adapter writes these factors as they are
                 low_rank[it.name] = lr
@@ -257,7 +257,7 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
         n = math.prod(it.shape)
         if it.rule in ("base", "carry", "owner"):
             return n * it.out_dtype.itemsize
-        if it.rule == "factors":
+        if it.rule in ("factors", "core"):
             return n * (it.out_dtype.itemsize + cdtype.itemsize)
         return n * cdtype.itemsize * (len(ex) + 1)
 
@@ -399,7 +399,7 @@ def _merge_one(
         tau = spec.fn(ld.base, deltas, cfg, ctx)
         if tuple(tau.shape) != it.shape:
             raise MergeError(f"method returned shape {tuple(tau.shape)} for tensor {it.name} of shape {it.shape}")
-    elif it.rule == "factors":  # lora_merge: factors: scaling * B_m @ A_m, lambda already applied per factor
+    elif it.rule in ("factors", "core"):  # the low-rank update (B_m A_m or U M V^T), lambda already applied
         tau, lam = deltas[0], 1.0
     else:
         tau = deltas.mean(dim=0)
@@ -425,9 +425,9 @@ def _merge_one(
 
 def _merge_lora_factors(recipe: MergeRecipe, ex: Sequence[Expert], rules: dict[str, str], dev: torch.device,
                         cdtype: torch.dtype) -> Mapping[str, LowRank]:
-    """The low-rank update of every tensor planned as ``factors``: ``lora_merge: factors`` merges the raw ``lora_A``
-    and ``lora_B`` stacks (:func:`mergelab.engine.factors.factor_updates`), ``lora_merge: core`` the experts' cores
-    (:func:`mergelab.engine.core_space.core_updates`); lambda is applied."""
+    """The low-rank update of every tensor planned as ``factors`` or ``core``: ``lora_merge: factors`` merges the
+    raw ``lora_A`` and ``lora_B`` stacks (:func:`mergelab.engine.factors.factor_updates`), ``lora_merge: core``
+    the experts' cores (:func:`mergelab.engine.core_space.core_updates`); lambda is applied."""
     adapters = [e.lora for e in ex if e.lora is not None]
     if recipe.lora_merge == "core":
         return core_updates(adapters, rules, recipe.spec, recipe.config, seed=int(recipe.seed), lam=recipe.lam,

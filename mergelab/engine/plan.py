@@ -353,9 +353,10 @@ def check_lineage(base: CheckpointReader, experts: Sequence[Expert]) -> None:
 
 
 # How a plan rule accounts for a base tensor and for an expert's tensor.
-_BASE_FATE = {"merge": "merged", "average": "averaged", "base": "copied", "owner": "owned", "factors": "merged"}
+_BASE_FATE = {"merge": "merged", "average": "averaged", "base": "copied", "owner": "owned", "factors": "merged",
+              "core": "merged"}
 _EXPERT_FATE = {"merge": "merged", "average": "averaged", "base": "excluded", "carry": "owned", "owner": "owned",
-                "factors": "merged"}
+                "factors": "merged", "core": "merged"}
 
 
 def account(base: CheckpointReader, experts: Sequence[Expert], items: Sequence[PlanItem]) -> dict[str, Any]:

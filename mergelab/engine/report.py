@@ -1,10 +1,11 @@
 """MergeReport: what the streaming engine did, per tensor and in total, for the platform to log.
 
-Per tensor: the rule applied (``merge`` by the method, ``factors`` the same on LoRA factors, ``average``, ``base``
-kept because excluded, ``zero`` passed through because every task vector was zero, ``owner`` taken from the one expert
+Per tensor: the rule applied (``merge`` by the method, ``factors`` the same on raw LoRA factors (``lora_merge:
+factors``), ``core`` the same on the experts' cores in core space (``lora_merge: core``), ``average``, ``base`` kept
+because excluded, ``zero`` passed through because every task vector was zero, ``owner`` taken from the one expert
 that changes it, ``carry`` copied from the only expert that has it; both record that expert as the tensor's
-``owner``), the Frobenius norm of
-each expert's task vector and of the merged update ``lam * tau_m``, and the seconds spent. Totals: bytes read and
+``owner``), the Frobenius norm of each expert's task vector and of the merged update ``lam * tau_m``, and the
+seconds spent. Totals: bytes read and
 written, wall time, peak anonymous RSS and peak GPU memory, tensor counts per rule, and the tensor accounting:
 what became of every tensor of the base (``merged``, ``averaged``, ``owned``, ``copied``) and of every expert
 (``merged``, ``averaged``, ``owned``, ``unchanged``, ``excluded``), so that no tensor is lost silently.
@@ -115,7 +116,7 @@ class MergeReport:
         if slow and slow[0].seconds > 0:
             lines.append("slowest tensors:")
             lines += [f"  {t.seconds:8.3f} s  {t.rule:7s} {t.name} {list(t.shape)}" for t in slow]
-        merged = [t for t in self.tensors if t.rule in ("merge", "average", "factors")]
+        merged = [t for t in self.tensors if t.rule in ("merge", "average", "factors", "core")]
         if merged:
             biggest = max(merged, key=lambda t: t.merged_norm)
             lines.append(f"largest merged update: {biggest.name} |lam*tau_m|={biggest.merged_norm:.4g}")
