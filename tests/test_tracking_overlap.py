@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from conftest_platform import make_expert_family
 
-from mergelab.engine import MergeRecipe, run_merge
+from mergelab.engine import MergeError, MergeRecipe, run_merge
 from mergelab.platform import merge_run
 from mergelab.platform.merge_run import tracked_merge
 from mergelab.platform.store import Store, local_path
@@ -201,3 +201,22 @@ def test_overwriting_a_link_replaces_the_link_and_records_the_new_directory(plat
     run = platform_store.client().get_run(tm.run_id)
     assert run.data.tags["mergelab.merged_uri"] == out.resolve().as_uri() != elsewhere.resolve().as_uri()
     assert not list(tmp_path.glob(".out.*"))
+
+
+def test_a_merge_refused_because_out_appeared_meanwhile_leaves_the_other_output_alone(platform_store: Store,
+                                                                                       tmp_path: Path) -> None:
+    """Two merges into the same new ``out``: both pass the checks, the first renames its output into place, the
+    engine of the second refuses to replace it (MergeError, nothing written). The second call used to remove the
+    directory at ``out`` on its way out: the first merge's output."""
+    recipe, out = _recipe(tmp_path), tmp_path / "out"
+
+    def loses_the_race(r: MergeRecipe, target: Path, **kw: Any) -> Any:
+        _old_output(target)  # the other merge's output, renamed into place while this one ran
+        raise MergeError(f"out: {target} already exists (pass overwrite=True / --overwrite to replace it)")
+
+    with pytest.raises(MergeError, match="already exists"):
+        tracked_merge(recipe, store=platform_store, experiment="unit", out=out, merge_fn=loses_the_race)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    client = platform_store.client()
+    (run,) = client.search_runs([platform_store.experiment_id("unit", client)])
+    assert run.info.status == "FAILED" and run.data.tags.get("mergelab.weights") != "deleted"

@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 
 from mergelab import _signals
 from mergelab._files import content_hash
-from mergelab.engine import MergeRecipe, run_merge
+from mergelab.engine import MergeError, MergeRecipe, run_merge
 from mergelab.engine.loop import preflight
 from mergelab.engine.writer import write_model_card
 from mergelab.evaluators import EvalResult
@@ -271,7 +271,13 @@ def _tracked_merge(recipe: MergeRecipe, store: Store | None, experiment: str, ru
         _signals.check()
         wrote = True
         kw = {"allow_base_mismatch": True} if allow_base_mismatch else {}
-        report = merge_fn(recipe, target, overwrite=overwrite, progress=progress, **kw)
+        try:
+            report = merge_fn(recipe, target, overwrite=overwrite, progress=progress, **kw)
+        except MergeError:
+            # the engine refused and wrote nothing (bad input, or ``out`` taken by another merge while this one
+            # ran: it never replaces what it did not move aside), so what is at ``out`` is not this call's
+            wrote = out is None
+            raise
         _signals.check()
         seconds = time.perf_counter() - t0
         metrics = {"merge/seconds": seconds, "merge/peak_host_mb": _peak_host_mb(),
