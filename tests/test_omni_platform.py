@@ -119,20 +119,10 @@ def test_omni_campaign_example_on_the_quick_zoo_registers_versions_that_load_bac
     assert time.perf_counter() - t0 < 90
 
 
-@pytest.fixture(scope="module")
-def omni_zoo_full(omni_zoo: Path) -> Path:
-    """The quick zoo plus its three full-FT experts (the quick plan builds LoRA experts only): each trained from the
-    quick base by :func:`~mergelab.bench.omni.build.build_expert`, the manifest's plan unchanged."""
-    from mergelab.bench.omni.build import build_expert
-
-    for m in ("image", "audio", "video"):
-        build_expert(seed_dir(omni_zoo, 0), OmniPlan.quick(), 0, "full", m, device="cpu")
-    return omni_zoo
-
-
 def test_a_full_ft_omni_campaign_owns_every_tower_and_registers_a_version_that_loads_back(
-        omni_zoo_full: Path, platform_store) -> None:
-    """``experts: {omni_zoo, kind: full}``: a trial merges the three full fine-tunes on the whole base (policy
+        omni_zoo: Path, platform_store) -> None:
+    """``experts: {omni_zoo, kind: full}`` on the quick zoo, whose plan builds LoRA experts only: the campaign trains
+    the three full fine-tunes on the built base (the manifest kept), a trial merges them on the whole base (policy
     ``auto``: the omni preset), each tower and connector bit for bit from its full expert (not the LoRA one), the
     LLM merged; the registered version loads back as an omni model with its processor."""
     from mergelab.bench.omni.classes import OmniThinkerForConditionalGeneration
@@ -143,8 +133,10 @@ def test_a_full_ft_omni_campaign_owns_every_tower_and_registers_a_version_that_l
     from mergelab.platform.registry import load_registered, resolve_model_dir
 
     t0 = time.perf_counter()
+    root = seed_dir(omni_zoo, 0)
+    manifest = (root / "build.json").read_text()
     cfg = CampaignConfig.model_validate({
-        "name": "omni-full", "experts": {"omni_zoo": str(omni_zoo_full), "kind": "full", "seed": 0, "quick": True},
+        "name": "omni-full", "experts": {"omni_zoo": str(omni_zoo), "kind": "full", "seed": 0, "quick": True},
         "method": "task_arithmetic", "search_space": {"lam": {"type": "float", "low": 0.5, "high": 1.5}},
         "budget": {"n_trials": 1}, "eval": {"limit": 5}, "device": "cpu",
         "registry": {"name": "omni-full", "register": "top_k", "top_k": 1}})
@@ -152,8 +144,7 @@ def test_a_full_ft_omni_campaign_owns_every_tower_and_registers_a_version_that_l
     assert res.n_complete == 1 and len(res.registered) == 1
     trial = platform_store.client().get_run(res.best["run_id"])
     assert {"val/average", "val/music_avqa", "val/avqa"} <= set(trial.data.metrics)
-
-    root = seed_dir(omni_zoo_full, 0)
+    assert (root / "build.json").read_text() == manifest  # the quick plan's manifest, untouched
     merged = read_weights(resolve_model_dir(platform_store, f"models:/omni-full/{res.registered[0][0]}"))
     base = read_weights(root / "base")
     assert set(merged) == set(base)

@@ -57,10 +57,26 @@ def _built(base: Path, experts: list[tuple[str, Path]]) -> bool:
 
 
 def build_omni_zoo(ref: OmniZooRef, device: str = "auto", log: Callable[[str], None] = print) -> None:
-    """Build what ``ref``'s seed is missing: the default plan (``quick``: the test-sized one) with ``ref.kind``."""
-    from mergelab.bench.omni.build import OmniPlan, build  # transformers and the omni model code: seconds
+    """Build what ``ref``'s seed is missing: the default plan (``quick``: the test-sized one) with ``ref.kind``.
+
+    A seed already built by that plan with other expert settings (the quick plan builds LoRA experts only) keeps its
+    base and manifest: only ``ref.kind``'s missing experts are trained on it (another plan is an error, as for
+    :func:`~mergelab.bench.omni.build.build`).
+    """
+    from mergelab.bench.omni.build import OmniPlan, build, build_expert, seed_dir  # transformers: seconds
 
     plan = OmniPlan.quick() if ref.quick else OmniPlan()
+    root = seed_dir(ref.omni_zoo, ref.seed)
+    manifest = root / "build.json"
+    built = json.loads(manifest.read_text()).get("plan") if manifest.is_file() else None
+    if built and ref.kind not in built.get("settings", ()):
+        same = replace(plan, settings=tuple(built["settings"])).to_dict()
+        if json.loads(json.dumps(same)) == built:  # as the manifest stores it
+            for m in ref.modalities or MODALITIES:
+                if not (root / "merge" / ref.kind / m / "model.safetensors").is_file():
+                    entry = build_expert(root, plan, ref.seed, ref.kind, m, device)
+                    log(f"omni seed {ref.seed}: {ref.kind} {m} expert in {entry['seconds']:.0f} s")
+            return
     if ref.kind not in plan.settings:
         plan = replace(plan, settings=(*plan.settings, ref.kind))
     log(f"building the omni zoo {ref.omni_zoo} (seed {ref.seed}, {ref.kind} experts)")
