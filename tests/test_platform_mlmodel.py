@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from mergelab.platform import registry as reg
 from mergelab.platform.mlmodel import VLM_LOADER, write_mlmodel
@@ -125,3 +129,48 @@ def test_rows_are_checked_and_directories_mlflow_cannot_load_get_no_mlmodel(tmp_
     (tmp_path / "config.json").write_text('{"architectures": ["Qwen2VLForConditionalGeneration"], '
                                           '"vision_config": {}}')
     assert not write_mlmodel(tmp_path)  # a VLM without its image processor: nothing MLflow could load
+
+
+def test_rows_from_a_served_request_and_served_models_read_no_files(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's scoring server hands a JSON request's ``inputs`` over as numpy arrays (columns, rows, 0-d strings),
+    which used to fail ("row 0: no 'question' text"); and a served model must not open files the request names."""
+    from mergelab.platform.pyfunc_vlm import SERVING_ENV, rows_of, serving, to_image
+
+    want = [{"image": None, "question": "a"}, {"image": "eA==", "question": "b"}]
+    assert rows_of({"image": np.array([None, "eA=="], dtype=object), "question": np.array(["a", "b"])}) == want
+    assert rows_of([{"question": np.array("a")}, {"image": np.array("eA=="), "question": np.array("b")}]) == want
+    assert rows_of({"image": np.array("eA=="), "question": np.array("b")}) == want[1:]
+    assert rows_of(np.array(["a"])) == want[:1]
+    png = tmp_path / "one.png"
+    Image.new("RGB", (4, 4), "red").save(png)
+    assert to_image(str(png)).size == (4, 4) and not serving()
+    monkeypatch.setenv(SERVING_ENV, "true")
+    assert serving()
+    with pytest.raises(ValueError, match="a served model reads no image files"):
+        to_image(str(png), paths=not serving())
+    data = base64.b64encode(png.read_bytes()).decode()
+    assert to_image(data, paths=False).size == (4, 4)  # the image's bytes are what a request sends
+    with pytest.raises(ValueError, match="not a readable image"):
+        to_image(base64.b64encode(b"not an image").decode(), paths=False)
+
+
+def test_mlmodel_reads_config_json_as_json_and_leaves_no_debris(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tab-indented config.json is valid JSON but not YAML (it was parsed as YAML: no MLmodel, silently); a
+    failed write leaves no temporary file in the version's directory."""
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        data = {"architectures": ["LlamaForCausalLM"]} if f == "config.json" else {}
+        (tmp_path / f).write_text(json.dumps(data, indent="\t"))
+    assert write_mlmodel(tmp_path)
+    meta = yaml.safe_load((tmp_path / "MLmodel").read_text())
+    assert meta["flavors"]["transformers"]["tokenizer_type"] == "PreTrainedTokenizerFast"
+    (tmp_path / "MLmodel").unlink()
+
+    def full_disk(self: Path, target: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "replace", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        write_mlmodel(tmp_path)
+    assert not (tmp_path / "MLmodel").exists() and not list(tmp_path.glob(".MLmodel*"))

@@ -18,6 +18,7 @@ Both files are deterministic (no uuid or creation time), so the directory's cont
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -51,8 +52,10 @@ def write_mlmodel(model_dir: str | os.PathLike[str]) -> bool:
     if (d / "MLmodel").exists():
         return True
     try:
-        cfg = yaml.safe_load((d / "config.json").read_text())
-    except (FileNotFoundError, yaml.YAMLError):
+        cfg = json.loads((d / "config.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    if not isinstance(cfg, dict):
         return False
     arch = (cfg.get("architectures") or [""])[0]
     if not arch or not hasattr(transformers, arch):
@@ -107,8 +110,12 @@ def _write_atomic(d: Path, flavors: dict[str, Any], extra: dict[str, Any] | None
     mlmodel = {"artifact_path": d.name, "flavors": flavors, "mlflow_version": mlflow.__version__, **(extra or {}),
                "metadata": {"mergelab": "zero-copy: the model's files are this directory"}}
     tmp = d / f".MLmodel.{uuid.uuid4().hex}"
-    tmp.write_text(yaml.safe_dump(mlmodel, sort_keys=False))
-    tmp.replace(d / "MLmodel")
+    try:
+        tmp.write_text(yaml.safe_dump(mlmodel, sort_keys=False))
+        tmp.replace(d / "MLmodel")
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no debris in the version's directory (its content hash covers every file)
+        raise
 
 
 def _link_tokenizer(d: Path, dest: Path) -> None:
@@ -131,7 +138,7 @@ def _tokenizer_class(d: Path) -> str | None:
     if not all((d / f).is_file() for f in TOKENIZER_FILES):
         return None
     try:
-        name = yaml.safe_load((d / "tokenizer_config.json").read_text()).get("tokenizer_class")
-    except yaml.YAMLError:
+        tok = json.loads((d / "tokenizer_config.json").read_text())
+    except json.JSONDecodeError:
         return None
-    return name or "PreTrainedTokenizerFast"
+    return (tok.get("tokenizer_class") if isinstance(tok, dict) else None) or "PreTrainedTokenizerFast"
