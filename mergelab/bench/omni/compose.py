@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from mergelab.bench.omni import data
 from mergelab.bench.omni.classes import OmniThinkerForConditionalGeneration
 from mergelab.bench.omni.train import TOWERS
+from mergelab.hf import resolve_device
 
 MODES = ("naivemc", "damc")
 """The composition modes: activation averaging (NaiveMC) and per-modality token routing (DAMC)."""
@@ -174,7 +175,7 @@ def compose(base: str | Path, experts: Mapping[str, str | Path], mode: str = "na
             with its adapter merged in, as the zoo saves it).
         mode: ``naivemc`` or ``damc``.
         weights: the mean's weight per expert (default ``1/N`` each).
-        device: where the model runs.
+        device: where the model runs: ``cpu``, ``cuda`` or ``auto`` (CUDA when available).
 
     Returns:
         The :class:`Composition`; its ``model`` is in eval mode on ``device``.
@@ -192,6 +193,7 @@ def compose(base: str | Path, experts: Mapping[str, str | Path], mode: str = "na
     w = tuple(float(x) for x in weights) if weights is not None else (1.0 / len(names),) * len(names)
     if len(w) != len(names):
         raise ValueError(f"compose: {len(w)} weights for {len(names)} experts")
+    dev = resolve_device(device)
     model = OmniThinkerForConditionalGeneration.from_pretrained(base, use_safetensors=True)
     base_sd = read_weights(base)
     states = [read_weights(experts[m]) for m in names]
@@ -216,11 +218,11 @@ def compose(base: str | Path, experts: Mapping[str, str | Path], mode: str = "na
     modules = dict(model.named_modules())
     wt = torch.tensor(w)
     handles = [model.register_forward_pre_hook(route, with_kwargs=True)]
-    handles += [modules[n].register_forward_hook(DeltaHook(dw.to(device), None if db is None else db.to(device), wt,
-                                                           mode, routing))
+    handles += [modules[n].register_forward_hook(DeltaHook(dw.to(dev), None if db is None else db.to(dev), wt, mode,
+                                                           routing))
                 for n, (dw, db) in deltas.items()]
     stored = sum(dw.numel() + (0 if db is None else db.numel()) for dw, db in deltas.values())
-    return Composition(model.to(device).eval(), mode, names, w, tuple(deltas), stored, handles)
+    return Composition(model.to(dev).eval(), mode, names, w, tuple(deltas), stored, handles)
 
 
 def parse_modes(text: str) -> tuple[str, ...]:
