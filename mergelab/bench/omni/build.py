@@ -52,6 +52,12 @@ class OmniPlan:
             (:func:`~mergelab.bench.omni.data.with_other_media`).
         lettered: share of an expert's task items asked with lettered options and answered by the letter
             (:func:`~mergelab.bench.omni.data.as_lettered`); left out of the plan's dict when 0.
+        align_steps: leading steps of each expert's run that train only its connector (the LLM frozen: a
+            LLaVA-style alignment stage that maps the medium onto what the base already reads); left out of the
+            plan's dict when 0.
+        connector_lr: an expert connector's learning rate as a multiple of its setting's ``lr``; left out when 1.
+        expert_steps: ``(modality, steps)`` pairs overriding the setting's ``steps`` for that modality's expert;
+            left out when empty.
         lora: LoRA expert training (``lora_r > 0``).
         full: full-FT expert training (``trainable`` = the decoder's linear weights).
         settings: which expert settings to build.
@@ -66,6 +72,9 @@ class OmniPlan:
     replay: float = 0.25
     other_media: float = 0.5
     lettered: float = 0.0
+    align_steps: int = 0
+    connector_lr: float = 1.0
+    expert_steps: tuple[tuple[str, int], ...] = ()
     lora: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=16, lr=2e-3,
                                                                   warmup_steps=20, lora_r=8, lora_alpha=16))
     full: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=16, lr=5e-4,
@@ -84,9 +93,22 @@ class OmniPlan:
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in asdict(self).items()}
-        if not self.lettered:
-            del out["lettered"]  # zoos built before the field keep their plan
+        for name, default in _LATER_FIELDS.items():  # zoos built before these fields keep their plan
+            if getattr(self, name) == default:
+                del out[name]
+        out.update({"expert_steps": [list(p) for p in self.expert_steps]} if self.expert_steps else {})
         return out
+
+    def expert_config(self, setting: str, modality: str, seed: int) -> TrainConfig:
+        """The training run of ``setting``'s ``modality`` expert on zoo seed ``seed``."""
+        base_cfg = self.lora if setting == "lora" else self.full
+        steps = dict(self.expert_steps).get(modality, base_cfg.steps)
+        return TrainConfig(**{**base_cfg.to_dict(), "steps": steps,
+                              "seed": seed * 100 + list(data.MODALITIES).index(modality)})
+
+
+_LATER_FIELDS: dict[str, Any] = {"lettered": 0.0, "align_steps": 0, "connector_lr": 1.0, "expert_steps": ()}
+"""Plan fields added after zoos were shipped, and their defaults: left out of :meth:`OmniPlan.to_dict` at them."""
 
 
 def seed_dir(zoo: str | Path, seed: int) -> Path:
@@ -138,9 +160,9 @@ def build_expert(root: Path, plan: OmniPlan, seed: int, setting: str, modality: 
     samples = data.as_lettered(samples, plan.lettered, seed) if plan.lettered else samples
     samples = data.with_other_media(samples, plan.other_media, seed) if plan.other_media else samples
     samples += data.described_samples(int(plan.replay * len(samples)), seed + 1000)
-    base_cfg = plan.lora if setting == "lora" else plan.full
-    cfg = TrainConfig(**{**base_cfg.to_dict(), "seed": seed * 100 + list(data.MODALITIES).index(modality)})
-    res = train(model, processor, samples, cfg, connector=modality, device=device)
+    cfg = plan.expert_config(setting, modality, seed)
+    res = train(model, processor, samples, cfg, connector=modality, device=device, connector_lr=plan.connector_lr,
+                align_steps=plan.align_steps)
     out = root / "experts" / setting / modality
     trained = res.model.to("cpu")
     if setting == "lora":

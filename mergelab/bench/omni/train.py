@@ -14,13 +14,13 @@ token only. Hyper-parameters come in a :class:`mergelab.bench.train.TrainConfig`
 
 from __future__ import annotations
 
+import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import transformers
 
 from mergelab.bench.omni.data import OmniSample, render
 from mergelab.bench.omni.modeling import build_prompt
@@ -97,9 +97,28 @@ def prepare(model: Any, cfg: TrainConfig, connector: str | None = None) -> Any:
     return model
 
 
+def _warmup_cosine(warmup: int, total: int, start: int = 0) -> Callable[[int], float]:
+    """LR factor of step ``s``: 0 before ``start``, then a linear warmup of ``warmup`` steps and a cosine decay to
+    0 at ``total`` (transformers' ``get_cosine_schedule_with_warmup`` shifted by ``start``)."""
+    def factor(step: int) -> float:
+        s, n = step - start, max(1, total - start)
+        if s < 0:
+            return 0.0
+        if s < warmup:
+            return s / max(1, warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (s - warmup) / max(1, n - warmup))))
+    return factor
+
+
 def train(model: Any, processor: Any, samples: Sequence[OmniSample], cfg: TrainConfig, *,
-          connector: str | None = None, device: str | torch.device | None = "auto") -> TrainResult:
+          connector: str | None = None, device: str | torch.device | None = "auto", connector_lr: float = 1.0,
+          align_steps: int = 0) -> TrainResult:
     """Train ``model`` on ``samples`` (drawn uniformly with replacement, seeded) and return it in eval mode.
+
+    The connector and the rest (LoRA factors or full-FT weights) are two AdamW parameter groups: the connector at
+    ``connector_lr * cfg.lr`` without weight decay, the rest at ``cfg.lr`` with ``cfg.weight_decay``. With
+    ``align_steps`` the first steps train the connector alone (the LLM frozen, a LLaVA-style alignment stage); the
+    rest's warmup and cosine schedule start after them.
 
     Args:
         model: an omni thinker (modified in place; wrapped by peft when ``cfg.lora_r > 0``).
@@ -108,22 +127,39 @@ def train(model: Any, processor: Any, samples: Sequence[OmniSample], cfg: TrainC
         cfg: hyper-parameters; ``cfg.trainable`` is the regex (``re.fullmatch``) of full-FT parameters.
         connector: the modality whose connector trains too (an expert), or None (the base).
         device: ``auto``, ``cpu`` or ``cuda``.
+        connector_lr: the connector's learning rate as a multiple of ``cfg.lr``.
+        align_steps: leading steps (of ``cfg.steps``) that train only the connector.
     """
     if not samples:
         raise ValueError("train: no samples")
+    if align_steps and (connector is None or align_steps >= cfg.steps):
+        raise ValueError(f"train: align_steps {align_steps} needs a connector and fewer than {cfg.steps} steps")
     dev = resolve_device(device)
     model = prepare(model, cfg, connector)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError("train: nothing to train")
+    params = [p for _, p in named]
+    conn = re.compile("|".join(re.escape(m) + r"\." for m in CONNECTORS[connector])) if connector else None
+    own = [p for n, p in named if conn is not None and conn.search(n)]
+    rest = [p for n, p in named if conn is None or not conn.search(n)]
+    groups = [g for g in ({"params": rest, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+                          {"params": own, "lr": cfg.lr * connector_lr, "weight_decay": 0.0}) if g["params"]]
     model.to(dev).train()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98), foreach=True)
-    sched = transformers.get_cosine_schedule_with_warmup(opt, min(cfg.warmup_steps, cfg.steps), cfg.steps)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), foreach=True)
+    warmup = min(cfg.warmup_steps, cfg.steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [_warmup_cosine(warmup, cfg.steps, align_steps if g["params"] is rest
+                                                                   else 0) for g in groups])
+    for p in rest if align_steps else ():
+        p.requires_grad_(False)
     media = [render(s) for s in samples]
     gen = torch.Generator().manual_seed(cfg.seed)
     losses: list[float] = []
     t0 = time.perf_counter()
     for step in range(cfg.steps):
+        if align_steps and step == align_steps:
+            for p in rest:
+                p.requires_grad_(True)
         idx = torch.randint(len(samples), (cfg.batch_size,), generator=gen).tolist()
         inputs = batch(processor, [samples[i] for i in idx], [media[i] for i in idx])
         loss = model(**{k: v.to(dev) for k, v in inputs.items()}).loss
