@@ -11,7 +11,8 @@
   options exist, arguments fit); ``make X`` needs the Makefile target; ``python benchmarks/X.py`` needs the
   script to compile.
 - Not run: docker, shell housekeeping (``cp``, ``mkdir``, ``export``) and the MLflow server command of
-  docs/scale-out.md, which need a compose stack (its own tests cover it).
+  docs/scale-out.md, which need a compose stack (its own tests cover it); the ``mlflow models serve`` line of
+  docs/ui.md starts a server: tests/test_serve_vlm.py runs it.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def _stand_in(match: re.Match[str]) -> str:
 #: Leading words of command lines that are not run here, and why.
 NOT_RUN = {"docker": "needs the compose stack (docs/scale-out.md; tests/test_scaleout.py)",
            "cp": "shell housekeeping", "mkdir": "shell housekeeping", "export": "shell environment",
-           "mlflow": "an MLflow server on PostgreSQL (tests/test_scaleout.py)"}
+           "mlflow": "an MLflow server on PostgreSQL (tests/test_scaleout.py)",
+           ".venv/bin/mlflow": "serves a registered version; tests/test_serve_vlm.py runs the line docs/ui.md shows"}
 
 
 @dataclass
