@@ -187,7 +187,8 @@ def check_resume(cfg: CampaignConfig, study: optuna.Study) -> None:
     if changed:
         raise ValueError(f"study {cfg.study_name!r} exists with another {' and '.join(changed)} "
                          f"({', '.join(f'{k}: {have.get(k)} -> {sig[k]}' for k in changed)}); "
-                         "rerun with --fresh to start a new study, or use another campaign name")
+                         "start a new study with `mergelab campaign CONFIG --fresh` (once: workers share the study; "
+                         "--n-trials 0 only resets it), or use another campaign name")
 
 
 def retire_campaign(cfg: CampaignConfig, store: Store, client: MlflowClient,

@@ -62,7 +62,10 @@ def campaign_cmd(config: str, n_trials: int | None, dry_run: bool, fresh: bool) 
 @click.option("--n-trials", type=int, default=None, help="Stop this worker after N trials.")
 @click.option("--dry-run", is_flag=True, help="Validate CONFIG and print the plan; attach to nothing.")
 def worker_cmd(config: str, n_trials: int | None, dry_run: bool) -> None:
-    """Attach to CONFIG's shared study and work trials until its budget is spent."""
+    """Attach to CONFIG's shared study and work trials until its budget is spent.
+
+    There is no --fresh here: workers share one study, and each would delete it at its start. Start over once with
+    `mergelab campaign CONFIG --fresh --n-trials 0`, then start the workers."""
     from mergelab.platform.campaign_config import load_campaign
     from mergelab.platform.campaign_space import campaign_plan
     from mergelab.platform.worker import run_worker

@@ -6,6 +6,12 @@ PostgreSQL in the compose topology) and the same MLflow campaign run (``MLFLOW_T
 salted by its process id (so two workers never propose the same startup trials), and stops when the study holds
 ``budget.n_trials`` trials. A worker that dies mid-trial stops heart-beating; the next worker to start a trial fails
 the stale trial in Optuna and its MLflow run (``fail_stale_trials`` + the stale-trial callback).
+
+A worker has no ``fresh`` (``--fresh``), by design: workers start together (compose's replicas) on a study they share,
+and a worker that deleted it at its start would throw away the trials the others had begun, once per worker. A study
+whose objective or search space changed is refused with a pointer to the one command that starts over,
+``mergelab campaign CONFIG --fresh`` (with ``--n-trials 0`` it resets the study and the campaign run without working a
+trial); the workers then attach to the new study.
 """
 
 from __future__ import annotations
