@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergelab.engine import plan, writer
+from mergelab.engine import MergeRecipe, loop, plan, run_merge, writer
 from mergelab.engine.io import CheckpointReader
 from mergelab.engine.plan import Expert, add_base_, fill_deltas
 from mergelab.engine.recipe import ExpertSpec
@@ -99,3 +99,39 @@ def test_buffer_pool_keeps_at_most_cap_bytes() -> None:
     del a, b
     assert pool.take((32,), torch.float32, CPU).data_ptr() == pa
     assert not pool._free
+
+
+def test_a_global_methods_statistics_passes_reuse_the_stacks_too(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """TIES ``scope: global`` streams the merged tensors once more per statistics pass: those passes used up the
+    pool's count of requests (sized for the merge pass only) and gave nothing back, so neither they nor the merge
+    pass after them reused a stack. The merged weights do not change."""
+    pools: list[BufferPool] = []
+
+    class Recording(BufferPool):
+        def __init__(self, *a: object, **kw: object) -> None:
+            super().__init__(*a, **kw)  # type: ignore[arg-type]
+            pools.append(self)
+
+    g = torch.Generator().manual_seed(0)
+    layers = {f"model.layers.{i}.mlp.{p}.weight": torch.randn(24, 16, generator=g) for i in range(8)
+              for p in ("up_proj", "gate_proj")}
+    base = _ckpt(tmp_path / "base", layers)
+    experts = [_ckpt(tmp_path / f"e{j}", {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in layers.items()})
+               for j in range(3)]
+    recipe = MergeRecipe.build(base=base, experts=experts, method="ties", params={"scope": "global", "density": 0.3},
+                               policy=[], device="cpu")
+    want = run_merge(recipe, tmp_path / "plain")
+    monkeypatch.setattr(loop, "BufferPool", Recording)
+    rep = run_merge(recipe, tmp_path / "pooled")
+    stacked = [t for t in rep.tensors if t.rule in ("merge", "average")]
+    takes = rep.stats_passes * sum(t.rule == "merge" for t in stacked) + len(stacked)
+    assert rep.stats_passes >= 1 and takes >= 32
+    # only the first requests of each size allocate (as many as are in flight at once: the one being merged, two
+    # queued, one being read):
+    # the statistics passes and the merge pass after them reuse the rest
+    assert pools[0].reused >= takes - 4 * len({t.shape for t in stacked})
+    assert want.stats_passes == rep.stats_passes
+    for shard in rep.shards:
+        got, same = load_file(str(tmp_path / "pooled" / shard)), load_file(str(tmp_path / "plain" / shard))
+        assert got.keys() == same.keys() and all(torch.equal(v, same[k]) for k, v in got.items())

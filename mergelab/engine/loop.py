@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -262,9 +262,12 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
         return n * cdtype.itemsize * (len(ex) + 1)
 
     budget = max(_PREFETCH_BYTES, max((cost(it) for it in items), default=0))
-    stacks = [math.prod(it.shape) * cdtype.itemsize * len(ex) for it in items
-              if it.rule in ("merge", "average") and not untouched(ex, it.name)]
-    pool = BufferPool(stacks, budget)  # the task-vector stacks, reused from tensor to tensor
+
+    def stack_bytes(rules: tuple[str, ...]) -> list[int]:  # the task-vector stacks a pass over these rules builds
+        return [math.prod(it.shape) * cdtype.itemsize * len(ex) for it in items
+                if it.rule in rules and not untouched(ex, it.name)]
+
+    pool = BufferPool(stack_bytes(("merge", "average")), budget)  # the stacks, reused from tensor to tensor
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -276,7 +279,8 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
         with PeakMemory() as mem:
             stats = spec.make_stats(cfg, len(ex)) if spec.make_stats is not None else None
             if stats is not None:
-                report.stats_passes, report.bytes_read = _stats_passes(stats, items, load, cost, budget, progress)
+                report.stats_passes, report.bytes_read = _stats_passes(stats, items, load, cost, budget, progress,
+                                                                       pool, stack_bytes)
             bar = _progress(progress, len(items), "merge")
             for ld in TensorStream(items, load, cost, budget):
                 _signals.check()  # a safe point: between tensors
@@ -343,19 +347,24 @@ def merge(
 
 
 def _stats_passes(
-    stats: Any, items: Sequence[PlanItem], load: Any, cost: Any, budget: int, progress: bool
+    stats: Any, items: Sequence[PlanItem], load: Any, cost: Any, budget: int, progress: bool, pool: BufferPool,
+    stack_bytes: Callable[[tuple[str, ...]], list[int]],
 ) -> tuple[int, int]:
     passes, nbytes = 0, 0
     targets = [it for it in items if it.rule == "merge"]
     add_zeros = getattr(stats, "add_zeros", None)
     while True:
         passes += 1
+        pool.expect(stack_bytes(("merge",)))  # this pass builds the merged tensors' stacks again
         bar = _progress(progress, len(targets), f"statistics pass {passes}")
         for ld in TensorStream(targets, load, cost, budget):
             _signals.check()
             nbytes += ld.nbytes
             if ld.deltas is not None:
-                stats.update(ld.item.name, ld.deltas)
+                deltas, ld.deltas = ld.deltas, None
+                stats.update(ld.item.name, deltas)
+                pool.give(deltas)  # for the next tensor (kept only when the statistics hold no view of it)
+                del deltas
             elif ld.zero and add_zeros is not None:
                 # all-zero task vectors skip the method but their zeros count toward the global rank, as the
                 # official InternVL script flattens every merged parameter

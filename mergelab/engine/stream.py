@@ -79,17 +79,28 @@ class BufferPool:
     more than ``cap`` bytes; a request takes the smallest kept buffer that fits. Other devices allocate directly.
 
     Args:
-        sizes: the bytes of every stack the plan will request, in any order.
+        sizes: the bytes of every stack the plan will request, in any order (a pass streamed again, such as a global
+            method's statistics pass, adds its requests with :meth:`expect`).
         cap: the most bytes kept unused (the stream's read-ahead budget: what the stacks in flight may hold).
+
+    Attributes:
+        reused: requests served from a kept buffer so far.
     """
 
     def __init__(self, sizes: Sequence[int], cap: int) -> None:
         self._cap = cap
         self._wanted: dict[int, int] = {}  # bytes -> requests still to come
-        for n in sizes:
-            self._wanted[n] = self._wanted.get(n, 0) + 1
         self._free: list[torch.Tensor] = []  # flat uint8 buffers, largest first
         self._lock = threading.Lock()
+        self.reused = 0
+        self.expect(sizes)
+
+    def expect(self, sizes: Sequence[int]) -> None:
+        """Count ``sizes`` (bytes) among the requests still to come: without them a buffer given back is not kept
+        for a request the pool was not told of."""
+        with self._lock:
+            for n in sizes:
+                self._wanted[n] = self._wanted.get(n, 0) + 1
 
     def _useful(self, size: int) -> bool:
         return any(n <= size <= 2 * n for n in self._wanted)
@@ -107,6 +118,7 @@ class BufferPool:
                 self._wanted.pop(need, None)
             fits = [i for i, b in enumerate(self._free) if need <= b.numel() <= 2 * need]
             buf = self._free.pop(fits[-1]) if fits else None
+            self.reused += buf is not None
             self._free = [b for b in self._free if self._useful(b.numel())]
         if buf is None:
             buf = torch.empty(need, dtype=torch.uint8)
