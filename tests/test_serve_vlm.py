@@ -95,37 +95,53 @@ def served(platform_store: Store, tmp_path: Path) -> Iterator[tuple[int, Path]]:
     client.set_registered_model_alias(NAME, "champion", mv.version)
     assert tm.merged_path is not None and (tm.merged_path / "MLmodel").is_file()
     words, _ = documented()
-    port = _free_port()
     env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
            "MLFLOW_TRACKING_URI": platform_store.tracking_uri, "MLFLOW_REGISTRY_URI": platform_store.tracking_uri,
            "MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1"}
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen(_command(words, port), env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # its own process group: the server and its uvicorn child
-    try:
-        deadline = time.monotonic() + START_S
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail(f"mlflow models serve did not come up (exit {proc.poll()}):\n"
-                            + (tmp_path / "serve.log").read_text()[-4000:])
-            time.sleep(1)
-        yield port, tm.merged_path
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(30)
-        log.close()
+    for attempt in range(3):  # a free port taken by another process before the server binds it: another port
+        port, log_path = _free_port(), tmp_path / f"serve-{attempt}.log"
+        with log_path.open("w") as log:
+            proc = subprocess.Popen(_command(words, port), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)  # its own process group: the CLI and its uvicorn
+        try:
+            if _wait_until_up(proc, port):
+                yield port, tm.merged_path
+                return
+        finally:
+            _stop(proc)
+        text = log_path.read_text()
+        if "address already in use" not in text.lower():
+            pytest.fail(f"mlflow models serve did not come up (exit {proc.returncode}):\n{text[-4000:]}")
+    pytest.fail("mlflow models serve found no free port in 3 tries")
+
+
+def _wait_until_up(proc: subprocess.Popen[bytes], port: int) -> bool:
+    """True once ``GET /ping`` answers 200; False when the server exits first or does not answer in time."""
+    deadline = time.monotonic() + START_S
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(1)
+    return False
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the server's process group (the CLI may be gone while its uvicorn child is not), then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(30)
+            time.sleep(0.5)  # the group's other members
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait(30)
 
 
 @pytest.mark.slow
