@@ -302,3 +302,16 @@ def test_core_mode_refuses_factors_that_do_not_multiply(loras: tuple[Path, list[
     with pytest.raises(MergeError, match=r"bad: LoRA factors of .*q_proj.* do not multiply: B \(64, 3\), A \(4, 64\)"):
         run_merge(MergeRecipe.build(base=base, experts=[bad], method="task_arithmetic", device="cpu",
                                     lora_merge="core"), tmp_path / "out")
+
+
+def test_core_mode_refuses_a_module_transposed_in_some_experts_only_before_any_work(
+        loras: tuple[Path, list[Path], Path], tmp_path: Path) -> None:
+    base, ads, _ = loras
+    flipped = tmp_path / "fan"
+    shutil.copytree(ads[0], flipped)
+    cfg = json.loads((flipped / "adapter_config.json").read_text())
+    (flipped / "adapter_config.json").write_text(json.dumps({**cfg, "fan_in_fan_out": True}))  # q_proj is square
+    recipe = MergeRecipe.build(base=base, experts=[flipped, ads[1]], method="task_arithmetic", device="cpu",
+                               lora_merge="core")
+    with pytest.raises(MergeError, match=r"q_proj\.weight is a transposed LoRA module in some experts only"):
+        preflight(recipe, None)

@@ -220,8 +220,9 @@ def to_core_items(items: Sequence[PlanItem], experts: Sequence[Expert]) -> dict[
         ``{base tensor: the policy's rule}``.
 
     Raises:
-        MergeError: an expert that is not a LoRA adapter, or factors whose product does not have the base tensor's
-            shape (from the headers: found before any work, where the delta mode finds it while merging).
+        MergeError: an expert that is not a LoRA adapter, factors whose product does not have the base tensor's
+            shape, or a module stored transposed in some adapters only (from the headers and configs: found before
+            any work, where the delta mode finds a bad shape while merging).
     """
     adapters = []
     for e in experts:
@@ -234,6 +235,8 @@ def to_core_items(items: Sequence[PlanItem], experts: Sequence[Expert]) -> dict[
                 and not any(it.name in ad.full for ad in adapters)):
             for ad in adapters:
                 _check_shape(ad, it.name, it.shape)
+            if len({ad.modules[it.name].transpose for ad in adapters if it.name in ad.modules}) > 1:
+                raise MergeError(f"lora_merge: 'core': {it.name} is a transposed LoRA module in some experts only")
             out[it.name] = it.rule
             it.rule = "core"
     return out
