@@ -22,10 +22,11 @@ skipped and reports the champion the registry holds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,7 @@ class SettingResult:
     promotion: dict[str, Any] | None = None
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    table: str = ""  # the printed table when it is not the capability layout (the omni section's Table 5)
 
 
 @dataclass
@@ -134,7 +136,7 @@ def format_rows(rows: Sequence[dict[str, Any]], tasks: Sequence[str] = TASKS) ->
     return "\n".join(out)
 
 
-def _finished_run(client: MlflowClient, exp_id: str, filt: str, metric: str) -> Any | None:
+def finished_run(client: MlflowClient, exp_id: str, filt: str, metric: str) -> Any | None:
     """The newest FINISHED run of the experiment matching ``filt`` that has ``metric`` (None if none)."""
     runs = client.search_runs([exp_id], filter_string=f"{filt} and attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"], max_results=5)
@@ -159,9 +161,10 @@ def _test_scores(client: MlflowClient, run_id: str, path: Path, test_eval: HFEva
     return metrics
 
 
-def _promote_once(name: str, version: str, store: Store, test_eval: OnceEvaluator, out: SettingResult,
-                  log: Callable[[str], None]) -> dict[str, Any]:
-    """Promote ``version`` unless it was already compared with the champion that holds the alias now."""
+def promote_once(name: str, version: str, store: Store, test_eval: OnceEvaluator, out: SettingResult,
+                 log: Callable[[str], None], tasks: Sequence[str] = TASKS) -> dict[str, Any]:
+    """Promote ``version`` (evaluated on ``tasks``) unless it was already compared with the champion that holds
+    the alias now."""
     client = store.client()
     tags = client.get_model_version(name, version).tags
     champ = current_champion(client, name)
@@ -170,10 +173,86 @@ def _promote_once(name: str, version: str, store: Store, test_eval: OnceEvaluato
         out.skipped.append(f"promotion of v{version}: already {done or 'champion'} against champion v{champ}")
         return {"candidate": version, "champion_before": champ, "decision": done or "already_champion",
                 "reason": tags.get("promotion.reason", "already champion"), "skipped": True}
-    d = promote(name, version=version, tasks=TASKS, evaluator=test_eval, store=store)
+    d = promote(name, version=version, tasks=tasks, evaluator=test_eval, store=store)
     log(f"      v{version}: {d.decision}: {d.reason}")
     return {"candidate": d.candidate, "champion_before": d.champion, "decision": d.decision, "delta": d.delta,
             "ci": [d.ci_low, d.ci_high], "reason": d.reason, "test_items": d.test_items, "skipped": False}
+
+
+@contextlib.contextmanager
+def comparison_run(client: MlflowClient, exp_id: str, run_name: str, setting: str) -> Iterator[str]:
+    """The comparison's parent run (its id), FINISHED after the block or ended with the block's failure."""
+    pid = client.create_run(exp_id, run_name=run_name, tags={TAG_ROLE: "comparison", TAG_CAMPAIGN: "demo-comparison",
+                                                             "mergelab.setting": setting}).info.run_id
+    try:
+        yield pid
+        client.set_terminated(pid, "FINISHED")
+    except BaseException as e:
+        client.set_terminated(pid, end_status(e))
+        raise
+
+
+@dataclass
+class Sweep:
+    """One comparison's lambda sweeps (:meth:`select`, one method at a time) under its parent run ``pid``: merges
+    already tracked are reused (``reused`` counts them), ``best`` is the best method so far by val
+    ``(val, method, params, run id, merged uri)`` and ``lams`` each method's val-selected lambda."""
+
+    client: MlflowClient
+    exp_id: str
+    store: Store
+    experiment: str
+    pid: str
+    template: MergeRecipe
+    setting: str
+    evaluator: HFEvaluator
+    reference: dict[str, float]
+    tasks: Sequence[str] = TASKS
+    tags: Callable[[str, float | None], dict[str, str]] | None = None
+    reused: int = 0
+    best: tuple[float, str, dict[str, Any], str, str] | None = None
+    lams: dict[str, float | None] = field(default_factory=dict)
+
+    def select(self, method: str, lam_grid: Sequence[float]) -> tuple[float | None, float, str, str]:
+        """Merge ``method`` at each lambda of ``lam_grid`` (its own scale if it has none), score each on val and tag
+        the best run ``mergelab.selected``; returns ``(lambda, val average, run id, merged uri)`` of that run."""
+        params = METHODS[method].setting_params(self.setting)
+        scored: list[tuple[float | None, float, dict[str, Any], str, str]] = []
+        for lam in lam_candidates(method, lam_grid):
+            p = dict(params) if lam is None else {**params, "lam": lam}
+            recipe = self.template.replace(method=method, params=p)
+            rid, uri, (val, again) = merged_run(self.client, self.exp_id, recipe, self.store, self.experiment,
+                                                self.pid, self.evaluator, self.reference, self.tasks,
+                                                self.tags(method, lam) if self.tags else None)  # fmt: skip
+            self.reused += again
+            scored.append((lam, val, p, rid, uri))
+        lam, val = choose_lam((s[0], s[1]) for s in scored)
+        _, _, p, rid, uri = next(s for s in scored if s[0] == lam)
+        self.client.set_tag(rid, "mergelab.selected", "val-selected lambda")
+        self.lams[method] = lam
+        if self.best is None or val > self.best[0]:
+            self.best = (val, method, p, rid, uri)
+        return lam, val, rid, uri
+
+    def register_best(self, name: str, test_eval: OnceEvaluator, out: SettingResult,
+                      log: Callable[[str], None]) -> None:
+        """Register the best merge by val as a version of ``name`` and promote it (the first ``champion`` when there
+        is none); ``out.champion`` says what happened."""
+        assert self.best is not None, "no method was compared"
+        val, method, params, rid, uri = self.best
+        log(f"[{out.setting}] registering the comparison's best ({method}, val {val:.2f}) as '{name}'")
+        mv = register_run(self.client, name, rid, uri, score=val,
+                          tags={"method": method, "eval.tasks": json.dumps(list(self.tasks)),
+                                "campaign": "demo-comparison", **{f"hp.{k}": v for k, v in params.items()},
+                                "val/average": f"{val:.4f}"})  # fmt: skip
+        first = promote_once(name, str(mv.version), self.store, test_eval, out, log, self.tasks)
+        out.champion = {"version": str(mv.version), "method": method, **first}
+
+    def note_reused(self, out: SettingResult) -> None:
+        """Say in ``out.skipped`` how many merges were reused."""
+        if self.reused:
+            out.skipped.append(f"comparison: {self.reused} merges already tracked (same recipe digest), not merged "
+                               "again")
 
 
 def run_setting(setting: str, *, zoo_dir: Path, data_dir: Path, store: Store, seed: int, tiny: bool,
@@ -200,7 +279,7 @@ def run_setting(setting: str, *, zoo_dir: Path, data_dir: Path, store: Store, se
     refs = [("base", template.base)] + [(f"expert {e.name}", e.path) for e in template.experts]
     refs.append(("mixture", str(zoo_dir / f"seed{seed}" / "mixture")))
     for label, path in refs:
-        run = _finished_run(client, exp_id, f"tags.`{TAG_ROLE}` = 'reference' and tags.`mergelab.reference` = "
+        run = finished_run(client, exp_id, f"tags.`{TAG_ROLE}` = 'reference' and tags.`mergelab.reference` = "
                                             f"'{label}'", "test/average")
         if run is None:
             run = client.create_run(exp_id, run_name=label, tags={TAG_ROLE: "reference", "mergelab.reference": label,
@@ -212,52 +291,21 @@ def run_setting(setting: str, *, zoo_dir: Path, data_dir: Path, store: Store, se
         else:
             metrics = run.data.metrics
             out.skipped.append(f"reference {label}: run {run.info.run_id[:8]} reused")
-        out.rows.append(_row(label, None, metrics, run.info.run_id, _items(client, run.info.run_id)))
+        out.rows.append(_row(label, None, metrics, run.info.run_id, items_tag(client, run.info.run_id)))
 
     log(f"[{setting}] comparing {len(methods)} methods, lambda on val ({list(lam_grid)})")
-    parent = client.create_run(exp_id, run_name=f"demo-comparison-{setting}-s{seed}",
-                               tags={TAG_ROLE: "comparison", TAG_CAMPAIGN: "demo-comparison",
-                                     "mergelab.setting": setting})  # fmt: skip
-    pid = parent.info.run_id
-    best: tuple[float, str, dict[str, Any], str, str] | None = None
-    optmerge_lam: float | None = None
-    reused = 0
-    try:
+    with comparison_run(client, exp_id, f"demo-comparison-{setting}-s{seed}", setting) as pid:
+        sweep = Sweep(client, exp_id, store, experiment, pid, template, setting, evaluator, reference)
         for method in methods:
-            params = METHODS[method].setting_params(setting)
-            scored: list[tuple[float | None, float, dict[str, Any], str, str]] = []
-            for lam in lam_candidates(method, lam_grid):
-                p = dict(params) if lam is None else {**params, "lam": lam}
-                recipe = template.replace(method=method, params=p)
-                rid, uri, val_avg = _merged(client, exp_id, recipe, store, experiment, pid, evaluator, reference)
-                reused += val_avg[1]
-                scored.append((lam, val_avg[0], p, rid, uri))
-            lam, avg = choose_lam((s[0], s[1]) for s in scored)
-            _, _, p, rid, uri = next(s for s in scored if s[0] == lam)
-            client.set_tag(rid, "mergelab.selected", "val-selected lambda")
-            metrics = _test_scores(client, rid, Path(_local(uri)), table_eval)
-            out.rows.append(_row(method, lam, metrics, rid, _items(client, rid)))
-            if method == "optmerge":
-                optmerge_lam = lam
-            if best is None or avg > best[0]:
-                best = (avg, method, p, rid, uri)
+            lam, avg, rid, uri = sweep.select(method, lam_grid)
+            metrics = _test_scores(client, rid, Path(local_path(uri)), table_eval)
+            out.rows.append(_row(method, lam, metrics, rid, items_tag(client, rid)))
             log(f"      {method:<22} lam {lam}: val {avg:.2f}, test {metrics['test/average']:.2f}")
         log_comparison(client, pid, out.rows, TASKS, title=f"{setting}: test split, lambda selected on val")
-        client.set_terminated(pid, "FINISHED")
-    except BaseException as e:
-        client.set_terminated(pid, end_status(e))
-        raise
-    if reused:
-        out.skipped.append(f"comparison: {reused} merges already tracked (same recipe digest), not merged again")
+    sweep.note_reused(out)
 
-    assert best is not None
-    avg, method, params, rid, uri = best
-    log(f"[{setting}] registering the comparison's best ({method}, val {avg:.2f}) as '{name}'")
-    mv = register_run(client, name, rid, uri, score=avg,
-                      tags={"method": method, "eval.tasks": json.dumps(list(TASKS)), "campaign": "demo-comparison",
-                            **{f"hp.{k}": v for k, v in params.items()}, "val/average": f"{avg:.4f}"})  # fmt: skip
-    first = _promote_once(name, str(mv.version), store, whole_test, out, log)
-    out.champion = {"version": str(mv.version), "method": method, **first}
+    sweep.register_best(name, whole_test, out, log)
+    optmerge_lam = sweep.lams.get("optmerge")
 
     if trials > 0:
         log(f"[{setting}] Optuna campaign over OptMerge with coefficients ({trials} trials, TPE, val only)")
@@ -270,7 +318,7 @@ def run_setting(setting: str, *, zoo_dir: Path, data_dir: Path, store: Store, se
             # model anything
             "sampler": {"name": "tpe", "seed": seed, "options": {"n_startup_trials": 4}},
             "budget": {"n_trials": trials}, "registry": {"name": name, "register": "top_k", "top_k": 2}})
-        before = _n_trials(cfg, store)
+        before = n_trials(cfg, store)
         camp = run_campaign(cfg, store=store, evaluator=evaluator, test_evaluator=whole_test)
         if before >= trials:
             out.skipped.append(f"campaign {cfg.name}: its {before} trials are done (budget {trials}); nothing run")
@@ -279,7 +327,7 @@ def run_setting(setting: str, *, zoo_dir: Path, data_dir: Path, store: Store, se
         if camp.registered:
             best_version = camp.registered[0][0]
             log(f"[{setting}] promotion: campaign best v{best_version} vs champion on the whole test split")
-            out.promotion = _promote_once(name, best_version, store, whole_test, out, log)
+            out.promotion = promote_once(name, best_version, store, whole_test, out, log)
             tags = client.get_model_version(name, best_version).tags
             if "test/average" in tags:
                 metrics = {k: float(v) for k, v in tags.items() if k.startswith("test/")}
@@ -296,33 +344,40 @@ def run_setting(setting: str, *, zoo_dir: Path, data_dir: Path, store: Store, se
     return out
 
 
-def _items(client: MlflowClient, run_id: str) -> str | None:
+def items_tag(client: MlflowClient, run_id: str) -> str | None:
+    """The run's ``test.items`` tag: how many test items its ``test/*`` scores average over (None: not scored)."""
     return client.get_run(run_id).data.tags.get(TEST_ITEMS_TAG)
 
 
-def _local(uri: str) -> str:
+def local_path(uri: str) -> str:
+    """The local path of a ``file://`` artifact URI (the embedded store's)."""
     return uri.removeprefix("file://")
 
 
-def _merged(client: MlflowClient, exp_id: str, recipe: MergeRecipe, store: Store, experiment: str, pid: str,
-            evaluator: HFEvaluator, reference: dict[str, float]) -> tuple[str, str, tuple[float, int]]:
-    """``(run id, merged uri, (val average, reused))``: the experiment's finished run of this recipe (same digest,
-    weights present) or a new tracked merge."""
-    run = _finished_run(client, exp_id, f"tags.`{TAG_RECIPE}` = '{recipe.digest}'", "val/average")
+def merged_run(client: MlflowClient, exp_id: str, recipe: MergeRecipe, store: Store, experiment: str, pid: str,
+               evaluator: HFEvaluator, reference: dict[str, float], tasks: Sequence[str] = TASKS,
+               tags: dict[str, str] | None = None) -> tuple[str, str, tuple[float, int]]:
+    """``(run id, merged uri, (val average, reused))``: the experiment's finished comparison run of this recipe (same
+    digest, weights present; never a campaign's trial of the same merge) or a new tracked merge under the comparison
+    run ``pid``, scored on ``tasks`` (val split), with ``tags`` added to the run. The val average is the logged one
+    (4 decimals) either way, so a re-run selects the same lambda among near-ties."""
+    run = finished_run(client, exp_id, f"tags.`{TAG_RECIPE}` = '{recipe.digest}' and "
+                                       f"tags.`{TAG_CAMPAIGN}` = 'demo-comparison'", "val/average")
     if run is not None and run.data.tags.get("mergelab.weights") != "deleted":
         uri = run.data.tags.get("mergelab.merged_uri", f"{run.info.artifact_uri}/merged")
-        if Path(_local(uri)).is_dir():
+        if Path(local_path(uri)).is_dir():
             return run.info.run_id, uri, (run.data.metrics["val/average"], 1)
     lam = recipe.params.get("lam")
     tm = tracked_merge(recipe, store=store, experiment=experiment, parent_run_id=pid,
                        run_name=f"{recipe.method_name}" + ("" if lam is None else f"-lam{lam:g}"),
-                       tags={TAG_CAMPAIGN: "demo-comparison"}, tasks=TASKS, evaluator=evaluator,
+                       tags={TAG_CAMPAIGN: "demo-comparison", **(tags or {})}, tasks=tasks, evaluator=evaluator,
                        reference_scores=reference)  # fmt: skip
     assert tm.val is not None
-    return tm.run_id, tm.merged_uri, (tm.val.average, 0)
+    return tm.run_id, tm.merged_uri, (round(tm.val.average, 4), 0)
 
 
-def _n_trials(cfg: CampaignConfig, store: Store) -> int:
+def n_trials(cfg: CampaignConfig, store: Store) -> int:
+    """How many trials the campaign's study holds already (0: no study yet)."""
     import optuna
 
     try:

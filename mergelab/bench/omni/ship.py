@@ -74,12 +74,13 @@ def copy_shipped(built: Path, dest: Path) -> None:
 
 
 def ship(dest: str | Path = SHIPPED_OMNI_ZOO, *, work: str | Path | None = None, jobs: int = 2,
-         device: str = "cpu", log: Callable[[str], None] = print) -> Path:
-    """Build seed 0 with :func:`shipped_plan` (in ``work``, default a temporary directory) and replace ``dest``'s
-    ``omni/seed0`` with its shipped subset; returns that seed directory."""
+         device: str = "cpu", plan: OmniPlan | None = None, log: Callable[[str], None] = print) -> Path:
+    """Build seed 0 with ``plan`` (default :func:`shipped_plan`; in ``work``, default a temporary directory) and
+    replace ``dest``'s ``omni/seed0`` with its shipped subset; returns that seed directory."""
     dest = Path(dest)
     with tempfile.TemporaryDirectory(prefix="omni-ship-") as tmp:
-        root = build(work or Path(tmp) / "zoo", SHIPPED_SEED, shipped_plan(), jobs=jobs, device=device, log=log)
+        root = build(work or Path(tmp) / "zoo", SHIPPED_SEED, plan or shipped_plan(), jobs=jobs, device=device,
+                     log=log)
         staged = Path(tempfile.mkdtemp(prefix=".omni-ship-", dir=dest.parent if dest.parent.is_dir() else None))
         try:
             copy_shipped(root, staged / "seed")
