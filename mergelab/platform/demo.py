@@ -18,6 +18,9 @@ Re-running is idempotent: a merge whose recipe digest already has a finished run
 again (its numbers are reused), reference runs are reused, the campaign resumes (and runs nothing once its budget
 is spent), a version already compared with the current champion is not compared again; the demo says what it
 skipped and reports the champion the registry holds.
+
+The omni section (modality merging on the shipped omni zoo, ``mergelab-demo-omni``) is
+:mod:`mergelab.platform.demo_omni`; it shares this module's comparison (:class:`Sweep`), reuse and promotion steps.
 """
 
 from __future__ import annotations

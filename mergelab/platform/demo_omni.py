@@ -258,7 +258,8 @@ def run_omni(*, store: Store, seed: int = 0, tiny: bool = False, spec: OmniDemo 
         t = client.get_model_version(name, champ).tags
         out.champion = {**(out.champion or {}), "holder": champ, "holder_method": t.get("method", "?"),
                         "holder_test_average": t.get("test/average", "")}
-    out.table = f"{format_omni(cols)}\n({spec.describe()}; test/average: the cross-modal average)"
+    out.table = (f"{format_omni(cols)}\n({spec.describe()}; tuned: the campaign's best by val, on the whole test "
+                 "split at promotion; test/average: the cross-modal average)")
     out.seconds = time.perf_counter() - t0
     return out
 
