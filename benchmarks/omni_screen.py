@@ -13,7 +13,8 @@ Example (seed 0, a connector-only alignment stage of 100 of the 300 steps, the c
         --seeds 0 --jobs 2 --set align_steps=100 --set connector_lr=5 --json-out s1.json
 
 ``--set`` takes ``field=value`` for a plan field, ``lora.<field>=value`` / ``full.<field>=value`` for the
-setting's :class:`~mergelab.bench.train.TrainConfig`, and ``expert_steps=video:450,image:300``.
+setting's :class:`~mergelab.bench.train.TrainConfig`, and ``expert_steps=video:450,image:300``. Screens of one plan
+run apart (other seeds, other methods on the same zoo) are united with ``--combine A.json B.json --json-out F``.
 """
 
 from __future__ import annotations
@@ -89,6 +90,36 @@ def delta_norms(root: Path, setting: str) -> dict[str, float]:
     return out
 
 
+def combine(paths: Sequence[str]) -> dict[str, Any]:
+    """One result from several screens' JSON of the same plan: the models of one seed are united, seeds listed in
+    order; the aggregate and the targets recomputed."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    if any(r["plan"] != runs[0]["plan"] for r in runs):
+        raise SystemExit("combine: the screens were run with different plans")
+    by_seed: dict[int, dict[str, Any]] = {}
+    for r in runs:
+        for seed, res in zip(r["seeds"], r["per_seed"], strict=True):
+            cur = by_seed.setdefault(seed, {"models": {}, "lam": {}, "seconds": 0.0, "build": res.get("build", {})})
+            cur["models"].update(res["models"])
+            cur["lam"].update(res["lam"])
+            cur["seconds"] += res["seconds"]
+        for seed, norms in r.get("delta_norms", {}).items():
+            runs[0].setdefault("delta_norms", {})[seed] = norms
+    seeds = sorted(by_seed)
+    per_seed = [by_seed[s] for s in seeds]
+    agg = table.aggregate(per_seed)
+    settings = runs[0]["plan"]["settings"]
+    return {"sources": list(paths), "plan": runs[0]["plan"], "seeds": seeds, "lam_grid": runs[0]["lam_grid"],
+            "aggregate": agg, "per_seed": per_seed, "delta_norms": runs[0].get("delta_norms", {}),
+            "targets": {s: table.targets(agg, s) for s in settings}}
+
+
+def report(result: dict[str, Any]) -> str:
+    """The tables and targets of a result, per setting."""
+    return "\n".join(table.format_table(result["aggregate"], s) + "\n" + table.format_targets(t)
+                     for s, t in result["targets"].items())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the options, build the experts, run the restricted table, print and write the results."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,7 +133,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lam", default="0.5,1,1.5")
     ap.add_argument("--set", action="append", default=[], help="plan override key=value (repeatable)")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                    help="only unite these screens' JSON (same plan) into --json-out and print the tables")
     a = ap.parse_args(argv)
+    if a.combine:
+        result = combine(a.combine)
+        print(report(result))
+        if a.json_out:
+            Path(a.json_out).write_text(json.dumps(result, indent=1, sort_keys=True))
+        return 0
     torch.set_num_threads(1)
     plan = apply_overrides(replace(OmniPlan(), settings=tuple(a.settings.split(","))), a.set)
     methods = None if a.methods == "all" else a.methods.split(",")
@@ -120,11 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     agg = table.aggregate(per_seed)
     out: dict[str, Any] = {"argv": list(sys.argv[1:] if argv is None else argv), "plan": plan.to_dict(),
                            "seeds": [int(s) for s in a.seeds.split(",")], "lam_grid": list(grid),
-                           "aggregate": agg, "per_seed": per_seed, "delta_norms": norms, "targets": {},
+                           "aggregate": agg, "per_seed": per_seed, "delta_norms": norms,
                            "seconds": time.perf_counter() - t0, "loadavg_start": load0, "loadavg_end": os.getloadavg()}
-    for setting in plan.settings:
-        out["targets"][setting] = table.targets(agg, setting)
-        print(table.format_table(agg, setting) + "\n" + table.format_targets(out["targets"][setting]), flush=True)
+    out["targets"] = {setting: table.targets(agg, setting) for setting in plan.settings}
+    print(report(out), flush=True)
     print(f"{out['seconds']:.0f} s, load average {load0[0]:.1f} -> {out['loadavg_end'][0]:.1f}")
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(out, indent=1, sort_keys=True))
