@@ -59,7 +59,7 @@ from mergelab.platform.demo import (
     promote_once,
 )
 from mergelab.platform.evaluation import HFEvaluator
-from mergelab.platform.omni import TAG_OMNI, _build_key, _reference_run
+from mergelab.platform.omni import TAG_OMNI, build_key, reference_run
 from mergelab.platform.promotion import current_champion
 from mergelab.platform.registry import TEST_ITEMS_TAG
 from mergelab.platform.store import Store, log_metrics
@@ -153,13 +153,13 @@ def _n_items(sizes: table.EvalSizes, modalities: int) -> int:
 def _references(client: MlflowClient, exp_id: str, root: Path, template: Any, seed: int, spec: OmniDemo,
                 items: Any, device: str, out: SettingResult) -> dict[str, dict[str, float]]:
     """The base and each expert as reference runs (reused when logged for this build and these sizes)."""
-    key = _build_key(root, spec.sizes)
+    key = build_key(root, spec.sizes)
     refs: list[tuple[str, str, str, str | None]] = [("base", f"seed{seed}/base", template.base, None)]
     refs += [(table.MODALITY_NAMES[e.name], f"seed{seed}/expert/{e.name}/lora", e.path, e.name)
              for e in template.experts]
     scores: dict[str, dict[str, float]] = {}
     for column, label, path, only in refs:
-        rid, reused = _reference_run(client, exp_id, label, Path(path), key,
+        rid, reused = reference_run(client, exp_id, label, Path(path), key,
                                      lambda p=path, o=only: _scores_of(p, items, device, o))
         if reused:
             out.skipped.append(f"reference {label}: run {rid[:8]} reused")

@@ -104,7 +104,7 @@ def omni_template(cfg: CampaignConfig, source: str = "campaign", *,
     return cfg.to_recipe(source, base=str(cfg.base or base), experts=specs), {}
 
 
-def _build_key(root: Path, sizes: Any) -> str:
+def build_key(root: Path, sizes: Any) -> str:
     """A short hash of the seed's build plan and the evaluation sizes (what a reference run's scores depend on)."""
     manifest = root / "build.json"
     plan = json.loads(manifest.read_text()).get("plan") if manifest.is_file() else None
@@ -112,8 +112,8 @@ def _build_key(root: Path, sizes: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _reference_run(client: MlflowClient, exp_id: str, label: str, path: Path, key: str,
-                   scores: Callable[[], Mapping[str, float]]) -> tuple[str, bool]:
+def reference_run(client: MlflowClient, exp_id: str, label: str, path: Path, key: str,
+                  scores: Callable[[], Mapping[str, float]]) -> tuple[str, bool]:
     """The FINISHED reference run ``label`` of this build (reused), or a new one logging ``test/<metric>`` of
     ``scores()``; returns ``(run id, reused)``."""
     filt = (f"tags.`{TAG_ROLE}` = 'reference' and tags.`{TAG_OMNI}` = '{label}' and tags.`{TAG_BUILD}` = '{key}' "
@@ -149,7 +149,7 @@ def log_omni_references(store: Store, experiment: str, result: Mapping[str, Any]
     out: dict[str, str] = {}
     for seed, per_seed in zip(result["seeds"], result["per_seed"], strict=True):
         root = seed_dir(zoo, seed)
-        key = _build_key(root, sizes)
+        key = build_key(root, sizes)
 
         def base_scores(root: Path = root, seed: int = seed) -> Mapping[str, float]:
             model, processor = load_model(root / "base", device=device)
@@ -162,7 +162,7 @@ def log_omni_references(store: Store, experiment: str, result: Mapping[str, Any]
                 path = root / "experts" / setting / (part if kind == "expert" else "")
                 labels.append((f"seed{seed}/{name}", path, lambda scores=scores: scores))
         for label, path, scores_fn in labels:
-            out[label], reused = _reference_run(client, exp_id, label, path, key, scores_fn)
+            out[label], reused = reference_run(client, exp_id, label, path, key, scores_fn)
             log(f"omni reference {label}: run {out[label][:8]}{' reused' if reused else ''}")
     return out
 
