@@ -1,12 +1,11 @@
-"""A tracked merge with an explicit output opens the store and hashes its inputs in background threads while the
-merge runs, then creates its run (issue 22: tracking cost more than merging). The run is the same as before: params,
-metrics, artifacts, the true start time, FINISHED; a failing merge is still a FAILED run; a store that cannot be
-opened still fails the call, and with ``overwrite`` the directory that was at ``out`` comes back untouched."""
+"""Tracked merges with an explicit output recorded in this process (the path of a process that has imported mlflow
+already, as these tests have: the store opens and the run is made before the merge). A failing merge is a FAILED run;
+a store that cannot be opened fails the call, and with ``overwrite`` the directory that was at ``out`` comes back
+untouched; ``mergelab merge`` leaves mlflow to its child process. The child-process path itself (issue 22: tracking
+cost more than merging): tests/test_track_child.py."""
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,6 @@ import pytest
 from conftest_platform import make_expert_family
 
 from mergelab.engine import MergeError, MergeRecipe, run_merge
-from mergelab.platform import merge_run
 from mergelab.platform.merge_run import tracked_merge
 from mergelab.platform.store import Store, local_path
 
@@ -27,52 +25,6 @@ def _recipe(tmp_path: Path) -> MergeRecipe:
 def _old_output(out: Path) -> None:
     out.mkdir()
     (out / "keep.txt").write_text("the previous merge")
-
-
-def test_the_store_opens_while_the_merge_runs_and_the_run_is_complete(platform_store: Store, tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    recipe = _recipe(tmp_path)
-    merging, opening = threading.Event(), threading.Event()
-    seen: dict[str, Any] = {}
-    merge_ms: list[int] = []
-    open_store = merge_run._open_store
-
-    def slow_open(store: Store, experiment: str) -> Any:  # proceeds only once the merge has started
-        opening.set()
-        seen["opened_during_merge"] = merging.wait(30)
-        seen["thread"] = threading.current_thread().name
-        return open_store(store, experiment)
-
-    def merge_fn(r: MergeRecipe, out: Path, **kw: Any) -> Any:
-        merge_ms.append(int(time.time() * 1000))
-        merging.set()
-        seen["store_started_first"] = opening.wait(30)
-        client = platform_store.client()
-        seen["runs_during_merge"] = len(client.search_runs([platform_store.experiment_id("unit", client)]))
-        return run_merge(r, out, **kw)
-
-    monkeypatch.setattr(merge_run, "_open_store", slow_open)
-    before_ms = int(time.time() * 1000)
-    tm = tracked_merge(recipe, store=platform_store, experiment="unit", run_name="overlap", out=tmp_path / "out",
-                       merge_fn=merge_fn)
-    after_ms = int(time.time() * 1000)
-    assert seen == {"opened_during_merge": True, "store_started_first": True, "thread": "mergelab-tracking",
-                    "runs_during_merge": 0}
-    client = platform_store.client()
-    run = client.get_run(tm.run_id)
-    assert run.info.status == "FINISHED" and run.info.run_name == "overlap"
-    assert before_ms <= run.info.start_time <= merge_ms[0] <= run.info.end_time <= after_ms  # the true start
-    p, tags = run.data.params, run.data.tags
-    assert p["method"] == "task_arithmetic" and p["recipe.sha"] == recipe.digest == tags["mergelab.recipe"]
-    assert p["n_experts"] == "2" and p["expert.1.name"] == "task1" and len(p["base.sha256"]) == 64
-    assert tags["mergelab.merged_uri"] == (tmp_path / "out").resolve().as_uri()
-    assert tags["mergelab.weights"] == "present"
-    assert run.data.metrics["merge/seconds"] > 0 and run.data.metrics["merge/report/bytes_written"] > 0
-    art = {f.path for f in client.list_artifacts(tm.run_id)} | {f.path for f in client.list_artifacts(tm.run_id,
-                                                                                                       "config")}
-    assert {"merge_report.json", "config/merge.yaml"} <= art
-    assert recipe.digest in (tmp_path / "out" / "README.md").read_text()  # the card names the digest, as before
-    assert not list(tmp_path.glob(".out.*"))
 
 
 def test_a_failing_merge_is_still_a_failed_run_and_overwrite_keeps_the_old_output(platform_store: Store,

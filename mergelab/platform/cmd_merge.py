@@ -3,8 +3,9 @@
 As thin as mergekit's ``run_yaml.py``: YAML -> :class:`~mergelab.engine.recipe.MergeRecipe`
 (:func:`~mergelab.platform.merge_config.load_recipe`) -> every check that needs no work
 (:func:`mergelab.engine.loop.preflight`: paths, output directory, shapes, lineage, plan, tensor accounting) ->
-:func:`mergelab.engine.run_merge` (inside an MLflow run unless ``--no-track``; the store opens in the background
-while it merges) with a progress bar over tensors -> print the essential lines of :meth:`MergeReport.summary` (all
+:func:`mergelab.engine.run_merge` (inside an MLflow run unless ``--no-track``; a child process imports mlflow and
+opens the store while it merges, and records the run after it: this process never imports mlflow) with a progress
+bar over tensors -> print the essential lines of :meth:`MergeReport.summary` (all
 of it with ``mergelab -v``). ``--eval TASKS`` evaluates the merge in the same MLflow run (scores in the run and the
 model card); ``--dry-run`` stops after the checks and prints the recipe, its digest and the plan's counts.
 CONFIG may also be a mergekit YAML (:mod:`mergelab.platform.mergekit_yaml`). Bad input exits with status 2 and one
@@ -68,12 +69,9 @@ def merge(config: Path, out: Path | None, overwrite: bool, device: str | None, r
 
         tracked = tracked_merge(recipe, out=out, overwrite=overwrite, progress=not quiet, run_name=config.stem,
                                 allow_base_mismatch=allow_base_mismatch, tasks=tasks)
-        # imported after the merge: the ui module imports mlflow, which tracked_merge imports in the background
-        from mergelab.platform.ui import run_link
-
         report = tracked.report
         click.echo(f"MLflow run {tracked.run_id}")
-        click.echo(f"  in the UI: {run_link(tracked.run_id)}")
+        click.echo(f"  in the UI: {tracked.link or _run_link(tracked.run_id)}")
         if tracked.val is not None:
             scores = tracked.val.scores
             click.echo("val: " + ", ".join(f"{k} {v:.1f}" for k, v in scores.items())
@@ -84,6 +82,14 @@ def merge(config: Path, out: Path | None, overwrite: bool, device: str | None, r
     click.echo(report.summary() if verbose() else brief_summary(report))
     if report_path is not None:
         report_path.write_text(json.dumps(report.to_dict(), indent=2))
+
+
+def _run_link(run_id: str) -> str:
+    """The run's UI link, looked up in the store (--eval: the run was recorded in this process)."""
+    # imported here: the ui module imports mlflow, which a merge recorded by a child process never needs
+    from mergelab.platform.ui import run_link
+
+    return run_link(run_id)
 
 
 #: The lines of ``MergeReport.summary()`` printed without ``-v``: where the merge went, the method, the tensor

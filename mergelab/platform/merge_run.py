@@ -3,7 +3,8 @@
 The run records the :class:`~mergelab.engine.recipe.MergeRecipe` (params, ``config/merge.yaml`` and the
 ``mergelab.recipe`` tag: its digest, the merge's identity), the engine's :class:`~mergelab.engine.report.MergeReport`,
 and, when tasks are given, the val evaluation (:mod:`mergelab.platform.evaluation`). The store it writes to is
-:mod:`mergelab.platform.store`.
+:mod:`mergelab.platform.store`; when the run is not needed before the merge ends, a child process records it
+(:mod:`mergelab.platform.track_child`), so that importing mlflow and opening the store run beside the merge.
 
 Stable metric names of a tracked merge (the UI's compare view lines them up):
 
@@ -63,15 +64,13 @@ from mergelab.platform.store import (
     TAG_ROLE,
     TAG_WEIGHTS,
     Store,
-    fail_run,
     flatten,
     local_path,
-    log_metrics,
-    log_params,
     metric_name,
     numeric_value,
     run_artifact_path,
 )
+from mergelab.platform.track_child import TrackingChild, create_run, end_failed, failure, log_merge
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +86,8 @@ class TrackedMerge:
         report: the engine's ``MergeReport``.
         val: the validation summary (``None`` when no tasks were evaluated).
         metrics: every metric logged to the run.
+        link: the run's UI link when a child process recorded it (``None``: :func:`mergelab.platform.ui.run_link`
+            makes it, importing mlflow).
     """
 
     run_id: str
@@ -95,6 +96,7 @@ class TrackedMerge:
     report: Any
     val: EvalResult | None
     metrics: dict[str, float]
+    link: str | None = None
 
 
 def _peak_host_mb() -> float:
@@ -160,6 +162,7 @@ def tracked_merge(
     merge_fn: Callable[..., Any] = run_merge,
     end_run: bool = True,
     allow_base_mismatch: bool = False,
+    child: bool | None = None,
 ) -> TrackedMerge:
     """Merge a recipe as one MLflow run, then evaluate the result on the val split.
 
@@ -167,12 +170,16 @@ def tracked_merge(
     which the registry then points at without copying ("zero-copy registration"). For a remote artifact store the
     engine writes to a temporary directory that is uploaded once and removed.
 
-    With ``out`` the run is not needed before the merge, so opening the store (importing mlflow, creating or
-    migrating the database on first use: seconds) and hashing the inputs for the recipe's digest run in background
-    threads during the merge; the run is created afterwards with the true start time, and a failed merge is still
-    recorded as a FAILED run. A store that cannot be opened fails the call after the merge: the new output is
-    removed and, with ``overwrite``, the directory that was at ``out`` (kept aside during the merge) is put back, as
-    on any other failure.
+    Two ways to record the run, with the same content (params, tags, metrics, artifacts, the true start time):
+
+    - in this process: the store is opened and the run created before the merge, logged after it;
+    - in a child process (:mod:`mergelab.platform.track_child`), when the run is not needed before the merge ends:
+      the child imports mlflow and opens the store (creating or migrating the database on first use: seconds of
+      CPU) on another core while this process hashes the inputs (the recipe's digest) in a thread and merges; the
+      run is created and logged afterwards. A merge that fails or is stopped is still recorded as a FAILED (KILLED)
+      run. A store that cannot be opened fails the call after the merge: the new output is removed and, with
+      ``overwrite``, the directory that was at ``out`` (kept aside during the merge) is put back, as on any other
+      failure.
 
     Args:
         recipe: what to merge (logged as params, ``config/merge.yaml`` and the ``mergelab.recipe`` tag).
@@ -190,26 +197,34 @@ def tracked_merge(
         reference_scores: own-task expert scores per task for ``val/normalized_average``.
         on_task: forwarded to the evaluator (pruning); an exception raised there fails the run unless it is
             ``optuna.TrialPruned``-like (its class name contains ``Pruned``), which ends the run KILLED.
-        on_run: called with the run id as soon as the run exists (with ``out``: after the merge).
+        on_run: called with the run id as soon as the run exists (before the merge).
         merge_fn: the engine entry point, ``merge_fn(recipe, out, overwrite=, progress=)`` (a seam for fault
             injection in tests).
         end_run: set the run FINISHED on success (a campaign keeps it open to add registry tags).
         allow_base_mismatch: merge experts whose adapter or model config names another base.
+        child: record the run from a child process; ``None`` (default): when ``out`` is given, with no ``tasks``
+            and no ``on_run``, in a process that has not imported mlflow yet (else it costs more than it saves).
 
     Returns:
         A :class:`TrackedMerge`.
 
     Raises:
         MergeError: bad input found by :func:`~mergelab.engine.loop.preflight`, before any run exists.
+        ValueError: ``child=True`` without ``out``, or with ``tasks`` or ``on_run`` (they need the run here).
+        TrackingError: the child could not open the store or record the run (one line naming the store).
         Any exception of the engine or the evaluator, after the run has been marked FAILED (KILLED for a stop
         request: Ctrl-C or SIGTERM, acted on between phases and between tensors) and the weights written by this
         call removed (in the run's artifact directory, or ``out``).
     """
+    if child is None:
+        child = out is not None and not tasks and on_run is None and "mlflow" not in sys.modules
+    elif child and (out is None or tasks or on_run is not None):
+        raise ValueError("child=True records the run after the merge: it needs `out` and no `tasks` or `on_run`")
     preflight(recipe, out, overwrite=overwrite, allow_base_mismatch=allow_base_mismatch)
     with _signals.deferred():
         return _tracked_merge(recipe, store, experiment, run_name, parent_run_id, tags, extra_params, out, overwrite,
                               progress, tasks, evaluator, reference_scores, on_task, on_run, merge_fn, end_run,
-                              allow_base_mismatch)
+                              allow_base_mismatch, child)
 
 
 def _tracked_merge(recipe: MergeRecipe, store: Store | None, experiment: str, run_name: str | None,
@@ -217,32 +232,25 @@ def _tracked_merge(recipe: MergeRecipe, store: Store | None, experiment: str, ru
                    out: str | os.PathLike[str] | None, overwrite: bool, progress: bool, tasks: Sequence[str],
                    evaluator: Evaluator | None, reference_scores: Mapping[str, float] | None,
                    on_task: Callable[[str, EvalResult], None] | None, on_run: Callable[[str], None] | None,
-                   merge_fn: Callable[..., Any], end_run: bool, allow_base_mismatch: bool) -> TrackedMerge:
+                   merge_fn: Callable[..., Any], end_run: bool, allow_base_mismatch: bool,
+                   child: bool) -> TrackedMerge:
     _signals.check()
-    start_ms = int(time.time() * 1000)  # the run's start time, also when the run is created after the merge
+    start_ms = int(time.time() * 1000)  # the run's start time, also when the child creates it after the merge
     store = store or Store.resolve()
-    # With an explicit output the run is not needed before the merge: the store (importing mlflow, opening and, on
-    # first use, migrating the database, the experiment) and the inputs' content hashes (the recipe's digest) are
-    # prepared in background threads while the merge runs, and the run is created afterwards. Without one the
-    # weights go into the run's artifact directory, so the run comes first.
-    overlap = out is not None
-    opened = _background(lambda: _open_store(store, experiment), overlap)
-    inputs = _background(lambda: _inputs(recipe), overlap)
+    tracker = TrackingChild(store, experiment) if child else None
+    inputs = _background(lambda: _inputs(recipe)) if child else None
+
+    def start() -> dict[str, Any]:
+        params = {**(inputs() if inputs is not None else _inputs(recipe)), **(extra_params or {})}
+        return run_start(recipe, run_name, parent_run_id, tags, params, start_ms)
+
     client: Any = None
     run_id: str | None = None
-    tried = False  # start_run() is tried once: a failure there is not retried on the way out
-
-    def start_run() -> str:
-        nonlocal client, run_id, tried
-        tried = True
-        client, exp_id = opened()
-        params = {**inputs(), **(extra_params or {})}
-        run_id = _start_run(client, exp_id, recipe, run_name, parent_run_id, tags, params, start_ms)
-        if on_run is not None:
-            on_run(run_id)
-        return run_id
-
+    link: str | None = None
+    metrics: dict[str, float] | None = None
+    report_json: dict[str, Any] | None = None
     merged_path: Path | None = None
+    merged_uri = ""
     tmp_out: Path | None = None
     # whether what is at merged_path on failure is this call's (removed then): the run's own artifact directory
     # always; an explicit ``out`` once the merge ran (an existing one was moved aside to ``kept`` first, and is put
@@ -250,6 +258,11 @@ def _tracked_merge(recipe: MergeRecipe, store: Store | None, experiment: str, ru
     kept: Path | None = None
     wrote = False
     try:
+        if tracker is None:
+            client, exp_id = _open_store(store, experiment)
+            run_id = create_run(client, exp_id, start())
+            if on_run is not None:
+                on_run(run_id)
         if out is not None:
             merged_path = Path(out)
             if overwrite and (merged_path.exists() or merged_path.is_symlink()):
@@ -257,7 +270,6 @@ def _tracked_merge(recipe: MergeRecipe, store: Store | None, experiment: str, ru
                 os.replace(merged_path, kept)
             merged_uri = merged_path.resolve().as_uri()  # after the move: not through a link being replaced
         else:
-            start_run()
             assert run_id is not None
             merged_uri, merged_path = run_artifact_path(client, run_id, "merged")
             if merged_path is None:
@@ -279,84 +291,85 @@ def _tracked_merge(recipe: MergeRecipe, store: Store | None, experiment: str, ru
             wrote = out is None
             raise
         _signals.check()
-        seconds = time.perf_counter() - t0
-        metrics = {"merge/seconds": seconds, "merge/peak_host_mb": _peak_host_mb(),
-                   "merge/peak_gpu_mb": _cuda_peak_mb() if gpu else 0.0}
-        rd = _report_dict(report)
-        if numeric_value(rd.get("peak_rss_bytes")):  # the engine's own sampler covers only the merge itself
-            metrics["merge/peak_host_mb"] = float(rd["peak_rss_bytes"]) / 2**20
-        if numeric_value(rd.get("peak_gpu_bytes")):
-            metrics["merge/peak_gpu_mb"] = float(rd["peak_gpu_bytes"]) / 2**20
-        metrics.update(report_metrics(report))
-        if run_id is None:
-            start_run()
-        assert run_id is not None
-        log_metrics(client, run_id, metrics)
-        client.log_dict(run_id, json.loads(json.dumps(_report_dict(report), default=str)), "merge_report.json")
-        if tmp_out is not None:
-            client.log_artifacts(run_id, str(tmp_out), "merged")
-            shutil.rmtree(tmp_out, ignore_errors=True)
-            tmp_out = None
-        client.set_tag(run_id, TAG_MERGED, merged_uri)
-        client.set_tag(run_id, TAG_WEIGHTS, "present")
+        metrics = _merge_metrics(report, time.perf_counter() - t0, gpu)
+        report_json = json.loads(json.dumps(_report_dict(report), default=str))
+        if tracker is None:
+            assert run_id is not None
+            if tmp_out is not None:
+                client.log_artifacts(run_id, str(tmp_out), "merged")
+                shutil.rmtree(tmp_out, ignore_errors=True)
+                tmp_out = None
+            log_merge(client, run_id, metrics, report_json, merged_uri)
 
         val = None
         if tasks:
+            assert run_id is not None
             _signals.check()
             evaluator = evaluator or HFEvaluator(device=recipe.device, progress=progress)
             model_dir = merged_path if merged_path is not None else _download(store, merged_uri)
             val = evaluator(model_dir, list(tasks), "val", on_task)
             _signals.check()
             metrics.update(log_eval(client, run_id, val, reference_scores))
-        if merged_path is not None and merged_path.is_dir() and (val is not None or overlap):
+        rec = start() if tracker is not None else None  # the inputs' hashes first: the digest below is then free
+        if merged_path is not None and merged_path.is_dir() and (val is not None or out is not None):
             # the model card gains the recipe digest (unknown to the engine while it merged) and the scores
             write_model_card(merged_path, recipe, digest=recipe.digest, scores=dict(val.scores) if val else None)
         _signals.check()
-        if end_run:
+        if tracker is not None:
+            run_id, link = tracker.record({"start": rec, "metrics": metrics, "report": report_json,
+                                           "merged_uri": merged_uri, "end_run": end_run})
+        elif end_run:
             client.set_terminated(run_id, status="FINISHED")
+        assert run_id is not None
         if kept is not None:
             with contextlib.suppress(OSError):  # a leftover hidden copy is better than failing a finished run
                 remove_tree(kept)
         return TrackedMerge(run_id=run_id, merged_uri=merged_uri, merged_path=merged_path, report=report,
-                            val=val, metrics=metrics)
+                            val=val, metrics=metrics, link=link)
     except BaseException as e:
         if tmp_out is not None:
             shutil.rmtree(tmp_out, ignore_errors=True)
-        if not tried:  # the merge failed before the run was made: record it now if the store opens
-            try:
-                start_run()
-            except Exception as store_error:  # noqa: BLE001 - the original error is the one to raise
-                log.warning("could not record the failed merge in MLflow: %s", store_error)
-        if run_id is not None:
-            _end_failed(client, run_id, e)
-        if wrote and merged_path is not None and (merged_path.exists() or merged_path.is_symlink()):
+        deleted = wrote and merged_path is not None and (merged_path.exists() or merged_path.is_symlink())
+        if deleted:
+            assert merged_path is not None
             remove_tree(merged_path)  # nothing of a failed or stopped run stays behind
-            if run_id is not None:
-                with contextlib.suppress(Exception):
-                    client.set_tag(run_id, TAG_WEIGHTS, "deleted")
         if kept is not None and merged_path is not None:
             os.replace(kept, merged_path)  # --overwrite: the directory that was there before is back
+        if tracker is not None and not tracker.done:  # record the failed merge now if the store opens
+            try:
+                tracker.record({"start": start(), "metrics": metrics, "report": report_json,
+                                "merged_uri": merged_uri, "failure": failure(e), "weights_deleted": deleted})
+            except Exception as store_error:  # noqa: BLE001 - the original error is the one to raise
+                log.warning("could not record the failed merge in MLflow: %s", store_error)
+        elif run_id is not None and tracker is None:
+            end_failed(client, run_id, failure(e), weights_deleted=deleted)
         raise
+    finally:
+        if tracker is not None:
+            tracker.close()
 
 
-def _end_failed(client: Any, run_id: str, error: BaseException) -> None:
-    """End a run with ``error``: KILLED and tagged pruned for a pruned trial, else FAILED (KILLED when stopped)."""
-    if "Pruned" in type(error).__name__:
-        with contextlib.suppress(Exception):
-            client.set_tag(run_id, "mergelab.pruned", "true")
-            client.set_terminated(run_id, status="KILLED")
-    else:
-        fail_run(client, run_id, error)
+def _merge_metrics(report: Any, seconds: float, gpu: bool) -> dict[str, float]:
+    """The ``merge/*`` metrics of a finished merge (the engine's own peak samplers win over the process's)."""
+    metrics = {"merge/seconds": seconds, "merge/peak_host_mb": _peak_host_mb(),
+               "merge/peak_gpu_mb": _cuda_peak_mb() if gpu else 0.0}
+    rd = _report_dict(report)
+    if numeric_value(rd.get("peak_rss_bytes")):  # the engine's own sampler covers only the merge itself
+        metrics["merge/peak_host_mb"] = float(rd["peak_rss_bytes"]) / 2**20
+    if numeric_value(rd.get("peak_gpu_bytes")):
+        metrics["merge/peak_gpu_mb"] = float(rd["peak_gpu_bytes"]) / 2**20
+    metrics.update(report_metrics(report))
+    return metrics
 
 
-def _start_run(client: Any, exp_id: str, recipe: MergeRecipe, run_name: str | None, parent_run_id: str | None,
-               tags: Mapping[str, str] | None, extra_params: Mapping[str, Any] | None, start_ms: int) -> str:
-    """Create a merge's run (started at ``start_ms``) with its tags, params (the recipe's, then ``extra_params``:
-    provenance and the caller's) and ``config/merge.yaml``."""
+def run_start(recipe: MergeRecipe, run_name: str | None, parent_run_id: str | None, tags: Mapping[str, str] | None,
+              params: Mapping[str, Any], start_ms: int) -> dict[str, Any]:
+    """What a merge's run starts with, as plain data (no mlflow; :func:`~mergelab.platform.track_child.create_run`
+    creates it): the start time, the run name, the tags, the params (the recipe's, then ``params``: provenance and
+    the caller's) and the ``config/merge.yaml`` dict."""
     run_tags = {TAG_ROLE: "merge", "method": recipe.method_name, TAG_RECIPE: recipe.digest, **(tags or {})}
     if parent_run_id:
         run_tags["mlflow.parentRunId"] = parent_run_id
-    run_id = client.create_run(exp_id, start_time=start_ms, run_name=run_name, tags=run_tags).info.run_id
     p: dict[str, Any] = {"method": recipe.method_name, "recipe.sha": recipe.digest,
                          "policy": recipe.policy if isinstance(recipe.policy, str) else json.dumps(
                              recipe.to_dict()["policy"]),
@@ -370,14 +383,9 @@ def _start_run(client: Any, exp_id: str, recipe: MergeRecipe, run_name: str | No
         p[f"expert.{i}.kind"] = e.kind
         p[f"expert.{i}.sha256"] = content_hash(e.path)
         p[f"expert.{i}.coefficient"] = "default" if e.coefficient is None else e.coefficient
-    p.update(extra_params or {})
-    try:
-        log_params(client, run_id, p)
-        client.log_dict(run_id, json.loads(json.dumps(recipe.to_dict(), default=str)), "config/merge.yaml")
-    except BaseException as e:
-        fail_run(client, run_id, e)
-        raise
-    return run_id
+    p.update(params)
+    return json.loads(json.dumps({"start_time": start_ms, "run_name": run_name, "tags": run_tags, "params": p,
+                                  "config": recipe.to_dict()}, default=str))
 
 
 def _open_store(store: Store, experiment: str) -> tuple[Any, str]:
@@ -398,9 +406,9 @@ def _inputs(recipe: MergeRecipe) -> dict[str, Any]:
 _T = TypeVar("_T")
 
 
-def _background(fn: Callable[[], _T], overlap: bool) -> Callable[[], _T]:
-    """Start ``fn`` in a daemon thread (``overlap``) or defer it; the returned function waits for (or runs) it once
-    and returns its result, raising its error on every call."""
+def _background(fn: Callable[[], _T]) -> Callable[[], _T]:
+    """Start ``fn`` in a daemon thread (hashing releases the interpreter lock: it overlaps the merge); the returned
+    function waits for it and returns its result, raising its error on every call."""
     box: dict[str, Any] = {}
 
     def target() -> None:
@@ -409,15 +417,11 @@ def _background(fn: Callable[[], _T], overlap: bool) -> Callable[[], _T]:
         except BaseException as e:  # noqa: BLE001 - raised in the caller's thread by result()
             box["error"] = e
 
-    th = threading.Thread(target=target, name="mergelab-tracking", daemon=True) if overlap else None
-    if th is not None:
-        th.start()
+    th = threading.Thread(target=target, name="mergelab-inputs", daemon=True)
+    th.start()
 
     def result() -> _T:
-        if th is not None:
-            th.join()
-        elif not box:
-            target()
+        th.join()
         if "error" in box:
             raise box["error"]
         return box["value"]
