@@ -6,13 +6,19 @@ each; or reuses ``--ckpt DIR`` from an earlier ``--keep``), then runs the same t
 
 - ``untracked``: ``--no-track``;
 - ``tracked, fresh store``: a new empty store per run (``MERGELAB_ROOT``): importing mlflow, creating the database
-  and running MLflow's migrations, hashing the inputs for the recipe's digest, all overlapped with the merge;
+  and running MLflow's migrations (in the tracking child process since 9233e16, beside the merge), hashing the
+  inputs for the recipe's digest;
 - ``tracked, existing store``: one store made before the timings and reused (a user's everyday case);
 - with ``--before DIR``, the two tracked variants again with the mergelab of source tree ``DIR``.
 
-It prints every run's wall and CPU seconds (user + system of the process, all threads), the medians, the ratios of
-the medians to the untracked ones, and the load average before and after (other work on the machine slows every
-variant alike; the order alternates so that no variant always runs first).
+Every variant runs from an empty working directory with its source tree first on ``PYTHONPATH`` (this repository's,
+or ``DIR``): ``python -c`` puts the working directory first on ``sys.path``, so run from the repository root the
+``--before`` variants used to import this repository's mergelab, not ``DIR``'s.
+
+It prints every run's wall and CPU seconds (user + system of the process, all threads and the child processes it
+waited for: the tracking child included), the medians, the ratios of the medians to the untracked ones, and the
+load average before and after (other work on the machine slows every variant alike; the order alternates so that
+no variant always runs first).
 
 Usage::
 
@@ -95,9 +101,15 @@ def main() -> None:
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("MERGELAB_TRACK", None)
-    envs = {v: env for v in VARIANTS} | ({v: with_source(env, args.before) for v in BEFORE} if args.before else {})
+    here = with_source(env, Path(__file__).resolve().parents[1])
+    envs = {v: here for v in VARIANTS} | ({v: with_source(env, args.before) for v in BEFORE} if args.before else {})
     cli = [sys.executable, "-c", f"import torch; torch.set_num_threads({args.threads}); "
            "from mergelab.platform.cli import main; main()"]
+    for name in ("before", "ckpt", "keep"):
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).resolve())
+    cwd = os.getcwd()
+    os.chdir(work)  # `python -c` puts the working directory first on sys.path: an empty one, not a source tree
     try:
         ckpt = args.ckpt or args.keep or work / "ckpt"
         if args.ckpt is None:
@@ -125,6 +137,7 @@ def main() -> None:
                   flush=True)
         report(runs, load_before)
     finally:
+        os.chdir(cwd)
         shutil.rmtree(work, ignore_errors=True)
 
 

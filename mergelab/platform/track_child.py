@@ -6,7 +6,8 @@ overlaps it; done in a child process the two run in parallel on two cores. :func
 tracked_merge` takes this path when the run is not needed before the merge ends (an explicit output directory, no
 evaluation, no ``on_run`` callback, and mlflow not imported yet by the calling process).
 
-Protocol (JSON lines; the child is ``python -m mergelab.platform.track_child`` with the parent's environment):
+Protocol (JSON lines; the child runs :func:`main` of this module, from the parent's source tree, with the parent's
+environment):
 
 1. parent -> child, at once: ``{"store": {tracking_uri, artifact_root, optuna_storage}, "experiment": name}``; the
    child imports mlflow, opens the store (:meth:`Store.client`: schema lock, migrations) and gets or creates the
@@ -63,7 +64,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MODULE = "mergelab.platform.track_child"
-"""What the child runs (``python -m``)."""
+"""The module whose :func:`main` the child runs."""
 
 WAIT_EXIT_S = 60.0
 """How long :meth:`TrackingChild.close` waits for the child to exit before killing it."""
@@ -150,10 +151,11 @@ class TrackingChild:
     def __init__(self, store: Store, experiment: str) -> None:
         self.uri = store.tracking_uri
         self.done = False  # whether record() was called (it is tried once)
-        src = str(Path(mergelab.__file__).resolve().parents[1])  # the child runs this very source tree
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
-        self._proc = subprocess.Popen([sys.executable, "-m", MODULE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      env=env, text=True, encoding="utf-8")
+        # the child runs this very source tree: first on its path, before the working directory and PYTHONPATH
+        src = str(Path(mergelab.__file__).resolve().parents[1])
+        code = f"import sys; sys.path.insert(0, {src!r}); from {MODULE} import main; sys.exit(main())"
+        self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      text=True, encoding="utf-8")
         self._send({"store": dataclasses.asdict(store), "experiment": experiment})
 
     def record(self, rec: Mapping[str, Any]) -> tuple[str, str]:
