@@ -147,14 +147,19 @@ def test_child_needs_an_output_and_no_evaluation(platform_store: Store, tmp_path
     assert not (tmp_path / "o").exists()
 
 
-# the child driven by hand; what it imported is written to stderr (its stdout carries the answers) after it ran
+# the child driven by hand; what it imported is written to stderr (its stdout carries the answers) when it exits
 _CHILD = f"""
-import json, sys
+import json, os, sys
 from {MODULE} import main
-rc = main()
-mods = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers") or m.startswith("mergelab.engine"))
-sys.stderr.write("\\nMODULES " + json.dumps(mods) + "\\n")
-sys.exit(rc)
+
+def noting_exit(code, _exit=os._exit):
+    mods = [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers") or m.startswith("mergelab.engine")]
+    sys.stderr.write("\\nMODULES " + json.dumps(sorted(mods)) + "\\n")
+    sys.stderr.flush()
+    _exit(code)
+
+os._exit = noting_exit
+os._exit(main())
 """
 
 
@@ -282,3 +287,17 @@ def test_a_parent_killed_with_9_leaves_no_run_and_no_child(platform_store: Store
     client = platform_store.client()
     exp = client.get_experiment_by_name("mergelab")
     assert exp is None or client.search_runs([exp.experiment_id]) == []
+
+
+def test_bad_input_exits_2_and_the_early_child_creates_no_database(tmp_path: Path) -> None:
+    """`mergelab merge` starts its tracking child before checking its input; bad input ends it before it opens the
+    store."""
+    y = tmp_path / "m.yaml"
+    y.write_text(yaml.safe_dump({"base": str(tmp_path / "missing"), "experts": [str(tmp_path / "missing2")],
+                                 "method": "task_arithmetic", "policy": "llama", "device": "cpu"}))
+    env = {**os.environ, "MERGELAB_TRACK": "1", "OMP_NUM_THREADS": "1", "MERGELAB_ROOT": str(tmp_path / "mlruns")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([sys.executable, "-m", "mergelab.platform.cli", "merge", str(y), "--out",
+                           str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists() and not (tmp_path / "out").exists()

@@ -18,11 +18,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from mergelab.platform.exit_codes import bad_input
+
+if TYPE_CHECKING:
+    from mergelab.platform.track_child import TrackingChild
 
 
 @click.command("merge")
@@ -44,6 +47,24 @@ from mergelab.platform.exit_codes import bad_input
 def merge(config: Path, out: Path | None, overwrite: bool, device: str | None, report_path: Path | None, quiet: bool,
           allow_base_mismatch: bool, track: bool, eval_tasks: str | None, dry_run: bool) -> None:
     """Merge the experts of CONFIG (a mergelab recipe or a mergekit YAML) into OUT."""
+    # imported here, as the other work of the commands (`mergelab --help` stays fast)
+    from mergelab.platform.track_child import TrackingChild
+
+    # a tracked merge into OUT records its run from a child process: started first, so that it imports mlflow while
+    # this process imports torch and checks the input (it opens the store only once the checks passed)
+    child = TrackingChild() if track and out is not None and not dry_run and not eval_tasks else None
+    try:
+        _merge(config, out, overwrite, device, report_path, quiet, allow_base_mismatch, track, eval_tasks, dry_run,
+               child)
+    finally:
+        if child is not None:
+            child.close()
+
+
+def _merge(config: Path, out: Path | None, overwrite: bool, device: str | None, report_path: Path | None,
+           quiet: bool, allow_base_mismatch: bool, track: bool, eval_tasks: str | None, dry_run: bool,
+           child: TrackingChild | None) -> None:
+    """:func:`merge`'s work; ``child``: the tracking child started for it (``None``: untracked, a dry run or --eval)."""
     from mergelab.engine import run_merge
     from mergelab.engine.loop import preflight
     from mergelab.platform.merge_config import load_recipe
@@ -68,7 +89,7 @@ def merge(config: Path, out: Path | None, overwrite: bool, device: str | None, r
         from mergelab.platform.merge_run import tracked_merge
 
         tracked = tracked_merge(recipe, out=out, overwrite=overwrite, progress=not quiet, run_name=config.stem,
-                                allow_base_mismatch=allow_base_mismatch, tasks=tasks)
+                                allow_base_mismatch=allow_base_mismatch, tasks=tasks, child=child)
         report = tracked.report
         click.echo(f"MLflow run {tracked.run_id}")
         click.echo(f"  in the UI: {tracked.link or _run_link(tracked.run_id)}")

@@ -162,7 +162,7 @@ def tracked_merge(
     merge_fn: Callable[..., Any] = run_merge,
     end_run: bool = True,
     allow_base_mismatch: bool = False,
-    child: bool | None = None,
+    child: bool | TrackingChild | None = None,
 ) -> TrackedMerge:
     """Merge a recipe as one MLflow run, then evaluate the result on the val split.
 
@@ -203,7 +203,9 @@ def tracked_merge(
         end_run: set the run FINISHED on success (a campaign keeps it open to add registry tags).
         allow_base_mismatch: merge experts whose adapter or model config names another base.
         child: record the run from a child process; ``None`` (default): when ``out`` is given, with no ``tasks``
-            and no ``on_run``, in a process that has not imported mlflow yet (else it costs more than it saves).
+            and no ``on_run``, in a process that has not imported mlflow yet (else it costs more than it saves). A
+            :class:`~mergelab.platform.track_child.TrackingChild` the caller started earlier (``mergelab merge``
+            does, before importing torch) is used, and closed, instead of a new one.
 
     Returns:
         A :class:`TrackedMerge`.
@@ -216,15 +218,22 @@ def tracked_merge(
         request: Ctrl-C or SIGTERM, acted on between phases and between tensors) and the weights written by this
         call removed (in the run's artifact directory, or ``out``).
     """
-    if child is None:
-        child = out is not None and not tasks and on_run is None and "mlflow" not in sys.modules
-    elif child and (out is None or tasks or on_run is not None):
-        raise ValueError("child=True records the run after the merge: it needs `out` and no `tasks` or `on_run`")
-    preflight(recipe, out, overwrite=overwrite, allow_base_mismatch=allow_base_mismatch)
-    with _signals.deferred():
-        return _tracked_merge(recipe, store, experiment, run_name, parent_run_id, tags, extra_params, out, overwrite,
-                              progress, tasks, evaluator, reference_scores, on_task, on_run, merge_fn, end_run,
-                              allow_base_mismatch, child)
+    tracker = child if isinstance(child, TrackingChild) else None
+    try:
+        if child is None:
+            child = out is not None and not tasks and on_run is None and "mlflow" not in sys.modules
+        elif child and (out is None or tasks or on_run is not None):
+            raise ValueError("child=True records the run after the merge: it needs `out` and no `tasks` or `on_run`")
+        preflight(recipe, out, overwrite=overwrite, allow_base_mismatch=allow_base_mismatch)
+        if child and tracker is None:
+            tracker = TrackingChild()
+        with _signals.deferred():
+            return _tracked_merge(recipe, store, experiment, run_name, parent_run_id, tags, extra_params, out,
+                                  overwrite, progress, tasks, evaluator, reference_scores, on_task, on_run, merge_fn,
+                                  end_run, allow_base_mismatch, tracker)
+    finally:
+        if tracker is not None:
+            tracker.close()
 
 
 def _tracked_merge(recipe: MergeRecipe, store: Store | None, experiment: str, run_name: str | None,
@@ -233,12 +242,13 @@ def _tracked_merge(recipe: MergeRecipe, store: Store | None, experiment: str, ru
                    evaluator: Evaluator | None, reference_scores: Mapping[str, float] | None,
                    on_task: Callable[[str, EvalResult], None] | None, on_run: Callable[[str], None] | None,
                    merge_fn: Callable[..., Any], end_run: bool, allow_base_mismatch: bool,
-                   child: bool) -> TrackedMerge:
+                   tracker: TrackingChild | None) -> TrackedMerge:
     _signals.check()
     start_ms = int(time.time() * 1000)  # the run's start time, also when the child creates it after the merge
     store = store or Store.resolve()
-    tracker = TrackingChild(store, experiment) if child else None
-    inputs = _background(lambda: _inputs(recipe)) if child else None
+    if tracker is not None:
+        tracker.open(store, experiment)
+    inputs = _background(lambda: _inputs(recipe)) if tracker is not None else None
 
     def start() -> dict[str, Any]:
         params = {**(inputs() if inputs is not None else _inputs(recipe)), **(extra_params or {})}
@@ -344,9 +354,6 @@ def _tracked_merge(recipe: MergeRecipe, store: Store | None, experiment: str, ru
         elif run_id is not None and tracker is None:
             end_failed(client, run_id, failure(e), weights_deleted=deleted)
         raise
-    finally:
-        if tracker is not None:
-            tracker.close()
 
 
 def _merge_metrics(report: Any, seconds: float, gpu: bool) -> dict[str, float]:

@@ -146,8 +146,8 @@ class Store:
         fresh store together raced in it (the losers died with an alembic or duplicate-table error). Later calls
         take no lock.
         """
-        # imported here, not at the top: `import mlflow` costs seconds, and `mergelab merge` opens the store in a
-        # background thread while the merge runs (this module stays cheap to import for that)
+        # imported here, not at the top: `import mlflow` costs seconds, and the merging process of `mergelab merge`
+        # imports this module but never mlflow (its tracking child process opens the store: platform/track_child.py)
         from mlflow import MlflowClient
 
         uri = self.tracking_uri

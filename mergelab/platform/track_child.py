@@ -9,10 +9,10 @@ evaluation, no ``on_run`` callback, and mlflow not imported yet by the calling p
 Protocol (JSON lines; the child runs :func:`main` of this module, from the parent's source tree, with the parent's
 environment):
 
-1. parent -> child, at once: ``{"store": {tracking_uri, artifact_root, optuna_storage}, "experiment": name}``; the
-   child imports mlflow, opens the store (:meth:`Store.client`: schema lock, migrations) and gets or creates the
-   experiment, then answers ``{"open": experiment_id}`` or ``{"error": "MLflow store URI: ..."}`` (one line) and
-   exits;
+1. the child imports mlflow as soon as it starts; parent -> child, once the caller's input checks passed:
+   ``{"store": {tracking_uri, artifact_root, optuna_storage}, "experiment": name}``; the child opens the store
+   (:meth:`Store.client`: schema lock, migrations) and gets or creates the experiment, then answers
+   ``{"open": experiment_id}`` or ``{"error": "MLflow store URI: ..."}`` (one line) and exits;
 2. parent -> child, after the merge: one record, plain data: ``start`` (:func:`~mergelab.platform.merge_run.
    run_start`: start time, run name, tags, params, the ``config/merge.yaml`` dict), then ``metrics``, ``report``
    (the ``merge_report.json`` dict) and ``merged_uri`` when the merge produced them, ``end_run`` (set it FINISHED)
@@ -145,17 +145,23 @@ def record(client: MlflowClient, exp_id: str, rec: Mapping[str, Any]) -> str:
 
 
 class TrackingChild:
-    """A child process that imports mlflow, opens ``store`` and gets ``experiment`` as soon as it is made, while the
-    caller merges; :meth:`record` then sends it one run. Always :meth:`close` it (it exits once its input ends)."""
+    """A child process that imports mlflow as soon as it is made, then, once :meth:`open` names the store, opens it
+    and gets the experiment while the caller merges; :meth:`record` then sends it one run. Always :meth:`close` it
+    (it exits once its input ends). ``mergelab merge`` makes it first thing, so that mlflow's import runs beside
+    torch's and the input checks, and opens it once the checks pass (bad input creates no database)."""
 
-    def __init__(self, store: Store, experiment: str) -> None:
-        self.uri = store.tracking_uri
+    def __init__(self) -> None:
+        self.uri = "(not named yet)"
         self.done = False  # whether record() was called (it is tried once)
         # the child runs this very source tree: first on its path, before the working directory and PYTHONPATH
         src = str(Path(mergelab.__file__).resolve().parents[1])
         code = f"import sys; sys.path.insert(0, {src!r}); from {MODULE} import main; sys.exit(main())"
         self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       text=True, encoding="utf-8")
+
+    def open(self, store: Store, experiment: str) -> None:
+        """Have the child open ``store`` and get or create ``experiment`` (the module docstring's step 1)."""
+        self.uri = store.tracking_uri
         self._send({"store": dataclasses.asdict(store), "experiment": experiment})
 
     def record(self, rec: Mapping[str, Any]) -> tuple[str, str]:
@@ -209,7 +215,8 @@ class TrackingChild:
 
 
 def main() -> int:
-    """The child process (the module docstring's protocol). Returns its exit status: 0, or 1 after an error."""
+    """The child process (the module docstring's protocol). Returns its exit status (0, or 1 after an error); after
+    recording a run it exits at once instead."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # the parent is stopped, and records its run KILLED through this process
     answers = os.fdopen(os.dup(1), "w", encoding="utf-8")
@@ -219,15 +226,16 @@ def main() -> int:
     lines: queue.Queue[str | None] = queue.Queue()
     opening = threading.Lock()  # held while the store opens: an end of input waits for it (no half migration)
     threading.Thread(target=_read, args=(lines, opening), name="mergelab-track-input", daemon=True).start()
+    # imported here, not at the top: the parent imports this module and must not import mlflow (ui does); first
+    # thing, while the parent imports torch and checks its input
+    from mergelab.platform.ui import run_url, ui_base
+
     first = lines.get()
     if first is None:
         return 0
     msg = json.loads(first)
     store = Store(**msg["store"])
     try:
-        # imported here, not at the top: the parent imports this module and must not import mlflow (ui does)
-        from mergelab.platform.ui import run_url, ui_base
-
         with opening:
             client = store.client()
             exp_id = store.experiment_id(msg["experiment"], client)
@@ -243,7 +251,9 @@ def main() -> int:
     except Exception as e:  # noqa: BLE001
         return _error(answers, store, e)
     _write(answers, {"run_id": run_id, "link": link})
-    return 0
+    # done, everything committed: exit now, without the interpreter's shutdown (a second of the libraries' exit
+    # hooks that the parent, waiting to reap this process, would pay for)
+    os._exit(0)
 
 
 def _read(lines: queue.Queue[str | None], opening: threading.Lock) -> None:
