@@ -14,13 +14,13 @@ token only. Hyper-parameters come in a :class:`mergelab.bench.train.TrainConfig`
 
 from __future__ import annotations
 
-import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+import transformers
 
 from mergelab.bench.omni.data import OmniSample, render
 from mergelab.bench.omni.modeling import build_prompt
@@ -97,28 +97,15 @@ def prepare(model: Any, cfg: TrainConfig, connector: str | None = None) -> Any:
     return model
 
 
-def _warmup_cosine(warmup: int, total: int, start: int = 0) -> Callable[[int], float]:
-    """LR factor of step ``s``: 0 before ``start``, then a linear warmup of ``warmup`` steps and a cosine decay to
-    0 at ``total`` (transformers' ``get_cosine_schedule_with_warmup`` shifted by ``start``)."""
-    def factor(step: int) -> float:
-        s, n = step - start, max(1, total - start)
-        if s < 0:
-            return 0.0
-        if s < warmup:
-            return s / max(1, warmup)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (s - warmup) / max(1, n - warmup))))
-    return factor
-
-
 def train(model: Any, processor: Any, samples: Sequence[OmniSample], cfg: TrainConfig, *,
           connector: str | None = None, device: str | torch.device | None = "auto", connector_lr: float = 1.0,
           align_steps: int = 0) -> TrainResult:
     """Train ``model`` on ``samples`` (drawn uniformly with replacement, seeded) and return it in eval mode.
 
     The connector and the rest (LoRA factors or full-FT weights) are two AdamW parameter groups: the connector at
-    ``connector_lr * cfg.lr`` without weight decay, the rest at ``cfg.lr`` with ``cfg.weight_decay``. With
-    ``align_steps`` the first steps train the connector alone (the LLM frozen, a LLaVA-style alignment stage); the
-    rest's warmup and cosine schedule start after them.
+    ``connector_lr * cfg.lr`` without weight decay, the rest at ``cfg.lr`` with ``cfg.weight_decay``, both on one
+    warmup and cosine schedule over ``cfg.steps``. With ``align_steps`` the first steps train the connector alone
+    (the LLM frozen, a LLaVA-style alignment stage); the rest then joins at the schedule's current (decayed) rate.
 
     Args:
         model: an omni thinker (modified in place; wrapped by peft when ``cfg.lora_r > 0``).
@@ -147,9 +134,7 @@ def train(model: Any, processor: Any, samples: Sequence[OmniSample], cfg: TrainC
                           {"params": own, "lr": cfg.lr * connector_lr, "weight_decay": 0.0}) if g["params"]]
     model.to(dev).train()
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), foreach=True)
-    warmup = min(cfg.warmup_steps, cfg.steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, [_warmup_cosine(warmup, cfg.steps, align_steps if g["params"] is rest
-                                                                   else 0) for g in groups])
+    sched = transformers.get_cosine_schedule_with_warmup(opt, min(cfg.warmup_steps, cfg.steps), cfg.steps)
     for p in rest if align_steps else ():
         p.requires_grad_(False)
     media = [render(s) for s in samples]
