@@ -133,8 +133,9 @@ def _omni_tracking(experiment: str) -> tuple[Callable[[Any, Path, str], Any], Ca
     last: dict[str, str] = {}
 
     def merger(recipe: Any, out: Path, name: str) -> Any:  # a MergeRecipe (the engine is imported lazily)
+        # child=False: many merges in one process, the store opened once here costs less than a child per merge
         tm = tracked_merge(recipe, store=store, experiment=experiment, run_name=name, out=out, overwrite=True,
-                           tags={"mergelab.omni": name})
+                           tags={"mergelab.omni": name}, child=False)
         last[name.rsplit("/lam", 1)[0]] = tm.run_id
         return tm.report
 
