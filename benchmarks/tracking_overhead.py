@@ -16,7 +16,8 @@ or ``DIR``): ``python -c`` puts the working directory first on ``sys.path``, so 
 ``--before`` variants used to import this repository's mergelab, not ``DIR``'s.
 
 It prints every run's wall and CPU seconds (user + system of the process, all threads and the child processes it
-waited for: the tracking child included), the medians, the ratios of the medians to the untracked ones, and the
+waited for: the tracking child included) and the merging process's own CPU seconds (without its children), the
+medians, the ratios of the medians to the untracked ones, and the
 load average before and after (other work on the machine slows every variant alike; the order alternates so that
 no variant always runs first).
 
@@ -44,6 +45,8 @@ import merge_vs_mergekit  # noqa: E402  (the 150M Llama builder)
 VARIANTS = ("untracked", "tracked, fresh store", "tracked, existing store")
 BEFORE = ("before: fresh store", "before: existing store")
 TARGET = 1.15
+SELF_CPU_FILE = "TRACKING_OVERHEAD_SELF_CPU"
+"""The environment variable naming the file where a merge writes its own CPU seconds (without its children)."""
 
 
 def load() -> str:
@@ -61,7 +64,9 @@ def merge_once(cli: list[str], recipe: Path, out: Path, variant: str, root: Path
         cmd.append("--no-track")
     else:
         run_env["MERGELAB_ROOT"] = str(root)
-    r = merge_vs_mergekit.run(cmd, run_env)
+    self_file = out.parent / "self-cpu.txt"
+    r = merge_vs_mergekit.run(cmd, {**run_env, SELF_CPU_FILE: str(self_file)})
+    r["self"] = float(self_file.read_text())
     shutil.rmtree(out, ignore_errors=True)
     return r
 
@@ -73,13 +78,19 @@ def with_source(env: dict[str, str], src: Path) -> dict[str, str]:
 
 def report(runs: dict[str, list[dict[str, float]]], load_before: str) -> None:
     """The medians, the load and the ratios to the untracked merge."""
-    med = {v: {k: statistics.median(x[k] for x in rs) for k in ("wall", "cpu")} for v, rs in runs.items()}
-    print(f"{'median':>6s}  " + "  ".join(f"{med[v]['wall']:15.1f} ({med[v]['cpu']:5.1f})" for v in runs))
+    med = {v: {k: statistics.median(x[k] for x in rs) for k in ("wall", "cpu", "self")} for v, rs in runs.items()}
+    print(f"{'median':>6s}  " + "  ".join(cell(med[v]) for v in runs))
     print(f"\nload average (1/5/15 min): before {load_before}, after {load()}")
     for v in list(runs)[1:]:
         ratio = med[v]["wall"] / med["untracked"]["wall"]
         print(f"{v} / untracked: wall {ratio:.2f}x (target <= {TARGET}x: {'met' if ratio <= TARGET else 'MISSED'})"
-              f", CPU {med[v]['cpu'] / med['untracked']['cpu']:.2f}x")
+              f", CPU {med[v]['cpu'] / med['untracked']['cpu']:.2f}x"
+              f", merging process CPU {med[v]['self'] / med['untracked']['self']:.2f}x")
+
+
+def cell(r: dict[str, float]) -> str:
+    """``wall (CPU / merging process CPU)`` of one run or of the medians."""
+    return f"{r['wall']:12.1f} ({r['cpu']:4.1f}/{r['self']:4.1f})"
 
 
 def main() -> None:
@@ -103,7 +114,12 @@ def main() -> None:
     env.pop("MERGELAB_TRACK", None)
     here = with_source(env, Path(__file__).resolve().parents[1])
     envs = {v: here for v in VARIANTS} | ({v: with_source(env, args.before) for v in BEFORE} if args.before else {})
-    cli = [sys.executable, "-c", f"import torch; torch.set_num_threads({args.threads}); "
+    # `mergelab merge` as a user runs it (torch's threads from OMP_NUM_THREADS: importing torch first to set them
+    # would delay what the command does before torch's import, e.g. starting its tracking child), noting its own CPU
+    # (RUSAGE_SELF, written at its very end: the first exit hook registered runs last)
+    cli = [sys.executable, "-c", "import atexit, os, resource\n"
+           f"atexit.register(lambda: open(os.environ[{SELF_CPU_FILE!r}], 'w').write("
+           "str(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]))))\n"
            "from mergelab.platform.cli import main; main()"]
     for name in ("before", "ckpt", "keep"):
         if getattr(args, name) is not None:
@@ -128,12 +144,13 @@ def main() -> None:
                 merge_once(cli, recipe, work / "out", v, work / v, envs[v])
         load_before = load()
         runs: dict[str, list[dict[str, float]]] = {v: [] for v in envs}
-        print(f"\nwall (CPU) seconds per run\n{'repeat':>6s}  " + "  ".join(f"{v:>24s}" for v in envs))
+        print(f"\nwall (CPU / merging process CPU) seconds per run\n{'repeat':>6s}  "
+              + "  ".join(f"{v:>24s}" for v in envs))
         for r in range(args.repeats):
             for v in list(envs) if r % 2 == 0 else list(envs)[::-1]:
                 root = work / v if v.endswith("existing store") else work / f"store-{r}-{v}"
                 runs[v].append(merge_once(cli, recipe, work / "out", v, root, envs[v]))
-            print(f"{r:6d}  " + "  ".join(f"{runs[v][-1]['wall']:15.1f} ({runs[v][-1]['cpu']:5.1f})" for v in envs),
+            print(f"{r:6d}  " + "  ".join(cell(runs[v][-1]) for v in envs),
                   flush=True)
         report(runs, load_before)
     finally:
