@@ -301,8 +301,9 @@ def _tracked_merge(recipe: MergeRecipe, store: Store | None, experiment: str, ru
             wrote = out is None
             raise
         _signals.check()
-        metrics = _merge_metrics(report, time.perf_counter() - t0, gpu)
-        report_json = json.loads(json.dumps(_report_dict(report), default=str))
+        rd = _report_dict(report)  # built once: the metrics and merge_report.json
+        metrics = _merge_metrics(rd, time.perf_counter() - t0, gpu)
+        report_json = json.loads(json.dumps(rd, default=str))
         if tracker is None:
             assert run_id is not None
             if tmp_out is not None:
@@ -356,16 +357,16 @@ def _tracked_merge(recipe: MergeRecipe, store: Store | None, experiment: str, ru
         raise
 
 
-def _merge_metrics(report: Any, seconds: float, gpu: bool) -> dict[str, float]:
-    """The ``merge/*`` metrics of a finished merge (the engine's own peak samplers win over the process's)."""
+def _merge_metrics(rd: Mapping[str, Any], seconds: float, gpu: bool) -> dict[str, float]:
+    """The ``merge/*`` metrics of a finished merge from its report dict ``rd`` (the engine's own peak samplers win
+    over the process's)."""
     metrics = {"merge/seconds": seconds, "merge/peak_host_mb": _peak_host_mb(),
                "merge/peak_gpu_mb": _cuda_peak_mb() if gpu else 0.0}
-    rd = _report_dict(report)
     if numeric_value(rd.get("peak_rss_bytes")):  # the engine's own sampler covers only the merge itself
         metrics["merge/peak_host_mb"] = float(rd["peak_rss_bytes"]) / 2**20
     if numeric_value(rd.get("peak_gpu_bytes")):
         metrics["merge/peak_gpu_mb"] = float(rd["peak_gpu_bytes"]) / 2**20
-    metrics.update(report_metrics(report))
+    metrics.update(report_metrics(rd))
     return metrics
 
 
