@@ -127,7 +127,7 @@ def _omni_tracking(experiment: str) -> tuple[Callable[[Any, Path, str], Any], Ca
     lam<lam>``), and a callback logging a chosen merge's test scores (``test/<metric>``) to its run, the last one
     of that name."""
     from mergelab.platform.merge_run import tracked_merge
-    from mergelab.platform.store import Store, log_metrics
+    from mergelab.platform.store import Store, log_scores
 
     store = Store.resolve()
     last: dict[str, str] = {}
@@ -140,7 +140,7 @@ def _omni_tracking(experiment: str) -> tuple[Callable[[Any, Path, str], Any], Ca
         return tm.report
 
     def on_scores(name: str, scores: dict[str, float]) -> None:
-        log_metrics(store.client(), last[name], {f"test/{k}": v for k, v in scores.items()})
+        log_scores(store.client(), last[name], {f"test/{k}": v for k, v in scores.items()})
 
     return merger, on_scores
 

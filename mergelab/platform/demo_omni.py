@@ -62,7 +62,7 @@ from mergelab.platform.evaluation import HFEvaluator
 from mergelab.platform.omni import TAG_OMNI, build_key, reference_run
 from mergelab.platform.promotion import current_champion
 from mergelab.platform.registry import TEST_ITEMS_TAG
-from mergelab.platform.store import Store, log_metrics
+from mergelab.platform.store import Store, log_scores
 from mergelab.platform.ui import log_comparison
 
 OMNI_SETS: tuple[str, ...] = tuple(CROSS_SETS)
@@ -199,7 +199,7 @@ def _compare(client: MlflowClient, exp_id: str, template: Any, store: Store, exp
                 scores = _first_test_scores(client, rid)
             else:
                 scores = _scores_of(local_path(uri), items, device)
-                log_metrics(client, rid, {f"test/{k}": v for k, v in scores.items()})
+                log_scores(client, rid, {f"test/{k}": v for k, v in scores.items()})
                 client.set_tag(rid, TEST_ITEMS_TAG, str(_n_items(spec.sizes, 3)))
             cols.append((SHORT.get(method, method[:10]), lam, scores))
             out.rows.append({"name": method, "lam": lam, "scores": scores, "average": scores["cross_avg"],

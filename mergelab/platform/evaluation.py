@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergelab.evaluators import EvalResult, evaluate
-from mergelab.platform.store import log_metrics, log_table, records_table
+from mergelab.platform.store import log_scores, log_table, records_table
 
 if TYPE_CHECKING:  # mlflow is imported by the store when a client is made (`mergelab merge` overlaps that import)
     from mlflow import MlflowClient
@@ -109,9 +109,7 @@ def log_eval(client: MlflowClient, run_id: str, summary: EvalResult,
     sp = summary.split or "eval"
     first = [f"{sp}/average", *(f"{sp}/{t}" for t in summary.scores)]
     metrics = {**{k: metrics[k] for k in first if k in metrics}, **metrics}
-    # Scores are percentages over a few thousand items at most: 4 decimals keep every distinction and spare the UI
-    # float noise such as 60.9839999 (the returned values stay exact).
-    log_metrics(client, run_id, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+    log_scores(client, run_id, metrics)
     if summary.records:
         log_table(client, run_id, records_table(summary.records), f"predictions/{summary.split}.json")
     if chart and summary.scores:

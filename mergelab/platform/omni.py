@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 
 from mergelab.engine import ExpertSpec, MergeRecipe
 from mergelab.platform.campaign_config import CampaignConfig, OmniZooRef
-from mergelab.platform.store import TAG_ROLE, Store, log_metrics
+from mergelab.platform.store import TAG_ROLE, Store, log_scores
 
 MODALITIES = ("image", "audio", "video")
 """The omni experts, in the zoo's order (:data:`mergelab.bench.omni.data.MODALITIES`)."""
@@ -123,7 +123,7 @@ def reference_run(client: MlflowClient, exp_id: str, label: str, path: Path, key
         return old[0].info.run_id, True
     run = client.create_run(exp_id, run_name=label, tags={TAG_ROLE: "reference", TAG_REFERENCE: label,
                                                           TAG_OMNI: label, TAG_PATH: str(path), TAG_BUILD: key})
-    log_metrics(client, run.info.run_id, {f"test/{k}": float(v) for k, v in scores().items()})
+    log_scores(client, run.info.run_id, {f"test/{k}": float(v) for k, v in scores().items()})
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id, False
 

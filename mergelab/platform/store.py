@@ -301,6 +301,12 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
         client.log_batch(run_id, metrics=items[i : i + 1000])
 
 
+def log_scores(client: MlflowClient, run_id: str, scores: Mapping[str, float], step: int = 0) -> None:
+    """Log evaluation scores (percentages over a few thousand items at most) rounded to 4 decimals: that keeps every
+    distinction and spares the UI float noise such as 60.9839999 (callers keep the exact values)."""
+    log_metrics(client, run_id, {k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}, step)
+
+
 def records_table(records: Iterable[Mapping[str, Any]]) -> dict[str, list[Any]]:
     rows = list(records)
     cols: list[str] = []
