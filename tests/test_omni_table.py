@@ -7,15 +7,16 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from mergelab.bench.omni import data
+from mergelab.bench.omni import data, table
 from mergelab.bench.omni.__main__ import main
-from mergelab.bench.omni.build import seed_dir
+from mergelab.bench.omni.build import seed_dir, usable_jobs
 from mergelab.bench.omni.table import format_targets, merge_experts, targets
 from mergelab.bench.omni.train import TOWERS
 from mergelab.engine import merge
@@ -70,6 +71,37 @@ def test_targets_compare_the_best_merge_with_every_expert() -> None:
     text = format_targets(t)
     assert "+7.0 (>= 5: met)" in text and "(<= 5 each: not met)" in text and "spread 14.0 (>= 5: met)" in text
     assert targets(agg, "full") == {} and format_targets({}) == ""
+
+
+def test_usable_jobs_are_the_cores_capped_at_the_work() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert usable_jobs(None, 1000) == cores and usable_jobs(None, 1) == 1
+    assert usable_jobs(4, 2) == 2 and usable_jobs(1, 9) == 1 and usable_jobs(3, 0) == 1
+
+
+def test_the_parallel_table_equals_the_sequential_one(quick_run, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``jobs=2`` (the evaluations in two worker processes, the merges here) gives the same scores, lambdas, log
+    lines and table as ``jobs=1`` (everything in this process), with a val sweep, both LoRA modes and a
+    composition: the evaluations are deterministic and gathered in the table's order."""
+    pools: list[int] = []
+
+    class Pool(ProcessPoolExecutor):
+        def __init__(self, workers: int) -> None:
+            pools.append(workers)
+            super().__init__(workers)
+
+    monkeypatch.setattr(table, "ProcessPoolExecutor", Pool)
+    results, logs = {}, {}
+    for jobs in (1, 2):
+        logs[jobs] = []
+        results[jobs] = table.run(quick_run[0], jobs=jobs, quick=True, methods=["weight_average", "task_arithmetic"],
+                                  lam_grid=[0.5, 1.0], lora_modes=("delta", "factors"), compose=("damc",),
+                                  log=logs[jobs].append)
+    assert pools == [2]
+    seq, par = results[1]["per_seed"][0], results[2]["per_seed"][0]
+    assert list(par["models"]) == list(seq["models"]) and par["models"] == seq["models"]
+    assert par["lam"] == seq["lam"] and par["lam"]["lora/task_arithmetic/factors"] in (0.5, 1.0)
+    assert logs[2] == logs[1] and results[2]["aggregate"] == results[1]["aggregate"]
 
 
 def test_a_merge_keeps_each_tower_bit_identical_to_its_owner(quick_run, tmp_path: Path) -> None:

@@ -82,8 +82,9 @@ def table(zoo_dir: Path | None, merges: bool, settings: str, methods: str | None
 @click.option("--zoo", "zoo_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Zoo root; <zoo>/omni/seed<k> (base, experts, merge layout) is built when missing.")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated zoo seeds.")
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Processes for expert training (2 on a 2-core machine).")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Processes (one torch thread each) for the expert training and then the evaluations; the scores "
+                   "equal one process's [default: the usable cores].")
 @click.option("--device", default="cpu", show_default=True, help="Training, merge and evaluation device.")
 @click.option("--settings", default=None, help="Expert settings: lora, full (default: both).")
 @click.option("--methods", default=None, help="Comma-separated methods (default: every paper method).")
@@ -102,7 +103,7 @@ def table(zoo_dir: Path | None, merges: bool, settings: str, methods: str | None
                                             "MLFLOW_TRACKING_URI); the chosen merges get their test scores; the "
                                             "base and each expert are reference runs.")
 @click.option("--experiment", default="omni", show_default=True, help="MLflow experiment of the tracked merges.")
-def omni(zoo_dir: Path, seeds: str, jobs: int, device: str, settings: str | None, methods: str | None,
+def omni(zoo_dir: Path, seeds: str, jobs: int | None, device: str, settings: str | None, methods: str | None,
          lam_grid: str | None, lora_modes: str, compose_modes: str, quick: bool, json_out: Path | None,
          track: bool, experiment: str) -> None:
     """Modality merging (the paper's Table 5): vision, audio and video experts merged into one omni model."""

@@ -26,7 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mergelab.bench.omni", description=__doc__)
     ap.add_argument("--zoo", required=True, help="zoo root; <zoo>/omni/seed<k> is built when missing")
     ap.add_argument("--seeds", default="0", help="comma-separated zoo seeds (default 0)")
-    ap.add_argument("--jobs", type=int, default=1, help="processes for expert training")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="processes for the expert training and the evaluations (default: the usable cores)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     ap.add_argument("--json-out", default=None, help="write the result JSON here")
     ap.add_argument("--methods", default=None, help="comma-separated methods (default: every paper method)")

@@ -17,6 +17,7 @@ the one expert that holds it (``carry_unique=True``); LoRA experts enter as thei
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -178,21 +179,30 @@ def build_expert(root: Path, plan: OmniPlan, seed: int, setting: str, modality: 
     return {"seconds": res.seconds, "loss": res.losses[-1], "trainable": res.trainable_params}
 
 
+def usable_jobs(jobs: int | None, width: int) -> int:
+    """Worker processes for ``width`` independent jobs: ``jobs``, or when None the cores this process may run on
+    (``os.sched_getaffinity``), capped at ``width`` and at least 1."""
+    n = len(os.sched_getaffinity(0)) if jobs is None else jobs
+    return max(1, min(n, width))
+
+
 def _expert_job(args: tuple[str, OmniPlan, int, str, str, str]) -> tuple[str, str, dict[str, Any]]:
     root, plan, seed, setting, modality, device = args
     torch.set_num_threads(1)
     return setting, modality, build_expert(Path(root), plan, seed, setting, modality, device)
 
 
-def build(zoo: str | Path, seed: int = 0, plan: OmniPlan | None = None, *, jobs: int = 1, device: str = "auto",
-          log: Any = print) -> Path:
+def build(zoo: str | Path, seed: int = 0, plan: OmniPlan | None = None, *, jobs: int | None = 1,
+          device: str = "auto", log: Any = print) -> Path:
     """Build whatever of seed ``seed``'s omni zoo is missing (see the module docstring); returns its directory.
 
     Args:
         zoo: the zoo root.
         seed: the seed (base init, data order, LoRA init).
         plan: sizes and training settings (default :class:`OmniPlan`).
-        jobs: expert trainings run in this many processes (one torch thread each).
+        jobs: expert trainings run in this many processes (one torch thread each; None: the usable cores, see
+            :func:`usable_jobs`), the longest runs (most steps) started first; the results are logged and stored in
+            the plan's order.
         device: ``auto``, ``cpu`` or ``cuda``.
         log: called with one line per finished step.
     """
@@ -211,9 +221,12 @@ def build(zoo: str | Path, seed: int = 0, plan: OmniPlan | None = None, *, jobs:
             if not (root / "merge" / s / m / "model.safetensors").is_file()]
     experts = info.setdefault("experts", {})
     results: Sequence[tuple[str, str, dict[str, Any]]]
-    if jobs > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            results = list(pool.map(_expert_job, todo))
+    workers = usable_jobs(jobs, len(todo))
+    if workers > 1:  # longest first, so that no worker is left with a long run at the end
+        order = sorted(range(len(todo)), key=lambda i: -plan.expert_config(todo[i][3], todo[i][4], seed).steps)
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            done = dict(zip(order, pool.map(_expert_job, [todo[i] for i in order]), strict=True))
+        results = [done[i] for i in range(len(todo))]
     else:
         results = [_expert_job(t) for t in todo]
     for setting, modality, entry in results:

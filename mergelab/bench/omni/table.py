@@ -16,24 +16,27 @@ one that makes each merge an MLflow run, and gets each chosen merge's test score
 
 from __future__ import annotations
 
+import functools
 import json
+import shutil
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mergelab.bench.omni import data, metrics
-from mergelab.bench.omni.build import OmniPlan, build
+from mergelab.bench.omni.build import OmniPlan, build, usable_jobs
 from mergelab.bench.omni.compose import MODES as COMPOSE_MODES
 from mergelab.bench.omni.compose import compose_seed
 from mergelab.bench.omni.train import answers
 from mergelab.engine import MergeRecipe, run_merge
-from mergelab.hf import quiet_transformers
+from mergelab.hf import quiet_transformers, resolve_device
 from mergelab.methods import METHODS
 from mergelab.methods.base import LAM_GRID
 
@@ -68,17 +71,25 @@ def eval_items(split: str, sizes: EvalSizes, seed: int) -> tuple[dict[str, list[
     return cross, tasks
 
 
-def evaluate(model: Any, processor: Any, items: tuple[dict[str, list[data.OmniSample]], ...],
-             only: str | None = None) -> dict[str, float]:
-    """Scores of ``model``: each cross-modal set (and per question type), their average ``cross_avg``, each task
-    and each modality's mean ``own/<modality>``. ``only``: feed only that modality (an expert; its own tasks)."""
-    cross, tasks = items
+def score_cross(model: Any, processor: Any, cross: dict[str, list[data.OmniSample]],
+                only: str | None = None) -> dict[str, float]:
+    """Scores of ``model`` on each cross-modal set (and per question type) and their average ``cross_avg``: the
+    first part of :func:`evaluate`, and all that the val split's lambda choice reads."""
     out: dict[str, float] = {}
     for name, samples in cross.items():
         shown = [s.only((only,)) for s in samples] if only else samples
         for k, v in metrics.score(samples, answers(model, processor, shown)).items():
             out[name if k == "accuracy" else f"{name}/{k}"] = v
     out["cross_avg"] = statistics.fmean(out[c] for c in data.CROSS_SETS)
+    return out
+
+
+def evaluate(model: Any, processor: Any, items: tuple[dict[str, list[data.OmniSample]], ...],
+             only: str | None = None) -> dict[str, float]:
+    """Scores of ``model``: each cross-modal set (and per question type), their average ``cross_avg``, each task
+    and each modality's mean ``own/<modality>``. ``only``: feed only that modality (an expert; its own tasks)."""
+    cross, tasks = items
+    out = score_cross(model, processor, cross, only)
     for modality in data.MODALITIES if only is None else (only,):
         names = [t for t, (m, _, _) in data.TASKS.items() if m == modality]
         for t in names:
@@ -141,10 +152,101 @@ def methods_to_run(names: Sequence[str] | None = None) -> list[str]:
     return [n for n, s in METHODS.items() if s.paper]
 
 
+@dataclass(frozen=True)
+class EvalJob:
+    """One evaluation of the table, run by :func:`run_eval` in a worker process or in place.
+
+    Attributes:
+        root: the seed directory (its base's processor; the experts of a composition).
+        split: ``val`` or ``test``.
+        sizes: items per evaluation.
+        seed: the zoo seed (the items' seed).
+        model: the model directory to load; empty for a composition.
+        only: feed only this modality (an expert, scored on its own tasks).
+        compose: ``(setting, mode)`` of an online composition (:func:`~mergelab.bench.omni.compose.compose_seed`).
+        device: the composition's device.
+    """
+
+    root: str
+    split: str
+    sizes: EvalSizes
+    seed: int
+    model: str = ""
+    only: str | None = None
+    compose: tuple[str, str] | None = None
+    device: str = "cpu"
+
+
+@functools.lru_cache(maxsize=4)
+def _items(split: str, sizes: EvalSizes, seed: int) -> tuple[dict[str, list[data.OmniSample]], ...]:
+    """:func:`eval_items`, made once per process (the table's parent makes them before its workers fork)."""
+    return eval_items(split, sizes, seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _processor(root: str) -> Any:
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(Path(root) / "base")
+
+
+def run_eval(job: EvalJob) -> tuple[dict[str, float], str]:
+    """Run one :class:`EvalJob` on one torch thread: its :func:`evaluate` scores and a note (for a composition:
+    how many deltas it keeps on how many layers; else empty)."""
+    torch.set_num_threads(1)
+    note = ""
+    if job.compose is not None:
+        composed = compose_seed(job.root, *job.compose, device=job.device)
+        model, note = composed.model, f"{len(composed.experts)} deltas kept on {len(composed.layers)} layers"
+    else:
+        model = _load(Path(job.model))
+    return evaluate(model, _processor(job.root), _items(job.split, job.sizes, job.seed), only=job.only), note
+
+
+class InPlace(Executor):
+    """An executor that runs each job when it is submitted, in this process (the table with one job)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+@dataclass
+class _Results:
+    """The test scores of one seed's table, taken in the table's order as they finish (:meth:`take`)."""
+
+    seed: int
+    order: list[str]
+    tests: dict[str, Future[tuple[dict[str, float], str]]]
+    chosen: dict[str, float | None]
+    log: Callable[[str], None]
+    on_scores: Callable[[str, dict[str, float]], None] | None
+    models: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def take(self, wait: bool) -> None:
+        """Take the next models' scores while they are done (every one, waiting, with ``wait``): log a merge's or
+        a composition's line, pass a merge's scores to ``on_scores``."""
+        while len(self.models) < len(self.order):
+            name = self.order[len(self.models)]
+            future = self.tests.get(name)
+            if future is None or not (wait or future.done()):
+                return
+            self.models[name], note = future.result()
+            cross = self.models[name]["cross_avg"]
+            if name.startswith("compose/"):
+                self.chosen[name] = None
+                self.log(f"omni seed {self.seed}: {name} (online, {note}) cross avg {cross:.1f}")
+            elif not name.startswith("expert/"):
+                if self.on_scores is not None:
+                    self.on_scores(f"seed{self.seed}/{name}", self.models[name])
+                self.log(f"omni seed {self.seed}: {name} lam {self.chosen[name]} cross avg {cross:.1f}")
+
+
 def run_seed(zoo: str | Path, seed: int, *, plan: OmniPlan | None = None, sizes: EvalSizes | None = None,
-             methods: Sequence[str] | None = None, lam_grid: Sequence[float] = (0.5, 1.0, 1.5), jobs: int = 1,
-             device: str = "cpu", log: Callable[[str], None] = print, merger: Merger | None = None,
-             on_scores: Callable[[str, dict[str, float]], None] | None = None,
+             methods: Sequence[str] | None = None, lam_grid: Sequence[float] = (0.5, 1.0, 1.5),
+             jobs: int | None = 1, device: str = "cpu", log: Callable[[str], None] = print,
+             merger: Merger | None = None, on_scores: Callable[[str, dict[str, float]], None] | None = None,
              lora_modes: Sequence[str] = ("delta",), compose: Sequence[str] = ()) -> dict[str, Any]:
     """One seed of the experiment: ``{"models": {name: scores}, "lam": {name: chosen}, "seconds": ...}``.
 
@@ -153,8 +255,15 @@ def run_seed(zoo: str | Path, seed: int, *, plan: OmniPlan | None = None, sizes:
     ``damc``; model ``compose/<mode>/<setting>``, :func:`~mergelab.bench.omni.compose.compose_seed`), scored on
     test with every medium like the merges (no lambda: chosen ``None``).
 
-    ``merger`` runs each merge (:data:`Merger`); ``on_scores(f"seed<k>/<setting>/<method>", test scores)`` is called
-    right after the chosen merge (the last one of that name) is scored on test.
+    ``jobs``: processes for the expert training (:func:`~mergelab.bench.omni.build.build`) and then for the
+    evaluations (one torch thread each; None: the usable cores, :func:`~mergelab.bench.omni.build.usable_jobs`;
+    on CUDA the evaluations stay in this process). This process runs every merge, each at every lambda into its
+    own directory, and hands each evaluation to a worker; the results are gathered in a fixed order, so the
+    scores, the log lines and the returned dict equal those of ``jobs=1``.
+
+    ``merger`` runs each merge (:data:`Merger`), always in this process; ``on_scores(f"seed<k>/<setting>/<method>",
+    test scores)`` is called, in the table's order, once the chosen merge (the last one of that name, merged again
+    at its lambda after the val sweep) is scored on test.
 
     Model names: ``expert/<modality>/<setting>``, ``<setting>/<method>``, ``lora/<method>/factors`` and
     ``compose/<mode>/<setting>``.
@@ -163,40 +272,47 @@ def run_seed(zoo: str | Path, seed: int, *, plan: OmniPlan | None = None, sizes:
     plan = plan or OmniPlan()
     sizes = sizes or EvalSizes()
     root = build(zoo, seed, plan, jobs=jobs, device=device, log=log)
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(root / "base")
-    val, test = eval_items("val", sizes, seed), eval_items("test", sizes, seed)
-    models: dict[str, dict[str, float]] = {}
+    for split in ("val", "test"):
+        _items(split, sizes, seed)
+    _processor(str(root))
+    job = functools.partial(EvalJob, str(root), sizes=sizes, seed=seed, device=device)
+    merges = [(setting, method, mode, f"{setting}/{method}" + ("/factors" if mode == "factors" else ""))
+              for setting in plan.settings for method in methods_to_run(methods)
+              for mode in (lora_modes if setting == "lora" else ("delta",))]
+    grids = {name: (tuple(lam_grid) if METHODS[method].has_lam else (None,)) for _, method, _, name in merges}
+    order = [n for setting in plan.settings for n in [f"expert/{m}/{setting}" for m in data.MODALITIES]
+             + [n for s, _, _, n in merges if s == setting] + [f"compose/{mode}/{setting}" for mode in compose]]
+    workers = usable_jobs(jobs, len(order)) if resolve_device(device).type == "cpu" else 1
+    tests: dict[str, Future[tuple[dict[str, float], str]]] = {}
     chosen: dict[str, float | None] = {}
-    for setting in plan.settings:
-        for m in data.MODALITIES:
-            models[f"expert/{m}/{setting}"] = evaluate(_load(root / "experts" / setting / m), processor, test, only=m)
-        for method in methods_to_run(methods):
-            grid: Sequence[float | None] = lam_grid if METHODS[method].has_lam else (None,)
-            for mode in lora_modes if setting == "lora" else ("delta",):
-                name = f"{setting}/{method}" + ("/factors" if mode == "factors" else "")
-                best: tuple[float, float | None] = (-1.0, None)
-                with tempfile.TemporaryDirectory() as tmp:
-                    for lam in grid:
-                        merge_experts(root, setting, method, lam, Path(tmp) / "m", device, merger,
-                                      f"seed{seed}/{name}/lam{lam}", mode)
-                        score = evaluate(_load(Path(tmp) / "m"), processor, val)["cross_avg"] if len(grid) > 1 else 0.0
-                        best = max(best, (score, lam), key=lambda x: x[0])
-                    merge_experts(root, setting, method, best[1], Path(tmp) / "m", device, merger,
-                                  f"seed{seed}/{name}/lam{best[1]}", mode)
-                    models[name] = evaluate(_load(Path(tmp) / "m"), processor, test)
-                    chosen[name] = best[1]
-                    if on_scores is not None:
-                        on_scores(f"seed{seed}/{name}", models[name])
-                log(f"omni seed {seed}: {name} lam {best[1]} cross avg {models[name]['cross_avg']:.1f}")
-        for mode in compose:
-            name = f"compose/{mode}/{setting}"
-            composed = compose_seed(root, setting, mode, device=device)
-            models[name], chosen[name] = evaluate(composed.model, processor, test), None
-            log(f"omni seed {seed}: {name} (online, {len(composed.experts)} deltas kept on {len(composed.layers)} "
-                f"layers) cross avg {models[name]['cross_avg']:.1f}")
-    return {"models": models, "lam": chosen, "seconds": time.perf_counter() - t0}
+    results = _Results(seed, order, tests, chosen, log, on_scores)
+    with tempfile.TemporaryDirectory() as tmp, (ProcessPoolExecutor(workers) if workers > 1 else InPlace()) as pool:
+        for setting in plan.settings:
+            for m in data.MODALITIES:
+                tests[f"expert/{m}/{setting}"] = pool.submit(
+                    run_eval, job("test", model=str(root / "experts" / setting / m), only=m))
+            for mode in compose:
+                tests[f"compose/{mode}/{setting}"] = pool.submit(run_eval, job("test", compose=(setting, mode)))
+        vals: dict[tuple[str, float | None], Future[tuple[dict[str, float], str]]] = {}
+        for i, (setting, method, mode, name) in enumerate(merges):  # every merge first, its val scoring queued
+            for lam in grids[name]:
+                out = Path(tmp) / str(i) / f"lam{lam}"
+                merge_experts(root, setting, method, lam, out, device, merger, f"seed{seed}/{name}/lam{lam}", mode)
+                if len(grids[name]) > 1:
+                    vals[name, lam] = pool.submit(run_eval, job("val", model=str(out)))
+        for i, (setting, method, mode, name) in enumerate(merges):  # lambda on val, then the chosen merge on test
+            best: tuple[float, float | None] = (-1.0, None)
+            for lam in grids[name]:
+                score = vals[name, lam].result()[0]["cross_avg"] if len(grids[name]) > 1 else 0.0
+                best = max(best, (score, lam), key=lambda x: x[0])
+                shutil.rmtree(Path(tmp) / str(i) / f"lam{lam}")
+            out = Path(tmp) / str(i) / "chosen"
+            merge_experts(root, setting, method, best[1], out, device, merger, f"seed{seed}/{name}/lam{best[1]}", mode)
+            tests[name], chosen[name] = pool.submit(run_eval, job("test", model=str(out))), best[1]
+            results.take(wait=False)
+        results.take(wait=True)
+    return {"models": results.models, "lam": {n: chosen[n] for n in order if n in chosen},
+            "seconds": time.perf_counter() - t0}
 
 
 def aggregate(per_seed: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -275,7 +391,7 @@ def format_targets(t: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(zoo: str | Path, seeds: Sequence[int] = (0,), *, jobs: int = 1, device: str = "cpu",
+def run(zoo: str | Path, seeds: Sequence[int] = (0,), *, jobs: int | None = None, device: str = "cpu",
         json_out: str | Path | None = None, quick: bool = False, methods: Sequence[str] | None = None,
         lam_grid: Sequence[float] | None = None, settings: Sequence[str] | None = None,
         log: Callable[[str], None] = print, merger: Merger | None = None,
@@ -289,7 +405,9 @@ def run(zoo: str | Path, seeds: Sequence[int] = (0,), *, jobs: int = 1, device: 
     Args:
         zoo: zoo root (``<zoo>/omni/seed<k>`` is built when missing).
         seeds: zoo seeds.
-        jobs: processes for expert training.
+        jobs: processes for the expert training and then the evaluations (default None: the usable cores,
+            :func:`~mergelab.bench.omni.build.usable_jobs`); every score equals the one-process run's
+            (:func:`run_seed`).
         device: ``cpu``, ``cuda`` or ``auto``.
         json_out: where to write the result JSON.
         quick: the test-sized plan and evaluation (:meth:`OmniPlan.quick`, :meth:`EvalSizes.quick`).
