@@ -312,7 +312,7 @@ def _trim_and_merge(deltas: Tensor, thresholds: Tensor | None) -> Tensor:
     m = flat.shape[1]
     dev, dtype = flat.device, flat.dtype
     out = torch.empty(m, dtype=dtype, device=dev)
-    c = chunk_size(n, dev) * _MERGE_CHUNKS
+    c = chunk_size(n, dev) * (_MERGE_CHUNKS if dev.type == "cpu" else 1)
     size = min(c, m)
     buf = torch.empty((n, size), dtype=dtype, device=dev)  # |x| and the keep mask, then relu(x * sign)
     sg, cnt = torch.empty(size, dtype=dtype, device=dev), torch.empty(size, dtype=dtype, device=dev)
