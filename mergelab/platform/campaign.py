@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import shutil
 import tempfile
 import time
@@ -45,7 +44,7 @@ from mergelab.engine import run_merge
 from mergelab.engine.loop import preflight
 from mergelab.evaluators import EvalResult
 from mergelab.platform import registry as reg
-from mergelab.platform.campaign_config import CampaignConfig
+from mergelab.platform.campaign_config import WEIGHTED, CampaignConfig
 from mergelab.platform.campaign_space import (  # noqa: F401  (re-exported: callers import them from here)
     NONE_DEFAULTS,
     START_ATTR,
@@ -169,6 +168,8 @@ def search_signature(cfg: CampaignConfig) -> dict[str, Any]:
     sig = {"objective": cfg.objective.metrics, "directions": cfg.objective.directions,
            "search_space": {k: v.model_dump() for k, v in cfg.search_space.items()},
            "coefficients": cfg.coefficients.model_dump() if cfg.coefficients else None}
+    if cfg.objective.weights is not None:  # only then: the signatures of studies without weights stay as recorded
+        sig["weights"] = cfg.objective.weights
     return json.loads(json.dumps(sig, sort_keys=True, default=str))
 
 
@@ -237,6 +238,7 @@ def ensure_parent_run(cfg: CampaignConfig, store: Store, client: MlflowClient, s
             "method": cfg.method, "sampler": cfg.sampler.name, "sampler.seed": cfg.sampler.seed,
             "budget.n_trials": cfg.budget.n_trials, "budget.timeout_s": cfg.budget.timeout_s,
             "objective": cfg.objective.metrics, "directions": cfg.objective.directions,
+            **({"objective.weights": cfg.objective.weights} if cfg.objective.weights is not None else {}),
             "pruner": cfg.pruning.pruner, "eval.tasks": cfg.eval.tasks, "registry.name": cfg.registry.name,
             "registry.register": cfg.registry.register_policy, "registry.top_k": cfg.registry.top_k,
             "search_space": {k: v.model_dump() for k, v in cfg.search_space.items()},
@@ -354,12 +356,14 @@ def run_campaign(
             tasks=cfg.eval.tasks, evaluator=evaluator, reference_scores=reference, on_task=on_task,
             on_run=lambda rid: trial.set_user_attr(RUN_ATTR, rid), merge_fn=merge_fn or run_merge, end_run=False)
         try:
-            values = []
-            for m in cfg.objective.metrics:
-                if m not in tm.metrics or not math.isfinite(tm.metrics[m]):
-                    raise ValueError(f"objective metric {m!r} missing or not finite in trial {trial.number}; "
-                                     f"have {sorted(k for k in tm.metrics if k.startswith('val/'))}")
-                values.append(float(tm.metrics[m]))
+            try:
+                values = cfg.objective.values(tm.metrics)
+            except KeyError as e:
+                raise ValueError(f"objective metric {e.args[0]!r} missing or not finite in trial {trial.number}; "
+                                 f"have {sorted(k for k in tm.metrics if k.startswith('val/'))}") from None
+            if cfg.objective.weights is not None:  # the combined objective, on the run and the version's tags
+                tm.metrics[WEIGHTED] = values[0]
+                log_metrics(client, tm.run_id, {WEIGHTED: values[0]})
             assert tm.val is not None
             trial.set_user_attr("val_scores", tm.val.scores)
             _register_or_discard(cfg, store, client, trial.number, tm, values[0], direction0, keep,
@@ -481,7 +485,7 @@ def _register_or_discard(cfg: CampaignConfig, store: Store, client: MlflowClient
             client.set_tag(tm.run_id, TAG_WEIGHTS, "deleted")
         return
     tags: dict[str, Any] = {"method": cfg.method, "campaign": cfg.name, "trial": number,
-                            "eval.tasks": json.dumps(cfg.eval.tasks), "objective": cfg.objective.metrics[0]}
+                            "eval.tasks": json.dumps(cfg.eval.tasks), "objective": cfg.objective.names[0]}
     tags.update({f"hp.{k}": v for k, v in params.items()})
     tags.update({f"coef.{k}": v for k, v in coefs.items()})
     tags.update({k: f"{v:.4f}" for k, v in tm.metrics.items() if k.startswith("val/") and k.count("/") == 1})
@@ -590,7 +594,7 @@ def summarize_campaign(cfg: CampaignConfig, store: Store, study: optuna.Study, p
         sign = -1.0 if (cfg.objective.directions or ["maximize"])[0] == "minimize" else 1.0
         best = max(complete, key=lambda t: sign * t.values[0])
         metrics["best/trial"] = best.number
-        for m, v in zip(cfg.objective.metrics, best.values, strict=True):
+        for m, v in zip(cfg.objective.names, best.values, strict=True):
             metrics[f"best/{m}"] = v
         for k, v in best.user_attrs.get("val_scores", {}).items():
             metrics[f"best/val/{k}"] = v
@@ -601,7 +605,7 @@ def summarize_campaign(cfg: CampaignConfig, store: Store, study: optuna.Study, p
                                  "val_scores": best.user_attrs.get("val_scores"),
                                  "mlflow_run_id": best.user_attrs.get(RUN_ATTR)}, "best_trial.json")
     retry_on_conflict(log_metrics, client, parent, metrics)
-    retry_on_conflict(log_objective_series, client, parent, complete, cfg.objective.metrics)
+    retry_on_conflict(log_objective_series, client, parent, complete, cfg.objective.names)
     table = trials_table(study)
     if table["trial"]:
         log_table(client, parent, table, "trials.json")
@@ -637,7 +641,7 @@ def _log_plots(cfg: CampaignConfig, study: optuna.Study, parent: str, client: Ml
 
     kw: dict[str, Any] = {}
     if len(study.directions) > 1:
-        kw = {"target": lambda t: t.values[0], "target_name": cfg.objective.metrics[0]}
+        kw = {"target": lambda t: t.values[0], "target_name": cfg.objective.names[0]}
     plots: list[tuple[str, Callable[..., Any], Callable[..., Any]]] = [
         ("optimization_history", pv.plot_optimization_history, pm.plot_optimization_history),
         ("parallel_coordinate", pv.plot_parallel_coordinate, pm.plot_parallel_coordinate),
@@ -651,7 +655,7 @@ def _log_plots(cfg: CampaignConfig, study: optuna.Study, parent: str, client: Ml
         for name, plotly_fn, mpl_fn in plots:
             pkw = {} if name == "pareto_front" else kw
             if name == "pareto_front":
-                pkw = {"target_names": cfg.objective.metrics}
+                pkw = {"target_names": cfg.objective.names}
             try:
                 fig = plotly_fn(study, **pkw)
                 html = Path(tmp) / f"{name}.html"

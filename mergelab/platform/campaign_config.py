@@ -17,6 +17,7 @@ Example (OptMerge over a benchmark zoo, searching around the paper's defaults: d
     budget: {n_trials: 30}                          # and/or timeout_s (per process, like Optuna's timeout)
     pruning: {pruner: median}                       # none | median | hyperband | successive_halving
     objective: {metrics: [val/average]}             # multi-objective: [val/average, val/worst_task]
+                                                    # one weighted mean: add weights: [2, 1] (val/weighted)
     eval: {tasks: [vqa, geometry, chart, ocr, grounding], batch_size: 32}
     registry: {name: optmerge-lora, register: top_k, top_k: 3}
     enqueue: [{lam: 0.7}]                           # start points after the defaults (trial 0 of a new study)
@@ -29,7 +30,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -161,12 +162,42 @@ class PruningConfig(_Strict):
     n_warmup_steps: int = Field(default=1, ge=0)
 
 
+WEIGHTED = "val/weighted"
+"""The one objective of a campaign whose ``objective.weights`` combine its metrics (logged on each trial's run)."""
+
+
 class ObjectiveConfig(_Strict):
     """Metrics to optimise: ``val/average`` (default), ``val/worst_task``, ``val/normalized_average``,
-    ``val/<task>`` or any ``val/...`` metric name; the search sees only the val split."""
+    ``val/<task>`` or any ``val/...`` metric name; the search sees only the val split.
+
+    Several metrics are several objectives (Optuna's multi-objective study), unless ``weights`` (one per metric,
+    >= 0, not all 0) combine them into one: ``val/weighted``, the weighted mean ``sum(w_i * m_i) / sum(w_i)``
+    (e.g. half the cross-modal sets, half the own tasks). ``directions`` then has one entry.
+    """
 
     metrics: list[str] = Field(default_factory=lambda: ["val/average"], min_length=1)
     directions: list[Literal["maximize", "minimize"]] | None = None
+    weights: list[float] | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """The study's objectives: the metrics, or :data:`WEIGHTED` alone when ``weights`` combine them."""
+        return [WEIGHTED] if self.weights is not None else list(self.metrics)
+
+    def values(self, metrics: Mapping[str, float]) -> list[float]:
+        """The study's objective values (as :attr:`names`) from a trial's logged metrics.
+
+        Raises:
+            KeyError: a metric is missing or not finite.
+        """
+        got = []
+        for m in self.metrics:
+            if m not in metrics or not math.isfinite(metrics[m]):
+                raise KeyError(m)
+            got.append(float(metrics[m]))
+        if self.weights is None:
+            return got
+        return [sum(w * v for w, v in zip(self.weights, got, strict=True)) / sum(self.weights)]
 
     @field_validator("metrics")
     @classmethod
@@ -181,10 +212,16 @@ class ObjectiveConfig(_Strict):
 
     @model_validator(mode="after")
     def _dirs(self) -> ObjectiveConfig:
+        if self.weights is not None:
+            if len(self.weights) != len(self.metrics):
+                raise ValueError(f"{len(self.metrics)} objective metrics but {len(self.weights)} weights")
+            if any(not math.isfinite(w) or w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise ValueError(f"objective weights must be finite, >= 0 and not all 0, got {self.weights}")
         if self.directions is None:
-            self.directions = ["maximize"] * len(self.metrics)
-        if len(self.directions) != len(self.metrics):
-            raise ValueError(f"{len(self.metrics)} objective metrics but {len(self.directions)} directions")
+            self.directions = ["maximize"] * len(self.names)
+        if len(self.directions) != len(self.names):
+            what = "one weighted objective" if self.weights is not None else f"{len(self.metrics)} objective metrics"
+            raise ValueError(f"{what} but {len(self.directions)} directions")
         return self
 
 
@@ -292,10 +329,11 @@ class CampaignConfig(RecipeFields):
                                  "val/average, val/worst_task, val/normalized_average, val/<task>[/<metric>] "
                                  "of eval.tasks")
         if len(self.objective.metrics) > 1 and self.pruning.pruner != "none":
-            raise ValueError("pruning works with a single objective only (Optuna cannot prune multi-objective trials)")
-        if self.sampler.name == "nsga2" and len(self.objective.metrics) < 2:
+            raise ValueError("pruning works with a single objective metric only (Optuna cannot prune "
+                             "multi-objective trials; a weighted objective is not the running average it sees)")
+        if self.sampler.name == "nsga2" and not self.multi_objective:
             raise ValueError("sampler nsga2 is for multi-objective campaigns; use tpe for one objective")
-        if self.sampler.name == "cmaes" and len(self.objective.metrics) > 1:
+        if self.sampler.name == "cmaes" and self.multi_objective:
             raise ValueError("sampler cmaes supports a single objective only")
         if self.registry.name is None:
             self.registry.name = self.name
@@ -305,8 +343,8 @@ class CampaignConfig(RecipeFields):
 
     @property
     def multi_objective(self) -> bool:
-        """True when more than one metric is optimised."""
-        return len(self.objective.metrics) > 1
+        """True when more than one objective is optimised (several metrics without ``weights``)."""
+        return len(self.objective.names) > 1
 
 
 def did_you_mean(word: str, known: Iterable[str]) -> str:
