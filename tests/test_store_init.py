@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 try:
     from tests import pg
 except ImportError:  # tests/ is not a package: pytest puts it on sys.path itself
@@ -86,9 +88,13 @@ def _check(results: list[subprocess.CompletedProcess], uri: str, optuna_uri: str
     assert [s.study_name for s in optuna.get_all_study_summaries(optuna_uri)] == ["init-race"]
 
 
-def test_fresh_sqlite_store_opened_by_several_processes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("templates", ["off", "new"])
+def test_fresh_sqlite_store_opened_by_several_processes(templates: str, tmp_path: Path) -> None:
+    """With the store templates off (MLflow migrates the store) and with a new templates directory (the first
+    worker builds the template, and every worker opens the copy)."""
     root = tmp_path / "mlruns"
-    env = {"MERGELAB_ROOT": str(root)}
+    env = {"MERGELAB_ROOT": str(root),
+           "MERGELAB_STORE_TEMPLATES": "off" if templates == "off" else str(tmp_path / "templates")}
     for k in ("MLFLOW_TRACKING_URI", "MERGELAB_OPTUNA_STORAGE", "MERGELAB_ARTIFACT_ROOT"):
         env[k] = ""  # the embedded store under root, whatever the caller's environment says
     results = _race(root, tmp_path / "sync", env)
