@@ -291,6 +291,17 @@ def trim_and_merge_(deltas: Tensor, thresholds: Tensor) -> Tensor:
     return _trim_and_merge(deltas, thresholds)
 
 
+def _shrink_levels(th: Tensor) -> list[float | None] | None:
+    """Per expert, the largest float32 below its threshold: ``hardshrink`` at that level (zero where ``|x| <=
+    level``) is the trim ``x * (|x| >= th)`` in one pass over float32 entries (a dropped entry becomes +0 rather
+    than +-0). None for a row with threshold 0 (nothing to trim); None overall when a threshold is not finite."""
+    if not bool(torch.isfinite(th).all()):
+        return None
+    flat = th.reshape(-1)
+    levels = torch.nextafter(flat, torch.zeros_like(flat)).tolist()
+    return [level if t > 0.0 else None for level, t in zip(levels, flat.tolist(), strict=True)]
+
+
 def _row_sum(x: Tensor, out: Tensor) -> Tensor:
     """``torch.sum(x, dim=0, out=out)``; for two float32 rows on the CPU the add ``x[0] + x[1]`` (a third of the
     reduction's cost), which has the same value: torch's sum is ``(0 + x[0]) + x[1]``, so only the sign of a zero
@@ -301,7 +312,8 @@ def _row_sum(x: Tensor, out: Tensor) -> Tensor:
 
 
 def _trim_and_merge(deltas: Tensor, thresholds: Tensor | None) -> Tensor:
-    """Chunked TIES core. Masks are float 0/1 tensors (bool masks cost twice as much on CPU) and every sum runs
+    """Chunked TIES core. Float32 stacks are trimmed by ``hardshrink`` just below each threshold (one pass, see
+    :func:`_shrink_levels`), others by a float 0/1 mask (bool masks cost twice as much on CPU); every sum runs
     over the experts in the same order as ``sum(dim=0)`` on the whole stack, so the result is bit-identical to
     ``disjoint_merge(trim_to_threshold(...))`` written with full-size temporaries. Chunks are multiples of 256
     columns, which keeps torch's vectorised and tail reductions on the same columns as an unchunked sum (where
@@ -314,19 +326,21 @@ def _trim_and_merge(deltas: Tensor, thresholds: Tensor | None) -> Tensor:
     out = torch.empty(m, dtype=dtype, device=dev)
     c = chunk_size(n, dev) * (_MERGE_CHUNKS if dev.type == "cpu" else 1)
     size = min(c, m)
-    buf = torch.empty((n, size), dtype=dtype, device=dev)  # |x| and the keep mask, then relu(x * sign)
+    buf = torch.empty((n, size), dtype=dtype, device=dev)  # relu(x * sign)
     sg, cnt = torch.empty(size, dtype=dtype, device=dev), torch.empty(size, dtype=dtype, device=dev)
     th = None if thresholds is None else thresholds.to(dev, torch.float32).reshape(n, 1)
+    shrink = _shrink_levels(th) if th is not None and dtype == torch.float32 else None
     # pass 1: trim in place (x *= |x| >= th, ties kept), per-entry sums; their signs give the majority sign
     balance = torch.zeros((), dtype=torch.float64, device=dev)
     for i in range(0, m, c):
         x = flat[:, i : i + c]
         k = x.shape[1]
-        if th is not None:
-            if dtype == torch.float32:
-                keep = torch.abs(x, out=buf[:, :k]).ge_(th)
-            else:
-                keep = x.abs().to(torch.float32).ge_(th)
+        if shrink is not None:
+            for row, level in zip(x, shrink, strict=True):
+                if level is not None:
+                    torch.hardshrink(row, level, out=row)
+        elif th is not None:
+            keep = x.abs().to(torch.float32).ge_(th)
             x.mul_(keep)  # dropped entries become +-0, which no sum or sign below can tell apart
         s = _row_sum(x, out[i : i + k])
         balance += torch.sign(s, out=sg[:k]).sum()  # exact: at most 2^24 signs per chunk
@@ -339,7 +353,7 @@ def _trim_and_merge(deltas: Tensor, thresholds: Tensor | None) -> Tensor:
         o = out[i : i + k]
         sign = torch.sign(o, out=sg[:k])
         if majority != 0.0:
-            sign.add_(torch.abs(sign, out=cnt[:k]).sub_(1.0), alpha=-majority)  # 0 -> majority, +-1 unchanged
+            sign.add_(0.5 * majority).sign_()  # 0 -> majority, +-1 unchanged
         r = torch.mul(x, sign, out=buf[:, :k]).clamp_min_(0.0)
         _row_sum(r, o)
         n_agree = _row_sum(r.sign_(), cnt[:k]).clamp_min_(1.0)
