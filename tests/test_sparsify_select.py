@@ -150,3 +150,24 @@ def test_ties_core_over_several_large_chunks_is_the_where_rule(n: int) -> None:
     got = trim_and_merge_(y, th)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
     assert torch.equal(y, trimmed)
+
+
+def test_trim_by_shrink_keeps_ties_and_handles_zero_and_infinite_thresholds() -> None:
+    """The float32 trim (hardshrink just below each threshold) keeps ``|x| >= th`` exactly: entries equal to the
+    threshold stay, a zero threshold trims nothing, an infinite one keeps only infinities; a NaN threshold takes
+    the mask path (nothing compares >= NaN)."""
+    from mergelab.methods._sparsify import trim_and_merge_
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.round(torch.randn(2, 4096, generator=g) * 4) / 4  # many entries equal to the thresholds
+    x[1, ::97] = float("inf")
+    x[1, 5::97] = -float("inf")
+    for th in ([0.0, 0.5], [0.75, float("inf")], [2.0**-149, 1.25]):
+        t = torch.tensor(th)
+        y = x.clone()
+        trim_and_merge_(y, t)
+        assert torch.equal(y, torch.where(x.abs() >= t.unsqueeze(1), x, torch.zeros(()))), th
+    finite = x.clamp(-8.0, 8.0)
+    y = finite.clone()
+    trim_and_merge_(y, torch.tensor([float("nan"), 0.5]))
+    assert torch.equal(y[0], torch.zeros(4096)) and torch.equal(y[1], finite[1] * (finite[1].abs() >= 0.5))
