@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,8 @@ def test_a_store_the_child_cannot_open_fails_the_call_after_the_merge(tmp_path: 
         tracked_merge(recipe, store=bad, out=out, overwrite=True, merge_fn=merge_fn, child=True)
     assert merged == [True]  # it merged, then failed: the output is removed and the old one put back
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and not list(tmp_path.glob(".out.*"))
+    # the inputs' hashing thread was joined (its result is the failed run's record): nothing of the call runs on
+    assert not [t.name for t in threading.enumerate() if t.name == "mergelab-inputs"]
 
 
 def test_child_needs_an_output_and_no_evaluation(platform_store: Store, tmp_path: Path) -> None:

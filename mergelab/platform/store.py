@@ -368,13 +368,20 @@ def end_status(error: BaseException | str) -> str:
     return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
 
 
-def fail_run(client: MlflowClient, run_id: str, error: BaseException | str) -> None:
-    """Mark a run FAILED (KILLED when interrupted) and record the error (best effort: never masks the original
-    exception)."""
-    status = end_status(error)
+def end_run_as(client: MlflowClient, run_id: str, status: str, tags: Mapping[str, str]) -> None:
+    """Set ``tags`` on a run and end it with ``status`` (best effort: a failure is logged, never raised, so that it
+    never masks the error that ended the run)."""
     try:
-        client.set_tag(run_id, TAG_ERROR, (repr(error) if isinstance(error, BaseException) else error)[:5000])
+        for k, v in tags.items():
+            client.set_tag(run_id, k, v)
         client.set_terminated(run_id, status=status)
     except Exception as e:  # noqa: BLE001 - the store itself may be what failed
         log.warning("could not mark run %s %s: %s", run_id, status, e)
+
+
+def fail_run(client: MlflowClient, run_id: str, error: BaseException | str) -> None:
+    """Mark a run FAILED (KILLED when interrupted) and record the error (best effort: never masks the original
+    exception)."""
+    end_run_as(client, run_id, end_status(error),
+               {TAG_ERROR: (repr(error) if isinstance(error, BaseException) else error)[:5000]})
 

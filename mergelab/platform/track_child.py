@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import queue
 import signal
@@ -52,6 +51,7 @@ from mergelab.platform.store import (
     TAG_MERGED,
     TAG_WEIGHTS,
     Store,
+    end_run_as,
     end_status,
     fail_run,
     log_metrics,
@@ -60,8 +60,6 @@ from mergelab.platform.store import (
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-
-log = logging.getLogger(__name__)
 
 MODULE = "mergelab.platform.track_child"
 """The module whose :func:`main` the child runs."""
@@ -109,18 +107,12 @@ def failure(error: BaseException) -> dict[str, Any]:
 
 
 def end_failed(client: MlflowClient, run_id: str, how: Mapping[str, Any], weights_deleted: bool = False) -> None:
-    """End a run as :func:`failure` describes, its weights tagged deleted when they were removed. Best effort:
-    never masks the error at hand."""
-    try:
-        if how["pruned"]:
-            client.set_tag(run_id, "mergelab.pruned", "true")
-        else:
-            client.set_tag(run_id, TAG_ERROR, how["error"])
-        client.set_terminated(run_id, status=how["status"])
-        if weights_deleted:
-            client.set_tag(run_id, TAG_WEIGHTS, "deleted")
-    except Exception as e:  # noqa: BLE001 - the store itself may be what failed
-        log.warning("could not mark run %s %s: %s", run_id, how["status"], e)
+    """End a run as :func:`failure` describes, its weights tagged deleted when they were removed. Best effort
+    (:func:`~mergelab.platform.store.end_run_as`): never masks the error at hand."""
+    tags = {"mergelab.pruned": "true"} if how["pruned"] else {TAG_ERROR: how["error"]}
+    if weights_deleted:
+        tags[TAG_WEIGHTS] = "deleted"
+    end_run_as(client, run_id, how["status"], tags)
 
 
 def record(client: MlflowClient, exp_id: str, rec: Mapping[str, Any]) -> str:
