@@ -171,3 +171,26 @@ def test_trim_by_shrink_keeps_ties_and_handles_zero_and_infinite_thresholds() ->
     y = finite.clone()
     trim_and_merge_(y, torch.tensor([float("nan"), 0.5]))
     assert torch.equal(y[0], torch.zeros(4096)) and torch.equal(y[1], finite[1] * (finite[1].abs() >= 0.5))
+
+
+@pytest.mark.parametrize("dirty", [False, True])
+def test_global_threshold_needs_one_pass_when_the_ranks_fall_on_bf16_exact_values(dirty: bool) -> None:
+    """Global TIES statistics over bf16 task vectors finish after the first pass (the threshold is the bucket's
+    bf16-exact smallest value); when a rank falls on other values the second pass runs. Exact either way."""
+    from mergelab.methods._sparsify import GlobalMagnitudeThreshold
+
+    parts = {"a": _bf16_deltas(2, 300_001, 1), "b": _bf16_deltas(2, 20_000, 2).reshape(2, 100, 200)}
+    if dirty:  # every magnitude perturbed in its low bits
+        parts = {k: v * (1.0 + 2.0**-20) for k, v in parts.items()}
+    stats = GlobalMagnitudeThreshold(0.2, 2)
+    passes = 0
+    while True:
+        passes += 1
+        for name, v in parts.items():
+            stats.update(name, v)
+        stats.add_zeros(5_000)
+        if not stats.finish_pass():
+            break
+    flat = torch.cat([v.reshape(2, -1) for v in parts.values()] + [torch.zeros(2, 5_000)], dim=1).abs()
+    assert torch.equal(stats.thresholds, flat.kthvalue(int(flat.shape[1] * 0.8), dim=1).values)
+    assert passes == (2 if dirty else 1)

@@ -6,9 +6,10 @@
   the official scripts: with ``j = int(numel * (1 - density))``, the threshold is the j-th smallest ``|tau|`` and
   entries with ``|tau| >= threshold`` are kept (ties at the threshold are kept; ``j = 0`` keeps everything).
 * :func:`kth_smallest_abs`: that threshold computed exactly (bit-identical to ``kthvalue``) by a two-pass radix select
-  on float32 bit patterns, O(n) and without full-size temporaries.
+  on float32 bit patterns, O(n) and without full-size temporaries; one pass when the answer is a bf16-exact value
+  (task vectors of bf16 checkpoints, mostly).
 * :class:`GlobalMagnitudeThreshold`: the same threshold over *all* merged tensors of an expert (InternVL script),
-  computed exactly in two streaming passes over float32 bit patterns, never materialising the task vectors.
+  computed exactly in one or two streaming passes over float32 bit patterns, never materialising the task vectors.
 * :func:`disjoint_merge`: sign election plus disjoint mean; :func:`trim_and_merge_` fuses trimming and merging in
   cache-sized chunks, trimming its input in place (bit-identical to the full-size formulation).
 
@@ -363,13 +364,16 @@ def _trim_and_merge(deltas: Tensor, thresholds: Tensor | None) -> Tensor:
 
 
 class GlobalMagnitudeThreshold:
-    """Exact per-expert global TIES threshold over every streamed tensor, in two passes.
+    """Exact per-expert global TIES threshold over every streamed tensor, in one or two passes.
 
     Non-negative float32 values order like their int32 bit patterns. Pass 1 histograms the high 16 bits of
-    ``|tau_i|`` per expert (32,768 buckets); that locates the bucket holding the j-th smallest magnitude and its rank
-    inside the bucket. Pass 2 histograms the low 16 bits of the entries in that bucket only, which pins the exact
-    bit pattern of the j-th smallest value. Memory is ``N * (2^15 + 2^16)`` counters, independent of the model, and
-    each tensor is histogrammed in cache-sized chunks (no full-size temporary beyond DARE's copy).
+    ``|tau_i|`` per expert (32,768 buckets, each counted twice: bf16-exact entries, whose low 16 bits are 0, apart
+    from the others); that locates the bucket holding the j-th smallest magnitude and its rank inside the bucket.
+    When that rank falls among the bucket's bf16-exact entries for every expert (task vectors of bf16 checkpoints,
+    mostly), the threshold is the bucket's smallest value and no second pass is needed. Otherwise pass 2 histograms
+    the low 16 bits of the entries in that bucket only, which pins the exact bit pattern of the j-th smallest value.
+    Memory is ``N * 2^17`` counters, independent of the model, and each tensor is histogrammed in cache-sized chunks
+    (no full-size temporary beyond DARE's copy).
 
     Args:
         density: fraction of entries kept per expert, in (0, 1].
@@ -409,7 +413,7 @@ class GlobalMagnitudeThreshold:
         rows = self.prepare(name, deltas).reshape(self.n_experts, -1)
         if self.pass_index == 0:
             self.numel += rows.shape[1]
-            counts = torch.stack([_high_counts(rows[r]) for r in range(self.n_experts)])
+            counts = torch.stack([_high_counts(rows[r], split=True) for r in range(self.n_experts)])
             self._hi = counts if self._hi is None else self._hi + counts.to(self._hi.device)
         else:
             assert self._bucket is not None
@@ -426,8 +430,8 @@ class GlobalMagnitudeThreshold:
         if self.pass_index == 0:
             self.numel += numel
             if self._hi is None:
-                self._hi = torch.zeros(self.n_experts, _HALF // 2, dtype=torch.int64)
-            self._hi[:, 0] += numel
+                self._hi = torch.zeros(self.n_experts, _HALF, dtype=torch.int64)
+            self._hi[:, 0] += numel  # zeros are bf16-exact
         elif self._bucket is not None:
             if self._lo is None:
                 self._lo = torch.zeros(self.n_experts, _HALF, dtype=torch.int64, device=self._bucket.device)
@@ -440,13 +444,20 @@ class GlobalMagnitudeThreshold:
             if j == 0 or self._hi is None:
                 self.thresholds = torch.zeros(self.n_experts, dtype=torch.float32)
                 return False
-            cum = self._hi.cumsum(dim=1)
+            exact = self._hi[:, : _HALF // 2]
+            cum = (exact + self._hi[:, _HALF // 2 :]).cumsum(dim=1)
             target = torch.full((self.n_experts, 1), j, dtype=cum.dtype, device=cum.device)
             self._bucket = torch.searchsorted(cum, target).squeeze(1)
             before = torch.where(
                 self._bucket > 0, cum.gather(1, (self._bucket - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0
             )
             self._rank = j - before
+            if bool((self._rank <= exact.gather(1, self._bucket.unsqueeze(1)).squeeze(1)).all()):
+                # every rank falls on its bucket's smallest value (bf16-exact entries sort first in a bucket)
+                self.thresholds = (self._bucket << 16).to(torch.int32).view(torch.float32).cpu()
+                self._hi = None
+                self.pass_index = 2
+                return False
             self.pass_index = 1
             return True
         assert self._bucket is not None and self._rank is not None

@@ -3,7 +3,7 @@
 Trim each task vector to its largest-magnitude ``density`` fraction, elect a sign per entry, average the entries
 that agree with it (the paper's three steps). ``scope="tensor"`` trims per tensor as the official Qwen2-VL script does;
 ``scope="global"`` trims against one threshold per expert over all merged tensors, as the InternVL script does,
-computed exactly in two streaming passes by :class:`~mergelab.methods._sparsify.GlobalMagnitudeThreshold`
+computed exactly in one or two streaming passes by :class:`~mergelab.methods._sparsify.GlobalMagnitudeThreshold`
 (``make_stats``). With ``drop_rate > 0`` each task vector is DARE-sparsified first (``dare_ties``). Sign-election
 ties fall back to the majority sign of the current tensor in both scopes.
 
