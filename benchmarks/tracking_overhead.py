@@ -6,9 +6,13 @@ each; or reuses ``--ckpt DIR`` from an earlier ``--keep``), then runs the same t
 
 - ``untracked``: ``--no-track``;
 - ``tracked, fresh store``: a new empty store per run (``MERGELAB_ROOT``): importing mlflow, creating the database
-  and running MLflow's migrations (in the tracking child process since 9233e16, beside the merge), hashing the
-  inputs for the recipe's digest;
+  (a copy of the schema template; MLflow's migrations before it) in the tracking child process beside the merge,
+  hashing the inputs for the recipe's digest;
 - ``tracked, existing store``: one store made before the timings and reused (a user's everyday case);
+- ``fresh store, no template``: a new empty store per run with the store templates off
+  (``MERGELAB_STORE_TEMPLATES=off``): MLflow's migrations run on the new database, as they did for every fresh
+  store before ``mergelab/platform/store_template.py`` (and still do for the first store of a newly installed
+  MLflow); the other tracked variants copy the schema template, built in the work directory before the timings;
 - with ``--before DIR``, the two tracked variants again with the mergelab of source tree ``DIR``.
 
 Every variant runs from an empty working directory with its source tree first on ``PYTHONPATH`` (this repository's,
@@ -42,7 +46,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import merge_vs_mergekit  # noqa: E402  (the 150M Llama builder)
 
-VARIANTS = ("untracked", "tracked, fresh store", "tracked, existing store")
+VARIANTS = ("untracked", "tracked, fresh store", "tracked, existing store", "fresh store, no template")
+NO_TEMPLATE = "fresh store, no template"
+TEMPLATES = "MERGELAB_STORE_TEMPLATES"
+"""The environment variable naming the store templates' directory (``off``: none)."""
 BEFORE = ("before: fresh store", "before: existing store")
 TARGET = 1.15
 SELF_CPU_FILE = "TRACKING_OVERHEAD_SELF_CPU"
@@ -112,8 +119,10 @@ def main() -> None:
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("MERGELAB_TRACK", None)
+    env[TEMPLATES] = str(work / "templates")  # built by the first tracked merge below, before the timings
     here = with_source(env, Path(__file__).resolve().parents[1])
     envs = {v: here for v in VARIANTS} | ({v: with_source(env, args.before) for v in BEFORE} if args.before else {})
+    envs[NO_TEMPLATE] = {**here, TEMPLATES: "off"}
     # `mergelab merge` as a user runs it (torch's threads from OMP_NUM_THREADS: importing torch first to set them
     # would delay what the command does before torch's import, e.g. starting its tracking child), noting its own CPU
     # (RUSAGE_SELF, written at its very end: the first exit hook registered runs last)

@@ -1,7 +1,7 @@
 """A fresh SQLite MLflow store, copied from a schema template instead of migrated from nothing.
 
 MLflow builds its schema the first time a process opens an empty database: ``create_all`` of its initial tables, then
-every alembic migration since (69 in MLflow 3.17), 2-6 s of pure-Python CPU, most of what a first tracked merge
+every alembic migration since (68 in MLflow 3.17), 2-6 s of pure-Python CPU, most of what a first tracked merge
 into a new store costs on top of one into an existing store. The result depends only on the installed MLflow,
 alembic, SQLAlchemy and SQLite, so it is built once per installed combination into a template database and every
 later fresh store is a copy of it (a 1 MB file copy, milliseconds).
@@ -16,11 +16,12 @@ Where it lives: ``$MERGELAB_STORE_TEMPLATES`` (a directory; ``off``, ``0`` or em
 every fresh store itself), else ``$XDG_CACHE_HOME/mergelab/store-templates`` (``~/.cache`` when unset), one file per
 key: ``mlflow-<version>-<alembic head>-alembic-<version>-sqlalchemy-<version>-sqlite-<version>.db``. It is built by
 one process at a time (a ``flock`` beside it, as for a store's first opening; concurrent first uses wait for it),
-under a temporary name renamed into place, and checked before each copy: SQLite's ``quick_check``, the alembic revision equal to MLflow's head,
-every table of MLflow's models present, no experiment. A template that fails a check is removed and built again;
-anything that goes wrong (no usable cache directory, a change in MLflow's internals) leaves the database alone and
-MLflow creates it the normal way. The copy is written beside the database under a temporary name and hard-linked
-into place, which fails when the database exists by then: an existing database is never replaced.
+under a temporary name renamed into place, and checked before each copy: SQLite's ``quick_check``, the alembic
+revision equal to MLflow's head, every table of MLflow's models present, no experiment. A template that fails a
+check is built again in its place; anything that goes wrong (no usable cache directory, a change in MLflow's
+internals) leaves the database alone and MLflow creates it the normal way. The copy is written beside the database
+under a temporary name and hard-linked into place, which fails when the database exists by then: an existing
+database is never replaced.
 
 This module imports mlflow: :meth:`~mergelab.platform.store.Store.client` imports it only when it opens a store.
 """

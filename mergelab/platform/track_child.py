@@ -1,18 +1,20 @@
 """A merge's MLflow run recorded by a child process, so that ``mergelab merge CONFIG --out DIR`` never imports mlflow.
 
-Importing mlflow and opening its SQL store (creating and migrating a fresh database) costs about 3 s of pure-Python
-CPU. Done in a thread of the merging process it holds the interpreter lock and slows the merge as much as it
-overlaps it; done in a child process the two run in parallel on two cores. :func:`~mergelab.platform.merge_run.
-tracked_merge` takes this path when the run is not needed before the merge ends (an explicit output directory, no
-evaluation, no ``on_run`` callback, and mlflow not imported yet by the calling process).
+Importing mlflow and opening its SQL store costs about 2-3 s of pure-Python CPU (a fresh SQLite database is a copy of
+a schema template, :mod:`mergelab.platform.store_template`; MLflow's migrations, seconds more, run only when the
+template is built). Done in a thread of the merging process it holds the interpreter lock and slows the merge as
+much as it overlaps it; done in a child process the two run in parallel on two cores.
+:func:`~mergelab.platform.merge_run.tracked_merge` takes this path when the run is not needed before the merge
+ends (an explicit output directory, no evaluation, no ``on_run`` callback, and mlflow not imported yet by the
+calling process).
 
 Protocol (JSON lines; the child runs :func:`main` of this module, from the parent's source tree, with the parent's
 environment):
 
 1. the child imports mlflow as soon as it starts; parent -> child, once the caller's input checks passed:
    ``{"store": {tracking_uri, artifact_root, optuna_storage}, "experiment": name}``; the child opens the store
-   (:meth:`Store.client`: schema lock, migrations) and gets or creates the experiment, then answers
-   ``{"open": experiment_id}`` or ``{"error": "MLflow store URI: ..."}`` (one line) and exits;
+   (:meth:`Store.client`: schema lock, the template's copy or migrations) and gets or creates the experiment, then
+   answers ``{"open": experiment_id}`` or ``{"error": "MLflow store URI: ..."}`` (one line) and exits;
 2. parent -> child, after the merge: one record, plain data: ``start`` (:func:`~mergelab.platform.merge_run.
    run_start`: start time, run name, tags, params, the ``config/merge.yaml`` dict), then ``metrics``, ``report``
    (the ``merge_report.json`` dict) and ``merged_uri`` when the merge produced them, ``end_run`` (set it FINISHED)
