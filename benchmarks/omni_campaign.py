@@ -6,7 +6,8 @@ campaign`` runs) on a throwaway store (``--root``, default a temporary directory
 (built first when missing) for each seed of ``--seeds`` (default: the config's), ``--trials`` trials each (default:
 the config's budget). The search sees only val (the config's objective). Then, on the omni table's test items of
 each seed (:func:`mergelab.bench.omni.table.eval_items`, :class:`~mergelab.bench.omni.table.EvalSizes`), it scores
-each campaign's best trial (its registered version: ``tuned/<method>``), and takes the references:
+each campaign's best trial (its registered version, named ``<kind>/<method>+tuned``; ``--tag`` renames it) and
+takes the references:
 
 * with ``--reference-json`` (a ``mergelab bench omni`` JSON of the same zoo, e.g.
   ``benchmarks/results/omni/screen5_E_lora.json``): each expert (``expert/<m>/<kind>``, only its own medium) and
@@ -16,8 +17,10 @@ each campaign's best trial (its registered version: ``tuned/<method>``), and tak
 
 It prints, per seed and over the seeds (mean +- population spread), the cross-modal sets, their average and each
 modality's own tasks, each model's own-task delta against each modality's expert, and the issue's targets
-(:func:`mergelab.bench.omni.table.targets`) for the default merges, the tuned ones and both together. Set
-OMP_NUM_THREADS=1:
+(:func:`mergelab.bench.omni.table.targets`) for the default merges, the tuned ones, both together and each tuned
+merge alone; the JSON also holds every trial's val scores. ``--val-only`` runs the campaigns and prints each trial's
+val scores (no test: e.g. ``examples/campaign-omni-audio-probe.yaml``); ``--combine`` unites this script's JSONs
+and reports them together. Set OMP_NUM_THREADS=1:
 
     .venv/bin/python benchmarks/omni_campaign.py --zoo data/omni-zoo --trials 8 --json-out campaign.json
     .venv/bin/python benchmarks/omni_campaign.py --zoo Z --seeds 0,1,2 --config examples/campaign-omni-ta.yaml \\
@@ -33,9 +36,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import optuna
 import torch
 
 from mergelab.bench.omni import data, table
+from mergelab.bench.omni.tasks import CROSS_SETS, SINGLE_TASKS
 from mergelab.engine import run_merge
 from mergelab.hf import load_model
 from mergelab.platform.campaign import run_campaign
@@ -66,9 +71,41 @@ def _for_seed(cfg: CampaignConfig, zoo: Path, seed: int, trials: int | None) -> 
     return cfg
 
 
+def val_trials(store: Store, cfg: CampaignConfig) -> list[dict[str, Any]]:
+    """Every complete trial of ``cfg``'s study: number, objective value, params, val scores, and their cross-modal
+    average and own-task mean per modality (``cross_avg``, ``own/<m>``; val items: the table's)."""
+    study = optuna.load_study(study_name=cfg.study_name or cfg.name, storage=store.optuna_storage)
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        if t.state != optuna.trial.TrialState.COMPLETE:
+            continue
+        val = dict(t.user_attrs.get("val_scores", {}))
+        if all(s in val for s in CROSS_SETS):
+            val["cross_avg"] = sum(val[s] for s in CROSS_SETS) / len(CROSS_SETS)
+        for m in data.MODALITIES:
+            own = [val[k] for k, of in SINGLE_TASKS.items() if of == m and k in val]
+            if own:
+                val[f"own/{m}"] = sum(own) / len(own)
+        out.append({"number": t.number, "value": t.values[0], "params": dict(t.params), "val": val})
+    return out
+
+
+def format_trials(trials: list[dict[str, Any]]) -> str:
+    """One line per trial: objective, val cross-modal average, own-task means, params."""
+    lines = []
+    for t in trials:
+        v = t["val"]
+        cells = " ".join(f"{k} {v[k]:5.1f}" for k in ("cross_avg", *(f"own/{m}" for m in data.MODALITIES)) if k in v)
+        params = " ".join(f"{k.removeprefix('coef.')}={x:.2f}" if isinstance(x, float) else f"{k}={x}"
+                          for k, x in t["params"].items())
+        lines.append(f"  trial {t['number']:2d} objective {t['value']:5.1f} | val {cells} | {params}")
+    return "\n".join(lines)
+
+
 def run_seed(cfgs: list[CampaignConfig], zoo: Path, seed: int, store: Store, work: Path, trials: int | None,
-             reference: dict[str, Any] | None) -> dict[str, Any]:
-    """One seed: every campaign, then the test scores of the tuned merges and the references."""
+             reference: dict[str, Any] | None, val_only: bool = False, tag: str = "tuned") -> dict[str, Any]:
+    """One seed: every campaign, then (unless ``val_only``) the test scores of the tuned merges (``<kind>/<method>+
+    <tag>``) and the references."""
     items = table.eval_items("test", table.EvalSizes(), seed)
     out: dict[str, Any] = {"seed": seed, "models": {}, "campaigns": {}}
     kind = ""
@@ -79,17 +116,23 @@ def run_seed(cfgs: list[CampaignConfig], zoo: Path, seed: int, store: Store, wor
         t0 = time.perf_counter()
         res = run_campaign(cfg, store=store, summarize=False)
         seconds = time.perf_counter() - t0
-        best_dir = resolve_model_dir(store, f"models:/{cfg.registry.name}/{res.registered[0][0]}")
-        out["models"][f"{kind}/{cfg.method}+tuned"] = _score(best_dir, items, None)
-        out["campaigns"][cfg.method] = {"config": cfg0.name, "n_complete": res.n_complete, "best": res.best,
-                                        "objective": cfg.objective.names[0], "seconds_campaign": seconds}
+        out["campaigns"][cfg0.name] = {"method": cfg.method, "n_complete": res.n_complete, "best": res.best,
+                                       "objective": cfg.objective.names[0], "seconds_campaign": seconds,
+                                       "trials": val_trials(store, cfg)}
         print(f"seed {seed} {cfg.method}: {res.n_complete} trials in {seconds:.0f} s; best trial "
               f"{res.best['number']} {cfg.objective.names[0]} {res.best['values'][0]:.2f} "
               f"{json.dumps(res.best['params'])}", flush=True)
+        if val_only:
+            print(format_trials(out["campaigns"][cfg0.name]["trials"]), flush=True)
+            continue
+        best_dir = resolve_model_dir(store, f"models:/{cfg.registry.name}/{res.registered[0][0]}")
+        out["models"][f"{kind}/{cfg.method}+{tag}"] = _score(best_dir, items, None)
         if reference is None:
             template, _ = recipe_template(cfg)
             run_merge(template, work / f"default-{cfg.method}-{seed}", overwrite=True)
             out["models"][f"{kind}/{cfg.method}"] = _score(work / f"default-{cfg.method}-{seed}", items, None)
+    if val_only:
+        return out
     if reference is not None:
         ref = next(r for s, r in zip(reference["seeds"], reference["per_seed"], strict=True) if s == seed)
         wanted = [n for n in ref["models"] if (n.startswith("expert/") and n.endswith(f"/{kind}"))
@@ -123,11 +166,11 @@ def report(per_seed: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     both, and each tuned method alone (``tuned/<method>``: no choice among methods on test).
     """
     agg = table.aggregate(per_seed)
-    targets = {"default": table.targets(_only(agg, lambda n: not n.endswith("+tuned")), kind),
-               "tuned": table.targets(_only(agg, lambda n: n.endswith("+tuned")), kind),
+    targets = {"default": table.targets(_only(agg, lambda n: "+" not in n), kind),
+               "tuned": table.targets(_only(agg, lambda n: "+" in n), kind),
                "all": table.targets(agg, kind)}
-    for name in [n for n in agg if n.endswith("+tuned")]:
-        targets[f"tuned/{name.split('/', 1)[1].removesuffix('+tuned')}"] = table.targets(
+    for name in [n for n in agg if "+" in n]:
+        targets[f"tuned/{name.split('/', 1)[1]}"] = table.targets(
             _only(agg, lambda n, name=name: n == name), kind)
     print(f"{len(per_seed)} seed(s), test, mean +- spread")
     print(table.format_table(agg, kind))
@@ -165,6 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--combine", type=Path, nargs="+", default=None,
                     help="no campaign: unite JSONs of this script (same seeds) and report them together")
     ap.add_argument("--kind", default="lora", help="with --combine: the experts' setting")
+    ap.add_argument("--tag", default="tuned", help="the tuned merges' names: <kind>/<method>+<tag>")
+    ap.add_argument("--val-only", action="store_true",
+                    help="run the campaigns and print every trial's val scores; no test scoring, no references")
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.combine:
@@ -194,7 +240,10 @@ def run_campaigns(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         store = Store.resolve(args.root or Path(tmp) / "mlruns")
         for seed in seeds:
-            per_seed.append(run_seed(cfgs, args.zoo, seed, store, Path(tmp), args.trials, reference))
+            per_seed.append(run_seed(cfgs, args.zoo, seed, store, Path(tmp), args.trials, reference, args.val_only,
+                                     args.tag))
+            if args.val_only:
+                continue
             per_seed[-1]["own_deltas"] = own_deltas(per_seed[-1]["models"], kind)
             print(f"seed {seed} (test)")
             print(table.format_table(table.aggregate([per_seed[-1]]), kind))
@@ -204,7 +253,8 @@ def run_campaigns(args: argparse.Namespace) -> dict[str, Any]:
     out = {"configs": [str(p) for p in paths], "zoo": str(args.zoo), "seeds": seeds, "trials": args.trials,
            "reference_json": str(args.reference_json) if args.reference_json else None,
            "test_items": table.EvalSizes().__dict__, "per_seed": per_seed}
-    out.update(report(per_seed, kind))
+    if not args.val_only:
+        out.update(report(per_seed, kind))
     out["seconds"] = time.perf_counter() - t0
     return out
 
