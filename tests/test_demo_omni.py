@@ -15,6 +15,8 @@ import pytest
 pytest.importorskip("mlflow")
 
 from mergelab.bench.omni import ship  # noqa: E402
+from mergelab.platform.demo_omni import demo_zoo  # noqa: E402
+from mergelab.platform.store import Store  # noqa: E402
 
 
 def test_the_shipped_omni_zoo_records_the_current_default_plan() -> None:
@@ -148,3 +150,12 @@ def test_demo_cli_has_the_omni_setting() -> None:
 
     out = CliRunner().invoke(main, ["demo", "--help"]).output
     assert "omni" in out and "--omni-trials" in out
+
+
+def test_demo_zoo_never_builds_inside_the_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Seed 0 reads the shipped zoo; another seed goes to the data root's omni-zoo; tiny beside the store."""
+    monkeypatch.setenv("MERGELAB_DATA", str(tmp_path / "data"))
+    store = Store.resolve(tmp_path / "mlruns")
+    assert demo_zoo(store, ship.SHIPPED_SEED, tiny=False) == ship.SHIPPED_OMNI_ZOO
+    assert demo_zoo(store, 1, tiny=False) == tmp_path / "data" / "omni-zoo"
+    assert demo_zoo(store, 1, tiny=True).parent == Path(store.tracking_uri.removeprefix("sqlite:///")).parent

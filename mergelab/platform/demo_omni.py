@@ -41,7 +41,8 @@ from mlflow import MlflowClient
 from mergelab.bench.omni import table
 from mergelab.bench.omni.build import seed_dir
 from mergelab.bench.omni.data import MODALITIES
-from mergelab.bench.omni.ship import SHIPPED_OMNI_ZOO
+from mergelab.bench.data import default_data_root
+from mergelab.bench.omni.ship import SHIPPED_OMNI_ZOO, SHIPPED_SEED
 from mergelab.bench.omni.tasks import CROSS_SETS
 from mergelab.hf import load_model
 from mergelab.platform.campaign import run_campaign
@@ -97,7 +98,9 @@ class OmniDemo:
     """What the omni section runs.
 
     Attributes:
-        zoo: the omni zoo root (default: the shipped one; ``tiny``: ``<store>/omni-zoo-quick``, built when missing).
+        zoo: the omni zoo root (default: the shipped one for its seed; another seed: ``<data root>/omni-zoo``, the
+            benchmark data's root being ``$MERGELAB_DATA`` or ``~/.cache/mergelab/data``; ``tiny``:
+            ``<store>/omni-zoo-quick``; built when missing).
         methods: merging methods of the comparison.
         lam_grid: lambdas swept on val (methods with a lambda).
         trials: Optuna trials over OptMerge (0 skips the campaign).
@@ -210,6 +213,15 @@ def _compare(client: MlflowClient, exp_id: str, template: Any, store: Store, exp
     return cols, sweep
 
 
+def demo_zoo(store: Store, seed: int, tiny: bool) -> Path:
+    """The omni zoo the demo uses when its spec names none: the quick zoo beside the store (``tiny``), the zoo
+    shipped in the package for its seed, else ``<data root>/omni-zoo`` (built there when missing: never inside the
+    installed package)."""
+    if tiny:
+        return Path(store.tracking_uri.removeprefix("sqlite:///")).parent / "omni-zoo-quick"
+    return SHIPPED_OMNI_ZOO if seed == SHIPPED_SEED else default_data_root() / "omni-zoo"
+
+
 def run_omni(*, store: Store, seed: int = 0, tiny: bool = False, spec: OmniDemo | None = None,
              device: str = "auto", log: Callable[[str], None] = print) -> SettingResult:
     """The demo's omni section (see the module docstring); its numbers as a :class:`SettingResult` (``table``: the
@@ -228,8 +240,7 @@ def run_omni(*, store: Store, seed: int = 0, tiny: bool = False, spec: OmniDemo 
     suffix = "-tiny" if tiny else ""
     experiment = name = f"{EXPERIMENT}-omni{suffix}"
     out = SettingResult(setting="omni", experiment=experiment)
-    zoo = spec.zoo or (Path(store.tracking_uri.removeprefix("sqlite:///")).parent / "omni-zoo-quick" if tiny
-                       else SHIPPED_OMNI_ZOO)  # fmt: skip
+    zoo = spec.zoo or demo_zoo(store, seed, tiny)
     base_cfg = dict(name=f"demo-optmerge-omni-s{seed}{suffix}", method="optmerge", device=device, seed=seed,
                     experts={"omni_zoo": str(zoo), "kind": "lora", "seed": seed, "quick": tiny},
                     eval={"tasks": list(OMNI_SETS), "limit": spec.sizes.cross_val},
