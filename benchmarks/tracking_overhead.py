@@ -28,6 +28,11 @@ no variant always runs first).
 Usage::
 
     python benchmarks/tracking_overhead.py [--repeats 3] [--threads 1] [--keep DIR | --ckpt DIR] [--before DIR]
+                                           [--store-splits N]
+
+``--store-splits N`` first prints, N times each way, where a fresh store's time goes in one process: importing
+mlflow, MLflow's initial tables and alembic migrations (its own path) or the template's check and copy, opening the
+tracking store and the registry, creating an experiment.
 
 Recorded: ``benchmarks/results/tracking_overhead.txt``; summary in ``docs/benchmarks.md``.
 """
@@ -39,6 +44,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -83,6 +89,58 @@ def with_source(env: dict[str, str], src: Path) -> dict[str, str]:
     return {**env, "PYTHONPATH": os.pathsep.join([str(src.resolve()), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
 
 
+SPLITS = """
+import sys, tempfile, time, uuid
+from pathlib import Path
+mode, work = sys.argv[1], Path(sys.argv[2])
+t = [("start", time.perf_counter())]
+from mlflow import MlflowClient
+t.append(("import mlflow", time.perf_counter()))
+import mlflow.store.db.utils as u
+t.append(("import mlflow.store.db.utils", time.perf_counter()))
+d = Path(tempfile.mkdtemp(prefix="split-", dir=work))
+uri = f"sqlite:///{d}/mlflow.db"
+if mode == "migrate":
+    e = u.create_sqlalchemy_engine_with_retry(uri)
+    t.append(("engine", time.perf_counter()))
+    u.InitialBase.metadata.create_all(e)
+    t.append(("create_all", time.perf_counter()))
+    u._upgrade_db(e)
+    t.append(("alembic migrations", time.perf_counter()))
+    e.dispose()
+else:
+    from mergelab.platform import store_template as st
+    t.append(("import store_template", time.perf_counter()))
+    st.ready_template(st.template_dir())
+    t.append(("head + check template", time.perf_counter()))
+    assert st.seed(d / "mlflow.db")
+    t.append(("copy", time.perf_counter()))
+c = MlflowClient(uri, uri)
+c.search_experiments(max_results=1)
+t.append(("open tracking store", time.perf_counter()))
+c.search_registered_models(max_results=1)
+t.append(("open registry", time.perf_counter()))
+c.create_experiment("e" + uuid.uuid4().hex, artifact_location=(d / "a").as_uri())
+t.append(("create experiment", time.perf_counter()))
+print(f"{mode:>8s}: " + ", ".join(f"{n} {b - a:.3f}" for (_, a), (n, b) in zip(t, t[1:]))
+      + f"; total {t[-1][1] - t[0][1]:.2f}", flush=True)
+"""
+"""One fresh store opened in a fresh process, each step timed (``time.perf_counter``): ``migrate`` is MLflow's own
+path (its initial tables, then its alembic migrations), ``template`` the copy of the schema template."""
+
+
+def store_splits(n: int, work: Path, env: dict[str, str]) -> None:
+    """Print where a fresh store's time goes, ``n`` times each way (MLflow's migrations, the template's copy)."""
+    print("where a fresh store's time goes (seconds, one process each):", flush=True)
+    subprocess.run([sys.executable, "-c", SPLITS, "template", str(work)], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # builds the template, untimed
+    for _ in range(n):
+        for mode in ("migrate", "template"):
+            subprocess.run([sys.executable, "-c", SPLITS, mode, str(work)], env=env, check=True,
+                           stderr=subprocess.DEVNULL)
+    print(flush=True)
+
+
 def report(runs: dict[str, list[dict[str, float]]], load_before: str) -> None:
     """The medians, the load and the ratios to the untracked merge."""
     med = {v: {k: statistics.median(x[k] for x in rs) for k in ("wall", "cpu", "self")} for v, rs in runs.items()}
@@ -107,6 +165,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=14)
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--experts", type=int, default=3)
+    ap.add_argument("--store-splits", type=int, default=0, metavar="N",
+                    help="first print where a fresh store's time goes, N times each way (MLflow's migrations, the "
+                         "template's copy)")
     group = ap.add_mutually_exclusive_group()
     group.add_argument("--keep", type=Path, default=None, help="build the checkpoints here and keep them")
     group.add_argument("--ckpt", type=Path, default=None, help="reuse checkpoints built by an earlier --keep")
@@ -148,6 +209,8 @@ def main() -> None:
         nbytes = sum(f.stat().st_size for d in (base, *experts) for f in d.glob("*.safetensors"))
         print(f"recipe: task_arithmetic, base + {len(experts)} experts, {nbytes / 2**30:.2f} GiB of inputs; "
               f"threads={args.threads}; {os.cpu_count()} CPUs" + (f"; before: {args.before}" if args.before else ""))
+        if args.store_splits:
+            store_splits(args.store_splits, work, here)
         for v in envs:  # the existing stores, made before the timings
             if v.endswith("existing store"):
                 merge_once(cli, recipe, work / "out", v, work / v, envs[v])
