@@ -28,7 +28,7 @@ from mergelab.methods.base import MergeContext, tensor_generator
 _HALF = 1 << 16  # buckets per 16-bit half of a float32 bit pattern
 _CHUNK = 1 << 16  # columns per chunk on CPU: a chunk's temporaries stay in the L2 cache
 _RADIX_MIN = 1 << 14  # below this many entries per expert kthvalue is cheaper than two radix passes
-_SELECT_CHUNK = 1 << 18  # entries per chunk of the radix-select passes on CPU
+_SELECT_CHUNK = 1 << 19  # entries per chunk of the radix-select passes on CPU (2 MB buffers)
 _FLUSH = 1 << 20  # pending bucket candidates before they are folded into the low-half histogram
 _MERGE_CHUNKS = 4  # the TIES core's chunks, in chunk_size units: fewer calls per entry, still in the L3 cache
 _SAMPLE = 4096  # entries of the strided sample that picks the select's first-pass histogram
