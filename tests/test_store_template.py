@@ -220,3 +220,18 @@ def test_concurrent_first_uses_each_get_a_valid_store(tmp_path: Path, monkeypatc
     assert sorted(p.name for p in directory.iterdir()) == sorted([tpl.name, f".{tpl.stem}-init.lock"])
     assert store_template.check(tpl) is None
     assert all(_snapshot(db) == _snapshot(tpl) for db in dbs)
+
+
+def test_a_failed_build_leaves_nothing_and_the_store_to_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    directory = tmp_path / "templates"
+    monkeypatch.setenv(store_template.ENV, str(directory))
+
+    def broken(engine: Any) -> None:
+        raise RuntimeError("a change in MLflow's internals")
+
+    monkeypatch.setattr(store_template.mlflow_db, "_initialize_tables", broken)
+    db = tmp_path / "mlruns" / "mlflow.db"
+    db.parent.mkdir()
+    assert not store_template.seed(db)
+    assert not db.exists() and not list(db.parent.iterdir())
+    assert [p.name for p in directory.iterdir()] == [f".{store_template.template_path(directory).stem}-init.lock"]

@@ -82,15 +82,15 @@ def build(path: Path) -> None:
     place (what was at ``path`` is replaced)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
-    engine = mlflow_db.create_sqlalchemy_engine(f"sqlite:///{tmp}")
     try:
-        mlflow_db._initialize_tables(engine)
-    finally:
-        engine.dispose()
-    try:
+        engine = mlflow_db.create_sqlalchemy_engine(f"sqlite:///{tmp}")
+        try:
+            mlflow_db._initialize_tables(engine)
+        finally:
+            engine.dispose()
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)  # a failed build leaves nothing behind
 
 
 def check(path: Path) -> str | None:
