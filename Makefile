@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	-$(BIN)/pip uninstall -y -q torchvision
+	@# MLflow's schema for fresh stores, built once (platform/store_template.py): the first tracked merge copies it
+	-$(BIN)/python -c "from mergelab.platform import store_template as t; d = t.template_dir(); d and t.ready_template(d)"
 	touch $(STAMP)
 
 test: setup

@@ -10,8 +10,11 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,12 @@ from safetensors.torch import save_file
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
+
+# The store templates and the content-hash cache live under $XDG_CACHE_HOME/mergelab: the test session (and every
+# command it starts) gets its own, so a test run neither writes into the user's ~/.cache nor reads their entries.
+_TEST_CACHE = tempfile.mkdtemp(prefix="mergelab-tests-cache-")
+os.environ["XDG_CACHE_HOME"] = _TEST_CACHE
+atexit.register(shutil.rmtree, _TEST_CACHE, True)
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -38,10 +38,10 @@ from typing import Any
 
 from mlflow import MlflowClient
 
+from mergelab.bench.data import default_data_root
 from mergelab.bench.omni import table
 from mergelab.bench.omni.build import seed_dir
 from mergelab.bench.omni.data import MODALITIES
-from mergelab.bench.data import default_data_root
 from mergelab.bench.omni.ship import SHIPPED_OMNI_ZOO, SHIPPED_SEED
 from mergelab.bench.omni.tasks import CROSS_SETS
 from mergelab.hf import load_model
