@@ -261,13 +261,15 @@ class CheckpointReader:
         weakref.finalize(t, _release_pages, m, info.offset, info.nbytes)
         return t
 
-    def release(self, name: str) -> None:
-        """Drop the resident pages of tensor ``name`` from the memory map now. Its views stay valid: a later access
-        reads the pages again from the page cache (the bytes of the file; views are never written)."""
+    def release(self, name: str, upto: int | None = None) -> None:
+        """Drop the resident pages of tensor ``name`` (its first ``upto`` entries only, when given) from the memory
+        map now. Its views stay valid: a later access reads the pages again from the page cache (the bytes of the
+        file; views are never written)."""
         info = self.infos[name]
         m = self._maps.get(info.file)
-        if m is not None and info.nbytes:
-            _release_pages(m, info.offset, info.nbytes)
+        nbytes = info.nbytes if upto is None else min(info.nbytes, upto * _itemsize(info.dtype))
+        if m is not None and nbytes:
+            _release_pages(m, info.offset, nbytes)
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor with plain reads into a fresh CPU buffer (a copy; no pages of the file stay mapped)."""

@@ -36,6 +36,7 @@ from mergelab.engine.adapter_out import merge_to_adapter
 from mergelab.engine.cache import process_cache
 from mergelab.engine.core_space import core_updates, to_core_items
 from mergelab.engine.factors import LowRank, factor_updates
+from mergelab.engine.fused import fused_merge, mean_tau, method_tau
 from mergelab.engine.io import CheckpointReader, MergeError
 from mergelab.engine.plan import (
     Expert,
@@ -60,6 +61,9 @@ from mergelab.methods.base import MergeContext, MethodSpec, tensor_seed
 __all__ = ["ExpertSpec", "MergeError", "merge", "parse_dtype", "preflight", "resolve_device", "run_merge"]
 
 PROVENANCE_FILE = "mergelab_merge.json"
+_FUSED = os.environ.get("MERGELAB_FUSED", "1").strip().lower() not in ("0", "off", "false", "no")
+"""The fused CPU path for elementwise merges (engine/fused.py); ``MERGELAB_FUSED=0`` turns it off (the stacked
+path, bit-identical: for comparisons)."""
 _PREFETCH_BYTES = 256 * 2**20  # read-ahead budget (raised to the largest tensor's footprint)
 
 
@@ -218,6 +222,13 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
         accounting=opened.accounting,
     )
     factors = _merge_lora_factors(recipe, ex, opened.factor_rules, dev, cdtype) if opened.factor_rules else {}
+    # the fused CPU path (engine/fused.py): full experts, no global statistics; "merge" items when the method is
+    # elementwise under its config, "average" items always
+    fused = dev.type == "cpu" and bool(ex) and all(e.full is not None for e in ex) and _FUSED
+    elementwise = spec.make_stats is None and spec.elementwise is not None and spec.elementwise(cfg)
+
+    def is_fused(it: PlanItem) -> bool:
+        return fused and (it.rule == "average" or (it.rule == "merge" and elementwise)) and not untouched(ex, it.name)
 
     def load(it: PlanItem) -> Loaded:
         if it.rule == "carry":
@@ -241,6 +252,22 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
         b_dev = b.to(dev)
         if untouched(ex, it.name):  # LoRA adapters that all leave this tensor alone: zero task vectors, not built
             return Loaded(it, b_dev, None, nbytes, True, [0.0] * len(ex))
+        if is_fused(it):
+            # every entry read once, merged and finished in the cache: no stack (engine/fused.py)
+            if it.rule == "merge":
+                ctx = MergeContext(name=it.name, generator=None, stats=None, compute_dtype=cdtype)
+                tau_fn = method_tau(spec.fn, cfg, ctx)
+            else:
+                tau_fn = mean_tau
+            def release(upto: int) -> None:  # the inputs' pages behind the stream
+                base_reader.release(it.name, upto)
+                for e in ex:
+                    e.full.release(it.name, upto)  # type: ignore[union-attr]
+
+            res = fused_merge(it, b_dev, ex, tau_fn, lam, cdtype, release=release)
+            base_reader.release(it.name)  # the result is final: the base's pages are not needed any more
+            nbytes += sum(e.full.infos[it.name].nbytes for e in ex)  # type: ignore[union-attr]
+            return Loaded(it, b_dev, None, nbytes, res.zero, res.norms, fused=res)
         deltas = pool.take((len(ex), *b.shape), cdtype, dev)
         nbytes += fill_deltas(ex, it.name, deltas, b_dev, dev, cdtype)
         base_reader.release(it.name)  # read again to finish the merge: not resident while the method runs
@@ -259,13 +286,15 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
             return n * it.out_dtype.itemsize
         if it.rule in ("factors", "core"):
             return n * (it.out_dtype.itemsize + cdtype.itemsize)
+        if is_fused(it):  # the finished tensor only (the stack is a few chunk-sized buffers)
+            return n * it.out_dtype.itemsize
         return n * cdtype.itemsize * (len(ex) + 1)
 
     budget = max(_PREFETCH_BYTES, max((cost(it) for it in items), default=0))
 
     def stack_bytes(rules: tuple[str, ...]) -> list[int]:  # the task-vector stacks a pass over these rules builds
         return [math.prod(it.shape) * cdtype.itemsize * len(ex) for it in items
-                if it.rule in rules and not untouched(ex, it.name)]
+                if it.rule in rules and not untouched(ex, it.name) and not is_fused(it)]
 
     pool = BufferPool(stack_bytes(("merge", "average")), budget)  # the stacks, reused from tensor to tensor
     if dev.type == "cuda":
@@ -290,7 +319,7 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
                     rec.owner = ex[ld.item.owner].name
                 writer.write(ld.item.name, value)
                 del value  # before the reader, released by the next step, allocates the next tensor
-                rec.seconds = time.perf_counter() - t0
+                rec.seconds += time.perf_counter() - t0
                 report.tensors.append(rec)
                 report.bytes_read += ld.nbytes
                 if bar is not None:
@@ -391,6 +420,16 @@ def _merge_one(
 ) -> tuple[TensorRecord, torch.Tensor]:
     it = ld.item
     rec = TensorRecord(it.name, it.rule, it.shape)
+    if ld.fused is not None:  # merged by the reader (engine/fused.py): only the record is left to fill
+        res, ld.fused = ld.fused, None
+        rec.expert_norms = list(res.norms)
+        rec.seconds = res.seconds
+        if res.zero:
+            rec.rule = "zero"
+            rec.expert_norms = [0.0] * n_experts
+        else:
+            rec.merged_norm = res.merged_norm
+        return rec, res.value
     if it.rule in ("base", "carry", "owner") or ld.deltas is None:
         if ld.zero:
             rec.rule = "zero"

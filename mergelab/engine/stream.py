@@ -152,6 +152,7 @@ class Loaded:
     nbytes: int
     zero: bool = False
     norms: list[float] | None = None  # per-expert Frobenius norms of the task vectors
+    fused: Any = None  # engine.fused.FusedResult: the tensor merged by the reader (no stack), or None
 
 
 _DONE = object()
@@ -221,7 +222,7 @@ class TensorStream:
                 if isinstance(obj, BaseException):
                     raise obj
                 yield obj
-                obj.base = obj.deltas = None  # type: ignore[assignment]  # consumed: drop before the next load
+                obj.base = obj.deltas = obj.fused = None  # type: ignore[assignment]  # consumed: drop before the next load
                 self._release(self._cost(obj.item))
         finally:
             self._stop.set()

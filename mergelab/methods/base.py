@@ -171,6 +171,11 @@ LAM_GRID: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 1.0, 1.5)
 """The paper's lambda grid "for all methods", searched on the val split (the benchmark and the demo sweep it)."""
 
 
+def always(cfg: Any) -> bool:
+    """``MethodSpec.elementwise`` of a method that is elementwise under every config."""
+    return True
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """One row of the method table :data:`~mergelab.methods.METHODS`: the function, its config and its facts.
@@ -198,6 +203,10 @@ class MethodSpec:
     """The config field set to the experts' setting, ``"full"`` or ``"lora"`` (OptMerge's ``variant``)."""
     single_expert: Mapping[str, Any] | None = field(default_factory=dict, compare=False)
     """Parameters under which one expert comes back unchanged (``{}``: the defaults; None: no setting does)."""
+    elementwise: Callable[[Any], bool] | None = None
+    """``elementwise(cfg)``: whether ``fn`` under ``cfg`` is elementwise (entry j of the result depends only on entry
+    j of each task vector and of the base, and the stack may be split along its flattened entries), so that the
+    engine may apply it chunk by chunk without building the stack (:mod:`mergelab.engine.fused`); None: never."""
 
     @property
     def has_lam(self) -> bool:

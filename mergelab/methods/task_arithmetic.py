@@ -59,6 +59,11 @@ def task_arithmetic(base: Tensor, deltas: Tensor, cfg: TaskArithmeticConfig, ctx
     return combine(d, coef)
 
 
+def is_elementwise(cfg: TaskArithmeticConfig) -> bool:
+    """``MethodSpec.elementwise``: the weighted sum is elementwise; DARE's masks are drawn over the whole tensor."""
+    return cfg.drop_rate == 0
+
+
 def combine(deltas: Tensor, coef: Tensor | None, *, mean: bool = False) -> Tensor:
     """``sum_i c_i tau_i`` (``mean=True``: divided by ``sum_i c_i``); without coefficients the plain sum/mean.
 

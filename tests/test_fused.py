@@ -1,0 +1,148 @@
+"""The fused CPU path for elementwise merges (engine/fused.py): bit-identical to the stacked path, same checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mergelab.engine import MergeError, fused, loop, merge
+
+SHAPES = {"model.layers.0.mlp.up_proj.weight": (37, 29), "model.norm.weight": (29,), "lm_head.weight": (61, 29)}
+
+
+def _ckpt(d: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    d.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / "model.safetensors"))
+    return d
+
+
+def _family(root: Path, n: int, dtype: torch.dtype, seed: int = 0) -> tuple[Path, list[Path]]:
+    g = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(s, generator=g).to(dtype) for k, s in SHAPES.items()}
+    base_dir = _ckpt(root / "base", base)
+    experts = []
+    for i in range(n):
+        e = {k: (v.float() + 0.05 * (i + 1) * torch.randn(v.shape, generator=g)).to(dtype) for k, v in base.items()}
+        experts.append(_ckpt(root / f"e{i}", e))
+    return base_dir, experts
+
+
+def _run(monkeypatch: pytest.MonkeyPatch, on: bool, out: Path, **kw: object) -> tuple[dict[str, torch.Tensor], object]:
+    monkeypatch.setattr(loop, "_FUSED", on)
+    calls = []
+    real = loop.fused_merge
+
+    def spy(*a: object, **k: object) -> object:
+        calls.append(a[0].name)  # type: ignore[attr-defined]
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "fused_merge", spy)
+    rep = merge(out=out, policy=[], **kw)  # type: ignore[arg-type]
+    return load_file(str(out / "model.safetensors")), (rep, calls)
+
+
+CASES = [
+    ("task_arithmetic", {"lam": 1.0}, 2, torch.bfloat16, None),
+    ("task_arithmetic", {"lam": 0.7}, 5, torch.bfloat16, None),
+    ("task_arithmetic", {"lam": 0.3, "coefficients": [1.5, -0.5, 0.25]}, 3, torch.float32, None),
+    ("task_arithmetic", {"lam": 1.0}, 1, torch.float16, None),
+    ("weight_average", {}, 4, torch.bfloat16, None),
+    ("weight_average", {"coefficients": [2.0, 1.0]}, 2, torch.float32, "float64"),
+    ("tsv", {"lam": 0.5}, 3, torch.bfloat16, None),  # matrix-only: its "average" tensors take the fused path
+]
+
+
+@pytest.mark.parametrize(("method", "params", "n", "dtype", "cdtype"), CASES)
+def test_fused_equals_stacked_bit_for_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
+                                          params: dict, n: int, dtype: torch.dtype, cdtype: str | None) -> None:
+    monkeypatch.setattr(fused, "_CHUNK", 64)  # many chunks per tensor and a short last one
+    base, experts = _family(tmp_path / "in", n, dtype)
+    kw = dict(base=base, experts=experts, method=method, params=params)
+    if cdtype:
+        kw["compute_dtype"] = cdtype
+    got, (rep, calls) = _run(monkeypatch, True, tmp_path / "fused", **kw)
+    want, (rep0, calls0) = _run(monkeypatch, False, tmp_path / "stacked", **kw)
+    assert calls0 == []
+    if method == "tsv":  # only the tensors the engine averages; the decoder's matrices go to TSV
+        averaged = [r.name for r in rep.tensors if r.rule == "average"]  # type: ignore[attr-defined]
+        assert "model.norm.weight" in averaged and "model.layers.0.mlp.up_proj.weight" not in averaged
+        assert calls == averaged
+    else:
+        assert sorted(calls) == sorted(SHAPES)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype
+        assert torch.equal(got[k].view(torch.uint8), want[k].view(torch.uint8)), k  # bits, signed zeros included
+    for r, r0 in zip(rep.tensors, rep0.tensors, strict=True):  # type: ignore[attr-defined]
+        assert (r.name, r.rule) == (r0.name, r0.rule)
+        assert r.expert_norms == pytest.approx(r0.expert_norms, rel=1e-5)
+        assert r.merged_norm == pytest.approx(r0.merged_norm, rel=1e-5)
+
+
+def test_dare_and_global_methods_keep_the_stacked_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, experts = _family(tmp_path / "in", 2, torch.bfloat16)
+    for i, (method, params) in enumerate([("dare_task_arithmetic", {"drop_rate": 0.2}), ("ties", {"scope": "global"})]):
+        _, (_, calls) = _run(monkeypatch, True, tmp_path / f"o{i}", base=base, experts=experts, method=method,
+                             params=params)
+        assert calls == [], method
+
+
+def test_zero_task_vectors_give_the_base_with_its_signed_zeros(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fused, "_CHUNK", 8)
+    w = torch.tensor([[-0.0, 0.0, 1.5], [2.0, -0.0, -3.0]] * 5)
+    base = _ckpt(tmp_path / "base", {"w": w})
+    experts = [_ckpt(tmp_path / f"e{i}", {"w": w.clone()}) for i in range(2)]
+    got, (rep, calls) = _run(monkeypatch, True, tmp_path / "out", base=base, experts=experts,
+                             method="task_arithmetic", params={"lam": 0.5})
+    assert calls == ["w"]
+    assert torch.equal(got["w"].view(torch.int32), w.view(torch.int32))  # -0.0 stays -0.0 (0 + -0.0 would not)
+    (rec,) = rep.tensors  # type: ignore[attr-defined]
+    assert rec.rule == "zero" and rec.expert_norms == [0.0, 0.0]
+
+
+def test_a_tiny_delta_whose_norm_underflows_is_not_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = torch.zeros(6)
+    e = w.clone()
+    e[3] = 1e-45  # the smallest float32 subnormal: its square is 0
+    base = _ckpt(tmp_path / "base", {"w": w})
+    experts = [_ckpt(tmp_path / "e0", {"w": e})]
+    got, (rep, _) = _run(monkeypatch, True, tmp_path / "out", base=base, experts=experts,
+                         method="task_arithmetic", params={"lam": 1.0})
+    assert rep.tensors[0].rule == "merge"  # type: ignore[attr-defined]
+    assert torch.equal(got["w"], e)
+
+
+def test_nan_in_an_expert_names_its_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fused, "_CHUNK", 16)
+    base, experts = _family(tmp_path / "in", 2, torch.float32)
+    t = load_file(str(experts[1] / "model.safetensors"))
+    t["lm_head.weight"][40, 3] = float("nan")
+    save_file(t, str(experts[1] / "model.safetensors"))
+    monkeypatch.setattr(loop, "_FUSED", True)
+    with pytest.raises(MergeError, match=r"e1/model.safetensors: tensor lm_head.weight contains NaN or Inf \(expert e1\)"):
+        merge(out=tmp_path / "out", base=base, experts=experts, method="task_arithmetic", policy=[])
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_overflowing_merge_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = torch.zeros(4, 4)
+    e = torch.full((4, 4), 3e38)  # finite, but the sum of two overflows float32
+    base = _ckpt(tmp_path / "base", {"w": w})
+    experts = [_ckpt(tmp_path / f"e{i}", {"w": e}) for i in range(2)]
+    monkeypatch.setattr(loop, "_FUSED", True)
+    with pytest.raises(MergeError, match="tensor w: the merged task vector contains NaN or Inf"):
+        merge(out=tmp_path / "out", base=base, experts=experts, method="task_arithmetic", policy=[])
+
+
+def test_huge_finite_values_are_not_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the squares overflow (the norm is inf) but every entry is finite: the chunk is formed again and passes
+    w = torch.zeros(8)
+    e = torch.full((8,), 1e20)
+    base = _ckpt(tmp_path / "base", {"w": w})
+    experts = [_ckpt(tmp_path / "e0", {"w": e})]
+    got, (rep, calls) = _run(monkeypatch, True, tmp_path / "out", base=base, experts=experts,
+                             method="task_arithmetic", params={"lam": 1.0})
+    assert calls == ["w"] and torch.equal(got["w"], e)
