@@ -61,6 +61,7 @@ def fused_merge(
     cdtype: torch.dtype,
     chunk: int | None = None,
     release: Callable[[int], None] | None = None,
+    out: torch.Tensor | None = None,
 ) -> FusedResult:
     """Merge one tensor of full experts on the CPU without its stack of task vectors.
 
@@ -75,6 +76,8 @@ def fused_merge(
         chunk: entries per expert and chunk (default :func:`chunk_elements`).
         release: ``release(j)``, called every :data:`_RELEASE_BYTES` of output: the inputs' first ``j`` entries are
             done with (the engine drops their memory-mapped pages, so the resident input stays a few MB per tensor).
+        out: a 1-D buffer of the tensor's entries in the output dtype to write the result into (the engine's reused
+            buffers), or None for a new one.
 
     Raises:
         MergeError: an expert's tensor or the merged task vector holds NaN or Inf (naming the file and tensor).
@@ -115,7 +118,9 @@ def fused_merge(
             upd.mul_(lam)
         return upd
 
-    out = torch.empty(n, dtype=item.out_dtype)
+    if out is None:
+        out = torch.empty(n, dtype=item.out_dtype)
+    assert out.dtype == item.out_dtype and out.numel() == n and out.is_contiguous()
     every = max(1, _RELEASE_BYTES // max(1, step * item.out_dtype.itemsize))
     for ci, a in enumerate(range(0, n, step)):
         if release is not None and ci and ci % every == 0:
@@ -146,7 +151,11 @@ def fused_merge(
     if zero:
         out.copy_(flat_b)  # the base itself, as the stacked path writes it (signed zeros kept)
     merged_norm = math.sqrt(float(merged_norms.to(torch.float64).square_().sum()))
-    return FusedResult(out.view(item.shape), norms, merged_norm, zero, time.perf_counter() - t0)
+    # a plain tensor over out's storage, not a view of it (a view would keep ``out`` as its base, and the engine's
+    # buffer pool takes back only buffers that no other tensor uses)
+    value = torch.empty(0, dtype=out.dtype).set_(out.untyped_storage(), out.storage_offset(), item.shape)
+    del out
+    return FusedResult(value, norms, merged_norm, zero, time.perf_counter() - t0)
 
 
 def method_tau(fn: Callable[..., torch.Tensor], cfg: Any, ctx: Any) -> Callable[[torch.Tensor, torch.Tensor],

@@ -264,7 +264,8 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
                 for e in ex:
                     e.full.release(it.name, upto)  # type: ignore[union-attr]
 
-            res = fused_merge(it, b_dev, ex, tau_fn, lam, cdtype, release=release)
+            res = fused_merge(it, b_dev, ex, tau_fn, lam, cdtype, release=release,
+                              out=pool.take((math.prod(it.shape),), it.out_dtype, dev))
             base_reader.release(it.name)  # the result is final: the base's pages are not needed any more
             nbytes += sum(e.full.infos[it.name].nbytes for e in ex)  # type: ignore[union-attr]
             return Loaded(it, b_dev, None, nbytes, res.zero, res.norms, fused=res)
@@ -296,7 +297,9 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
         return [math.prod(it.shape) * cdtype.itemsize * len(ex) for it in items
                 if it.rule in rules and not untouched(ex, it.name) and not is_fused(it)]
 
-    pool = BufferPool(stack_bytes(("merge", "average")), budget)  # the stacks, reused from tensor to tensor
+    # the stacks and the fused path's finished tensors, reused from tensor to tensor
+    pool = BufferPool(stack_bytes(("merge", "average")) + [math.prod(it.shape) * it.out_dtype.itemsize
+                                                          for it in items if is_fused(it)], budget)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -318,6 +321,8 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
                 if ld.item.rule in ("owner", "carry") and ld.item.owner >= 0:
                     rec.owner = ex[ld.item.owner].name
                 writer.write(ld.item.name, value)
+                if is_fused(ld.item):
+                    pool.give(value)  # the fused path's finished tensor: its buffer serves a later one
                 del value  # before the reader, released by the next step, allocates the next tensor
                 rec.seconds += time.perf_counter() - t0
                 report.tensors.append(rec)
