@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from mergelab.engine import MergeError, fused, loop, merge
 
-SHAPES = {"model.layers.0.mlp.up_proj.weight": (37, 29), "model.norm.weight": (29,), "lm_head.weight": (61, 29)}
+SHAPES = {"model.layers.0.mlp.up_proj.weight": (37, 29), "model.norm.weight": (29,), "lm_head.weight": (61, 29),
+          "model.embed_tokens.weight": (300, 64)}  # 19,200 entries: TIES's radix select (from 2^14) in both paths
 
 
 def _ckpt(d: Path, tensors: dict[str, torch.Tensor]) -> Path:
@@ -36,7 +37,7 @@ def _run(monkeypatch: pytest.MonkeyPatch, on: bool, out: Path, **kw: object) -> 
     real = loop.fused_merge
 
     def spy(*a: object, **k: object) -> object:
-        calls.append(a[0].name)  # type: ignore[attr-defined]
+        calls.append(a[0].item.name)  # type: ignore[attr-defined]
         return real(*a, **k)
 
     monkeypatch.setattr(loop, "fused_merge", spy)
@@ -52,6 +53,11 @@ CASES = [
     ("weight_average", {}, 4, torch.bfloat16, None),
     ("weight_average", {"coefficients": [2.0, 1.0]}, 2, torch.float32, "float64"),
     ("tsv", {"lam": 0.5}, 3, torch.bfloat16, None),  # matrix-only: its "average" tensors take the fused path
+    ("ties", {"lam": 1.0, "density": 0.2}, 2, torch.bfloat16, None),  # bf16-exact deltas: one select pass
+    ("ties", {"lam": 0.6, "density": 0.5}, 5, torch.float32, None),  # float32 deltas: the low-half pass too
+    ("ties", {"density": 0.3, "topk": "exact"}, 3, torch.bfloat16, None),
+    ("ties", {"density": 1.0}, 2, torch.float16, None),  # nothing trimmed: the select skipped
+    ("dare_ties", {"drop_rate": 0.0, "density": 0.4}, 4, torch.bfloat16, "float64"),
 ]
 
 
@@ -84,7 +90,9 @@ def test_fused_equals_stacked_bit_for_bit(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_dare_and_global_methods_keep_the_stacked_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base, experts = _family(tmp_path / "in", 2, torch.bfloat16)
-    for i, (method, params) in enumerate([("dare_task_arithmetic", {"drop_rate": 0.2}), ("ties", {"scope": "global"})]):
+    for i, (method, params) in enumerate([("dare_task_arithmetic", {"drop_rate": 0.2}), ("ties", {"scope": "global"}),
+                                          ("dare_ties", {"drop_rate": 0.2}), ("ties", {"coefficients": [1.0, 2.0]}),
+                                          ("ties", {"normalize": False})]):
         _, (_, calls) = _run(monkeypatch, True, tmp_path / f"o{i}", base=base, experts=experts, method=method,
                              params=params)
         assert calls == [], method

@@ -1,19 +1,22 @@
-"""The fused CPU path for elementwise merges: read, subtract, merge and finish a tensor chunk by chunk.
+"""The fused CPU path: read, subtract, merge and finish a tensor chunk by chunk, without its stack of task vectors.
 
-For a method whose per-tensor function is elementwise under its config (``MethodSpec.elementwise``: task
-arithmetic without DARE, weight average) and for the policy's ``average`` rule, entry ``j`` of the result depends
-only on entry ``j`` of the base and of each expert. The engine then never builds the ``(N, *S)`` stack of task
-vectors in the compute dtype: :func:`fused_merge` walks the flattened tensor in cache-sized chunks, fills a small
-``(N, k)`` stack from the memory-mapped experts, applies the method's own function to it, scales by lambda, adds
-the base and converts to the output dtype, so every entry is read from the mapped files once and written once, and
-the stack's memory traffic stays in the cache.
+A method merges a tensor this way when it has a *chunked form* (:class:`~mergelab.methods.base.ChunkedMerge`): one
+or more passes over the column chunks of the ``(N, M)`` stack of task vectors, the last of which returns each
+chunk's merged task vector. Elementwise methods (``MethodSpec.elementwise``: task arithmetic without DARE, weight
+average) and the policy's ``average`` rule have one pass (:class:`Elementwise`); TIES per tensor has three or four
+(its threshold's histograms, the per-entry sums and the majority sign, then the disjoint mean:
+:func:`mergelab.methods.ties.chunked`). The engine never builds the stack in the compute dtype: :func:`fused_merge`
+walks the flattened tensor in cache-sized chunks, forms each chunk's small ``(N, k)`` stack from the memory-mapped
+experts (again in every pass: reading and subtracting costs less than writing and re-reading a full-size stack),
+hands it to the method, and in the last pass scales the result by lambda, adds the base and converts it to the
+output dtype, so the stack's memory traffic stays in the cache and the resident input stays a few MB per tensor.
 
 Every operation is the one the stacked path applies, elementwise, in the same order (``expert - base`` in the
-compute dtype, the method's reduction over the expert axis, ``* lam``, ``+ base``, the conversion to the output
-dtype), so the merged tensor is bit-identical to the stacked path's (``tests/test_fused.py``; the benchmark's
-``merge_hashes.py --check``). The report's norms are accumulated over the chunks (float64 sums of the chunks'
-float32 squares), so they can differ from a whole-tensor norm in the last digits. An all-zero stack of task
-vectors gives the base, converted directly (as the stacked path's ``zero`` rule does, signed zeros included).
+compute dtype, the method's arithmetic, ``* lam``, ``+ base``, the conversion to the output dtype), so the merged
+tensor is bit-identical to the stacked path's (``tests/test_fused.py``; the benchmark's ``merge_hashes.py
+--check``). The report's norms are accumulated over the chunks (float64 sums of the chunks' squared norms), so they
+can differ from a whole-tensor norm in the last digits. An all-zero stack of task vectors gives the base, converted
+directly (as the stacked path's ``zero`` rule does, signed zeros included).
 """
 
 from __future__ import annotations
@@ -28,16 +31,16 @@ import torch
 
 from mergelab.engine.io import MergeError
 from mergelab.engine.plan import Expert, PlanItem, has_nonfinite
+from mergelab.methods.base import ChunkedMerge
 
 _CHUNK = 1 << 18  # entries per expert in a chunk: the stack (a few MB) stays in the cache; larger chunks cost fewer calls
-
-
-_RELEASE_BYTES = 8 << 20  # output bytes between two calls of ``release``
+_RELEASE_BYTES = 8 << 20  # input bytes of the base between two calls of ``release``
 
 
 def chunk_elements(n_experts: int) -> int:
     """Entries per expert in one chunk of :func:`fused_merge` (fastest of 2^14 to 2^20 measured on the 2-core
-    EPYC, 2 MB L2 per core, 32 MB L3: 0.47 s at 2^18 against 0.83 s at 2^14 for Qwen2-VL-2B's shapes, N = 2)."""
+    EPYC, 2 MB L2 per core, 32 MB L3: 0.47 s at 2^18 against 0.83 s at 2^14 for Qwen2-VL-2B's shapes, N = 2; a
+    multiple of 256, as the TIES core's chunks)."""
     return _CHUNK
 
 
@@ -52,30 +55,92 @@ class FusedResult:
     seconds: float
 
 
+class Elementwise:
+    """The one-pass chunked form of an elementwise merge: ``tau(base_chunk, deltas_chunk)`` per chunk."""
+
+    final = True
+
+    def __init__(self, tau: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        self._tau = tau
+
+    def visit(self, a: int, base: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        return self._tau(base, d)
+
+    def end_pass(self) -> None:
+        pass
+
+
+def method_tau(fn: Callable[..., torch.Tensor], cfg: Any, ctx: Any) -> Elementwise:
+    """The chunked form of an elementwise method's per-tensor function under ``cfg`` and ``ctx``."""
+    return Elementwise(lambda b, d: fn(b, d, cfg, ctx))
+
+
+def mean_tau() -> Elementwise:
+    """The chunked form of the policy's ``average`` rule: the plain mean of the task vectors."""
+    return Elementwise(lambda b, d: d.mean(dim=0))
+
+
+class Chunks:
+    """The chunks of one tensor's task vectors, formed from the memory-mapped base and experts on demand."""
+
+    def __init__(self, item: PlanItem, base: torch.Tensor, experts: Sequence[Expert], cdtype: torch.dtype,
+                 chunk: int | None = None) -> None:
+        self.item, self.experts, self.cdtype = item, experts, cdtype
+        self.n_ex = len(experts)
+        self.flat_b = base.reshape(-1)
+        self.views = [e.full.view(item.name).reshape(-1) for e in experts]  # type: ignore[union-attr]
+        self.n = self.flat_b.numel()
+        self.step = chunk or chunk_elements(self.n_ex)
+        k0 = max(1, min(self.step, self.n))
+        self.stack_buf = torch.empty(self.n_ex * k0, dtype=cdtype)
+        self.base_buf = torch.empty(k0, dtype=cdtype)
+
+    def starts(self) -> range:
+        return range(0, self.n, self.step)
+
+    def width(self, a: int) -> int:
+        return min(self.step, self.n - a)
+
+    def deltas(self, a: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunk's base (compute dtype) and its ``(N, k)`` stack, ``expert - base`` as the stacked path forms it
+        (``plan.fill_deltas``). Both are reused buffers, overwritten by the next call."""
+        bc = self.base_buf[:k]
+        bc.copy_(self.flat_b[a : a + k])
+        d = self.stack_buf[: self.n_ex * k].view(self.n_ex, k)  # contiguous, like the stacked path's rows
+        for i, v in enumerate(self.views):
+            if v.dtype == self.cdtype:
+                torch.sub(v[a : a + k], bc, out=d[i])
+            else:
+                d[i].copy_(v[a : a + k])
+                d[i].sub_(bc)
+        return bc, d
+
+    def sample(self, row: int, index: slice) -> torch.Tensor:
+        """Expert ``row``'s task vector at the entries ``index`` (a new tensor, the values :meth:`deltas` gives)."""
+        return self.views[row][index].to(self.cdtype) - self.flat_b[index].to(self.cdtype)
+
+    def reused(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` lives in this object's reused buffers (a result must not)."""
+        p = t.untyped_storage().data_ptr()
+        return p in (self.stack_buf.untyped_storage().data_ptr(), self.base_buf.untyped_storage().data_ptr())
+
+
 def fused_merge(
-    item: PlanItem,
-    base: torch.Tensor,
-    experts: Sequence[Expert],
-    tau_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    chunks: Chunks,
+    method: ChunkedMerge,
     lam: float,
-    cdtype: torch.dtype,
-    chunk: int | None = None,
     release: Callable[[int], None] | None = None,
     out: torch.Tensor | None = None,
 ) -> FusedResult:
-    """Merge one tensor of full experts on the CPU without its stack of task vectors.
+    """Merge one tensor of full experts on the CPU by ``method``'s passes over ``chunks``.
 
     Args:
-        item: the plan item (its name, shape and output dtype).
-        base: the base tensor on the CPU, in its stored dtype (a memory-mapped view).
-        experts: the experts; each has ``full`` (their stored tensors are read chunk by chunk).
-        tau_fn: ``tau_fn(base_chunk, deltas_chunk) -> tau_chunk``: the elementwise merge of an ``(N, k)`` stack
-            (``base_chunk``: the base's ``k`` entries in their stored dtype).
+        chunks: the tensor's chunks (:class:`Chunks`).
+        method: the method's chunked form for this tensor.
         lam: the scale of the merged task vector.
-        cdtype: the compute dtype.
-        chunk: entries per expert and chunk (default :func:`chunk_elements`).
-        release: ``release(j)``, called every :data:`_RELEASE_BYTES` of output: the inputs' first ``j`` entries are
-            done with (the engine drops their memory-mapped pages, so the resident input stays a few MB per tensor).
+        release: ``release(j)``, called every :data:`_RELEASE_BYTES` of the base's bytes within a pass: the inputs'
+            first ``j`` entries are done with for now (the engine drops their memory-mapped pages; a later pass reads
+            them again from the page cache).
         out: a 1-D buffer of the tensor's entries in the output dtype to write the result into (the engine's reused
             buffers), or None for a new one.
 
@@ -83,90 +148,69 @@ def fused_merge(
         MergeError: an expert's tensor or the merged task vector holds NaN or Inf (naming the file and tensor).
     """
     t0 = time.perf_counter()
-    n_ex = len(experts)
-    flat_b = base.reshape(-1)
-    views = [e.full.view(item.name).reshape(-1) for e in experts]  # type: ignore[union-attr]
-    n = flat_b.numel()
-    step = chunk or chunk_elements(n_ex)
-    k0 = max(1, min(step, n))
-    stack_buf = torch.empty(n_ex * k0, dtype=cdtype)
-    base_buf = torch.empty(k0, dtype=cdtype)
+    item, n, step, cdtype = chunks.item, chunks.n, chunks.step, chunks.cdtype
     n_chunks = -(-n // step)
-    chunk_norms = torch.zeros(n_chunks, n_ex, dtype=cdtype)  # per chunk (no sync with Python per chunk)
-    merged_norms = torch.zeros(n_chunks, dtype=cdtype)
+    chunk_norms = torch.zeros(n_chunks, chunks.n_ex, dtype=cdtype)  # per chunk (no sync with Python per chunk)
+    merged_sq = [0.0] * n_chunks
+    if out is None:
+        out = torch.empty(n, dtype=item.out_dtype)
+    assert out.dtype == item.out_dtype and out.numel() == n and out.is_contiguous()
+    every = max(1, _RELEASE_BYTES // max(1, step * chunks.flat_b.element_size()))
 
-    def deltas(a: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The chunk's base (compute dtype) and its ``(N, k)`` stack, ``expert - base`` as the stacked path forms it."""
-        bc = base_buf[:k]
-        bc.copy_(flat_b[a : a + k])
-        d = stack_buf[: n_ex * k].view(n_ex, k)  # contiguous, like the stacked path's rows
-        for i, v in enumerate(views):
-            if v.dtype == cdtype:
-                torch.sub(v[a : a + k], bc, out=d[i])
-            else:
-                d[i].copy_(v[a : a + k])
-                d[i].sub_(bc)
-        return bc, d
-
-    def update(a: int, k: int, d: torch.Tensor) -> torch.Tensor:
-        """``lam * tau_m`` of the chunk, in the compute dtype (never a view of the reused buffers)."""
-        upd = tau_fn(flat_b[a : a + k], d).to(cdtype)
-        if upd.untyped_storage().data_ptr() in (stack_buf.untyped_storage().data_ptr(),
-                                                base_buf.untyped_storage().data_ptr()):
+    def finish(a: int, k: int, tau: torch.Tensor) -> torch.Tensor:
+        """``lam * tau_m`` of a chunk, in the compute dtype (never a view of the reused buffers)."""
+        upd = tau.to(cdtype)
+        if chunks.reused(upd):
             upd = upd.clone()
         if lam != 1.0:
             upd.mul_(lam)
         return upd
 
-    if out is None:
-        out = torch.empty(n, dtype=item.out_dtype)
-    assert out.dtype == item.out_dtype and out.numel() == n and out.is_contiguous()
-    every = max(1, _RELEASE_BYTES // max(1, step * item.out_dtype.itemsize))
-    for ci, a in enumerate(range(0, n, step)):
-        if release is not None and ci and ci % every == 0:
-            release(a)
-        k = min(step, n - a)
-        bc, d = deltas(a, k)
-        torch.linalg.vector_norm(d, dim=1, out=chunk_norms[ci])
-        upd = update(a, k, d)
-        torch.linalg.vector_norm(upd, out=merged_norms[ci])
+    def write(ci: int, a: int, k: int, bc: torch.Tensor, tau: torch.Tensor) -> None:
+        """Finish chunk ``ci`` (first column ``a``) into ``out``: ``lam * tau``, checked, plus the base, converted."""
+        upd = finish(a, k, tau)
+        m = float(torch.linalg.vector_norm(upd))  # non-finite when an entry is (or the squares overflow)
+        if not math.isfinite(m) and has_nonfinite(upd):
+            raise MergeError(f"tensor {item.name}: the merged task vector contains NaN or Inf (rule {item.rule})")
+        merged_sq[ci] = m * m
         upd.add_(bc)
         out[a : a + k].copy_(upd)
-    # the checks of the stacked path, on the chunks' norms: an expert's NaN/Inf first (naming its file), then the
-    # merged task vector's (a non-finite norm can be an overflow of the squares: the chunk is formed again to tell)
-    finite = torch.isfinite(chunk_norms)
-    for i in range(n_ex):
-        if not bool(finite[:, i].all()):
-            experts[i].check_finite(item.name)
-    for ci in torch.nonzero(~torch.isfinite(merged_norms)).flatten().tolist():
-        a = ci * step
-        k = min(step, n - a)
-        if has_nonfinite(update(a, k, deltas(a, k)[1])):
-            raise MergeError(f"tensor {item.name}: the merged task vector contains NaN or Inf (rule {item.rule})")
+
+    first = True
+    while True:
+        final = method.final
+        for ci, a in enumerate(chunks.starts()):
+            if release is not None and ci and ci % every == 0:
+                release(a)
+            k = chunks.width(a)
+            bc, d = chunks.deltas(a, k)
+            if first:
+                cn = torch.linalg.vector_norm(d, dim=1, out=chunk_norms[ci])
+                if not bool(torch.isfinite(cn).all()):  # an expert's NaN/Inf named first, as in the stacked path
+                    for i in range(chunks.n_ex):
+                        if not math.isfinite(float(cn[i])):
+                            chunks.experts[i].check_finite(item.name)  # raises unless the squares overflowed
+            tau = method.visit(a, chunks.flat_b[a : a + k], d)
+            if final:
+                write(ci, a, k, bc, tau)
+        method.end_pass()
+        first = False
+        if final:
+            break
+    def end_pass(self) -> None:
+        pass
     sq = chunk_norms.to(torch.float64).square_().sum(0)
     norms = [math.sqrt(float(x)) for x in sq]
     zero = all(x == 0.0 for x in norms)
     if zero:  # exactly zero (a norm can underflow to 0): every chunk's stack formed again, in this rare case
-        zero = not any(bool(deltas(a, min(step, n - a))[1].any()) for a in range(0, n, step))
+        zero = not any(bool(chunks.deltas(a, chunks.width(a))[1].any()) for a in chunks.starts())
     if zero:
-        out.copy_(flat_b)  # the base itself, as the stacked path writes it (signed zeros kept)
-    merged_norm = math.sqrt(float(merged_norms.to(torch.float64).square_().sum()))
+        out.copy_(chunks.flat_b)  # the base itself, as the stacked path writes it (signed zeros kept)
+    merged_norm = math.sqrt(sum(merged_sq))
     # a plain tensor over out's storage, not a view of it (a view would keep ``out`` as its base, and the engine's
     # buffer pool takes back only buffers that no other tensor uses)
     value = torch.empty(0, dtype=out.dtype).set_(out.untyped_storage(), out.storage_offset(), item.shape)
-    del out
     return FusedResult(value, norms, merged_norm, zero, time.perf_counter() - t0)
 
 
-def method_tau(fn: Callable[..., torch.Tensor], cfg: Any, ctx: Any) -> Callable[[torch.Tensor, torch.Tensor],
-                                                                                 torch.Tensor]:
-    """``tau_fn`` for :func:`fused_merge` from a method's per-tensor function, config and context."""
-    return lambda b, d: fn(b, d, cfg, ctx)
-
-
-def mean_tau(b: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``tau_fn`` of the policy's ``average`` rule: the plain mean of the task vectors."""
-    return d.mean(dim=0)
-
-
-__all__ = ["FusedResult", "chunk_elements", "fused_merge", "mean_tau", "method_tau"]
+__all__ = ["Chunks", "Elementwise", "FusedResult", "chunk_elements", "fused_merge", "mean_tau", "method_tau"]

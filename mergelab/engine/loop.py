@@ -36,7 +36,7 @@ from mergelab.engine.adapter_out import merge_to_adapter
 from mergelab.engine.cache import process_cache
 from mergelab.engine.core_space import core_updates, to_core_items
 from mergelab.engine.factors import LowRank, factor_updates
-from mergelab.engine.fused import fused_merge, mean_tau, method_tau
+from mergelab.engine.fused import Chunks, fused_merge, mean_tau, method_tau
 from mergelab.engine.io import CheckpointReader, MergeError
 from mergelab.engine.plan import (
     Expert,
@@ -226,9 +226,11 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
     # elementwise under its config, "average" items always
     fused = dev.type == "cpu" and bool(ex) and all(e.full is not None for e in ex) and _FUSED
     elementwise = spec.make_stats is None and spec.elementwise is not None and spec.elementwise(cfg)
+    chunked = spec.chunked(cfg) if spec.chunked is not None and not elementwise else None
 
     def is_fused(it: PlanItem) -> bool:
-        return fused and (it.rule == "average" or (it.rule == "merge" and elementwise)) and not untouched(ex, it.name)
+        return (fused and (it.rule == "average" or (it.rule == "merge" and (elementwise or chunked is not None)))
+                and not untouched(ex, it.name))
 
     def load(it: PlanItem) -> Loaded:
         if it.rule == "carry":
@@ -254,18 +256,23 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
             return Loaded(it, b_dev, None, nbytes, True, [0.0] * len(ex))
         if is_fused(it):
             # every entry read once, merged and finished in the cache: no stack (engine/fused.py)
-            if it.rule == "merge":
-                ctx = MergeContext(name=it.name, generator=None, stats=None, compute_dtype=cdtype)
-                tau_fn = method_tau(spec.fn, cfg, ctx)
+            chunks = Chunks(it, b_dev, ex, cdtype)
+            if it.rule == "average":
+                method = mean_tau()
+            elif elementwise:
+                method = method_tau(spec.fn, cfg, MergeContext(name=it.name, compute_dtype=cdtype))
             else:
-                tau_fn = mean_tau
+                assert chunked is not None
+                method = chunked(chunks.n, len(ex), cdtype, dev, chunks.sample, chunks.step)
+
             def release(upto: int) -> None:  # the inputs' pages behind the stream
                 base_reader.release(it.name, upto)
                 for e in ex:
                     e.full.release(it.name, upto)  # type: ignore[union-attr]
 
-            res = fused_merge(it, b_dev, ex, tau_fn, lam, cdtype, release=release,
+            res = fused_merge(chunks, method, lam, release=release,
                               out=pool.take((math.prod(it.shape),), it.out_dtype, dev))
+            del chunks, method
             base_reader.release(it.name)  # the result is final: the base's pages are not needed any more
             nbytes += sum(e.full.infos[it.name].nbytes for e in ex)  # type: ignore[union-attr]
             return Loaded(it, b_dev, None, nbytes, res.zero, res.norms, fused=res)

@@ -75,62 +75,115 @@ def _high_counts(row: Tensor, split: bool = False) -> Tensor:
     are 0 (bfloat16-exact magnitudes: the smallest value of their bucket) and the last 2^15 the others.
     """
     c = _select_chunk(row.device)
-    nb = _HALF if split else _HALF // 2
-    hist = torch.zeros(nb, dtype=torch.int64, device=row.device)
+    hist = torch.zeros(_HALF if split else _HALF // 2, dtype=torch.int64, device=row.device)
     buf = _abs_buffer(row)
     key_buf = torch.empty(buf.shape[0], dtype=torch.int32, device=row.device) if split else None
     for i in range(0, row.shape[0], c):
-        bits = _abs_bits(row[i : i + c], buf)
-        if key_buf is None:
-            key = bits.bitwise_right_shift_(16)
-        else:
-            key = torch.bitwise_right_shift(bits, 16, out=key_buf[: bits.shape[0]])
-            # + 2^15 when the low half is not 0
-            key.add_(bits.bitwise_and_(0xFFFF).clamp_(max=1), alpha=_HALF // 2)
-        hist += torch.bincount(key, minlength=nb)
+        add_high_counts_(hist, row[i : i + c], buf, key_buf)
     return hist
+
+
+def add_high_counts_(hist: Tensor, x: Tensor, buf: Tensor, key_buf: Tensor | None) -> None:
+    """Add the high-half histogram of ``|x|`` (a 1-D chunk of a row) to ``hist`` (:func:`_high_counts`: 2^15
+    buckets, or 2^16 with the bf16-exact entries apart when ``key_buf`` is given). ``buf`` (float32) and ``key_buf``
+    (int32) hold at least ``x.numel()`` entries and are overwritten."""
+    bits = _abs_bits(x, buf)
+    if key_buf is None:
+        key = bits.bitwise_right_shift_(16)
+    else:
+        key = torch.bitwise_right_shift(bits, 16, out=key_buf[: bits.shape[0]])
+        # + 2^15 when the low half is not 0
+        key.add_(bits.bitwise_and_(0xFFFF).clamp_(max=1), alpha=_HALF // 2)
+    hist += torch.bincount(key, minlength=hist.shape[0])
 
 
 def _mostly_exact_in_bf16(row: Tensor) -> bool:
     """True when most of a strided sample of ``|row|`` has 16 zero low bits (task vectors of bf16 checkpoints)."""
-    step = max(1, row.shape[0] // _SAMPLE)
-    low = _abs_bits(row[::step][:_SAMPLE]) & 0xFFFF
+    return sample_exact_in_bf16(row[sample_index(row.shape[0])])
+
+
+def sample_index(m: int) -> slice:
+    """The entries of a row of ``m`` that :func:`_mostly_exact_in_bf16` looks at (a strided sample)."""
+    step = max(1, m // _SAMPLE)
+    return slice(0, min(m, step * _SAMPLE), step)
+
+
+def sample_exact_in_bf16(sample: Tensor) -> bool:
+    """True when most of ``|sample|`` has 16 zero low bits."""
+    low = _abs_bits(sample) & 0xFFFF
     return 2 * int(torch.count_nonzero(low).item()) < low.numel()
 
 
 def _low_counts(row: Tensor, bucket: int) -> Tensor:
     """Histogram (int64, 2^16 buckets) of the low 16 bits of the entries of ``|row|`` whose high half is ``bucket``."""
     c = _select_chunk(row.device)
-    size = min(c, row.shape[0])
-    hi_buf = torch.empty(size, dtype=torch.int32, device=row.device)  # reused: no allocation per chunk
-    sel_buf = torch.empty(size, dtype=torch.bool, device=row.device)
-    lanes = torch.arange(8, device=row.device)
-    hist = torch.zeros(_HALF, dtype=torch.int64, device=row.device)
-    buf = _abs_buffer(row)
-    pending: list[Tensor] = []
-    n_pending = 0
+    counter = LowCounts(bucket, min(c, row.shape[0]), row.device)
     for i in range(0, row.shape[0], c):
-        bits = _abs_bits(row[i : i + c], buf)
+        counter.add_(row[i : i + c])
+    return counter.finish()
+
+
+class LowCounts:
+    """:func:`_low_counts` fed chunk by chunk: ``add_`` each 1-D chunk (at most ``size`` entries) of a row, then
+    ``finish`` for the histogram."""
+
+    def __init__(self, bucket: int, size: int, device: torch.device) -> None:
+        self.bucket = bucket
+        self.hi_buf = torch.empty(size, dtype=torch.int32, device=device)  # reused: no allocation per chunk
+        self.sel_buf = torch.empty(size, dtype=torch.bool, device=device)
+        self.buf = torch.empty(size, dtype=torch.float32, device=device)
+        self.lanes = torch.arange(8, device=device)
+        self.hist = torch.zeros(_HALF, dtype=torch.int64, device=device)
+        self.pending: list[Tensor] = []
+        self.n_pending = 0
+
+    def add_(self, x: Tensor) -> None:
+        bucket = self.bucket
+        bits = _abs_bits(x, self.buf)
         k = bits.shape[0]
-        sel = torch.eq(torch.bitwise_right_shift(bits, 16, out=hi_buf[:k]), bucket, out=sel_buf[:k])
+        sel = torch.eq(torch.bitwise_right_shift(bits, 16, out=self.hi_buf[:k]), bucket, out=self.sel_buf[:k])
         # Compacting a mostly-False mask costs more than the rest of the pass: find the 8-entry blocks holding a
         # candidate on the mask's int64 view (8x fewer entries), then filter those few blocks exactly.
         k8 = k - k % 8
         blocks = sel[:k8].view(torch.int64).nonzero().squeeze(1)
-        cand = bits[(blocks.unsqueeze(1) * 8 + lanes).reshape(-1)]
+        cand = bits[(blocks.unsqueeze(1) * 8 + self.lanes).reshape(-1)]
         cand = cand[(cand >> 16) == bucket]
         if k8 < k:
             tail = bits[k8:]
             cand = torch.cat([cand, tail[(tail >> 16) == bucket]])
         if cand.numel():
-            pending.append(cand)
-            n_pending += cand.numel()
-            if n_pending >= _FLUSH:  # fold into the histogram: memory stays bounded when the bucket is huge
-                hist += torch.bincount(torch.cat(pending) & 0xFFFF, minlength=_HALF)
-                pending, n_pending = [], 0
-    if pending:
-        hist += torch.bincount(torch.cat(pending) & 0xFFFF, minlength=_HALF)
-    return hist
+            self.pending.append(cand)
+            self.n_pending += cand.numel()
+            if self.n_pending >= _FLUSH:  # fold into the histogram: memory stays bounded when the bucket is huge
+                self.hist += torch.bincount(torch.cat(self.pending) & 0xFFFF, minlength=_HALF)
+                self.pending, self.n_pending = [], 0
+
+    def finish(self) -> Tensor:
+        if self.pending:
+            self.hist += torch.bincount(torch.cat(self.pending) & 0xFFFF, minlength=_HALF)
+            self.pending, self.n_pending = [], 0
+        return self.hist
+
+
+def locate(counts: Tensor, split: bool, k: int) -> tuple[int, int, int | None]:
+    """From a row's high-half histogram (:func:`_high_counts`), the bucket of its k-th smallest ``|x|``, the rank
+    inside the bucket, and the answer's float32 bits when the high pass settles it (the rank falls among the
+    bucket's bf16-exact entries: the bucket's smallest value), else None (the low pass is needed)."""
+    dev = counts.device
+    exact = counts[: _HALF // 2] if split else None
+    cum = (counts[: _HALF // 2] + counts[_HALF // 2 :] if split else counts).cumsum(0)
+    bucket = int(torch.searchsorted(cum, torch.tensor([k], device=dev)).item())
+    rank = k - (int(cum[bucket - 1].item()) if bucket > 0 else 0)
+    if exact is not None and rank <= int(exact[bucket].item()):
+        return bucket, rank, bucket << 16  # the bucket's smallest value, which its first exact[bucket] entries equal
+    return bucket, rank, None
+
+
+def low_bits(low_counts: Tensor, bucket: int, rank: int) -> int:
+    """The float32 bits of the rank-th smallest entry of ``bucket`` from its low-half histogram."""
+    low_cum = low_counts.cumsum(0)
+    low = int(torch.searchsorted(low_cum, torch.tensor([rank], device=low_counts.device)).item())
+    return (bucket << 16) | low
 
 
 def kth_smallest_abs(rows: Tensor, k: int) -> Tensor:
@@ -161,18 +214,8 @@ def kth_smallest_abs(rows: Tensor, k: int) -> Tensor:
     out = torch.empty(n, dtype=torch.int32, device=dev)
     for r in range(n):
         split = _mostly_exact_in_bf16(rows[r])
-        counts = _high_counts(rows[r], split)
-        exact = counts[: _HALF // 2] if split else None
-        cum = (counts[: _HALF // 2] + counts[_HALF // 2 :] if split else counts).cumsum(0)
-        bucket = int(torch.searchsorted(cum, torch.tensor([k], device=dev)).item())
-        rank = k - (int(cum[bucket - 1].item()) if bucket > 0 else 0)
-        if exact is not None and rank <= int(exact[bucket].item()):
-            # the bucket's smallest value, which its first ``exact[bucket]`` entries equal
-            out[r] = bucket << 16
-            continue
-        low_cum = _low_counts(rows[r], bucket).cumsum(0)
-        low = int(torch.searchsorted(low_cum, torch.tensor([rank], device=dev)).item())
-        out[r] = (bucket << 16) | low
+        bucket, rank, bits = locate(_high_counts(rows[r], split), split, k)
+        out[r] = bits if bits is not None else low_bits(_low_counts(rows[r], bucket), bucket, rank)
     return out.view(torch.float32)
 
 
@@ -227,15 +270,19 @@ def magnitude_threshold(deltas: Tensor, density: float, *, exact_topk: bool = Fa
     keeps everything).
     """
     flat = deltas.reshape(deltas.shape[0], -1)
-    if exact_topk:
-        k = flat.shape[1] if density >= 1.0 else max(1, int(density * flat.shape[1]))
-        j = flat.shape[1] - k + 1
-        j = j if j > 1 else 0  # the smallest magnitude as threshold keeps everything, as 0 does
-    else:
-        j = n_trimmed(flat.shape[1], density)
+    j = rank_to_trim(flat.shape[1], density, exact_topk)
     if j == 0:
         return torch.zeros(flat.shape[0], dtype=torch.float32, device=flat.device)
     return kth_smallest_abs(flat, j)
+
+
+def rank_to_trim(m: int, density: float, exact_topk: bool) -> int:
+    """The rank ``j`` of :func:`magnitude_threshold`'s threshold among a row's ``m`` magnitudes (0: keep all)."""
+    if exact_topk:
+        k = m if density >= 1.0 else max(1, int(density * m))
+        j = m - k + 1
+        return j if j > 1 else 0  # the smallest magnitude as threshold keeps everything, as 0 does
+    return n_trimmed(m, density)
 
 
 def _below(x: Tensor, th: Tensor) -> Tensor:
@@ -326,41 +373,65 @@ def _trim_and_merge(deltas: Tensor, thresholds: Tensor | None) -> Tensor:
     dev, dtype = flat.device, flat.dtype
     out = torch.empty(m, dtype=dtype, device=dev)
     c = chunk_size(n, dev) * (_MERGE_CHUNKS if dev.type == "cpu" else 1)
-    size = min(c, m)
-    buf = torch.empty((n, size), dtype=dtype, device=dev)  # relu(x * sign)
-    sg, cnt = torch.empty(size, dtype=dtype, device=dev), torch.empty(size, dtype=dtype, device=dev)
-    th = None if thresholds is None else thresholds.to(dev, torch.float32).reshape(n, 1)
-    shrink = _shrink_levels(th) if th is not None and dtype == torch.float32 else None
+    core = TiesCore(n, dtype, dev, thresholds, min(c, m))
     # pass 1: trim in place (x *= |x| >= th, ties kept), per-entry sums; their signs give the majority sign
-    balance = torch.zeros((), dtype=torch.float64, device=dev)
     for i in range(0, m, c):
         x = flat[:, i : i + c]
-        k = x.shape[1]
-        if shrink is not None:
-            for row, level in zip(x, shrink, strict=True):
+        core.sums(core.trim_(x), out[i : i + x.shape[1]])
+    # pass 2: the disjoint mean over the trimmed stack (trimmed in place by pass 1)
+    for i in range(0, m, c):
+        x = flat[:, i : i + c]
+        core.merge(x, out[i : i + x.shape[1]])
+    return out.reshape(shape)
+
+
+class TiesCore:
+    """The TIES core's arithmetic on column chunks of an ``(N, M)`` stack, for :func:`_trim_and_merge` and for
+    callers that form the chunks themselves (the engine's fused path): :meth:`trim_` each chunk and :meth:`sums` it
+    over all chunks first (the per-entry sums and the majority sign), then :meth:`merge` each trimmed chunk with its
+    sums. Every chunk holds at most ``size`` columns (``size <= 2^24``: the sign counts stay exact)."""
+
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device, thresholds: Tensor | None,
+                 size: int) -> None:
+        self.buf = torch.empty((n, size), dtype=dtype, device=device)  # relu(x * sign)
+        self.sg = torch.empty(size, dtype=dtype, device=device)
+        self.cnt = torch.empty(size, dtype=dtype, device=device)
+        self.th = None if thresholds is None else thresholds.to(device, torch.float32).reshape(n, 1)
+        self.shrink = _shrink_levels(self.th) if self.th is not None and dtype == torch.float32 else None
+        self.balance = torch.zeros((), dtype=torch.float64, device=device)
+        self._majority: float | None = None
+
+    def trim_(self, x: Tensor) -> Tensor:
+        """Zero the entries of chunk ``x`` (N, k) below their expert's threshold, in place (ties kept)."""
+        if self.shrink is not None:
+            for row, level in zip(x, self.shrink, strict=True):
                 if level is not None:
                     torch.hardshrink(row, level, out=row)
-        elif th is not None:
-            keep = x.abs().to(torch.float32).ge_(th)
+        elif self.th is not None:
+            keep = x.abs().to(torch.float32).ge_(self.th)
             x.mul_(keep)  # dropped entries become +-0, which no sum or sign below can tell apart
-        s = _row_sum(x, out[i : i + k])
-        balance += torch.sign(s, out=sg[:k]).sum()  # exact: at most 2^24 signs per chunk
-    majority = float(torch.sign(balance).item())
-    # pass 2: elected sign (the majority where the sum is 0), then the mean of the agreeing entries. With
-    # r = relu(x * sign) (|x| where x agrees, else 0), sum_i r_i * sign is exactly the sum of the agreeing x_i.
-    for i in range(0, m, c):
-        x = flat[:, i : i + c]
+        return x
+
+    def sums(self, x: Tensor, out: Tensor) -> None:
+        """The per-entry sums of trimmed chunk ``x`` into ``out`` (k,); their signs count toward the majority."""
+        s = _row_sum(x, out)
+        self.balance += torch.sign(s, out=self.sg[: x.shape[1]]).sum()  # exact: at most 2^24 signs per chunk
+
+    def merge(self, x: Tensor, o: Tensor) -> Tensor:
+        """Trimmed chunk ``x``'s disjoint mean, written over its sums ``o`` (what :meth:`sums` wrote), after every
+        chunk's sums. The elected sign is the sum's (the majority where the sum is 0); with r = relu(x * sign) (|x|
+        where x agrees, else 0), sum_i r_i * sign is exactly the sum of the agreeing x_i."""
+        if self._majority is None:
+            self._majority = float(torch.sign(self.balance).item())
         k = x.shape[1]
-        o = out[i : i + k]
-        sign = torch.sign(o, out=sg[:k])
-        if majority != 0.0:
-            sign.add_(0.5 * majority).sign_()  # 0 -> majority, +-1 unchanged
-        r = torch.mul(x, sign, out=buf[:, :k]).clamp_min_(0.0)
+        sign = torch.sign(o, out=self.sg[:k])
+        if self._majority != 0.0:
+            sign.add_(0.5 * self._majority).sign_()  # 0 -> majority, +-1 unchanged
+        r = torch.mul(x, sign, out=self.buf[:, :k]).clamp_min_(0.0)
         _row_sum(r, o)
-        n_agree = _row_sum(r.sign_(), cnt[:k]).clamp_min_(1.0)
+        n_agree = _row_sum(r.sign_(), self.cnt[:k]).clamp_min_(1.0)
         # adding 0 turns -0 into +0 where nothing agrees, as the where-based rule gives
-        o.div_(n_agree).mul_(sign).add_(0.0)
-    return out.reshape(shape)
+        return o.div_(n_agree).mul_(sign).add_(0.0)
 
 
 class GlobalMagnitudeThreshold:

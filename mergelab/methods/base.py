@@ -171,6 +171,22 @@ LAM_GRID: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 1.0, 1.5)
 """The paper's lambda grid "for all methods", searched on the val split (the benchmark and the demo sweep it)."""
 
 
+class ChunkedMerge(Protocol):
+    """A method's merge of one tensor as passes over the column chunks of its ``(N, M)`` stack of task vectors, for
+    a caller that forms the chunks itself instead of the whole stack (the engine's fused CPU path,
+    :mod:`mergelab.engine.fused`). The caller visits every chunk of a pass in order, ``a`` being its first column,
+    then calls :meth:`end_pass`; in the pass where :attr:`final` is True each visit returns the chunk's merged task
+    vector (``k`` entries), which must equal the per-tensor function's result on those columns bit for bit.
+    ``base`` is the base's chunk in its stored dtype; ``d`` is overwritten after the visit (a result must not be
+    a view of it)."""
+
+    final: bool
+
+    def visit(self, a: int, base: Tensor, d: Tensor) -> Tensor | None: ...
+
+    def end_pass(self) -> None: ...
+
+
 def always(cfg: Any) -> bool:
     """``MethodSpec.elementwise`` of a method that is elementwise under every config."""
     return True
@@ -207,6 +223,12 @@ class MethodSpec:
     """``elementwise(cfg)``: whether ``fn`` under ``cfg`` is elementwise (entry j of the result depends only on entry
     j of each task vector and of the base, and the stack may be split along its flattened entries), so that the
     engine may apply it chunk by chunk without building the stack (:mod:`mergelab.engine.fused`); None: never."""
+    chunked: Callable[[Any], Callable[..., ChunkedMerge] | None] | None = None
+    """``chunked(cfg)``: the factory of the method's multi-pass :class:`ChunkedMerge` under ``cfg``, or None when
+    ``cfg`` has no chunked form; None: the method has none. The factory is called per tensor as ``factory(m,
+    n_experts, dtype, device, sample, size)``: ``m`` entries per expert, the compute dtype and device, ``sample(row,
+    index)`` giving expert ``row``'s task vector at ``index`` (for decisions made before the first pass) and the
+    most columns a chunk will have."""
 
     @property
     def has_lam(self) -> bool:
