@@ -34,6 +34,20 @@ os.environ["XDG_CACHE_HOME"] = _TEST_CACHE
 atexit.register(shutil.rmtree, _TEST_CACHE, True)
 
 
+# Nothing a test does may write a store into the repository root (MLflow's default URI is sqlite:///<cwd>/mlflow.db:
+# a test that leaves it in the environment sends every later store there).
+_ROOT_LEFTOVERS = ("mlflow.db", ".mlflow-init.lock", "optuna.db", "mlruns/mlflow.db")
+_ROOT = Path(__file__).resolve().parents[1]
+_PRESENT = {p for p in _ROOT_LEFTOVERS if (_ROOT / p).exists()}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    new = [p for p in _ROOT_LEFTOVERS if p not in _PRESENT and (_ROOT / p).exists()]
+    if new:
+        print(f"\nFAILED: the test session wrote {new} into the repository root {_ROOT}")
+        session.exitstatus = 1
+
+
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def device(request: pytest.FixtureRequest) -> torch.device:
     if request.param == "cuda" and not torch.cuda.is_available():

@@ -5,9 +5,10 @@ evaluator that scores a merged checkpoint from its weights (so objectives really
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,30 @@ def platform_store(mlflow_template: Path, tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("MERGELAB_ROOT", str(root))
     monkeypatch.setenv("MERGELAB_TRACK", "0")
     return Store.resolve(root)
+
+
+@contextlib.contextmanager
+def fluent_uris(uri: str) -> Iterator[None]:
+    """MLflow's fluent API pointed at ``uri`` (tracking and registry), then back as it was, environment included:
+    ``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` (and the registry's variable), and restoring the
+    default URI that way would leave ``sqlite:///<cwd>/mlflow.db`` in the environment of every later test and of
+    the commands they start (it did: later stores landed in the repository root)."""
+    import mlflow
+
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def make_expert_family(root: Path, n: int = 3, scale: float = 0.1) -> tuple[Path, list[Path]]:

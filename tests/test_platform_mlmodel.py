@@ -19,6 +19,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest_platform import fluent_uris
+
 from mergelab.platform import registry as reg
 from mergelab.platform.mlmodel import VLM_LOADER, write_mlmodel
 from mergelab.platform.store import Store, local_path
@@ -38,17 +40,9 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 @pytest.fixture
 def mlflow_uris(platform_store: Store) -> Iterator[None]:
-    """The fluent API pointed at the test's store for the test, then back."""
-    import mlflow
-
-    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
-    mlflow.set_tracking_uri(platform_store.tracking_uri)
-    mlflow.set_registry_uri(platform_store.tracking_uri)
-    try:
+    """The fluent API pointed at the test's store for the test, then back (environment included)."""
+    with fluent_uris(platform_store.tracking_uri):
         yield
-    finally:
-        mlflow.set_tracking_uri(before[0])
-        mlflow.set_registry_uri(before[1])
 
 
 def served_params(meta: dict) -> list[str]:

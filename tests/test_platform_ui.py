@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest_platform import TableEvaluator
+from conftest_platform import TableEvaluator, fluent_uris
 
 from mergelab.platform import promotion, ui
 from mergelab.platform import registry as reg
@@ -252,15 +252,9 @@ def test_a_registered_text_lm_loads_with_mlflow_transformers_and_its_weights_sta
     mv = reg.register_run(client, "served", run.info.run_id, uri)
     client.set_registered_model_alias("served", "champion", mv.version)
     assert (folder / "MLmodel").is_file() and mv.source == uri
-    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
-    mlflow.set_tracking_uri(platform_store.tracking_uri)
-    mlflow.set_registry_uri(platform_store.tracking_uri)
-    try:
+    with fluent_uris(platform_store.tracking_uri):
         pipe = mlflow.transformers.load_model("models:/served@champion")
         assert isinstance(pipe, transformers.TextGenerationPipeline)
         assert pipe("the cat", max_new_tokens=2)[0]["generated_text"].startswith("the cat")
         assert mlflow.artifacts.download_artifacts("models:/served@champion") == str(folder)  # no copy
-    finally:
-        mlflow.set_tracking_uri(before[0])
-        mlflow.set_registry_uri(before[1])
     assert {p.name: p.stat().st_ino for p in folder.rglob("*.safetensors")} == weights  # stored once
