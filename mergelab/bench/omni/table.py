@@ -165,6 +165,8 @@ class EvalJob:
         only: feed only this modality (an expert, scored on its own tasks).
         compose: ``(setting, mode)`` of an online composition (:func:`~mergelab.bench.omni.compose.compose_seed`).
         device: the composition's device.
+        cross_only: score only the cross-modal sets (:func:`score_cross`: all that the val split's lambda choice
+            reads), not each modality's tasks.
     """
 
     root: str
@@ -175,6 +177,7 @@ class EvalJob:
     only: str | None = None
     compose: tuple[str, str] | None = None
     device: str = "cpu"
+    cross_only: bool = False
 
 
 @functools.lru_cache(maxsize=4)
@@ -200,7 +203,10 @@ def run_eval(job: EvalJob) -> tuple[dict[str, float], str]:
         model, note = composed.model, f"{len(composed.experts)} deltas kept on {len(composed.layers)} layers"
     else:
         model = _load(Path(job.model))
-    return evaluate(model, _processor(job.root), _items(job.split, job.sizes, job.seed), only=job.only), note
+    items = _items(job.split, job.sizes, job.seed)
+    if job.cross_only:
+        return score_cross(model, _processor(job.root), items[0], job.only), note
+    return evaluate(model, _processor(job.root), items, only=job.only), note
 
 
 class InPlace(Executor):
@@ -299,7 +305,7 @@ def run_seed(zoo: str | Path, seed: int, *, plan: OmniPlan | None = None, sizes:
                 out = Path(tmp) / str(i) / f"lam{lam}"
                 merge_experts(root, setting, method, lam, out, device, merger, f"seed{seed}/{name}/lam{lam}", mode)
                 if len(grids[name]) > 1:
-                    vals[name, lam] = pool.submit(run_eval, job("val", model=str(out)))
+                    vals[name, lam] = pool.submit(run_eval, job("val", model=str(out), cross_only=True))
         for i, (setting, method, mode, name) in enumerate(merges):  # lambda on val, then the chosen merge on test
             best: tuple[float, float | None] = (-1.0, None)
             for lam in grids[name]:
