@@ -62,8 +62,8 @@ __all__ = ["ExpertSpec", "MergeError", "merge", "parse_dtype", "preflight", "res
 
 PROVENANCE_FILE = "mergelab_merge.json"
 _FUSED = os.environ.get("MERGELAB_FUSED", "1").strip().lower() not in ("0", "off", "false", "no")
-"""The fused CPU path for elementwise merges (engine/fused.py); ``MERGELAB_FUSED=0`` turns it off (the stacked
-path, bit-identical: for comparisons)."""
+"""The fused CPU path of methods with a chunked form (engine/fused.py); ``MERGELAB_FUSED=0`` turns it off (the
+stacked path, bit-identical: for comparisons)."""
 _PREFETCH_BYTES = 256 * 2**20  # read-ahead budget (raised to the largest tensor's footprint)
 
 
@@ -222,8 +222,8 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
         accounting=opened.accounting,
     )
     factors = _merge_lora_factors(recipe, ex, opened.factor_rules, dev, cdtype) if opened.factor_rules else {}
-    # the fused CPU path (engine/fused.py): full experts, no global statistics; "merge" items when the method is
-    # elementwise under its config, "average" items always
+    # the fused CPU path (engine/fused.py): full experts; "merge" items when the method is elementwise or has a
+    # chunked form under its config, "average" items always
     fused = dev.type == "cpu" and bool(ex) and all(e.full is not None for e in ex) and _FUSED
     elementwise = spec.make_stats is None and spec.elementwise is not None and spec.elementwise(cfg)
     chunked = spec.chunked(cfg) if spec.chunked is not None and not elementwise else None
@@ -275,7 +275,7 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
             del chunks, method
             base_reader.release(it.name)  # the result is final: the base's pages are not needed any more
             nbytes += sum(e.full.infos[it.name].nbytes for e in ex)  # type: ignore[union-attr]
-            return Loaded(it, b_dev, None, nbytes, res.zero, res.norms, fused=res)
+            return Loaded(it, b_dev, None, nbytes, fused=res)
         deltas = pool.take((len(ex), *b.shape), cdtype, dev)
         nbytes += fill_deltas(ex, it.name, deltas, b_dev, dev, cdtype)
         base_reader.release(it.name)  # read again to finish the merge: not resident while the method runs
@@ -434,13 +434,11 @@ def _merge_one(
     rec = TensorRecord(it.name, it.rule, it.shape)
     if ld.fused is not None:  # merged by the reader (engine/fused.py): only the record is left to fill
         res, ld.fused = ld.fused, None
-        rec.expert_norms = list(res.norms)
         rec.seconds = res.seconds
         if res.zero:
-            rec.rule = "zero"
-            rec.expert_norms = [0.0] * n_experts
+            rec.rule, rec.expert_norms = "zero", [0.0] * n_experts
         else:
-            rec.merged_norm = res.merged_norm
+            rec.expert_norms, rec.merged_norm = list(res.norms), res.merged_norm
         return rec, res.value
     if it.rule in ("base", "carry", "owner") or ld.deltas is None:
         if ld.zero:
