@@ -65,6 +65,7 @@ CASES = [
 def test_fused_equals_stacked_bit_for_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
                                           params: dict, n: int, dtype: torch.dtype, cdtype: str | None) -> None:
     monkeypatch.setattr(fused, "_CHUNK", 64)  # many chunks per tensor and a short last one
+    monkeypatch.setattr(loop, "_PREFETCH_BYTES", 1)  # every stack counts as large: TIES fused for float32 inputs too
     base, experts = _family(tmp_path / "in", n, dtype)
     kw = dict(base=base, experts=experts, method=method, params=params)
     if cdtype:
@@ -96,6 +97,14 @@ def test_dare_and_global_methods_keep_the_stacked_path(tmp_path: Path, monkeypat
         _, (_, calls) = _run(monkeypatch, True, tmp_path / f"o{i}", base=base, experts=experts, method=method,
                              params=params)
         assert calls == [], method
+
+
+def test_ties_keeps_the_stacked_path_for_small_float32_tensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # its passes form every chunk again: worth it for 16-bit inputs or a stack above the read-ahead budget only
+    for dtype, fused_names in ((torch.float32, []), (torch.bfloat16, sorted(SHAPES))):
+        base, experts = _family(tmp_path / str(dtype), 2, dtype)
+        _, (_, calls) = _run(monkeypatch, True, tmp_path / f"o-{dtype}", base=base, experts=experts, method="ties")
+        assert sorted(calls) == fused_names, dtype
 
 
 def test_zero_task_vectors_give_the_base_with_its_signed_zeros(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
