@@ -313,6 +313,17 @@ def test_workers_in_threads_share_the_study_and_run_each_trial_once(platform_sto
     assert len(versions) == 2 and all(local_path(v.source).exists() for v in versions)
 
 
+def test_salted_seeds_of_neighbouring_workers_and_resumes_never_coincide() -> None:
+    """Two threads of one process with consecutive ids, resuming a study one trial apart, used to get one seed (the
+    salt was added: pid * k + tid + n_before) and drew the same trial; the salt is now hashed."""
+    from mergelab.platform.campaign_space import salted_seed
+
+    assert salted_seed(7, ()) == 7 and salted_seed(7, (0,)) == 7  # no salt: the config's seed, reproducible
+    seeds = {salted_seed(0, (pid, tid, n)) for pid in (100, 101) for tid in range(200, 210) for n in range(5)}
+    assert len(seeds) == 2 * 10 * 5
+    assert salted_seed(0, (100, 201, 1)) == salted_seed(0, (100, 201, 1))  # deterministic
+
+
 @pytest.mark.parametrize("name,cls", [("tpe", "TPESampler"), ("random", "RandomSampler"), ("cmaes", "CmaEsSampler"),
                                       ("gp", "GPSampler"), ("grid", "GridSampler")])
 def test_samplers_are_built_from_the_config(name: str, cls: str, tmp_path: Path) -> None:

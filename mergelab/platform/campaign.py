@@ -305,7 +305,7 @@ def run_campaign(
     storage = open_storage(cfg, store)
     if fresh:
         retire_campaign(cfg, store, client, storage)
-    salt = worker_salt() if worker else 0
+    salt = worker_salt() if worker else ()
     study = open_study(cfg, storage, make_sampler(cfg, names, salt), make_pruner(cfg))
     check_resume(cfg, study)
     with _quiet():
@@ -314,7 +314,7 @@ def run_campaign(
     if n_before:
         # A resumed study: a sampler seeded as in the first session would draw that session's parameters again
         # (TPE's and CMA-ES's start-up draws come from the seeded generator), so the seed moves on with the study.
-        study.sampler = make_sampler(cfg, names, salt + n_before)
+        study.sampler = make_sampler(cfg, names, (*salt, n_before))
     else:
         with _quiet():  # a default outside the searched range is still tried as is (Optuna warns)
             for label, point in start_points(cfg, template, names):

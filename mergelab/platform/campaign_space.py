@@ -6,6 +6,7 @@ trial's hyperparameters and per-expert coefficients. :mod:`mergelab.platform.cam
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import threading
@@ -86,15 +87,26 @@ def trial_recipe(template: MergeRecipe, params: Mapping[str, Any], coefs: Mappin
     return template.replace(params=dict(params), experts=experts)
 
 
-def worker_salt() -> int:
-    """A seed offset distinct for every worker: its process and thread (threads of one process share a pid)."""
-    return (os.getpid() * 7919 + threading.get_native_id()) % 100_000
+def worker_salt() -> tuple[int, ...]:
+    """What tells workers apart: its process and thread (threads of one process share a pid)."""
+    return (os.getpid(), threading.get_native_id())
 
 
-def make_sampler(cfg: CampaignConfig, expert_names: list[str], salt: int = 0) -> optuna.samplers.BaseSampler:
-    """The configured sampler; ``salt`` offsets the seed so concurrent workers do not propose identical trials."""
+def salted_seed(seed: int, salt: tuple[int, ...]) -> int:
+    """``seed`` itself without a salt, else a 31-bit hash of both. Hashed, not added: with an additive salt two
+    threads whose ids differ by one, resuming a study one trial apart, got the same seed and drew the same trials."""
+    if not any(salt):
+        return seed
+    digest = hashlib.blake2b(repr((seed, *salt)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (2**31 - 1)
+
+
+def make_sampler(cfg: CampaignConfig, expert_names: list[str],
+                 salt: tuple[int, ...] = ()) -> optuna.samplers.BaseSampler:
+    """The configured sampler; ``salt`` (the worker, the trials already in the study) moves the seed so concurrent
+    workers and resumed sessions do not propose identical trials."""
     s = cfg.sampler
-    seed = None if s.seed is None else s.seed + salt
+    seed = None if s.seed is None else salted_seed(s.seed, salt)
     opts = dict(s.options)
     if s.name == "tpe":
         opts.setdefault("multivariate", True)
