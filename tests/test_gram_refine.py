@@ -7,8 +7,7 @@ import torch
 from torch import Tensor
 
 from mergelab.engine.cache import DecompositionLRU
-from mergelab.methods import MergeContext
-from mergelab.methods import _linalg
+from mergelab.methods import MergeContext, _linalg
 from mergelab.methods._linalg import quadratic_factors, refines, solve_iterative, solve_sgd_exact
 from mergelab.methods.optmerge import OptMergeConfig, optmerge
 

@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
-
 from conftest_platform import fluent_uris
+from PIL import Image
 
 from mergelab.platform import registry as reg
 from mergelab.platform.mlmodel import VLM_LOADER, write_mlmodel
