@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -26,17 +25,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, float]:
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     zoo = tmp_path_factory.mktemp("omni_zoo")
     out = zoo / "table.json"
-    t0 = time.perf_counter()
     main(["--zoo", str(zoo), "--quick", "--methods", "task_arithmetic,ties,optmerge", "--json-out", str(out)])
-    return zoo, json.loads(out.read_text()), time.perf_counter() - t0
+    return zoo, json.loads(out.read_text())
 
 
-def test_quick_omni_table_runs_in_under_two_minutes(quick_run, capsys) -> None:
-    zoo, result, seconds = quick_run
-    assert seconds < 120
+def test_quick_omni_table_has_every_model_and_row(quick_run, capsys) -> None:
+    """(Its cost is measured in ``docs/omni.md`` "Cost", not asserted here: no timed tests.)"""
+    zoo, result = quick_run
     models = result["per_seed"][0]["models"]
     assert set(models) == {f"expert/{m}/lora" for m in data.MODALITIES} | {
         f"lora/{m}" for m in ("task_arithmetic", "ties", "optmerge")} | {"compose/naivemc/lora", "compose/damc/lora"}
