@@ -87,12 +87,69 @@ def compute_defaults(zoo: Path, setting: str, seed: int, *, methods: tuple[str, 
     return scores, {m: float(res["lam"][setting][m][seed]) for m in methods}
 
 
-def score_test(template: Any, method: str, params: dict[str, Any], evaluator: HFEvaluator) -> float:
-    """Merge ``template`` with ``method``/``params`` into a temporary directory and score it on the test split."""
+def score_test(template: Any, method: str, params: dict[str, Any], evaluator: HFEvaluator,
+               split: str = "test") -> float:
+    """Merge ``template`` with ``method``/``params`` into a temporary directory and score it on ``split``."""
     with tempfile.TemporaryDirectory(prefix="cvd-") as tmp:
         out = Path(tmp) / "merged"
         run_merge(template.replace(method=method, params=params), out)
-        return float(evaluator(out, TASKS, "test").average)
+        return float(evaluator(out, TASKS, split).average)
+
+
+def default_params(method: str, setting: str, lams: dict[str, float]) -> dict[str, Any]:
+    """A default row's parameters: the method's defaults for the setting, and its val-selected lambda if it has one."""
+    return {**METHODS[method].setting_params(setting), **({"lam": lams[method]} if method in lams else {})}
+
+
+def val_select(result: dict[str, Any], args: argparse.Namespace, data_root: Path) -> dict[str, Any]:
+    """The best default as a user picks it, by val: every default row of ``result``'s seed and setting (its shipped
+    lambda) merged and scored on the whole val split, the one with the best val average taken with its shipped
+    whole-test-split score, and compared with the tuned OptMerge's test score (the campaign, too, chose by val)."""
+    setting, seed = result["setting"], int(result["seed"])
+    shipped = defaults_from_json(args.defaults, setting, seed)
+    if shipped is None:
+        raise SystemExit(f"{args.defaults}: no whole-test-split default rows for {setting} seed {seed}")
+    scores, lams = shipped
+    cfg = CampaignConfig.model_validate({
+        "name": f"cvd-valselect-{setting}-s{seed}", "experts": {"zoo": str(args.zoo or DEFAULT_ZOO), "kind": setting,
+                                                               "seed": seed},
+        "method": "optmerge", "policy": "qwen2_vl", "device": args.device, "seed": seed,
+        "eval": {"tasks": list(TASKS), "data_root": str(data_root)}})
+    template, _ = recipe_template(cfg)
+    val_eval = HFEvaluator(data_root=str(data_root), limit=args.val_limit, device=args.device)
+    vals = {m: score_test(template, m, default_params(m, setting, lams), val_eval, "val") for m in scores}
+    by_val = max(vals, key=vals.__getitem__)
+    by_test = max(scores, key=scores.__getitem__)
+    tuned = result["tuned"]
+    return {"label": result.get("label", setting), "setting": setting, "seed": seed, "val": vals, "test": scores,
+            "lams": lams, "by_val": {"method": by_val, "val_average": vals[by_val], "test_average": scores[by_val]},
+            "by_test": {"method": by_test, "val_average": vals[by_test], "test_average": scores[by_test]},
+            "tuned": {"val_average": tuned["val_average"], "test_average": tuned["test_average"]},
+            "difference_by_val": tuned["test_average"] - scores[by_val],
+            "difference_by_test": tuned["test_average"] - scores[by_test],
+            "val_difference": tuned["val_average"] - vals[by_val]}
+
+
+def format_val_select(rows: list[dict[str, Any]]) -> str:
+    """Per seed and setting: the default chosen by val and the one best on test, against the tuned OptMerge."""
+    head = (f"{'setting':<12}{'seed':>5}  {'default best on val: val / test':<36}{'best on test: val / test':<30}"
+            f"{'tuned: val / test':<20}{'diff (by val)':>14}{'diff (by test)':>15}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        v, t, u = r["by_val"], r["by_test"], r["tuned"]
+        best_val = f"{v['method']} {v['val_average']:.2f} / {v['test_average']:.2f}"
+        best_test = f"{t['method']} {t['val_average']:.2f} / {t['test_average']:.2f}"
+        tuned = f"{u['val_average']:.2f} / {u['test_average']:.2f}"
+        lines.append(f"{r['label']:<12}{r['seed']:>5}  {best_val:<36}{best_test:<30}{tuned:<20}"
+                     f"{r['difference_by_val']:>+14.2f}{r['difference_by_test']:>+15.2f}")
+    lines.append("")
+    for label in dict.fromkeys(r["label"] for r in rows):
+        rs = [r for r in rows if r["label"] == label]
+        (dv, sv), (dt, st), (vv, vs) = (_mean_sd([r[k] for r in rs]) for k in
+                                        ("difference_by_val", "difference_by_test", "val_difference"))
+        lines.append(f"{label:<12} mean +- sd over seeds: tuned - default chosen by val {dv:+.2f} +- {sv:.2f} (test),"
+                     f" {vv:+.2f} +- {vs:.2f} (val); tuned - best default on test {dt:+.2f} +- {st:.2f}")
+    return "\n".join(lines)
 
 
 def run_one(setting: str, seed: int, args: argparse.Namespace, store: Store, zoo: Path, data_root: Path,
@@ -115,8 +172,7 @@ def run_one(setting: str, seed: int, args: argparse.Namespace, store: Store, zoo
         best = max(scores, key=scores.__getitem__)
         source = str(args.defaults)
         if not args.no_check:
-            params = {**METHODS[best].setting_params(setting), "lam": lams[best]}
-            check = score_test(template, best, params, test_eval)
+            check = score_test(template, best, default_params(best, setting, lams), test_eval)
         if check is not None and abs(check - scores[best]) > CHECK_TOLERANCE:  # the shipped rows are stale for this code or data
             print(f"  [{setting} seed {seed}] {best}: shipped {scores[best]:.2f}, re-scored {check:.2f}: recomputing",
                   flush=True)
@@ -216,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="take the shipped default rows without re-scoring the best one (runs split by seed)")
     ap.add_argument("--quick", action="store_true", help="tiny zoo, tiny data, 2 trials: a smoke run")
     ap.add_argument("--json-out", type=Path, default=None)
+    ap.add_argument("--val-select", type=Path, default=None,
+                    help="a --json-out file of campaigns: score every default row on the whole val split and compare "
+                         "the tuned OptMerge with the default a user picks by val (and with the best one on test)")
     ap.add_argument("--combine", type=Path, nargs="+", default=None,
                     help="print the table of these --json-out files joined (runs split by setting or seed)")
     args = ap.parse_args(argv)
@@ -229,6 +288,32 @@ def main(argv: list[str] | None = None) -> int:
                                                  "summary": summary, "parts": [{k: v for k, v in p.items()
                                                                                  if k != "results"} for p in parts]},
                                                 indent=1, default=str))
+        return 0
+    if args.val_select:
+        results = json.loads(args.val_select.read_text())["results"]
+        wanted = {int(x) for x in args.seeds.split(",")}, set(args.settings.split(","))
+        data_root = ensure_data(args.data_root, tasks=TASKS, splits=("val", "test"),
+                                sizes={"val": 4, "test": 4} if args.quick else None)
+        rows, done = [], {}
+        for r in results:
+            if int(r["seed"]) not in wanted[0] or r["setting"] not in wanted[1]:
+                continue
+            key = (r["setting"], int(r["seed"]))  # a label sharing a setting and seed reuses its default rows' scores
+            row = val_select(r, args, data_root) if key not in done else {
+                **done[key], "label": r.get("label", r["setting"]), "tuned": {k: r["tuned"][k] for k in
+                                                                              ("val_average", "test_average")}}
+            if key in done:
+                row.update(difference_by_val=r["tuned"]["test_average"] - row["by_val"]["test_average"],
+                           difference_by_test=r["tuned"]["test_average"] - row["by_test"]["test_average"],
+                           val_difference=r["tuned"]["val_average"] - row["by_val"]["val_average"])
+            done.setdefault(key, row)
+            rows.append(row)
+            print(f"  [{row['label']} seed {row['seed']}] by val: {row['by_val']['method']} "
+                  f"{row['by_val']['val_average']:.2f} / {row['by_val']['test_average']:.2f}", flush=True)
+        print("\n" + format_val_select(rows))
+        if args.json_out:
+            args.json_out.write_text(json.dumps({"command": " ".join([Path(sys.argv[0]).name, *(
+                argv if argv is not None else sys.argv[1:])]), "rows": rows}, indent=1, default=str))
         return 0
     tmp = None
     root = args.root or Path(tmp := tempfile.mkdtemp(prefix="campaign-vs-defaults-"))

@@ -61,3 +61,19 @@ def test_quick_form_runs_a_campaign_and_compares_on_test(tmp_path: Path, tiny_zo
     assert r["tuned"]["trial"] in (0, 1) and set(r["tuned"]["params"]) >= {"lam", "lr", "steps", "coef.vqa"}
     assert math.isclose(r["difference"], r["tuned"]["test_average"] - r["best_default"]["test_average"])
     assert data["summary"]["full"]["difference"][1] == 0.0  # one seed: no spread
+    # --val-select on that result: the default a user picks by val, against the tuned OptMerge (shipped rows faked
+    # from the computed ones, in the offline benchmark's format)
+    shipped = tmp_path / "defaults.json"
+    shipped.write_text(json.dumps({
+        "limits": {"val": 4, "test": None},
+        "rows": {"full": {f"merge:{m}": {"0": {"shifted": {"average": v}}} for m, v in r["defaults"].items()}},
+        "lam": {"full": {m: {"0": lam} for m, lam in r["default_lams"].items()}}}))
+    vs = tmp_path / "vs.json"
+    assert cvd.main(["--val-select", str(out), "--quick", "--zoo", str(tiny_zoo), "--settings", "full", "--seeds", "0",
+                     "--defaults", str(shipped), "--data-root", str(tmp_path / "root" / "data"), "--val-limit", "4",
+                     "--json-out", str(vs)]) == 0
+    (row,) = json.loads(vs.read_text())["rows"]
+    assert set(row["val"]) == set(r["defaults"]) and row["by_val"]["val_average"] == max(row["val"].values())
+    assert row["by_test"]["test_average"] == max(r["defaults"].values())
+    assert row["by_val"]["test_average"] == r["defaults"][row["by_val"]["method"]]
+    assert math.isclose(row["difference_by_val"], r["tuned"]["test_average"] - row["by_val"]["test_average"])
