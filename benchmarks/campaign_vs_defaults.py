@@ -98,7 +98,8 @@ def score_test(template: Any, method: str, params: dict[str, Any], evaluator: HF
 
 def default_params(method: str, setting: str, lams: dict[str, float]) -> dict[str, Any]:
     """A default row's parameters: the method's defaults for the setting, and its val-selected lambda if it has one."""
-    return {**METHODS[method].setting_params(setting), **({"lam": lams[method]} if method in lams else {})}
+    scaled = METHODS[method].has_lam and method in lams
+    return {**METHODS[method].setting_params(setting), **({"lam": lams[method]} if scaled else {})}
 
 
 def val_select(result: dict[str, Any], args: argparse.Namespace, data_root: Path) -> dict[str, Any]:
