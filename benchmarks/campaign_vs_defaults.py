@@ -4,7 +4,8 @@ For each seed and setting (full fine-tunes, LoRA adapters) of the model zoo it r
 OptMerge (:func:`mergelab.platform.campaign.run_campaign`, the code ``mergelab campaign`` runs, on a throwaway store:
 a temporary directory or ``--root``): the demo's search space (:data:`mergelab.platform.demo.OPTMERGE_SPACE`) plus
 one coefficient per expert, trial 0 the paper's OptMerge, trial 1 OptMerge at its val-selected lambda (then the
-``--enqueue`` points, if any), TPE seeded
+``--enqueue`` points, if any; with ``--init-from-default VALSELECT.json``, OptMerge started from the merge of the
+default method a ``--val-select`` run picked by val, its lambda, lr 1e-6 and 50 steps), TPE seeded
 with the zoo seed, the objective ``val/average`` on the whole val split. The campaign's best trial (by val, the
 only split the search sees) is then scored once on the whole test split and compared with the best default-lambda
 method of the same seed and setting: every registered method with its defaults, its lambda chosen on val from the
@@ -26,6 +27,7 @@ and computes the defaults for two methods on a two-value lambda grid: a smoke te
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -47,6 +49,7 @@ from mergelab.bench.zoo_table import benchmark
 from mergelab.engine import run_merge
 from mergelab.methods import METHODS
 from mergelab.methods.base import LAM_GRID
+from mergelab.methods.optmerge import init_methods
 from mergelab.platform.campaign import run_campaign
 from mergelab.platform.campaign_config import CampaignConfig
 from mergelab.platform.campaign_space import recipe_template
@@ -94,6 +97,20 @@ def score_test(template: Any, method: str, params: dict[str, Any], evaluator: HF
         out = Path(tmp) / "merged"
         run_merge(template.replace(method=method, params=params), out)
         return float(evaluator(out, TASKS, split).average)
+
+
+def init_from_default(path: Path, setting: str, seed: int, lams: dict[str, float]) -> dict[str, Any] | None:
+    """The start point ``{"init": <the default picked by val>, "lam": its lambda, "lr": 1e-6, "steps": 50}`` from a
+    ``--val-select`` JSON (None when that method cannot start OptMerge, e.g. TIES): OptMerge from that merge, nearly
+    unmoved, so the campaign starts from the best default's merge and searches around it."""
+    rows = json.loads(path.read_text())["rows"]
+    row = next((r for r in rows if r["setting"] == setting and int(r["seed"]) == seed), None)
+    if row is None:
+        raise SystemExit(f"{path}: no --val-select row for {setting} seed {seed}")
+    method = row["by_val"]["method"]
+    if method not in init_methods():
+        return None
+    return {"init": method, "lam": lams.get(method, 1.0), "lr": 1e-6, "steps": 50}
 
 
 def default_params(method: str, setting: str, lams: dict[str, float]) -> dict[str, Any]:
@@ -189,8 +206,13 @@ def run_one(setting: str, seed: int, args: argparse.Namespace, store: Store, zoo
     t_defaults = time.perf_counter() - t0
 
     enqueue = ([{"lam": lams["optmerge"]}] if "optmerge" in lams else []) + list(args.enqueue)
+    space = copy.deepcopy(OPTMERGE_SPACE)
+    start = init_from_default(args.init_from_default, setting, seed, lams) if args.init_from_default else None
+    if start is not None:  # OptMerge started from the default a user picks by val: a choice of init, and a start
+        space["init"]["choices"] = [*space["init"]["choices"], start["init"]]
+        enqueue.append(start)
     cfg = CampaignConfig.model_validate({
-        **base_cfg, "params": {"variant": setting}, "search_space": OPTMERGE_SPACE,
+        **base_cfg, "params": {"variant": setting}, "search_space": space,
         "coefficients": {"low": 0.5, "high": 1.5}, "enqueue": enqueue,
         "sampler": {"name": "tpe", "seed": seed, "options": {"n_startup_trials": 4}},
         "budget": {"n_trials": args.trials}, "registry": {"name": f"cvd-{setting}-s{seed}", "register": "best"}})
@@ -268,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--enqueue", type=json.loads, default=[],
                     help="JSON list of extra start points (hyperparameters; keys left out take the defaults)")
+    ap.add_argument("--init-from-default", type=Path, default=None,
+                    help="a --val-select JSON: add the default picked by val to init's choices and enqueue OptMerge "
+                         "started from its merge (lr 1e-6, 50 steps, its lambda)")
     ap.add_argument("--label", default=None, help="the results' row label (default: the setting)")
     ap.add_argument("--no-check", action="store_true",
                     help="take the shipped default rows without re-scoring the best one (runs split by seed)")

@@ -77,3 +77,14 @@ def test_quick_form_runs_a_campaign_and_compares_on_test(tmp_path: Path, tiny_zo
     assert row["by_test"]["test_average"] == max(r["defaults"].values())
     assert row["by_val"]["test_average"] == r["defaults"][row["by_val"]["method"]]
     assert math.isclose(row["difference_by_val"], r["tuned"]["test_average"] - row["by_val"]["test_average"])
+
+
+def test_init_from_default_starts_optmerge_from_the_default_picked_by_val(tmp_path: Path) -> None:
+    vs = tmp_path / "vs.json"
+    vs.write_text(json.dumps({"rows": [{"setting": "lora", "seed": 1, "by_val": {"method": "tsv"}},
+                                       {"setting": "full", "seed": 1, "by_val": {"method": "ties"}}]}))
+    lams = {"tsv": 0.5, "ties": 0.7}
+    assert cvd.init_from_default(vs, "lora", 1, lams) == {"init": "tsv", "lam": 0.5, "lr": 1e-6, "steps": 50}
+    assert cvd.init_from_default(vs, "full", 1, lams) is None  # TIES needs global statistics: no start from it
+    with pytest.raises(SystemExit, match="lora seed 2"):
+        cvd.init_from_default(vs, "lora", 2, lams)

@@ -244,3 +244,54 @@ def test_runs_under_inference_mode() -> None:
     with torch.inference_mode():
         out = optmerge(None, d.clone(), OptMergeConfig(steps=20), CTX)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+# --- init from another method's merge (an extension beyond the paper) --------------------------------------------
+
+
+def _stack(seed: int = 0, shape: tuple[int, int] = (24, 40), n: int = 3) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g) * 0.02
+
+
+@pytest.mark.parametrize("variant", ["full", "lora"])
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "task_arithmetic"])
+def test_init_from_a_method_starts_at_its_merge(variant: str, method: str) -> None:
+    """``init=<method>``: a negligible step leaves that method's task vector (its defaults, lambda not applied)."""
+    from mergelab.methods import METHODS
+
+    d = _stack()
+    before = d.clone()
+    want = METHODS[method].fn(None, d, METHODS[method].make_config({}), CTX)
+    got = optmerge(None, d, OptMergeConfig(variant=variant, init=method, lr=1e-12, steps=1), CTX)
+    assert torch.equal(d, before)  # the init method never overwrites the experts
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-9)
+    # and the optimiser does move it: 300 steps at the variant's own rate end elsewhere, nearer the loss minimum
+    cfg = OptMergeConfig(variant=variant, init=method, lr=1e-2 if variant == "lora" else 1e-3)
+    moved = optmerge(None, d, cfg, CTX)
+    f, h = optmerge_factors(d, cfg)
+    assert not torch.allclose(moved, want, rtol=1e-3, atol=1e-6)
+    assert quadratic_loss(moved, f, h) < quadratic_loss(want, f, h)
+
+
+def test_init_from_a_method_takes_the_coefficients() -> None:
+    from mergelab.methods import METHODS
+
+    d = _stack(1)
+    c = (2.0, 0.5, 1.0)
+    want = METHODS["tsv"].fn(None, d, METHODS["tsv"].make_config({"coefficients": c}), CTX)
+    got = optmerge(None, d, OptMergeConfig(variant="lora", init="tsv", lr=1e-12, steps=1, coefficients=c), CTX)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-9)
+    assert not torch.allclose(got, METHODS["tsv"].fn(None, d, METHODS["tsv"].make_config({}), CTX), atol=1e-6)
+
+
+def test_init_names_only_per_matrix_methods() -> None:
+    from mergelab.methods.optmerge import init_methods
+
+    assert {"tsv", "iso_c", "iso_cts", "wudi", "task_arithmetic", "swudi"} <= set(init_methods())
+    assert "ties" not in init_methods() and "optmerge" not in init_methods()  # global statistics; itself
+    with pytest.raises(ValueError, match="init") as e:
+        OptMergeConfig(init="ties")
+    assert "tsv" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="init"):
+        WudiConfig(init="tsv")  # WUDI keeps the paper's two

@@ -24,10 +24,17 @@ Per-expert coefficients ``c_i >= 0`` weigh expert i in the loss (``w_i = c_i / |
 initialisation (``init="sum"``: ``sum_i c_i tau_i``; ``"mean"``: ``sum_i c_i tau_i / sum_i c_i``); ``c_i = 0``
 leaves the expert out of both. The centring mean of the full variant's target stays the plain mean. With every
 ``c_i = 1`` (or None) this is exactly the paper (bit for bit).
+
+Beyond the paper, ``init`` may name another registered per-matrix method (:func:`init_methods`: TSV, Iso-C, WUDI,
+...): the optimiser then starts from that method's merged task vector (its defaults, the same coefficients). With
+few steps at a small learning rate OptMerge returns that merge, so a campaign that enqueues ``{"init": "tsv",
+"lam": <TSV's lambda>, "lr": 1e-6, "steps": 50}`` starts from the best default method's merge and searches around
+it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +64,7 @@ _VARIANT_DEFAULTS = {
 }
 
 
-def validate_solver_fields(cfg: Any) -> None:
+def validate_solver_fields(cfg: Any, inits: tuple[str, ...] = ("sum", "mean")) -> None:
     """Validate (and normalise) the optimiser fields shared by OptMerge and WUDI; one-line ValueErrors."""
     name = type(cfg).__name__
     object.__setattr__(cfg, "lam", check_real(name, "lam", cfg.lam))
@@ -65,7 +72,7 @@ def validate_solver_fields(cfg: Any) -> None:
     object.__setattr__(cfg, "lr", check_range(name, "lr", cfg.lr, 0.0, 1e3, lo_open=True))
     check_choice(name, "optimizer", cfg.optimizer, ("adam", "sgd"))
     object.__setattr__(cfg, "momentum", check_range(name, "momentum", cfg.momentum, 0.0, 1.0, hi_open=True))
-    check_choice(name, "init", cfg.init, ("sum", "mean"))
+    check_choice(name, "init", cfg.init, inits)
     check_choice(name, "solver", cfg.solver, ("auto", "exact", "iterative"))
     if cfg.solver == "exact" and cfg.optimizer != "sgd":
         raise ValueError(f"{name}.solver='exact' needs optimizer='sgd', got optimizer={cfg.optimizer!r}")
@@ -93,7 +100,9 @@ class OptMergeConfig:
         lr: learning rate (1e-5 full / 1e-4 lora).
         optimizer: ``"adam"`` (default betas/eps) or ``"sgd"`` (default adam full / sgd lora).
         momentum: SGD momentum (0.9, as in the code; unused by Adam).
-        init: ``"sum"`` or ``"mean"`` of the task vectors (default sum full / mean lora).
+        init: ``"sum"`` or ``"mean"`` of the task vectors (default sum full / mean lora), or the name of a
+            registered per-matrix method (:func:`init_methods`, e.g. ``"tsv"``): its merged task vector of the
+            matrix, with its defaults and these coefficients (an extension beyond the paper).
         projector: ``"uncentred"`` (code, both variants) or ``"centred"`` (paper Eq. 3).
         compute_dtype: dtype of the optimisation loop (``"float32"``, ``"float64"``, ``"float16"``,
             ``"bfloat16"``) or None for the deltas' dtype.
@@ -129,13 +138,34 @@ class OptMergeConfig:
                 self, "rank_ratio", check_range(name, "rank_ratio", self.rank_ratio, 0.0, 1.0, lo_open=True)
             )
         check_choice(name, "projector", self.projector, ("uncentred", "centred"))
-        validate_solver_fields(self)
+        validate_solver_fields(self, ("sum", "mean", *init_methods()))
+
+
+def init_methods() -> tuple[str, ...]:
+    """The registered methods an OptMerge run may start from (``init=<name>``): those merging a matrix on its own
+    (no global statistics), OptMerge itself excluded."""
+    from mergelab.methods import METHODS  # the table imports this module
+
+    return tuple(n for n, spec in METHODS.items() if spec.make_stats is None and n != "optmerge")
+
+
+def method_init(base: Tensor, deltas: Tensor, cfg: OptMergeConfig, ctx: MergeContext) -> Tensor:
+    """The task vector of method ``cfg.init`` (its defaults, OptMerge's coefficients) as OptMerge's starting point.
+
+    Its lambda is not applied (the engine applies OptMerge's), and it never overwrites ``deltas``."""
+    from mergelab.methods import METHODS
+
+    spec = METHODS[cfg.init]
+    init_cfg = spec.make_config({} if cfg.coefficients is None else {"coefficients": cfg.coefficients})
+    return spec.fn(base, deltas, init_cfg, dataclasses.replace(ctx, inplace=False))
 
 
 def minimise(
-    deltas: Tensor, factors: tuple[Tensor, Tensor] | None, cfg: Any, coef: Tensor | None = None
+    deltas: Tensor, factors: tuple[Tensor, Tensor] | None, cfg: Any, coef: Tensor | None = None,
+    x0: Tensor | None = None,
 ) -> Tensor:
-    """Run the configured optimiser on ``||x F - H||^2`` from the (``coef``-weighted) sum/mean init; shared with WUDI.
+    """Run the configured optimiser on ``||x F - H||^2`` from ``x0`` (default: the ``coef``-weighted sum/mean
+    init); shared with WUDI.
 
     Returns:
         The final iterate in the deltas' dtype (the mean task vector when ``factors`` is None).
@@ -149,7 +179,7 @@ def minimise(
     if exact and loop_dtype not in (torch.float32, torch.float64):
         loop_dtype = torch.float32
     f, h = (t.to(loop_dtype) for t in factors)
-    x0 = combine(deltas, coef, mean=cfg.init == "mean").to(loop_dtype)
+    x0 = (combine(deltas, coef, mean=cfg.init == "mean") if x0 is None else x0).to(loop_dtype)
     if exact:
         x = solve_sgd_exact(x0, f, h, lr=cfg.lr, steps=cfg.steps, momentum=cfg.momentum)
     else:
@@ -198,4 +228,5 @@ def optmerge(base: Tensor, deltas: Tensor, cfg: OptMergeConfig, ctx: MergeContex
     """
     check_matrix(deltas, ctx.name, "optmerge")
     coef = coefficients_or_none(cfg.coefficients, deltas, ctx.name)
-    return minimise(deltas, optmerge_factors(deltas, cfg, coef, ctx), cfg, coef)
+    x0 = None if cfg.init in ("sum", "mean") else method_init(base, deltas, cfg, ctx)
+    return minimise(deltas, optmerge_factors(deltas, cfg, coef, ctx), cfg, coef, x0)
