@@ -27,7 +27,6 @@ and computes the defaults for two methods on a two-value lambda grid: a smoke te
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -49,11 +48,10 @@ from mergelab.bench.zoo_table import benchmark
 from mergelab.engine import run_merge
 from mergelab.methods import METHODS
 from mergelab.methods.base import LAM_GRID
-from mergelab.methods.optmerge import init_methods
 from mergelab.platform.campaign import run_campaign
 from mergelab.platform.campaign_config import CampaignConfig
 from mergelab.platform.campaign_space import recipe_template
-from mergelab.platform.demo import OPTMERGE_SPACE
+from mergelab.platform.demo import OPTMERGE_SPACE, start_from_best_default
 from mergelab.platform.evaluation import HFEvaluator
 from mergelab.platform.store import Store
 
@@ -99,18 +97,16 @@ def score_test(template: Any, method: str, params: dict[str, Any], evaluator: HF
         return float(evaluator(out, TASKS, split).average)
 
 
-def init_from_default(path: Path, setting: str, seed: int, lams: dict[str, float]) -> dict[str, Any] | None:
-    """The start point ``{"init": <the default picked by val>, "lam": its lambda, "lr": 1e-6, "steps": 50}`` from a
-    ``--val-select`` JSON (None when that method cannot start OptMerge, e.g. TIES): OptMerge from that merge, nearly
-    unmoved, so the campaign starts from the best default's merge and searches around it."""
+def init_from_default(path: Path, setting: str, seed: int, lams: dict[str, float]
+                      ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The search space and start point of :func:`mergelab.platform.demo.start_from_best_default` from a
+    ``--val-select`` JSON's val averages of the default rows: OptMerge started from the merge of the best default on
+    val that can start it (lr 1e-6, 50 steps, its lambda), that method added to ``init``'s choices."""
     rows = json.loads(path.read_text())["rows"]
     row = next((r for r in rows if r["setting"] == setting and int(r["seed"]) == seed), None)
     if row is None:
         raise SystemExit(f"{path}: no --val-select row for {setting} seed {seed}")
-    method = row["by_val"]["method"]
-    if method not in init_methods():
-        return None
-    return {"init": method, "lam": lams.get(method, 1.0), "lr": 1e-6, "steps": 50}
+    return start_from_best_default(row["val"], dict(lams))
 
 
 def default_params(method: str, setting: str, lams: dict[str, float]) -> dict[str, Any]:
@@ -206,10 +202,9 @@ def run_one(setting: str, seed: int, args: argparse.Namespace, store: Store, zoo
     t_defaults = time.perf_counter() - t0
 
     enqueue = ([{"lam": lams["optmerge"]}] if "optmerge" in lams else []) + list(args.enqueue)
-    space = copy.deepcopy(OPTMERGE_SPACE)
-    start = init_from_default(args.init_from_default, setting, seed, lams) if args.init_from_default else None
+    space, start = (init_from_default(args.init_from_default, setting, seed, lams) if args.init_from_default
+                    else (OPTMERGE_SPACE, None))
     if start is not None:  # OptMerge started from the default a user picks by val: a choice of init, and a start
-        space["init"]["choices"] = [*space["init"]["choices"], start["init"]]
         enqueue.append(start)
     cfg = CampaignConfig.model_validate({
         **base_cfg, "params": {"variant": setting}, "search_space": space,

@@ -81,10 +81,24 @@ def test_quick_form_runs_a_campaign_and_compares_on_test(tmp_path: Path, tiny_zo
 
 def test_init_from_default_starts_optmerge_from_the_default_picked_by_val(tmp_path: Path) -> None:
     vs = tmp_path / "vs.json"
-    vs.write_text(json.dumps({"rows": [{"setting": "lora", "seed": 1, "by_val": {"method": "tsv"}},
-                                       {"setting": "full", "seed": 1, "by_val": {"method": "ties"}}]}))
-    lams = {"tsv": 0.5, "ties": 0.7}
-    assert cvd.init_from_default(vs, "lora", 1, lams) == {"init": "tsv", "lam": 0.5, "lr": 1e-6, "steps": 50}
-    assert cvd.init_from_default(vs, "full", 1, lams) is None  # TIES needs global statistics: no start from it
+    vs.write_text(json.dumps({"rows": [
+        {"setting": "lora", "seed": 1, "val": {"tsv": 31.0, "ties": 33.0, "iso_c": 30.0}},
+        {"setting": "full", "seed": 1, "val": {"ties": 33.0, "weight_average": 20.0}}]}))
+    lams = {"tsv": 0.5, "ties": 0.7, "iso_c": 1.5, "weight_average": 1.0}
+    space, start = cvd.init_from_default(vs, "lora", 1, lams)
+    # TIES is the best on val but needs global statistics: the best default that can start OptMerge is TSV
+    assert start == {"init": "tsv", "lam": 0.5, "lr": 1e-6, "steps": 50}
+    assert space["init"]["choices"] == ["mean", "sum", "tsv"] and cvd.OPTMERGE_SPACE["init"]["choices"] == ["mean", "sum"]
+    assert cvd.init_from_default(vs, "full", 1, lams)[1]["init"] == "weight_average"
     with pytest.raises(SystemExit, match="lora seed 2"):
         cvd.init_from_default(vs, "lora", 2, lams)
+
+
+def test_the_demo_starts_from_the_best_default_that_can_start_optmerge() -> None:
+    from mergelab.platform.demo import start_from_best_default
+
+    space, start = start_from_best_default({"ties": 40.0, "tsv": 35.0, "weight_average": 30.0},
+                                           {"ties": 0.7, "tsv": 0.5, "weight_average": None})
+    assert start == {"init": "tsv", "lam": 0.5, "lr": 1e-6, "steps": 50} and "tsv" in space["init"]["choices"]
+    assert start_from_best_default({"weight_average": 1.0}, {"weight_average": None})[1]["lam"] == 1.0
+    assert start_from_best_default({"ties": 40.0}, {"ties": 0.7}) == (cvd.OPTMERGE_SPACE, None)

@@ -57,6 +57,8 @@ def test_demo_end_to_end_on_tiny_zoo_then_again_idempotent(tmp_path: Path, tiny_
         name = f"mergelab-demo-{s.setting}-tiny"
         assert s.champion is not None and s.champion["holder"] is not None
         assert s.campaign is not None and s.campaign["complete"] == 2
+        # the campaign's start points include OptMerge started from the comparison's best init-able method on val
+        assert any(f"[{s.setting}] start point: OptMerge from the weight_average merge" in x for x in logs)
         assert s.promotion is not None and s.promotion["decision"] in {"champion", "challenger", "already_champion"}
         for mv in client.search_model_versions(f"name='{name}'"):
             assert Path(mv.source.removeprefix("file://")).is_dir(), f"v{mv.version} points at nothing"

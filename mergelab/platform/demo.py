@@ -26,6 +26,7 @@ The omni section (modality merging on the shipped omni zoo, ``mergelab-demo-omni
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
@@ -44,6 +45,7 @@ from mergelab.bench.zoo_table import choose_lam, lam_candidates
 from mergelab.engine import MergeRecipe
 from mergelab.methods import METHODS
 from mergelab.methods.base import LAM_GRID
+from mergelab.methods.optmerge import init_methods
 from mergelab.platform.campaign import run_campaign
 from mergelab.platform.campaign_config import CampaignConfig
 from mergelab.platform.campaign_space import recipe_template
@@ -71,6 +73,22 @@ OPTMERGE_SPACE: dict[str, dict[str, Any]] = {
 
 ``lr`` reaches 1e-1: on the zoo's seed-0 LoRA experts (val split), SGD run close to its minimiser (lr 1e-2 to 1e-1,
 300 steps) at lambda 0.5 scores 33.4-35.3 against 28.7 for the paper's lr 1e-4 at lambda 1.0."""
+
+
+def start_from_best_default(vals: dict[str, float], lams: dict[str, float | None]
+                            ) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+    """The campaign's search space and its start point from the comparison's val averages: OptMerge started from the
+    merge of the best default method on val that can start it (``init=<method>``, lr 1e-6, 50 steps, the method's
+    lambda), nearly unmoved, so the campaign starts from that merge's val score; that method is added to ``init``'s
+    choices. ``(OPTMERGE_SPACE, None)`` when no compared method can start OptMerge."""
+    starts = [m for m in vals if m in init_methods()]
+    space = copy.deepcopy(OPTMERGE_SPACE)
+    if not starts:
+        return space, None
+    best = max(starts, key=vals.__getitem__)
+    space["init"]["choices"] = [*space["init"]["choices"], best]
+    lam = lams.get(best)
+    return space, {"init": best, "lam": 1.0 if lam is None else lam, "lr": 1.0e-6, "steps": 50}
 
 
 @dataclass
@@ -299,8 +317,10 @@ def run_setting(setting: str, *, zoo_dir: Path, data_dir: Path, store: Store, se
     log(f"[{setting}] comparing {len(methods)} methods, lambda on val ({list(lam_grid)})")
     with comparison_run(client, exp_id, f"demo-comparison-{setting}-s{seed}", setting) as pid:
         sweep = Sweep(client, exp_id, store, experiment, pid, template, setting, evaluator, reference)
+        vals: dict[str, float] = {}
         for method in methods:
             lam, avg, rid, uri = sweep.select(method, lam_grid)
+            vals[method] = avg
             metrics = _test_scores(client, rid, Path(local_path(uri)), table_eval)
             out.rows.append(_row(method, lam, metrics, rid, items_tag(client, rid)))
             log(f"      {method:<22} lam {lam}: val {avg:.2f}, test {metrics['test/average']:.2f}")
@@ -314,8 +334,13 @@ def run_setting(setting: str, *, zoo_dir: Path, data_dir: Path, store: Store, se
         log(f"[{setting}] Optuna campaign over OptMerge with coefficients ({trials} trials, TPE, val only)")
         default_lam = template.replace(params={"variant": setting}).hyperparameters.get("lam")
         enqueue = [{"lam": optmerge_lam}] if optmerge_lam not in (None, default_lam) else []  # else trial 0 is it
+        space, start = start_from_best_default(vals, sweep.lams)
+        if start is not None:
+            log(f"[{setting}] start point: OptMerge from the {start['init']} merge (the best default on val, lam "
+                f"{start['lam']})")
+            enqueue.append(start)
         cfg = CampaignConfig.model_validate({
-            **base_cfg, "params": {"variant": setting}, "search_space": OPTMERGE_SPACE,
+            **base_cfg, "params": {"variant": setting}, "search_space": space,
             "coefficients": {"low": 0.5, "high": 1.5}, "enqueue": enqueue,
             # TPE draws its first n_startup_trials (10 by default) at random: in an 8-trial campaign it would never
             # model anything
