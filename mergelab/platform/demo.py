@@ -336,8 +336,8 @@ def run_setting(setting: str, *, zoo_dir: Path, data_dir: Path, store: Store, se
         enqueue = [{"lam": optmerge_lam}] if optmerge_lam not in (None, default_lam) else []  # else trial 0 is it
         space, start = start_from_best_default(vals, sweep.lams)
         if start is not None:
-            log(f"[{setting}] start point: OptMerge from the {start['init']} merge (the best default on val, lam "
-                f"{start['lam']})")
+            log(f"[{setting}] start point: OptMerge from the {start['init']} merge (lam {start['lam']}; the best on "
+                f"val of the compared methods OptMerge can start from)")
             enqueue.append(start)
         cfg = CampaignConfig.model_validate({
             **base_cfg, "params": {"variant": setting}, "search_space": space,
