@@ -102,3 +102,10 @@ def test_the_demo_starts_from_the_best_default_that_can_start_optmerge() -> None
     assert start == {"init": "tsv", "lam": 0.5, "lr": 1e-6, "steps": 50} and "tsv" in space["init"]["choices"]
     assert start_from_best_default({"weight_average": 1.0}, {"weight_average": None})[1]["lam"] == 1.0
     assert start_from_best_default({"ties": 40.0}, {"ties": 0.7}) == (cvd.OPTMERGE_SPACE, None)
+    from mergelab.platform.demo_omni import OMNI_SPACE
+
+    space, start = start_from_best_default({"tsv": 35.0}, {"tsv": 1.0}, OMNI_SPACE)
+    assert start == {"init": "tsv", "lam": 1.0, "lr": 1e-6, "steps": 50} and space["init"]["choices"][-1] == "tsv"
+    assert OMNI_SPACE["init"]["choices"] == ["mean", "sum"]
+    narrow = {k: v for k, v in OMNI_SPACE.items() if k not in ("lr", "steps")}  # a space that searches neither
+    assert start_from_best_default({"tsv": 35.0}, {"tsv": 1.0}, narrow)[1] == {"init": "tsv", "lam": 1.0}

@@ -123,6 +123,8 @@ def test_omni_section_on_the_quick_zoo_then_again_idempotent(platform_store, tmp
     assert all(math.isfinite(r["average"]) for r in res.rows)
     assert "MUSIC-AVQA" in res.table and "own audio" in res.table and "252 per set" in res.table
     assert res.campaign is not None and res.campaign["complete"] == 2
+    # the campaign also starts from OptMerge started from the comparison's best init-able method
+    assert any("[omni] start point: OptMerge from the weight_average merge (lam 1.0;" in x for x in logs)
     assert res.champion is not None and res.champion["holder"] is not None
     assert res.promotion is not None and res.promotion["decision"] in {"champion", "challenger", "already_champion"}
     versions = client.search_model_versions("name='mergelab-demo-omni-tiny'")

@@ -75,20 +75,23 @@ OPTMERGE_SPACE: dict[str, dict[str, Any]] = {
 300 steps) at lambda 0.5 scores 33.4-35.3 against 28.7 for the paper's lr 1e-4 at lambda 1.0."""
 
 
-def start_from_best_default(vals: dict[str, float], lams: dict[str, float | None]
+def start_from_best_default(vals: dict[str, float], lams: dict[str, float | None],
+                            space: dict[str, dict[str, Any]] | None = None
                             ) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
     """The campaign's search space and its start point from the comparison's val averages: OptMerge started from the
-    merge of the best default method on val that can start it (``init=<method>``, lr 1e-6, 50 steps, the method's
-    lambda), nearly unmoved, so the campaign starts from that merge's val score; that method is added to ``init``'s
-    choices. ``(OPTMERGE_SPACE, None)`` when no compared method can start OptMerge."""
+    merge of the best default method on val that can start it (``init=<method>``, the method's lambda, and where
+    ``space`` searches them lr 1e-6 and 50 steps: nearly unmoved), so the campaign starts from that merge's val
+    score; that method is added to ``init``'s choices. ``space`` defaults to :data:`OPTMERGE_SPACE` (it is copied,
+    never changed); ``(space, None)`` when no compared method can start OptMerge."""
+    space = copy.deepcopy(OPTMERGE_SPACE if space is None else space)
     starts = [m for m in vals if m in init_methods()]
-    space = copy.deepcopy(OPTMERGE_SPACE)
     if not starts:
         return space, None
     best = max(starts, key=vals.__getitem__)
     space["init"]["choices"] = [*space["init"]["choices"], best]
     lam = lams.get(best)
-    return space, {"init": best, "lam": 1.0 if lam is None else lam, "lr": 1.0e-6, "steps": 50}
+    start = {"init": best, "lam": 1.0 if lam is None else lam, "lr": 1.0e-6, "steps": 50}
+    return space, {k: v for k, v in start.items() if k in space}
 
 
 @dataclass
@@ -217,7 +220,8 @@ def comparison_run(client: MlflowClient, exp_id: str, run_name: str, setting: st
 class Sweep:
     """One comparison's lambda sweeps (:meth:`select`, one method at a time) under its parent run ``pid``: merges
     already tracked are reused (``reused`` counts them), ``best`` is the best method so far by val
-    ``(val, method, params, run id, merged uri)`` and ``lams`` each method's val-selected lambda."""
+    ``(val, method, params, run id, merged uri)``, ``lams`` each method's val-selected lambda and ``vals`` its val
+    average there."""
 
     client: MlflowClient
     exp_id: str
@@ -233,6 +237,7 @@ class Sweep:
     reused: int = 0
     best: tuple[float, str, dict[str, Any], str, str] | None = None
     lams: dict[str, float | None] = field(default_factory=dict)
+    vals: dict[str, float] = field(default_factory=dict)
 
     def select(self, method: str, lam_grid: Sequence[float]) -> tuple[float | None, float, str, str]:
         """Merge ``method`` at each lambda of ``lam_grid`` (its own scale if it has none), score each on val and tag
@@ -250,7 +255,7 @@ class Sweep:
         lam, val = choose_lam((s[0], s[1]) for s in scored)
         _, _, p, rid, uri = next(s for s in scored if s[0] == lam)
         self.client.set_tag(rid, "mergelab.selected", "val-selected lambda")
-        self.lams[method] = lam
+        self.lams[method], self.vals[method] = lam, val
         if self.best is None or val > self.best[0]:
             self.best = (val, method, p, rid, uri)
         return lam, val, rid, uri
@@ -317,10 +322,8 @@ def run_setting(setting: str, *, zoo_dir: Path, data_dir: Path, store: Store, se
     log(f"[{setting}] comparing {len(methods)} methods, lambda on val ({list(lam_grid)})")
     with comparison_run(client, exp_id, f"demo-comparison-{setting}-s{seed}", setting) as pid:
         sweep = Sweep(client, exp_id, store, experiment, pid, template, setting, evaluator, reference)
-        vals: dict[str, float] = {}
         for method in methods:
             lam, avg, rid, uri = sweep.select(method, lam_grid)
-            vals[method] = avg
             metrics = _test_scores(client, rid, Path(local_path(uri)), table_eval)
             out.rows.append(_row(method, lam, metrics, rid, items_tag(client, rid)))
             log(f"      {method:<22} lam {lam}: val {avg:.2f}, test {metrics['test/average']:.2f}")
@@ -334,7 +337,7 @@ def run_setting(setting: str, *, zoo_dir: Path, data_dir: Path, store: Store, se
         log(f"[{setting}] Optuna campaign over OptMerge with coefficients ({trials} trials, TPE, val only)")
         default_lam = template.replace(params={"variant": setting}).hyperparameters.get("lam")
         enqueue = [{"lam": optmerge_lam}] if optmerge_lam not in (None, default_lam) else []  # else trial 0 is it
-        space, start = start_from_best_default(vals, sweep.lams)
+        space, start = start_from_best_default(sweep.vals, sweep.lams)
         if start is not None:
             log(f"[{setting}] start point: OptMerge from the {start['init']} merge (lam {start['lam']}; the best on "
                 f"val of the compared methods OptMerge can start from)")
