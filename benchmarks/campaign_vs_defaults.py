@@ -115,11 +115,10 @@ def default_params(method: str, setting: str, lams: dict[str, float]) -> dict[st
     return {**METHODS[method].setting_params(setting), **({"lam": lams[method]} if scaled else {})}
 
 
-def val_select(result: dict[str, Any], args: argparse.Namespace, data_root: Path) -> dict[str, Any]:
-    """The best default as a user picks it, by val: every default row of ``result``'s seed and setting (its shipped
-    lambda) merged and scored on the whole val split, the one with the best val average taken with its shipped
-    whole-test-split score, and compared with the tuned OptMerge's test score (the campaign, too, chose by val)."""
-    setting, seed = result["setting"], int(result["seed"])
+def default_vals(setting: str, seed: int, args: argparse.Namespace, data_root: Path
+                 ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """``(val, test, lambdas)`` by default method of one seed and setting: every shipped default row (its lambda)
+    merged and scored on the whole val split, beside its shipped whole-test-split score."""
     shipped = defaults_from_json(args.defaults, setting, seed)
     if shipped is None:
         raise SystemExit(f"{args.defaults}: no whole-test-split default rows for {setting} seed {seed}")
@@ -132,11 +131,19 @@ def val_select(result: dict[str, Any], args: argparse.Namespace, data_root: Path
     template, _ = recipe_template(cfg)
     val_eval = HFEvaluator(data_root=str(data_root), limit=args.val_limit, device=args.device)
     vals = {m: score_test(template, m, default_params(m, setting, lams), val_eval, "val") for m in scores}
+    return vals, scores, lams
+
+
+def val_select(result: dict[str, Any], vals: dict[str, float], scores: dict[str, float],
+               lams: dict[str, float]) -> dict[str, Any]:
+    """The best default as a user picks it, by val (``vals``, from :func:`default_vals`), with its shipped
+    whole-test-split score, compared with the tuned OptMerge of ``result`` (the campaign, too, chose by val)."""
     by_val = max(vals, key=vals.__getitem__)
     by_test = max(scores, key=scores.__getitem__)
     tuned = result["tuned"]
-    return {"label": result.get("label", setting), "setting": setting, "seed": seed, "val": vals, "test": scores,
-            "lams": lams, "by_val": {"method": by_val, "val_average": vals[by_val], "test_average": scores[by_val]},
+    return {"label": result.get("label", result["setting"]), "setting": result["setting"], "seed": int(result["seed"]),
+            "val": vals, "test": scores, "lams": lams,
+            "by_val": {"method": by_val, "val_average": vals[by_val], "test_average": scores[by_val]},
             "by_test": {"method": by_test, "val_average": vals[by_test], "test_average": scores[by_test]},
             "tuned": {"val_average": tuned["val_average"], "test_average": tuned["test_average"]},
             "difference_by_val": tuned["test_average"] - scores[by_val],
@@ -315,19 +322,14 @@ def main(argv: list[str] | None = None) -> int:
         wanted = {int(x) for x in args.seeds.split(",")}, set(args.settings.split(","))
         data_root = ensure_data(args.data_root, tasks=TASKS, splits=("val", "test"),
                                 sizes={"val": 4, "test": 4} if args.quick else None)
-        rows, done = [], {}
+        rows, scored = [], {}
         for r in results:
             if int(r["seed"]) not in wanted[0] or r["setting"] not in wanted[1]:
                 continue
             key = (r["setting"], int(r["seed"]))  # a label sharing a setting and seed reuses its default rows' scores
-            row = val_select(r, args, data_root) if key not in done else {
-                **done[key], "label": r.get("label", r["setting"]), "tuned": {k: r["tuned"][k] for k in
-                                                                              ("val_average", "test_average")}}
-            if key in done:
-                row.update(difference_by_val=r["tuned"]["test_average"] - row["by_val"]["test_average"],
-                           difference_by_test=r["tuned"]["test_average"] - row["by_test"]["test_average"],
-                           val_difference=r["tuned"]["val_average"] - row["by_val"]["val_average"])
-            done.setdefault(key, row)
+            if key not in scored:
+                scored[key] = default_vals(*key, args, data_root)
+            row = val_select(r, *scored[key])
             rows.append(row)
             print(f"  [{row['label']} seed {row['seed']}] by val: {row['by_val']['method']} "
                   f"{row['by_val']['val_average']:.2f} / {row['by_val']['test_average']:.2f}", flush=True)

@@ -84,7 +84,8 @@ def start_from_best_default(vals: dict[str, float], lams: dict[str, float | None
     score; that method is added to ``init``'s choices. ``space`` defaults to :data:`OPTMERGE_SPACE` (it is copied,
     never changed); ``(space, None)`` when no compared method can start OptMerge."""
     space = copy.deepcopy(OPTMERGE_SPACE if space is None else space)
-    starts = [m for m in vals if m in init_methods()]
+    can_start = init_methods()
+    starts = [m for m in vals if m in can_start]
     if not starts:
         return space, None
     best = max(starts, key=vals.__getitem__)
