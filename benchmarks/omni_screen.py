@@ -38,6 +38,8 @@ from mergelab.bench.omni.build import OmniPlan, seed_dir
 
 BASE_KEYS = ("size", "described", "base", "vocab_size")
 """Plan fields the base depends on: a copied base must have been built with the same values."""
+ALIGN_KEYS = ("base_align_steps", "base_align_per_task", "base_align_lr")
+"""Plan fields of the base's connector alignment: a copied base built without one is aligned after the copy."""
 
 
 def parse_value(text: str, like: Any) -> Any:
@@ -77,8 +79,22 @@ def copy_base(src_zoo: Path, zoo: Path, seed: int, plan: OmniPlan) -> None:
     diff = [k for k in BASE_KEYS if built.get(k) != want.get(k)]
     if diff:
         raise SystemExit(f"{src}: its base was built with other {diff}")
+    align = [k for k in ALIGN_KEYS if built.get(k) != want.get(k)]
+    if align and any(k in built for k in ALIGN_KEYS):
+        raise SystemExit(f"{src}: its base was aligned with other {align}")
     for part in ("base", "merge/base"):
         shutil.copytree(src / part, dst / part)
+    if align:  # the copied base's LLM is this plan's; align its connectors now, as build_base would have
+        from mergelab.bench.omni.build import _strip, align_connectors
+        from mergelab.bench.omni.classes import OmniProcessor, OmniThinkerForConditionalGeneration
+
+        processor = OmniProcessor.from_pretrained(dst / "base")
+        model = OmniThinkerForConditionalGeneration.from_pretrained(dst / "base", use_safetensors=True)
+        res = align_connectors(model, processor, plan, seed, "cpu")
+        print(f"seed {seed}: base connectors aligned in {res.seconds:.0f} s (loss {res.losses[-1]:.3f})", flush=True)
+        shutil.rmtree(dst / "merge" / "base")
+        res.model.save_pretrained(dst / "base")
+        _strip(dst / "base", dst / "merge" / "base", None)
 
 
 def delta_norms(root: Path, setting: str) -> dict[str, float]:

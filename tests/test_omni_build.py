@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mergelab.bench.omni import data
-from mergelab.bench.omni.build import OmniPlan
+from mergelab.bench.omni.build import OmniPlan, align_connectors, align_samples
 from mergelab.bench.omni.modeling import OmniSize, build_model, build_processor, build_tokenizer
 from mergelab.bench.omni.train import train
 from mergelab.bench.train import TrainConfig
@@ -17,7 +17,8 @@ torch.set_num_threads(1)
 def test_the_quick_plan_keeps_its_dict_and_expert_steps_override_one_modality() -> None:
     """Fields added later are left out of the dict at their old defaults, so zoos built before them still match."""
     quick = OmniPlan.quick().to_dict()
-    assert not {"lettered", "align_steps", "connector_lr", "expert_steps"} & set(quick)
+    assert not {"lettered", "align_steps", "connector_lr", "expert_steps", "base_align_steps", "base_align_per_task",
+                "base_align_lr"} & set(quick)
     assert quick["other_media"] == 0.5
     plan = OmniPlan(expert_steps=(("video", 450),))
     assert plan.to_dict()["expert_steps"] == [["video", 450]]
@@ -55,3 +56,25 @@ def test_alignment_stage_trains_only_the_connector(tiny) -> None:
     assert any(float(v.abs().max()) > 0 for k, v in frozen.items() if "lora_B" in k)
     with pytest.raises(ValueError, match="align_steps"):
         train(build_model(tok, OmniSize.tiny(), seed=0), proc, samples, cfg, connector="image", align_steps=3)
+
+
+def test_base_alignment_trains_the_three_connectors_and_nothing_else(tiny) -> None:
+    """The base's connector stage (``base_align_steps``): every connector moves, every other tensor (the LLM, the
+    tower bodies) stays bit for bit; its items ask every task with all three media."""
+    from dataclasses import replace
+
+    from mergelab.bench.omni.train import CONNECTORS
+
+    tok, proc, _ = tiny
+    plan = replace(OmniPlan.quick(), base_align_steps=2, base_align_per_task=4)
+    assert plan.to_dict()["base_align_steps"] == 2
+    items = align_samples(plan, 0)
+    assert len(items) == 4 * len(data.TASKS) and {s.task for s in items} == set(data.TASKS)
+    assert all(set(s.scene) == set(data.MODALITIES) for s in items)
+    model = build_model(tok, OmniSize.tiny(), seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    after = align_connectors(model, proc, plan, 0, "cpu").model.state_dict()
+    prefixes = tuple(m + "." for ms in CONNECTORS.values() for m in ms)
+    changed = {k for k, v in before.items() if not torch.equal(after[k], v)}
+    assert changed and all(k.startswith(prefixes) for k in changed)
+    assert {p for p in prefixes if any(k.startswith(p) for k in changed)} == set(prefixes)

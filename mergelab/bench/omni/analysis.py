@@ -7,8 +7,11 @@ merged model answers instead (answer-word overlap between modalities).
   same fact, a word of another modality's facts, or anything else.
 * :func:`context_effect`: an expert's accuracy on its own questions with only its medium vs with all three media
   in the prompt (interference from the other modalities' tokens, before any merging).
+* :func:`connector_effect`: the merged model's accuracy on each modality's cross-modal questions, all three media
+  in the prompt, as merged (every connector from its expert) and with the *other* modalities' connectors put back
+  to the base's: how much of a modality's loss in the merge comes from the other experts' trained connectors.
 
-``python -m mergelab.bench.omni.analysis --zoo DIR`` prints all three for seed 0's LoRA experts.
+``python -m mergelab.bench.omni.analysis --zoo DIR`` prints all four for seed 0's LoRA experts.
 """
 
 from __future__ import annotations
@@ -121,6 +124,33 @@ def context_effect(model: Any, processor: Any, modality: str, samples: Sequence[
             "all_media": metrics.score(own, answers(model, processor, own))["accuracy"]}
 
 
+def with_base_connectors(model: Any, base_state: Mapping[str, torch.Tensor], keep: str) -> Any:
+    """``model`` (changed in place) with every tower tensor of the modalities other than ``keep`` set to the base's
+    (``base_state``: the base's state dict). Returns ``model``."""
+    others = tuple(p for m, p in TOWERS.items() if m != keep)
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if k.startswith(others):
+                v.copy_(base_state[k])
+    return model
+
+
+def connector_effect(load: Any, processor: Any, base_state: Mapping[str, torch.Tensor],
+                     samples: Sequence[data.OmniSample]) -> dict[str, dict[str, float]]:
+    """Per modality, the merged model's accuracy on the cross-modal items about that modality (all three media in
+    the prompt): ``merged`` as it is, ``own_connector_only`` with the other two modalities' towers (their
+    connectors) put back to the base's. ``load()`` returns a fresh copy of the merged model."""
+    preds = answers(load(), processor, samples)
+    out = {}
+    for m in data.MODALITIES:
+        idx = [i for i, s in enumerate(samples) if s.qtype in data.TASKS and data.TASKS[s.qtype][0] == m]
+        own = [samples[i] for i in idx]
+        swapped = answers(with_base_connectors(load(), base_state, m), processor, own)
+        out[m] = {"merged": metrics.score(own, [preds[i] for i in idx])["accuracy"],
+                  "own_connector_only": metrics.score(own, swapped)["accuracy"]}
+    return out
+
+
 def _fmt(rows: Sequence[Mapping[str, Any]], key: str) -> str:
     cols = [c for c in rows[0] if c != key]
     lines = [key.ljust(10) + "".join(c.rjust(19) for c in cols)]
@@ -152,6 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = delta_interference(tv, merged_deltas(root, Path(tmp) / "m"))
         model = AutoModelForImageTextToText.from_pretrained(Path(tmp) / "m", use_safetensors=True).eval()
         preds = answers(model, processor, cross)
+        base_state = load_file(str(root / "base" / "model.safetensors"))
+        conn = connector_effect(
+            lambda: AutoModelForImageTextToText.from_pretrained(Path(tmp) / "m", use_safetensors=True).eval(),
+            processor, base_state, cross)
     print(f"per-layer interference, {a.setting} experts, {a.method} lam {a.lam}:")
     print(_fmt(by_layer(rows), "group"))
     print("\nanswers of the merge on the cross-modal sets (percent per question type):")
@@ -161,6 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for m in data.MODALITIES:
         expert = AutoModelForImageTextToText.from_pretrained(root / "experts" / a.setting / m, use_safetensors=True).eval()
         print(m, context_effect(expert, processor, m, cross))
+    print("\nthe merge on each modality's cross-modal questions: as merged vs the other connectors put back to the "
+          "base's:")
+    for m, v in conn.items():
+        print(m, v)
     return 0
 
 

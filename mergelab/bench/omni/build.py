@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from mergelab.bench.omni import data
 from mergelab.bench.omni.modeling import OmniSize, build_model, build_processor, build_tokenizer
-from mergelab.bench.omni.train import BASE_TRAINABLE, FULL_TRAINABLE, TOWERS, train
+from mergelab.bench.omni.train import BASE_TRAINABLE, FULL_TRAINABLE, TOWERS, connector_pattern, train
 from mergelab.bench.train import TrainConfig
 
 SETTINGS = ("lora", "full")
@@ -62,6 +62,13 @@ class OmniPlan:
         connector_lr: an expert connector's learning rate as a multiple of its setting's ``lr``; left out when 1.
         expert_steps: ``(modality, steps)`` pairs overriding the setting's ``steps`` for that modality's expert;
             left out when empty.
+        base_align_steps: steps of the base's connector alignment (0: none; left out of the plan's dict then): after
+            its text-only run, the base's three connectors train together, the LLM frozen, on every task's items
+            with all three media (a LLaVA-style stage 1 for each tower, on the base everyone fine-tunes from), so
+            that every expert starts from connectors that feed the LLM what it reads, and sees the other media in
+            its training through connectors like those the merged model holds (see docs/omni.md, screen 6).
+        base_align_per_task: items per task of that stage (train split, the experts' question leads).
+        base_align_lr: its learning rate (AdamW, no weight decay, the base's warmup and a cosine schedule).
         lora: LoRA expert training (``lora_r > 0``).
         full: full-FT expert training (``trainable`` = the decoder's linear weights).
         settings: which expert settings to build.
@@ -79,6 +86,9 @@ class OmniPlan:
     align_steps: int = 0
     connector_lr: float = 5.0
     expert_steps: tuple[tuple[str, int], ...] = (("video", 450),)
+    base_align_steps: int = 0
+    base_align_per_task: int = 300
+    base_align_lr: float = 1e-2
     lora: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=16, lr=2e-3,
                                                                   warmup_steps=20, lora_r=8, lora_alpha=16))
     full: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=16, lr=5e-4,
@@ -113,7 +123,8 @@ class OmniPlan:
                               "seed": seed * 100 + list(data.MODALITIES).index(modality)})
 
 
-_LATER_FIELDS: dict[str, Any] = {"lettered": 0.0, "align_steps": 0, "connector_lr": 1.0, "expert_steps": ()}
+_LATER_FIELDS: dict[str, Any] = {"lettered": 0.0, "align_steps": 0, "connector_lr": 1.0, "expert_steps": (),
+                                  "base_align_steps": 0, "base_align_per_task": 300, "base_align_lr": 1e-2}
 """Plan fields added after zoos were shipped, and their defaults: left out of :meth:`OmniPlan.to_dict` at them."""
 
 
@@ -149,9 +160,33 @@ def build_base(root: Path, plan: OmniPlan, seed: int, device: str = "auto") -> d
     model = build_model(tok, plan.size, seed=seed)
     cfg = TrainConfig(**{**plan.base.to_dict(), "seed": seed})
     res = train(model, processor, data.described_samples(plan.described, seed), cfg, device=device)
-    _save(res.model.to("cpu"), processor, root / "base")
+    entry: dict[str, Any] = {"seconds": res.seconds, "loss": res.losses[-1]}
+    model = res.model
+    if plan.base_align_steps:
+        al = align_connectors(model, processor, plan, seed, device)
+        model = al.model
+        entry.update(align_seconds=al.seconds, align_loss=al.losses[-1])
+        entry["seconds"] += al.seconds
+    _save(model.to("cpu"), processor, root / "base")
     _strip(root / "base", root / "merge" / "base", None)
-    return {"seconds": res.seconds, "loss": res.losses[-1]}
+    return entry
+
+
+def align_samples(plan: OmniPlan, seed: int) -> list[data.OmniSample]:
+    """The base's connector-alignment items: ``base_align_per_task`` train items of every task (the experts'
+    question leads), each carrying all three media (the others from unrelated scenes)."""
+    items = [s for t in data.TASKS for s in data.task_samples(t, "train", plan.base_align_per_task, seed + 2000,
+                                                              leads=True)]
+    return data.with_other_media(items, 1.0, seed + 2000)
+
+
+def align_connectors(model: Any, processor: Any, plan: OmniPlan, seed: int, device: str = "auto") -> Any:
+    """Train ``model``'s three connectors together, everything else frozen (plan ``base_align_*``); returns the
+    :class:`~mergelab.bench.train.TrainResult`."""
+    pattern = "|".join(connector_pattern(m) for m in data.MODALITIES)
+    cfg = TrainConfig(steps=plan.base_align_steps, batch_size=plan.lora.batch_size, lr=plan.base_align_lr,
+                      warmup_steps=plan.base.warmup_steps, trainable=pattern, seed=seed + 2000)
+    return train(model, processor, align_samples(plan, seed), cfg, device=device)
 
 
 def build_expert(root: Path, plan: OmniPlan, seed: int, setting: str, modality: str,
