@@ -136,11 +136,12 @@ def with_base_connectors(model: Any, base_state: Mapping[str, torch.Tensor], kee
 
 
 def connector_effect(load: Any, processor: Any, base_state: Mapping[str, torch.Tensor],
-                     samples: Sequence[data.OmniSample]) -> dict[str, dict[str, float]]:
+                     samples: Sequence[data.OmniSample], preds: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """Per modality, the merged model's accuracy on the cross-modal items about that modality (all three media in
     the prompt): ``merged`` as it is, ``own_connector_only`` with the other two modalities' towers (their
-    connectors) put back to the base's. ``load()`` returns a fresh copy of the merged model."""
-    preds = answers(load(), processor, samples)
+    connectors) put back to the base's. ``load()`` returns a fresh copy of the merged model; ``preds``, the merged
+    model's answers to ``samples`` when already known."""
+    preds = answers(load(), processor, samples) if preds is None else preds
     out = {}
     for m in data.MODALITIES:
         idx = [i for i, s in enumerate(samples) if s.qtype in data.TASKS and data.TASKS[s.qtype][0] == m]
@@ -185,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         base_state = load_file(str(root / "base" / "model.safetensors"))
         conn = connector_effect(
             lambda: AutoModelForImageTextToText.from_pretrained(Path(tmp) / "m", use_safetensors=True).eval(),
-            processor, base_state, cross)
+            processor, base_state, cross, preds)
     print(f"per-layer interference, {a.setting} experts, {a.method} lam {a.lam}:")
     print(_fmt(by_layer(rows), "group"))
     print("\nanswers of the merge on the cross-modal sets (percent per question type):")

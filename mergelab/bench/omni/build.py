@@ -3,7 +3,8 @@
 Layout under ``<zoo>/omni/seed<k>/`` (every model directory also holds the processor, so
 ``AutoModelForImageTextToText`` / ``AutoProcessor`` load it after ``import mergelab``)::
 
-    base/                       the base (all three towers at their seeded init)
+    base/                       the base (all three towers at their seeded init; the connectors aligned when the
+                                plan's ``base_align_steps`` asks)
     experts/<setting>/<m>/      expert of modality m: full weights (LoRA merged in), all towers
     experts/lora/<m>/adapter/   the LoRA expert as a peft adapter (connector in modules_to_save)
     merge/base/                 the base without tower tensors (the engine's base for modality merging)
