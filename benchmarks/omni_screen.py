@@ -12,6 +12,10 @@ Example (seed 0, a connector-only alignment stage of 100 of the 300 steps, the c
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/omni_screen.py --base-from /tmp/base_zoo --zoo /tmp/s1 \\
         --seeds 0 --jobs 2 --set align_steps=100 --set connector_lr=5 --json-out s1.json
 
+A plan with the base's connector alignment (``--set base_align_steps=300``, docs/omni.md screen 6) copies an
+unaligned base and aligns its connectors in the new zoo (61 s), as :func:`~mergelab.bench.omni.build.build_base`
+would have after the base's text-only run; a base aligned with other settings is refused.
+
 ``--set`` takes ``field=value`` for a plan field, ``lora.<field>=value`` / ``full.<field>=value`` for the
 setting's :class:`~mergelab.bench.train.TrainConfig`, and ``expert_steps=video:450,image:300``. Screens of one plan
 run apart (other seeds, other methods on the same zoo) are united with ``--combine A.json B.json --json-out F``.
