@@ -31,7 +31,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from mergelab.bench.omni.build import OmniPlan, seed_dir
 
 BASE_KEYS = ("size", "described", "base", "vocab_size")
 """Plan fields the base depends on: a copied base must have been built with the same values."""
-ALIGN_KEYS = ("base_align_steps", "base_align_per_task", "base_align_lr")
+ALIGN_KEYS = tuple(f.name for f in fields(OmniPlan) if f.name.startswith("base_align_"))
 """Plan fields of the base's connector alignment: a copied base built without one is aligned after the copy."""
 
 

@@ -181,12 +181,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         merge_experts(root, a.setting, a.method, a.lam, Path(tmp) / "m")
         rows = delta_interference(tv, merged_deltas(root, Path(tmp) / "m"))
-        model = AutoModelForImageTextToText.from_pretrained(Path(tmp) / "m", use_safetensors=True).eval()
-        preds = answers(model, processor, cross)
+        def load_merged() -> Any:
+            return AutoModelForImageTextToText.from_pretrained(Path(tmp) / "m", use_safetensors=True).eval()
+
+        preds = answers(load_merged(), processor, cross)
         base_state = load_file(str(root / "base" / "model.safetensors"))
-        conn = connector_effect(
-            lambda: AutoModelForImageTextToText.from_pretrained(Path(tmp) / "m", use_safetensors=True).eval(),
-            processor, base_state, cross, preds)
+        conn = connector_effect(load_merged, processor, base_state, cross, preds)
     print(f"per-layer interference, {a.setting} experts, {a.method} lam {a.lam}:")
     print(_fmt(by_layer(rows), "group"))
     print("\nanswers of the merge on the cross-modal sets (percent per question type):")
