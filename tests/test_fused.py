@@ -31,16 +31,27 @@ def _family(root: Path, n: int, dtype: torch.dtype, seed: int = 0) -> tuple[Path
     return base_dir, experts
 
 
-def _run(monkeypatch: pytest.MonkeyPatch, on: bool, out: Path, **kw: object) -> tuple[dict[str, torch.Tensor], object]:
+def _run(monkeypatch: pytest.MonkeyPatch, on: bool, out: Path, native: bool = False,
+         **kw: object) -> tuple[dict[str, torch.Tensor], object]:
+    """Merge with the fused path on or off; ``calls`` names the tensors it merged (the torch form or, with
+    ``native``, TIES's compiled kernels, waited for; without, they are not used)."""
     monkeypatch.setattr(loop, "_FUSED", on)
+    monkeypatch.setattr(loop, "_NATIVE_WAIT", native)
     calls = []
-    real = loop.fused_merge
+    real, real_native = loop.fused_merge, loop.native_ties
 
     def spy(*a: object, **k: object) -> object:
         calls.append(a[0].item.name)  # type: ignore[attr-defined]
         return real(*a, **k)
 
+    def spy_native(*a: object, **k: object) -> object:
+        res = real_native(*a, **k) if native else None
+        if res is not None:
+            calls.append(a[0].item.name)  # type: ignore[attr-defined]
+        return res
+
     monkeypatch.setattr(loop, "fused_merge", spy)
+    monkeypatch.setattr(loop, "native_ties", spy_native)
     rep = merge(out=out, policy=[], **kw)  # type: ignore[arg-type]
     return load_file(str(out / "model.safetensors")), (rep, calls)
 
@@ -163,3 +174,93 @@ def test_huge_finite_values_are_not_an_error(tmp_path: Path, monkeypatch: pytest
     got, (rep, calls) = _run(monkeypatch, True, tmp_path / "out", base=base, experts=experts,
                              method="task_arithmetic", params={"lam": 1.0})
     assert calls == ["w"] and torch.equal(got["w"], e)
+
+
+# TIES's compiled kernels (methods/_ties_kernels.py, numba): the same bits as the stacked path
+NATIVE_CASES = [c for c in CASES if c[0] == "ties"]
+
+
+@pytest.mark.parametrize("bracket", ["sampled", "missed"])
+@pytest.mark.parametrize(("method", "params", "n", "dtype", "cdtype"), NATIVE_CASES)
+def test_ties_compiled_kernels_equal_the_stacked_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
+                                                      params: dict, n: int, dtype: torch.dtype, cdtype: str | None,
+                                                      bracket: str) -> None:
+    pytest.importorskip("numba")
+    monkeypatch.setattr(fused, "_NATIVE_SLAB", 1000)  # several slabs per tensor and a short last one
+    monkeypatch.setattr(loop, "_PREFETCH_BYTES", 1)  # float32 inputs take the fused path too
+    if bracket == "missed":  # a bracket that never holds the threshold: the histogram passes select it
+        monkeypatch.setattr(fused, "_bracket", lambda chunks, row, rank: (0.0, 0.0, 1) if rank else (1e9, 1e9, 0))
+    base, experts = _family(tmp_path / "in", n, dtype)
+    kw = dict(base=base, experts=experts, method=method, params=params)
+    got, (rep, calls) = _run(monkeypatch, True, tmp_path / "native", native=True, **kw)
+    native = [c for c in calls]
+    want, (rep0, calls0) = _run(monkeypatch, False, tmp_path / "stacked", **kw)
+    assert calls0 == [] and sorted(native) == sorted(SHAPES)
+    for k in want:
+        assert torch.equal(got[k].view(torch.uint8), want[k].view(torch.uint8)), k
+    for r, r0 in zip(rep.tensors, rep0.tensors, strict=True):  # type: ignore[attr-defined]
+        assert r.expert_norms == pytest.approx(r0.expert_norms, rel=1e-5)
+        assert r.merged_norm == pytest.approx(r0.merged_norm, rel=1e-5)
+
+
+def test_ties_compiled_kernels_only_for_bf16_and_float32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("numba")
+    used = []
+    real = fused.native_ties
+
+    def spy(*a: object, **k: object) -> object:
+        res = real(*a, **k)
+        used.append(res is not None)
+        return res
+
+    monkeypatch.setattr(loop, "_NATIVE_WAIT", True)
+    monkeypatch.setattr(loop, "native_ties", spy)
+    base, experts = _family(tmp_path / "in", 2, torch.float16)
+    merge(out=tmp_path / "out", base=base, experts=experts, method="ties", policy=[])
+    assert used and not any(used)  # float16: the torch form
+
+
+def test_ties_compiled_kernels_signed_zeros_nan_and_overflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("numba")
+    monkeypatch.setattr(loop, "_NATIVE_WAIT", True)
+    monkeypatch.setattr(loop, "_PREFETCH_BYTES", 1)
+    w = torch.tensor([[-0.0, 0.0, 1.5], [2.0, -0.0, -3.0]] * 5).to(torch.bfloat16)
+    base = _ckpt(tmp_path / "z" / "base", {"w": w})
+    experts = [_ckpt(tmp_path / "z" / f"e{i}", {"w": w.clone()}) for i in range(2)]
+    rep = merge(out=tmp_path / "z-out", base=base, experts=experts, method="ties", policy=[])
+    got = load_file(str(tmp_path / "z-out" / "model.safetensors"))["w"]
+    assert torch.equal(got.view(torch.int16), w.view(torch.int16)) and rep.tensors[0].rule == "zero"
+
+    base, experts = _family(tmp_path / "in", 2, torch.bfloat16)
+    t = load_file(str(experts[1] / "model.safetensors"))
+    t["lm_head.weight"][40, 3] = float("nan")
+    save_file(t, str(experts[1] / "model.safetensors"))
+    with pytest.raises(MergeError, match=r"e1/model.safetensors: tensor lm_head.weight contains NaN or Inf"):
+        merge(out=tmp_path / "nan-out", base=base, experts=experts, method="ties", policy=[])
+    assert not (tmp_path / "nan-out").exists()
+
+    w = torch.zeros(4, 4)
+    e = torch.full((4, 4), 3e38)  # finite; the disjoint mean's sum of the two overflows float32
+    base = _ckpt(tmp_path / "o" / "base", {"w": w})
+    experts = [_ckpt(tmp_path / "o" / f"e{i}", {"w": e}) for i in range(2)]
+    with pytest.raises(MergeError, match="tensor w: the merged task vector contains NaN or Inf"):
+        merge(out=tmp_path / "o-out", base=base, experts=experts, method="ties", policy=[])
+
+
+def test_threshold_selection_from_the_histograms() -> None:
+    from mergelab.methods import _ties_native as tn
+
+    g = torch.Generator().manual_seed(3)
+    for x in (torch.randn(5000, generator=g).to(torch.bfloat16).float(), torch.randn(5000, generator=g)):
+        a = x.abs()
+        bits = a.view(torch.int32).numpy()
+        hist = torch.zeros(1 << 16, dtype=torch.int64)
+        key = (a.view(torch.int32) >> 16) + (a.view(torch.int32) & 0xFFFF).clamp(max=1) * (1 << 15)
+        hist += torch.bincount(key, minlength=1 << 16)
+        for j in (1, 7, 2500, 4000, 5000):
+            want = int(a.kthvalue(j).values.view(torch.int32))
+            bucket, rank, found = tn.locate_threshold(hist.numpy(), j)
+            if found is None:
+                low = torch.bincount(torch.from_numpy(bits[(bits >> 16) == bucket] & 0xFFFF), minlength=1 << 16)
+                found = tn.low_threshold(low.numpy(), bucket, rank)
+            assert found == want, j

@@ -21,6 +21,7 @@ directly (as the stacked path's ``zero`` rule does, signed zeros included).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -202,4 +203,182 @@ def fused_merge(
     return FusedResult(value, norms, merged_norm, zero, time.perf_counter() - t0)
 
 
-__all__ = ["Chunks", "Elementwise", "FusedResult", "fused_merge", "mean_tau", "method_tau"]
+_NATIVE_SLAB = 1 << 21  # entries per call of the compiled TIES kernels (the inputs' pages are released behind them)
+
+
+def _np_bits(t: torch.Tensor) -> Any:
+    """A numpy view of 1-D ``t``: bf16 as its uint16 bits, float32 as it is."""
+    import numpy as np
+
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+_KINDS = {torch.bfloat16: "bf16", torch.float32: "f32"}
+_BRACKET_SAMPLE = 1 << 15  # magnitudes per expert in the sample that brackets a threshold
+
+
+@functools.cache
+def _sum_group() -> int | None:
+    """How many columns torch's ``sum(dim=0)`` of a float32 ``(N, M)`` stack on this CPU reduces as vectors (its
+    last ``M % group`` columns, with ``N >= 5`` rows, take another order: ``_ties_kernels._tail_sum``), found by
+    comparing both orders on a random probe; None when neither fits (the compiled kernels then leave ``N >= 5``
+    to the torch form)."""
+    g = torch.Generator().manual_seed(0)
+    for n in (5, 6, 9):
+        x = torch.randn(n, 1279, generator=g) * torch.logspace(-4, 4, 1279)
+        seq = x[0].clone()
+        for r in range(1, n):
+            seq += x[r]
+        acc = [torch.zeros(1279) for _ in range(4)]
+        for r in range(n):
+            acc[r % 4 if r < n - n % 4 else 0] += x[r]
+        tail = ((acc[0] + acc[1]) + acc[2]) + acc[3]
+        got = torch.sum(x, dim=0)
+        fits = [gr for gr in (8, 16, 32, 64, 128, 256)
+                if torch.equal(got, torch.cat([seq[: 1279 - 1279 % gr], tail[1279 - 1279 % gr :]]))]
+        if len(fits) != 1:
+            return None
+        if n == 5:
+            group = fits[0]
+        elif fits[0] != group:
+            return None
+    return group
+
+
+def _bracket(chunks: Chunks, row: int, rank: int) -> tuple[float, float, int]:
+    """A bracket ``[lo, hi]`` of expert ``row``'s magnitudes that holds its ``rank``-th smallest with near
+    certainty: the order statistics of a strided sample six standard deviations either side of the rank's
+    quantile (two more entries each way), and the number of entries expected inside. ``rank`` 0 (nothing trimmed):
+    an empty bracket at infinity."""
+    n = chunks.n
+    if rank == 0:
+        return math.inf, math.inf, 0
+    step = max(1, n // _BRACKET_SAMPLE)
+    idx = slice(0, step * min(n, _BRACKET_SAMPLE), step)
+    sample = chunks.sample(row, idx).abs_().to(torch.float32).sort().values
+    s = sample.numel()
+    q = rank / n
+    z = 6.0 * math.sqrt(s * q * (1.0 - q)) + 2.0
+    lo_i, hi_i = math.floor(q * s - z), math.ceil(q * s + z)
+    lo = float(sample[lo_i]) if lo_i >= 0 else 0.0
+    hi = float(sample[hi_i]) if hi_i < s else math.inf
+    return lo, hi, int((min(hi_i, s) - max(lo_i, 0)) / s * n) + 1
+
+
+def native_kinds(base: torch.dtype, experts: Sequence[torch.dtype], out: torch.dtype,
+                 cdtype: torch.dtype) -> tuple[str, str] | None:
+    """The compiled TIES kernels' input and output kinds for these dtypes, or None when they do not apply (inputs
+    of mixed dtypes or other than bf16/float32, an output other than those, a compute dtype other than float32)."""
+    if cdtype != torch.float32 or {base, *experts} != {base} or base not in _KINDS or out not in _KINDS:
+        return None
+    return _KINDS[base], _KINDS[out]
+
+
+def native_ties(chunks: Chunks, rank: int, lam: float, release: Callable[[int], None] | None = None,
+                out: torch.Tensor | None = None, wait: bool = False) -> FusedResult | None:
+    """TIES of one tensor (per-tensor scope, no DARE, no coefficients, the disjoint mean) by the compiled kernels of
+    :mod:`mergelab.methods._ties_native`, bit-identical to :func:`fused_merge` over
+    :class:`~mergelab.methods.ties.TiesChunked` (``rank``: the trimming threshold's rank, its ``j``). None when the
+    kernels do not apply (numba missing or off, a dtype other than bf16 or float32 in or out, float32 compute
+    required) or are not compiled yet (:func:`~mergelab.methods._ties_native.warm_up` runs in the background; with
+    ``wait`` this call waits for it); the caller then runs the torch form. Arguments and result as
+    :func:`fused_merge`'s."""
+    import numpy as np
+
+    from mergelab.methods import _ties_native as tn
+
+    item, n, cdtype = chunks.item, chunks.n, chunks.cdtype
+    kinds = native_kinds(chunks.flat_b.dtype, [v.dtype for v in chunks.views], item.out_dtype, cdtype)
+    if kinds is None or n == 0 or not tn.ready(len(chunks.views), *kinds, wait=wait):
+        return None
+    tail = n  # from here on, sums over the experts take torch's tail order (five or more experts)
+    if len(chunks.views) >= 5:
+        group = _sum_group()
+        if group is None:
+            return None
+        tail = n - n % group
+    t0 = time.perf_counter()
+    k = tn.kernels()
+    if out is None:
+        out = torch.empty(n, dtype=item.out_dtype)
+    assert out.dtype == item.out_dtype and out.numel() == n and out.is_contiguous()
+    b, o = _np_bits(chunks.flat_b.contiguous()), _np_bits(out.reshape(-1))
+    es = tuple(_np_bits(v.contiguous()) for v in chunks.views)
+    n_ex = len(es)
+    slabs = [(a, min(a + _NATIVE_SLAB, n)) for a in range(0, n, _NATIVE_SLAB)]
+
+    def each_slab(fn: Callable[[int, int], None]) -> None:
+        for a0, a1 in slabs:
+            fn(a0, a1)
+            if release is not None and a1 < n:
+                release(a1)
+
+    # pass 1: each expert's magnitudes against a bracket around its threshold from a sample (their count below it
+    # and the few inside), its sum of squares, whether any entry is non-zero
+    brackets = [_bracket(chunks, r, rank) for r in range(n_ex)]
+    cap = min(n, max(1 << 14, 2 * max(c for _, _, c in brackets)))
+    cand = np.empty((n_ex, cap), dtype=np.float32)
+    counts = np.zeros((n_ex, 3), dtype=np.int64)  # below, candidates, candidates past cap
+    acc = np.zeros((n_ex, 2), dtype=np.float64)  # sum of squares, any non-zero entry
+    lohi = [(np.float32(lo), np.float32(hi)) for lo, hi, _ in brackets]
+    each_slab(lambda a0, a1: [k.bracket_pass(b, es[r], a0, a1, *lohi[r], cand[r], counts[r], acc[r])
+                              for r in range(n_ex)])
+    for r in range(n_ex):  # an expert's NaN/Inf named first, as in the stacked path
+        if not math.isfinite(float(acc[r, 0])):
+            chunks.experts[r].check_finite(item.name)
+    norms = [math.sqrt(float(x)) for x in acc[:, 0]]
+    value = torch.empty(0, dtype=out.dtype).set_(out.untyped_storage(), out.storage_offset(), item.shape)
+    if not acc[:, 1].any():  # every task vector is exactly zero: the base itself, as the stacked path writes it
+        out.copy_(chunks.flat_b)
+        return FusedResult(value, norms, 0.0, True, time.perf_counter() - t0)
+    th = np.zeros(n_ex, dtype=np.float32)
+    missed = []  # experts whose threshold the bracket missed: the radix select's histogram passes
+    for r in range(n_ex):
+        below, nc, over = (int(x) for x in counts[r])
+        if rank == 0:
+            continue
+        if not over and below < rank <= below + nc:
+            th[r] = np.partition(cand[r, :nc], rank - below - 1)[rank - below - 1]
+        else:
+            missed.append(r)
+    del cand
+    if missed:
+        hist = np.zeros((n_ex, 1 << 16), dtype=np.int64)
+        scratch = np.zeros((n_ex, 2), dtype=np.float64)
+        each_slab(lambda a0, a1: [k.high_pass(b, es[r], a0, a1, hist[r], scratch[r]) for r in missed])
+        low: dict[int, tuple[int, int, Any]] = {}
+        for r in missed:
+            bucket, rk, found = tn.locate_threshold(hist[r], rank)
+            if found is None:
+                low[r] = (bucket, rk, np.zeros(1 << 16, dtype=np.int64))
+            else:
+                th[r] = np.uint32(found).view(np.float32)
+        if low:
+            each_slab(lambda a0, a1: [k.low_pass(b, es[r], a0, a1, bk, cnt) for r, (bk, _, cnt) in low.items()])
+            for r, (bk, rk, cnt) in low.items():
+                th[r] = np.uint32(tn.low_threshold(cnt, bk, rk)).view(np.float32)
+    lam32 = np.float32(lam)
+    amb = np.empty(_NATIVE_SLAB + 1, dtype=np.int64)
+    waiting: list[Any] = []
+    state = np.zeros(2, dtype=np.int64)  # set-aside entries of the slab, the balance of the sums' signs
+    macc = np.zeros(2, dtype=np.float64)  # merged sum of squares, non-finite updates
+
+    def merge_slab(a0: int, a1: int) -> None:
+        state[0] = 0
+        k.merge_pass(b, es, a0, a1, th, lam32, tail, o, amb, state, macc)
+        if state[0]:
+            waiting.append(amb[: state[0]].copy())
+
+    each_slab(merge_slab)
+    if waiting:  # the sign of the balance is the majority sign (0: none)
+        majority = np.float32(np.sign(state[1]))
+        for idx in waiting:
+            k.patch_pass(b, es, th, lam32, tail, o, idx, len(idx), majority, macc)
+    if macc[1]:
+        raise MergeError(f"tensor {item.name}: the merged task vector contains NaN or Inf (rule {item.rule})")
+    return FusedResult(value, norms, math.sqrt(float(macc[0])), False, time.perf_counter() - t0)
+
+
+__all__ = ["Chunks", "Elementwise", "FusedResult", "fused_merge", "mean_tau", "method_tau", "native_ties"]

@@ -36,7 +36,7 @@ from mergelab.engine.adapter_out import merge_to_adapter
 from mergelab.engine.cache import process_cache
 from mergelab.engine.core_space import core_updates, to_core_items
 from mergelab.engine.factors import LowRank, factor_updates
-from mergelab.engine.fused import Chunks, fused_merge, mean_tau, method_tau
+from mergelab.engine.fused import Chunks, fused_merge, mean_tau, method_tau, native_kinds, native_ties
 from mergelab.engine.io import CheckpointReader, MergeError
 from mergelab.engine.plan import (
     Expert,
@@ -64,6 +64,10 @@ PROVENANCE_FILE = "mergelab_merge.json"
 _FUSED = os.environ.get("MERGELAB_FUSED", "1").strip().lower() not in ("0", "off", "false", "no")
 """The fused CPU path of methods with a chunked form (engine/fused.py); ``MERGELAB_FUSED=0`` turns it off (the
 stacked path, bit-identical: for comparisons)."""
+_NATIVE_WAIT = os.environ.get("MERGELAB_NATIVE", "").strip().lower() == "wait"
+"""TIES's compiled kernels (methods/_ties_native.py) start compiling or loading in the background when a merge
+begins, and the torch form merges the tensors that come before they are ready; ``MERGELAB_NATIVE=wait`` waits for
+them instead (tests, benchmarks of the kernels), ``MERGELAB_NATIVE=0`` turns them off."""
 _PREFETCH_BYTES = 256 * 2**20  # read-ahead budget (raised to the largest tensor's footprint)
 
 
@@ -240,6 +244,18 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
                 and (base_reader.infos[it.name].dtype.itemsize <= 2
                      or math.prod(it.shape) * cdtype.itemsize * len(ex) > _PREFETCH_BYTES))
 
+    native_rank = getattr(chunked, "native_rank", None)
+    if native_rank is not None and fused:  # TIES's compiled kernels: compile or load them while the merge starts
+        from mergelab.methods import _ties_native
+
+        for it in items:
+            if it.rule == "merge" and is_fused(it):
+                kinds = native_kinds(base_reader.infos[it.name].dtype,
+                                     [e.full.infos[it.name].dtype for e in ex],  # type: ignore[union-attr]
+                                     it.out_dtype, cdtype)
+                if kinds is not None:
+                    _ties_native.warm_up(len(ex), *kinds)
+
     def load(it: PlanItem) -> Loaded:
         if it.rule == "carry":
             e = ex[it.owner]
@@ -265,22 +281,27 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
         if is_fused(it):
             # every entry read once, merged and finished in the cache: no stack (engine/fused.py)
             chunks = Chunks(it, b_dev, ex, cdtype)
-            if it.rule == "average":
-                method = mean_tau()
-            elif elementwise:
-                method = method_tau(spec.fn, cfg, MergeContext(name=it.name, compute_dtype=cdtype))
-            else:
-                assert chunked is not None
-                method = chunked(chunks.n, len(ex), cdtype, dev, chunks.sample, chunks.step)
 
             def release(upto: int) -> None:  # the inputs' pages behind the stream
                 base_reader.release(it.name, upto)
                 for e in ex:
                     e.full.release(it.name, upto)  # type: ignore[union-attr]
 
-            res = fused_merge(chunks, method, lam, release=release,
-                              out=pool.take((math.prod(it.shape),), it.out_dtype, dev))
-            del chunks, method
+            buf = pool.take((math.prod(it.shape),), it.out_dtype, dev)
+            res = None
+            if native_rank is not None and it.rule == "merge":  # TIES's compiled kernels, when they apply and are ready
+                res = native_ties(chunks, native_rank(chunks.n), lam, release=release, out=buf, wait=_NATIVE_WAIT)
+            if res is None:
+                if it.rule == "average":
+                    method = mean_tau()
+                elif elementwise:
+                    method = method_tau(spec.fn, cfg, MergeContext(name=it.name, compute_dtype=cdtype))
+                else:
+                    assert chunked is not None
+                    method = chunked(chunks.n, len(ex), cdtype, dev, chunks.sample, chunks.step)
+                res = fused_merge(chunks, method, lam, release=release, out=buf)
+                del method
+            del chunks
             base_reader.release(it.name)  # the result is final: the base's pages are not needed any more
             nbytes += sum(e.full.infos[it.name].nbytes for e in ex)  # type: ignore[union-attr]
             return Loaded(it, b_dev, None, nbytes, fused=res)

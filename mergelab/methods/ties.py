@@ -216,7 +216,20 @@ def chunked(cfg: TiesConfig) -> Callable[..., TiesChunked] | None:
     (global scope, DARE, coefficients or ``normalize: false``: the stacked path handles those)."""
     if cfg.scope != "tensor" or cfg.drop_rate > 0 or cfg.coefficients is not None or not cfg.normalize:
         return None
-    return functools.partial(TiesChunked, cfg)
+    return _ChunkedFactory(cfg)
+
+
+class _ChunkedFactory(functools.partial):  # type: ignore[type-arg]
+    """``TiesChunked`` under a config, with :meth:`native_rank` for the compiled kernels' path
+    (:func:`mergelab.engine.fused.native_ties`)."""
+
+    def __new__(cls, cfg: TiesConfig) -> _ChunkedFactory:
+        return super().__new__(cls, TiesChunked, cfg)
+
+    def native_rank(self, m: int) -> int:
+        """The rank of the trimming threshold among a tensor's ``m`` magnitudes (0: nothing trimmed)."""
+        cfg = self.args[0]
+        return rank_to_trim(m, cfg.density, cfg.topk == "exact")
 
 
 __all__ = ["TiesChunked", "TiesConfig", "chunked", "make_stats", "ties"]

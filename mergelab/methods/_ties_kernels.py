@@ -1,0 +1,335 @@
+"""The compiled TIES kernels (numba), defined at module level so that numba caches them next to this file; see
+:mod:`mergelab.methods._ties_native` (which imports this module in a background thread: importing numba and
+loading the cache take about a second)."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import types
+from numba.extending import intrinsic, overload
+
+_BLOCK = 1024  # entries per block of the compiled loops (their buffers stay in the L1/L2 cache)
+
+
+@intrinsic
+def _u32_as_f32(typingctx, x):
+    if not isinstance(x, types.Integer):
+        return None
+    sig = types.float32(x)
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        i32 = context.get_value_type(types.uint32)
+        if x.bitwidth > 32:
+            v = builder.trunc(v, i32)
+        elif x.bitwidth < 32:
+            v = builder.zext(v, i32)
+        return builder.bitcast(v, context.get_value_type(types.float32))
+
+    return sig, codegen
+
+
+@intrinsic
+def _f32_bits(typingctx, x):
+    if x != types.float32:
+        return None
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.uint32))
+
+    return sig, codegen
+
+
+def _load(a, i):  # pragma: no cover - replaced by the overload
+    raise NotImplementedError
+
+
+@overload(_load, inline="always")
+def _ol_load(a, i):
+    if a.dtype == types.uint16:  # bf16 bits
+        return lambda a, i: _u32_as_f32(np.uint32(a[i]) << np.uint32(16))
+    if a.dtype == types.float32:
+        return lambda a, i: a[i]
+    return None
+
+
+def _store(a, i, v):  # pragma: no cover - replaced by the overload
+    raise NotImplementedError
+
+
+@overload(_store, inline="always")
+def _ol_store(a, i, v):
+    if a.dtype == types.uint16:  # float32 -> bf16, round to nearest even (NaN -> the quiet NaN), as torch
+
+        def store_bf16(a, i, v):
+            u = _f32_bits(v)
+            r = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            a[i] = np.uint16(np.uint32(0x7FC0) if v != v else r)
+
+        return store_bf16
+    if a.dtype == types.float32:
+
+        def store_f32(a, i, v):
+            a[i] = v
+
+        return store_f32
+    return None
+
+
+jit = numba.njit(nogil=True, cache=True, error_model="numpy")
+# The loops run over blocks of _BLOCK entries, one expert at a time, into small buffers, and every per-entry
+# choice is arithmetic (a 0/1 factor), not a branch, so that LLVM vectorises them: with TIES's random trims and
+# signs a branch mispredicts on a large share of the entries. Float sums that only feed the report (the norms)
+# may be reassociated (``_sumsq``); the merged values use the torch form's operations in its order.
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+def _sumsq(buf, m):
+    s = 0.0
+    for t in range(m):
+        v = np.float64(buf[t])
+        s += v * v
+    return s
+
+
+@jit
+def high_pass(b, e, a0, a1, hist, acc):
+    """Expert ``e``'s entries ``a0:a1``: ``hist[key] += 1`` per ``|e - b|`` (float32 bits; key = high 16 bits, +
+    2^15 when the low 16 are not 0), ``acc[0] += sum of squares`` (float64), ``acc[1] = 1`` if any is non-zero."""
+    db = np.empty(_BLOCK, dtype=np.float32)
+    kb = np.empty(_BLOCK, dtype=np.uint32)
+    nz = np.uint32(0)
+    sq = 0.0
+    for i0 in range(a0, a1, _BLOCK):
+        m = min(_BLOCK, a1 - i0)
+        for t in range(m):
+            d = _load(e, i0 + t) - _load(b, i0 + t)
+            db[t] = d
+            u = _f32_bits(abs(d))
+            nz |= u
+            kb[t] = (u >> np.uint32(16)) | (np.uint32((u & np.uint32(0xFFFF)) != np.uint32(0)) << np.uint32(15))
+        for t in range(m):
+            hist[kb[t]] += 1
+        sq += _sumsq(db, m)
+    acc[0] += sq
+    if nz:
+        acc[1] = 1.0
+
+
+@jit
+def bracket_pass(b, e, a0, a1, lo, hi, cand, state, acc):
+    """Expert ``e``'s entries ``a0:a1`` against a bracket ``[lo, hi]`` of magnitudes: ``state[0] +=`` how many
+    ``|e - b|`` (float32) are below ``lo``; those inside go to ``cand[state[1]:]`` (``state[1] +=`` their count; past
+    ``len(cand)`` they are only counted, in ``state[2]``); ``acc[0] += sum of squares`` (float64), ``acc[1] = 1`` if
+    any is non-zero. The selection's cheap form: when the threshold's rank falls inside the bracket, it is the
+    right order statistic of the few candidates."""
+    db = np.empty(_BLOCK, dtype=np.float32)
+    cap = len(cand)
+    nc = state[1]
+    over = state[2]
+    below = 0
+    nz = np.uint32(0)
+    sq = 0.0
+    for i0 in range(a0, a1, _BLOCK):
+        m = min(_BLOCK, a1 - i0)
+        inside = 0
+        for t in range(m):
+            d = _load(e, i0 + t) - _load(b, i0 + t)
+            a = abs(d)
+            db[t] = d
+            nz |= _f32_bits(a)
+            below += np.int64(a < lo)
+            inside += np.int64((a >= lo) & (a <= hi))
+        sq += _sumsq(db, m)
+        if inside:
+            if nc + m <= cap:  # room for the whole block: branch-free appends
+                for t in range(m):
+                    a = abs(db[t])
+                    cand[nc] = a
+                    nc += np.int64((a >= lo) & (a <= hi))
+            else:
+                for t in range(m):
+                    a = abs(db[t])
+                    if (a >= lo) & (a <= hi):
+                        if nc < cap:
+                            cand[nc] = a
+                            nc += 1
+                        else:
+                            over += 1
+    state[0] += below
+    state[1] = nc
+    state[2] = over
+    acc[0] += sq
+    if nz:
+        acc[1] = 1.0
+
+
+@jit
+def low_pass(b, e, a0, a1, bucket, low):
+    """``low[bits & 0xFFFF] += 1`` for the entries ``a0:a1`` of ``|e - b|`` whose high 16 bits are ``bucket``."""
+    bk = np.uint32(bucket)
+    for i in range(a0, a1):
+        u = _f32_bits(abs(_load(e, i) - _load(b, i)))
+        if (u >> np.uint32(16)) == bk:
+            low[u & np.uint32(0xFFFF)] += 1
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy", inline="always")
+def _tail_sum(xb, t, n, sg, agreeing):
+    """Column ``t`` of ``xb`` summed over the experts in the order torch's ``sum(dim=0)`` uses for the columns
+    after its last full vector group (with five or more rows): four accumulators taking rows round robin, the
+    rows past the last multiple of four added to the first, then ``((a0 + a1) + a2) + a3``. With ``agreeing``,
+    the values ``relu(x * sg)`` instead of ``x``."""
+    a0 = np.float32(0.0)
+    a1 = np.float32(0.0)
+    a2 = np.float32(0.0)
+    a3 = np.float32(0.0)
+    full = n - n % 4
+    for r in range(n):
+        v = xb[r, t]
+        if agreeing:
+            v = v * sg
+            v = v * np.float32(v > np.float32(0.0))
+        j = r % 4 if r < full else 0
+        if j == 0:
+            a0 = a0 + v
+        elif j == 1:
+            a1 = a1 + v
+        elif j == 2:
+            a2 = a2 + v
+        else:
+            a3 = a3 + v
+    return ((a0 + a1) + a2) + a3
+
+
+@jit
+def _block(b, es, i0, m, th, lam, sg_fixed, use_fixed, tail, out, bb, xb, sb, nb, ob, cb, ub, fb):
+    """Merge entries ``i0:i0+m`` into ``out``; the sign is ``sign(sum)`` or, with ``use_fixed``, ``sg_fixed``
+    for every entry; sums over the experts of entries from index ``tail`` on take torch's tail order
+    (:func:`_tail_sum`). Returns (balance of the sums' signs, entries waiting for the majority sign (flagged in
+    ``fb``), non-finite updates, sum of squared updates)."""
+    n = len(es)
+    for t in range(m):
+        bb[t] = _load(b, i0 + t)
+    for r in range(n):  # trimmed task vectors (|d| >= th kept), their sum in the experts' order, non-zeros
+        e = es[r]
+        thr = th[r]
+        for t in range(m):
+            d = _load(e, i0 + t) - bb[t]
+            d = d * np.float32(abs(d) >= thr)
+            xb[r, t] = d
+            if r == 0:
+                sb[t] = d
+                nb[t] = np.int32(d != np.float32(0.0))
+            else:
+                sb[t] = sb[t] + d
+                nb[t] += np.int32(d != np.float32(0.0))
+    t0 = max(0, tail - i0)
+    for t in range(t0, m):
+        sb[t] = _tail_sum(xb, t, n, np.float32(1.0), False)
+    bal = 0
+    waiting = 0
+    for t in range(m):
+        s = sb[t]
+        pos = np.int32(s > np.float32(0.0))
+        neg = np.int32(s < np.float32(0.0))
+        bal += pos - neg
+        w = np.int32((pos | neg) == 0) & np.int32(nb[t] > 0)
+        fb[t] = w
+        waiting += w
+        sb[t] = sg_fixed if use_fixed else np.float32(pos - neg)  # the elected sign (0 for a waiting entry)
+        ob[t] = np.float32(0.0)
+        cb[t] = np.float32(0.0)
+    for r in range(n):  # the agreeing values summed in the experts' order (+-0 for the others) and counted
+        for t in range(m):
+            v = xb[r, t] * sb[t]
+            p = np.float32(v > np.float32(0.0))
+            ob[t] = ob[t] + v * p
+            cb[t] = cb[t] + p
+    for t in range(t0, m):
+        ob[t] = _tail_sum(xb, t, n, sb[t], True)
+    big = np.float32(3.4028234663852886e38)
+    bad = 0
+    for t in range(m):  # the disjoint mean, * sign, + 0 (no -0), * lam (exact when 1), + base, converted
+        upd = (ob[t] / max(cb[t], np.float32(1.0)) * sb[t] + np.float32(0.0)) * lam
+        ub[t] = upd
+        bad += np.int32(not abs(upd) <= big)
+        _store(out, i0 + t, upd + bb[t])
+    return bal, waiting, bad, _sumsq(ub, m)
+
+
+@jit
+def merge_pass(b, es, a0, a1, th, lam, tail, out, amb, state, acc):
+    """Entries ``a0:a1`` merged into ``out`` (output dtype): trim, elect ``sign(sum)``, disjoint mean, ``*
+    lam``, ``+ base``, converted. An entry whose sum is 0 while some trimmed value is not waits for the majority
+    sign: it is written as if no value agreed, its index goes to ``amb[state[0]]`` (``state[0] += 1``) and
+    :func:`patch_pass` finishes it. ``state[1] += sign`` of every sum (the balance); ``acc[0] += upd^2``
+    (float64), ``acc[1] +=`` the count of non-finite updates."""
+    n = len(es)
+    bufs = (np.empty(_BLOCK, dtype=np.float32), np.empty((n, _BLOCK), dtype=np.float32),
+            np.empty(_BLOCK, dtype=np.float32), np.empty(_BLOCK, dtype=np.int32),
+            np.empty(_BLOCK, dtype=np.float32), np.empty(_BLOCK, dtype=np.float32),
+            np.empty(_BLOCK, dtype=np.float32), np.empty(_BLOCK, dtype=np.int32))
+    bb, xb, sb, nb, ob, cb, ub, fb = bufs
+    n_amb = state[0]
+    bal = 0
+    bad = 0
+    sq = 0.0
+    for i0 in range(a0, a1, _BLOCK):
+        m = min(_BLOCK, a1 - i0)
+        bl, waiting, bd, s2 = _block(b, es, i0, m, th, lam, np.float32(0.0), False, tail, out, bb, xb, sb, nb, ob, cb,
+                                     ub, fb)
+        bal += bl
+        bad += bd
+        sq += s2
+        if waiting:
+            for t in range(m):
+                amb[n_amb] = i0 + t
+                n_amb += fb[t]
+    state[0] = n_amb
+    state[1] += bal
+    acc[0] += sq
+    acc[1] += bad
+
+
+@jit
+def patch_pass(b, es, th, lam, tail, out, amb, n_amb, majority, acc):
+    """Finish the set-aside entries ``amb[:n_amb]`` with the tensor's majority sign (float32 +-1 or 0)."""
+    n = len(es)
+    bufs = (np.empty(1, dtype=np.float32), np.empty((n, 1), dtype=np.float32),
+            np.empty(1, dtype=np.float32), np.empty(1, dtype=np.int32),
+            np.empty(1, dtype=np.float32), np.empty(1, dtype=np.float32),
+            np.empty(1, dtype=np.float32), np.empty(1, dtype=np.int32))
+    bb, xb, sb, nb, ob, cb, ub, fb = bufs
+    sq = 0.0
+    bad = 0
+    for t in range(n_amb):
+        _, _, bd, s2 = _block(b, es, amb[t], 1, th, lam, majority, True, tail, out, bb, xb, sb, nb, ob, cb, ub, fb)
+        bad += bd
+        sq += s2
+    acc[0] += sq
+    acc[1] += bad
+
+
+def _arr(kind: str, n: int) -> np.ndarray:
+    return np.zeros(n, dtype=np.uint16 if kind == "bf16" else np.float32)
+
+
+def warm(n_experts: int, kind_in: str, kind_out: str) -> None:
+    """Run every kernel once on tiny inputs of these types (numba compiles, or loads its cache, per signature)."""
+    b = _arr(kind_in, 4)
+    es = tuple(_arr(kind_in, 4) for _ in range(n_experts))
+    out, acc = _arr(kind_out, 4), np.zeros(2)
+    high_pass(b, es[0], 0, 4, np.zeros(1 << 16, dtype=np.int64), acc)
+    bracket_pass(b, es[0], 0, 4, np.float32(0.0), np.float32(1.0), np.zeros(8, dtype=np.float32),
+                 np.zeros(3, dtype=np.int64), acc)
+    low_pass(b, es[0], 0, 4, 0, np.zeros(1 << 16, dtype=np.int64))
+    th = np.zeros(n_experts, dtype=np.float32)
+    amb = np.zeros(5, dtype=np.int64)
+    merge_pass(b, es, 0, 4, th, np.float32(1.0), 2, out, amb, np.zeros(2, dtype=np.int64), acc)
+    patch_pass(b, es, th, np.float32(1.0), 2, out, amb, 1, np.float32(1.0), acc)
+
+
+__all__ = ["bracket_pass", "high_pass", "low_pass", "merge_pass", "patch_pass", "warm"]

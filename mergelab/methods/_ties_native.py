@@ -1,0 +1,106 @@
+"""Compiled TIES per tensor (numba), for the engine's fused CPU path (:func:`mergelab.engine.fused.native_ties`).
+
+The chunked torch form (:class:`~mergelab.methods.ties.TiesChunked`) pays for every elementwise step as a separate
+kernel over a chunk: forming the ``(N, k)`` stack in float32 in each of its three or four passes, the radix
+histograms (bool and integer kernels, several times the cost of a float add per entry on this torch build), the
+sums, the disjoint mean. These kernels do each pass as one loop over the inputs as stored (bf16 as its bits, or
+float32), with the same float32 arithmetic in the same order, so the merged tensor is bit-identical. The kernels
+(:mod:`mergelab.methods._ties_kernels`):
+
+1. ``high_pass``: per expert, the histogram of the high 16 bits of ``|expert - base|`` in float32 (bf16-exact
+   magnitudes, whose low 16 bits are 0, counted apart), its sum of squares (the report's norm) and whether any
+   entry is non-zero.
+2. ``low_pass`` (only for an expert whose threshold the first pass does not settle): the low 16 bits in the
+   threshold's bucket.
+3. ``merge_pass``: trim, sum, elect the sign, the disjoint mean, ``* lam``, ``+ base``, the conversion to the
+   output dtype, in one loop; the majority sign (for entries whose sum is exactly 0) is known only after the whole
+   tensor, so those entries, where some trimmed value is non-zero, are set aside and finished by
+   ``patch_pass`` (one pass where the torch form needs two: sums, then merge).
+
+This module holds what needs no numba: whether the kernels can run (:func:`available`; ``MERGELAB_NATIVE=0`` turns
+them off), their background start (:func:`warm_up`, :func:`ready`: importing numba and loading the compiled code
+take about a second, during which the engine merges with the torch form) and the threshold's selection from their
+histograms. numba caches the compiled code next to the kernels' file, so only a first run compiles (about ten
+seconds, in the background thread).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+_HALF = 1 << 16
+
+
+def available() -> bool:
+    """Whether the compiled kernels can be used (numba is installed; ``MERGELAB_NATIVE`` is not 0/off/false/no)."""
+    if os.environ.get("MERGELAB_NATIVE", "1").strip().lower() in ("0", "off", "false", "no"):
+        return False
+    return importlib.util.find_spec("numba") is not None
+
+
+_warm: dict[tuple[int, str, str], threading.Event] = {}
+_warm_lock = threading.Lock()
+
+
+def warm_up(n_experts: int, kind_in: str, kind_out: str) -> None:
+    """Compile (or load) the kernels for ``n_experts`` inputs of ``kind_in`` (``"bf16"``/``"f32"``) merged into
+    ``kind_out`` in a background thread; :func:`ready` says when they can be called. Importing numba and loading
+    its cache take about a second: the engine merges with the torch form meanwhile (bit-identical)."""
+    key = (n_experts, kind_in, kind_out)
+    with _warm_lock:
+        if key in _warm or not available():
+            return
+        done = _warm[key] = threading.Event()
+
+    def run() -> None:
+        try:
+            importlib.import_module("mergelab.methods._ties_kernels").warm(*key)
+        except Exception:  # noqa: BLE001 - a kernel that does not compile is not used: the torch form merges
+            return
+        done.set()
+
+    threading.Thread(target=run, name="mergelab-ties-kernels", daemon=True).start()
+
+
+def ready(n_experts: int, kind_in: str, kind_out: str, wait: bool = False) -> bool:
+    """Whether :func:`warm_up` finished for these types (started when needed; ``wait``: block until it ends)."""
+    warm_up(n_experts, kind_in, kind_out)
+    ev = _warm.get((n_experts, kind_in, kind_out))
+    if ev is None:
+        return False
+    if wait:
+        ev.wait()
+    return ev.is_set()
+
+
+def kernels() -> Any:
+    """The compiled kernels' module (:mod:`mergelab.methods._ties_kernels`); ImportError without numba."""
+    return importlib.import_module("mergelab.methods._ties_kernels")
+
+
+def locate_threshold(hist: np.ndarray, j: int) -> tuple[int, int, int | None]:
+    """From :func:`high_pass`'s histogram of one expert (2^16 counts: 2^15 buckets of bf16-exact magnitudes, then
+    2^15 of the others), the bucket of the ``j``-th smallest magnitude, the rank in it, and the threshold's float32
+    bits when the rank falls among the bucket's bf16-exact entries (the bucket's smallest value), else None (the
+    low pass is needed)."""
+    exact = hist[: _HALF // 2]
+    cum = np.cumsum(exact + hist[_HALF // 2 :])
+    bucket = int(np.searchsorted(cum, j))  # the first bucket whose cumulative count reaches j
+    rank = j - (int(cum[bucket - 1]) if bucket > 0 else 0)
+    if rank <= int(exact[bucket]):
+        return bucket, rank, bucket << 16
+    return bucket, rank, None
+
+
+def low_threshold(low: np.ndarray, bucket: int, rank: int) -> int:
+    """The float32 bits of the ``rank``-th smallest entry of ``bucket`` from :func:`low_pass`'s counts."""
+    return (bucket << 16) | int(np.searchsorted(np.cumsum(low), rank))
+
+
+__all__ = ["available", "kernels", "locate_threshold", "low_threshold", "ready", "warm_up"]
