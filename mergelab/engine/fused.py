@@ -216,7 +216,7 @@ def _np_bits(t: torch.Tensor) -> Any:
 
 
 _KINDS = {torch.bfloat16: "bf16", torch.float32: "f32"}
-_BRACKET_SAMPLE = 1 << 15  # magnitudes per expert in the sample that brackets a threshold
+_BRACKET_SAMPLE = 1 << 16  # magnitudes per expert in the sample that brackets a threshold
 
 
 @functools.cache
@@ -247,9 +247,26 @@ def _sum_group() -> int | None:
     return group
 
 
+def _kth_smallest(values: Any, k: int) -> Any:
+    """The ``k``-th smallest (1-based) of non-negative float32 ``values``: a radix select on their bits (non-negative
+    floats order like their bit patterns), high 16 bits then low (``np.partition`` is several times slower on the
+    many equal magnitudes of bf16 task vectors)."""
+    import numpy as np
+
+    bits = values.view(np.uint32)
+    hi = bits >> 16
+    lo_b = int(hi.min())
+    cum = np.cumsum(np.bincount(hi - lo_b))
+    bucket = int(np.searchsorted(cum, k))
+    rank = k - (int(cum[bucket - 1]) if bucket else 0)
+    inside = bits[hi == bucket + lo_b] & 0xFFFF
+    low = int(np.searchsorted(np.cumsum(np.bincount(inside)), rank))
+    return np.uint32(((bucket + lo_b) << 16) | low).view(np.float32)
+
+
 def _bracket(chunks: Chunks, row: int, rank: int) -> tuple[float, float, int]:
     """A bracket ``[lo, hi]`` of expert ``row``'s magnitudes that holds its ``rank``-th smallest with near
-    certainty: the order statistics of a strided sample six standard deviations either side of the rank's
+    certainty: the order statistics of a strided sample five standard deviations either side of the rank's
     quantile (two more entries each way), and the number of entries expected inside. ``rank`` 0 (nothing trimmed):
     an empty bracket at infinity."""
     n = chunks.n
@@ -260,7 +277,7 @@ def _bracket(chunks: Chunks, row: int, rank: int) -> tuple[float, float, int]:
     sample = chunks.sample(row, idx).abs_().to(torch.float32).sort().values
     s = sample.numel()
     q = rank / n
-    z = 6.0 * math.sqrt(s * q * (1.0 - q)) + 2.0
+    z = 5.0 * math.sqrt(s * q * (1.0 - q)) + 2.0
     lo_i, hi_i = math.floor(q * s - z), math.ceil(q * s + z)
     lo = float(sample[lo_i]) if lo_i >= 0 else 0.0
     hi = float(sample[hi_i]) if hi_i < s else math.inf
@@ -340,7 +357,7 @@ def native_ties(chunks: Chunks, rank: int, lam: float, release: Callable[[int], 
         if rank == 0:
             continue
         if not over and below < rank <= below + nc:
-            th[r] = np.partition(cand[r, :nc], rank - below - 1)[rank - below - 1]
+            th[r] = _kth_smallest(cand[r, :nc], rank - below)
         else:
             missed.append(r)
     del cand

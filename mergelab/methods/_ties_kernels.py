@@ -104,8 +104,9 @@ def high_pass(b, e, a0, a1, hist, acc):
     sq = 0.0
     for i0 in range(a0, a1, _BLOCK):
         m = min(_BLOCK, a1 - i0)
+        ev, bv = e[i0 : i0 + m], b[i0 : i0 + m]  # indexed from 0 by the loop: no negative-index checks
         for t in range(m):
-            d = _load(e, i0 + t) - _load(b, i0 + t)
+            d = _load(ev, t) - _load(bv, t)
             db[t] = d
             u = _f32_bits(abs(d))
             nz |= u
@@ -135,8 +136,9 @@ def bracket_pass(b, e, a0, a1, lo, hi, cand, state, acc):
     for i0 in range(a0, a1, _BLOCK):
         m = min(_BLOCK, a1 - i0)
         inside = 0
+        ev, bv = e[i0 : i0 + m], b[i0 : i0 + m]
         for t in range(m):
-            d = _load(e, i0 + t) - _load(b, i0 + t)
+            d = _load(ev, t) - _load(bv, t)
             a = abs(d)
             db[t] = d
             nz |= _f32_bits(a)
@@ -211,13 +213,14 @@ def _block(b, es, i0, m, th, lam, sg_fixed, use_fixed, tail, out, bb, xb, sb, nb
     (:func:`_tail_sum`). Returns (balance of the sums' signs, entries waiting for the majority sign (flagged in
     ``fb``), non-finite updates, sum of squared updates)."""
     n = len(es)
+    bv, ov = b[i0 : i0 + m], out[i0 : i0 + m]  # indexed from 0 by the loops: no negative-index checks
     for t in range(m):
-        bb[t] = _load(b, i0 + t)
+        bb[t] = _load(bv, t)
     for r in range(n):  # trimmed task vectors (|d| >= th kept), their sum in the experts' order, non-zeros
-        e = es[r]
+        ev = es[r][i0 : i0 + m]
         thr = th[r]
         for t in range(m):
-            d = _load(e, i0 + t) - bb[t]
+            d = _load(ev, t) - bb[t]
             d = d * np.float32(abs(d) >= thr)
             xb[r, t] = d
             if r == 0:
@@ -256,7 +259,7 @@ def _block(b, es, i0, m, th, lam, sg_fixed, use_fixed, tail, out, bb, xb, sb, nb
         upd = (ob[t] / max(cb[t], np.float32(1.0)) * sb[t] + np.float32(0.0)) * lam
         ub[t] = upd
         bad += np.int32(not abs(upd) <= big)
-        _store(out, i0 + t, upd + bb[t])
+        _store(ov, t, upd + bb[t])
     return bal, waiting, bad, _sumsq(ub, m)
 
 
@@ -296,19 +299,36 @@ def merge_pass(b, es, a0, a1, th, lam, tail, out, amb, state, acc):
 
 @jit
 def patch_pass(b, es, th, lam, tail, out, amb, n_amb, majority, acc):
-    """Finish the set-aside entries ``amb[:n_amb]`` with the tensor's majority sign (float32 +-1 or 0)."""
+    """Finish the set-aside entries ``amb[:n_amb]`` with the tensor's majority sign (float32 +-1 or 0): each entry
+    as :func:`_block` computes it, one at a time."""
     n = len(es)
-    bufs = (np.empty(1, dtype=np.float32), np.empty((n, 1), dtype=np.float32),
-            np.empty(1, dtype=np.float32), np.empty(1, dtype=np.int32),
-            np.empty(1, dtype=np.float32), np.empty(1, dtype=np.float32),
-            np.empty(1, dtype=np.float32), np.empty(1, dtype=np.int32))
-    bb, xb, sb, nb, ob, cb, ub, fb = bufs
+    x = np.empty((n, 1), dtype=np.float32)
     sq = 0.0
     bad = 0
-    for t in range(n_amb):
-        _, _, bd, s2 = _block(b, es, amb[t], 1, th, lam, majority, True, tail, out, bb, xb, sb, nb, ob, cb, ub, fb)
-        bad += bd
-        sq += s2
+    big = np.float32(3.4028234663852886e38)
+    for k in range(n_amb):
+        i = amb[k]
+        bi = _load(b, i)
+        for r in range(n):
+            d = _load(es[r], i) - bi
+            x[r, 0] = d * np.float32(abs(d) >= th[r])
+        if i >= tail:
+            o = _tail_sum(x, 0, n, majority, True)
+            cnt = np.float32(0.0)
+            for r in range(n):
+                cnt += np.float32(x[r, 0] * majority > np.float32(0.0))
+        else:
+            o = np.float32(0.0)
+            cnt = np.float32(0.0)
+            for r in range(n):
+                v = x[r, 0] * majority
+                p = np.float32(v > np.float32(0.0))
+                o = o + v * p
+                cnt = cnt + p
+        upd = (o / max(cnt, np.float32(1.0)) * majority + np.float32(0.0)) * lam
+        sq += np.float64(upd) * np.float64(upd)
+        bad += np.int32(not abs(upd) <= big)
+        _store(out, i, upd + bi)
     acc[0] += sq
     acc[1] += bad
 
