@@ -269,18 +269,22 @@ def _bracket(chunks: Chunks, row: int, rank: int) -> tuple[float, float, int]:
     certainty: the order statistics of a strided sample five standard deviations either side of the rank's
     quantile (two more entries each way), and the number of entries expected inside. ``rank`` 0 (nothing trimmed):
     an empty bracket at infinity."""
+    import numpy as np
+
     n = chunks.n
     if rank == 0:
         return math.inf, math.inf, 0
     step = max(1, n // _BRACKET_SAMPLE)
     idx = slice(0, step * min(n, _BRACKET_SAMPLE), step)
-    sample = chunks.sample(row, idx).abs_().to(torch.float32).sort().values
-    s = sample.numel()
+    sample = chunks.sample(row, idx).abs_().to(torch.float32).numpy()
+    s = sample.shape[0]
     q = rank / n
     z = 5.0 * math.sqrt(s * q * (1.0 - q)) + 2.0
     lo_i, hi_i = math.floor(q * s - z), math.ceil(q * s + z)
-    lo = float(sample[lo_i]) if lo_i >= 0 else 0.0
-    hi = float(sample[hi_i]) if hi_i < s else math.inf
+    kth = [i for i in (lo_i, hi_i) if 0 <= i < s]
+    part = np.partition(sample, kth) if kth else sample  # the two order statistics, without a full sort
+    lo = float(part[lo_i]) if lo_i >= 0 else 0.0
+    hi = float(part[hi_i]) if hi_i < s else math.inf
     return lo, hi, int((min(hi_i, s) - max(lo_i, 0)) / s * n) + 1
 
 

@@ -127,6 +127,8 @@ def bracket_pass(b, e, a0, a1, lo, hi, cand, state, acc):
     any is non-zero. The selection's cheap form: when the threshold's rank falls inside the bracket, it is the
     right order statistic of the few candidates."""
     db = np.empty(_BLOCK, dtype=np.float32)
+    fb = np.zeros(_BLOCK, dtype=np.uint8)  # 1 where an entry is inside the bracket
+    fw = fb.view(np.uint64)  # eight flags at a time: most words are 0 and skipped
     cap = len(cand)
     nc = state[1]
     over = state[2]
@@ -136,30 +138,27 @@ def bracket_pass(b, e, a0, a1, lo, hi, cand, state, acc):
     for i0 in range(a0, a1, _BLOCK):
         m = min(_BLOCK, a1 - i0)
         inside = 0
-        ev, bv = e[i0 : i0 + m], b[i0 : i0 + m]
+        ev, bv = e[i0 : i0 + m], b[i0 : i0 + m]  # indexed from 0 by the loop: no negative-index checks
         for t in range(m):
             d = _load(ev, t) - _load(bv, t)
             a = abs(d)
             db[t] = d
             nz |= _f32_bits(a)
             below += np.int64(a < lo)
-            inside += np.int64((a >= lo) & (a <= hi))
+            f = np.uint8((a >= lo) & (a <= hi))
+            fb[t] = f
+            inside += np.int64(f)
         sq += _sumsq(db, m)
         if inside:
-            if nc + m <= cap:  # room for the whole block: branch-free appends
-                for t in range(m):
-                    a = abs(db[t])
-                    cand[nc] = a
-                    nc += np.int64((a >= lo) & (a <= hi))
-            else:
-                for t in range(m):
-                    a = abs(db[t])
-                    if (a >= lo) & (a <= hi):
-                        if nc < cap:
-                            cand[nc] = a
-                            nc += 1
-                        else:
-                            over += 1
+            for w in range((m + 7) // 8):
+                if fw[w]:
+                    for t in range(w * 8, min(w * 8 + 8, m)):
+                        if fb[t]:
+                            if nc < cap:
+                                cand[nc] = abs(db[t])
+                                nc += 1
+                            else:
+                                over += 1
     state[0] += below
     state[1] = nc
     state[2] = over
@@ -274,8 +273,9 @@ def merge_pass(b, es, a0, a1, th, lam, tail, out, amb, state, acc):
     bufs = (np.empty(_BLOCK, dtype=np.float32), np.empty((n, _BLOCK), dtype=np.float32),
             np.empty(_BLOCK, dtype=np.float32), np.empty(_BLOCK, dtype=np.int32),
             np.empty(_BLOCK, dtype=np.float32), np.empty(_BLOCK, dtype=np.float32),
-            np.empty(_BLOCK, dtype=np.float32), np.empty(_BLOCK, dtype=np.int32))
+            np.empty(_BLOCK, dtype=np.float32), np.zeros(_BLOCK, dtype=np.uint8))
     bb, xb, sb, nb, ob, cb, ub, fb = bufs
+    fw = fb.view(np.uint64)  # eight flags at a time: most words are 0 and skipped
     n_amb = state[0]
     bal = 0
     bad = 0
@@ -288,9 +288,11 @@ def merge_pass(b, es, a0, a1, th, lam, tail, out, amb, state, acc):
         bad += bd
         sq += s2
         if waiting:
-            for t in range(m):
-                amb[n_amb] = i0 + t
-                n_amb += fb[t]
+            for w in range((m + 7) // 8):
+                if fw[w]:
+                    for t in range(w * 8, min(w * 8 + 8, m)):
+                        amb[n_amb] = i0 + t
+                        n_amb += np.int64(fb[t])
     state[0] = n_amb
     state[1] += bal
     acc[0] += sq
@@ -338,14 +340,13 @@ def _arr(kind: str, n: int) -> np.ndarray:
 
 
 def warm(n_experts: int, kind_in: str, kind_out: str) -> None:
-    """Run every kernel once on tiny inputs of these types (numba compiles, or loads its cache, per signature)."""
+    """Run the kernels of every merge once on tiny inputs of these types (numba compiles, or loads its cache, per
+    signature); the histogram passes, needed only when a bracket misses, load when first called."""
     b = _arr(kind_in, 4)
     es = tuple(_arr(kind_in, 4) for _ in range(n_experts))
     out, acc = _arr(kind_out, 4), np.zeros(2)
-    high_pass(b, es[0], 0, 4, np.zeros(1 << 16, dtype=np.int64), acc)
     bracket_pass(b, es[0], 0, 4, np.float32(0.0), np.float32(1.0), np.zeros(8, dtype=np.float32),
                  np.zeros(3, dtype=np.int64), acc)
-    low_pass(b, es[0], 0, 4, 0, np.zeros(1 << 16, dtype=np.int64))
     th = np.zeros(n_experts, dtype=np.float32)
     amb = np.zeros(5, dtype=np.int64)
     merge_pass(b, es, 0, 4, th, np.float32(1.0), 2, out, amb, np.zeros(2, dtype=np.int64), acc)
