@@ -304,7 +304,8 @@ def native_ties(chunks: Chunks, rank: int, lam: float, release: Callable[[int], 
     :class:`~mergelab.methods.ties.TiesChunked` (``rank``: the trimming threshold's rank, its ``j``). None when the
     kernels do not apply (numba missing or off, a dtype other than bf16 or float32 in or out, float32 compute
     required) or are not compiled yet (:func:`~mergelab.methods._ties_native.warm_up` runs in the background; with
-    ``wait`` this call waits for it); the caller then runs the torch form. Arguments and result as
+    ``wait``, or for a tensor large enough that waiting pays (``worth_waiting``), this call waits for it); the
+    caller then runs the torch form. Arguments and result as
     :func:`fused_merge`'s."""
     import numpy as np
 
@@ -312,7 +313,10 @@ def native_ties(chunks: Chunks, rank: int, lam: float, release: Callable[[int], 
 
     item, n, cdtype = chunks.item, chunks.n, chunks.cdtype
     kinds = native_kinds(chunks.flat_b.dtype, [v.dtype for v in chunks.views], item.out_dtype, cdtype)
-    if kinds is None or n == 0 or not tn.ready(len(chunks.views), *kinds, wait=wait):
+    if kinds is None or n == 0:
+        return None
+    wait = wait or tn.worth_waiting(len(chunks.views), *kinds, n)
+    if not tn.ready(len(chunks.views), *kinds, wait=wait):
         return None
     tail = n  # from here on, sums over the experts take torch's tail order (five or more experts)
     if len(chunks.views) >= 5:
