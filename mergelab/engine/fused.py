@@ -368,7 +368,7 @@ def native_ties(chunks: Chunks, rank: int, lam: float, release: Callable[[int], 
             th[r] = _kth_smallest(cand[r, :nc], rank - below)
         else:
             missed.append(r)
-    del cand
+    cand = None  # freed before the merge pass
     if missed:
         hist = np.zeros((n_ex, 1 << 16), dtype=np.int64)
         scratch = np.zeros((n_ex, 2), dtype=np.float64)
