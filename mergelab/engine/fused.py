@@ -406,21 +406,22 @@ def native_ties(chunks: Chunks, rank: int, lam: float, release: Callable[[int], 
                 th[r] = np.uint32(tn.low_threshold(cnt, bk, rk)).view(np.float32)
     lam32 = np.float32(lam)
     amb = np.empty(_NATIVE_SLAB + 1, dtype=np.int64)
+    ambx = np.empty((_NATIVE_SLAB + 1, n_ex + 1), dtype=np.float32)  # their base values and trimmed task vectors
     waiting: list[Any] = []
     state = np.zeros(2, dtype=np.int64)  # set-aside entries of the slab, the balance of the sums' signs
     macc = np.zeros(2, dtype=np.float64)  # merged sum of squares, non-finite updates
 
     def merge_slab(a0: int, a1: int) -> None:
         state[0] = 0
-        k.merge_pass(b, es, a0, a1, th, lam32, tail, o, amb, state, macc)
+        k.merge_pass(b, es, a0, a1, th, lam32, tail, o, amb, ambx, state, macc)
         if state[0]:
-            waiting.append(amb[: state[0]].copy())
+            waiting.append((amb[: state[0]].copy(), ambx[: state[0]].copy()))
 
     each_slab(merge_slab)
     if waiting:  # the sign of the balance is the majority sign (0: none)
         majority = np.float32(np.sign(state[1]))
-        for idx in waiting:
-            k.patch_pass(b, es, th, lam32, tail, o, idx, len(idx), majority, macc)
+        for idx, vals in waiting:
+            k.patch_pass(tail, lam32, o, idx, vals, len(idx), majority, macc)
     if macc[1]:
         raise MergeError(f"tensor {item.name}: the merged task vector contains NaN or Inf (rule {item.rule})")
     return FusedResult(value, norms, math.sqrt(float(macc[0])), False, time.perf_counter() - t0)

@@ -263,11 +263,12 @@ def _block(b, es, i0, m, th, lam, sg_fixed, use_fixed, tail, out, bb, xb, sb, nb
 
 
 @jit
-def merge_pass(b, es, a0, a1, th, lam, tail, out, amb, state, acc):
+def merge_pass(b, es, a0, a1, th, lam, tail, out, amb, ambx, state, acc):
     """Entries ``a0:a1`` merged into ``out`` (output dtype): trim, elect ``sign(sum)``, disjoint mean, ``*
     lam``, ``+ base``, converted. An entry whose sum is 0 while some trimmed value is not waits for the majority
-    sign: it is written as if no value agreed, its index goes to ``amb[state[0]]`` (``state[0] += 1``) and
-    :func:`patch_pass` finishes it. ``state[1] += sign`` of every sum (the balance); ``acc[0] += upd^2``
+    sign: it is written as if no value agreed, its index goes to ``amb[state[0]]`` and its base value and trimmed
+    task vectors to ``ambx[state[0]]`` (``state[0] += 1``), and :func:`patch_pass` finishes it from those (without
+    reading the inputs again: the waiting entries are spread over every page). ``state[1] += sign`` of every sum (the balance); ``acc[0] += upd^2``
     (float64), ``acc[1] +=`` the count of non-finite updates."""
     n = len(es)
     bufs = (np.empty(_BLOCK, dtype=np.float32), np.empty((n, _BLOCK), dtype=np.float32),
@@ -292,6 +293,9 @@ def merge_pass(b, es, a0, a1, th, lam, tail, out, amb, state, acc):
                 if fw[w]:
                     for t in range(w * 8, min(w * 8 + 8, m)):
                         amb[n_amb] = i0 + t
+                        ambx[n_amb, 0] = bb[t]
+                        for r in range(n):
+                            ambx[n_amb, 1 + r] = xb[r, t]
                         n_amb += np.int64(fb[t])
     state[0] = n_amb
     state[1] += bal
@@ -300,20 +304,19 @@ def merge_pass(b, es, a0, a1, th, lam, tail, out, amb, state, acc):
 
 
 @jit
-def patch_pass(b, es, th, lam, tail, out, amb, n_amb, majority, acc):
-    """Finish the set-aside entries ``amb[:n_amb]`` with the tensor's majority sign (float32 +-1 or 0): each entry
-    as :func:`_block` computes it, one at a time."""
-    n = len(es)
+def patch_pass(tail, lam, out, amb, ambx, n_amb, majority, acc):
+    """Finish the set-aside entries ``amb[:n_amb]`` (base value and trimmed task vectors in ``ambx``) with the
+    tensor's majority sign (float32 +-1 or 0), as :func:`_block` computes an entry."""
+    n = ambx.shape[1] - 1
     x = np.empty((n, 1), dtype=np.float32)
     sq = 0.0
     bad = 0
     big = np.float32(3.4028234663852886e38)
     for k in range(n_amb):
         i = amb[k]
-        bi = _load(b, i)
+        bi = ambx[k, 0]
         for r in range(n):
-            d = _load(es[r], i) - bi
-            x[r, 0] = d * np.float32(abs(d) >= th[r])
+            x[r, 0] = ambx[k, 1 + r]
         if i >= tail:
             o = _tail_sum(x, 0, n, majority, True)
             cnt = np.float32(0.0)
@@ -349,8 +352,9 @@ def warm(n_experts: int, kind_in: str, kind_out: str) -> None:
                  np.zeros(3, dtype=np.int64), acc)
     th = np.zeros(n_experts, dtype=np.float32)
     amb = np.zeros(5, dtype=np.int64)
-    merge_pass(b, es, 0, 4, th, np.float32(1.0), 2, out, amb, np.zeros(2, dtype=np.int64), acc)
-    patch_pass(b, es, th, np.float32(1.0), 2, out, amb, 1, np.float32(1.0), acc)
+    ambx = np.zeros((5, n_experts + 1), dtype=np.float32)
+    merge_pass(b, es, 0, 4, th, np.float32(1.0), 2, out, amb, ambx, np.zeros(2, dtype=np.int64), acc)
+    patch_pass(2, np.float32(1.0), out, amb, ambx, 1, np.float32(1.0), acc)
 
 
 __all__ = ["bracket_pass", "high_pass", "low_pass", "merge_pass", "patch_pass", "warm"]
