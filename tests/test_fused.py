@@ -176,7 +176,7 @@ def test_huge_finite_values_are_not_an_error(tmp_path: Path, monkeypatch: pytest
     assert calls == ["w"] and torch.equal(got["w"], e)
 
 
-# TIES's compiled kernels (methods/_ties_kernels.py, numba): the same bits as the stacked path
+# TIES's compiled kernels (engine/ties_kernels.py, numba): the same bits as the stacked path
 NATIVE_CASES = [c for c in CASES if c[0] == "ties"]
 
 
@@ -248,7 +248,7 @@ def test_ties_compiled_kernels_signed_zeros_nan_and_overflow(tmp_path: Path, mon
 
 
 def test_threshold_selection_from_the_histograms() -> None:
-    from mergelab.methods import _ties_native as tn
+    from mergelab.engine import ties_native as tn
 
     g = torch.Generator().manual_seed(3)
     for x in (torch.randn(5000, generator=g).to(torch.bfloat16).float(), torch.randn(5000, generator=g)):

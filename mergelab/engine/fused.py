@@ -222,7 +222,7 @@ _BRACKET_SAMPLE = 1 << 16  # magnitudes per expert in the sample that brackets a
 @functools.cache
 def _sum_group() -> int | None:
     """How many columns torch's ``sum(dim=0)`` of a float32 ``(N, M)`` stack on this CPU reduces as vectors (its
-    last ``M % group`` columns, with ``N >= 5`` rows, take another order: ``_ties_kernels._tail_sum``), found by
+    last ``M % group`` columns, with ``N >= 5`` rows, take another order: ``ties_kernels._tail_sum``), found by
     comparing both orders on a random probe; None when neither fits (the compiled kernels then leave ``N >= 5``
     to the torch form)."""
     g = torch.Generator().manual_seed(0)
@@ -320,16 +320,16 @@ def native_kinds(base: torch.dtype, experts: Sequence[torch.dtype], out: torch.d
 def native_ties(chunks: Chunks, rank: int, lam: float, release: Callable[[int], None] | None = None,
                 out: torch.Tensor | None = None, wait: bool = False) -> FusedResult | None:
     """TIES of one tensor (per-tensor scope, no DARE, no coefficients, the disjoint mean) by the compiled kernels of
-    :mod:`mergelab.methods._ties_native`, bit-identical to :func:`fused_merge` over
+    :mod:`mergelab.engine.ties_native`, bit-identical to :func:`fused_merge` over
     :class:`~mergelab.methods.ties.TiesChunked` (``rank``: the trimming threshold's rank, its ``j``). None when the
     kernels do not apply (numba missing or off, a dtype other than bf16 or float32 in or out, float32 compute
-    required) or are not compiled yet (:func:`~mergelab.methods._ties_native.warm_up` runs in the background; with
+    required) or are not compiled yet (:func:`~mergelab.engine.ties_native.warm_up` runs in the background; with
     ``wait``, or for a tensor large enough that waiting pays (``worth_waiting``), this call waits for it); the
     caller then runs the torch form. Arguments and result as
     :func:`fused_merge`'s."""
     import numpy as np
 
-    from mergelab.methods import _ties_native as tn
+    from mergelab.engine import ties_native as tn
 
     item, n, cdtype = chunks.item, chunks.n, chunks.cdtype
     kinds = native_kinds(chunks.flat_b.dtype, [v.dtype for v in chunks.views], item.out_dtype, cdtype)

@@ -65,7 +65,7 @@ _FUSED = os.environ.get("MERGELAB_FUSED", "1").strip().lower() not in ("0", "off
 """The fused CPU path of methods with a chunked form (engine/fused.py); ``MERGELAB_FUSED=0`` turns it off (the
 stacked path, bit-identical: for comparisons)."""
 _NATIVE_WAIT = os.environ.get("MERGELAB_NATIVE", "").strip().lower() == "wait"
-"""TIES's compiled kernels (methods/_ties_native.py) start compiling or loading in the background when a merge
+"""TIES's compiled kernels (engine/ties_native.py) start compiling or loading in the background when a merge
 begins, and the torch form merges the tensors that come before they are ready; ``MERGELAB_NATIVE=wait`` waits for
 them instead (tests, benchmarks of the kernels), ``MERGELAB_NATIVE=0`` turns them off."""
 _PREFETCH_BYTES = 256 * 2**20  # read-ahead budget (raised to the largest tensor's footprint)
@@ -246,7 +246,7 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
 
     native_rank = getattr(chunked, "native_rank", None)
     if native_rank is not None and fused:  # TIES's compiled kernels: compile or load them while the merge starts
-        from mergelab.methods import _ties_native
+        from mergelab.engine import ties_native
 
         for it in items:
             if it.rule == "merge" and is_fused(it):
@@ -254,7 +254,7 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
                                      [e.full.infos[it.name].dtype for e in ex],  # type: ignore[union-attr]
                                      it.out_dtype, cdtype)
                 if kinds is not None:
-                    _ties_native.warm_up(len(ex), *kinds)
+                    ties_native.warm_up(len(ex), *kinds)
 
     def load(it: PlanItem) -> Loaded:
         if it.rule == "carry":

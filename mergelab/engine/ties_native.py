@@ -5,7 +5,7 @@ kernel over a chunk: forming the ``(N, k)`` stack in float32 in each of its thre
 histograms (bool and integer kernels, several times the cost of a float add per entry on this torch build), the
 sums, the disjoint mean. These kernels do each pass as one loop over the inputs as stored (bf16 as its bits, or
 float32), with the same float32 arithmetic in the same order, so the merged tensor is bit-identical. The kernels
-(:mod:`mergelab.methods._ties_kernels`):
+(:mod:`mergelab.engine.ties_kernels`):
 
 1. ``high_pass``: per expert, the histogram of the high 16 bits of ``|expert - base|`` in float32 (bf16-exact
    magnitudes, whose low 16 bits are 0, counted apart), its sum of squares (the report's norm) and whether any
@@ -69,7 +69,7 @@ def warm_up(n_experts: int, kind_in: str, kind_out: str) -> None:
 
     def run() -> None:
         try:
-            importlib.import_module("mergelab.methods._ties_kernels").warm(*key)
+            importlib.import_module("mergelab.engine.ties_kernels").warm(*key)
         except Exception:  # noqa: BLE001 - a kernel that does not compile is not used: the torch form merges
             return
         done.set()
@@ -99,8 +99,8 @@ def worth_waiting(n_experts: int, kind_in: str, kind_out: str, numel: int) -> bo
 
 
 def kernels() -> Any:
-    """The compiled kernels' module (:mod:`mergelab.methods._ties_kernels`); ImportError without numba."""
-    return importlib.import_module("mergelab.methods._ties_kernels")
+    """The compiled kernels' module (:mod:`mergelab.engine.ties_kernels`); ImportError without numba."""
+    return importlib.import_module("mergelab.engine.ties_kernels")
 
 
 def locate_threshold(hist: np.ndarray, j: int) -> tuple[int, int, int | None]:

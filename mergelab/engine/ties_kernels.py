@@ -1,5 +1,5 @@
 """The compiled TIES kernels (numba), defined at module level so that numba caches them next to this file; see
-:mod:`mergelab.methods._ties_native` (which imports this module in a background thread: importing numba and
+:mod:`mergelab.engine.ties_native` (which imports this module in a background thread: importing numba and
 loading the cache take about a second)."""
 
 from __future__ import annotations
