@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -264,3 +265,19 @@ def test_threshold_selection_from_the_histograms() -> None:
                 low = torch.bincount(torch.from_numpy(bits[(bits >> 16) == bucket] & 0xFFFF), minlength=1 << 16)
                 found = tn.low_threshold(low.numpy(), bucket, rank)
             assert found == want, j
+
+
+def test_the_kernels_load_only_for_merges_they_pay_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine starts loading the compiled kernels (about a second of a core) only when the entries they would
+    merge are enough to save that; a merge that does not start them merges with the torch form throughout."""
+    from mergelab.engine import ties_native
+
+    started: list[tuple[int, str, str]] = []
+    monkeypatch.setattr(ties_native, "warm_up", lambda *key: started.append(key))
+    monkeypatch.setattr(loop, "_NATIVE_WAIT", False)
+    base, experts = _family(tmp_path / "in", 2, torch.bfloat16)
+    merge(out=tmp_path / "small", base=base, experts=experts, method="ties", policy=[])
+    assert started == []  # 22,000 entries: the torch form
+    monkeypatch.setattr(ties_native, "pays", lambda numel: numel == sum(math.prod(s) for s in SHAPES.values()))
+    merge(out=tmp_path / "paid", base=base, experts=experts, method="ties", policy=[])
+    assert started == [(2, "bf16", "bf16")]

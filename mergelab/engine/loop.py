@@ -245,16 +245,20 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
                      or math.prod(it.shape) * cdtype.itemsize * len(ex) > _PREFETCH_BYTES))
 
     native_rank = getattr(chunked, "native_rank", None)
-    if native_rank is not None and fused:  # TIES's compiled kernels: compile or load them while the merge starts
+    if native_rank is not None and fused:  # TIES's compiled kernels: load them while the merge starts, if they pay
         from mergelab.engine import ties_native
 
+        entries: dict[tuple[str, str], int] = {}
         for it in items:
             if it.rule == "merge" and is_fused(it):
                 kinds = native_kinds(base_reader.infos[it.name].dtype,
                                      [e.full.infos[it.name].dtype for e in ex],  # type: ignore[union-attr]
                                      it.out_dtype, cdtype)
                 if kinds is not None:
-                    ties_native.warm_up(len(ex), *kinds)
+                    entries[kinds] = entries.get(kinds, 0) + math.prod(it.shape)
+        for kinds, n in entries.items():
+            if ties_native.pays(n):  # else loading them would cost more than they save: the torch form merges
+                ties_native.warm_up(len(ex), *kinds)
 
     def load(it: PlanItem) -> Loaded:
         if it.rule == "carry":

@@ -78,14 +78,22 @@ def warm_up(n_experts: int, kind_in: str, kind_out: str) -> None:
 
 
 def ready(n_experts: int, kind_in: str, kind_out: str, wait: bool = False) -> bool:
-    """Whether :func:`warm_up` finished for these types (started when needed; ``wait``: block until it ends)."""
-    warm_up(n_experts, kind_in, kind_out)
+    """Whether :func:`warm_up` finished for these types. ``wait``: start it if it has not started, and block until
+    it ends; without, a warm-up nobody started (the engine starts it only when it pays, :func:`pays`) is not."""
+    if wait:
+        warm_up(n_experts, kind_in, kind_out)
     ev = _warm.get((n_experts, kind_in, kind_out))
     if ev is None:
         return False
     if wait:
         ev.wait()
     return ev.is_set()
+
+
+def pays(numel: int) -> bool:
+    """Whether loading the kernels pays for a merge whose tensors they would merge hold ``numel`` entries in all
+    (what they save on them exceeds the load, about :data:`WARM_SECONDS` of a core); else the torch form merges."""
+    return numel * SAVED_PER_ENTRY > WARM_SECONDS
 
 
 def worth_waiting(n_experts: int, kind_in: str, kind_out: str, numel: int) -> bool:
@@ -122,4 +130,4 @@ def low_threshold(low: np.ndarray, bucket: int, rank: int) -> int:
     return (bucket << 16) | int(np.searchsorted(np.cumsum(low), rank))
 
 
-__all__ = ["available", "kernels", "locate_threshold", "low_threshold", "ready", "warm_up", "worth_waiting"]
+__all__ = ["available", "kernels", "locate_threshold", "low_threshold", "pays", "ready", "warm_up", "worth_waiting"]
