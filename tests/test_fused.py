@@ -281,3 +281,16 @@ def test_the_kernels_load_only_for_merges_they_pay_for(tmp_path: Path, monkeypat
     monkeypatch.setattr(ties_native, "pays", lambda numel: numel == sum(math.prod(s) for s in SHAPES.values()))
     merge(out=tmp_path / "paid", base=base, experts=experts, method="ties", policy=[])
     assert started == [(2, "bf16", "bf16")]
+
+
+def test_a_warm_up_that_fails_leaves_the_torch_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that does not compile is not used, and nobody waits for it for ever."""
+    pytest.importorskip("numba")
+    from mergelab.engine import ties_kernels, ties_native
+
+    def broken(*key: object) -> None:
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(ties_kernels, "warm", broken)
+    assert ties_native.ready(11, "bf16", "f32", wait=True) is False
+    assert ties_native.ready(11, "bf16", "f32") is False

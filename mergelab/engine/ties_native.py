@@ -47,6 +47,7 @@ def available() -> bool:
 
 _warm: dict[tuple[int, str, str], threading.Event] = {}
 _started: dict[tuple[int, str, str], float] = {}
+_failed: set[tuple[int, str, str]] = set()
 WARM_SECONDS = 0.8
 """About how long the warm-up takes from its start (importing numba about 0.2 s, loading the cached kernels about
 0.35 s, beside the merge's own threads on a 2-core EPYC)."""
@@ -71,8 +72,9 @@ def warm_up(n_experts: int, kind_in: str, kind_out: str) -> None:
         try:
             importlib.import_module("mergelab.engine.ties_kernels").warm(*key)
         except Exception:  # noqa: BLE001 - a kernel that does not compile is not used: the torch form merges
-            return
-        done.set()
+            _failed.add(key)
+        finally:
+            done.set()  # also on failure: nobody waits for ever
 
     threading.Thread(target=run, name="mergelab-ties-kernels", daemon=True).start()
 
@@ -87,7 +89,7 @@ def ready(n_experts: int, kind_in: str, kind_out: str, wait: bool = False) -> bo
         return False
     if wait:
         ev.wait()
-    return ev.is_set()
+    return ev.is_set() and (n_experts, kind_in, kind_out) not in _failed
 
 
 def pays(numel: int) -> bool:
