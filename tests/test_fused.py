@@ -273,6 +273,8 @@ def test_the_kernels_load_only_for_merges_they_pay_for(tmp_path: Path, monkeypat
     from mergelab.engine import ties_native
 
     started: list[tuple[int, str, str]] = []
+    monkeypatch.setattr(ties_native, "_warm", {})  # as in a new process: no warm-up started or finished
+    monkeypatch.setattr(ties_native, "_started", {})
     monkeypatch.setattr(ties_native, "warm_up", lambda *key: started.append(key))
     monkeypatch.setattr(loop, "_NATIVE_WAIT", False)
     base, experts = _family(tmp_path / "in", 2, torch.bfloat16)
@@ -291,6 +293,8 @@ def test_a_warm_up_that_fails_leaves_the_torch_form(monkeypatch: pytest.MonkeyPa
     def broken(*key: object) -> None:
         raise RuntimeError("no compiler")
 
+    monkeypatch.setattr(ties_native, "_warm", {})
+    monkeypatch.setattr(ties_native, "_started", {})
     monkeypatch.setattr(ties_kernels, "warm", broken)
     assert ties_native.ready(11, "bf16", "f32", wait=True) is False
     assert ties_native.ready(11, "bf16", "f32") is False

@@ -102,7 +102,7 @@ def worth_waiting(n_experts: int, kind_in: str, kind_out: str, numel: int) -> bo
     """Whether a tensor of ``numel`` entries should wait for the warm-up still running rather than merge with the
     torch form: what the kernels save on it exceeds the warm-up's expected remaining time."""
     key = (n_experts, kind_in, kind_out)
-    if key not in _started:
+    if key not in _started or _warm[key].is_set():  # not started, or nothing left to wait for
         return False
     left = max(0.0, WARM_SECONDS - (time.perf_counter() - _started[key]))
     return numel * SAVED_PER_ENTRY > left
