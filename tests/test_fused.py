@@ -249,7 +249,9 @@ def test_ties_compiled_kernels_signed_zeros_nan_and_overflow(tmp_path: Path, mon
 
 
 def test_threshold_selection_from_the_histograms() -> None:
-    from mergelab.engine import ties_native as tn
+    """The kernels' histograms (2^16 counts, bf16-exact magnitudes apart) go through the radix select's own
+    ``locate`` and ``low_bits``."""
+    from mergelab.methods._sparsify import locate, low_bits
 
     g = torch.Generator().manual_seed(3)
     for x in (torch.randn(5000, generator=g).to(torch.bfloat16).float(), torch.randn(5000, generator=g)):
@@ -260,10 +262,10 @@ def test_threshold_selection_from_the_histograms() -> None:
         hist += torch.bincount(key, minlength=1 << 16)
         for j in (1, 7, 2500, 4000, 5000):
             want = int(a.kthvalue(j).values.view(torch.int32))
-            bucket, rank, found = tn.locate_threshold(hist.numpy(), j)
+            bucket, rank, found = locate(hist, True, j)
             if found is None:
                 low = torch.bincount(torch.from_numpy(bits[(bits >> 16) == bucket] & 0xFFFF), minlength=1 << 16)
-                found = tn.low_threshold(low.numpy(), bucket, rank)
+                found = low_bits(low, bucket, rank)
             assert found == want, j
 
 

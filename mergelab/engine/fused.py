@@ -32,6 +32,7 @@ import torch
 
 from mergelab.engine.io import MergeError
 from mergelab.engine.plan import Expert, PlanItem, has_nonfinite
+from mergelab.methods._sparsify import kth_smallest_abs, locate, low_bits
 from mergelab.methods.base import ChunkedMerge
 
 # Entries per expert in a chunk, a multiple of 256 as the TIES core's chunks: the fastest of 2^14 to 2^20 measured on
@@ -247,23 +248,6 @@ def _sum_group() -> int | None:
     return group
 
 
-def _kth_smallest(values: Any, k: int) -> Any:
-    """The ``k``-th smallest (1-based) of non-negative float32 ``values``: a radix select on their bits (non-negative
-    floats order like their bit patterns), high 16 bits then low (``np.partition`` is several times slower on the
-    many equal magnitudes of bf16 task vectors)."""
-    import numpy as np
-
-    bits = values.view(np.uint32)
-    hi = bits >> 16
-    lo_b = int(hi.min())
-    cum = np.cumsum(np.bincount(hi - lo_b))
-    bucket = int(np.searchsorted(cum, k))
-    rank = k - (int(cum[bucket - 1]) if bucket else 0)
-    inside = bits[hi == bucket + lo_b] & 0xFFFF
-    low = int(np.searchsorted(np.cumsum(np.bincount(inside)), rank))
-    return np.uint32(((bucket + lo_b) << 16) | low).view(np.float32)
-
-
 _BRACKET_RUNS = 256  # the sample: this many runs of contiguous entries spread over the tensor (few pages touched)
 
 
@@ -385,7 +369,7 @@ def native_ties(chunks: Chunks, rank: int, lam: float, release: Callable[[int], 
         if rank == 0:
             continue
         if not over and below < rank <= below + nc:
-            th[r] = _kth_smallest(cand[r, :nc], rank - below)
+            th[r] = float(kth_smallest_abs(torch.from_numpy(cand[r, :nc]).view(1, -1), rank - below)[0])
         else:
             missed.append(r)
     cand = None  # freed before the merge pass
@@ -395,7 +379,7 @@ def native_ties(chunks: Chunks, rank: int, lam: float, release: Callable[[int], 
         each_slab(lambda a0, a1: [k.high_pass(b, es[r], a0, a1, hist[r], scratch[r]) for r in missed])
         low: dict[int, tuple[int, int, Any]] = {}
         for r in missed:
-            bucket, rk, found = tn.locate_threshold(hist[r], rank)
+            bucket, rk, found = locate(torch.from_numpy(hist[r]), True, rank)
             if found is None:
                 low[r] = (bucket, rk, np.zeros(1 << 16, dtype=np.int64))
             else:
@@ -403,7 +387,7 @@ def native_ties(chunks: Chunks, rank: int, lam: float, release: Callable[[int], 
         if low:
             each_slab(lambda a0, a1: [k.low_pass(b, es[r], a0, a1, bk, cnt) for r, (bk, _, cnt) in low.items()])
             for r, (bk, rk, cnt) in low.items():
-                th[r] = np.uint32(tn.low_threshold(cnt, bk, rk)).view(np.float32)
+                th[r] = np.uint32(low_bits(torch.from_numpy(cnt), bk, rk)).view(np.float32)
     lam32 = np.float32(lam)
     amb = np.empty(_NATIVE_SLAB + 1, dtype=np.int64)
     ambx = np.empty((_NATIVE_SLAB + 1, n_ex + 1), dtype=np.float32)  # their base values and trimmed task vectors

@@ -206,9 +206,8 @@ def _tail_sum(xb, t, n, sg, agreeing):
 
 
 @jit
-def _block(b, es, i0, m, th, lam, sg_fixed, use_fixed, tail, out, bb, xb, sb, nb, ob, cb, ub, fb):
-    """Merge entries ``i0:i0+m`` into ``out``; the sign is ``sign(sum)`` or, with ``use_fixed``, ``sg_fixed``
-    for every entry; sums over the experts of entries from index ``tail`` on take torch's tail order
+def _block(b, es, i0, m, th, lam, tail, out, bb, xb, sb, nb, ob, cb, ub, fb):
+    """Merge entries ``i0:i0+m`` into ``out`` under the elected sign ``sign(sum)``; sums over the experts of entries from index ``tail`` on take torch's tail order
     (:func:`_tail_sum`). Returns (balance of the sums' signs, entries waiting for the majority sign (flagged in
     ``fb``), non-finite updates, sum of squared updates)."""
     n = len(es)
@@ -241,7 +240,7 @@ def _block(b, es, i0, m, th, lam, sg_fixed, use_fixed, tail, out, bb, xb, sb, nb
         w = np.int32((pos | neg) == 0) & np.int32(nb[t] > 0)
         fb[t] = w
         waiting += w
-        sb[t] = sg_fixed if use_fixed else np.float32(pos - neg)  # the elected sign (0 for a waiting entry)
+        sb[t] = np.float32(pos - neg)  # the elected sign (0 for a waiting entry)
         ob[t] = np.float32(0.0)
         cb[t] = np.float32(0.0)
     for r in range(n):  # the agreeing values summed in the experts' order (+-0 for the others) and counted
@@ -268,8 +267,8 @@ def merge_pass(b, es, a0, a1, th, lam, tail, out, amb, ambx, state, acc):
     lam``, ``+ base``, converted. An entry whose sum is 0 while some trimmed value is not waits for the majority
     sign: it is written as if no value agreed, its index goes to ``amb[state[0]]`` and its base value and trimmed
     task vectors to ``ambx[state[0]]`` (``state[0] += 1``), and :func:`patch_pass` finishes it from those (without
-    reading the inputs again: the waiting entries are spread over every page). ``state[1] += sign`` of every sum (the balance); ``acc[0] += upd^2``
-    (float64), ``acc[1] +=`` the count of non-finite updates."""
+    reading the inputs again: the waiting entries are spread over every page). ``state[1] += sign`` of every sum
+    (the balance); ``acc[0] += upd^2`` (float64), ``acc[1] +=`` the count of non-finite updates."""
     n = len(es)
     bufs = (np.empty(_BLOCK, dtype=np.float32), np.empty((n, _BLOCK), dtype=np.float32),
             np.empty(_BLOCK, dtype=np.float32), np.empty(_BLOCK, dtype=np.int32),
@@ -283,8 +282,7 @@ def merge_pass(b, es, a0, a1, th, lam, tail, out, amb, ambx, state, acc):
     sq = 0.0
     for i0 in range(a0, a1, _BLOCK):
         m = min(_BLOCK, a1 - i0)
-        bl, waiting, bd, s2 = _block(b, es, i0, m, th, lam, np.float32(0.0), False, tail, out, bb, xb, sb, nb, ob, cb,
-                                     ub, fb)
+        bl, waiting, bd, s2 = _block(b, es, i0, m, th, lam, tail, out, bb, xb, sb, nb, ob, cb, ub, fb)
         bal += bl
         bad += bd
         sq += s2

@@ -7,21 +7,20 @@ sums, the disjoint mean. These kernels do each pass as one loop over the inputs 
 float32), with the same float32 arithmetic in the same order, so the merged tensor is bit-identical. The kernels
 (:mod:`mergelab.engine.ties_kernels`):
 
-1. ``high_pass``: per expert, the histogram of the high 16 bits of ``|expert - base|`` in float32 (bf16-exact
-   magnitudes, whose low 16 bits are 0, counted apart), its sum of squares (the report's norm) and whether any
-   entry is non-zero.
-2. ``low_pass`` (only for an expert whose threshold the first pass does not settle): the low 16 bits in the
-   threshold's bucket.
-3. ``merge_pass``: trim, sum, elect the sign, the disjoint mean, ``* lam``, ``+ base``, the conversion to the
+1. ``bracket_pass``: per expert, how many ``|expert - base|`` (float32) lie below a bracket around its trimming
+   threshold (from a sample), the few inside it (whose radix select gives the threshold), its sum of squares (the
+   report's norm) and whether any entry is non-zero. When a bracket misses, ``high_pass`` and ``low_pass``
+   histogram the magnitudes' high and low 16 bits instead (the radix select of :mod:`mergelab.methods._sparsify`).
+2. ``merge_pass``: trim, sum, elect the sign, the disjoint mean, ``* lam``, ``+ base``, the conversion to the
    output dtype, in one loop; the majority sign (for entries whose sum is exactly 0) is known only after the whole
-   tensor, so those entries, where some trimmed value is non-zero, are set aside and finished by
+   tensor, so those entries, where some trimmed value is non-zero, are set aside with their values and finished by
    ``patch_pass`` (one pass where the torch form needs two: sums, then merge).
 
 This module holds what needs no numba: whether the kernels can run (:func:`available`; ``MERGELAB_NATIVE=0`` turns
-them off), their background start (:func:`warm_up`, :func:`ready`: importing numba and loading the compiled code
-take about a second, during which the engine merges with the torch form) and the threshold's selection from their
-histograms. numba caches the compiled code next to the kernels' file, so only a first run compiles (about ten
-seconds, in the background thread).
+them off) and their background start (:func:`warm_up`, :func:`ready`, :func:`pays`, :func:`worth_waiting`:
+importing numba and loading the compiled code take about a second, during which the engine merges with the torch
+form). numba caches the compiled code next to the kernels' file, so only a first run compiles (about ten seconds,
+in the background thread).
 """
 
 from __future__ import annotations
@@ -32,10 +31,6 @@ import os
 import threading
 import time
 from typing import Any
-
-import numpy as np
-
-_HALF = 1 << 16
 
 
 def available() -> bool:
@@ -113,23 +108,4 @@ def kernels() -> Any:
     return importlib.import_module("mergelab.engine.ties_kernels")
 
 
-def locate_threshold(hist: np.ndarray, j: int) -> tuple[int, int, int | None]:
-    """From :func:`high_pass`'s histogram of one expert (2^16 counts: 2^15 buckets of bf16-exact magnitudes, then
-    2^15 of the others), the bucket of the ``j``-th smallest magnitude, the rank in it, and the threshold's float32
-    bits when the rank falls among the bucket's bf16-exact entries (the bucket's smallest value), else None (the
-    low pass is needed)."""
-    exact = hist[: _HALF // 2]
-    cum = np.cumsum(exact + hist[_HALF // 2 :])
-    bucket = int(np.searchsorted(cum, j))  # the first bucket whose cumulative count reaches j
-    rank = j - (int(cum[bucket - 1]) if bucket > 0 else 0)
-    if rank <= int(exact[bucket]):
-        return bucket, rank, bucket << 16
-    return bucket, rank, None
-
-
-def low_threshold(low: np.ndarray, bucket: int, rank: int) -> int:
-    """The float32 bits of the ``rank``-th smallest entry of ``bucket`` from :func:`low_pass`'s counts."""
-    return (bucket << 16) | int(np.searchsorted(np.cumsum(low), rank))
-
-
-__all__ = ["available", "kernels", "locate_threshold", "low_threshold", "pays", "ready", "warm_up", "worth_waiting"]
+__all__ = ["available", "kernels", "pays", "ready", "warm_up", "worth_waiting"]
