@@ -204,6 +204,47 @@ def test_ties_compiled_kernels_equal_the_stacked_path(tmp_path: Path, monkeypatc
         assert r.merged_norm == pytest.approx(r0.merged_norm, rel=1e-5)
 
 
+def test_ties_kernels_a_threshold_value_repeated_past_the_candidates_buffer(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """16-bit task vectors repeat values: when the sample brackets one value and the tensor holds more entries of it
+    than the candidates' buffer, that value is the threshold, found without the histogram passes."""
+    pytest.importorskip("numba")
+    from mergelab.engine import ties_kernels
+
+    def no_histograms(*a: object) -> None:
+        raise AssertionError("histogram pass")
+
+    monkeypatch.setattr(ties_kernels, "high_pass", no_histograms)
+    monkeypatch.setattr(loop, "_PREFETCH_BYTES", 1)
+    g = torch.Generator().manual_seed(5)
+    n = 40_000  # two magnitudes of about 20,000 entries each: more than the buffer's 2^14
+    base = torch.randn(n, generator=g).to(torch.bfloat16)
+    mags = torch.tensor([2.0**-6, 2.0**-5])
+    ex = [(base.float() + mags[torch.randint(0, 2, (n,), generator=g)]
+           * (torch.randint(0, 2, (n,), generator=g) * 2 - 1)).to(torch.bfloat16) for _ in range(2)]
+    b = _ckpt(tmp_path / "q" / "base", {"w": base})
+    experts = [_ckpt(tmp_path / "q" / f"e{i}", {"w": e}) for i, e in enumerate(ex)]
+    seen = []
+    real = fused._bracket
+
+    def spy(chunks: object, row: int, rank: int) -> tuple[float, float, int]:
+        seen.append(real(chunks, row, rank))  # type: ignore[arg-type]
+        return seen[-1]
+
+    monkeypatch.setattr(fused, "_bracket", spy)
+    kw = dict(base=b, experts=experts, method="ties", params={"density": 0.2})
+    got, (_, calls) = _run(monkeypatch, True, tmp_path / "native", native=True, **kw)
+    want, _ = _run(monkeypatch, False, tmp_path / "stacked", **kw)
+    assert calls == ["w"] and seen and all(lo == hi for lo, hi, _ in seen)
+    assert torch.equal(got["w"].view(torch.int16), want["w"].view(torch.int16))
+
+
+def test_the_bracket_sample_grows_with_the_tensor() -> None:
+    sizes = [fused.bracket_sample(n) for n in (1_000, 10**6, 14 * 10**6, 233 * 10**6, 10**10)]
+    assert sizes[0] == sizes[1] == fused._BRACKET_SAMPLE and sizes[-1] == 1 << 21
+    assert sizes == sorted(sizes) and sizes[2] > fused._BRACKET_SAMPLE and all(s % 256 == 0 for s in sizes)
+
+
 def test_ties_compiled_kernels_only_for_bf16_and_float32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("numba")
     used = []

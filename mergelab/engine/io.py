@@ -261,15 +261,19 @@ class CheckpointReader:
         weakref.finalize(t, _release_pages, m, info.offset, info.nbytes)
         return t
 
-    def release(self, name: str, upto: int | None = None) -> None:
-        """Drop the resident pages of tensor ``name`` (its first ``upto`` entries only, when given) from the memory
+    def release(self, name: str, upto: int | None = None, start: int = 0) -> None:
+        """Drop the resident pages of tensor ``name`` (its entries ``start:upto`` only, when given) from the memory
         map now. Its views stay valid: a later access reads the pages again from the page cache (the bytes of the
-        file; views are never written)."""
+        file; views are never written). A stream releases the window behind it since its last call: ``madvise`` over
+        the whole prefix again at every call costs time in proportion to the prefix (1.2 s of a 5.5 s TIES merge of
+        Qwen2-VL-2B at scale 0.2)."""
         info = self.infos[name]
         m = self._maps.get(info.file)
-        nbytes = info.nbytes if upto is None else min(info.nbytes, upto * _itemsize(info.dtype))
-        if m is not None and nbytes:
-            _release_pages(m, info.offset, nbytes)
+        item = _itemsize(info.dtype)
+        nbytes = info.nbytes if upto is None else min(info.nbytes, upto * item)
+        skip = min(nbytes, start * item)
+        if m is not None and nbytes > skip:
+            _release_pages(m, info.offset + skip, nbytes - skip)
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor with plain reads into a fresh CPU buffer (a copy; no pages of the file stay mapped)."""

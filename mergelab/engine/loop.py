@@ -286,10 +286,14 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
             # every entry read once, merged and finished in the cache: no stack (engine/fused.py)
             chunks = Chunks(it, b_dev, ex, cdtype)
 
-            def release(upto: int) -> None:  # the inputs' pages behind the stream
-                base_reader.release(it.name, upto)
+            done = [0]  # entries released so far in this pass
+
+            def release(upto: int) -> None:  # the inputs' pages behind the stream, since the last call of this pass
+                start = done[0] if upto > done[0] else 0  # (a new pass starts from the tensor's first entry)
+                base_reader.release(it.name, upto, start)
                 for e in ex:
-                    e.full.release(it.name, upto)  # type: ignore[union-attr]
+                    e.full.release(it.name, upto, start)  # type: ignore[union-attr]
+                done[0] = upto
 
             buf = pool.take((math.prod(it.shape),), it.out_dtype, dev)
             res = None

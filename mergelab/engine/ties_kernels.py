@@ -7,6 +7,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 from numba import types
+from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import intrinsic, overload
 
 _BLOCK = 1024  # entries per block of the compiled loops (their buffers stay in the L1/L2 cache)
@@ -149,16 +150,19 @@ def bracket_pass(b, e, a0, a1, lo, hi, cand, state, acc):
             fb[t] = f
             inside += np.int64(f)
         sq += _sumsq(db, m)
-        if inside:
+        if inside:  # the flagged entries, by the set bits of each word (a branch per entry mispredicts)
+            for t in range(m, (m + 7) // 8 * 8):
+                fb[t] = 0
             for w in range((m + 7) // 8):
-                if fw[w]:
-                    for t in range(w * 8, min(w * 8 + 8, m)):
-                        if fb[t]:
-                            if nc < cap:
-                                cand[nc] = abs(db[t])
-                                nc += 1
-                            else:
-                                over += 1
+                x = fw[w]
+                while x:
+                    t = w * 8 + (trailing_zeros(x) >> 3)
+                    if nc < cap:
+                        cand[nc] = abs(db[t])
+                        nc += 1
+                    else:
+                        over += 1
+                    x &= x - np.uint64(1)
     state[0] += below
     state[1] = nc
     state[2] = over
