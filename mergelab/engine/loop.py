@@ -309,8 +309,8 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
                     method = chunked(chunks.n, len(ex), cdtype, dev, chunks.sample, chunks.step)
                 res = fused_merge(chunks, method, lam, release=release, out=buf)
                 del method
+            release(chunks.n)  # the result is final: the inputs' pages are not needed any more
             del chunks
-            base_reader.release(it.name)  # the result is final: the base's pages are not needed any more
             nbytes += sum(e.full.infos[it.name].nbytes for e in ex)  # type: ignore[union-attr]
             return Loaded(it, b_dev, None, nbytes, fused=res)
         deltas = pool.take((len(ex), *b.shape), cdtype, dev)
