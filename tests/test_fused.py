@@ -181,13 +181,16 @@ def test_huge_finite_values_are_not_an_error(tmp_path: Path, monkeypatch: pytest
 NATIVE_CASES = [c for c in CASES if c[0] == "ties"]
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("bracket", ["sampled", "missed"])
 @pytest.mark.parametrize(("method", "params", "n", "dtype", "cdtype"), NATIVE_CASES)
 def test_ties_compiled_kernels_equal_the_stacked_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
                                                       params: dict, n: int, dtype: torch.dtype, cdtype: str | None,
-                                                      bracket: str) -> None:
+                                                      bracket: str, threads: int) -> None:
+    """Bit for bit, in one thread and in rounds of three (each with its own candidates and sums)."""
     pytest.importorskip("numba")
     monkeypatch.setattr(fused, "_NATIVE_SLAB", 1000)  # several slabs per tensor and a short last one
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # the kernels' slots; torch itself unchanged
     monkeypatch.setattr(loop, "_PREFETCH_BYTES", 1)  # float32 inputs take the fused path too
     if bracket == "missed":  # a bracket that never holds the threshold: the histogram passes select it
         monkeypatch.setattr(fused, "_bracket", lambda chunks, row, rank: (0.0, 0.0, 1) if rank else (1e9, 1e9, 0))

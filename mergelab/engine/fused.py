@@ -217,6 +217,16 @@ def _np_bits(t: torch.Tensor) -> Any:
 
 
 _KINDS = {torch.bfloat16: "bf16", torch.float32: "f32"}
+_POOLS: dict[int, Any] = {}
+
+
+def _pool(workers: int) -> Any:
+    """A thread pool of ``workers`` threads for the compiled kernels' slabs (made once per size, per process)."""
+    if workers not in _POOLS:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="mergelab-ties")
+    return _POOLS[workers]
 _BRACKET_SAMPLE = 1 << 16  # magnitudes per expert in the sample that brackets a threshold
 
 
@@ -347,48 +357,60 @@ def native_ties(chunks: Chunks, rank: int, lam: float, release: Callable[[int], 
     es = tuple(_np_bits(v.contiguous()) for v in chunks.views)
     n_ex = len(es)
     slabs = [(a, min(a + _NATIVE_SLAB, n)) for a in range(0, n, _NATIVE_SLAB)]
+    # The kernels release the GIL: with torch's thread count above 1, a pass runs its slabs in rounds of that many
+    # threads, each slot with its own accumulators (the candidates, counts and sums are combined after the pass; the
+    # merged entries do not depend on the split, the report's norms only in their last digits). The inputs' pages
+    # are released behind each round.
+    workers = max(1, min(torch.get_num_threads(), len(slabs)))
 
-    def each_slab(fn: Callable[[int, int], None]) -> None:
-        for a0, a1 in slabs:
-            fn(a0, a1)
-            if release is not None and a1 < n:
-                release(a1)
+    def each_slab(fn: Callable[[int, int, int], None], parallel: bool = True) -> None:
+        step = workers if parallel else 1
+        for g in range(0, len(slabs), step):
+            group = slabs[g : g + step]
+            if len(group) == 1:
+                fn(0, *group[0])
+            else:
+                list(_pool(workers).map(lambda js: fn(js[0], *js[1]), enumerate(group)))
+            if release is not None and group[-1][1] < n:
+                release(group[-1][1])
 
     # pass 1: each expert's magnitudes against a bracket around its threshold from a sample (their count below it
     # and the few inside), its sum of squares, whether any entry is non-zero
     brackets = [_bracket(chunks, r, rank) for r in range(n_ex)]
-    cap = min(n, max(1 << 14, 2 * max(c for _, _, c in brackets)))
-    cand = np.empty((n_ex, cap), dtype=np.float32)
-    counts = np.zeros((n_ex, 3), dtype=np.int64)  # below, candidates, candidates past cap
-    acc = np.zeros((n_ex, 2), dtype=np.float64)  # sum of squares, any non-zero entry
+    cap = min(n, max(1 << 14, 2 * -(-max(c for _, _, c in brackets) // workers)))  # candidates per slot
+    cand = np.empty((workers, n_ex, cap), dtype=np.float32)
+    counts = np.zeros((workers, n_ex, 3), dtype=np.int64)  # below, candidates, candidates past cap
+    acc = np.zeros((workers, n_ex, 2), dtype=np.float64)  # sum of squares, any non-zero entry
     lohi = [(np.float32(lo), np.float32(hi)) for lo, hi, _ in brackets]
-    each_slab(lambda a0, a1: [k.bracket_pass(b, es[r], a0, a1, *lohi[r], cand[r], counts[r], acc[r])
-                              for r in range(n_ex)])
+    each_slab(lambda j, a0, a1: [k.bracket_pass(b, es[r], a0, a1, *lohi[r], cand[j, r], counts[j, r], acc[j, r])
+                                 for r in range(n_ex)])
+    sums = acc.sum(axis=0)
     for r in range(n_ex):  # an expert's NaN/Inf named first, as in the stacked path
-        if not math.isfinite(float(acc[r, 0])):
+        if not math.isfinite(float(sums[r, 0])):
             chunks.experts[r].check_finite(item.name)
-    norms = [math.sqrt(float(x)) for x in acc[:, 0]]
+    norms = [math.sqrt(float(x)) for x in sums[:, 0]]
     value = torch.empty(0, dtype=out.dtype).set_(out.untyped_storage(), out.storage_offset(), item.shape)
-    if not acc[:, 1].any():  # every task vector is exactly zero: the base itself, as the stacked path writes it
+    if not sums[:, 1].any():  # every task vector is exactly zero: the base itself, as the stacked path writes it
         out.copy_(chunks.flat_b)
         return FusedResult(value, norms, 0.0, True, time.perf_counter() - t0)
     th = np.zeros(n_ex, dtype=np.float32)
     missed = []  # experts whose threshold the bracket missed: the radix select's histogram passes
     for r in range(n_ex):
-        below, nc, over = (int(x) for x in counts[r])
+        below, nc, over = (int(x) for x in counts[:, r].sum(axis=0))
         if rank == 0:
             continue
         if lohi[r][0] == lohi[r][1] and below < rank <= below + nc + over:  # a bracket of one value: it (16-bit
             th[r] = lohi[r][0]  # inputs often repeat the value at the threshold more times than ``cand`` holds)
         elif not over and below < rank <= below + nc:
-            th[r] = float(kth_smallest_abs(torch.from_numpy(cand[r, :nc]).view(1, -1), rank - below)[0])
+            kept = np.concatenate([cand[j, r, : counts[j, r, 1]] for j in range(workers)])
+            th[r] = float(kth_smallest_abs(torch.from_numpy(kept).view(1, -1), rank - below)[0])
         else:
             missed.append(r)
     cand = None  # freed before the merge pass
-    if missed:
+    if missed:  # (rare: one thread, the histograms shared)
         hist = np.zeros((n_ex, 1 << 16), dtype=np.int64)
         scratch = np.zeros((n_ex, 2), dtype=np.float64)
-        each_slab(lambda a0, a1: [k.high_pass(b, es[r], a0, a1, hist[r], scratch[r]) for r in missed])
+        each_slab(lambda j, a0, a1: [k.high_pass(b, es[r], a0, a1, hist[r], scratch[r]) for r in missed], False)
         low: dict[int, tuple[int, int, Any]] = {}
         for r in missed:
             bucket, rk, found = locate(torch.from_numpy(hist[r]), True, rank)
@@ -397,25 +419,27 @@ def native_ties(chunks: Chunks, rank: int, lam: float, release: Callable[[int], 
             else:
                 th[r] = np.uint32(found).view(np.float32)
         if low:
-            each_slab(lambda a0, a1: [k.low_pass(b, es[r], a0, a1, bk, cnt) for r, (bk, _, cnt) in low.items()])
+            each_slab(lambda j, a0, a1: [k.low_pass(b, es[r], a0, a1, bk, cnt) for r, (bk, _, cnt) in low.items()],
+                      False)
             for r, (bk, rk, cnt) in low.items():
                 th[r] = np.uint32(low_bits(torch.from_numpy(cnt), bk, rk)).view(np.float32)
     lam32 = np.float32(lam)
-    amb = np.empty(_NATIVE_SLAB + 1, dtype=np.int64)
-    ambx = np.empty((_NATIVE_SLAB + 1, n_ex + 1), dtype=np.float32)  # their base values and trimmed task vectors
+    amb = np.empty((workers, _NATIVE_SLAB + 1), dtype=np.int64)
+    ambx = np.empty((workers, _NATIVE_SLAB + 1, n_ex + 1), dtype=np.float32)  # their base values and trimmed deltas
     waiting: list[Any] = []
-    state = np.zeros(2, dtype=np.int64)  # set-aside entries of the slab, the balance of the sums' signs
-    macc = np.zeros(2, dtype=np.float64)  # merged sum of squares, non-finite updates
+    state = np.zeros((workers, 2), dtype=np.int64)  # set-aside entries of the slab, the balance of the sums' signs
+    macc = np.zeros((workers, 2), dtype=np.float64)  # merged sum of squares, non-finite updates
 
-    def merge_slab(a0: int, a1: int) -> None:
-        state[0] = 0
-        k.merge_pass(b, es, a0, a1, th, lam32, tail, o, amb, ambx, state, macc)
-        if state[0]:
-            waiting.append((amb[: state[0]].copy(), ambx[: state[0]].copy()))
+    def merge_slab(j: int, a0: int, a1: int) -> None:
+        state[j, 0] = 0
+        k.merge_pass(b, es, a0, a1, th, lam32, tail, o, amb[j], ambx[j], state[j], macc[j])
+        if state[j, 0]:
+            waiting.append((amb[j, : state[j, 0]].copy(), ambx[j, : state[j, 0]].copy()))
 
     each_slab(merge_slab)
+    macc = macc.sum(axis=0)
     if waiting:  # the sign of the balance is the majority sign (0: none)
-        majority = np.float32(np.sign(state[1]))
+        majority = np.float32(np.sign(state[:, 1].sum()))
         for idx, vals in waiting:
             k.patch_pass(tail, lam32, o, idx, vals, len(idx), majority, macc)
     if macc[1]:
