@@ -242,6 +242,44 @@ def test_ties_kernels_a_threshold_value_repeated_past_the_candidates_buffer(tmp_
     assert torch.equal(got["w"].view(torch.int16), want["w"].view(torch.int16))
 
 
+def test_ties_kernels_sampled_while_they_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tensor that waits for the kernels takes its sample while they load (as in a new process), same bits."""
+    pytest.importorskip("numba")
+    from mergelab.engine import ties_native
+
+    import threading
+
+    from mergelab.engine import ties_kernels
+
+    monkeypatch.setattr(ties_native, "_warm", {})
+    monkeypatch.setattr(ties_native, "_started", {})
+    sampled = threading.Event()
+    real_warm = ties_kernels.warm
+
+    def slow_warm(*key: object) -> None:  # the load ends only after the first tensor's two samples
+        sampled.wait(10)
+        real_warm(*key)
+
+    monkeypatch.setattr(ties_kernels, "warm", slow_warm)
+    early = []
+    real = fused._bracket
+
+    def spy(chunks: object, row: int, rank: int) -> tuple[float, float, int]:
+        early.append(not ties_native.ready(2, "bf16", "bf16"))
+        if len(early) == 2:
+            sampled.set()
+        return real(chunks, row, rank)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fused, "_bracket", spy)
+    base, experts = _family(tmp_path / "in", 2, torch.bfloat16)
+    kw = dict(base=base, experts=experts, method="ties", params={"density": 0.3})
+    got, (_, calls) = _run(monkeypatch, True, tmp_path / "native", native=True, **kw)
+    want, _ = _run(monkeypatch, False, tmp_path / "stacked", **kw)
+    assert sorted(calls) == sorted(SHAPES) and early[:2] == [True, True] and not any(early[2:])
+    for k in want:
+        assert torch.equal(got[k].view(torch.int16), want[k].view(torch.int16)), k
+
+
 def test_the_bracket_sample_grows_with_the_tensor() -> None:
     sizes = [fused.bracket_sample(n) for n in (1_000, 10**6, 14 * 10**6, 233 * 10**6, 10**10)]
     assert sizes[0] == sizes[1] == fused._BRACKET_SAMPLE and sizes[-1] == 1 << 21

@@ -340,6 +340,9 @@ def native_ties(chunks: Chunks, rank: int, lam: float, release: Callable[[int], 
     if kinds is None or n == 0:
         return None
     wait = wait or tn.worth_waiting(len(chunks.views), *kinds, n)
+    brackets = None
+    if wait and not tn.ready(len(chunks.views), *kinds):  # the sample (numpy) while the kernels load
+        brackets = [_bracket(chunks, r, rank) for r in range(len(chunks.views))]
     if not tn.ready(len(chunks.views), *kinds, wait=wait):
         return None
     tail = n  # from here on, sums over the experts take torch's tail order (five or more experts)
@@ -376,7 +379,8 @@ def native_ties(chunks: Chunks, rank: int, lam: float, release: Callable[[int], 
 
     # pass 1: each expert's magnitudes against a bracket around its threshold from a sample (their count below it
     # and the few inside), its sum of squares, whether any entry is non-zero
-    brackets = [_bracket(chunks, r, rank) for r in range(n_ex)]
+    if brackets is None:
+        brackets = [_bracket(chunks, r, rank) for r in range(n_ex)]
     cap = min(n, max(1 << 14, 2 * -(-max(c for _, _, c in brackets) // workers)))  # candidates per slot
     cand = np.empty((workers, n_ex, cap), dtype=np.float32)
     counts = np.zeros((workers, n_ex, 3), dtype=np.int64)  # below, candidates, candidates past cap
