@@ -245,11 +245,9 @@ def test_ties_kernels_a_threshold_value_repeated_past_the_candidates_buffer(tmp_
 def test_ties_kernels_sampled_while_they_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A tensor that waits for the kernels takes its sample while they load (as in a new process), same bits."""
     pytest.importorskip("numba")
-    from mergelab.engine import ties_native
-
     import threading
 
-    from mergelab.engine import ties_kernels
+    from mergelab.engine import ties_kernels, ties_native
 
     monkeypatch.setattr(ties_native, "_warm", {})
     monkeypatch.setattr(ties_native, "_started", {})

@@ -227,6 +227,8 @@ def _pool(workers: int) -> Any:
 
         _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="mergelab-ties")
     return _POOLS[workers]
+
+
 _BRACKET_SAMPLE = 1 << 16  # magnitudes per expert in the sample that brackets a threshold
 
 
@@ -341,7 +343,7 @@ def native_ties(chunks: Chunks, rank: int, lam: float, release: Callable[[int], 
         return None
     wait = wait or tn.worth_waiting(len(chunks.views), *kinds, n)
     brackets = None
-    if wait and not tn.ready(len(chunks.views), *kinds):  # the sample (numpy) while the kernels load
+    if wait and tn.available() and not tn.ready(len(chunks.views), *kinds):  # the sample while the kernels load
         brackets = [_bracket(chunks, r, rank) for r in range(len(chunks.views))]
     if not tn.ready(len(chunks.views), *kinds, wait=wait):
         return None

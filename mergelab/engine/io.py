@@ -264,9 +264,8 @@ class CheckpointReader:
     def release(self, name: str, upto: int | None = None, start: int = 0) -> None:
         """Drop the resident pages of tensor ``name`` (its entries ``start:upto`` only, when given) from the memory
         map now. Its views stay valid: a later access reads the pages again from the page cache (the bytes of the
-        file; views are never written). A stream releases the window behind it since its last call: ``madvise`` over
-        the whole prefix again at every call costs time in proportion to the prefix (1.2 s of a 5.5 s TIES merge of
-        Qwen2-VL-2B at scale 0.2)."""
+        file; views are never written). A stream releases the window behind it since its last call (``start``), so
+        that no call walks the pages an earlier one dropped."""
         info = self.infos[name]
         m = self._maps.get(info.file)
         item = _itemsize(info.dtype)
