@@ -182,7 +182,7 @@ NATIVE_CASES = [c for c in CASES if c[0] == "ties"]
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize("bracket", ["sampled", "missed"])
+@pytest.mark.parametrize("bracket", ["sampled", "missed", "shifted"])
 @pytest.mark.parametrize(("method", "params", "n", "dtype", "cdtype"), NATIVE_CASES)
 def test_ties_compiled_kernels_equal_the_stacked_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
                                                       params: dict, n: int, dtype: torch.dtype, cdtype: str | None,
@@ -194,6 +194,9 @@ def test_ties_compiled_kernels_equal_the_stacked_path(tmp_path: Path, monkeypatc
     monkeypatch.setattr(loop, "_PREFETCH_BYTES", 1)  # float32 inputs take the fused path too
     if bracket == "missed":  # a bracket that never holds the threshold: the histogram passes select it
         monkeypatch.setattr(fused, "_bracket", lambda chunks, row, rank: (0.0, 0.0, 1) if rank else (1e9, 1e9, 0))
+    if bracket == "shifted":  # a bracket around another rank: decided entries merged wrongly, then merged again
+        real = fused._bracket
+        monkeypatch.setattr(fused, "_bracket", lambda chunks, row, rank: real(chunks, row, rank // 2))
     base, experts = _family(tmp_path / "in", n, dtype)
     kw = dict(base=base, experts=experts, method=method, params=params)
     got, (rep, calls) = _run(monkeypatch, True, tmp_path / "native", native=True, **kw)
