@@ -78,6 +78,15 @@ def test_fused_equals_stacked_bit_for_bit(tmp_path: Path, monkeypatch: pytest.Mo
                                           params: dict, n: int, dtype: torch.dtype, cdtype: str | None) -> None:
     monkeypatch.setattr(fused, "_CHUNK", 64)  # many chunks per tensor and a short last one
     monkeypatch.setattr(loop, "_PREFETCH_BYTES", 1)  # every stack counts as large: TIES fused for float32 inputs too
+    monkeypatch.setattr(fused, "_RELEASE_BYTES", 512)  # pages released often; TIES's strided sample read in windows
+    windowed = []
+    real_sample = fused.Chunks.sample
+
+    def sample(self: fused.Chunks, row: int, index: slice) -> torch.Tensor:
+        windowed.append(self.release is not None and index.indices(self.n)[1] - index.start > 256)
+        return real_sample(self, row, index)
+
+    monkeypatch.setattr(fused.Chunks, "sample", sample)
     base, experts = _family(tmp_path / "in", n, dtype)
     kw = dict(base=base, experts=experts, method=method, params=params)
     if cdtype:
@@ -91,6 +100,8 @@ def test_fused_equals_stacked_bit_for_bit(tmp_path: Path, monkeypatch: pytest.Mo
         assert calls == averaged
     else:
         assert sorted(calls) == sorted(SHAPES)
+    # TIES's sample (of the embedding at least) is read window by window; with density 1 nothing is trimmed
+    assert any(windowed) == (method in ("ties", "dare_ties") and params.get("density") != 1.0)
     assert got.keys() == want.keys()
     for k in want:
         assert got[k].dtype == want[k].dtype
@@ -193,10 +204,10 @@ def test_ties_compiled_kernels_equal_the_stacked_path(tmp_path: Path, monkeypatc
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # the kernels' slots; torch itself unchanged
     monkeypatch.setattr(loop, "_PREFETCH_BYTES", 1)  # float32 inputs take the fused path too
     if bracket == "missed":  # a bracket that never holds the threshold: the histogram passes select it
-        monkeypatch.setattr(fused, "_bracket", lambda chunks, row, rank: (0.0, 0.0, 1) if rank else (1e9, 1e9, 0))
+        monkeypatch.setattr(fused, "_bracket", lambda chunks, row, rank, *a: (0.0, 0.0, 1) if rank else (1e9, 1e9, 0))
     if bracket == "shifted":  # a bracket around another rank: decided entries merged wrongly, then merged again
         real = fused._bracket
-        monkeypatch.setattr(fused, "_bracket", lambda chunks, row, rank: real(chunks, row, rank // 2))
+        monkeypatch.setattr(fused, "_bracket", lambda chunks, row, rank, *a: real(chunks, row, rank // 2, *a))
     base, experts = _family(tmp_path / "in", n, dtype)
     kw = dict(base=base, experts=experts, method=method, params=params)
     got, (rep, calls) = _run(monkeypatch, True, tmp_path / "native", native=True, **kw)
@@ -233,8 +244,8 @@ def test_ties_kernels_a_threshold_value_repeated_past_the_candidates_buffer(tmp_
     seen = []
     real = fused._bracket
 
-    def spy(chunks: object, row: int, rank: int) -> tuple[float, float, int]:
-        seen.append(real(chunks, row, rank))  # type: ignore[arg-type]
+    def spy(chunks: object, row: int, rank: int, *a: object) -> tuple[float, float, int]:
+        seen.append(real(chunks, row, rank, *a))  # type: ignore[arg-type]
         return seen[-1]
 
     monkeypatch.setattr(fused, "_bracket", spy)
@@ -265,11 +276,11 @@ def test_ties_kernels_sampled_while_they_load(tmp_path: Path, monkeypatch: pytes
     early = []
     real = fused._bracket
 
-    def spy(chunks: object, row: int, rank: int) -> tuple[float, float, int]:
+    def spy(chunks: object, row: int, rank: int, *a: object) -> tuple[float, float, int]:
         early.append(not ties_native.ready(2, "bf16", "bf16"))
         if len(early) == 2:
             sampled.set()
-        return real(chunks, row, rank)  # type: ignore[arg-type]
+        return real(chunks, row, rank, *a)  # type: ignore[arg-type]
 
     monkeypatch.setattr(fused, "_bracket", spy)
     base, experts = _family(tmp_path / "in", 2, torch.bfloat16)
@@ -279,6 +290,37 @@ def test_ties_kernels_sampled_while_they_load(tmp_path: Path, monkeypatch: pytes
     assert sorted(calls) == sorted(SHAPES) and early[:2] == [True, True] and not any(early[2:])
     for k in want:
         assert torch.equal(got[k].view(torch.int16), want[k].view(torch.int16)), k
+
+
+def test_ties_kernels_sample_runs_release_their_pages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tensor larger than the sample is sampled in runs, each run's pages (widened to whole folios) dropped once
+    read; same bits as the torch form."""
+    pytest.importorskip("numba")
+    from mergelab.engine import io
+
+    monkeypatch.setattr(loop, "_NATIVE_WAIT", True)
+    monkeypatch.setattr(fused, "_FOLIO_BYTES", 4096)
+    monkeypatch.setattr(fused, "_NATIVE_SLAB", 10_000)
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(400, 300, generator=g).to(torch.bfloat16)  # 120,000 entries: more than the sample's 65,536
+    ex = [(base.float() + 0.05 * torch.randn(base.shape, generator=g)).to(torch.bfloat16) for _ in range(2)]
+    b = _ckpt(tmp_path / "s" / "base", {"w": base})
+    experts = [_ckpt(tmp_path / "s" / f"e{i}", {"w": e}) for i, e in enumerate(ex)]
+    windows: list[tuple[int, int]] = []
+    real_release = io.CheckpointReader.release
+
+    def spy(self: object, name: str, upto: int | None = None, start: int = 0) -> None:
+        windows.append((start, -1 if upto is None else upto))
+        real_release(self, name, upto, start)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(io.CheckpointReader, "release", spy)
+    kw = dict(base=b, experts=experts, method="ties", params={"density": 0.2})
+    got, (_, calls) = _run(monkeypatch, True, tmp_path / "native", native=True, **kw)
+    monkeypatch.setattr(io.CheckpointReader, "release", real_release)
+    want, _ = _run(monkeypatch, False, tmp_path / "stacked", **kw)
+    assert calls == ["w"] and torch.equal(got["w"].view(torch.int16), want["w"].view(torch.int16))
+    runs = [w for w in windows if w[0] % 2048 == 0 and w[1] % 2048 == 0 and 0 < w[1] - w[0] <= 4 * 2048]
+    assert len(runs) >= 3 * 2 * 128  # (at least) every run of both experts' samples, on the three inputs
 
 
 def test_the_bracket_sample_grows_with_the_tensor() -> None:
