@@ -78,15 +78,6 @@ def test_fused_equals_stacked_bit_for_bit(tmp_path: Path, monkeypatch: pytest.Mo
                                           params: dict, n: int, dtype: torch.dtype, cdtype: str | None) -> None:
     monkeypatch.setattr(fused, "_CHUNK", 64)  # many chunks per tensor and a short last one
     monkeypatch.setattr(loop, "_PREFETCH_BYTES", 1)  # every stack counts as large: TIES fused for float32 inputs too
-    monkeypatch.setattr(fused, "_RELEASE_BYTES", 512)  # pages released often; TIES's strided sample read in windows
-    windowed = []
-    real_sample = fused.Chunks.sample
-
-    def sample(self: fused.Chunks, row: int, index: slice) -> torch.Tensor:
-        windowed.append(self.release is not None and index.indices(self.n)[1] - index.start > 256)
-        return real_sample(self, row, index)
-
-    monkeypatch.setattr(fused.Chunks, "sample", sample)
     base, experts = _family(tmp_path / "in", n, dtype)
     kw = dict(base=base, experts=experts, method=method, params=params)
     if cdtype:
@@ -100,8 +91,6 @@ def test_fused_equals_stacked_bit_for_bit(tmp_path: Path, monkeypatch: pytest.Mo
         assert calls == averaged
     else:
         assert sorted(calls) == sorted(SHAPES)
-    # TIES's sample (of the embedding at least) is read window by window; with density 1 nothing is trimmed
-    assert any(windowed) == (method in ("ties", "dare_ties") and params.get("density") != 1.0)
     assert got.keys() == want.keys()
     for k in want:
         assert got[k].dtype == want[k].dtype
@@ -292,35 +281,37 @@ def test_ties_kernels_sampled_while_they_load(tmp_path: Path, monkeypatch: pytes
         assert torch.equal(got[k].view(torch.int16), want[k].view(torch.int16)), k
 
 
-def test_ties_kernels_sample_runs_release_their_pages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A tensor larger than the sample is sampled in runs, each run's pages (widened to whole folios) dropped once
-    read; same bits as the torch form."""
+def test_ties_kernels_sample_a_large_tensor_with_plain_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large tensor's sample is read with ``pread`` (through the map, each of its runs would map a whole folio),
+    the same values: same bits as the torch form."""
     pytest.importorskip("numba")
     from mergelab.engine import io
 
     monkeypatch.setattr(loop, "_NATIVE_WAIT", True)
-    monkeypatch.setattr(fused, "_FOLIO_BYTES", 4096)
-    monkeypatch.setattr(fused, "_NATIVE_SLAB", 10_000)
+    monkeypatch.setattr(fused, "_UNMAPPED_SAMPLE_BYTES", 1)
     g = torch.Generator().manual_seed(9)
     base = torch.randn(400, 300, generator=g).to(torch.bfloat16)  # 120,000 entries: more than the sample's 65,536
     ex = [(base.float() + 0.05 * torch.randn(base.shape, generator=g)).to(torch.bfloat16) for _ in range(2)]
     b = _ckpt(tmp_path / "s" / "base", {"w": base})
     experts = [_ckpt(tmp_path / "s" / f"e{i}", {"w": e}) for i, e in enumerate(ex)]
-    windows: list[tuple[int, int]] = []
-    real_release = io.CheckpointReader.release
+    reads = []
+    real_read = io.CheckpointReader.read_runs
 
-    def spy(self: object, name: str, upto: int | None = None, start: int = 0) -> None:
-        windows.append((start, -1 if upto is None else upto))
-        real_release(self, name, upto, start)  # type: ignore[arg-type]
+    def spy(self: io.CheckpointReader, name: str, starts: object, run: int) -> torch.Tensor:
+        got = real_read(self, name, starts, run)
+        flat = self.view(name).reshape(-1)
+        want = torch.cat([flat[int(s) : int(s) + run] for s in starts])  # type: ignore[attr-defined]
+        reads.append(torch.equal(got.view(torch.int16), want.view(torch.int16)))
+        return got
 
-    monkeypatch.setattr(io.CheckpointReader, "release", spy)
+    monkeypatch.setattr(io.CheckpointReader, "read_runs", spy)
     kw = dict(base=b, experts=experts, method="ties", params={"density": 0.2})
     got, (_, calls) = _run(monkeypatch, True, tmp_path / "native", native=True, **kw)
-    monkeypatch.setattr(io.CheckpointReader, "release", real_release)
     want, _ = _run(monkeypatch, False, tmp_path / "stacked", **kw)
-    assert calls == ["w"] and torch.equal(got["w"].view(torch.int16), want["w"].view(torch.int16))
-    runs = [w for w in windows if w[0] % 2048 == 0 and w[1] % 2048 == 0 and 0 < w[1] - w[0] <= 4 * 2048]
-    assert len(runs) >= 3 * 2 * 128  # (at least) every run of both experts' samples, on the three inputs
+    assert calls == ["w"] and len(reads) == 4 and all(reads)  # each expert's runs and the base's
+    assert torch.equal(got["w"].view(torch.int16), want["w"].view(torch.int16))
+    with pytest.raises(MergeError, match="cannot read tensor w"):
+        io.CheckpointReader(b).read_runs("w", [119_990], 64)  # past the file's end
 
 
 def test_the_bracket_sample_grows_with_the_tensor() -> None:

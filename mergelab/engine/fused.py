@@ -91,7 +91,7 @@ class Chunks:
         k0 = max(1, min(self.step, self.n))
         self.stack_buf = torch.empty(self.n_ex * k0, dtype=cdtype)
         self.base_buf = torch.empty(k0, dtype=cdtype)
-        self.release: Callable[..., None] | None = None  # ``release(upto, start)``: drop the inputs' pages there
+        self.readers: tuple[Any, list[Any]] | None = None  # (base, experts) CheckpointReaders: reads, not maps
 
     def starts(self) -> range:
         return range(0, self.n, self.step)
@@ -114,21 +114,8 @@ class Chunks:
         return bc, d
 
     def sample(self, row: int, index: slice) -> torch.Tensor:
-        """Expert ``row``'s task vector at the entries ``index`` (a new tensor, the values :meth:`deltas` gives).
-
-        A strided sample spans the whole tensor: with :attr:`release` set, it is read a window at a time and each
-        window's pages dropped after (every page it touches maps a whole folio, 2 MB where the page cache holds huge
-        folios, so the sample would otherwise map the inputs whole)."""
-        start, stop, step = index.indices(self.n)
-        window = max(step, (_RELEASE_BYTES // max(1, self.flat_b.element_size())) // step * step)
-        if self.release is None or step <= 1 or stop - start <= window:
-            return self.views[row][index].to(self.cdtype) - self.flat_b[index].to(self.cdtype)
-        parts = []
-        for a in range(start, stop, window):
-            part = slice(a, min(a + window, stop), step)
-            parts.append(self.views[row][part].to(self.cdtype) - self.flat_b[part].to(self.cdtype))
-            self.release(min(self.n, a + window), a)
-        return torch.cat(parts)
+        """Expert ``row``'s task vector at the entries ``index`` (a new tensor, the values :meth:`deltas` gives)."""
+        return self.views[row][index].to(self.cdtype) - self.flat_b[index].to(self.cdtype)
 
     def reused(self, t: torch.Tensor) -> bool:
         """Whether ``t`` lives in this object's reused buffers (a result must not)."""
@@ -297,29 +284,26 @@ def _magnitudes(arr: Any, idx: Any, base: Any) -> Any:
     return np.abs(f32(arr) - f32(base))
 
 
-_FOLIO_BYTES = 2 << 20  # the page cache's largest folios here (FileHugePages): a fault on one maps all of it
+_UNMAPPED_SAMPLE_BYTES = 64 << 20  # a tensor from this size on is sampled with plain reads, not through its map
 
 
-def _sample_runs(chunks: Chunks, row: int, starts: Any, run: int, release: Callable[..., None] | None) -> Any:
-    """Expert ``row``'s magnitudes at the runs ``starts[i]:starts[i] + run``, one run at a time; with ``release``,
-    each run's pages (widened to whole folios) are dropped once it is read. A fault on a page of a file the page
-    cache holds in 2 MB folios maps the whole folio: 256 runs of three inputs mapped 1.4 GB at once on Qwen2-VL-2B's
-    embedding (its peak RSS 1.6 against 0.8 GB)."""
+def _sample_runs(chunks: Chunks, row: int, starts: Any, run: int) -> Any:
+    """Expert ``row``'s magnitudes at the runs ``starts[i]:starts[i] + run``. A large tensor's runs are read with
+    plain reads (:meth:`~mergelab.engine.io.CheckpointReader.read_runs`) when the readers are known: through the
+    map, each run maps a whole folio (2 MB where the page cache holds huge folios), so the sample alone mapped
+    1.4 GB of Qwen2-VL-2B's embedding (ties' peak RSS 1.6-1.8 against 0.8 GB)."""
     import numpy as np
 
-    arr, base = _np_bits(chunks.views[row]), _np_bits(chunks.flat_b)
-    g = max(1, _FOLIO_BYTES // max(1, chunks.flat_b.element_size()))
-    out = []
-    for s in starts:
-        s = int(s)
-        out.append(_magnitudes(arr, slice(s, s + run), base))
-        if release is not None:
-            release(min(chunks.n, -(-(s + run) // g) * g), s - s % g)
-    return np.concatenate(out)
+    name = chunks.item.name
+    if chunks.readers is None or chunks.flat_b.numel() * chunks.flat_b.element_size() < _UNMAPPED_SAMPLE_BYTES:
+        idx = (starts[:, None] + np.arange(run, dtype=np.int64)).ravel()
+        return _magnitudes(_np_bits(chunks.views[row]), idx, _np_bits(chunks.flat_b))
+    base, experts = chunks.readers
+    got = [_np_bits(r.read_runs(name, starts, run)) for r in (experts[row], base)]
+    return _magnitudes(got[0], slice(None), got[1])
 
 
-def _bracket(chunks: Chunks, row: int, rank: int,
-             release: Callable[..., None] | None = None) -> tuple[float, float, int]:
+def _bracket(chunks: Chunks, row: int, rank: int) -> tuple[float, float, int]:
     """A bracket ``[lo, hi]`` of expert ``row``'s magnitudes that holds its ``rank``-th smallest with near
     certainty, and the number of entries expected inside: the order statistics six standard deviations either
     side of the rank's quantile (two more entries each way) in a sample of :func:`bracket_sample` magnitudes,
@@ -336,7 +320,7 @@ def _bracket(chunks: Chunks, row: int, rank: int,
         sample = _magnitudes(_np_bits(chunks.views[row]), slice(None), _np_bits(chunks.flat_b))
     else:
         run = size // _BRACKET_RUNS
-        sample = _sample_runs(chunks, row, np.linspace(0, n - run, _BRACKET_RUNS).astype(np.int64), run, release)
+        sample = _sample_runs(chunks, row, np.linspace(0, n - run, _BRACKET_RUNS).astype(np.int64), run)
     s = sample.shape[0]
     q = rank / n
     z = 6.0 * math.sqrt(s * q * (1.0 - q)) + 2.0
@@ -378,7 +362,7 @@ def native_ties(chunks: Chunks, rank: int, lam: float, release: Callable[..., No
     wait = wait or tn.worth_waiting(len(chunks.views), *kinds, n)
     brackets = None
     if wait and tn.available() and not tn.ready(len(chunks.views), *kinds):  # the sample while the kernels load
-        brackets = [_bracket(chunks, r, rank, release) for r in range(len(chunks.views))]
+        brackets = [_bracket(chunks, r, rank) for r in range(len(chunks.views))]
     if not tn.ready(len(chunks.views), *kinds, wait=wait):
         return None
     tail = n  # from here on, sums over the experts take torch's tail order (five or more experts)
@@ -416,7 +400,7 @@ def native_ties(chunks: Chunks, rank: int, lam: float, release: Callable[..., No
     # pass 1: each expert's magnitudes against a bracket around its threshold from a sample (their count below it
     # and the few inside), its sum of squares, whether any entry is non-zero
     if brackets is None:
-        brackets = [_bracket(chunks, r, rank, release) for r in range(n_ex)]
+        brackets = [_bracket(chunks, r, rank) for r in range(n_ex)]
     cap = min(n, max(1 << 14, 2 * -(-max(c for _, _, c in brackets) // workers)))  # candidates per slot
     cand = np.empty((workers, n_ex, cap), dtype=np.float32)
     counts = np.zeros((workers, n_ex, 3), dtype=np.int64)  # below, candidates, candidates past cap

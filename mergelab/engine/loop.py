@@ -288,17 +288,14 @@ def _run_merge(recipe: MergeRecipe, out: str | Path, overwrite: bool, progress: 
 
             done = [0]  # entries released so far in this pass
 
-            def release(upto: int, start: int | None = None) -> None:
-                """The inputs' pages behind the stream, since the last call of this pass; with ``start``, those of
-                entries ``start:upto`` only (a sample's), the stream's place unchanged."""
-                if start is None:
-                    start = done[0] if upto > done[0] else 0  # (a new pass starts from the tensor's first entry)
-                    done[0] = upto
+            def release(upto: int) -> None:  # the inputs' pages behind the stream, since the last call of this pass
+                start = done[0] if upto > done[0] else 0  # (a new pass starts from the tensor's first entry)
                 base_reader.release(it.name, upto, start)
                 for e in ex:
                     e.full.release(it.name, upto, start)  # type: ignore[union-attr]
+                done[0] = upto
 
-            chunks.release = release
+            chunks.readers = (base_reader, [e.full for e in ex])
             buf = pool.take((math.prod(it.shape),), it.out_dtype, dev)
             res = None
             if native_rank is not None and it.rule == "merge":  # TIES's compiled kernels, when they apply and are ready
