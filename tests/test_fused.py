@@ -282,7 +282,7 @@ def test_ties_kernels_sampled_while_they_load(tmp_path: Path, monkeypatch: pytes
 
 
 def test_ties_kernels_sample_a_large_tensor_with_plain_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A large tensor's sample is read with ``pread`` (through the map, each of its runs would map a whole folio),
+    """A large tensor's sample is read with plain reads (through the map, each of its runs would map a whole folio),
     the same values: same bits as the torch form."""
     pytest.importorskip("numba")
     from mergelab.engine import io

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import mmap
-import os
 import struct
 import weakref
 from collections.abc import Iterable
@@ -277,23 +276,21 @@ class CheckpointReader:
 
     def read_runs(self, name: str, starts: Any, run: int) -> torch.Tensor:
         """The entries ``starts[i]:starts[i] + run`` of tensor ``name`` (flattened), concatenated, read with plain
-        reads (``pread``): nothing of the file is mapped, where a view's access maps a whole folio per page."""
+        reads: nothing of the file is mapped, where a view's access maps a whole folio per page."""
         info = self.infos[name]
         item = _itemsize(info.dtype)
         buf = bytearray(len(starts) * run * item)
         view = memoryview(buf)
         try:
-            fd = os.open(info.file, os.O_RDONLY)
-            try:
+            with open(info.file, "rb", buffering=0) as f:
                 for i, s in enumerate(starts):
-                    want, at, done = run * item, info.offset + int(s) * item, 0
+                    f.seek(info.offset + int(s) * item)
+                    done, want = 0, run * item
                     while done < want:
-                        n = os.preadv(fd, [view[i * run * item + done : (i + 1) * run * item]], at + done)
+                        n = f.readinto(view[i * run * item + done : (i + 1) * run * item])
                         if not n:
                             raise OSError(f"file ends {want - done} bytes early")
                         done += n
-            finally:
-                os.close(fd)
         except OSError as e:
             raise MergeError(f"{info.file}: cannot read tensor {name}: {e.strerror or e}") from None
         return torch.frombuffer(buf, dtype=info.dtype)
