@@ -341,7 +341,7 @@ def native_kinds(base: torch.dtype, experts: Sequence[torch.dtype], out: torch.d
     return _KINDS[base], _KINDS[out]
 
 
-def native_ties(chunks: Chunks, rank: int, lam: float, release: Callable[..., None] | None = None,
+def native_ties(chunks: Chunks, rank: int, lam: float, release: Callable[[int], None] | None = None,
                 out: torch.Tensor | None = None, wait: bool = False) -> FusedResult | None:
     """TIES of one tensor (per-tensor scope, no DARE, no coefficients, the disjoint mean) by the compiled kernels of
     :mod:`mergelab.engine.ties_native`, bit-identical to :func:`fused_merge` over
@@ -359,14 +359,14 @@ def native_ties(chunks: Chunks, rank: int, lam: float, release: Callable[..., No
     kinds = native_kinds(chunks.flat_b.dtype, [v.dtype for v in chunks.views], item.out_dtype, cdtype)
     if kinds is None or n == 0:
         return None
-    wait = wait or tn.worth_waiting(len(chunks.views), *kinds, n)
-    brackets = None
-    if wait and tn.available() and not tn.ready(len(chunks.views), *kinds):  # the sample while the kernels load
-        brackets = [_bracket(chunks, r, rank) for r in range(len(chunks.views))]
-    if not tn.ready(len(chunks.views), *kinds, wait=wait):
+    n_ex = len(chunks.views)
+    wait = wait or tn.worth_waiting(n_ex, *kinds, n)
+    early = wait and tn.available() and not tn.ready(n_ex, *kinds)  # the sample (numpy) while the kernels load
+    brackets = [_bracket(chunks, r, rank) for r in range(n_ex)] if early else None
+    if not tn.ready(n_ex, *kinds, wait=wait):
         return None
     tail = n  # from here on, sums over the experts take torch's tail order (five or more experts)
-    if len(chunks.views) >= 5:
+    if n_ex >= 5:
         group = _sum_group()
         if group is None:
             return None
@@ -378,7 +378,6 @@ def native_ties(chunks: Chunks, rank: int, lam: float, release: Callable[..., No
     assert out.dtype == item.out_dtype and out.numel() == n and out.is_contiguous()
     b, o = _np_bits(chunks.flat_b.contiguous()), _np_bits(out.reshape(-1))
     es = tuple(_np_bits(v.contiguous()) for v in chunks.views)
-    n_ex = len(es)
     slabs = [(a, min(a + _NATIVE_SLAB, n)) for a in range(0, n, _NATIVE_SLAB)]
     # The kernels release the GIL: with torch's thread count above 1, a pass runs its slabs in rounds of that many
     # threads, each slot with its own accumulators (the candidates, counts and sums are combined after the pass; the

@@ -300,19 +300,7 @@ class CheckpointReader:
         info = self.infos[name]
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
-        buf = bytearray(info.nbytes)
-        try:
-            with open(info.file, "rb", buffering=0) as f:
-                f.seek(info.offset)
-                done, view = 0, memoryview(buf)
-                while done < info.nbytes:
-                    n = f.readinto(view[done:])
-                    if not n:
-                        raise OSError(f"file ends {info.nbytes - done} bytes early")
-                    done += n
-        except OSError as e:
-            raise MergeError(f"{info.file}: cannot read tensor {name}: {e.strerror or e}") from None
-        return torch.frombuffer(buf, dtype=info.dtype).view(info.shape)
+        return self.read_runs(name, [0], info.nbytes // _itemsize(info.dtype)).view(info.shape)
 
     def config(self) -> dict[str, Any]:
         """The directory's ``config.json`` ({} when absent)."""

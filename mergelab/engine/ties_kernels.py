@@ -211,8 +211,8 @@ def _tail_sum(xb, t, n, sg, agreeing):
 
 @jit
 def _block(b, es, i0, m, th, lam, tail, out, bb, xb, sb, nb, ob, cb, ub, fb):
-    """Merge entries ``i0:i0+m`` into ``out`` under the elected sign ``sign(sum)``; sums over the experts of entries from index ``tail`` on take torch's tail order
-    (:func:`_tail_sum`). Returns (balance of the sums' signs, entries waiting for the majority sign (flagged in
+    """Merge entries ``i0:i0+m`` into ``out`` under the elected sign ``sign(sum)``; sums over the experts of entries
+    from index ``tail`` on take torch's tail order (:func:`_tail_sum`). Returns (balance of the sums' signs, entries waiting for the majority sign (flagged in
     ``fb``), non-finite updates, sum of squared updates)."""
     n = len(es)
     bv, ov = b[i0 : i0 + m], out[i0 : i0 + m]  # indexed from 0 by the loops: no negative-index checks
