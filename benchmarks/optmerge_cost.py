@@ -24,6 +24,13 @@ the official form's (its setup incl. full SVDs, ``--official-steps`` steps timed
 
     python benchmarks/optmerge_cost.py --per-step --device cpu --shapes 896x4864,4864x896 --timed-steps 10
 
+``--per-step --layer internvl2_5_1b`` runs the same over one decoder layer's seven projections (shapes that
+repeat are timed once) and adds a row for the whole layer; ``--flops`` prints the per-step FLOP model (official
+``4 T m^2 n`` against mergelab's two m x n x R products) for every projection of both families, untimed::
+
+    python benchmarks/optmerge_cost.py --per-step --device cpu --layer internvl2_5_1b --timed-steps 10 --official-steps 2
+    python benchmarks/optmerge_cost.py --flops
+
 ``--cache`` prints, per shape, the seconds per trial of three OptMerge trials on the same task vectors (other
 ``steps``, ``lr``, ``rank_ratio``, coefficients, ``init``) without the decomposition cache and with it (the first
 trial fills it, the next two hit it), and checks that the cached merges are bit-identical::
@@ -66,6 +73,31 @@ from mergelab.methods.swudi import SwudiConfig, swudi
 FULL_SHAPES = [(896, 4864), (4864, 896), (3584, 18944), (18944, 3584)]
 SWUDI_SHAPES = [(896, 4864), (3584, 18944)]
 QUICK_SHAPES = [(448, 2432), (2432, 448)]  # half the InternVL2.5-1B (Qwen2.5-0.5B) MLP shapes
+# One decoder layer's linear weights (out x in) from the published configs: name -> [(proj, shape)]. InternVL2.5-1B's
+# LLM is Qwen2.5-0.5B-Instruct (hidden 896, MLP 4864, 14 heads, 2 KV heads of 64); Qwen2-VL-7B's LLM has hidden
+# 3584, MLP 18944, 28 heads, 4 KV heads of 128. OptMerge optimises every one of them (spec 1.6).
+LAYERS: dict[str, list[tuple[str, tuple[int, int]]]] = {
+    "internvl2_5_1b": [
+        ("q_proj", (896, 896)), ("k_proj", (128, 896)), ("v_proj", (128, 896)), ("o_proj", (896, 896)),
+        ("gate_proj", (4864, 896)), ("up_proj", (4864, 896)), ("down_proj", (896, 4864)),
+    ],
+    "qwen2_vl_7b": [
+        ("q_proj", (3584, 3584)), ("k_proj", (512, 3584)), ("v_proj", (512, 3584)), ("o_proj", (3584, 3584)),
+        ("gate_proj", (18944, 3584)), ("up_proj", (18944, 3584)), ("down_proj", (3584, 18944)),
+    ],
+}
+
+
+def step_flops(m: int, n: int, experts: int) -> tuple[float, float]:
+    """FLOPs (2 per multiply-add) of one full-variant step: (mergelab's, the official m x m form's).
+
+    Official: per task, the forward ``(x - t_i) @ low_i^T`` (m x n x m) and the backward ``grad @ low_i``
+    (m x m x n): ``4 T m^2 n``. mergelab (``_linalg._gradient_fn``): two m x n x R products (``R = T k``,
+    ``k = min(m, n) // T``) when ``2 R < n``, else one m x n x n product.
+    """
+    r = experts * (min(m, n) // experts)
+    ours = 4.0 * m * n * r if 2 * r < n else 2.0 * m * n * n
+    return ours, 4.0 * experts * m * m * n
 
 
 def sync(device: torch.device) -> None:
@@ -177,26 +209,65 @@ def per_step_table(
     official_steps: int,
     timed_steps: int,
     device: torch.device,
+    counts: dict[tuple[int, int], tuple[str, ...]] | None = None,
 ) -> None:
-    """The full (Adam) variant's setup and per-step cost against the official m x m form, same task vectors."""
+    """The full (Adam) variant's setup and per-step cost against the official m x m form, same task vectors.
+
+    ``counts`` (``--layer``): the projections each shape stands for; a last row sums one decoder layer (each shape
+    times its count), which is what a whole-model merge pays per layer.
+    """
     head = (
         f"{'shape (out x in)':>17} {'setup s':>8} {'s/step':>8} {'official setup s':>16} {'official s/step':>15} "
-        f"{'step ratio':>10} {f'{steps}-step ratio':>14}"
+        f"{'step ratio':>10} {f'{steps}-step ratio':>14} {'FLOP ratio':>10}"
+        + (f"  {'projections'}" if counts else "")
     )
     title = "OptMerge full variant per step vs the official m x m form"
+    total = [0.0, 0.0, 0.0, 0.0]  # setup, step, official setup, official step, each times the shape's count
+    flops = [0.0, 0.0]
     for m, n, d in layer_stacks(title, head, shapes, experts, device):
         setup, step = full_step_cost(d, steps, timed_steps, device)
         o_setup, o_step, _ = official(d, "full", official_steps, device)
         ratio = (o_setup + steps * o_step) / (setup + steps * step)
+        ours_f, off_f = step_flops(m, n, experts)
+        names = counts[(m, n)] if counts else ()
+        for j, v in enumerate((setup, step, o_setup, o_step)):
+            total[j] += len(names) * v
+        flops[0] += len(names) * ours_f
+        flops[1] += len(names) * off_f
         print(
             f"{f'{m}x{n}':>17} {setup:8.2f} {step:8.4f} {o_setup:16.2f} {o_step:15.4f} {o_step / step:9.1f}x "
-            f"{ratio:13.1f}x",
+            f"{ratio:13.1f}x {off_f / ours_f:9.1f}x" + (f"  {', '.join(names)}" if names else ""),
             flush=True,
+        )
+        del d
+    if counts:
+        setup, step, o_setup, o_step = total
+        ratio = (o_setup + steps * o_step) / (setup + steps * step)
+        print("-" * len(head))
+        print(
+            f"{'one layer':>17} {setup:8.2f} {step:8.4f} {o_setup:16.2f} {o_step:15.4f} {o_step / step:9.1f}x "
+            f"{ratio:13.1f}x {flops[1] / flops[0]:9.1f}x  every projection once"
         )
     print(
         f"(mergelab: {timed_steps} Adam steps timed, official: {official_steps}; the {steps}-step ratio is "
-        f"(setup + {steps} steps) of each)"
+        f"(setup + {steps} steps) of each; FLOP ratio: one step's FLOPs (--flops), official over mergelab)"
     )
+
+
+def flop_table(experts: int) -> None:
+    """The per-step FLOP model of every ``LAYERS`` family: each projection and one whole decoder layer."""
+    head = f"{'family':>15} {'projection':>10} {'shape (out x in)':>17} {'mergelab GFLOP':>14} {'official GFLOP':>14} {'ratio':>7}"
+    print(f"OptMerge full variant, FLOPs of one Adam step (2 per multiply-add), N={experts} (model, not timed)")
+    print(head)
+    print("-" * len(head))
+    for family, projs in LAYERS.items():
+        tot = [0.0, 0.0]
+        for proj, (m, n) in projs:
+            ours, off = step_flops(m, n, experts)
+            tot[0] += ours
+            tot[1] += off
+            print(f"{family:>15} {proj:>10} {f'{m}x{n}':>17} {ours / 1e9:14.1f} {off / 1e9:14.1f} {off / ours:6.1f}x")
+        print(f"{family:>15} {'one layer':>10} {'':>17} {tot[0] / 1e9:14.1f} {tot[1] / 1e9:14.1f} {tot[1] / tot[0]:6.1f}x")
 
 
 def vs_swudi(
@@ -366,6 +437,13 @@ def main() -> None:
         help="the full variant's setup and s/step against the official form's (--timed-steps, --official-steps)",
     )
     ap.add_argument(
+        "--layer",
+        default=None,
+        choices=sorted(LAYERS),
+        help="--per-step: one decoder layer's shapes of this family, with a row summing the layer",
+    )
+    ap.add_argument("--flops", action="store_true", help="print the per-step FLOP model of every --layer family")
+    ap.add_argument(
         "--cache", action="store_true", help="seconds per trial without/with the decomposition cache"
     )
     ap.add_argument(
@@ -431,11 +509,21 @@ def main() -> None:
             args.timed_steps,
         )
         return
+    if args.flops:
+        flop_table(args.experts)
+        return
     if args.per_step:
         auto = "cuda" if torch.cuda.is_available() else "cpu"
         dev = torch.device(auto if args.device == "auto" else args.device)
+        counts: dict[tuple[int, int], tuple[str, ...]] | None = None
+        if args.layer:
+            counts = {}
+            for proj, shape in LAYERS[args.layer]:
+                counts[shape] = counts.get(shape, ()) + (proj,)
         per_step_table(
-            [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+            list(counts)
+            if counts
+            else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
             if args.shapes
             else FULL_SHAPES,
             args.experts,
@@ -443,6 +531,7 @@ def main() -> None:
             args.official_steps or (10 if dev.type == "cuda" else 3),
             args.timed_steps,
             dev,
+            counts,
         )
         return
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
