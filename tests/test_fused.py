@@ -416,3 +416,56 @@ def test_a_warm_up_that_fails_leaves_the_torch_form(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(ties_kernels, "warm", broken)
     assert ties_native.ready(11, "bf16", "f32", wait=True) is False
     assert ties_native.ready(11, "bf16", "f32") is False
+
+
+def test_the_fixed_count_blocks_are_the_generators_output() -> None:
+    """``engine/ties_fixed.py`` is what ``python -m mergelab.engine.ties_fixed_gen`` writes (edit the generator)."""
+    from mergelab.engine import ties_fixed_gen
+
+    assert ties_fixed_gen.TARGET.read_text() == ties_fixed_gen.source()
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8, 9])
+def test_fixed_count_blocks_equal_the_generic_block(n: int) -> None:
+    """The merge pass with the fixed-count blocks (2 to 8 experts; 9 takes the generic block) equals the generic
+    block run over the same blocks: outputs, balance, non-finite count, norms, the entries waiting for the majority
+    sign and their stored values."""
+    pytest.importorskip("numba")
+    import numpy as np
+
+    from mergelab.engine import ties_kernels as tk
+
+    rng = np.random.default_rng(n)
+    size = 5000  # several blocks and a short last one
+    base = (rng.standard_normal(size) * 0.02).astype(np.float32)
+    es = [(base + rng.standard_normal(size).astype(np.float32) * 0.002).astype(np.float32) for _ in range(n)]
+    es[0][:300] = base[:300]  # zero deltas
+    es[1][300:600] = base[300:600] - (es[0][300:600] - base[300:600])  # opposite deltas: sums of 0, entries waiting
+    for e in es[2:]:
+        e[300:600] = base[300:600]
+    b16 = (base.view(np.uint32) >> 16).astype(np.uint16)  # bf16 by truncation
+    e16 = tuple((e.view(np.uint32) >> 16).astype(np.uint16) for e in es)
+    th, lam = np.full(n, 0.0015, np.float32), np.float32(0.7)
+    out = np.zeros(size, np.uint16)
+    amb, ambx = np.zeros(size, np.int64), np.zeros((size, n + 1), np.float32)
+    state, acc = np.zeros(2, np.int64), np.zeros(2)
+    tk.merge_pass(b16, e16, 0, size, th, lam, size, out, amb, ambx, state, acc)
+    ref = np.zeros(size, np.uint16)
+    bufs = [np.empty(1024, np.float32), np.empty((n, 1024), np.float32), np.empty(1024, np.float32),
+            np.empty(1024, np.int32), np.empty(1024, np.float32), np.empty(1024, np.float32),
+            np.empty(1024, np.float32), np.zeros(1024, np.uint8)]
+    bal = bad = 0
+    sq = 0.0
+    waiting: list[int] = []
+    stored: list[np.ndarray] = []
+    for i0 in range(0, size, 1024):
+        m = min(1024, size - i0)
+        bl, _, bd, s2 = tk._block(b16, e16, i0, m, th, lam, size, ref, *bufs)
+        bal, bad, sq = bal + bl, bad + bd, sq + s2
+        for t in np.flatnonzero(bufs[7][:m]):
+            waiting.append(i0 + t)
+            stored.append(np.concatenate([[bufs[0][t]], bufs[1][:, t]]))
+    assert np.array_equal(out, ref)
+    assert (state[1], acc[1]) == (bal, bad) and acc[0] == pytest.approx(sq, rel=1e-12)
+    assert state[0] == len(waiting) > 0 and np.array_equal(amb[: state[0]], waiting)
+    assert np.array_equal(ambx[: state[0]].view(np.uint32), np.array(stored, np.float32).view(np.uint32))

@@ -265,6 +265,22 @@ def _block(b, es, i0, m, th, lam, tail, out, bb, xb, sb, nb, ob, cb, ub, fb):
     return bal, waiting, bad, _sumsq(ub, m)
 
 
+def _fixed_block(b, es, i0, m, th, lam, out, ub, fb):  # pragma: no cover - replaced by the overload
+    raise NotImplementedError
+
+
+@overload(_fixed_block)
+def _ol_fixed_block(b, es, i0, m, th, lam, out, ub, fb):
+    """:mod:`mergelab.engine.ties_fixed`'s block for this many experts, chosen when the caller compiles (none
+    outside 2 to 8: :func:`merge_pass` then uses :func:`_block`)."""
+    from mergelab.engine import ties_fixed
+
+    block = ties_fixed.BLOCKS.get(len(es)) if isinstance(es, types.UniTuple) else None
+    if block is None:
+        return lambda b, es, i0, m, th, lam, out, ub, fb: (np.int64(0), np.int64(0), np.int64(0), 0.0)
+    return lambda b, es, i0, m, th, lam, out, ub, fb: block(b, es, i0, m, th, lam, out, ub, fb)
+
+
 @jit
 def merge_pass(b, es, a0, a1, th, lam, tail, out, amb, ambx, state, acc):
     """Entries ``a0:a1`` merged into ``out`` (output dtype): trim, elect ``sign(sum)``, disjoint mean, ``*
@@ -272,8 +288,10 @@ def merge_pass(b, es, a0, a1, th, lam, tail, out, amb, ambx, state, acc):
     sign: it is written as if no value agreed, its index goes to ``amb[state[0]]`` and its base value and trimmed
     task vectors to ``ambx[state[0]]`` (``state[0] += 1``), and :func:`patch_pass` finishes it from those (without
     reading the inputs again: the waiting entries are spread over every page). ``state[1] += sign`` of every sum
-    (the balance); ``acc[0] += upd^2`` (float64), ``acc[1] +=`` the count of non-finite updates."""
+    (the balance); ``acc[0] += upd^2`` (float64), ``acc[1] +=`` the count of non-finite updates. Blocks before the
+    sums' tail take the fixed-count block (:mod:`mergelab.engine.ties_fixed`) for 2 to 8 experts."""
     n = len(es)
+    fixed = 2 <= n <= 8
     bufs = (np.empty(_BLOCK, dtype=np.float32), np.empty((n, _BLOCK), dtype=np.float32),
             np.empty(_BLOCK, dtype=np.float32), np.empty(_BLOCK, dtype=np.int32),
             np.empty(_BLOCK, dtype=np.float32), np.empty(_BLOCK, dtype=np.float32),
@@ -286,7 +304,11 @@ def merge_pass(b, es, a0, a1, th, lam, tail, out, amb, ambx, state, acc):
     sq = 0.0
     for i0 in range(a0, a1, _BLOCK):
         m = min(_BLOCK, a1 - i0)
-        bl, waiting, bd, s2 = _block(b, es, i0, m, th, lam, tail, out, bb, xb, sb, nb, ob, cb, ub, fb)
+        fast = fixed and i0 + m <= tail
+        if fast:
+            bl, waiting, bd, s2 = _fixed_block(b, es, i0, m, th, lam, out, ub, fb)
+        else:
+            bl, waiting, bd, s2 = _block(b, es, i0, m, th, lam, tail, out, bb, xb, sb, nb, ob, cb, ub, fb)
         bal += bl
         bad += bd
         sq += s2
@@ -294,11 +316,19 @@ def merge_pass(b, es, a0, a1, th, lam, tail, out, amb, ambx, state, acc):
             for w in range((m + 7) // 8):
                 if fw[w]:
                     for t in range(w * 8, min(w * 8 + 8, m)):
-                        amb[n_amb] = i0 + t
-                        ambx[n_amb, 0] = bb[t]
-                        for r in range(n):
-                            ambx[n_amb, 1 + r] = xb[r, t]
-                        n_amb += np.int64(fb[t])
+                        if fb[t]:
+                            amb[n_amb] = i0 + t
+                            if fast:  # the fixed block keeps no buffers: the few waiting entries read again
+                                x = _load(b, i0 + t)
+                                ambx[n_amb, 0] = x
+                                for r in range(n):
+                                    d = _load(es[r], i0 + t) - x
+                                    ambx[n_amb, 1 + r] = d * np.float32(abs(d) >= th[r])
+                            else:
+                                ambx[n_amb, 0] = bb[t]
+                                for r in range(n):
+                                    ambx[n_amb, 1 + r] = xb[r, t]
+                            n_amb += 1
     state[0] = n_amb
     state[1] += bal
     acc[0] += sq
