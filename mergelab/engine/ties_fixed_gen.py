@@ -46,7 +46,7 @@ def block_source(n: int) -> str:
         "        x = _load(bv, t)",
     ]
     for i in r:
-        lines += [f"        d{i} = _load(v{i}, t) - x", f"        d{i} = d{i} * np.float32(abs(d{i}) >= h{i})"]
+        lines.append(f"        d{i} = _trim(_load(v{i}, t) - x, h{i})")
     lines.append("        s = d0")
     lines += [f"        s = s + d{i}" for i in r if i]
     lines.append("        nz = " + " + ".join(f"np.int32(d{i} != np.float32(0.0))" for i in r))
@@ -62,14 +62,9 @@ def block_source(n: int) -> str:
         "        c = np.float32(0.0)",
     ]
     for i in r:
-        lines += [
-            f"        a{i} = d{i} * sg",
-            f"        p{i} = np.float32(a{i} > np.float32(0.0))",
-            f"        o = o + a{i} * p{i}",
-            f"        c = c + p{i}",
-        ]
+        lines += [f"        a{i}, p{i} = _agree(d{i}, sg)", f"        o = o + a{i}", f"        c = c + p{i}"]
     lines += [
-        "        upd = (o / max(c, np.float32(1.0)) * sg + np.float32(0.0)) * lam",
+        "        upd = _update(o, c, sg, lam)",
         "        ub[t] = upd",
         "        bad += np.int32(not abs(upd) <= big)",
         "        _store(ov, t, upd + x)",

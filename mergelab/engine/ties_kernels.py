@@ -182,6 +182,26 @@ def low_pass(b, e, a0, a1, bucket, low):
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy", inline="always")
+def _trim(d, h):
+    """The task-vector entry ``d`` kept where ``|d| >= h``, else +-0 (a 0/1 factor, not a branch)."""
+    return d * np.float32(abs(d) >= h)
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy", inline="always")
+def _agree(d, sg):
+    """``(relu(d * sg), 1.0 if it is > 0 else 0.0)``: an entry's share of the disjoint mean and its count."""
+    v = d * sg
+    p = np.float32(v > np.float32(0.0))
+    return v * p, p
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy", inline="always")
+def _update(o, c, sg, lam):
+    """The disjoint mean ``o / max(c, 1)``, * sign, + 0 (no -0), * lam (exact when 1)."""
+    return (o / max(c, np.float32(1.0)) * sg + np.float32(0.0)) * lam
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy", inline="always")
 def _tail_sum(xb, t, n, sg, agreeing):
     """Column ``t`` of ``xb`` summed over the experts in the order torch's ``sum(dim=0)`` uses for the columns
     after its last full vector group (with five or more rows): four accumulators taking rows round robin, the
@@ -212,8 +232,8 @@ def _tail_sum(xb, t, n, sg, agreeing):
 @jit
 def _block(b, es, i0, m, th, lam, tail, out, bb, xb, sb, nb, ob, cb, ub, fb):
     """Merge entries ``i0:i0+m`` into ``out`` under the elected sign ``sign(sum)``; sums over the experts of entries
-    from index ``tail`` on take torch's tail order (:func:`_tail_sum`). Returns (balance of the sums' signs, entries waiting for the majority sign (flagged in
-    ``fb``), non-finite updates, sum of squared updates)."""
+    from index ``tail`` on take torch's tail order (:func:`_tail_sum`). Returns (balance of the sums' signs,
+    entries waiting for the majority sign (flagged in ``fb``), non-finite updates, sum of squared updates)."""
     n = len(es)
     bv, ov = b[i0 : i0 + m], out[i0 : i0 + m]  # indexed from 0 by the loops: no negative-index checks
     for t in range(m):
@@ -222,8 +242,7 @@ def _block(b, es, i0, m, th, lam, tail, out, bb, xb, sb, nb, ob, cb, ub, fb):
         ev = es[r][i0 : i0 + m]
         thr = th[r]
         for t in range(m):
-            d = _load(ev, t) - bb[t]
-            d = d * np.float32(abs(d) >= thr)
+            d = _trim(_load(ev, t) - bb[t], thr)
             xb[r, t] = d
             if r == 0:
                 sb[t] = d
@@ -249,16 +268,15 @@ def _block(b, es, i0, m, th, lam, tail, out, bb, xb, sb, nb, ob, cb, ub, fb):
         cb[t] = np.float32(0.0)
     for r in range(n):  # the agreeing values summed in the experts' order (+-0 for the others) and counted
         for t in range(m):
-            v = xb[r, t] * sb[t]
-            p = np.float32(v > np.float32(0.0))
-            ob[t] = ob[t] + v * p
+            a, p = _agree(xb[r, t], sb[t])
+            ob[t] = ob[t] + a
             cb[t] = cb[t] + p
     for t in range(t0, m):
         ob[t] = _tail_sum(xb, t, n, sb[t], True)
     big = np.float32(3.4028234663852886e38)
     bad = 0
-    for t in range(m):  # the disjoint mean, * sign, + 0 (no -0), * lam (exact when 1), + base, converted
-        upd = (ob[t] / max(cb[t], np.float32(1.0)) * sb[t] + np.float32(0.0)) * lam
+    for t in range(m):  # the update, + base, converted
+        upd = _update(ob[t], cb[t], sb[t], lam)
         ub[t] = upd
         bad += np.int32(not abs(upd) <= big)
         _store(ov, t, upd + bb[t])
@@ -320,8 +338,7 @@ def merge_pass(b, es, a0, a1, th, lam, tail, out, amb, ambx, state, acc):
                                 x = _load(b, i0 + t)
                                 ambx[n_amb, 0] = x
                                 for r in range(n):
-                                    d = _load(es[r], i0 + t) - x
-                                    ambx[n_amb, 1 + r] = d * np.float32(abs(d) >= th[r])
+                                    ambx[n_amb, 1 + r] = _trim(_load(es[r], i0 + t) - x, th[r])
                             else:
                                 ambx[n_amb, 0] = bb[t]
                                 for r in range(n):
@@ -356,11 +373,10 @@ def patch_pass(tail, lam, out, amb, ambx, n_amb, majority, acc):
             o = np.float32(0.0)
             cnt = np.float32(0.0)
             for r in range(n):
-                v = x[r, 0] * majority
-                p = np.float32(v > np.float32(0.0))
-                o = o + v * p
+                a, p = _agree(x[r, 0], majority)
+                o = o + a
                 cnt = cnt + p
-        upd = (o / max(cnt, np.float32(1.0)) * majority + np.float32(0.0)) * lam
+        upd = _update(o, cnt, majority, lam)
         sq += np.float64(upd) * np.float64(upd)
         bad += np.int32(not abs(upd) <= big)
         _store(out, i, upd + bi)
@@ -384,10 +400,8 @@ def block2(b, es, i0, m, th, lam, out, ub, fb):
     bad = np.int32(0)
     for t in range(m):
         x = _load(bv, t)
-        d0 = _load(v0, t) - x
-        d0 = d0 * np.float32(abs(d0) >= h0)
-        d1 = _load(v1, t) - x
-        d1 = d1 * np.float32(abs(d1) >= h1)
+        d0 = _trim(_load(v0, t) - x, h0)
+        d1 = _trim(_load(v1, t) - x, h1)
         s = d0
         s = s + d1
         nz = np.int32(d0 != np.float32(0.0)) + np.int32(d1 != np.float32(0.0))
@@ -400,15 +414,13 @@ def block2(b, es, i0, m, th, lam, out, ub, fb):
         sg = np.float32(pos - neg)
         o = np.float32(0.0)
         c = np.float32(0.0)
-        a0 = d0 * sg
-        p0 = np.float32(a0 > np.float32(0.0))
-        o = o + a0 * p0
+        a0, p0 = _agree(d0, sg)
+        o = o + a0
         c = c + p0
-        a1 = d1 * sg
-        p1 = np.float32(a1 > np.float32(0.0))
-        o = o + a1 * p1
+        a1, p1 = _agree(d1, sg)
+        o = o + a1
         c = c + p1
-        upd = (o / max(c, np.float32(1.0)) * sg + np.float32(0.0)) * lam
+        upd = _update(o, c, sg, lam)
         ub[t] = upd
         bad += np.int32(not abs(upd) <= big)
         _store(ov, t, upd + x)
@@ -432,12 +444,9 @@ def block3(b, es, i0, m, th, lam, out, ub, fb):
     bad = np.int32(0)
     for t in range(m):
         x = _load(bv, t)
-        d0 = _load(v0, t) - x
-        d0 = d0 * np.float32(abs(d0) >= h0)
-        d1 = _load(v1, t) - x
-        d1 = d1 * np.float32(abs(d1) >= h1)
-        d2 = _load(v2, t) - x
-        d2 = d2 * np.float32(abs(d2) >= h2)
+        d0 = _trim(_load(v0, t) - x, h0)
+        d1 = _trim(_load(v1, t) - x, h1)
+        d2 = _trim(_load(v2, t) - x, h2)
         s = d0
         s = s + d1
         s = s + d2
@@ -451,19 +460,16 @@ def block3(b, es, i0, m, th, lam, out, ub, fb):
         sg = np.float32(pos - neg)
         o = np.float32(0.0)
         c = np.float32(0.0)
-        a0 = d0 * sg
-        p0 = np.float32(a0 > np.float32(0.0))
-        o = o + a0 * p0
+        a0, p0 = _agree(d0, sg)
+        o = o + a0
         c = c + p0
-        a1 = d1 * sg
-        p1 = np.float32(a1 > np.float32(0.0))
-        o = o + a1 * p1
+        a1, p1 = _agree(d1, sg)
+        o = o + a1
         c = c + p1
-        a2 = d2 * sg
-        p2 = np.float32(a2 > np.float32(0.0))
-        o = o + a2 * p2
+        a2, p2 = _agree(d2, sg)
+        o = o + a2
         c = c + p2
-        upd = (o / max(c, np.float32(1.0)) * sg + np.float32(0.0)) * lam
+        upd = _update(o, c, sg, lam)
         ub[t] = upd
         bad += np.int32(not abs(upd) <= big)
         _store(ov, t, upd + x)
@@ -489,14 +495,10 @@ def block4(b, es, i0, m, th, lam, out, ub, fb):
     bad = np.int32(0)
     for t in range(m):
         x = _load(bv, t)
-        d0 = _load(v0, t) - x
-        d0 = d0 * np.float32(abs(d0) >= h0)
-        d1 = _load(v1, t) - x
-        d1 = d1 * np.float32(abs(d1) >= h1)
-        d2 = _load(v2, t) - x
-        d2 = d2 * np.float32(abs(d2) >= h2)
-        d3 = _load(v3, t) - x
-        d3 = d3 * np.float32(abs(d3) >= h3)
+        d0 = _trim(_load(v0, t) - x, h0)
+        d1 = _trim(_load(v1, t) - x, h1)
+        d2 = _trim(_load(v2, t) - x, h2)
+        d3 = _trim(_load(v3, t) - x, h3)
         s = d0
         s = s + d1
         s = s + d2
@@ -511,23 +513,19 @@ def block4(b, es, i0, m, th, lam, out, ub, fb):
         sg = np.float32(pos - neg)
         o = np.float32(0.0)
         c = np.float32(0.0)
-        a0 = d0 * sg
-        p0 = np.float32(a0 > np.float32(0.0))
-        o = o + a0 * p0
+        a0, p0 = _agree(d0, sg)
+        o = o + a0
         c = c + p0
-        a1 = d1 * sg
-        p1 = np.float32(a1 > np.float32(0.0))
-        o = o + a1 * p1
+        a1, p1 = _agree(d1, sg)
+        o = o + a1
         c = c + p1
-        a2 = d2 * sg
-        p2 = np.float32(a2 > np.float32(0.0))
-        o = o + a2 * p2
+        a2, p2 = _agree(d2, sg)
+        o = o + a2
         c = c + p2
-        a3 = d3 * sg
-        p3 = np.float32(a3 > np.float32(0.0))
-        o = o + a3 * p3
+        a3, p3 = _agree(d3, sg)
+        o = o + a3
         c = c + p3
-        upd = (o / max(c, np.float32(1.0)) * sg + np.float32(0.0)) * lam
+        upd = _update(o, c, sg, lam)
         ub[t] = upd
         bad += np.int32(not abs(upd) <= big)
         _store(ov, t, upd + x)
@@ -555,16 +553,11 @@ def block5(b, es, i0, m, th, lam, out, ub, fb):
     bad = np.int32(0)
     for t in range(m):
         x = _load(bv, t)
-        d0 = _load(v0, t) - x
-        d0 = d0 * np.float32(abs(d0) >= h0)
-        d1 = _load(v1, t) - x
-        d1 = d1 * np.float32(abs(d1) >= h1)
-        d2 = _load(v2, t) - x
-        d2 = d2 * np.float32(abs(d2) >= h2)
-        d3 = _load(v3, t) - x
-        d3 = d3 * np.float32(abs(d3) >= h3)
-        d4 = _load(v4, t) - x
-        d4 = d4 * np.float32(abs(d4) >= h4)
+        d0 = _trim(_load(v0, t) - x, h0)
+        d1 = _trim(_load(v1, t) - x, h1)
+        d2 = _trim(_load(v2, t) - x, h2)
+        d3 = _trim(_load(v3, t) - x, h3)
+        d4 = _trim(_load(v4, t) - x, h4)
         s = d0
         s = s + d1
         s = s + d2
@@ -580,27 +573,22 @@ def block5(b, es, i0, m, th, lam, out, ub, fb):
         sg = np.float32(pos - neg)
         o = np.float32(0.0)
         c = np.float32(0.0)
-        a0 = d0 * sg
-        p0 = np.float32(a0 > np.float32(0.0))
-        o = o + a0 * p0
+        a0, p0 = _agree(d0, sg)
+        o = o + a0
         c = c + p0
-        a1 = d1 * sg
-        p1 = np.float32(a1 > np.float32(0.0))
-        o = o + a1 * p1
+        a1, p1 = _agree(d1, sg)
+        o = o + a1
         c = c + p1
-        a2 = d2 * sg
-        p2 = np.float32(a2 > np.float32(0.0))
-        o = o + a2 * p2
+        a2, p2 = _agree(d2, sg)
+        o = o + a2
         c = c + p2
-        a3 = d3 * sg
-        p3 = np.float32(a3 > np.float32(0.0))
-        o = o + a3 * p3
+        a3, p3 = _agree(d3, sg)
+        o = o + a3
         c = c + p3
-        a4 = d4 * sg
-        p4 = np.float32(a4 > np.float32(0.0))
-        o = o + a4 * p4
+        a4, p4 = _agree(d4, sg)
+        o = o + a4
         c = c + p4
-        upd = (o / max(c, np.float32(1.0)) * sg + np.float32(0.0)) * lam
+        upd = _update(o, c, sg, lam)
         ub[t] = upd
         bad += np.int32(not abs(upd) <= big)
         _store(ov, t, upd + x)
@@ -630,18 +618,12 @@ def block6(b, es, i0, m, th, lam, out, ub, fb):
     bad = np.int32(0)
     for t in range(m):
         x = _load(bv, t)
-        d0 = _load(v0, t) - x
-        d0 = d0 * np.float32(abs(d0) >= h0)
-        d1 = _load(v1, t) - x
-        d1 = d1 * np.float32(abs(d1) >= h1)
-        d2 = _load(v2, t) - x
-        d2 = d2 * np.float32(abs(d2) >= h2)
-        d3 = _load(v3, t) - x
-        d3 = d3 * np.float32(abs(d3) >= h3)
-        d4 = _load(v4, t) - x
-        d4 = d4 * np.float32(abs(d4) >= h4)
-        d5 = _load(v5, t) - x
-        d5 = d5 * np.float32(abs(d5) >= h5)
+        d0 = _trim(_load(v0, t) - x, h0)
+        d1 = _trim(_load(v1, t) - x, h1)
+        d2 = _trim(_load(v2, t) - x, h2)
+        d3 = _trim(_load(v3, t) - x, h3)
+        d4 = _trim(_load(v4, t) - x, h4)
+        d5 = _trim(_load(v5, t) - x, h5)
         s = d0
         s = s + d1
         s = s + d2
@@ -658,31 +640,25 @@ def block6(b, es, i0, m, th, lam, out, ub, fb):
         sg = np.float32(pos - neg)
         o = np.float32(0.0)
         c = np.float32(0.0)
-        a0 = d0 * sg
-        p0 = np.float32(a0 > np.float32(0.0))
-        o = o + a0 * p0
+        a0, p0 = _agree(d0, sg)
+        o = o + a0
         c = c + p0
-        a1 = d1 * sg
-        p1 = np.float32(a1 > np.float32(0.0))
-        o = o + a1 * p1
+        a1, p1 = _agree(d1, sg)
+        o = o + a1
         c = c + p1
-        a2 = d2 * sg
-        p2 = np.float32(a2 > np.float32(0.0))
-        o = o + a2 * p2
+        a2, p2 = _agree(d2, sg)
+        o = o + a2
         c = c + p2
-        a3 = d3 * sg
-        p3 = np.float32(a3 > np.float32(0.0))
-        o = o + a3 * p3
+        a3, p3 = _agree(d3, sg)
+        o = o + a3
         c = c + p3
-        a4 = d4 * sg
-        p4 = np.float32(a4 > np.float32(0.0))
-        o = o + a4 * p4
+        a4, p4 = _agree(d4, sg)
+        o = o + a4
         c = c + p4
-        a5 = d5 * sg
-        p5 = np.float32(a5 > np.float32(0.0))
-        o = o + a5 * p5
+        a5, p5 = _agree(d5, sg)
+        o = o + a5
         c = c + p5
-        upd = (o / max(c, np.float32(1.0)) * sg + np.float32(0.0)) * lam
+        upd = _update(o, c, sg, lam)
         ub[t] = upd
         bad += np.int32(not abs(upd) <= big)
         _store(ov, t, upd + x)
@@ -714,20 +690,13 @@ def block7(b, es, i0, m, th, lam, out, ub, fb):
     bad = np.int32(0)
     for t in range(m):
         x = _load(bv, t)
-        d0 = _load(v0, t) - x
-        d0 = d0 * np.float32(abs(d0) >= h0)
-        d1 = _load(v1, t) - x
-        d1 = d1 * np.float32(abs(d1) >= h1)
-        d2 = _load(v2, t) - x
-        d2 = d2 * np.float32(abs(d2) >= h2)
-        d3 = _load(v3, t) - x
-        d3 = d3 * np.float32(abs(d3) >= h3)
-        d4 = _load(v4, t) - x
-        d4 = d4 * np.float32(abs(d4) >= h4)
-        d5 = _load(v5, t) - x
-        d5 = d5 * np.float32(abs(d5) >= h5)
-        d6 = _load(v6, t) - x
-        d6 = d6 * np.float32(abs(d6) >= h6)
+        d0 = _trim(_load(v0, t) - x, h0)
+        d1 = _trim(_load(v1, t) - x, h1)
+        d2 = _trim(_load(v2, t) - x, h2)
+        d3 = _trim(_load(v3, t) - x, h3)
+        d4 = _trim(_load(v4, t) - x, h4)
+        d5 = _trim(_load(v5, t) - x, h5)
+        d6 = _trim(_load(v6, t) - x, h6)
         s = d0
         s = s + d1
         s = s + d2
@@ -745,35 +714,28 @@ def block7(b, es, i0, m, th, lam, out, ub, fb):
         sg = np.float32(pos - neg)
         o = np.float32(0.0)
         c = np.float32(0.0)
-        a0 = d0 * sg
-        p0 = np.float32(a0 > np.float32(0.0))
-        o = o + a0 * p0
+        a0, p0 = _agree(d0, sg)
+        o = o + a0
         c = c + p0
-        a1 = d1 * sg
-        p1 = np.float32(a1 > np.float32(0.0))
-        o = o + a1 * p1
+        a1, p1 = _agree(d1, sg)
+        o = o + a1
         c = c + p1
-        a2 = d2 * sg
-        p2 = np.float32(a2 > np.float32(0.0))
-        o = o + a2 * p2
+        a2, p2 = _agree(d2, sg)
+        o = o + a2
         c = c + p2
-        a3 = d3 * sg
-        p3 = np.float32(a3 > np.float32(0.0))
-        o = o + a3 * p3
+        a3, p3 = _agree(d3, sg)
+        o = o + a3
         c = c + p3
-        a4 = d4 * sg
-        p4 = np.float32(a4 > np.float32(0.0))
-        o = o + a4 * p4
+        a4, p4 = _agree(d4, sg)
+        o = o + a4
         c = c + p4
-        a5 = d5 * sg
-        p5 = np.float32(a5 > np.float32(0.0))
-        o = o + a5 * p5
+        a5, p5 = _agree(d5, sg)
+        o = o + a5
         c = c + p5
-        a6 = d6 * sg
-        p6 = np.float32(a6 > np.float32(0.0))
-        o = o + a6 * p6
+        a6, p6 = _agree(d6, sg)
+        o = o + a6
         c = c + p6
-        upd = (o / max(c, np.float32(1.0)) * sg + np.float32(0.0)) * lam
+        upd = _update(o, c, sg, lam)
         ub[t] = upd
         bad += np.int32(not abs(upd) <= big)
         _store(ov, t, upd + x)
@@ -807,22 +769,14 @@ def block8(b, es, i0, m, th, lam, out, ub, fb):
     bad = np.int32(0)
     for t in range(m):
         x = _load(bv, t)
-        d0 = _load(v0, t) - x
-        d0 = d0 * np.float32(abs(d0) >= h0)
-        d1 = _load(v1, t) - x
-        d1 = d1 * np.float32(abs(d1) >= h1)
-        d2 = _load(v2, t) - x
-        d2 = d2 * np.float32(abs(d2) >= h2)
-        d3 = _load(v3, t) - x
-        d3 = d3 * np.float32(abs(d3) >= h3)
-        d4 = _load(v4, t) - x
-        d4 = d4 * np.float32(abs(d4) >= h4)
-        d5 = _load(v5, t) - x
-        d5 = d5 * np.float32(abs(d5) >= h5)
-        d6 = _load(v6, t) - x
-        d6 = d6 * np.float32(abs(d6) >= h6)
-        d7 = _load(v7, t) - x
-        d7 = d7 * np.float32(abs(d7) >= h7)
+        d0 = _trim(_load(v0, t) - x, h0)
+        d1 = _trim(_load(v1, t) - x, h1)
+        d2 = _trim(_load(v2, t) - x, h2)
+        d3 = _trim(_load(v3, t) - x, h3)
+        d4 = _trim(_load(v4, t) - x, h4)
+        d5 = _trim(_load(v5, t) - x, h5)
+        d6 = _trim(_load(v6, t) - x, h6)
+        d7 = _trim(_load(v7, t) - x, h7)
         s = d0
         s = s + d1
         s = s + d2
@@ -841,39 +795,31 @@ def block8(b, es, i0, m, th, lam, out, ub, fb):
         sg = np.float32(pos - neg)
         o = np.float32(0.0)
         c = np.float32(0.0)
-        a0 = d0 * sg
-        p0 = np.float32(a0 > np.float32(0.0))
-        o = o + a0 * p0
+        a0, p0 = _agree(d0, sg)
+        o = o + a0
         c = c + p0
-        a1 = d1 * sg
-        p1 = np.float32(a1 > np.float32(0.0))
-        o = o + a1 * p1
+        a1, p1 = _agree(d1, sg)
+        o = o + a1
         c = c + p1
-        a2 = d2 * sg
-        p2 = np.float32(a2 > np.float32(0.0))
-        o = o + a2 * p2
+        a2, p2 = _agree(d2, sg)
+        o = o + a2
         c = c + p2
-        a3 = d3 * sg
-        p3 = np.float32(a3 > np.float32(0.0))
-        o = o + a3 * p3
+        a3, p3 = _agree(d3, sg)
+        o = o + a3
         c = c + p3
-        a4 = d4 * sg
-        p4 = np.float32(a4 > np.float32(0.0))
-        o = o + a4 * p4
+        a4, p4 = _agree(d4, sg)
+        o = o + a4
         c = c + p4
-        a5 = d5 * sg
-        p5 = np.float32(a5 > np.float32(0.0))
-        o = o + a5 * p5
+        a5, p5 = _agree(d5, sg)
+        o = o + a5
         c = c + p5
-        a6 = d6 * sg
-        p6 = np.float32(a6 > np.float32(0.0))
-        o = o + a6 * p6
+        a6, p6 = _agree(d6, sg)
+        o = o + a6
         c = c + p6
-        a7 = d7 * sg
-        p7 = np.float32(a7 > np.float32(0.0))
-        o = o + a7 * p7
+        a7, p7 = _agree(d7, sg)
+        o = o + a7
         c = c + p7
-        upd = (o / max(c, np.float32(1.0)) * sg + np.float32(0.0)) * lam
+        upd = _update(o, c, sg, lam)
         ub[t] = upd
         bad += np.int32(not abs(upd) <= big)
         _store(ov, t, upd + x)
